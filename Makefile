@@ -1,0 +1,42 @@
+# Two commands on a fresh clone:
+#   make demo   # set up, then run the whole SELMA pipeline on configs/demo.yaml (tiny random models)
+#   make test   # set up, then lint and run the test suite
+# Uses the active virtual environment if there is one, else creates .venv here.
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.selma-installed
+# torch is installed first and pinned: here it resolves to the CPU wheel on local disk; on a GPU
+# host pip takes the CUDA build of the same release. Override, e.g. TORCH_SPEC="torch==2.9.1".
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint install clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,kubernetes]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.submit --phase all --config configs/demo.yaml
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf selma-data

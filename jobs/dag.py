@@ -1,0 +1,113 @@
+"""Running the jobs of a pipeline in dependency order, in parallel up to a limit, on any executor."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from jobs.executors.base import Executor, JobHandle, JobState
+from selma_core.plan import JobSpec
+
+
+@dataclass
+class JobOutcome:
+    phase: str
+    skill: str | None
+    status: str  # ran | skipped | failed | blocked (a dependency failed, so it never started)
+    job: str = ""
+    output: str | None = None
+    log: str | None = None
+    exit_code: int | None = None
+    run_id: str | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    blocked_by: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def run_dag(
+    jobs: list[JobSpec],
+    executor: Executor,
+    command_for: Callable[[JobSpec], list[str]],
+    env: dict[str, str],
+    max_parallel: int,
+    is_committed: Callable[[JobSpec], bool],
+    output_url: Callable[[JobSpec], str],
+    poll_interval: float = 0.5,
+    echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> list[JobOutcome]:
+    """Run ``jobs`` (dependency order) and return one outcome per job, in the same order.
+
+    A job starts when every dependency in ``jobs`` succeeded or was skipped; a job whose output is
+    already committed is skipped without starting; a failed job blocks its dependents while
+    independent jobs (other skills) go on. Ctrl-C cancels running jobs and re-raises.
+    """
+    selected = {j.id for j in jobs}
+    outcomes: dict[str, JobOutcome] = {}
+    running: dict[str, tuple[JobHandle, float]] = {}
+    pending = list(jobs)
+    total = len(jobs)
+
+    def finish(job: JobSpec, outcome: JobOutcome) -> None:
+        outcomes[job.id] = outcome
+        took = f" in {outcome.duration_s:.1f}s" if outcome.duration_s is not None else ""
+        extra = f" (log: {outcome.log})" if outcome.status == "failed" else ""
+        extra += f" (blocked by {outcome.blocked_by})" if outcome.blocked_by else ""
+        echo(f"[{len(outcomes)}/{total}] {job.id}: {outcome.status}{took}{extra}")
+
+    try:
+        while pending or running:
+            for job in list(pending):
+                deps = [d for d in job.deps if d in selected]
+                bad = [d for d in deps if d in outcomes and outcomes[d].status in ("failed", "blocked")]
+                if bad:
+                    pending.remove(job)
+                    finish(job, JobOutcome(job.phase, job.skill, "blocked", job=job.id, blocked_by=bad[0]))
+                    continue
+                if not all(d in outcomes for d in deps):
+                    continue
+                if is_committed(job):
+                    pending.remove(job)
+                    finish(job, JobOutcome(job.phase, job.skill, "skipped", job=job.id, output=output_url(job)))
+                    continue
+                if len(running) >= max_parallel:
+                    continue
+                pending.remove(job)
+                handle = executor.submit(job, command_for(job), env)
+                running[job.id] = (handle, time.monotonic())
+                echo(f"started {job.id} (log: {handle.log})")
+            for job_id, (handle, started) in list(running.items()):
+                status = executor.poll(handle)
+                if status.state not in (JobState.SUCCEEDED, JobState.FAILED):
+                    continue
+                del running[job_id]
+                result = status.result or {}
+                job = handle.job
+                ok = status.state == JobState.SUCCEEDED
+                finish(
+                    job,
+                    JobOutcome(
+                        job.phase,
+                        job.skill,
+                        (result.get("status") if result.get("status") in ("ran", "skipped") else "ran") if ok else "failed",
+                        job=job.id,
+                        output=output_url(job) if ok else None,
+                        log=handle.log,
+                        exit_code=status.exit_code,
+                        run_id=result.get("run_id"),
+                        duration_s=round(time.monotonic() - started, 2),
+                        error=None if ok else (result.get("error") or f"exit code {status.exit_code}"),
+                    ),
+                )
+            if running:
+                time.sleep(poll_interval)
+    except KeyboardInterrupt:
+        for job_id, (handle, _) in running.items():
+            echo(f"cancelling {job_id}")
+            executor.cancel(handle)
+        raise
+    return [outcomes[j.id] for j in jobs]

@@ -1,0 +1,193 @@
+"""The controller: plan a pipeline's jobs, validate everything, then run them on an executor.
+
+    python -m jobs.submit --phase all --config configs/demo.yaml
+    python -m jobs.submit --phase train --skill counting --config configs/sd15.yaml --dry-run
+
+``--phase all`` runs the DAG: per skill prompts -> images -> train (skills in parallel up to
+``executor.max_parallel``), then merge, then eval. Work whose output is already in the store is
+skipped. The last line printed is one JSON object: ``{"jobs": [{"phase", "skill", "status", ...}]}``
+with status ``ran``, ``skipped``, ``failed`` or ``blocked`` (a dependency failed).
+Exit code: 0 when every job ran or was skipped, 2 for invalid configuration or input, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from jobs.dag import JobOutcome, run_dag
+from jobs.executors import job_command, make_executor
+from jobs.run import ENV_PARENT_RUN
+from selma_core.errors import ConfigError, EndpointError, InputError, SelmaError
+from selma_core.plan import PHASES
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.submit",
+        description=(
+            "Submit SELMA pipeline jobs: generate prompts, draw images, train one LoRA expert per skill, "
+            "merge the experts and evaluate. Finished work (already committed to the store) is skipped."
+        ),
+        epilog="Example: python -m jobs.submit --phase all --config configs/demo.yaml",
+    )
+    parser.add_argument(
+        "--phase", required=True, choices=(*PHASES, "all"),
+        help="which phase to run; 'all' runs the whole DAG in dependency order",
+    )
+    parser.add_argument(
+        "--skill", action="append", metavar="NAME",
+        help="limit per-skill phases to this skill (repeatable); default: every skill of the config",
+    )
+    parser.add_argument(
+        "--config", default=os.environ.get("SELMA_CONFIG", DEFAULT_CONFIG),
+        help=f"pipeline config YAML (default: $SELMA_CONFIG or {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--backend", choices=("local", "kubernetes"),
+        help="executor to run jobs on (default: the config's executor.kind)",
+    )
+    parser.add_argument("--max-parallel", type=int, help="jobs at once (default: executor.max_parallel)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be submitted and submit nothing",
+    )
+    return parser
+
+
+def _echo(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _check_models(cfg) -> None:
+    """Fail before any job starts if a local model folder named in the config does not exist."""
+    for key, value in (("base_model", cfg.base_model), ("generator_model", cfg.generator_model),
+                       ("eval.clip_model", cfg.eval.clip_model)):
+        if value and value.startswith("/") and not Path(value).is_dir():
+            raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
+    if cfg.prompts.backend == "openai":
+        from selma_core.prompting.openai_compat import OpenAICompatibleBackend
+
+        OpenAICompatibleBackend(cfg.prompts.openai)  # checks the key variable where one is required
+
+
+def _print_results(store, plan) -> None:
+    """The evaluation table, if the pipeline's eval output exists."""
+    job = plan.job("eval")
+    if not store.is_committed(job.key):
+        return
+    try:
+        table = store.read_bytes(f"{job.key}/results.md").decode()
+    except (FileNotFoundError, EndpointError):
+        return
+    _echo("\nCLIPScore on held-out prompts (per skill; base vs each expert vs merged):\n" + table)
+
+
+def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
+    from selma_core.config import load_config
+    from selma_core.plan import build_plan
+    from selma_core.provenance import git_commit
+    from selma_core.skills import load_skills
+    from selma_core.storage import open_store
+    from selma_core.tracking import TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_PIPELINE, open_tracker
+
+    cfg = load_config(args.config)
+    if args.backend:
+        cfg.executor.kind = args.backend
+    if args.max_parallel is not None:
+        if args.max_parallel < 1:
+            raise ConfigError(f"--max-parallel: expected >= 1, got {args.max_parallel}")
+        cfg.executor.max_parallel = args.max_parallel
+    for skill in args.skill or []:
+        if skill not in cfg.skills:
+            raise ConfigError(
+                f"--skill {skill}: not a skill of {args.config} (its skills: {', '.join(cfg.skills)})"
+            )
+    # Check everything before the first job starts: every skill file, models, backend settings.
+    skills = load_skills(cfg.skills_path, cfg.skills)
+    _check_models(cfg)
+    plan = build_plan(cfg, skills)
+    selected = plan.select(args.phase, args.skill)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}"
+    executor = make_executor(cfg, cfg.executor.kind, str(log_dir))
+    config_snapshot = log_dir / "config.yaml"
+
+    if args.dry_run:
+        for job in selected:
+            print(executor.describe(job, job_command(job, str(config_snapshot))))
+        return 0, [JobOutcome(j.phase, j.skill, "planned", job=j.id) for j in selected]
+
+    store = open_store(cfg.storage)
+    tracker = open_tracker(cfg.tracking)
+    selected_ids = {j.id for j in selected}
+    for job in selected:
+        for dep in job.deps:
+            if dep not in selected_ids and not store.is_committed(plan.jobs[dep].key):
+                phase, _, skill = dep.partition(":")
+                raise InputError(
+                    f"{job.id} needs the output of {dep}, which is not in the store yet; run "
+                    f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''}` first, "
+                    "or --phase all"
+                )
+
+    # Jobs read a frozen copy of the resolved config: editing the YAML mid-run changes nothing.
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config_snapshot.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    commit = git_commit()
+    parent = tracker.start_pipeline_run(
+        cfg.name,
+        tags={TAG_PIPELINE: cfg.name, TAG_CONFIG_HASH: cfg.config_hash(), TAG_GIT_COMMIT: commit,
+              "selma.phase": args.phase},
+        params={"config": cfg.to_dict()},
+        name=f"pipeline-{args.phase}",
+    )
+    env = {ENV_PARENT_RUN: parent, "SELMA_GIT_COMMIT": commit}
+    _echo(f"pipeline {cfg.name}: {len(selected)} jobs on the {executor.name} executor; logs in {log_dir}")
+    outcomes: list[JobOutcome] = []
+    try:
+        outcomes = run_dag(
+            selected, executor, lambda job: job_command(job, str(config_snapshot)), env,
+            cfg.executor.max_parallel, lambda job: store.is_committed(job.key), lambda job: store.url(job.key),
+            echo=_echo,
+        )
+    finally:
+        ok = bool(outcomes) and all(o.status in ("ran", "skipped") for o in outcomes)
+        tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]})
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            _echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")
+    if args.phase in ("all", "eval"):
+        _print_results(store, plan)
+    _echo(f"\nStore: {cfg.storage.uri}\nMLflow: {cfg.tracking.uri} (experiment {cfg.name!r}, run {parent})")
+    if cfg.tracking.uri.startswith("sqlite:"):
+        _echo(f"  browse it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    _echo(f"Logs: {log_dir}")
+    return (0 if ok else 1), outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code, outcomes = submit(args)
+    except SelmaError as e:
+        _echo(f"error: {e}")
+        print(json.dumps({"jobs": [], "error": str(e)}))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _echo("interrupted: running jobs were cancelled")
+        return 130
+    print(json.dumps({"jobs": [o.to_dict() for o in outcomes]}))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,195 @@
+"""The pipeline config: one YAML file, loaded into typed dataclasses.
+
+```
+selma_core.config.load_config("configs/demo.yaml")
+```
+Every key is checked: an unknown key, a wrong type or a missing file is a ``ConfigError`` naming the
+file, the key and what was expected. Relative local paths (store folder, SQLite file, logs, cache)
+are resolved against the working directory at load time, so every job of one pipeline sees the
+same absolute locations; ``skills_dir`` is resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from selma_core.errors import ConfigError
+from selma_core.phases.evaluate import EvalConfig
+from selma_core.phases.images import ImagesConfig
+from selma_core.phases.merge import MergeConfig
+from selma_core.phases.prompts import PromptsConfig
+from selma_core.phases.train import TrainConfig
+from selma_core.typed_yaml import from_dict, read_yaml, to_dict
+
+# Names become store keys, MLflow names and (later) Kubernetes labels: DNS-1123 labels are safe for all.
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+SKILL_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+
+
+@dataclass
+class StorageConfig:
+    """Where every artifact lives: ``file:///abs/path``, ``file://relative/path`` or ``s3://bucket/prefix``."""
+
+    uri: str = "file://selma-data/store"
+    # S3-compatible endpoint (MinIO, moto, Ceph); None means AWS itself.
+    endpoint_url: str | None = None
+    region: str | None = None
+    # How often an unreachable endpoint is retried (with backoff) before the job fails naming it.
+    connect_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.uri.startswith(("file://", "s3://")):
+            raise ValueError(f"uri: expected file://PATH or s3://BUCKET/PREFIX, got {self.uri!r}")
+        if self.connect_retries < 0:
+            raise ValueError(f"connect_retries: expected >= 0, got {self.connect_retries}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: ``sqlite:///relative/or/abs.db`` (embedded) or ``http(s)://host:port`` (a server)."""
+
+    uri: str = "sqlite:///selma-data/mlflow.db"
+    # Registered model name for merged models; defaults to the pipeline name.
+    registered_model_name: str | None = None
+    connect_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.uri.startswith(("sqlite:///", "http://", "https://")):
+            raise ValueError(f"uri: expected sqlite:///PATH or http(s)://HOST:PORT, got {self.uri!r}")
+
+
+@dataclass
+class ExecutorConfig:
+    """How jobs run: ``local`` subprocesses, or ``kubernetes`` Jobs."""
+
+    kind: Literal["local", "kubernetes"] = "local"
+    # How many jobs run at once (per-skill jobs of one phase run in parallel up to this).
+    max_parallel: int = 2
+    # Local executor: one log file per job here.
+    log_dir: str = "selma-data/logs"
+
+    def __post_init__(self) -> None:
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel: expected >= 1, got {self.max_parallel}")
+
+
+@dataclass
+class PipelineConfig:
+    """A whole SELMA pipeline: models, skills, per-phase settings and where things run and live."""
+
+    name: str
+    # The model to improve: a hub id ("stabilityai/stable-diffusion-2-1"), a local folder saved with
+    # save_pretrained, or a random test model ("random:tiny-sd", "random:tiny-sdxl").
+    base_model: str
+    skills: list[str]
+    base_model_revision: str | None = None
+    # The model that draws the training images; None means the base model. A weaker model here is
+    # SELMA's weak-to-strong setting.
+    generator_model: str | None = None
+    generator_model_revision: str | None = None
+    # Folder of skills/<name>.yaml files, relative to this config file.
+    skills_dir: str = "../skills"
+    # Local scratch: materialized random test models and artifacts fetched from the store.
+    cache_dir: str = "selma-data/cache"
+    # "auto" picks CUDA when available, else CPU.
+    device: str = "auto"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # Not a YAML key: where the config was read from (set by load_config).
+    source_path: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise ValueError(
+                f"name: expected lowercase letters, digits and '-' (at most 63, DNS-1123), got {self.name!r}"
+            )
+        if not self.skills:
+            raise ValueError("skills: expected at least one skill name, got an empty list")
+        for skill in self.skills:
+            if not SKILL_NAME_PATTERN.match(skill):
+                raise ValueError(
+                    f"skills: {skill!r} is not a valid skill name (lowercase letters, digits, '-' and '_')"
+                )
+        if len(set(self.skills)) != len(self.skills):
+            raise ValueError(f"skills: duplicate names in {self.skills}")
+
+    @property
+    def generator(self) -> str:
+        return self.generator_model or self.base_model
+
+    @property
+    def generator_revision(self) -> str | None:
+        return self.generator_model_revision if self.generator_model else self.base_model_revision
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model_name or self.name
+
+    @property
+    def skills_path(self) -> Path:
+        return Path(self.skills_dir)
+
+    def to_dict(self) -> dict:
+        data = to_dict(self)
+        data.pop("source_path")
+        return data
+
+    def config_hash(self) -> str:
+        """A short hash of the whole resolved config (tagged on every MLflow run)."""
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(data: object, length: int = 16) -> str:
+    """SHA-256 of canonical JSON: equal data gives an equal hash on every machine and run."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def _resolve_paths(cfg: PipelineConfig, config_dir: Path) -> None:
+    if cfg.storage.uri.startswith("file://"):
+        path = cfg.storage.uri[len("file://") :]
+        cfg.storage.uri = "file://" + str(Path(path).expanduser().resolve())
+    if cfg.tracking.uri.startswith("sqlite:///"):
+        path = cfg.tracking.uri[len("sqlite:///") :]
+        # sqlite:///rel.db is relative, sqlite:////abs.db absolute (SQLAlchemy's rule).
+        cfg.tracking.uri = "sqlite:///" + str(Path(path).expanduser().resolve())
+    cfg.executor.log_dir = str(Path(cfg.executor.log_dir).expanduser().resolve())
+    cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
+    cfg.skills_dir = str((config_dir / cfg.skills_dir).resolve())
+    for attr in ("base_model", "generator_model"):
+        value = getattr(cfg, attr)
+        # Local model folders are relative to the working directory, like the store; hub ids stay.
+        if value and value.startswith((".", "/", "~")):
+            setattr(cfg, attr, str(Path(value).expanduser().resolve()))
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config file (plus optional top-level overrides)."""
+    path = Path(path)
+    data = read_yaml(path)
+    if overrides:
+        data = {**data, **overrides}
+    cfg = from_dict(PipelineConfig, data, source=str(path))
+    _resolve_paths(cfg, path.resolve().parent)
+    cfg.source_path = str(path.resolve())
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "<config>") -> PipelineConfig:
+    """Build a config from already-resolved data (as written by ``PipelineConfig.to_dict``)."""
+    cfg = from_dict(PipelineConfig, data, source=source)
+    cfg.source_path = source
+    return cfg

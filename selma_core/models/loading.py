@@ -1,0 +1,66 @@
+"""Loading models from a hub id, a local folder or a random test model, and choosing the device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from selma_core.errors import ConfigError, EndpointError
+from selma_core.models.random_models import is_random_model, materialize_random_model
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_model_path(spec: str, cache_dir: str | Path) -> str:
+    """What ``from_pretrained`` should be given: a local folder (random models are built there) or a hub id."""
+    if is_random_model(spec):
+        return str(materialize_random_model(spec, cache_dir))
+    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
+        raise ConfigError(f"model {spec!r}: local folder not found")
+    return spec
+
+
+def _load_error(spec: str, error: Exception) -> Exception:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = (
+        "HF_HUB_OFFLINE=1 is set, so only the local cache is searched"
+        if offline
+        else "check the id, the revision and your network or HF_TOKEN"
+    )
+    if Path(spec).is_dir():
+        return ConfigError(f"model {spec!r}: the folder is not a diffusers/transformers model: {error}")
+    return EndpointError(f"model {spec!r}: cannot load from the Hugging Face hub ({hint}): {error}")
+
+
+def load_diffusion_pipeline(
+    spec: str, cache_dir: str | Path, revision: str | None = None, torch_dtype: Any = None
+):
+    """A diffusers text-to-image pipeline (SD 1.x/2.x/XL alike: the folder's model_index.json decides)."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model_path(spec, cache_dir)
+    kwargs: dict[str, Any] = {}
+    if revision:
+        kwargs["revision"] = revision
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from e
+    if getattr(pipe, "safety_checker", None) is not None:
+        # Synthetic training data is judged by the evaluation phase, not blanked by the checker.
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_sdxl(pipe: Any) -> bool:
+    return hasattr(pipe, "text_encoder_2")

@@ -1,0 +1,221 @@
+"""Random test models: real diffusers/transformers architectures, tiny, with random weights.
+
+They exist so the whole pipeline (generation, LoRA training, merging, CLIP scoring, MLflow
+registration) runs for real on a laptop CPU and in CI, where no weights can be downloaded. Their
+images are noise and their scores meaningless: they test plumbing, never quality. Each is built
+deterministically from a fixed seed and saved with ``save_pretrained``, so every job loads the very
+same weights through the same ``from_pretrained`` code path a real model takes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+RANDOM_PREFIX = "random:"
+TINY_TEXT_DIM = 32
+TINY_MAX_TOKENS = 77
+
+
+def tiny_clip_tokenizer():
+    """A character-level byte-BPE CLIP tokenizer (no merges) built with the ``tokenizers`` alphabet."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in alphabet:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_MAX_TOKENS)
+
+
+def _text_config(vocab_size: int, projection_dim: int = TINY_TEXT_DIM):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=TINY_MAX_TOKENS,
+        projection_dim=projection_dim,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
+    )
+
+
+def build_tiny_sd(prediction_type: str = "epsilon"):
+    """A Stable Diffusion 1.x/2.x-shaped pipeline, 32 px images; ``v_prediction`` mimics SD 2.x."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl():
+    """An SDXL-shaped pipeline: two text encoders, size/crop time ids, 32 px images."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TINY_TEXT_DIM,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # 6 time ids x 8 + the pooled text embedding of text_encoder_2
+        projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_DIM,
+        transformer_layers_per_block=(1, 1),
+    )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+
+
+class _TinyClipBundle:
+    """CLIP model + processor saved into one folder, as hub CLIP checkpoints are."""
+
+    def __init__(self) -> None:
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+        tokenizer = tiny_clip_tokenizer()
+        vision = CLIPVisionConfig(
+            hidden_size=TINY_TEXT_DIM,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=TINY_TEXT_DIM,
+        )
+        config = CLIPConfig(
+            text_config=_text_config(len(tokenizer)).to_dict(),
+            vision_config=vision.to_dict(),
+            projection_dim=TINY_TEXT_DIM,
+        )
+        self.model = CLIPModel(config)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        self.processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+RANDOM_MODELS: dict[str, Callable[[], object]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-sd-v": lambda: build_tiny_sd("v_prediction"),
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-clip": _TinyClipBundle,
+}
+
+
+def is_random_model(spec: str) -> bool:
+    return spec.startswith(RANDOM_PREFIX)
+
+
+def materialize_random_model(spec: str, cache_dir: str | Path) -> Path:
+    """Build ``random:NAME`` once (seed 0) and save it under the cache; the folder's path.
+
+    Several jobs may start at once: each builds into a private temporary folder and renames it into
+    place; a job that loses the race keeps the winner's identical copy.
+    """
+    import torch
+
+    name = spec[len(RANDOM_PREFIX) :]
+    if name not in RANDOM_MODELS:
+        from selma_core.errors import ConfigError
+
+        raise ConfigError(f"unknown random test model {spec!r}; known: {', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
+    target = Path(cache_dir) / "models" / f"random-{name}"
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=target.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = RANDOM_MODELS[name]()
+        model.save_pretrained(tmp)
+        (tmp / ".complete").write_text("random test model: weights are noise, for plumbing tests only\n")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / ".complete").is_file():  # a stale half-written folder from a dead job
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,123 @@
+"""Phase 5, eval: base model vs each expert vs the merged model, on every skill's held-out prompts.
+
+Recipe, one job:
+1. Read each skill's held-out prompts (never trained on), at most ``max_prompts_per_skill``.
+2. For each model variant (``base``, ``expert:<skill>`` for every skill, ``merged``), draw one image
+   per prompt with the same per-prompt seeds, so the comparison is paired.
+3. Score each image against its prompt with CLIPScore (``clip_model``).
+4. Commit ``results.json`` (per-skill mean per variant, and every per-prompt score), ``results.md``
+   (the table) and the images; log ``clip_score.<skill>.<variant>`` to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from selma_core.errors import InputError
+
+
+@dataclass
+class EvalConfig:
+    # CLIP model for CLIPScore: hub id, local folder, or random:tiny-clip (tests).
+    clip_model: str = "openai/clip-vit-large-patch14"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+    dtype: str = "auto"
+    seed: int = 1000
+    # Cap on held-out prompts scored per skill (None: all of them).
+    max_prompts_per_skill: int | None = None
+    # Also score each single-skill expert (SELMA's per-skill comparison); costs one pass per skill.
+    compare_experts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_prompts_per_skill is not None and self.max_prompts_per_skill < 1:
+            raise ValueError(f"max_prompts_per_skill: expected >= 1, got {self.max_prompts_per_skill}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+
+
+def format_table(table: dict[str, dict[str, float]], variants: list[str]) -> str:
+    """A Markdown table: one row per skill, one column per variant, plus the mean row."""
+    header = "| skill | " + " | ".join(variants) + " |"
+    lines = [header, "|" + "---|" * (len(variants) + 1)]
+    for skill, row in table.items():
+        lines.append(f"| {skill} | " + " | ".join(f"{row[v]:.2f}" for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(ctx, skill_name: str | None = None) -> dict:
+    from tqdm import tqdm
+
+    from selma_core.metrics.clip_score import ClipScorer
+    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
+    from selma_core.phases.images import ImagesConfig, draw_images, prompt_seed, torch_dtype
+    from selma_core.phases.prompts import read_prompts
+
+    cfg: EvalConfig = ctx.config.eval
+    skills = list(ctx.config.skills)
+    device = resolve_device(ctx.config.device)
+    heldout: dict[str, list[dict]] = {}
+    for skill in skills:
+        records = [r for r in read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl") if r["split"] == "heldout"]
+        if not records:
+            raise InputError(f"eval: skill {skill!r} has no held-out prompts")
+        heldout[skill] = records[: cfg.max_prompts_per_skill] if cfg.max_prompts_per_skill else records
+
+    adapters = {"merged": ctx.fetch("merge")}
+    if cfg.compare_experts:
+        adapters.update({f"expert:{s}": ctx.fetch("train", s) for s in skills})
+    variants = ["base", *(f"expert:{s}" for s in skills if cfg.compare_experts), "merged"]
+
+    draw_cfg = ImagesConfig(
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        height=cfg.height, width=cfg.width, batch_size=cfg.batch_size, dtype=cfg.dtype, seed=cfg.seed,
+    )
+    pipe = load_diffusion_pipeline(
+        ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision,
+        torch_dtype(cfg.dtype, device),
+    ).to(device)
+    scorer = ClipScorer(cfg.clip_model, ctx.config.cache_dir, device)
+    start = time.monotonic()
+    rows = []
+    with ctx.output() as out:
+        for variant in tqdm(variants, desc="eval", unit="model"):
+            if variant != "base":
+                pipe.load_lora_weights(str(adapters[variant]), adapter_name=variant.replace(":", "_"))
+            for skill, records in heldout.items():
+                for first in range(0, len(records), cfg.batch_size):
+                    batch = records[first : first + cfg.batch_size]
+                    texts = [r["text"] for r in batch]
+                    seeds = [prompt_seed(cfg.seed, r["id"]) for r in batch]
+                    images = draw_images(pipe, texts, seeds, draw_cfg, device)
+                    scores = scorer.score(images, texts)
+                    for record, image, score in zip(batch, images, scores, strict=True):
+                        folder = out / "images" / variant.replace(":", "_")
+                        folder.mkdir(parents=True, exist_ok=True)
+                        image.save(folder / f"{record['id']}.png")
+                        rows.append({"variant": variant, "skill": skill, "prompt_id": record["id"],
+                                     "prompt": record["text"], "clip_score": score})
+            if variant != "base":
+                pipe.unload_lora_weights()
+        table = {
+            skill: {
+                v: sum(r["clip_score"] for r in rows if r["skill"] == skill and r["variant"] == v)
+                / len(heldout[skill])
+                for v in variants
+            }
+            for skill in skills
+        }
+        table["mean"] = {v: sum(table[s][v] for s in skills) / len(skills) for v in variants}
+        results = {"metric": "clip_score", "clip_model": cfg.clip_model, "variants": variants,
+                   "table": table, "per_prompt": rows, "wall_s": round(time.monotonic() - start, 3)}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(format_table(table, variants) + "\n")
+    ctx.run.log_metrics(
+        {f"clip_score.{skill}.{v.replace(':', '.')}": score for skill, row in table.items() for v, score in row.items()}
+    )
+    ctx.run.log_dict({"variants": variants, "table": table}, "eval/results_table.json")
+    return {"table": table, "variants": variants}

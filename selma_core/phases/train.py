@@ -1,0 +1,256 @@
+"""Phase 3, train: one LoRA expert per skill, fine-tuned on that skill's generated image-text pairs.
+
+Recipe, one skill per job:
+1. Read the skill's committed images (a WebDataset-layout tar) and decode them to ``resolution``
+   (default: the model's native size), centre-cropped; ``random_flip`` is off by default because it
+   turns "left of" into "right of".
+2. Load the base model; freeze the VAE, text encoder(s) and UNet; add a peft LoRA (``rank``,
+   ``alpha``, Gaussian init) on ``target_modules`` of the UNet's attention (SELMA: to_q, to_k, to_v,
+   to_out.0). Only the LoRA factors train.
+3. Standard latent-diffusion loss: noise the VAE latents at a random timestep and regress the UNet's
+   output on the scheduler's target (``epsilon`` or ``v_prediction``, from the model's own config).
+   SDXL gets its pooled text embedding and size/crop time ids. AdamW, gradient accumulation,
+   clipping at ``max_grad_norm``. A non-finite loss stops the job.
+4. Commit the adapter exactly as ``pipeline.save_lora_weights`` writes it (``load_lora_weights``
+   reads it back), plus ``expert.json`` (settings, final loss) and the loss curve; the loss is
+   logged to the job's MLflow run every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selma_core.errors import InputError, SelmaError
+
+
+@dataclass
+class TrainConfig:
+    # LoRA rank and alpha (scale = alpha / rank). SELMA: 128 and 128. Higher rank: more capacity and memory.
+    rank: int = 128
+    alpha: float = 128.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    steps: int = 5000
+    batch_size: int = 16
+    gradient_accumulation: int = 4
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    # Training resolution in pixels; None: the model's native size.
+    resolution: int | None = None
+    random_flip: bool = False
+    # Compute dtype of the frozen weights: "auto" is bfloat16 on CUDA, float32 on CPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha: expected > 0, got {self.alpha}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        if not self.target_modules:
+            raise ValueError("target_modules: expected at least one module name")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"resolution: expected a multiple of 8, got {self.resolution}")
+
+
+def _weight_dtype(cfg: TrainConfig, device: str):
+    import torch
+
+    if cfg.mixed_precision == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+
+
+def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int):
+    """uint8 tensor (N, 3, R, R): resized so the short side is R, centre-cropped."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = []
+    for meta, jpeg in dataset:
+        try:
+            image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        except Exception as e:
+            raise InputError(f"image {meta.get('id')!r} cannot be decoded: {e}") from e
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        arrays.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays))
+
+
+class ExpertTrainer:
+    """Trains one LoRA expert on a base pipeline; ``train`` returns the loss history."""
+
+    def __init__(self, pipe, cfg: TrainConfig, device: str) -> None:
+        import torch
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        self.pipe, self.cfg, self.device = pipe, cfg, device
+        self.sdxl = hasattr(pipe, "text_encoder_2")
+        self.dtype = _weight_dtype(cfg, device)
+        # Training noise follows the model's own schedule and prediction type.
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+            module.to(device, dtype=self.dtype)
+        pipe.unet.to(device, dtype=self.dtype)
+        pipe.unet.requires_grad_(False)
+        self.lora_config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=cfg.target_modules
+        )
+        try:
+            pipe.unet.add_adapter(self.lora_config)
+        except ValueError as e:
+            raise InputError(f"train.target_modules {cfg.target_modules}: {e}") from e
+        # LoRA factors train in float32 whatever the frozen weights' dtype.
+        self.params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        for p in self.params:
+            p.data = p.data.float()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_eps
+        )
+
+    def _frozen_modules(self) -> list:
+        modules = [self.pipe.vae, self.pipe.text_encoder]
+        if self.sdxl:
+            modules.append(self.pipe.text_encoder_2)
+        return modules
+
+    def native_resolution(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def _conditioning(self, texts: list[str], resolution: int) -> tuple:
+        import torch
+
+        with torch.no_grad():
+            encoded = self.pipe.encode_prompt(
+                prompt=texts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        if not self.sdxl:
+            return encoded[0], None
+        prompt_embeds, pooled = encoded[0], encoded[2]
+        # SDXL's micro-conditioning: (original size, crop top-left, target size).
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(texts))
+        return prompt_embeds, {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
+
+    def train(self, dataset: list[tuple[dict, bytes]], on_log=None) -> list[tuple[int, float]]:
+        import torch
+        import torch.nn.functional as F
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        resolution = cfg.resolution or self.native_resolution()
+        pixels_u8 = _decode_images(dataset, resolution)
+        texts = [meta["prompt"] for meta, _ in dataset]
+        generator = torch.Generator().manual_seed(cfg.seed)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        scaling = self.pipe.vae.config.scaling_factor
+        history: list[tuple[int, float]] = []
+        unet = self.pipe.unet
+        unet.train()
+        for step in tqdm(range(1, cfg.steps + 1), desc="train", unit="step"):
+            step_loss = 0.0
+            for _ in range(cfg.gradient_accumulation):
+                idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
+                pixels = pixels_u8[idx].float().div(127.5).sub(1.0)
+                if cfg.random_flip:
+                    flip = torch.rand(len(idx), generator=generator) < 0.5
+                    pixels[flip] = pixels[flip].flip(-1)
+                pixels = pixels.to(self.device, self.dtype)
+                with torch.no_grad():
+                    latents = self.pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * scaling
+                hidden, added = self._conditioning([texts[i] for i in idx.tolist()], resolution)
+                noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
+                timesteps = torch.randint(
+                    0, self.noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator
+                ).to(self.device)
+                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+                if prediction_type == "epsilon":
+                    target = noise
+                elif prediction_type == "v_prediction":
+                    target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    raise InputError(f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v")
+                pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+                loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
+                loss.backward()
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                raise SelmaError(
+                    f"loss became {step_loss} at step {step}; lower train.learning_rate "
+                    f"({cfg.learning_rate}) or use mixed_precision: no"
+                )
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                history.append((step, step_loss))
+                if on_log:
+                    on_log(step, step_loss)
+        unet.eval()
+        return history
+
+    def save(self, path) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from selma_core.lora import lora_config_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet))
+        layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+        metadata = lora_config_dict(self.cfg.rank, self.cfg.alpha, self.cfg.target_modules)
+        type(self.pipe).save_lora_weights(
+            str(path), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
+
+
+def train_expert(ctx, skill_name: str) -> dict:
+    import torch
+
+    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
+    from selma_core.phases.images import read_image_dataset
+    from selma_core.typed_yaml import to_dict
+
+    cfg: TrainConfig = ctx.config.train
+    dataset = read_image_dataset(ctx.fetch("images", skill_name))
+    device = resolve_device(ctx.config.device)
+    torch.manual_seed(cfg.seed)  # the LoRA's Gaussian init
+    pipe = load_diffusion_pipeline(ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision)
+    trainer = ExpertTrainer(pipe, cfg, device)
+    ctx.run.log_params({"train": to_dict(cfg), "images": len(dataset), "base_model": ctx.config.base_model})
+    start = time.monotonic()
+    history = trainer.train(dataset, on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step))
+    elapsed = time.monotonic() - start
+    summary = {
+        "skill": skill_name,
+        "base_model": ctx.config.base_model,
+        "base_model_revision": ctx.config.base_model_revision,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "target_modules": cfg.target_modules,
+        "steps": cfg.steps,
+        "images": len(dataset),
+        "final_loss": history[-1][1],
+        "wall_s": round(elapsed, 3),
+        "images_per_s": cfg.steps * cfg.batch_size * cfg.gradient_accumulation / max(elapsed, 1e-9),
+    }
+    with ctx.output() as out:
+        trainer.save(out)
+        (out / "expert.json").write_text(json.dumps(summary, indent=1))
+        (out / "loss.json").write_text(json.dumps(history))
+    return summary

@@ -1,0 +1,102 @@
+"""The pipeline's jobs and where each one's output lives in the store.
+
+Keys are content-addressed: each contains a hash of everything that determines the output (the
+phase's config, the skill definition, model ids and revisions, and the keys of its inputs). The
+controller and every job compute the same keys from the same config, so "is this work done?" is one
+look-up, and a change anywhere gives new keys for exactly the outputs downstream of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selma_core.config import PipelineConfig, stable_hash
+from selma_core.skills import Skill
+from selma_core.typed_yaml import to_dict
+
+PHASES = ("prompts", "images", "train", "merge", "eval")
+PER_SKILL_PHASES = ("prompts", "images", "train")
+# Bump when an output's format changes, so old outputs are not mistaken for new ones.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    phase: str
+    skill: str | None
+    key: str  # where the output is committed in the store
+    deps: tuple[str, ...]  # ids of the jobs whose outputs this one reads
+
+    @property
+    def id(self) -> str:
+        return f"{self.phase}:{self.skill}" if self.skill else self.phase
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase}-{self.skill}" if self.skill else self.phase
+
+
+@dataclass
+class Plan:
+    jobs: dict[str, JobSpec]
+
+    def job(self, phase: str, skill: str | None = None) -> JobSpec:
+        job_id = f"{phase}:{skill}" if phase in PER_SKILL_PHASES else phase
+        if job_id not in self.jobs:
+            raise KeyError(f"no job {job_id!r} in this pipeline; jobs: {', '.join(self.jobs)}")
+        return self.jobs[job_id]
+
+    def select(self, phase: str, skills: list[str] | None = None) -> list[JobSpec]:
+        """The jobs ``--phase`` (and ``--skill``) name, in dependency order."""
+        chosen = []
+        for job in self.jobs.values():
+            if phase != "all" and job.phase != phase:
+                continue
+            if skills and job.skill is not None and job.skill not in skills:
+                continue
+            chosen.append(job)
+        return chosen
+
+
+def _models(cfg: PipelineConfig) -> dict:
+    return {
+        "base_model": cfg.base_model,
+        "base_model_revision": cfg.base_model_revision,
+    }
+
+
+def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
+    jobs: dict[str, JobSpec] = {}
+
+    def add(phase: str, skill: str | None, inputs: dict, deps: list[JobSpec]) -> JobSpec:
+        digest = stable_hash(
+            {
+                "format": FORMAT_VERSION,
+                "phase": phase,
+                "config": to_dict(getattr(cfg, phase)),
+                "inputs": inputs,
+                "upstream": {d.id: d.key for d in deps},
+            }
+        )
+        prefix = {"train": "experts", "merge": "merged"}.get(phase, phase)
+        key = f"{prefix}/{skill}/{digest}" if skill else f"{prefix}/{digest}"
+        job = JobSpec(phase=phase, skill=skill, key=key, deps=tuple(d.id for d in deps))
+        jobs[job.id] = job
+        return job
+
+    experts = []
+    prompt_jobs = []
+    for name in cfg.skills:
+        skill = skills[name]
+        prompts = add("prompts", name, {"skill": skill.to_dict()}, [])
+        images = add(
+            "images",
+            name,
+            {"generator": cfg.generator, "generator_revision": cfg.generator_revision},
+            [prompts],
+        )
+        experts.append(add("train", name, _models(cfg), [images]))
+        prompt_jobs.append(prompts)
+    merged = add("merge", None, _models(cfg), experts)
+    add("eval", None, _models(cfg), [merged, *experts, *prompt_jobs])
+    return Plan(jobs=jobs)

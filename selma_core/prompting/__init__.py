@@ -1,0 +1,1 @@
+"""Prompt writing: requests, LLM backends, parsing and near-duplicate filtering."""

@@ -1,0 +1,39 @@
+"""The offline prompt generator: NOT an LLM. It fills the skill's templates with its vocabulary.
+
+It exists for demos and tests that must run without any model or network. It answers the same
+``PromptRequest`` an LLM gets, with a numbered list, deterministically for (seed, request id), so
+the prompts phase runs its real loop (parsing, rules, deduplication) on its output.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from selma_core.errors import ConfigError
+from selma_core.prompting.request import PromptRequest
+
+_SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+class OfflineTemplateGenerator:
+    model_name = "offline-templates"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.tokens_used = 0
+
+    def complete(self, request: PromptRequest) -> str:
+        vocabulary = request.skill.offline
+        if not vocabulary.templates:
+            raise ConfigError(
+                f"skill {request.skill.name!r} has no offline.templates: the offline generator needs them "
+                "(or use prompts.backend: openai)"
+            )
+        rng = random.Random(f"{self.seed}:{request.request_id}")
+        lines = []
+        for i in range(request.count):
+            template = rng.choice(vocabulary.templates)
+            text = _SLOT.sub(lambda m: rng.choice(vocabulary.slots[m.group(1)]), template)
+            lines.append(f"{i + 1}. {text}")
+        return "\n".join(lines)

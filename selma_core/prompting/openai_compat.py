@@ -1,0 +1,134 @@
+"""An OpenAI-compatible HTTP backend (OpenAI, vLLM, TGI, Ollama, LiteLLM...).
+
+Transient failures (connection errors, timeouts, 429, 5xx) are retried with exponential backoff,
+honouring ``Retry-After``; after ``max_retries`` the error names the endpoint and the last status.
+The API key is read from the environment variable the config names, never from the config itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from selma_core.errors import ConfigError, EndpointError
+from selma_core.prompting.request import PromptRequest
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class OpenAIConfig:
+    """Settings for an OpenAI-compatible endpoint."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    # Name of the environment variable holding the key (empty: send no key, as local servers allow).
+    api_key_env: str = "OPENAI_API_KEY"
+    # "chat" uses /chat/completions, "completions" the plain /completions endpoint.
+    api: str = "chat"
+    temperature: float = 1.0
+    max_tokens: int = 1024
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    # Upper bound on one wait, whatever Retry-After asks for.
+    max_backoff_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.api not in ("chat", "completions"):
+            raise ValueError(f"api: expected 'chat' or 'completions', got {self.api!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: expected http(s)://..., got {self.base_url!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries: expected >= 0, got {self.max_retries}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class OpenAICompatibleBackend:
+    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep) -> None:
+        import requests
+
+        self.cfg = cfg
+        self.model_name = cfg.model
+        self.session = requests.Session()
+        self.sleep = sleep
+        self.tokens_used = 0
+        self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        if cfg.api_key_env and not self.api_key and "api.openai.com" in cfg.base_url:
+            raise ConfigError(
+                f"prompts.openai.api_key_env: environment variable {cfg.api_key_env} is not set "
+                f"(the key for {cfg.base_url})"
+            )
+
+    def _url(self) -> str:
+        path = "chat/completions" if self.cfg.api == "chat" else "completions"
+        return f"{self.cfg.base_url.rstrip('/')}/{path}"
+
+    def _payload(self, request: PromptRequest) -> dict:
+        payload: dict = {
+            "model": self.cfg.model,
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
+        if self.cfg.api == "chat":
+            payload["messages"] = request.messages()
+        else:
+            payload["prompt"] = request.as_text()
+        return payload
+
+    def complete(self, request: PromptRequest) -> str:
+        import requests
+
+        url = self._url()
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        last = "no attempt"
+        for attempt in range(self.cfg.max_retries + 1):
+            wait = min(self.cfg.backoff_s * 2**attempt, self.cfg.max_backoff_s)
+            try:
+                response = self.session.post(
+                    url, json=self._payload(request), headers=headers, timeout=self.cfg.timeout_s
+                )
+            except requests.RequestException as e:
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if response.status_code == 200:
+                    return self._text(response.json(), url)
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code in (401, 403):
+                    raise ConfigError(
+                        f"LLM endpoint {url} refused the key from ${self.cfg.api_key_env} ({last})"
+                    )
+                if response.status_code not in RETRYABLE_STATUS:
+                    raise EndpointError(f"LLM endpoint {url} rejected the request: {last}")
+                asked = _retry_after(response.headers.get("Retry-After"))
+                if asked is not None:
+                    wait = min(asked, self.cfg.max_backoff_s)
+            if attempt < self.cfg.max_retries:
+                self.sleep(wait)
+        raise EndpointError(
+            f"LLM endpoint {url} failed {self.cfg.max_retries + 1} times; last error: {last}"
+        )
+
+    def _text(self, data: dict, url: str) -> str:
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if self.cfg.api == "chat" else choice["text"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise EndpointError(f"LLM endpoint {url} answered without choices[0] text: {str(data)[:200]}") from e
+        usage = data.get("usage") or {}
+        self.tokens_used += int(usage.get("total_tokens", 0) or 0)
+        return text or ""

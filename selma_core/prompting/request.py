@@ -1,0 +1,57 @@
+"""One in-context request for new prompts, and parsing the list that comes back."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from selma_core.skills import Skill
+
+_LIST_MARK = re.compile(r"^\s*(?:\d+\s*[.):\]-]|[-*•]|\(\d+\))\s*")
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    request_id: str
+    skill: Skill
+    examples: tuple[str, ...]
+    count: int
+
+    def messages(self) -> list[dict[str, str]]:
+        """Chat messages: the skill's instructions, its examples, and the ask for ``count`` more."""
+        rules = "\n".join(f"- {r}" for r in self.skill.rules) or "- (none)"
+        examples = "\n".join(f"{i}. {e}" for i, e in enumerate(self.examples, 1))
+        system = (
+            "You write prompts for a text-to-image model, to teach it one skill. "
+            f"Skill: {self.skill.name}: {self.skill.description}\n"
+            f"Rules every prompt must follow:\n{rules}"
+        )
+        user = (
+            f"Here are example prompts:\n{examples}\n\n"
+            f"Write {self.count} new prompts for this skill, different from the examples and from "
+            "each other. Answer with a numbered list, one prompt per line, and nothing else."
+        )
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+    def as_text(self) -> str:
+        """The same request as one plain text, for completion (non-chat) endpoints."""
+        return "\n\n".join(m["content"] for m in self.messages()) + "\n\n1."
+
+
+def parse_prompt_list(text: str) -> list[str]:
+    """Prompts from a numbered list, a bulleted list or a JSON array of strings."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(stripped)
+            if isinstance(data, list):
+                return [str(x).strip() for x in data if isinstance(x, str) and x.strip()]
+        except json.JSONDecodeError:
+            pass
+    prompts = []
+    for line in stripped.splitlines():
+        line = _LIST_MARK.sub("", line, count=1).strip().strip('"').strip()
+        if line:
+            prompts.append(line)
+    return prompts

@@ -1,0 +1,79 @@
+"""Skills as data: ``skills/<name>.yaml`` says what a skill is and how to write prompts for it.
+
+```yaml
+name: counting
+description: Images with an exact, small number of objects.
+rules:                      # shown to the LLM with every request
+  - State an exact number of objects between two and six, written as a word.
+seeds:                      # in-context examples; later requests also sample accepted prompts
+  - three red apples on a wooden table
+target_count: 1000          # prompts to generate for this skill (the pipeline config can cap it)
+offline:                    # vocabulary for the offline (non-LLM) generator used by demos and tests
+  templates: ["{number} {object} {place}"]
+  slots: {number: [two, three], object: [cats, cups], place: [on a table]}
+```
+A user adds a skill by adding such a file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selma_core.errors import ConfigError
+from selma_core.typed_yaml import from_dict, read_yaml, to_dict
+
+_SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+@dataclass
+class OfflineVocabulary:
+    """Templates with ``{slot}`` fields and the words each slot may take."""
+
+    templates: list[str] = field(default_factory=list)
+    slots: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for template in self.templates:
+            for slot in _SLOT.findall(template):
+                if not self.slots.get(slot):
+                    raise ValueError(f"template {template!r} uses slot {{{slot}}}, which has no words")
+
+
+@dataclass
+class Skill:
+    name: str
+    description: str
+    seeds: list[str]
+    rules: list[str] = field(default_factory=list)
+    target_count: int = 1000
+    offline: OfflineVocabulary = field(default_factory=OfflineVocabulary)
+
+    def __post_init__(self) -> None:
+        if not [s for s in self.seeds if s.strip()]:
+            raise ValueError("seeds: expected at least one seed prompt, got none")
+        if self.target_count < 1:
+            raise ValueError(f"target_count: expected >= 1, got {self.target_count}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_skill(skills_dir: str | Path, name: str) -> Skill:
+    """Load ``<skills_dir>/<name>.yaml``; an unknown skill names the ones that exist."""
+    skills_dir = Path(skills_dir)
+    path = skills_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in skills_dir.glob("*.yaml")) if skills_dir.is_dir() else []
+        raise ConfigError(
+            f"unknown skill {name!r}: no file {path}; known skills: {', '.join(known) or 'none'}"
+        )
+    skill = from_dict(Skill, read_yaml(path), source=str(path))
+    if skill.name != name:
+        raise ConfigError(f"{path}: name: expected {name!r} (the file name), got {skill.name!r}")
+    return skill
+
+
+def load_skills(skills_dir: str | Path, names: list[str]) -> dict[str, Skill]:
+    return {name: load_skill(skills_dir, name) for name in names}

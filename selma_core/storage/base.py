@@ -1,0 +1,146 @@
+"""The artifact store: one small interface, a local-folder and an S3 implementation.
+
+Outputs are *committed*: a phase writes its files first and its manifest (every file's size and
+SHA-256) last, so a reader that finds a manifest finds a complete output, and a job that dies midway
+leaves nothing that looks finished. A rerun overwrites whatever a dead attempt left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from selma_core.errors import InputError
+
+MANIFEST = "_manifest.json"
+
+
+def validate_key(key: str) -> str:
+    """Keys are '/'-separated names; no empty parts, '.' or '..' (they would escape the root)."""
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise ValueError(f"invalid store key {key!r}: expected names separated by '/', without '..'")
+    return key
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactStore(ABC):
+    """Bytes and files under string keys, plus the commit protocol built on them."""
+
+    #: The root URI, e.g. ``file:///data/store`` or ``s3://bucket/prefix``.
+    uri: str
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write one object atomically: readers see the old object or the new one, never a part."""
+
+    @abstractmethod
+    def upload_file(self, local_path: Path, key: str) -> None: ...
+
+    @abstractmethod
+    def download_file(self, key: str, local_path: Path) -> None: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix/`` (recursive), sorted."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``EndpointError`` naming the endpoint if the store cannot be reached."""
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{validate_key(key)}"
+
+    # -- the commit protocol -------------------------------------------------------------------
+
+    def is_committed(self, key: str) -> bool:
+        return self.exists(f"{key}/{MANIFEST}")
+
+    def read_manifest(self, key: str) -> dict[str, Any]:
+        if not self.is_committed(key):
+            raise InputError(f"no committed output at {self.url(key)}")
+        return json.loads(self.read_bytes(f"{key}/{MANIFEST}"))
+
+    def commit_dir(self, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> dict:
+        """Upload every file of ``local_dir`` under ``key``, then the manifest, last."""
+        validate_key(key)
+        files = {}
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            if rel == MANIFEST:
+                continue
+            self.upload_file(path, f"{key}/{rel}")
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest = {"key": key, "committed_at": time.time(), "files": files, "metadata": metadata or {}}
+        self.write_bytes(f"{key}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        return manifest
+
+    @contextlib.contextmanager
+    def staged_output(
+        self, key: str, scratch_dir: str | Path, metadata: dict[str, Any] | None = None
+    ) -> Iterator[Path]:
+        """Yield an empty local folder; commit it under ``key`` when the block succeeds.
+
+        An exception inside the block commits nothing: the store keeps its previous state.
+        """
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="stage-", dir=scratch_dir))
+        try:
+            yield tmp
+            self.commit_dir(tmp, key, metadata)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def fetch_dir(self, key: str, cache_dir: str | Path) -> Path:
+        """A local copy of a committed output, every file checked against the manifest's SHA-256.
+
+        Files already in the cache with the right checksum are not downloaded again.
+        """
+        manifest = self.read_manifest(key)
+        target = Path(cache_dir) / "fetched" / key
+        for rel, info in manifest["files"].items():
+            local = target / rel
+            if local.is_file() and local.stat().st_size == info["size"] and sha256_file(local) == info["sha256"]:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(local.name + ".partial")
+            self.download_file(f"{key}/{rel}", partial)
+            digest = sha256_file(partial)
+            if digest != info["sha256"]:
+                partial.unlink(missing_ok=True)
+                raise InputError(
+                    f"{self.url(f'{key}/{rel}')}: checksum mismatch (manifest {info['sha256'][:12]}, "
+                    f"got {digest[:12]}); the object is corrupt: rerun the phase that wrote it"
+                )
+            partial.replace(local)
+        return target
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, data: Any) -> None:
+        self.write_bytes(key, json.dumps(data, indent=1, sort_keys=True).encode())

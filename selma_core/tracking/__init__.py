@@ -1,0 +1,38 @@
+"""Tracking, chosen by the tracking URI: ``sqlite:///`` (embedded MLflow) or ``http(s)://`` (a server)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from selma_core.tracking.base import (
+    TAG_CONFIG_HASH,
+    TAG_GIT_COMMIT,
+    TAG_OUTPUT,
+    TAG_PHASE,
+    TAG_PIPELINE,
+    TAG_SKILL,
+    JobRun,
+    Tracker,
+)
+
+if TYPE_CHECKING:
+    from selma_core.config import TrackingConfig
+
+__all__ = [
+    "TAG_CONFIG_HASH", "TAG_GIT_COMMIT", "TAG_OUTPUT", "TAG_PHASE", "TAG_PIPELINE", "TAG_SKILL",
+    "JobRun", "Tracker", "open_tracker",
+]
+
+
+def open_tracker(cfg: TrackingConfig, check: bool = True) -> Tracker:
+    """The tracker a config names; with ``check``, fail early (naming the endpoint) if unreachable."""
+    from selma_core.tracking.mlflow_tracker import ServerMlflowTracker, SqliteMlflowTracker
+
+    tracker: Tracker
+    if cfg.uri.startswith("sqlite:///"):
+        tracker = SqliteMlflowTracker(cfg.uri, cfg.connect_retries)
+    else:
+        tracker = ServerMlflowTracker(cfg.uri, cfg.connect_retries)
+    if check:
+        tracker.check()
+    return tracker

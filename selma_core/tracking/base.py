@@ -1,0 +1,72 @@
+"""The tracker interface: what phases and the controller record about a run.
+
+A pipeline invocation is a parent run; each job is a child run tagged with its phase and skill.
+Phases only see ``JobRun`` (log params, metrics, artifacts); the controller opens the parent.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+TAG_PHASE = "selma.phase"
+TAG_SKILL = "selma.skill"
+TAG_CONFIG_HASH = "selma.config_hash"
+TAG_GIT_COMMIT = "selma.git_commit"
+TAG_PIPELINE = "selma.pipeline"
+TAG_OUTPUT = "selma.output"
+
+
+class JobRun(ABC):
+    """One job's run: everything a phase may record."""
+
+    run_id: str
+
+    @abstractmethod
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    @abstractmethod
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
+
+    @abstractmethod
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None: ...
+
+    @abstractmethod
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def register_lora_adapter(
+        self, adapter_dir: Path, base_model: str, model_name: str, alias: str, tags: dict[str, str]
+    ) -> str:
+        """Log a LoRA adapter as a model of this run, register it, point ``alias`` at it; the version."""
+
+
+class Tracker(ABC):
+    """Experiment tracking for one pipeline config (one experiment)."""
+
+    uri: str
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``EndpointError`` naming the endpoint when tracking cannot be reached."""
+
+    @abstractmethod
+    def start_pipeline_run(
+        self, experiment: str, tags: dict[str, str], params: dict[str, Any], name: str = "pipeline"
+    ) -> str:
+        """Open the parent run of one pipeline invocation; its id."""
+
+    @abstractmethod
+    def end_pipeline_run(self, run_id: str, ok: bool, summary: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def start_job_run(
+        self, experiment: str, parent_run_id: str | None, name: str, tags: dict[str, str]
+    ) -> JobRun: ...
+
+    @abstractmethod
+    def end_job_run(self, run: JobRun, ok: bool) -> None: ...
