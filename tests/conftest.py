@@ -1,0 +1,130 @@
+"""Shared fixtures: tiny pipeline configs, and real services on 127.0.0.1 (moto S3, MLflow server)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+S3_BUCKET = "selma-test"
+
+# No test may reach a model hub; credentials for the local moto endpoint only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "selma-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "selma-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: server exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url}: server did not come up in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One cache of materialized random test models for the whole session."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """A real S3 HTTP endpoint (moto_server) on 127.0.0.1 with bucket ``selma-test``."""
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(endpoint, process, log, timeout=60)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, moto_s3):
+    """A real ``mlflow server`` process: SQLite backend, artifacts proxied to the moto S3 bucket."""
+    port = free_port()
+    root = tmp_path_factory.mktemp("mlflow-server")
+    log = root / "server.log"
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": moto_s3}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", f"s3://{S3_BUCKET}/mlartifacts",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, log)
+        yield url
+    finally:
+        stop(process)
+
+
+def write_config(tmp_path: Path, model_cache: Path, **overrides) -> Path:
+    """A copy of configs/demo.yaml with every output under ``tmp_path``; ``overrides`` merge in."""
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data.update(
+        name="selma-test",
+        skills_dir=str(REPO / "skills"),
+        cache_dir=str(model_cache),
+        storage={"uri": f"file://{tmp_path}/store"},
+        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        executor={"kind": "local", "max_parallel": 2, "log_dir": str(tmp_path / "logs")},
+    )
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, model_cache):
+    """Factory: ``tiny_config(**overrides)`` writes a demo-like config under tmp_path; its path."""
+    return lambda **overrides: write_config(tmp_path, model_cache, **overrides)
