@@ -72,7 +72,9 @@ def run_dag(
                     continue
                 if is_committed(job):
                     pending.remove(job)
-                    finish(job, JobOutcome(job.phase, job.skill, "skipped", job=job.id, output=output_url(job)))
+                    finish(
+                        job, JobOutcome(job.phase, job.skill, "skipped", job=job.id, output=output_url(job))
+                    )
                     continue
                 if len(running) >= max_parallel:
                     continue
@@ -93,7 +95,9 @@ def run_dag(
                     JobOutcome(
                         job.phase,
                         job.skill,
-                        (result.get("status") if result.get("status") in ("ran", "skipped") else "ran") if ok else "failed",
+                        (result.get("status") if result.get("status") in ("ran", "skipped") else "ran")
+                        if ok
+                        else "failed",
                         job=job.id,
                         output=output_url(job) if ok else None,
                         log=handle.log,

@@ -38,11 +38,18 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
     from selma_core.context import JobContext
     from selma_core.phases import run_phase
     from selma_core.plan import build_plan
+    from selma_core.provenance import git_commit
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
-    from selma_core.tracking import TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_OUTPUT, TAG_PHASE, TAG_PIPELINE, TAG_SKILL
-    from selma_core.tracking import open_tracker
-    from selma_core.provenance import git_commit
+    from selma_core.tracking import (
+        TAG_CONFIG_HASH,
+        TAG_GIT_COMMIT,
+        TAG_OUTPUT,
+        TAG_PHASE,
+        TAG_PIPELINE,
+        TAG_SKILL,
+        open_tracker,
+    )
 
     if phase in PER_SKILL_PHASES and not skill:
         raise ConfigError(f"--phase {phase} needs --skill")
@@ -58,8 +65,13 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
     if store.is_committed(job.key):
         return {"job": job.id, "status": "skipped", "output": store.url(job.key)}
     tracker = open_tracker(cfg.tracking)
-    tags = {TAG_PHASE: phase, TAG_SKILL: skill or "", TAG_CONFIG_HASH: cfg.config_hash(),
-            TAG_GIT_COMMIT: git_commit(), TAG_PIPELINE: cfg.name}
+    tags = {
+        TAG_PHASE: phase,
+        TAG_SKILL: skill or "",
+        TAG_CONFIG_HASH: cfg.config_hash(),
+        TAG_GIT_COMMIT: git_commit(),
+        TAG_PIPELINE: cfg.name,
+    }
     run = tracker.start_job_run(cfg.name, os.environ.get(ENV_PARENT_RUN), job.name, tags)
     ok = False
     try:
@@ -68,7 +80,13 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
         ok = True
     finally:
         tracker.end_job_run(run, ok)
-    return {"job": job.id, "status": "ran", "output": store.url(job.key), "run_id": run.run_id, "result": result}
+    return {
+        "job": job.id,
+        "status": "ran",
+        "output": store.url(job.key),
+        "run_id": run.run_id,
+        "result": result,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,4 +110,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

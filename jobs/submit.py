@@ -40,24 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m jobs.submit --phase all --config configs/demo.yaml",
     )
     parser.add_argument(
-        "--phase", required=True, choices=(*PHASES, "all"),
+        "--phase",
+        required=True,
+        choices=(*PHASES, "all"),
         help="which phase to run; 'all' runs the whole DAG in dependency order",
     )
     parser.add_argument(
-        "--skill", action="append", metavar="NAME",
+        "--skill",
+        action="append",
+        metavar="NAME",
         help="limit per-skill phases to this skill (repeatable); default: every skill of the config",
     )
     parser.add_argument(
-        "--config", default=os.environ.get("SELMA_CONFIG", DEFAULT_CONFIG),
+        "--config",
+        default=os.environ.get("SELMA_CONFIG", DEFAULT_CONFIG),
         help=f"pipeline config YAML (default: $SELMA_CONFIG or {DEFAULT_CONFIG})",
     )
     parser.add_argument(
-        "--backend", choices=("local", "kubernetes"),
+        "--backend",
+        choices=("local", "kubernetes"),
         help="executor to run jobs on (default: the config's executor.kind)",
     )
     parser.add_argument("--max-parallel", type=int, help="jobs at once (default: executor.max_parallel)")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print what would be submitted and submit nothing",
+        "--dry-run",
+        action="store_true",
+        help="print what would be submitted and submit nothing",
     )
     return parser
 
@@ -68,8 +76,11 @@ def _echo(line: str) -> None:
 
 def _check_models(cfg) -> None:
     """Fail before any job starts if a local model folder named in the config does not exist."""
-    for key, value in (("base_model", cfg.base_model), ("generator_model", cfg.generator_model),
-                       ("eval.clip_model", cfg.eval.clip_model)):
+    for key, value in (
+        ("base_model", cfg.base_model),
+        ("generator_model", cfg.generator_model),
+        ("eval.clip_model", cfg.eval.clip_model),
+    ):
         if value and value.startswith("/") and not Path(value).is_dir():
             raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
     if cfg.prompts.backend == "openai":
@@ -144,8 +155,12 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     commit = git_commit()
     parent = tracker.start_pipeline_run(
         cfg.name,
-        tags={TAG_PIPELINE: cfg.name, TAG_CONFIG_HASH: cfg.config_hash(), TAG_GIT_COMMIT: commit,
-              "selma.phase": args.phase},
+        tags={
+            TAG_PIPELINE: cfg.name,
+            TAG_CONFIG_HASH: cfg.config_hash(),
+            TAG_GIT_COMMIT: commit,
+            "selma.phase": args.phase,
+        },
         params={"config": cfg.to_dict()},
         name=f"pipeline-{args.phase}",
     )
@@ -154,8 +169,13 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     outcomes: list[JobOutcome] = []
     try:
         outcomes = run_dag(
-            selected, executor, lambda job: job_command(job, str(config_snapshot)), env,
-            cfg.executor.max_parallel, lambda job: store.is_committed(job.key), lambda job: store.url(job.key),
+            selected,
+            executor,
+            lambda job: job_command(job, str(config_snapshot)),
+            env,
+            cfg.executor.max_parallel,
+            lambda job: store.is_committed(job.key),
+            lambda job: store.url(job.key),
             echo=_echo,
         )
     finally:
@@ -190,4 +210,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

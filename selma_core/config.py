@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from selma_core.errors import ConfigError
 from selma_core.phases.evaluate import EvalConfig
 from selma_core.phases.images import ImagesConfig
 from selma_core.phases.merge import MergeConfig
@@ -62,6 +61,8 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if not self.uri.startswith(("sqlite:///", "http://", "https://")):
             raise ValueError(f"uri: expected sqlite:///PATH or http(s)://HOST:PORT, got {self.uri!r}")
+        if self.connect_retries < 0:
+            raise ValueError(f"connect_retries: expected >= 0, got {self.connect_retries}")
 
 
 @dataclass
@@ -109,17 +110,17 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # Not a YAML key: where the config was read from (set by load_config).
-    source_path: str = field(default="", compare=False, repr=False)
+    source_path: str = field(default="", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not NAME_PATTERN.match(self.name):
+        if not NAME_PATTERN.fullmatch(self.name):
             raise ValueError(
                 f"name: expected lowercase letters, digits and '-' (at most 63, DNS-1123), got {self.name!r}"
             )
         if not self.skills:
             raise ValueError("skills: expected at least one skill name, got an empty list")
         for skill in self.skills:
-            if not SKILL_NAME_PATTERN.match(skill):
+            if not SKILL_NAME_PATTERN.fullmatch(skill):
                 raise ValueError(
                     f"skills: {skill!r} is not a valid skill name (lowercase letters, digits, '-' and '_')"
                 )
@@ -143,9 +144,7 @@ class PipelineConfig:
         return Path(self.skills_dir)
 
     def to_dict(self) -> dict:
-        data = to_dict(self)
-        data.pop("source_path")
-        return data
+        return to_dict(self)
 
     def config_hash(self) -> str:
         """A short hash of the whole resolved config (tagged on every MLflow run)."""

@@ -49,7 +49,9 @@ class LoraAdapter:
         return self.scale * (layer.up.float() @ layer.down.float())
 
 
-def lora_config_dict(rank: int, alpha: float, target_modules: list[str], init: str | bool = "gaussian") -> dict:
+def lora_config_dict(
+    rank: int, alpha: float, target_modules: list[str], init: str | bool = "gaussian"
+) -> dict:
     """The peft ``LoraConfig`` as the metadata dict diffusers expects."""
     from peft import LoraConfig
 

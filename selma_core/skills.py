@@ -53,8 +53,10 @@ class Skill:
     def __post_init__(self) -> None:
         if not [s for s in self.seeds if s.strip()]:
             raise ValueError("seeds: expected at least one seed prompt, got none")
-        if self.target_count < 1:
-            raise ValueError(f"target_count: expected >= 1, got {self.target_count}")
+        if self.target_count < 2:
+            raise ValueError(
+                f"target_count: expected >= 2 (one to train, one held out), got {self.target_count}"
+            )
 
     def to_dict(self) -> dict:
         return to_dict(self)

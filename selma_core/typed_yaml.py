@@ -152,7 +152,8 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, prefix: str = "")
 def to_dict(obj: Any) -> Any:
     """The inverse of ``from_dict``: plain data that ``yaml.safe_dump`` and ``json.dumps`` accept."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # init=False fields (e.g. where a config was read from) are not YAML keys.
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -19,7 +19,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_model_path(spec: str, cache_dir: str | Path) -> str:
-    """What ``from_pretrained`` should be given: a local folder (random models are built there) or a hub id."""
+    """What ``from_pretrained`` should be given: a local folder (random models are built there), a hub id."""
     if is_random_model(spec):
         return str(materialize_random_model(spec, cache_dir))
     if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():

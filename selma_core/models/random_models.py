@@ -166,7 +166,9 @@ class _TinyClipBundle:
             projection_dim=TINY_TEXT_DIM,
         )
         self.model = CLIPModel(config)
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
         self.processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -198,7 +200,10 @@ def materialize_random_model(spec: str, cache_dir: str | Path) -> Path:
     if name not in RANDOM_MODELS:
         from selma_core.errors import ConfigError
 
-        raise ConfigError(f"unknown random test model {spec!r}; known: {', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
+        raise ConfigError(
+            f"unknown random test model {spec!r}; "
+            f"known: {', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}"
+        )
     target = Path(cache_dir) / "models" / f"random-{name}"
     if (target / ".complete").is_file():
         return target

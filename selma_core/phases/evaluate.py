@@ -63,7 +63,9 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
     device = resolve_device(ctx.config.device)
     heldout: dict[str, list[dict]] = {}
     for skill in skills:
-        records = [r for r in read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl") if r["split"] == "heldout"]
+        records = [
+            r for r in read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl") if r["split"] == "heldout"
+        ]
         if not records:
             raise InputError(f"eval: skill {skill!r} has no held-out prompts")
         heldout[skill] = records[: cfg.max_prompts_per_skill] if cfg.max_prompts_per_skill else records
@@ -74,11 +76,18 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
     variants = ["base", *(f"expert:{s}" for s in skills if cfg.compare_experts), "merged"]
 
     draw_cfg = ImagesConfig(
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-        height=cfg.height, width=cfg.width, batch_size=cfg.batch_size, dtype=cfg.dtype, seed=cfg.seed,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        height=cfg.height,
+        width=cfg.width,
+        batch_size=cfg.batch_size,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
     )
     pipe = load_diffusion_pipeline(
-        ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision,
+        ctx.config.base_model,
+        ctx.config.cache_dir,
+        ctx.config.base_model_revision,
         torch_dtype(cfg.dtype, device),
     ).to(device)
     scorer = ClipScorer(cfg.clip_model, ctx.config.cache_dir, device)
@@ -99,8 +108,15 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
                         folder = out / "images" / variant.replace(":", "_")
                         folder.mkdir(parents=True, exist_ok=True)
                         image.save(folder / f"{record['id']}.png")
-                        rows.append({"variant": variant, "skill": skill, "prompt_id": record["id"],
-                                     "prompt": record["text"], "clip_score": score})
+                        rows.append(
+                            {
+                                "variant": variant,
+                                "skill": skill,
+                                "prompt_id": record["id"],
+                                "prompt": record["text"],
+                                "clip_score": score,
+                            }
+                        )
             if variant != "base":
                 pipe.unload_lora_weights()
         table = {
@@ -112,12 +128,22 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
             for skill in skills
         }
         table["mean"] = {v: sum(table[s][v] for s in skills) / len(skills) for v in variants}
-        results = {"metric": "clip_score", "clip_model": cfg.clip_model, "variants": variants,
-                   "table": table, "per_prompt": rows, "wall_s": round(time.monotonic() - start, 3)}
+        results = {
+            "metric": "clip_score",
+            "clip_model": cfg.clip_model,
+            "variants": variants,
+            "table": table,
+            "per_prompt": rows,
+            "wall_s": round(time.monotonic() - start, 3),
+        }
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(format_table(table, variants) + "\n")
     ctx.run.log_metrics(
-        {f"clip_score.{skill}.{v.replace(':', '.')}": score for skill, row in table.items() for v, score in row.items()}
+        {
+            f"clip_score.{skill}.{v.replace(':', '.')}": score
+            for skill, row in table.items()
+            for v, score in row.items()
+        }
     )
     ctx.run.log_dict({"variants": variants, "table": table}, "eval/results_table.json")
     return {"table": table, "variants": variants}

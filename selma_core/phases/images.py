@@ -103,7 +103,9 @@ def generate_images(ctx, skill_name: str) -> dict:
     manifest = []
     with ctx.output() as out:
         with tarfile.open(out / SHARD_NAME, "w") as tar:
-            for first in tqdm(range(0, len(records), cfg.batch_size), desc=f"images {skill_name}", unit="batch"):
+            for first in tqdm(
+                range(0, len(records), cfg.batch_size), desc=f"images {skill_name}", unit="batch"
+            ):
                 batch = records[first : first + cfg.batch_size]
                 seeds = [prompt_seed(cfg.seed, r["id"]) for r in batch]
                 images = draw_images(pipe, [r["text"] for r in batch], seeds, cfg, device)

@@ -36,10 +36,14 @@ def resolve_weights(cfg: MergeConfig, skills: list[str]) -> list[float] | None:
         return None
     unknown = sorted(set(cfg.weights) - set(skills))
     if unknown:
-        raise ConfigError(f"merge.weights: unknown skill {unknown[0]!r}; the pipeline's skills: {', '.join(skills)}")
+        raise ConfigError(
+            f"merge.weights: unknown skill {unknown[0]!r}; the pipeline's skills: {', '.join(skills)}"
+        )
     missing = [s for s in skills if s not in cfg.weights]
     if missing:
-        raise ConfigError(f"merge.weights: no weight for skill {missing[0]!r}; give one for each of {', '.join(skills)}")
+        raise ConfigError(
+            f"merge.weights: no weight for skill {missing[0]!r}; give one for each of {', '.join(skills)}"
+        )
     return [cfg.weights[s] for s in skills]
 
 
@@ -57,8 +61,15 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
     used = weights or [1.0 / len(skills)] * len(skills)
     summary = {
         "method": cfg.method,
-        "experts": {s: {"key": ctx.plan.job("train", s).key, "weight": w, "rank": experts[s].rank,
-                        "scale": experts[s].scale} for s, w in zip(skills, used, strict=True)},
+        "experts": {
+            s: {
+                "key": ctx.plan.job("train", s).key,
+                "weight": w,
+                "rank": experts[s].rank,
+                "scale": experts[s].scale,
+            }
+            for s, w in zip(skills, used, strict=True)
+        },
         "rank": merged.rank,
         "base_model": ctx.config.base_model,
     }
@@ -72,11 +83,24 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                 base_model=base,
                 model_name=ctx.config.registered_model_name,
                 alias=cfg.alias,
-                tags={"selma.store_key": ctx.job.key, TAG_CONFIG_HASH: ctx.config.config_hash(),
-                      "selma.skills": ",".join(skills), "selma.base_model": ctx.config.base_model},
+                tags={
+                    "selma.store_key": ctx.job.key,
+                    TAG_CONFIG_HASH: ctx.config.config_hash(),
+                    "selma.skills": ",".join(skills),
+                    "selma.base_model": ctx.config.base_model,
+                },
             )
-            summary["registered"] = {"name": ctx.config.registered_model_name, "version": version, "alias": cfg.alias}
+            summary["registered"] = {
+                "name": ctx.config.registered_model_name,
+                "version": version,
+                "alias": cfg.alias,
+            }
         (out / "merge.json").write_text(json.dumps(summary, indent=1))
-    ctx.run.log_params({"merge.method": cfg.method, "merge.rank": merged.rank,
-                        **{f"merge.weight.{s}": w for s, w in zip(skills, used, strict=True)}})
+    ctx.run.log_params(
+        {
+            "merge.method": cfg.method,
+            "merge.rank": merged.rank,
+            **{f"merge.weight.{s}": w for s, w in zip(skills, used, strict=True)},
+        }
+    )
     return summary

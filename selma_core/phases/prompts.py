@@ -49,7 +49,9 @@ class PromptsConfig:
 
     def __post_init__(self) -> None:
         if self.num_prompts is not None and self.num_prompts < 2:
-            raise ValueError(f"num_prompts: expected >= 2 (one to train, one held out), got {self.num_prompts}")
+            raise ValueError(
+                f"num_prompts: expected >= 2 (one to train, one held out), got {self.num_prompts}"
+            )
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction}")
         for name in ("examples_per_request", "prompts_per_request", "max_requests", "max_useless_requests"):
@@ -88,8 +90,13 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     def accept(text: str, source: str, request_id: str | None) -> None:
         if len(records) < target and dedup.add(text):
             records.append(
-                {"skill": skill_name, "text": text, "source": source, "request_id": request_id,
-                 "model": None if source == "seed" else backend.model_name}
+                {
+                    "skill": skill_name,
+                    "text": text,
+                    "source": source,
+                    "request_id": request_id,
+                    "model": None if source == "seed" else backend.model_name,
+                }
             )
         elif len(records) < target:
             rejected["duplicate"] += 1
@@ -102,38 +109,41 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     requests = useless = 0
     samples: list[str] = []
     progress = tqdm(total=target, initial=len(records), desc=f"prompts {skill_name}", unit="prompt")
-    while len(records) < target:
-        if requests >= cfg.max_requests:
-            raise InputError(
-                f"prompts for skill {skill_name!r}: only {len(records)} of {target} distinct prompts after "
-                f"{requests} requests (rejected: {rejected}); raise prompts.max_requests, lower num_prompts, "
-                f"or raise rouge_threshold ({cfg.rouge_threshold})"
-            )
-        pool = [r["text"] for r in records]
-        examples = tuple(rng.sample(pool, min(cfg.examples_per_request, len(pool))))
-        request = PromptRequest(f"{skill_name}-{requests:05d}", skill, examples, cfg.prompts_per_request)
-        reply = backend.complete(request)
-        requests += 1
-        before = len(records)
-        for text in parse_prompt_list(reply):
-            if len(text.split()) > cfg.max_words:
-                rejected["too_long"] += 1
-                continue
-            accept(text, "offline" if cfg.backend == "offline" else "llm", request.request_id)
-        if not reply.strip():
-            rejected["empty"] += 1
-        progress.update(len(records) - before)
-        if len(records) == before:
-            useless += 1
-            samples.append(reply.strip()[:120])
-            if useless >= cfg.max_useless_requests:
+    try:
+        while len(records) < target:
+            if requests >= cfg.max_requests:
                 raise InputError(
-                    f"prompts for skill {skill_name!r}: {useless} requests in a row gave no new usable prompt "
-                    f"(accepted {len(records)} of {target}); samples of what came back: {samples[-3:]!r}"
+                    f"prompts for skill {skill_name!r}: only {len(records)} of {target} distinct prompts "
+                    f"after {requests} requests (rejected: {rejected}); raise prompts.max_requests, "
+                    f"lower num_prompts, or raise rouge_threshold ({cfg.rouge_threshold})"
                 )
-        else:
-            useless = 0
-    progress.close()
+            pool = [r["text"] for r in records]
+            examples = tuple(rng.sample(pool, min(cfg.examples_per_request, len(pool))))
+            request = PromptRequest(f"{skill_name}-{requests:05d}", skill, examples, cfg.prompts_per_request)
+            reply = backend.complete(request)
+            requests += 1
+            before = len(records)
+            for text in parse_prompt_list(reply):
+                if len(text.split()) > cfg.max_words:
+                    rejected["too_long"] += 1
+                    continue
+                accept(text, "offline" if cfg.backend == "offline" else "llm", request.request_id)
+            if not reply.strip():
+                rejected["empty"] += 1
+            progress.update(len(records) - before)
+            if len(records) == before:
+                useless += 1
+                samples.append(reply.strip()[:120])
+                if useless >= cfg.max_useless_requests:
+                    raise InputError(
+                        f"prompts for skill {skill_name!r}: {useless} requests in a row gave no new usable "
+                        f"prompt (accepted {len(records)} of {target}); "
+                        f"samples of what came back: {samples[-3:]!r}"
+                    )
+            else:
+                useless = 0
+    finally:
+        progress.close()
 
     # The held-out split: a deterministic share, never trained on, at least one prompt each side.
     order = list(range(len(records)))
@@ -162,8 +172,13 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                 f.write(json.dumps({"id": record.pop("id"), **record}, ensure_ascii=False) + "\n")
         (out / "stats.json").write_text(json.dumps(stats, indent=1))
     ctx.run.log_metrics(
-        {"prompts.accepted": len(records), "prompts.heldout": n_heldout, "prompts.requests": requests,
-         "prompts.rejected_duplicate": rejected["duplicate"], "prompts.rejected_too_long": rejected["too_long"]}
+        {
+            "prompts.accepted": len(records),
+            "prompts.heldout": n_heldout,
+            "prompts.requests": requests,
+            "prompts.rejected_duplicate": rejected["duplicate"],
+            "prompts.rejected_too_long": rejected["too_long"],
+        }
     )
     return stats
 

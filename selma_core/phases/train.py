@@ -146,7 +146,10 @@ class ExpertTrainer:
         prompt_embeds, pooled = encoded[0], encoded[2]
         # SDXL's micro-conditioning: (original size, crop top-left, target size).
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(texts))
-        return prompt_embeds, {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
+        return prompt_embeds, {
+            "text_embeds": pooled,
+            "time_ids": time_ids.to(self.device, prompt_embeds.dtype),
+        }
 
     def train(self, dataset: list[tuple[dict, bytes]], on_log=None) -> list[tuple[int, float]]:
         import torch
@@ -185,7 +188,9 @@ class ExpertTrainer:
                 elif prediction_type == "v_prediction":
                     target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
-                    raise InputError(f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v")
+                    raise InputError(
+                        f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v"
+                    )
                 pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
                 loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
                 loss.backward()
@@ -230,11 +235,15 @@ def train_expert(ctx, skill_name: str) -> dict:
     dataset = read_image_dataset(ctx.fetch("images", skill_name))
     device = resolve_device(ctx.config.device)
     torch.manual_seed(cfg.seed)  # the LoRA's Gaussian init
-    pipe = load_diffusion_pipeline(ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision)
+    pipe = load_diffusion_pipeline(
+        ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision
+    )
     trainer = ExpertTrainer(pipe, cfg, device)
     ctx.run.log_params({"train": to_dict(cfg), "images": len(dataset), "base_model": ctx.config.base_model})
     start = time.monotonic()
-    history = trainer.train(dataset, on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step))
+    history = trainer.train(
+        dataset, on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step)
+    )
     elapsed = time.monotonic() - start
     summary = {
         "skill": skill_name,

@@ -7,6 +7,7 @@ The API key is read from the environment variable the config names, never from t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -106,7 +107,14 @@ class OpenAICompatibleBackend:
                 last = f"{type(e).__name__}: {e}"
             else:
                 if response.status_code == 200:
-                    return self._text(response.json(), url)
+                    try:
+                        return self._text(response.json(), url)
+                    except ValueError:
+                        # A 200 that is not JSON (a proxy's error page, a truncated body): transient.
+                        last = f"HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
+                        if attempt < self.cfg.max_retries:
+                            self.sleep(wait)
+                        continue
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code in (401, 403):
                     raise ConfigError(
@@ -119,16 +127,21 @@ class OpenAICompatibleBackend:
                     wait = min(asked, self.cfg.max_backoff_s)
             if attempt < self.cfg.max_retries:
                 self.sleep(wait)
-        raise EndpointError(
-            f"LLM endpoint {url} failed {self.cfg.max_retries + 1} times; last error: {last}"
-        )
+        raise EndpointError(f"LLM endpoint {url} failed {self.cfg.max_retries + 1} times; last error: {last}")
 
     def _text(self, data: dict, url: str) -> str:
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.cfg.api == "chat" else choice["text"]
         except (KeyError, IndexError, TypeError) as e:
-            raise EndpointError(f"LLM endpoint {url} answered without choices[0] text: {str(data)[:200]}") from e
-        usage = data.get("usage") or {}
-        self.tokens_used += int(usage.get("total_tokens", 0) or 0)
+            raise EndpointError(
+                f"LLM endpoint {url} answered without choices[0] text: {str(data)[:200]}"
+            ) from e
+        if text is not None and not isinstance(text, str):
+            raise EndpointError(f"LLM endpoint {url} answered with non-text content: {str(text)[:200]}")
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            # A malformed usage count is not worth failing a request over.
+            with contextlib.suppress(TypeError, ValueError):
+                self.tokens_used += int(usage.get("total_tokens") or 0)
         return text or ""

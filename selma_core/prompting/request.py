@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from selma_core.skills import Skill
 
-_LIST_MARK = re.compile(r"^\s*(?:\d+\s*[.):\]-]|[-*•]|\(\d+\))\s*")
+# A list mark is followed by whitespace: "1. x", "2) x", "(3) x", "- x"; never "3-legged" or "2.5 m".
+_LIST_MARK = re.compile(r"^\s*(?:\(\d+\)|\d+\s*[.):\]]|\d+\s+-|[-*•])(?=\s|$)\s*")
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*$")
 
 
 @dataclass(frozen=True)
@@ -41,17 +43,21 @@ class PromptRequest:
 
 def parse_prompt_list(text: str) -> list[str]:
     """Prompts from a numbered list, a bulleted list or a JSON array of strings."""
-    stripped = text.strip()
-    if stripped.startswith("["):
+    lines = [line for line in text.strip().splitlines() if not _FENCE.match(line.strip())]
+    # A JSON array, possibly after a lead-in line or inside a code fence.
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
+    if starts:
         try:
-            data = json.loads(stripped)
-            if isinstance(data, list):
-                return [str(x).strip() for x in data if isinstance(x, str) and x.strip()]
+            data = json.loads("\n".join(lines[starts[0] :]))
         except json.JSONDecodeError:
-            pass
+            data = None
+        if isinstance(data, list):
+            return [x.strip() for x in data if isinstance(x, str) and x.strip()]
+    stripped = "\n".join(lines)
     prompts = []
     for line in stripped.splitlines():
         line = _LIST_MARK.sub("", line, count=1).strip().strip('"').strip()
-        if line:
+        # A lead-in such as "Here are 20 new prompts:" is not a prompt.
+        if line and not line.endswith(":"):
             prompts.append(line)
     return prompts

@@ -124,7 +124,11 @@ class ArtifactStore(ABC):
         target = Path(cache_dir) / "fetched" / key
         for rel, info in manifest["files"].items():
             local = target / rel
-            if local.is_file() and local.stat().st_size == info["size"] and sha256_file(local) == info["sha256"]:
+            if (
+                local.is_file()
+                and local.stat().st_size == info["size"]
+                and sha256_file(local) == info["sha256"]
+            ):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
             partial = local.with_name(local.name + ".partial")

@@ -10,6 +10,9 @@ from pathlib import Path
 from selma_core.errors import ConfigError
 from selma_core.storage.base import ArtifactStore, validate_key
 
+# Writes in progress; never listed, so a dead writer's leftovers are invisible to readers.
+TMP_PREFIX = ".selma-tmp-"
+
 
 class LocalArtifactStore(ArtifactStore):
     def __init__(self, root: str | Path) -> None:
@@ -39,7 +42,7 @@ class LocalArtifactStore(ArtifactStore):
     def _atomic_write(self, key: str, write) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
@@ -74,7 +77,7 @@ class LocalArtifactStore(ArtifactStore):
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
+            if p.is_file() and not p.name.startswith(TMP_PREFIX)
         )
 
     def delete_prefix(self, prefix: str) -> None:

@@ -89,14 +89,24 @@ class S3ArtifactStore(ArtifactStore):
 
     def upload_file(self, local_path: Path, key: str) -> None:
         self._call(
-            "upload", key, self.client.upload_file, str(local_path), self.bucket, self._key(key),
+            "upload",
+            key,
+            self.client.upload_file,
+            str(local_path),
+            self.bucket,
+            self._key(key),
             Config=self.transfer,
         )
 
     def download_file(self, key: str, local_path: Path) -> None:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         self._call(
-            "download", key, self.client.download_file, self.bucket, self._key(key), str(local_path),
+            "download",
+            key,
+            self.client.download_file,
+            self.bucket,
+            self._key(key),
+            str(local_path),
             Config=self.transfer,
         )
 

@@ -19,8 +19,15 @@ if TYPE_CHECKING:
     from selma_core.config import TrackingConfig
 
 __all__ = [
-    "TAG_CONFIG_HASH", "TAG_GIT_COMMIT", "TAG_OUTPUT", "TAG_PHASE", "TAG_PIPELINE", "TAG_SKILL",
-    "JobRun", "Tracker", "open_tracker",
+    "TAG_CONFIG_HASH",
+    "TAG_GIT_COMMIT",
+    "TAG_OUTPUT",
+    "TAG_PHASE",
+    "TAG_PIPELINE",
+    "TAG_SKILL",
+    "JobRun",
+    "Tracker",
+    "open_tracker",
 ]
 
 

@@ -166,7 +166,7 @@ class SqliteMlflowTracker(MlflowTracker):
     """Embedded MLflow: runs and registry in one SQLite file, artifacts in ``mlartifacts/`` beside it."""
 
     def __init__(self, uri: str, connect_retries: int = 3) -> None:
-        self.db_path = Path(uri[len("sqlite:///") :])
+        self.db_path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

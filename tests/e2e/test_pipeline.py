@@ -1,0 +1,155 @@
+"""End to end: ``jobs.submit --phase all`` on tiny random models, then every artifact is checked.
+
+(a) local folder store + embedded MLflow (SQLite); (b) a real moto S3 endpoint + a real
+``mlflow server`` process whose artifacts go to that S3. Each runs the real pipeline twice: the
+second run must report every job skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from conftest import REPO, S3_BUCKET
+from lora_helpers import fused_deltas
+
+from selma_core.config import load_config
+from selma_core.models.loading import load_diffusion_pipeline
+from selma_core.plan import build_plan
+from selma_core.skills import load_skills
+from selma_core.storage import open_store
+
+pytestmark = pytest.mark.slow
+SKILLS = ["counting", "spatial"]
+
+
+def submit_all(config) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return {"summary": json.loads(result.stdout.strip().splitlines()[-1]), "stderr": result.stderr}
+
+
+def check_pipeline(config_path, model_cache, tmp_path) -> None:
+    first = submit_all(config_path)
+    jobs = first["summary"]["jobs"]
+    assert sorted(j["job"] for j in jobs) == sorted(
+        [f"{p}:{s}" for p in ("prompts", "images", "train") for s in SKILLS] + ["merge", "eval"]
+    )
+    assert {j["status"] for j in jobs} == {"ran"}
+    assert "| counting |" in first["stderr"] and "| spatial |" in first["stderr"]  # the results table
+
+    cfg = load_config(config_path)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    store = open_store(cfg.storage)
+    run_ids = {j["job"]: j["run_id"] for j in jobs}
+    fetched = {}
+    for job in plan.jobs.values():
+        manifest = store.read_manifest(job.key)
+        assert manifest["metadata"]["mlflow_run_id"] == run_ids[job.id]
+        assert manifest["metadata"]["inputs"] == {d: plan.jobs[d].key for d in job.deps}
+        fetched[job.id] = store.fetch_dir(job.key, tmp_path / "fetch")  # checksums verified
+
+    # prompts: the requested count, a held-out split, every record complete
+    for skill in SKILLS:
+        records = [
+            json.loads(x) for x in (fetched[f"prompts:{skill}"] / "prompts.jsonl").read_text().splitlines()
+        ]
+        assert len(records) == cfg.prompts.num_prompts
+        assert {r["split"] for r in records} == {"train", "heldout"}
+        assert all(
+            set(r) == {"id", "skill", "text", "source", "request_id", "model", "split"} for r in records
+        )
+        train_ids = {r["id"] for r in records if r["split"] == "train"}
+        # images: one per training prompt (never a held-out one), with its prompt, seed and model
+        with tarfile.open(fetched[f"images:{skill}"] / "shard-00000.tar") as tar:
+            names = tar.getnames()
+            assert {n.rsplit(".", 1)[0] for n in names} == train_ids
+            meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
+            assert set(meta) == {"id", "prompt", "seed", "model"} and meta["model"] == "random:tiny-sd"
+
+    # experts and the merged adapter load with vanilla diffusers; merged ΔW = mean of the experts' ΔW
+    deltas = {}
+    for name in [f"train:{s}" for s in SKILLS] + ["merge"]:
+        pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+        pipe.load_lora_weights(str(fetched[name]), adapter_name=name.replace(":", "_"))
+        assert pipe.get_active_adapters() == [name.replace(":", "_")]
+        deltas[name] = fused_deltas(model_cache, fetched[name])
+    for layer, merged in deltas["merge"].items():
+        mean = sum(deltas[f"train:{s}"][layer] for s in SKILLS) / len(SKILLS)
+        torch.testing.assert_close(merged, mean, rtol=1e-4, atol=1e-6)
+
+    # eval: base vs each expert vs merged on every skill
+    results = json.loads((fetched["eval"] / "results.json").read_text())
+    assert results["variants"] == ["base", "expert:counting", "expert:spatial", "merged"]
+    for skill in [*SKILLS, "mean"]:
+        assert all(math.isfinite(results["table"][skill][v]) for v in results["variants"])
+
+    check_mlflow(cfg, run_ids)
+
+    second = submit_all(config_path)
+    assert {j["status"] for j in second["summary"]["jobs"]} == {"skipped"}
+
+
+def check_mlflow(cfg, run_ids: dict) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.name)
+    assert experiment is not None
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    parents = {runs[rid].data.tags["mlflow.parentRunId"] for rid in run_ids.values()}
+    assert len(parents) == 1 and runs[parents.pop()].info.status == "FINISHED"
+    for job_id, run_id in run_ids.items():
+        run = runs[run_id]
+        phase, _, skill = job_id.partition(":")
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["selma.phase"] == phase and run.data.tags["selma.skill"] == skill
+        assert run.data.tags["selma.config_hash"] == cfg.config_hash()
+        assert len(run.data.tags["selma.git_commit"]) >= 7
+    losses = client.get_metric_history(run_ids["train:counting"], "train.loss")
+    assert [m.step for m in losses] == list(
+        range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every)
+    )
+    assert "prompts.accepted" in runs[run_ids["prompts:spatial"]].data.metrics
+    assert "clip_score.counting.merged" in runs[run_ids["eval"]].data.metrics
+
+    version = client.get_model_version_by_alias(cfg.name, "candidate")
+    assert version.run_id == run_ids["merge"]
+    assert version.tags["selma.skills"] == "counting,spatial"
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.diffusers.load_model(f"models:/{cfg.name}@candidate")
+    pipe = model.load_pipeline(device="cpu", torch_dtype=None)
+    image = pipe("two cats on a sofa", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+
+
+def test_pipeline_on_local_store_and_sqlite_tracking(tiny_config, model_cache, tmp_path):
+    check_pipeline(tiny_config(), model_cache, tmp_path)
+
+
+def test_pipeline_on_s3_and_an_mlflow_server(tiny_config, model_cache, tmp_path, moto_s3, mlflow_server):
+    import boto3
+
+    config = tiny_config(
+        storage={"uri": f"s3://{S3_BUCKET}/e2e", "endpoint_url": moto_s3},
+        tracking={"uri": mlflow_server},
+    )
+    check_pipeline(config, model_cache, tmp_path)
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    stored = [o["Key"] for o in s3.list_objects_v2(Bucket=S3_BUCKET, Prefix="e2e/merged/")["Contents"]]
+    assert any(k.endswith("pytorch_lora_weights.safetensors") for k in stored)
+    # The MLflow server keeps its artifacts (the registered adapter among them) in the same S3.
+    artifacts = s3.list_objects_v2(Bucket=S3_BUCKET, Prefix="mlartifacts/").get("Contents", [])
+    assert any(o["Key"].endswith("pytorch_lora_weights.safetensors") for o in artifacts)

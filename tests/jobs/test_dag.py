@@ -1,0 +1,108 @@
+"""The DAG runner: dependency order, the parallel limit, skips, and failures that block dependents."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.dag import run_dag
+from jobs.executors.base import Executor, JobHandle, JobState, JobStatus
+from selma_core.plan import JobSpec
+
+
+class ScriptedExecutor(Executor):
+    """Jobs finish on the poll after they start; ``fail`` lists job ids that exit 1."""
+
+    name = "scripted"
+
+    def __init__(self, fail=()):
+        self.fail = set(fail)
+        self.started: list[str] = []
+        self.running: set[str] = set()
+        self.max_running = 0
+        self.cancelled: list[str] = []
+
+    def submit(self, job, command, env):
+        self.started.append(job.id)
+        self.running.add(job.id)
+        self.max_running = max(self.max_running, len(self.running))
+        return JobHandle(job=job, log=f"/logs/{job.name}.log")
+
+    def poll(self, handle):
+        self.running.discard(handle.job.id)
+        if handle.job.id in self.fail:
+            return JobStatus(JobState.FAILED, 1, {"status": "failed", "error": "boom"})
+        return JobStatus(JobState.SUCCEEDED, 0, {"status": "ran", "run_id": "r-" + handle.job.id})
+
+    def cancel(self, handle):
+        self.cancelled.append(handle.job.id)
+
+    def describe(self, job, command):
+        return job.id
+
+
+def pipeline(skills=("a", "b")) -> list[JobSpec]:
+    jobs = []
+    for s in skills:
+        jobs += [
+            JobSpec("prompts", s, f"p/{s}", ()),
+            JobSpec("images", s, f"i/{s}", (f"prompts:{s}",)),
+            JobSpec("train", s, f"t/{s}", (f"images:{s}",)),
+        ]
+    jobs.append(JobSpec("merge", None, "m", tuple(f"train:{s}" for s in skills)))
+    jobs.append(JobSpec("eval", None, "e", ("merge",)))
+    return jobs
+
+
+def run(jobs, executor, committed=(), max_parallel=2):
+    return run_dag(
+        jobs,
+        executor,
+        lambda j: ["run", j.id],
+        {},
+        max_parallel,
+        lambda j: j.key in committed,
+        lambda j: f"store/{j.key}",
+        poll_interval=0,
+        echo=lambda line: None,
+    )
+
+
+def test_runs_in_dependency_order_within_the_parallel_limit():
+    executor = ScriptedExecutor()
+    outcomes = run(pipeline(), executor, max_parallel=2)
+    assert [o.status for o in outcomes] == ["ran"] * 8
+    order = executor.started
+    for job in pipeline():
+        for dep in job.deps:
+            assert order.index(dep) < order.index(job.id)
+    assert executor.max_running == 2
+    assert outcomes[0].run_id == "r-prompts:a" and outcomes[0].output == "store/p/a"
+
+
+def test_committed_jobs_are_skipped_without_starting():
+    executor = ScriptedExecutor()
+    outcomes = run(pipeline(), executor, committed={"p/a", "i/a", "t/a"})
+    assert {o.job: o.status for o in outcomes}["train:a"] == "skipped"
+    assert "prompts:a" not in executor.started and "merge" in executor.started
+
+
+def test_a_failure_blocks_its_dependents_and_nothing_else():
+    executor = ScriptedExecutor(fail={"images:a"})
+    outcomes = {o.job: o for o in run(pipeline(), executor)}
+    assert outcomes["images:a"].status == "failed" and outcomes["images:a"].log == "/logs/images-a.log"
+    assert outcomes["images:a"].error == "boom"
+    assert outcomes["train:a"].status == "blocked" and outcomes["train:a"].blocked_by == "images:a"
+    assert outcomes["merge"].status == "blocked" and outcomes["eval"].status == "blocked"
+    assert outcomes["train:b"].status == "ran"  # the other skill goes on
+    assert "train:a" not in executor.started
+
+
+def test_interrupt_cancels_running_jobs():
+    class Interrupting(ScriptedExecutor):
+        def poll(self, handle):
+            raise KeyboardInterrupt
+
+    executor = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        run(pipeline(), executor)
+    assert executor.cancelled == executor.started and executor.cancelled

@@ -1,0 +1,122 @@
+"""The controller's command line: help, dry runs, and bad input that gets a clear error and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from conftest import REPO, free_port
+
+
+def submit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.submit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_help_explains_the_phases_and_flags():
+    result = submit("--help")
+    assert result.returncode == 0
+    for word in ("--phase", "--skill", "--config", "--backend", "--dry-run", "prompts", "eval", "all"):
+        assert word in result.stdout
+
+
+def test_missing_config_names_the_file():
+    result = submit("--phase", "all", "--config", "no/such.yaml")
+    assert result.returncode == 2
+    assert "no/such.yaml: file not found" in result.stderr
+    assert last_json(result.stdout) == {"jobs": [], "error": "no/such.yaml: file not found"}
+
+
+def test_invalid_config_names_the_key(tiny_config):
+    result = submit("--phase", "all", "--config", str(tiny_config(train={"rank": "big"})))
+    assert result.returncode == 2
+    assert "train.rank: expected an integer, got 'big'" in result.stderr
+
+
+def test_unknown_skill_lists_the_known_ones(tiny_config):
+    config = tiny_config()
+    result = submit("--phase", "train", "--skill", "juggling", "--config", str(config))
+    assert result.returncode == 2 and "--skill juggling: not a skill of" in result.stderr
+    result = submit("--phase", "all", "--config", str(tiny_config(skills=["counting", "juggling"])))
+    assert result.returncode == 2
+    assert "unknown skill 'juggling'" in result.stderr and "counting" in result.stderr
+
+
+def test_dry_run_prints_the_job_commands_and_submits_nothing(tiny_config, tmp_path):
+    result = submit("--phase", "all", "--dry-run", "--config", str(tiny_config()))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "jobs.run" in line]
+    assert len(lines) == 8
+    assert "train:counting:" in result.stdout and "--phase train --skill counting --config" in result.stdout
+    assert [j["status"] for j in last_json(result.stdout)["jobs"]] == ["planned"] * 8
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_phase_whose_inputs_are_missing_says_what_to_run_first(tiny_config):
+    result = submit("--phase", "train", "--skill", "counting", "--config", str(tiny_config()))
+    assert result.returncode == 2
+    assert "train:counting needs the output of images:counting" in result.stderr
+    assert "--phase images --skill counting" in result.stderr
+
+
+def test_unreachable_s3_endpoint_is_named(tiny_config):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    config = tiny_config(storage={"uri": "s3://selma-test/x", "endpoint_url": endpoint, "connect_retries": 1})
+    start = time.monotonic()
+    result = submit("--phase", "all", "--config", str(config))
+    assert result.returncode == 1
+    assert endpoint in result.stderr
+    assert time.monotonic() - start < 120  # bounded retries, not an endless wait
+
+
+def test_unreachable_mlflow_server_is_named(tiny_config):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = submit(
+        "--phase", "all", "--config", str(tiny_config(tracking={"uri": url, "connect_retries": 1}))
+    )
+    assert result.returncode == 1
+    assert f"MLflow tracking server {url} unreachable after 2 attempts" in result.stderr
+
+
+def test_a_failed_job_is_named_with_its_log_and_other_skills_go_on(tiny_config, tmp_path):
+    # A skill whose vocabulary cannot yield enough distinct prompts: its prompts job fails (exit 2).
+    skills = tmp_path / "skills"
+    skills.mkdir()
+    (skills / "counting.yaml").write_text((REPO / "skills" / "counting.yaml").read_text())
+    (skills / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "description": "too small a vocabulary",
+                "seeds": ["one red ball"],
+                "offline": {"templates": ["{n} balls"], "slots": {"n": ["two"]}},
+            }
+        )
+    )
+    config = tiny_config(
+        skills=["counting", "tiny"],
+        skills_dir=str(skills),
+        prompts={"max_requests": 3, "max_useless_requests": 2},
+    )
+    result = submit("--phase", "prompts", "--config", str(config))
+    assert result.returncode == 1
+    jobs = {j["job"]: j for j in last_json(result.stdout)["jobs"]}
+    assert jobs["prompts:counting"]["status"] == "ran"
+    failed = jobs["prompts:tiny"]
+    assert failed["status"] == "failed" and failed["exit_code"] == 2
+    assert "FAILED prompts:tiny" in result.stderr and failed["log"] in result.stderr
+    log = Path(failed["log"]).read_text()
+    assert "prompts for skill 'tiny'" in log and "samples of what came back" in log

@@ -1,0 +1,345 @@
+"""The prompts phase end to end: real config, skills, plan and local store; a recording tracker run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prompting.fake_openai import FakeOpenAI, chat_reply
+from rouge_score import rouge_scorer
+
+from selma_core.config import load_config
+from selma_core.context import JobContext
+from selma_core.errors import InputError
+from selma_core.phases.prompts import generate_prompts, read_prompts
+from selma_core.plan import build_plan
+from selma_core.skills import load_skills
+from selma_core.storage import LocalArtifactStore
+from selma_core.tracking.base import JobRun
+
+FIELDS = {"id", "skill", "text", "source", "request_id", "model", "split"}
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(a: str, b: str) -> float:
+    return SCORER.score(a, b)["rougeL"].fmeasure
+
+
+class RecordingRun(JobRun):
+    """A JobRun that records every call, in order."""
+
+    def __init__(self, run_id: str = "run-test-0001") -> None:
+        self.run_id = run_id
+        self.params: list[dict[str, Any]] = []
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.dicts: list[tuple[dict[str, Any], str]] = []
+        self.tags: list[dict[str, str]] = []
+        self.adapters: list[tuple[Path, str, str, str, dict[str, str]]] = []
+
+    def log_params(self, params):
+        self.params.append(dict(params))
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, local_path, artifact_path=None):
+        self.artifacts.append((Path(local_path), artifact_path))
+
+    def log_dict(self, data, artifact_file):
+        self.dicts.append((dict(data), artifact_file))
+
+    def set_tags(self, tags):
+        self.tags.append(dict(tags))
+
+    def register_lora_adapter(self, adapter_dir, base_model, model_name, alias, tags):
+        self.adapters.append((Path(adapter_dir), base_model, model_name, alias, dict(tags)))
+        return str(len(self.adapters))
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def make_context(config_path: Path, skill: str, store_root: Path) -> JobContext:
+    cfg = load_config(config_path)
+    skills = load_skills(cfg.skills_dir, cfg.skills)
+    plan = build_plan(cfg, skills)
+    return JobContext(
+        config=cfg,
+        skills=skills,
+        plan=plan,
+        job=plan.job("prompts", skill),
+        store=LocalArtifactStore(store_root),
+        run=RecordingRun(),
+    )
+
+
+def committed_records(ctx: JobContext, tmp_path: Path) -> list[dict]:
+    local = ctx.store.fetch_dir(ctx.job.key, tmp_path / "fetched")
+    return read_prompts(local / "prompts.jsonl")
+
+
+# -- the offline backend -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skill, num_prompts", [("counting", 40), ("spatial", 30)])
+def test_offline_end_to_end(tiny_config, tmp_path, skill, num_prompts):
+    config = tiny_config(prompts={"num_prompts": num_prompts, "heldout_fraction": 0.25})
+    ctx = make_context(config, skill, tmp_path / "store")
+    assert not ctx.store.is_committed(ctx.job.key)
+
+    stats = generate_prompts(ctx, skill)
+
+    assert ctx.store.is_committed(ctx.job.key)
+    manifest = ctx.store.read_manifest(ctx.job.key)
+    assert set(manifest["files"]) == {"prompts.jsonl", "stats.json"}
+    assert manifest["metadata"]["phase"] == "prompts"
+    assert manifest["metadata"]["skill"] == skill
+    assert manifest["metadata"]["mlflow_run_id"] == ctx.run.run_id
+
+    records = committed_records(ctx, tmp_path)
+    assert len(records) == num_prompts
+    assert all(set(r) == FIELDS for r in records)
+    assert [r["id"] for r in records] == [f"{skill}-{i:05d}" for i in range(num_prompts)]
+    assert all(r["skill"] == skill for r in records)
+    assert len({r["text"] for r in records}) == num_prompts
+
+    # The seeds come first, unchanged, as "seed" with no request or model.
+    seeds = ctx.skills[skill].seeds
+    assert all(rouge_l(a, b) <= 0.8 for a, b in itertools.combinations(seeds, 2))
+    seed_records = [r for r in records if r["source"] == "seed"]
+    assert [r["text"] for r in seed_records] == seeds
+    assert records[: len(seeds)] == seed_records
+    assert all(r["request_id"] is None and r["model"] is None for r in seed_records)
+    generated = records[len(seeds) :]
+    assert generated and all(r["source"] == "offline" for r in generated)
+    assert all(r["model"] == "offline-templates" for r in generated)
+    assert all(r["request_id"].startswith(f"{skill}-") for r in generated)
+
+    # Held-out share: round(0.25 * n), the rest train.
+    heldout = [r for r in records if r["split"] == "heldout"]
+    assert len(heldout) == round(0.25 * num_prompts)
+    assert {r["split"] for r in records} == {"train", "heldout"}
+
+    # No two accepted prompts are near-duplicates by rouge_score's own measure.
+    threshold = ctx.config.prompts.rouge_threshold
+    worst = max(rouge_l(a["text"], b["text"]) for a, b in itertools.combinations(records, 2))
+    assert worst <= threshold
+
+    # stats.json is what the phase returned, and it agrees with the records.
+    stored = json.loads(ctx.store.read_bytes(f"{ctx.job.key}/stats.json"))
+    assert stored == stats
+    assert stats["accepted"] == num_prompts
+    assert stats["heldout"] == len(heldout)
+    assert stats["train"] == num_prompts - len(heldout)
+    assert stats["backend"] == "offline" and stats["model"] == "offline-templates"
+    assert stats["tokens"] == 0
+    used = {int(r["request_id"].rsplit("-", 1)[1]) for r in generated}
+    assert stats["requests"] >= 1 and max(used) == stats["requests"] - 1  # the last request filled it
+    assert stats["rejected"]["too_long"] == 0
+
+    # Metrics were logged once, with the same numbers.
+    logged = {
+        "prompts.accepted": num_prompts,
+        "prompts.heldout": len(heldout),
+        "prompts.requests": stats["requests"],
+        "prompts.rejected_duplicate": stats["rejected"]["duplicate"],
+        "prompts.rejected_too_long": 0,
+    }
+    assert ctx.run.metrics == [(logged, None)]
+
+
+def test_same_config_gives_the_same_prompts(tiny_config, tmp_path):
+    config = tiny_config(prompts={"num_prompts": 25})
+    first = make_context(config, "counting", tmp_path / "store-a")
+    second = make_context(config, "counting", tmp_path / "store-b")
+    assert first.job.key == second.job.key
+
+    generate_prompts(first, "counting")
+    generate_prompts(second, "counting")
+
+    a = first.store.read_bytes(f"{first.job.key}/prompts.jsonl")
+    b = second.store.read_bytes(f"{second.job.key}/prompts.jsonl")
+    assert a == b
+    assert len(a.decode().splitlines()) == 25
+
+
+def test_another_seed_gives_other_prompts(tiny_config, tmp_path):
+    a = make_context(tiny_config(prompts={"num_prompts": 25, "seed": 0}), "counting", tmp_path / "store-a")
+    b = make_context(tiny_config(prompts={"num_prompts": 25, "seed": 1}), "counting", tmp_path / "store-b")
+    assert a.job.key != b.job.key
+    generate_prompts(a, "counting")
+    generate_prompts(b, "counting")
+    texts_a = [r["text"] for r in committed_records(a, tmp_path / "a")]
+    texts_b = [r["text"] for r in committed_records(b, tmp_path / "b")]
+    assert texts_a[:8] == texts_b[:8]  # the seeds
+    assert texts_a != texts_b
+
+
+def test_small_heldout_fraction_still_holds_out_one(tiny_config, tmp_path):
+    ctx = make_context(
+        tiny_config(prompts={"num_prompts": 12, "heldout_fraction": 0.01}), "counting", tmp_path / "store"
+    )
+    stats = generate_prompts(ctx, "counting")
+    records = committed_records(ctx, tmp_path)
+    assert [r["split"] for r in records].count("heldout") == 1
+    assert stats["heldout"] == 1 and stats["train"] == 11
+
+
+def test_fewer_prompts_than_seeds_keeps_the_first_seeds(tiny_config, tmp_path):
+    ctx = make_context(tiny_config(prompts={"num_prompts": 3}), "counting", tmp_path / "store")
+    stats = generate_prompts(ctx, "counting")
+    records = committed_records(ctx, tmp_path)
+    assert [r["text"] for r in records] == ctx.skills["counting"].seeds[:3]
+    assert stats["requests"] == 0
+
+
+# -- errors: nothing is committed --------------------------------------------------------------
+
+
+def write_tiny_skill(skills_dir: Path) -> dict:
+    skill = {
+        "name": "tiny",
+        "description": "A skill whose offline vocabulary can only say two things.",
+        "seeds": ["a red bicycle leaning against a brick wall"],
+        "target_count": 100,
+        "offline": {"templates": ["{thing} on a table"], "slots": {"thing": ["cat", "dog"]}},
+    }
+    skills_dir.mkdir(parents=True, exist_ok=True)
+    (skills_dir / "tiny.yaml").write_text(yaml.safe_dump(skill))
+    return skill
+
+
+def reachable(texts: list[str], threshold: float) -> int:
+    """How many of ``texts`` a greedy ROUGE-L filter keeps (rouge_score computes every F)."""
+    kept: list[str] = []
+    for text in texts:
+        if all(rouge_l(k, text) <= threshold for k in kept):
+            kept.append(text)
+    return len(kept)
+
+
+@pytest.mark.parametrize(
+    "limits, expected",
+    [
+        (
+            {"max_useless_requests": 4},
+            r"4 requests in a row gave no new usable prompt \(accepted {n} of 50\)",
+        ),
+        (
+            {"max_useless_requests": 100, "max_requests": 6},
+            r"only {n} of 50 distinct prompts after 6 requests",
+        ),
+    ],
+    ids=["useless-requests", "max-requests"],
+)
+def test_vocabulary_that_cannot_reach_num_prompts(tiny_config, tmp_path, limits, expected):
+    skill = write_tiny_skill(tmp_path / "skills")
+    config = tiny_config(
+        skills=["tiny"], skills_dir=str(tmp_path / "skills"), prompts={"num_prompts": 50, **limits}
+    )
+    ctx = make_context(config, "tiny", tmp_path / "store")
+    candidates = [skill["seeds"][0], "cat on a table", "dog on a table"]
+    n = reachable(candidates, ctx.config.prompts.rouge_threshold)
+    assert n == reachable([candidates[0], *reversed(candidates[1:])], ctx.config.prompts.rouge_threshold)
+    assert n == 3  # "cat on a table" vs "dog on a table": F = 0.75, under 0.8
+
+    with pytest.raises(InputError, match=expected.format(n=n)) as info:
+        generate_prompts(ctx, "tiny")
+    assert "'tiny'" in str(info.value)
+    assert not ctx.store.is_committed(ctx.job.key)
+    assert ctx.store.list_keys(ctx.job.key) == []
+    assert ctx.run.metrics == []
+
+
+@pytest.mark.parametrize(
+    "content, sample",
+    [("", ""), ("   \n\n", ""), ("I'm sorry, " * 40, ("I'm sorry, " * 40).strip()[:120])],
+    ids=["empty", "blank", "too-long"],
+)
+def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample):
+    with FakeOpenAI([chat_reply(content, total_tokens=11)]) as server:
+        config = tiny_config(
+            prompts={
+                "backend": "openai",
+                "num_prompts": 20,
+                "max_useless_requests": 3,
+                "openai": {
+                    "base_url": server.base_url,
+                    "model": "fake-llm",
+                    "api_key_env": "",
+                    "max_retries": 0,
+                },
+            }
+        )
+        ctx = make_context(config, "counting", tmp_path / "store")
+        with pytest.raises(InputError) as info:
+            generate_prompts(ctx, "counting")
+    message = str(info.value)
+    assert "3 requests in a row gave no new usable prompt (accepted 8 of 20)" in message
+    assert f"samples of what came back: {[sample] * 3!r}" in message
+    assert len(server.requests) == 3
+    assert not ctx.store.is_committed(ctx.job.key)
+    assert ctx.store.list_keys(ctx.job.key) == []
+
+
+# -- the openai backend, against a local OpenAI-compatible server ------------------------------
+
+
+def test_llm_backend_end_to_end(tiny_config, tmp_path):
+    new = [
+        "seven blue kites above a windy beach",
+        "two owls perched on a snowy branch",
+        "five paper lanterns hanging over a night market",
+        "three bicycles parked by a yellow door",
+    ]
+    reply = "\n".join(
+        [
+            "1. three red apples on a wooden kitchen table",  # a seed again: a duplicate
+            "2. " + " ".join(["word"] * 61),  # over max_words
+            *[f"{i}. {text}" for i, text in enumerate(new, 3)],
+            "7. one more that is never needed",
+        ]
+    )
+    with FakeOpenAI([chat_reply(reply, total_tokens=123)]) as server:
+        config = tiny_config(
+            prompts={
+                "backend": "openai",
+                "num_prompts": 12,
+                "examples_per_request": 3,
+                "openai": {
+                    "base_url": server.base_url,
+                    "model": "fake-llm",
+                    "api_key_env": "",
+                    "max_retries": 0,
+                },
+            }
+        )
+        ctx = make_context(config, "counting", tmp_path / "store")
+        stats = generate_prompts(ctx, "counting")
+
+    assert ctx.store.is_committed(ctx.job.key)
+    records = committed_records(ctx, tmp_path)
+    seeds = ctx.skills["counting"].seeds
+    assert [r["text"] for r in records] == seeds + new
+    assert all(r["source"] == "llm" and r["model"] == "fake-llm" for r in records[8:])
+    assert {r["request_id"] for r in records[8:]} == {"counting-00000"}
+    assert stats["requests"] == 1 and stats["tokens"] == 123 and stats["model"] == "fake-llm"
+    assert stats["rejected"] == {"duplicate": 1, "too_long": 1, "empty": 0}
+
+    [received] = server.requests
+    assert received.path == "/v1/chat/completions"
+    assert received.body["model"] == "fake-llm"
+    user = received.body["messages"][1]["content"]
+    assert f"Write {ctx.config.prompts.prompts_per_request} new prompts" in user
+    shown = [line.split(". ", 1)[1] for line in user.splitlines() if line[:2] in ("1.", "2.", "3.")]
+    assert len(shown) == 3 and set(shown) <= set(seeds)

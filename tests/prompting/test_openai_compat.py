@@ -1,0 +1,266 @@
+"""OpenAICompatibleBackend against a real HTTP server on 127.0.0.1 that speaks the OpenAI wire format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from selma_core.errors import ConfigError, EndpointError
+from selma_core.prompting.openai_compat import OpenAICompatibleBackend, OpenAIConfig, _retry_after
+from selma_core.prompting.request import PromptRequest, parse_prompt_list
+from selma_core.skills import load_skill
+
+from .fake_openai import FakeOpenAI, Reply, chat_reply, closed_port, completion_reply, error_reply
+
+REPO = Path(__file__).resolve().parents[2]
+KEY_ENV = "SELMA_TEST_LLM_KEY"
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """Requests to 127.0.0.1 must not go through a proxy the environment may name."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def request_():
+    skill = load_skill(REPO / "skills", "counting")
+    return PromptRequest("counting-00000", skill, tuple(skill.seeds[:3]), 5)
+
+
+class Sleeps(list):
+    """A ``sleep`` that records how long it was asked to wait, and returns at once."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def backend(base_url: str, sleeps: Sleeps | None = None, **overrides) -> OpenAICompatibleBackend:
+    settings = {
+        "base_url": base_url,
+        "model": "test-model",
+        "api_key_env": KEY_ENV,
+        "timeout_s": 5.0,
+        "max_retries": 3,
+        "backoff_s": 0.5,
+        **overrides,
+    }
+    return OpenAICompatibleBackend(OpenAIConfig(**settings), sleep=sleeps if sleeps is not None else Sleeps())
+
+
+# -- success -----------------------------------------------------------------------------------
+
+
+def test_chat_success_sends_model_messages_and_key(server, request_, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test-123")
+    server.set_script([chat_reply("1. a\n2. b", total_tokens=42)])
+    sleeps = Sleeps()
+    llm = backend(server.base_url, sleeps, temperature=0.7, max_tokens=256)
+
+    text = llm.complete(request_)
+
+    assert text == "1. a\n2. b"
+    assert parse_prompt_list(text) == ["a", "b"]
+    assert llm.tokens_used == 42
+    assert sleeps == []
+    assert llm.model_name == "test-model"
+    [received] = server.requests
+    assert received.path == "/v1/chat/completions"
+    assert received.headers["Authorization"] == "Bearer sk-test-123"
+    assert received.body == {
+        "model": "test-model",
+        "temperature": 0.7,
+        "max_tokens": 256,
+        "messages": request_.messages(),
+    }
+    assert "prompt" not in received.body
+
+
+def test_completions_success_sends_prompt_text(server, request_, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-other")
+    server.set_script([completion_reply(" three cats\n2. four dogs", total_tokens=9)])
+    llm = backend(server.base_url + "/", api="completions")  # a trailing slash is fine
+
+    assert llm.complete(request_) == " three cats\n2. four dogs"
+    [received] = server.requests
+    assert received.path == "/v1/completions"
+    assert received.headers["Authorization"] == "Bearer sk-other"
+    assert received.body["model"] == "test-model"
+    assert received.body["prompt"] == request_.as_text()
+    assert "messages" not in received.body
+    assert llm.tokens_used == 9
+
+
+def test_no_key_sends_no_authorization(server, request_, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert backend(server.base_url).complete(request_) == "1. a\n2. b"
+    assert backend(server.base_url, api_key_env="").complete(request_) == "1. a\n2. b"
+    assert len(server.requests) == 2
+    assert all("Authorization" not in r.headers for r in server.requests)
+
+
+def test_missing_key_for_api_openai_com_is_a_config_error(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match=KEY_ENV):
+        OpenAICompatibleBackend(OpenAIConfig(api_key_env=KEY_ENV))
+
+
+def test_tokens_summed_over_requests(server, request_):
+    server.set_script(
+        [chat_reply("1. a", 10), chat_reply("1. b", 15), chat_reply("1. c"), chat_reply("1. d", 5)]
+    )
+    llm = backend(server.base_url)
+    assert [llm.complete(request_) for _ in range(4)] == ["1. a", "1. b", "1. c", "1. d"]
+    assert llm.tokens_used == 30
+
+
+def test_null_content_is_an_empty_reply(server, request_):
+    server.set_script([chat_reply(None, 3)])
+    llm = backend(server.base_url)
+    assert llm.complete(request_) == ""
+    assert llm.tokens_used == 3
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+
+def test_429_with_retry_after_waits_exactly_that_long(server, request_):
+    server.set_script([error_reply(429, "slow down", {"Retry-After": "2"}), chat_reply("1. ok", 4)])
+    sleeps = Sleeps()
+    llm = backend(server.base_url, sleeps, backoff_s=0.5)
+    assert llm.complete(request_) == "1. ok"
+    assert sleeps == [2.0]
+    assert len(server.requests) == 2
+    assert llm.tokens_used == 4
+
+
+def test_retry_after_is_capped_by_max_backoff(server, request_):
+    server.set_script([error_reply(503, headers={"Retry-After": "3600"}), chat_reply("1. ok")])
+    sleeps = Sleeps()
+    assert backend(server.base_url, sleeps, max_backoff_s=7.0).complete(request_) == "1. ok"
+    assert sleeps == [7.0]
+
+
+def test_500_then_200_after_exponential_backoff(server, request_):
+    server.set_script([error_reply(500), error_reply(502), error_reply(500), chat_reply("1. ok")])
+    sleeps = Sleeps()
+    assert backend(server.base_url, sleeps, backoff_s=0.5, max_retries=3).complete(request_) == "1. ok"
+    assert sleeps == [0.5, 1.0, 2.0]
+    assert len(server.requests) == 4
+
+
+def test_429_then_500_then_200(server, request_):
+    server.set_script(
+        [error_reply(429, headers={"Retry-After": "2"}), error_reply(500), chat_reply("1. x\n2. y")]
+    )
+    sleeps = Sleeps()
+    assert backend(server.base_url, sleeps, backoff_s=0.25).complete(request_) == "1. x\n2. y"
+    # Retry-After wins on the first attempt; the second uses the backoff for attempt 1.
+    assert sleeps == [2.0, 0.5]
+
+
+def test_persistent_500_raises_after_max_retries_plus_one_attempts(server, request_):
+    server.set_script([error_reply(500, "boom")])
+    sleeps = Sleeps()
+    llm = backend(server.base_url, sleeps, max_retries=2, backoff_s=1.0, max_backoff_s=1.5)
+    with pytest.raises(EndpointError) as info:
+        llm.complete(request_)
+    message = str(info.value)
+    assert f"{server.base_url}/chat/completions" in message
+    assert "failed 3 times" in message
+    assert "HTTP 500" in message
+    assert "boom" in message
+    assert len(server.requests) == 3
+    assert sleeps == [1.0, 1.5]  # no sleep after the last attempt; capped at max_backoff_s
+
+
+def test_max_retries_zero_tries_once(server, request_):
+    server.set_script([error_reply(503)])
+    sleeps = Sleeps()
+    with pytest.raises(EndpointError, match="failed 1 times; last error: HTTP 503"):
+        backend(server.base_url, sleeps, max_retries=0).complete(request_)
+    assert len(server.requests) == 1
+    assert sleeps == []
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_key_is_a_config_error_naming_the_env_var(server, request_, status, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    server.set_script([error_reply(status, "invalid api key")])
+    sleeps = Sleeps()
+    with pytest.raises(ConfigError) as info:
+        backend(server.base_url, sleeps).complete(request_)
+    assert f"${KEY_ENV}" in str(info.value)
+    assert f"HTTP {status}" in str(info.value)
+    assert len(server.requests) == 1  # not retried
+    assert sleeps == []
+
+
+def test_non_retryable_status_fails_at_once(server, request_):
+    server.set_script([error_reply(400, "bad model")])
+    sleeps = Sleeps()
+    with pytest.raises(EndpointError, match=r"rejected the request: HTTP 400.*bad model"):
+        backend(server.base_url, sleeps).complete(request_)
+    assert len(server.requests) == 1
+    assert sleeps == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"error": "nope"}, {"choices": []}, {"choices": [{"message": {}}]}, {"choices": [{"text": "x"}]}, []],
+    ids=["no-choices", "empty-choices", "no-content", "completion-shape", "list"],
+)
+def test_reply_without_choices_is_an_endpoint_error(server, request_, body):
+    server.set_script([Reply(200, body)])
+    with pytest.raises(EndpointError, match=r"answered without choices\[0\] text"):
+        backend(server.base_url).complete(request_)
+
+
+def test_200_with_a_non_json_body_is_an_endpoint_error(server, request_):
+    server.set_script([Reply(200, "<html>502 Bad Gateway</html>")])
+    with pytest.raises(EndpointError, match="chat/completions"):
+        backend(server.base_url, max_retries=0).complete(request_)
+
+
+def test_connection_refused_is_retried_then_names_the_url(request_):
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    sleeps = Sleeps()
+    with pytest.raises(EndpointError) as info:
+        backend(url, sleeps, max_retries=2, backoff_s=0.1).complete(request_)
+    message = str(info.value)
+    assert f"{url}/chat/completions" in message
+    assert "failed 3 times" in message
+    assert "ConnectionError" in message
+    assert sleeps == [0.1, 0.2]
+
+
+def test_retry_after_parsing():
+    assert _retry_after(None) is None
+    assert _retry_after("") is None
+    assert _retry_after("2") == 2.0
+    assert _retry_after("-5") == 0.0
+    assert _retry_after("not a date") is None
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"api": "responses"}, "api"),
+        ({"base_url": "127.0.0.1:8000/v1"}, "base_url"),
+        ({"max_retries": -1}, "max_retries"),
+    ],
+)
+def test_invalid_config(overrides, key):
+    with pytest.raises(ValueError, match=key):
+        OpenAIConfig(**overrides)

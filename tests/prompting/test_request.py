@@ -1,0 +1,140 @@
+"""PromptRequest (what an LLM is asked) and parse_prompt_list (reading what it answers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from selma_core.prompting.request import PromptRequest, parse_prompt_list
+from selma_core.skills import Skill, load_skill
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def counting() -> Skill:
+    return load_skill(REPO / "skills", "counting")
+
+
+# -- parse_prompt_list -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "1. three cats on a sofa\n2. two dogs in a park\n3. four cups on a table",
+        "1) three cats on a sofa\n2) two dogs in a park\n3) four cups on a table",
+        "(1) three cats on a sofa\n(2) two dogs in a park\n(3) four cups on a table",
+        "1: three cats on a sofa\n2] two dogs in a park\n3 - four cups on a table",
+        "- three cats on a sofa\n- two dogs in a park\n- four cups on a table",
+        "* three cats on a sofa\n* two dogs in a park\n* four cups on a table",
+        "• three cats on a sofa\n• two dogs in a park\n• four cups on a table",
+        "three cats on a sofa\ntwo dogs in a park\nfour cups on a table",
+        '1. "three cats on a sofa"\n2. "two dogs in a park"\n3. "four cups on a table"',
+        '["three cats on a sofa", "two dogs in a park", "four cups on a table"]',
+        "  \n1. three cats on a sofa\n\n\n2) two dogs in a park\n   \n(3) four cups on a table\n\n",
+    ],
+    ids=[
+        "dot",
+        "paren",
+        "parens",
+        "colon-bracket-dash",
+        "dash",
+        "star",
+        "bullet",
+        "plain",
+        "quoted",
+        "json",
+        "blank-lines-mixed",
+    ],
+)
+def test_parse_prompt_list_formats(reply):
+    assert parse_prompt_list(reply) == ["three cats on a sofa", "two dogs in a park", "four cups on a table"]
+
+
+def test_parse_prompt_list_multi_digit_numbers_and_indentation():
+    reply = "\n".join(f"   {i}. prompt number {i}" for i in range(1, 13))
+    assert parse_prompt_list(reply) == [f"prompt number {i}" for i in range(1, 13)]
+
+
+def test_parse_prompt_list_strips_only_the_list_mark():
+    # Only the first mark goes: a number that is part of the prompt stays.
+    reply = "1. 3 red apples\n- 2 cats\n(4) 5 birds"
+    assert parse_prompt_list(reply) == ["3 red apples", "2 cats", "5 birds"]
+    # A leading number that is not followed by a mark is part of the prompt.
+    assert parse_prompt_list("3 red apples on a table") == ["3 red apples on a table"]
+
+
+def test_parse_prompt_list_json_array_skips_non_strings_and_blanks():
+    assert parse_prompt_list('[" two cats ", 3, null, "", "   ", {"a": 1}, "four cups"]') == [
+        "two cats",
+        "four cups",
+    ]
+
+
+def test_parse_prompt_list_json_that_is_not_a_list_of_prompts_falls_back_to_lines():
+    # Not valid JSON: read line by line like any other reply.
+    assert parse_prompt_list("[two cats\n1. four cups") == ["[two cats", "four cups"]
+
+
+def test_parse_prompt_list_drops_empty_marks_and_blank_replies():
+    assert parse_prompt_list("") == []
+    assert parse_prompt_list("   \n\n  ") == []
+    assert parse_prompt_list('1.\n2)\n-\n*\n•\n(3)\n""') == []
+    assert parse_prompt_list("[]") == []
+
+
+# -- PromptRequest -----------------------------------------------------------------------------
+
+
+def test_messages_carry_skill_rules_examples_and_count(counting):
+    examples = ("three red apples on a wooden kitchen table", "two cats sleeping on a blue sofa")
+    request = PromptRequest("counting-00000", counting, examples, 7)
+    messages = request.messages()
+
+    assert [m["role"] for m in messages] == ["system", "user"]
+    system, user = messages[0]["content"], messages[1]["content"]
+    assert f"Skill: counting: {counting.description}" in system
+    assert counting.rules  # the real skill has rules; every one is shown as a bullet
+    for rule in counting.rules:
+        assert f"- {rule}" in system
+    assert "1. three red apples on a wooden kitchen table" in user
+    assert "2. two cats sleeping on a blue sofa" in user
+    assert "Write 7 new prompts" in user
+    assert "numbered list" in user
+    # The examples are numbered in the order given, and only those are shown.
+    assert user.index("1. three red apples") < user.index("2. two cats")
+    assert "3." not in user.split("\n\n")[0]
+
+
+def test_messages_for_a_skill_without_rules():
+    skill = Skill(name="bare", description="Just a test.", seeds=["one seed"])
+    system = PromptRequest("bare-00000", skill, ("one seed",), 2).messages()[0]["content"]
+    assert "Rules every prompt must follow:\n- (none)" in system
+
+
+def test_as_text_joins_the_messages_and_opens_a_numbered_list(counting):
+    request = PromptRequest("counting-00001", counting, ("five yellow tulips in a clear glass vase",), 4)
+    text = request.as_text()
+    system, user = (m["content"] for m in request.messages())
+    assert text == f"{system}\n\n{user}\n\n1."
+    assert text.endswith("\n\n1.")
+    assert "Write 4 new prompts" in text
+
+
+def test_request_is_immutable(counting):
+    request = PromptRequest("counting-00002", counting, ("a",), 1)
+    with pytest.raises(AttributeError):
+        request.count = 5  # type: ignore[misc]
+
+
+def test_lead_ins_fences_and_leading_numbers_that_are_not_list_marks():
+    from selma_core.prompting.request import parse_prompt_list
+
+    text = (
+        'Here are 3 new prompts:\n```json\n["3-legged stool in a barn", "2.5 meter statue of a horse"]\n```'
+    )
+    assert parse_prompt_list(text) == ["3-legged stool in a barn", "2.5 meter statue of a horse"]
+    plain = "Sure! Here you go:\n1. 3-legged stool in a barn\n2) 2.5 meter statue"
+    assert parse_prompt_list(plain) == ["3-legged stool in a barn", "2.5 meter statue"]

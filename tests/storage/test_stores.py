@@ -1,0 +1,424 @@
+"""The artifact store contract, run against both implementations (a local folder, S3 on moto_server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from selma_core.config import StorageConfig
+from selma_core.errors import ConfigError, EndpointError, InputError
+from selma_core.storage import MANIFEST, LocalArtifactStore, open_store, validate_key
+from selma_core.storage.s3 import S3ArtifactStore
+
+BUCKET = "selma-test"
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_overwrite(store, key: str, data: bytes) -> None:
+    """Replace an object's bytes behind the store's back (what a corrupting writer would do)."""
+    if isinstance(store, LocalArtifactStore):
+        (store.root / key).write_bytes(data)
+    else:
+        full = f"{store.prefix}/{key}" if store.prefix else key
+        store.client.put_object(Bucket=store.bucket, Key=full, Body=data)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(StorageConfig(uri=f"file://{tmp_path / 'store'}"))
+    endpoint = request.getfixturevalue("moto_s3")
+    prefix = f"t-{uuid.uuid4().hex}/root"
+    return open_store(StorageConfig(uri=f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint))
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+FILES = {
+    "prompts.jsonl": b'{"text": "three red apples"}\n',
+    "stats.json": b'{"n": 1}',
+    "images/0001.png": bytes(range(256)) * 4,
+    "images/sub/0002.png": b"\x89PNG fake",
+}
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "a//b", "../x", "a/./b", "a/..", "/a", "a/", "a\\b"])
+def test_validate_key_rejects(key):
+    with pytest.raises(ValueError, match="invalid store key"):
+        validate_key(key)
+
+
+@pytest.mark.parametrize("key", ["a", "a/b", "prompts/counting/0123abcd/_manifest.json", "a.b/c-d_e"])
+def test_validate_key_accepts(key):
+    assert validate_key(key) == key
+
+
+def test_invalid_keys_are_rejected_by_the_store(store):
+    for key in ("../escape", "a//b", "a/./b"):
+        with pytest.raises(ValueError):
+            store.write_bytes(key, b"x")
+        with pytest.raises(ValueError):
+            store.exists(key)
+
+
+# -- bytes, files, listing -----------------------------------------------------------------------
+
+
+def test_write_read_exists(store):
+    assert not store.exists("a/b.bin")
+    store.write_bytes("a/b.bin", b"first")
+    assert store.exists("a/b.bin")
+    assert store.read_bytes("a/b.bin") == b"first"
+    store.write_bytes("a/b.bin", b"second, longer")
+    assert store.read_bytes("a/b.bin") == b"second, longer"
+    # A "folder" is not an object.
+    assert not store.exists("a")
+    store.write_bytes("empty", b"")
+    assert store.exists("empty")
+    assert store.read_bytes("empty") == b""
+
+
+def test_read_missing_raises_file_not_found(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope/x"):
+        store.read_bytes("nope/x")
+    with pytest.raises(FileNotFoundError, match="nope/x"):
+        store.download_file("nope/x", tmp_path / "dl")
+
+
+def test_json_round_trip(store):
+    store.write_json("meta/info.json", {"b": [1, 2], "a": "x"})
+    assert store.read_json("meta/info.json") == {"a": "x", "b": [1, 2]}
+
+
+def test_url_names_root_and_key(store):
+    assert store.url("a/b") == store.uri.rstrip("/") + "/a/b"
+    with pytest.raises(ValueError):
+        store.url("a/../b")
+
+
+def test_list_keys_recursive_sorted_and_only_under_prefix(store):
+    for key in ["run/z.txt", "run/a.txt", "run/deep/er/m.txt", "runner/x.txt", "other/run/y.txt", "run.txt"]:
+        store.write_bytes(key, key.encode())
+    assert store.list_keys("run") == ["run/a.txt", "run/deep/er/m.txt", "run/z.txt"]
+    assert store.list_keys("run/deep") == ["run/deep/er/m.txt"]
+    assert store.list_keys("missing") == []
+    assert store.list_keys("run/a.txt") == []  # an object is not a prefix
+
+
+def test_delete_prefix(store):
+    for key in ["job/a", "job/b/c", "jobs/keep", "other/keep"]:
+        store.write_bytes(key, b"x")
+    store.delete_prefix("job")
+    assert store.list_keys("job") == []
+    assert not store.exists("job/a")
+    assert not store.exists("job/b/c")
+    assert store.exists("jobs/keep")
+    assert store.exists("other/keep")
+    store.delete_prefix("never-written")  # deleting nothing is fine
+
+
+def test_delete_prefix_many_objects(store):
+    keys = [f"bulk/{i:04d}" for i in range(25)]
+    for key in keys:
+        store.write_bytes(key, b"x")
+    assert store.list_keys("bulk") == keys
+    store.delete_prefix("bulk")
+    assert store.list_keys("bulk") == []
+
+
+def test_upload_and_download_files(store, tmp_path):
+    src = tmp_path / "src.bin"
+    data = bytes(range(256)) * 100
+    src.write_bytes(data)
+    store.upload_file(src, "files/src.bin")
+    assert store.read_bytes("files/src.bin") == data
+    dest = tmp_path / "down" / "nested" / "copy.bin"
+    store.download_file("files/src.bin", dest)
+    assert dest.read_bytes() == data
+
+
+# -- the commit protocol -------------------------------------------------------------------------
+
+
+def test_staged_output_commits_files_and_manifest(store, tmp_path):
+    scratch = tmp_path / "scratch"
+    lineage = {"phase": "prompts", "skill": "counting", "inputs": {"a": "x/y"}, "config_hash": "abc"}
+    assert not store.is_committed("out/job1")
+    with store.staged_output("out/job1", scratch, lineage) as folder:
+        assert folder.is_dir() and list(folder.iterdir()) == []
+        make_tree(folder, FILES)
+        # Nothing is visible before the block ends.
+        assert not store.is_committed("out/job1")
+        assert store.list_keys("out/job1") == []
+    assert store.is_committed("out/job1")
+    assert store.list_keys("out/job1") == sorted(
+        [f"out/job1/{rel}" for rel in FILES] + [f"out/job1/{MANIFEST}"]
+    )
+    for rel, data in FILES.items():
+        assert store.read_bytes(f"out/job1/{rel}") == data
+    manifest = store.read_manifest("out/job1")
+    assert manifest["key"] == "out/job1"
+    assert manifest["metadata"] == lineage
+    assert manifest["files"] == {
+        rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in FILES.items()
+    }
+    assert abs(manifest["committed_at"] - time.time()) < 600
+    # The scratch folder is cleaned up.
+    assert list(scratch.iterdir()) == []
+
+
+def test_manifest_is_written_last(store, tmp_path, monkeypatch):
+    order: list[str] = []
+    upload, write = store.upload_file, store.write_bytes
+    monkeypatch.setattr(store, "upload_file", lambda p, k: (order.append(k), upload(p, k)))
+    monkeypatch.setattr(store, "write_bytes", lambda k, d: (order.append(k), write(k, d)))
+    with store.staged_output("ordered", tmp_path / "scratch") as folder:
+        make_tree(folder, FILES)
+    assert order[-1] == f"ordered/{MANIFEST}"
+    assert sorted(order[:-1]) == sorted(f"ordered/{rel}" for rel in FILES)
+
+
+def test_manifest_file_inside_output_is_not_uploaded(store, tmp_path):
+    with store.staged_output("own-manifest", tmp_path / "scratch") as folder:
+        (folder / MANIFEST).write_text('{"forged": true}')
+        (folder / "real.txt").write_text("real")
+    manifest = store.read_manifest("own-manifest")
+    assert list(manifest["files"]) == ["real.txt"]
+    assert "forged" not in manifest
+
+
+def test_exception_inside_staged_output_commits_nothing(store, tmp_path):
+    scratch = tmp_path / "scratch"
+    with (
+        pytest.raises(RuntimeError, match="phase crashed"),
+        store.staged_output("out/failed", scratch, {"phase": "images"}) as folder,
+    ):
+        make_tree(folder, FILES)
+        raise RuntimeError("phase crashed")
+    assert not store.is_committed("out/failed")
+    assert not store.exists(f"out/failed/{MANIFEST}")
+    assert store.list_keys("out/failed") == []
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(InputError, match="no committed output"):
+        store.read_manifest("out/failed")
+    with pytest.raises(InputError, match="out/failed"):
+        store.fetch_dir("out/failed", tmp_path / "cache")
+
+
+def test_fetch_dir_returns_verified_copies(store, tmp_path):
+    with store.staged_output("out/fetch", tmp_path / "scratch") as folder:
+        make_tree(folder, FILES)
+    target = store.fetch_dir("out/fetch", tmp_path / "cache")
+    assert target == tmp_path / "cache" / "fetched" / "out" / "fetch"
+    got = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert got == FILES
+
+
+def test_fetch_dir_detects_corruption_after_commit(store, tmp_path):
+    with store.staged_output("out/corrupt", tmp_path / "scratch") as folder:
+        make_tree(folder, FILES)
+    good = FILES["images/0001.png"]
+    bad = bytes(reversed(good))  # same size, different bytes: only the checksum can tell
+    assert len(bad) == len(good) and bad != good
+    raw_overwrite(store, "out/corrupt/images/0001.png", bad)
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match="checksum mismatch") as info:
+        store.fetch_dir("out/corrupt", cache)
+    assert store.url("out/corrupt/images/0001.png") in str(info.value)
+    assert hashlib.sha256(good).hexdigest()[:12] in str(info.value)
+    assert hashlib.sha256(bad).hexdigest()[:12] in str(info.value)
+    # Neither the corrupt copy nor its partial download is left to be mistaken for a good file.
+    fetched = cache / "fetched" / "out" / "corrupt" / "images"
+    assert not (fetched / "0001.png").exists()
+    assert not (fetched / "0001.png.partial").exists()
+
+
+def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
+    with store.staged_output("out/cached", tmp_path / "scratch") as folder:
+        make_tree(folder, FILES)
+    cache = tmp_path / "cache"
+    downloads: list[str] = []
+    download = store.download_file
+    monkeypatch.setattr(store, "download_file", lambda k, p: (downloads.append(k), download(k, p)))
+
+    target = store.fetch_dir("out/cached", cache)
+    assert sorted(downloads) == sorted(f"out/cached/{rel}" for rel in FILES)
+
+    downloads.clear()
+    assert store.fetch_dir("out/cached", cache) == target
+    assert downloads == []
+
+    # A damaged cached copy (same size) is detected and downloaded again; the others are kept.
+    (target / "stats.json").write_bytes(b'{"n": 9}')
+    downloads.clear()
+    store.fetch_dir("out/cached", cache)
+    assert downloads == ["out/cached/stats.json"]
+    assert (target / "stats.json").read_bytes() == FILES["stats.json"]
+
+
+def test_commit_dir_directly(store, tmp_path):
+    src = tmp_path / "ready"
+    make_tree(src, {"a.txt": b"a", "b/c.txt": b"bc"})
+    manifest = store.commit_dir(src, "direct", {"x": 1})
+    assert store.read_manifest("direct") == json.loads(json.dumps(manifest))
+    assert set(manifest["files"]) == {"a.txt", "b/c.txt"}
+    with pytest.raises(ValueError):
+        store.commit_dir(src, "../direct")
+
+
+# -- open_store ----------------------------------------------------------------------------------
+
+
+def test_open_store_local(tmp_path):
+    root = tmp_path / "new" / "store"
+    store = open_store(StorageConfig(uri=f"file://{root}"))
+    assert type(store) is LocalArtifactStore
+    assert store.root == root
+    assert store.uri == f"file://{root}"
+    assert root.is_dir()  # check() created it
+
+
+def test_open_store_local_without_check_creates_nothing(tmp_path):
+    root = tmp_path / "lazy"
+    store = open_store(StorageConfig(uri=f"file://{root}"), check=False)
+    assert isinstance(store, LocalArtifactStore)
+    assert not root.exists()
+
+
+def test_open_store_local_uncreatable_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot create the store folder"):
+        open_store(StorageConfig(uri=f"file://{blocker}/store"))
+
+
+def test_open_store_s3(moto_s3):
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}/some/prefix/", endpoint_url=moto_s3))
+    assert type(store) is S3ArtifactStore
+    assert store.bucket == BUCKET
+    assert store.prefix == "some/prefix"
+    assert store.uri == f"s3://{BUCKET}/some/prefix"
+    assert store.endpoint_url == moto_s3
+
+
+# -- S3 specifics ----------------------------------------------------------------------------------
+
+
+def test_s3_keys_live_under_the_prefix(moto_s3):
+    prefix = f"t-{uuid.uuid4().hex}"
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}/{prefix}", endpoint_url=moto_s3))
+    store.write_bytes("a/b", b"payload")
+    raw = boto3.client("s3", endpoint_url=moto_s3)
+    body = raw.get_object(Bucket=BUCKET, Key=f"{prefix}/a/b")["Body"].read()
+    assert body == b"payload"
+
+
+def test_s3_store_at_bucket_root(moto_s3):
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}", endpoint_url=moto_s3))
+    assert store.prefix == "" and store.uri == f"s3://{BUCKET}"
+    top = f"t-{uuid.uuid4().hex}"
+    store.write_bytes(f"{top}/x/y", b"1")
+    store.write_bytes(f"{top}/z", b"2")
+    assert store.list_keys(top) == [f"{top}/x/y", f"{top}/z"]
+    store.delete_prefix(top)
+    assert store.list_keys(top) == []
+
+
+def test_s3_uri_without_bucket_is_a_config_error():
+    with pytest.raises(ConfigError, match="expected s3://BUCKET/PREFIX"):
+        S3ArtifactStore("s3:///prefix", endpoint_url="http://127.0.0.1:1")
+
+
+def test_s3_unreachable_endpoint_fails_naming_it():
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    cfg = StorageConfig(uri=f"s3://{BUCKET}/x", endpoint_url=endpoint, connect_retries=1)
+    start = time.monotonic()
+    with pytest.raises(EndpointError) as info:
+        open_store(cfg)
+    elapsed = time.monotonic() - start
+    assert endpoint in str(info.value)
+    assert elapsed < 30, f"an unreachable endpoint took {elapsed:.1f}s to report"
+    # Without the check, the store opens; the first operation fails the same way.
+    store = open_store(cfg, check=False)
+    with pytest.raises(EndpointError, match=endpoint):
+        store.write_bytes("k", b"x")
+
+
+def test_s3_missing_bucket_fails(moto_s3):
+    cfg = StorageConfig(uri=f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x", endpoint_url=moto_s3)
+    with pytest.raises(EndpointError, match="bucket not accessible") as info:
+        open_store(cfg)
+    assert moto_s3 in str(info.value)
+
+
+# -- local specifics -------------------------------------------------------------------------------
+
+
+def local_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_local_write_leaves_no_temp_files(tmp_path):
+    store = LocalArtifactStore(tmp_path / "store")
+    store.write_bytes("a/b.bin", b"one")
+    store.write_bytes("a/b.bin", b"two")
+    src = tmp_path / "src.txt"
+    src.write_text("uploaded")
+    store.upload_file(src, "a/c.txt")
+    assert local_files(store.root) == ["a/b.bin", "a/c.txt"]
+    assert (store.root / "a" / "b.bin").read_bytes() == b"two"
+
+
+def test_local_failed_write_keeps_old_content(tmp_path):
+    store = LocalArtifactStore(tmp_path / "store")
+    store.write_bytes("obj", b"old content")
+
+    def broken_writer(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store._atomic_write("obj", broken_writer)
+    assert store.read_bytes("obj") == b"old content"
+    assert local_files(store.root) == ["obj"]
+
+    # The same through the public API: the source vanishes while uploading.
+    with pytest.raises(FileNotFoundError):
+        store.upload_file(tmp_path / "missing-source", "obj")
+    assert store.read_bytes("obj") == b"old content"
+    assert local_files(store.root) == ["obj"]
+
+
+def test_local_keys_cannot_escape_the_root(tmp_path):
+    store = LocalArtifactStore(tmp_path / "store")
+    with pytest.raises(ValueError):
+        store.write_bytes("../outside", b"x")
+    assert not (tmp_path / "outside").exists()
+
+
+def test_local_list_keys_lists_dot_names(tmp_path):
+    store = LocalArtifactStore(tmp_path / "store")
+    store.write_bytes("job/.config", b"x")
+    assert store.exists("job/.config")
+    assert store.list_keys("job") == ["job/.config"]

@@ -1,0 +1,130 @@
+"""Merging is exact: the merged adapter adds Σ wᵢ·sᵢ·BᵢAᵢ to every layer, as diffusers loads it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_helpers import TARGETS, fused_deltas
+from safetensors import safe_open
+
+from selma_core.errors import InputError
+from selma_core.lora import WEIGHT_NAME, LoraAdapter, LoraLayer, load_adapter, save_adapter
+from selma_core.merging import merge_experts
+from selma_core.models.loading import load_diffusion_pipeline
+
+
+def random_adapter(seed: int, rank: int, alpha: float, shapes: dict[str, tuple[int, int]]) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    layers = {
+        m: LoraLayer(down=torch.randn(rank, i, generator=g), up=torch.randn(o, rank, generator=g))
+        for m, (o, i) in shapes.items()
+    }
+    return LoraAdapter(layers=layers, rank=rank, alpha=alpha, config={"r": rank, "lora_alpha": alpha})
+
+
+SHAPES = {"unet.a.to_q": (6, 5), "unet.b.to_k": (3, 7)}
+
+
+def test_merge_equals_weighted_sum_of_expert_deltas():
+    experts = {
+        "x": random_adapter(0, 2, 4.0, SHAPES),
+        "y": random_adapter(1, 3, 1.5, SHAPES),
+        "z": random_adapter(2, 4, 4.0, SHAPES),
+    }
+    weights = [0.5, 0.3, 0.2]
+    merged = merge_experts(experts, weights)
+    assert merged.rank == 9 and merged.scale == 1.0
+    for module in SHAPES:
+        expected = sum(
+            w * (e.alpha / e.rank) * e.layers[module].up @ e.layers[module].down
+            for w, e in zip(weights, experts.values(), strict=True)
+        )
+        torch.testing.assert_close(merged.delta(module), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_weights_are_the_mean_and_averaging_factors_would_be_wrong():
+    experts = {"x": random_adapter(3, 2, 2.0, SHAPES), "y": random_adapter(4, 2, 2.0, SHAPES)}
+    merged = merge_experts(experts)
+    module = "unet.a.to_q"
+    mean = (experts["x"].delta(module) + experts["y"].delta(module)) / 2
+    torch.testing.assert_close(merged.delta(module), mean, rtol=1e-5, atol=1e-6)
+    # What naive tools do (average A and B separately) is not the mean of the experts.
+    naive = (
+        (experts["x"].layers[module].up + experts["y"].layers[module].up)
+        / 2
+        @ ((experts["x"].layers[module].down + experts["y"].layers[module].down) / 2)
+    )
+    assert not torch.allclose(naive, mean, atol=1e-3)
+
+
+def test_one_expert_with_weight_one_reproduces_it():
+    expert = random_adapter(5, 3, 6.0, SHAPES)
+    merged = merge_experts({"only": expert}, [1.0])
+    for module in SHAPES:
+        torch.testing.assert_close(merged.delta(module), expert.delta(module))
+
+
+def test_bad_merge_inputs_are_named():
+    a, b = random_adapter(0, 2, 2.0, SHAPES), random_adapter(1, 2, 2.0, {"unet.a.to_q": (6, 5)})
+    with pytest.raises(InputError, match="adapt different layers"):
+        merge_experts({"a": a, "b": b})
+    with pytest.raises(InputError, match="2 weights given for 1 experts"):
+        merge_experts({"a": a}, [0.5, 0.5])
+    with pytest.raises(InputError, match="no experts"):
+        merge_experts({})
+    c = random_adapter(1, 2, 2.0, {"unet.a.to_q": (6, 9), "unet.b.to_k": (3, 7)})
+    with pytest.raises(InputError, match="different base models"):
+        merge_experts({"a": a, "c": c})
+
+
+def _trained_like_expert(model_cache, seed: int, rank: int, alpha: float, path):
+    """A LoRA on the tiny UNet with random non-zero factors, saved the way diffusers saves LoRAs."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights="gaussian")
+    pipe.unet.add_adapter(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(
+        str(path), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+    )
+    return path
+
+
+def test_merged_adapter_loads_in_diffusers_and_adds_the_mean_delta(tmp_path, model_cache):
+    a = _trained_like_expert(model_cache, 0, 2, 4.0, tmp_path / "a")
+    b = _trained_like_expert(model_cache, 1, 3, 3.0, tmp_path / "b")
+    merged = merge_experts({"a": load_adapter(a), "b": load_adapter(b)})
+    save_adapter(merged, tmp_path / "merged")
+    with safe_open(str(tmp_path / "merged" / WEIGHT_NAME), "pt") as f:
+        assert all(k.startswith("unet.") for k in f.keys())  # noqa: SIM118
+    da, db, dm = (fused_deltas(model_cache, p) for p in (a, b, tmp_path / "merged"))
+    assert da.keys() == dm.keys() and len(dm) == len(merged.layers) > 0
+    for name in dm:
+        assert da[name].abs().max() > 0
+        torch.testing.assert_close(dm[name], (da[name] + db[name]) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_files_round_trip(tmp_path, model_cache):
+    path = _trained_like_expert(model_cache, 2, 2, 8.0, tmp_path / "e")
+    adapter = load_adapter(path)
+    assert adapter.rank == 2 and adapter.alpha == 8.0 and adapter.scale == 4.0
+    save_adapter(adapter, tmp_path / "copy")
+    again = load_adapter(tmp_path / "copy")
+    for module in adapter.layers:
+        torch.testing.assert_close(again.delta(module), adapter.delta(module))
+
+
+def test_load_adapter_refuses_non_safetensors_and_missing(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"pickle")
+    with pytest.raises(InputError, match="only safetensors"):
+        load_adapter(tmp_path / "x.bin")
+    with pytest.raises(InputError, match="no pytorch_lora_weights.safetensors"):
+        load_adapter(tmp_path)

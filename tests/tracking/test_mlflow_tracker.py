@@ -1,0 +1,229 @@
+"""MLflow tracking: embedded (SQLite in tmp_path) and against a real ``mlflow server`` process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from selma_core.config import TrackingConfig, load_config
+from selma_core.errors import EndpointError
+from selma_core.tracking import TAG_CONFIG_HASH, TAG_PHASE, TAG_PIPELINE, TAG_SKILL, open_tracker
+from selma_core.tracking.mlflow_tracker import MlflowJobRun, ServerMlflowTracker, SqliteMlflowTracker
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sqlite_tracker(tmp_path_factory) -> SqliteMlflowTracker:
+    """One embedded tracker per module (creating the schema takes seconds); tests use own experiments."""
+    db = tmp_path_factory.mktemp("tracking") / "sub" / "mlflow.db"
+    tracker = open_tracker(TrackingConfig(uri=f"sqlite:///{db}"))
+    assert type(tracker) is SqliteMlflowTracker
+    return tracker
+
+
+@pytest.fixture(scope="module")
+def server_tracker(mlflow_server) -> ServerMlflowTracker:
+    tracker = open_tracker(TrackingConfig(uri=mlflow_server))
+    assert type(tracker) is ServerMlflowTracker
+    return tracker
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def test_open_tracker_sqlite_creates_the_db_folder(tmp_path):
+    db = tmp_path / "a" / "b" / "mlflow.db"
+    tracker = open_tracker(TrackingConfig(uri=f"sqlite:///{db}"), check=False)
+    assert isinstance(tracker, SqliteMlflowTracker)
+    assert tracker.db_path == db
+    assert db.parent.is_dir()
+
+
+def test_pipeline_run_has_experiment_tags_and_flattened_params(sqlite_tracker, tiny_config):
+    cfg = load_config(tiny_config(name=unique("pipe")))
+    tags = {TAG_PIPELINE: cfg.name, TAG_CONFIG_HASH: cfg.config_hash()}
+    run_id = sqlite_tracker.start_pipeline_run(cfg.name, tags, cfg.to_dict(), name="pipeline-1")
+
+    client = sqlite_tracker.client
+    experiment = client.get_experiment_by_name(cfg.name)
+    assert experiment is not None
+    run = client.get_run(run_id)
+    assert run.info.experiment_id == experiment.experiment_id
+    assert run.info.status == "RUNNING"
+    assert run.data.tags[MLFLOW_RUN_NAME] == "pipeline-1"
+    assert run.data.tags[TAG_PIPELINE] == cfg.name
+    assert run.data.tags[TAG_CONFIG_HASH] == cfg.config_hash()
+
+    params = run.data.params
+    # Nested sections are flattened with dotted names; values are their str().
+    assert params["name"] == cfg.name
+    assert params["train.rank"] == "4"
+    assert params["train.learning_rate"] == str(cfg.train.learning_rate)
+    assert params["storage.uri"] == cfg.storage.uri
+    assert params["skills"] == str(["counting", "spatial"])
+    assert params["prompts.openai.model"] == cfg.prompts.openai.model
+    assert "train" not in params and "prompts.openai" not in params
+
+    # A second pipeline run reuses the experiment.
+    second = sqlite_tracker.start_pipeline_run(cfg.name, {}, {"x": 1})
+    assert client.get_run(second).info.experiment_id == experiment.experiment_id
+
+
+def test_many_params_are_logged_in_batches(sqlite_tracker):
+    experiment = unique("batch")
+    params = {"group": {f"p{i:03d}": i for i in range(250)}, "long": "x" * 7000}
+    run_id = sqlite_tracker.start_pipeline_run(experiment, {}, params)
+    logged = sqlite_tracker.client.get_run(run_id).data.params
+    assert len(logged) == 251
+    assert logged["group.p249"] == "249"
+    assert logged["long"] == "x" * 6000  # truncated to MLflow's limit
+
+
+def test_job_run_is_a_child_with_metrics_dict_and_status(sqlite_tracker):
+    experiment = unique("jobs")
+    parent = sqlite_tracker.start_pipeline_run(experiment, {TAG_PIPELINE: experiment}, {})
+    job = sqlite_tracker.start_job_run(
+        experiment, parent, "train-counting", {TAG_PHASE: "train", TAG_SKILL: "counting"}
+    )
+    assert isinstance(job, MlflowJobRun)
+    client = sqlite_tracker.client
+
+    run = client.get_run(job.run_id)
+    assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
+    assert run.data.tags[TAG_PHASE] == "train"
+    assert run.data.tags[TAG_SKILL] == "counting"
+    assert run.data.tags[MLFLOW_RUN_NAME] == "train-counting"
+    assert run.info.experiment_id == client.get_run(parent).info.experiment_id
+
+    for step, loss in [(0, 1.5), (2, 0.75), (4, 0.25)]:
+        job.log_metrics({"loss": loss, "lr": 1e-3}, step=step)
+    job.log_metrics({"final_score": 0.5})
+    history = client.get_metric_history(job.run_id, "loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 1.5),
+        (2, 0.75),
+        (4, 0.25),
+    ]
+    assert len(client.get_metric_history(job.run_id, "lr")) == 3
+    assert [(m.step, m.value) for m in client.get_metric_history(job.run_id, "final_score")] == [(0, 0.5)]
+
+    job.log_params({"phase": {"steps": 8}})
+    job.set_tags({"selma.output": "file:///x", "number": 3})
+    job.log_dict({"accepted": 12, "skill": "counting"}, "stats/summary.json")
+    run = client.get_run(job.run_id)
+    assert run.data.params["phase.steps"] == "8"
+    assert run.data.tags["selma.output"] == "file:///x"
+    assert run.data.tags["number"] == "3"
+    assert [a.path for a in client.list_artifacts(job.run_id, "stats")] == ["stats/summary.json"]
+
+    sqlite_tracker.end_job_run(job, ok=True)
+    assert client.get_run(job.run_id).info.status == "FINISHED"
+
+    failed = sqlite_tracker.start_job_run(experiment, parent, "images-spatial", {})
+    sqlite_tracker.end_job_run(failed, ok=False)
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+
+    sqlite_tracker.end_pipeline_run(parent, ok=False, summary={"failed": ["images-spatial"]})
+    assert client.get_run(parent).info.status == "FAILED"
+    assert [a.path for a in client.list_artifacts(parent)] == ["pipeline_summary.json"]
+
+
+def test_job_run_without_parent_has_no_parent_tag(sqlite_tracker):
+    job = sqlite_tracker.start_job_run(unique("solo"), None, "prompts-counting", {TAG_PHASE: "prompts"})
+    tags = sqlite_tracker.client.get_run(job.run_id).data.tags
+    assert MLFLOW_PARENT_RUN_ID not in tags
+    assert tags[TAG_PHASE] == "prompts"
+
+
+def test_sqlite_artifacts_land_in_mlartifacts_beside_the_db(sqlite_tracker, tmp_path):
+    experiment = unique("artifacts")
+    parent = sqlite_tracker.start_pipeline_run(experiment, {}, {})
+    job = sqlite_tracker.start_job_run(experiment, parent, "merge", {})
+    job.log_dict({"weights": [0.5, 0.5]}, "merge.json")
+    local = tmp_path / "notes.txt"
+    local.write_text("hello")
+    job.log_artifact(local, "extra")
+    folder = tmp_path / "adapter"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "w.bin").write_bytes(b"\0\1")
+    job.log_artifact(folder, "adapter")
+    sqlite_tracker.end_pipeline_run(parent, ok=True, summary={"jobs": 1})
+
+    root = sqlite_tracker.db_path.parent / "mlartifacts" / experiment
+    experiment_info = sqlite_tracker.client.get_experiment_by_name(experiment)
+    assert experiment_info.artifact_location == root.as_uri()
+    artifacts = root / job.run_id / "artifacts"
+    assert json.loads((artifacts / "merge.json").read_text()) == {"weights": [0.5, 0.5]}
+    assert (artifacts / "extra" / "notes.txt").read_text() == "hello"
+    assert (artifacts / "adapter" / "sub" / "w.bin").read_bytes() == b"\0\1"
+    assert json.loads((root / parent / "artifacts" / "pipeline_summary.json").read_text()) == {"jobs": 1}
+    assert sqlite_tracker.client.get_run(parent).info.status == "FINISHED"
+
+
+def test_experiment_created_meanwhile_is_reused(sqlite_tracker, tmp_path):
+    experiment = unique("race")
+    other = SqliteMlflowTracker(sqlite_tracker.uri)
+    first = other.experiment_id(experiment)
+    assert sqlite_tracker.experiment_id(experiment) == first
+
+
+# -- a real MLflow server ------------------------------------------------------------------------
+
+
+def test_server_parent_child_round_trip(server_tracker):
+    experiment = unique("server")
+    parent = server_tracker.start_pipeline_run(
+        experiment, {TAG_PIPELINE: experiment}, {"train": {"rank": 4}}, name="pipeline"
+    )
+    job = server_tracker.start_job_run(experiment, parent, "train-counting", {TAG_PHASE: "train"})
+    job.log_metrics({"loss": 1.0}, step=1)
+    job.log_metrics({"loss": 0.5}, step=2)
+    job.log_dict({"ok": True}, "result.json")
+    server_tracker.end_job_run(job, ok=True)
+    server_tracker.end_pipeline_run(parent, ok=True, summary={"jobs": ["train-counting"]})
+
+    client = server_tracker.client
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    parent_run = client.get_run(parent)
+    child_run = client.get_run(job.run_id)
+    assert parent_run.info.experiment_id == child_run.info.experiment_id == experiment_id
+    assert parent_run.data.params == {"train.rank": "4"}
+    assert parent_run.data.tags[TAG_PIPELINE] == experiment
+    assert child_run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
+    assert child_run.data.tags[TAG_PHASE] == "train"
+    history = client.get_metric_history(job.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
+    assert parent_run.info.status == child_run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(job.run_id)] == ["result.json"]
+    assert [a.path for a in client.list_artifacts(parent)] == ["pipeline_summary.json"]
+    downloaded = Path(client.download_artifacts(job.run_id, "result.json"))
+    assert json.loads(downloaded.read_text()) == {"ok": True}
+
+
+def test_unreachable_server_fails_naming_the_url():
+    url = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(EndpointError) as info:
+        open_tracker(TrackingConfig(uri=url, connect_retries=1))
+    elapsed = time.monotonic() - start
+    assert url in str(info.value)
+    assert "2 attempts" in str(info.value)
+    assert elapsed < 30, f"an unreachable server took {elapsed:.1f}s to report"
+
+
+def test_server_returning_errors_is_not_healthy(moto_s3):
+    # moto answers /health with an error status: reachable, but not an MLflow server.
+    with pytest.raises(EndpointError, match="HTTP"):
+        open_tracker(TrackingConfig(uri=moto_s3, connect_retries=0))
