@@ -180,7 +180,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         )
     finally:
         ok = bool(outcomes) and all(o.status in ("ran", "skipped") for o in outcomes)
-        tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]})
+        tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
     for outcome in outcomes:
         if outcome.status == "failed":
             _echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")

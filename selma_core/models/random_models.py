@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RANDOM_PREFIX = "random:"
+RANDOM_MODELS_VERSION = 1
 TINY_TEXT_DIM = 32
 TINY_MAX_TOKENS = 77
 
@@ -79,13 +80,11 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def build_tiny_sd(prediction_type: str = "epsilon"):
-    """A Stable Diffusion 1.x/2.x-shaped pipeline, 32 px images; ``v_prediction`` mimics SD 2.x."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _tiny_unet(**overrides):
+    """The tiny UNet both pipelines share: two resolutions, one attention block each way."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = tiny_clip_tokenizer()
-    unet = UNet2DConditionModel(
+    config = dict(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -97,6 +96,16 @@ def build_tiny_sd(prediction_type: str = "epsilon"):
         attention_head_dim=4,
         norm_num_groups=8,
     )
+    return UNet2DConditionModel(**{**config, **overrides})
+
+
+def build_tiny_sd(prediction_type: str = "epsilon"):
+    """A Stable Diffusion 1.x/2.x-shaped pipeline, 32 px images; ``v_prediction`` mimics SD 2.x."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    unet = _tiny_unet()
     return StableDiffusionPipeline(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
@@ -111,21 +120,15 @@ def build_tiny_sd(prediction_type: str = "epsilon"):
 
 def build_tiny_sdxl():
     """An SDXL-shaped pipeline: two text encoders, size/crop time ids, 32 px images."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=2 * TINY_TEXT_DIM,
         attention_head_dim=(2, 4),
-        norm_num_groups=8,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -204,7 +207,8 @@ def materialize_random_model(spec: str, cache_dir: str | Path) -> Path:
             f"unknown random test model {spec!r}; "
             f"known: {', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}"
         )
-    target = Path(cache_dir) / "models" / f"random-{name}"
+    # The version in the name: a changed architecture never reuses an old cached copy.
+    target = Path(cache_dir) / "models" / f"random-{name}-v{RANDOM_MODELS_VERSION}"
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,18 +16,16 @@ import time
 from dataclasses import dataclass
 
 from selma_core.errors import InputError
+from selma_core.phases.images import SamplingConfig
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingConfig):
+    """Sampling settings (as in ``images``) for the evaluation images, plus what to score."""
+
     # CLIP model for CLIPScore: hub id, local folder, or random:tiny-clip (tests).
     clip_model: str = "openai/clip-vit-large-patch14"
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 8
-    dtype: str = "auto"
+    # Seeds distinct from the training images' (the same prompt id gets another image).
     seed: int = 1000
     # Cap on held-out prompts scored per skill (None: all of them).
     max_prompts_per_skill: int | None = None
@@ -35,10 +33,9 @@ class EvalConfig:
     compare_experts: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_prompts_per_skill is not None and self.max_prompts_per_skill < 1:
             raise ValueError(f"max_prompts_per_skill: expected >= 1, got {self.max_prompts_per_skill}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
 
 
 def format_table(table: dict[str, dict[str, float]], variants: list[str]) -> str:
@@ -55,7 +52,7 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
 
     from selma_core.metrics.clip_score import ClipScorer
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
-    from selma_core.phases.images import ImagesConfig, draw_images, prompt_seed, torch_dtype
+    from selma_core.phases.images import draw_images, prompt_seed, torch_dtype
     from selma_core.phases.prompts import read_prompts
 
     cfg: EvalConfig = ctx.config.eval
@@ -75,15 +72,6 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
         adapters.update({f"expert:{s}": ctx.fetch("train", s) for s in skills})
     variants = ["base", *(f"expert:{s}" for s in skills if cfg.compare_experts), "merged"]
 
-    draw_cfg = ImagesConfig(
-        num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale,
-        height=cfg.height,
-        width=cfg.width,
-        batch_size=cfg.batch_size,
-        dtype=cfg.dtype,
-        seed=cfg.seed,
-    )
     pipe = load_diffusion_pipeline(
         ctx.config.base_model,
         ctx.config.cache_dir,
@@ -102,7 +90,7 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
                     batch = records[first : first + cfg.batch_size]
                     texts = [r["text"] for r in batch]
                     seeds = [prompt_seed(cfg.seed, r["id"]) for r in batch]
-                    images = draw_images(pipe, texts, seeds, draw_cfg, device)
+                    images = draw_images(pipe, texts, seeds, cfg, device)
                     scores = scorer.score(images, texts)
                     for record, image, score in zip(batch, images, scores, strict=True):
                         folder = out / "images" / variant.replace(":", "_")

@@ -27,7 +27,9 @@ SHARD_NAME = "shard-00000.tar"
 
 
 @dataclass
-class ImagesConfig:
+class SamplingConfig:
+    """How images are drawn; shared by the images phase and by evaluation."""
+
     # Denoising steps and classifier-free guidance (SELMA: the model's scheduler, 50 steps, 7.5).
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -38,7 +40,6 @@ class ImagesConfig:
     # "auto": float16 on CUDA, float32 on CPU.
     dtype: str = "auto"
     seed: int = 0
-    jpeg_quality: int = 95
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -51,6 +52,16 @@ class ImagesConfig:
                 raise ValueError(f"{side}: expected a multiple of 8, got {value}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: expected auto, float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class ImagesConfig(SamplingConfig):
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality: expected 1 to 100, got {self.jpeg_quality}")
 
 
 def torch_dtype(name: str, device: str):
@@ -66,7 +77,7 @@ def prompt_seed(base_seed: int, prompt_id: str) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**31)
 
 
-def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: ImagesConfig, device: str) -> list:
+def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig, device: str) -> list:
     """PIL images for ``prompts``, one per prompt, each from its own seeded generator."""
     import torch
 

@@ -61,7 +61,10 @@ class Tracker(ABC):
         """Open the parent run of one pipeline invocation; its id."""
 
     @abstractmethod
-    def end_pipeline_run(self, run_id: str, ok: bool, summary: dict[str, Any]) -> None: ...
+    def end_pipeline_run(
+        self, run_id: str, ok: bool, summary: dict[str, Any], logs_dir: Path | None = None
+    ) -> None:
+        """Close the parent run with its job summary (and the job logs, when given)."""
 
     @abstractmethod
     def start_job_run(

@@ -137,8 +137,12 @@ class MlflowTracker(Tracker):
         MlflowJobRun(self, run.info.run_id).log_params(params)
         return run.info.run_id
 
-    def end_pipeline_run(self, run_id: str, ok: bool, summary: dict[str, Any]) -> None:
+    def end_pipeline_run(
+        self, run_id: str, ok: bool, summary: dict[str, Any], logs_dir: Path | None = None
+    ) -> None:
         self.client.log_dict(run_id, summary, "pipeline_summary.json")
+        if logs_dir is not None and Path(logs_dir).is_dir():
+            self.client.log_artifacts(run_id, str(logs_dir), "logs")
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
     def start_job_run(

@@ -102,3 +102,15 @@ def test_images_do_not_depend_on_their_batch(model_cache):
     alone = draw_images(pipe, PROMPTS[1:2], [2], cfg, "cpu")
     diff = np.abs(np.asarray(together[1], dtype=np.int16) - np.asarray(alone[0], dtype=np.int16))
     assert diff.max() <= 1
+
+
+def test_an_empty_image_set_is_an_input_error(tmp_path):
+    import tarfile
+
+    from selma_core.errors import InputError
+    from selma_core.phases.images import SHARD_NAME, read_image_dataset
+
+    with tarfile.open(tmp_path / SHARD_NAME, "w"):
+        pass
+    with pytest.raises(InputError, match="the image set is empty"):
+        read_image_dataset(tmp_path)
