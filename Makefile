@@ -10,8 +10,9 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selma-installed
-# torch is installed first and pinned: here it resolves to the CPU wheel on local disk; on a GPU
-# host pip takes the CUDA build of the same release. Override, e.g. TORCH_SPEC="torch==2.9.1".
+# torch is installed first and pinned; which build pip picks depends on the machine's pip settings
+# (the CPU wheel where pip is pointed at one, else PyPI's default build for the platform).
+# Override, e.g. TORCH_SPEC="torch==2.9.1" or a CPU index with PIP_INDEX_URL.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 

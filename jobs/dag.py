@@ -44,9 +44,11 @@ def run_dag(
 
     A job starts when every dependency in ``jobs`` succeeded or was skipped; a job whose output is
     already committed is skipped without starting; a failed job blocks its dependents while
-    independent jobs (other skills) go on. Ctrl-C cancels running jobs and re-raises.
+    independent jobs (other skills) go on. Ctrl-C, SIGTERM or any error cancels running jobs and
+    re-raises.
     """
     selected = {j.id for j in jobs}
+    checked: set[str] = set()  # jobs whose "already committed?" look-up was done (once each)
     outcomes: dict[str, JobOutcome] = {}
     running: dict[str, tuple[JobHandle, float]] = {}
     pending = list(jobs)
@@ -70,12 +72,13 @@ def run_dag(
                     continue
                 if not all(d in outcomes for d in deps):
                     continue
-                if is_committed(job):
-                    pending.remove(job)
-                    finish(
-                        job, JobOutcome(job.phase, job.skill, "skipped", job=job.id, output=output_url(job))
-                    )
-                    continue
+                if job.id not in checked:
+                    checked.add(job.id)
+                    if is_committed(job):
+                        pending.remove(job)
+                        url = output_url(job)
+                        finish(job, JobOutcome(job.phase, job.skill, "skipped", job=job.id, output=url))
+                        continue
                 if len(running) >= max_parallel:
                     continue
                 pending.remove(job)
@@ -90,14 +93,14 @@ def run_dag(
                 result = status.result or {}
                 job = handle.job
                 ok = status.state == JobState.SUCCEEDED
+                # A job may itself find its output committed (a racing controller): then it skipped.
+                state = ("skipped" if result.get("status") == "skipped" else "ran") if ok else "failed"
                 finish(
                     job,
                     JobOutcome(
                         job.phase,
                         job.skill,
-                        (result.get("status") if result.get("status") in ("ran", "skipped") else "ran")
-                        if ok
-                        else "failed",
+                        state,
                         job=job.id,
                         output=output_url(job) if ok else None,
                         log=handle.log,
@@ -109,7 +112,8 @@ def run_dag(
                 )
             if running:
                 time.sleep(poll_interval)
-    except KeyboardInterrupt:
+    except BaseException:
+        # Ctrl-C, SIGTERM or an error of the controller itself: no job is left running unwatched.
         for job_id, (handle, _) in running.items():
             echo(f"cancelling {job_id}")
             executor.cancel(handle)

@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 
+from jobs.signals import terminate_as_interrupt
 from selma_core.errors import EXIT_RETRYABLE, ConfigError, SelmaError
 from selma_core.plan import PER_SKILL_PHASES, PHASES
 
@@ -50,6 +51,7 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
         TAG_SKILL,
         open_tracker,
     )
+    from selma_core.typed_yaml import to_dict
 
     if phase in PER_SKILL_PHASES and not skill:
         raise ConfigError(f"--phase {phase} needs --skill")
@@ -75,8 +77,10 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
     run = tracker.start_job_run(cfg.name, os.environ.get(ENV_PARENT_RUN), job.name, tags)
     ok = False
     try:
+        run.log_params({phase: to_dict(getattr(cfg, phase)), "base_model": cfg.base_model})
         result = run_phase(phase, JobContext(cfg, skills, plan, job, store, run), skill)
         run.set_tags({TAG_OUTPUT: store.url(job.key)})
+        run.log_dict({"job": job.id, "output": store.url(job.key), "result": result}, "job_result.json")
         ok = True
     finally:
         tracker.end_job_run(run, ok)
@@ -91,6 +95,7 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate_as_interrupt()
     try:
         outcome = run_job(args.phase, args.skill, args.config)
     except SelmaError as e:
@@ -98,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"job": args.phase, "skill": args.skill, "status": "failed", "error": str(e)}))
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted (the output was not committed)", file=sys.stderr)
+        failed = {"job": args.phase, "skill": args.skill, "status": "failed", "error": "interrupted"}
+        print(json.dumps(failed))
         return 130
     except Exception as e:  # anything unforeseen: worth a retry, with the traceback in the log
         traceback.print_exc()

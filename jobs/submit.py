@@ -6,7 +6,8 @@
 ``--phase all`` runs the DAG: per skill prompts -> images -> train (skills in parallel up to
 ``executor.max_parallel``), then merge, then eval. Work whose output is already in the store is
 skipped. The last line printed is one JSON object: ``{"jobs": [{"phase", "skill", "status", ...}]}``
-with status ``ran``, ``skipped``, ``failed`` or ``blocked`` (a dependency failed).
+with status ``ran``, ``skipped``, ``failed``, ``blocked`` (a dependency failed, so it never started)
+or, with ``--dry-run``, ``planned``; on an error before any job ran, ``{"jobs": [], "error": ...}``.
 Exit code: 0 when every job ran or was skipped, 2 for invalid configuration or input, 1 otherwise.
 """
 
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,7 @@ import yaml
 from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
 from jobs.run import ENV_PARENT_RUN
+from jobs.signals import terminate_as_interrupt
 from selma_core.errors import ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
 
@@ -47,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--skill",
-        action="append",
+        nargs="+",
+        action="extend",
         metavar="NAME",
-        help="limit per-skill phases to this skill (repeatable); default: every skill of the config",
+        help="limit per-skill phases to these skills (--skill a b, or repeated); default: every skill",
     )
     parser.add_argument(
         "--config",
@@ -74,8 +78,11 @@ def _echo(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _check_models(cfg) -> None:
-    """Fail before any job starts if a local model folder named in the config does not exist."""
+def validate(cfg, skills) -> None:
+    """Everything that can be checked before the first job starts, so no job fails late on it."""
+    from selma_core.phases.merge import resolve_weights
+    from selma_core.prompting.openai_compat import OpenAICompatibleBackend
+
     for key, value in (
         ("base_model", cfg.base_model),
         ("generator_model", cfg.generator_model),
@@ -84,9 +91,14 @@ def _check_models(cfg) -> None:
         if value and value.startswith("/") and not Path(value).is_dir():
             raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
     if cfg.prompts.backend == "openai":
-        from selma_core.prompting.openai_compat import OpenAICompatibleBackend
-
         OpenAICompatibleBackend(cfg.prompts.openai)  # checks the key variable where one is required
+    else:
+        for skill in skills.values():
+            if not skill.offline.templates:
+                raise ConfigError(
+                    f"skill {skill.name!r} has no offline.templates, which prompts.backend: offline needs"
+                )
+    resolve_weights(cfg.merge, cfg.skills)
 
 
 def _print_results(store, plan) -> None:
@@ -95,7 +107,7 @@ def _print_results(store, plan) -> None:
     if not store.is_committed(job.key):
         return
     try:
-        table = store.read_bytes(f"{job.key}/results.md").decode()
+        table = store.read_output_file(job.key, "results.md").decode()
     except (FileNotFoundError, EndpointError):
         return
     _echo("\nCLIPScore on held-out prompts (per skill; base vs each expert vs merged):\n" + table)
@@ -103,11 +115,11 @@ def _print_results(store, plan) -> None:
 
 def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     from selma_core.config import load_config
-    from selma_core.plan import build_plan
+    from selma_core.plan import build_plan, missing_input_message
     from selma_core.provenance import git_commit
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
-    from selma_core.tracking import TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_PIPELINE, open_tracker
+    from selma_core.tracking import TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_PHASE, TAG_PIPELINE, open_tracker
 
     cfg = load_config(args.config)
     if args.backend:
@@ -123,7 +135,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             )
     # Check everything before the first job starts: every skill file, models, backend settings.
     skills = load_skills(cfg.skills_path, cfg.skills)
-    _check_models(cfg)
+    validate(cfg, skills)
     plan = build_plan(cfg, skills)
     selected = plan.select(args.phase, args.skill)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -142,12 +154,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     for job in selected:
         for dep in job.deps:
             if dep not in selected_ids and not store.is_committed(plan.jobs[dep].key):
-                phase, _, skill = dep.partition(":")
-                raise InputError(
-                    f"{job.id} needs the output of {dep}, which is not in the store yet; run "
-                    f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''}` first, "
-                    "or --phase all"
-                )
+                raise InputError(missing_input_message(job.id, dep))
 
     # Jobs read a frozen copy of the resolved config: editing the YAML mid-run changes nothing.
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +166,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             TAG_PIPELINE: cfg.name,
             TAG_CONFIG_HASH: cfg.config_hash(),
             TAG_GIT_COMMIT: commit,
-            "selma.phase": args.phase,
+            TAG_PHASE: args.phase,
         },
         params={"config": cfg.to_dict()},
         name=f"pipeline-{args.phase}",
@@ -194,7 +201,13 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already explained)
+        if e.code:
+            print(json.dumps({"jobs": [], "error": "invalid command line (see the usage above)"}))
+        return int(e.code or 0)
+    terminate_as_interrupt()
     try:
         code, outcomes = submit(args)
     except SelmaError as e:
@@ -203,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         _echo("interrupted: running jobs were cancelled")
+        print(json.dumps({"jobs": [], "error": "interrupted"}))
         return 130
+    except Exception as e:  # a bug or an unforeseen failure: the traceback, and still the JSON line
+        traceback.print_exc()
+        print(json.dumps({"jobs": [], "error": repr(e)}))
+        return 1
     print(json.dumps({"jobs": [o.to_dict() for o in outcomes]}))
     return code
 

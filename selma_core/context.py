@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selma_core.config import PipelineConfig
-from selma_core.plan import JobSpec, Plan
+from selma_core.plan import JobSpec, Plan, missing_input_message
 from selma_core.skills import Skill
 from selma_core.storage import ArtifactStore
 from selma_core.tracking import JobRun
@@ -49,10 +49,5 @@ class JobContext:
 
         upstream = self.plan.job(phase, skill)
         if not self.store.is_committed(upstream.key):
-            raise InputError(
-                f"{self.job.id} needs the output of {upstream.id}, which is not in the store "
-                f"({self.store.url(upstream.key)}); run `python -m jobs.submit --phase {phase}"
-                + (f" --skill {skill}" if skill else "")
-                + "` first"
-            )
+            raise InputError(missing_input_message(self.job.id, upstream.id))
         return self.store.fetch_dir(upstream.key, self.scratch_dir)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selma_core.config import PipelineConfig, stable_hash
+from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_model
 from selma_core.skills import Skill
-from selma_core.typed_yaml import to_dict
+from selma_core.typed_yaml import output_dict
 
 PHASES = ("prompts", "images", "train", "merge", "eval")
 PER_SKILL_PHASES = ("prompts", "images", "train")
@@ -58,11 +59,20 @@ class Plan:
         return chosen
 
 
-def _models(cfg: PipelineConfig) -> dict:
-    return {
-        "base_model": cfg.base_model,
-        "base_model_revision": cfg.base_model_revision,
-    }
+def missing_input_message(job_id: str, dep_id: str) -> str:
+    phase, _, skill = dep_id.partition(":")
+    return (
+        f"{job_id} needs the output of {dep_id}, which is not in the store yet; run "
+        f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''}` first, or --phase all"
+    )
+
+
+def _models(*specs: tuple[str, str | None]) -> dict:
+    """Model ids and revisions; random test models also by the version of their architecture."""
+    models: dict = {"models": [list(s) for s in specs]}
+    if any(is_random_model(spec) for spec, _ in specs):
+        models["random_models_version"] = RANDOM_MODELS_VERSION
+    return models
 
 
 def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
@@ -73,7 +83,7 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
             {
                 "format": FORMAT_VERSION,
                 "phase": phase,
-                "config": to_dict(getattr(cfg, phase)),
+                "config": output_dict(getattr(cfg, phase)),
                 "inputs": inputs,
                 "upstream": {d.id: d.key for d in deps},
             }
@@ -84,19 +94,16 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         jobs[job.id] = job
         return job
 
+    base = _models((cfg.base_model, cfg.base_model_revision))
     experts = []
     prompt_jobs = []
     for name in cfg.skills:
         skill = skills[name]
         prompts = add("prompts", name, {"skill": skill.to_dict()}, [])
-        images = add(
-            "images",
-            name,
-            {"generator": cfg.generator, "generator_revision": cfg.generator_revision},
-            [prompts],
-        )
-        experts.append(add("train", name, _models(cfg), [images]))
+        images = add("images", name, _models((cfg.generator, cfg.generator_revision)), [prompts])
+        experts.append(add("train", name, base, [images]))
         prompt_jobs.append(prompts)
-    merged = add("merge", None, _models(cfg), experts)
-    add("eval", None, _models(cfg), [merged, *experts, *prompt_jobs])
+    merged = add("merge", None, base, experts)
+    evaluation = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
+    add("eval", None, evaluation, [merged, *experts, *prompt_jobs])
     return Plan(jobs=jobs)

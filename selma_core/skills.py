@@ -7,7 +7,7 @@ rules:                      # shown to the LLM with every request
   - State an exact number of objects between two and six, written as a word.
 seeds:                      # in-context examples; later requests also sample accepted prompts
   - three red apples on a wooden table
-target_count: 1000          # prompts to generate for this skill (the pipeline config can cap it)
+target_count: 1000          # prompts to generate (a config's prompts.num_prompts overrides it)
 offline:                    # vocabulary for the offline (non-LLM) generator used by demos and tests
   templates: ["{number} {object} {place}"]
   slots: {number: [two, three], object: [cats, cups], place: [on a table]}
@@ -24,7 +24,7 @@ from pathlib import Path
 from selma_core.errors import ConfigError
 from selma_core.typed_yaml import from_dict, read_yaml, to_dict
 
-_SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+SLOT_PATTERN = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class OfflineVocabulary:
 
     def __post_init__(self) -> None:
         for template in self.templates:
-            for slot in _SLOT.findall(template):
+            for slot in SLOT_PATTERN.findall(template):
                 if not self.slots.get(slot):
                     raise ValueError(f"template {template!r} uses slot {{{slot}}}, which has no words")
 

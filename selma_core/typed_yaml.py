@@ -74,14 +74,13 @@ def convert(tp: Any, value: Any, source: str, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return convert(arg, value, source, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise _fail(source, key, _type_name(tp), value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -147,6 +146,27 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, prefix: str = "")
     except ValueError as e:
         # __post_init__ validation speaks of the field; add where it came from.
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def execution_only(default: Any) -> Any:
+    """A config field that changes how a job runs but not what it produces (batch size for
+    sampling, retries, logging intervals): left out of output hashes, so changing it redoes nothing."""
+    return dataclasses.field(default=default, metadata={"affects_output": False})
+
+
+def output_dict(obj: Any) -> Any:
+    """``to_dict`` without execution-only fields: what determines an output."""
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: output_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.init and f.metadata.get("affects_output", True)
+        }
+    if isinstance(obj, (list, tuple)):
+        return [output_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: output_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def to_dict(obj: Any) -> Any:

@@ -14,14 +14,14 @@ class ClipScorer:
     def __init__(self, spec: str, cache_dir: str | Path, device: str = "cpu", batch_size: int = 16) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from selma_core.models.loading import _load_error, resolve_model_path
+        from selma_core.models.loading import model_load_error, resolve_model_path
 
         path = resolve_model_path(spec, cache_dir)
         try:
             self.model = CLIPModel.from_pretrained(path).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise _load_error(path, e) from e
+            raise model_load_error(path, e) from e
         self.spec = spec
         self.device = device
         self.batch_size = batch_size

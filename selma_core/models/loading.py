@@ -27,16 +27,35 @@ def resolve_model_path(spec: str, cache_dir: str | Path) -> str:
     return spec
 
 
-def _load_error(spec: str, error: Exception) -> Exception:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    hint = (
-        "HF_HUB_OFFLINE=1 is set, so only the local cache is searched"
-        if offline
-        else "check the id, the revision and your network or HF_TOKEN"
-    )
+# Hub answers that a retry cannot change: the id, revision or file does not exist, or access is gated.
+_PERMANENT_HUB_ERRORS = (
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "EntryNotFoundError",
+    "GatedRepoError",
+    "LocalEntryNotFoundError",
+)
+
+
+def model_load_error(spec: str, error: Exception) -> Exception:
+    """The error to raise when ``from_pretrained(spec)`` failed: ConfigError when retrying cannot help."""
     if Path(spec).is_dir():
         return ConfigError(f"model {spec!r}: the folder is not a diffusers/transformers model: {error}")
-    return EndpointError(f"model {spec!r}: cannot load from the Hugging Face hub ({hint}): {error}")
+    causes = []
+    cause: BaseException | None = error
+    while cause is not None and len(causes) < 5:
+        causes.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return ConfigError(
+            f"model {spec!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; download "
+            f"it first (huggingface-cli download {spec}) or give a local folder: {error}"
+        )
+    if any(name in _PERMANENT_HUB_ERRORS for name in causes) or "not a valid model identifier" in str(error):
+        return ConfigError(
+            f"model {spec!r}: no such model or revision on the hub, or no access (HF_TOKEN): {error}"
+        )
+    return EndpointError(f"model {spec!r}: cannot load from the Hugging Face hub (network?): {error}")
 
 
 def load_diffusion_pipeline(
@@ -54,7 +73,7 @@ def load_diffusion_pipeline(
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise _load_error(path, e) from e
+        raise model_load_error(path, e) from e
     if getattr(pipe, "safety_checker", None) is not None:
         # Synthetic training data is judged by the evaluation phase, not blanked by the checker.
         pipe.safety_checker = None

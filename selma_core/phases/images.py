@@ -20,8 +20,10 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from selma_core.errors import InputError
+from selma_core.typed_yaml import execution_only
 
 SHARD_NAME = "shard-00000.tar"
 
@@ -36,9 +38,10 @@ class SamplingConfig:
     # None: the model's native resolution.
     height: int | None = None
     width: int | None = None
-    batch_size: int = 8
+    # Each prompt has its own seeded generator, so the batch size does not change the images.
+    batch_size: int = execution_only(8)
     # "auto": float16 on CUDA, float32 on CPU.
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,8 +53,6 @@ class SamplingConfig:
             value = getattr(self, side)
             if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"{side}: expected a multiple of 8, got {value}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype: expected auto, float32, float16 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass

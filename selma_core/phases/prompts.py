@@ -11,8 +11,8 @@ Recipe, one skill per job:
 4. Stop at ``num_prompts`` (default: the skill's ``target_count``). Raises ``InputError`` when
    ``max_requests`` pass without reaching it, or when ``max_useless_requests`` replies in a row yield
    nothing usable (quoting what came back).
-5. A ``heldout_fraction`` of the prompts (deterministic for ``seed``) is kept for evaluation and is
-   never trained on.
+5. A ``heldout_fraction`` of the prompts (positions drawn before generation, deterministic for
+   ``seed``) is kept for evaluation: never trained on, never shown to the LLM as an example.
 Output: ``prompts.jsonl`` (``{id, skill, text, source, request_id, model, split}``) and ``stats.json``.
 """
 
@@ -26,6 +26,7 @@ from typing import Literal
 
 from selma_core.errors import InputError
 from selma_core.prompting.openai_compat import OpenAIConfig
+from selma_core.typed_yaml import execution_only
 
 
 @dataclass
@@ -43,8 +44,8 @@ class PromptsConfig:
     # Longest prompt accepted, in words (CLIP's text encoder reads 77 tokens).
     max_words: int = 60
     heldout_fraction: float = 0.1
-    max_requests: int = 200
-    max_useless_requests: int = 5
+    max_requests: int = execution_only(200)
+    max_useless_requests: int = execution_only(5)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,15 +88,20 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     records: list[dict] = []
     rejected = {"duplicate": 0, "too_long": 0, "empty": 0}
 
+    heldout: set[int] = set()  # positions in ``records``; chosen once the seeds are in
+
     def accept(text: str, source: str, request_id: str | None) -> None:
         if len(records) < target and dedup.add(text):
+            position = len(records)
             records.append(
                 {
+                    "id": f"{skill_name}-{position:05d}",
                     "skill": skill_name,
                     "text": text,
                     "source": source,
                     "request_id": request_id,
                     "model": None if source == "seed" else backend.model_name,
+                    "split": "heldout" if position in heldout else "train",
                 }
             )
         elif len(records) < target:
@@ -104,6 +110,15 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     for seed_text in skill.seeds:
         if seed_text.strip():
             accept(seed_text.strip(), "seed", None)
+
+    # The held-out split is drawn before generation, among the generated prompts (not the seeds,
+    # which we wrote): held-out prompts are never trained on and never shown as in-context examples.
+    n_heldout = min(max(1, round(cfg.heldout_fraction * target)), target - 1)
+    split_rng = random.Random(f"{cfg.seed}:{skill_name}:split")
+    first = len(records) if target - len(records) >= n_heldout else 0
+    heldout.update(split_rng.sample(range(first, target), n_heldout))
+    for position, record in enumerate(records):  # seeds, when there are too few generated places
+        record["split"] = "heldout" if position in heldout else "train"
 
     start = time.monotonic()
     requests = useless = 0
@@ -117,7 +132,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                     f"after {requests} requests (rejected: {rejected}); raise prompts.max_requests, "
                     f"lower num_prompts, or raise rouge_threshold ({cfg.rouge_threshold})"
                 )
-            pool = [r["text"] for r in records]
+            pool = [r["text"] for r in records if r["split"] == "train"]
             examples = tuple(rng.sample(pool, min(cfg.examples_per_request, len(pool))))
             request = PromptRequest(f"{skill_name}-{requests:05d}", skill, examples, cfg.prompts_per_request)
             reply = backend.complete(request)
@@ -145,15 +160,6 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     finally:
         progress.close()
 
-    # The held-out split: a deterministic share, never trained on, at least one prompt each side.
-    order = list(range(len(records)))
-    random.Random(f"{cfg.seed}:{skill_name}:split").shuffle(order)
-    n_heldout = min(max(1, round(cfg.heldout_fraction * len(records))), len(records) - 1)
-    heldout = set(order[:n_heldout])
-    for i, record in enumerate(records):
-        record["id"] = f"{skill_name}-{i:05d}"
-        record["split"] = "heldout" if i in heldout else "train"
-
     stats = {
         "skill": skill_name,
         "accepted": len(records),
@@ -169,7 +175,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     with ctx.output() as out:
         with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
             for record in records:
-                f.write(json.dumps({"id": record.pop("id"), **record}, ensure_ascii=False) + "\n")
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         (out / "stats.json").write_text(json.dumps(stats, indent=1))
     ctx.run.log_metrics(
         {

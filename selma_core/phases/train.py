@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selma_core.errors import InputError, SelmaError
+from selma_core.errors import ConfigError, InputError
+from selma_core.typed_yaml import execution_only
 
 
 @dataclass
@@ -47,7 +48,7 @@ class TrainConfig:
     # Compute dtype of the frozen weights: "auto" is bfloat16 on CUDA, float32 on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
-    log_every: int = 10
+    log_every: int = execution_only(10)
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
@@ -196,7 +197,8 @@ class ExpertTrainer:
                 loss.backward()
                 step_loss += loss.item()
             if not math.isfinite(step_loss):
-                raise SelmaError(
+                # Deterministic for the seed: a retry would diverge again, so this is a config error.
+                raise ConfigError(
                     f"loss became {step_loss} at step {step}; lower train.learning_rate "
                     f"({cfg.learning_rate}) or use mixed_precision: no"
                 )
@@ -229,7 +231,6 @@ def train_expert(ctx, skill_name: str) -> dict:
 
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
     from selma_core.phases.images import read_image_dataset
-    from selma_core.typed_yaml import to_dict
 
     cfg: TrainConfig = ctx.config.train
     dataset = read_image_dataset(ctx.fetch("images", skill_name))
@@ -239,7 +240,7 @@ def train_expert(ctx, skill_name: str) -> dict:
         ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision
     )
     trainer = ExpertTrainer(pipe, cfg, device)
-    ctx.run.log_params({"train": to_dict(cfg), "images": len(dataset), "base_model": ctx.config.base_model})
+    ctx.run.log_params({"images": len(dataset)})
     start = time.monotonic()
     history = trainer.train(
         dataset, on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step)

@@ -8,12 +8,10 @@ the prompts phase runs its real loop (parsing, rules, deduplication) on its outp
 from __future__ import annotations
 
 import random
-import re
 
 from selma_core.errors import ConfigError
 from selma_core.prompting.request import PromptRequest
-
-_SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+from selma_core.skills import SLOT_PATTERN
 
 
 class OfflineTemplateGenerator:
@@ -34,6 +32,6 @@ class OfflineTemplateGenerator:
         lines = []
         for i in range(request.count):
             template = rng.choice(vocabulary.templates)
-            text = _SLOT.sub(lambda m: rng.choice(vocabulary.slots[m.group(1)]), template)
+            text = SLOT_PATTERN.sub(lambda m: rng.choice(vocabulary.slots[m.group(1)]), template)
             lines.append(f"{i + 1}. {text}")
         return "\n".join(lines)

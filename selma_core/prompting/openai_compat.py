@@ -11,9 +11,11 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from selma_core.errors import ConfigError, EndpointError
 from selma_core.prompting.request import PromptRequest
+from selma_core.typed_yaml import execution_only
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -27,18 +29,16 @@ class OpenAIConfig:
     # Name of the environment variable holding the key (empty: send no key, as local servers allow).
     api_key_env: str = "OPENAI_API_KEY"
     # "chat" uses /chat/completions, "completions" the plain /completions endpoint.
-    api: str = "chat"
+    api: Literal["chat", "completions"] = "chat"
     temperature: float = 1.0
     max_tokens: int = 1024
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
+    timeout_s: float = execution_only(60.0)
+    max_retries: int = execution_only(5)
+    backoff_s: float = execution_only(1.0)
     # Upper bound on one wait, whatever Retry-After asks for.
-    max_backoff_s: float = 60.0
+    max_backoff_s: float = execution_only(60.0)
 
     def __post_init__(self) -> None:
-        if self.api not in ("chat", "completions"):
-            raise ValueError(f"api: expected 'chat' or 'completions', got {self.api!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected http(s)://..., got {self.base_url!r}")
         if self.max_retries < 0:
@@ -121,7 +121,11 @@ class OpenAICompatibleBackend:
                         f"LLM endpoint {url} refused the key from ${self.cfg.api_key_env} ({last})"
                     )
                 if response.status_code not in RETRYABLE_STATUS:
-                    raise EndpointError(f"LLM endpoint {url} rejected the request: {last}")
+                    # 400/404/422: a wrong model name or URL; the same request would fail again.
+                    raise ConfigError(
+                        f"LLM endpoint {url} rejected the request (check prompts.openai.base_url and "
+                        f"model {self.cfg.model!r}): {last}"
+                    )
                 asked = _retry_after(response.headers.get("Retry-After"))
                 if asked is not None:
                     wait = min(asked, self.cfg.max_backoff_s)

@@ -2,7 +2,9 @@
 
 Outputs are *committed*: a phase writes its files first and its manifest (every file's size and
 SHA-256) last, so a reader that finds a manifest finds a complete output, and a job that dies midway
-leaves nothing that looks finished. A rerun overwrites whatever a dead attempt left.
+leaves nothing that looks finished. Each attempt writes its files under its own folder
+(``<key>/<attempt>/...``) and the manifest names them: two writers racing on one key never mix
+their files, and the manifest written last wins whole.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,16 +90,27 @@ class ArtifactStore(ABC):
         return json.loads(self.read_bytes(f"{key}/{MANIFEST}"))
 
     def commit_dir(self, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> dict:
-        """Upload every file of ``local_dir`` under ``key``, then the manifest, last."""
+        """Upload every file of ``local_dir`` under ``key/<attempt>/``, then the manifest, last."""
         validate_key(key)
+        attempt = uuid.uuid4().hex[:12]
         files = {}
         for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
             if rel == MANIFEST:
                 continue
-            self.upload_file(path, f"{key}/{rel}")
-            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest = {"key": key, "committed_at": time.time(), "files": files, "metadata": metadata or {}}
+            self.upload_file(path, f"{key}/{attempt}/{rel}")
+            files[rel] = {
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+                "object": f"{attempt}/{rel}",
+            }
+        manifest = {
+            "key": key,
+            "attempt": attempt,
+            "committed_at": time.time(),
+            "files": files,
+            "metadata": metadata or {},
+        }
         self.write_bytes(f"{key}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
 
@@ -131,17 +146,31 @@ class ArtifactStore(ABC):
             ):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
-            partial = local.with_name(local.name + ".partial")
-            self.download_file(f"{key}/{rel}", partial)
-            digest = sha256_file(partial)
-            if digest != info["sha256"]:
+            # A private partial name: two processes may fetch the same output at once.
+            fd, partial_name = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".partial", dir=local.parent)
+            os.close(fd)
+            partial = Path(partial_name)
+            obj = f"{key}/{info['object']}"
+            try:
+                self.download_file(obj, partial)
+                digest = sha256_file(partial)
+                if digest != info["sha256"]:
+                    raise InputError(
+                        f"{self.url(obj)}: checksum mismatch (manifest {info['sha256'][:12]}, got "
+                        f"{digest[:12]}); the object is corrupt: delete {self.url(f'{key}/{MANIFEST}')} "
+                        "and rerun the phase that wrote it"
+                    )
+                partial.replace(local)
+            finally:
                 partial.unlink(missing_ok=True)
-                raise InputError(
-                    f"{self.url(f'{key}/{rel}')}: checksum mismatch (manifest {info['sha256'][:12]}, "
-                    f"got {digest[:12]}); the object is corrupt: rerun the phase that wrote it"
-                )
-            partial.replace(local)
         return target
+
+    def read_output_file(self, key: str, rel: str) -> bytes:
+        """One file of a committed output, by its path inside the output."""
+        files = self.read_manifest(key)["files"]
+        if rel not in files:
+            raise InputError(f"{self.url(key)}: the committed output has no file {rel!r}")
+        return self.read_bytes(f"{key}/{files[rel]['object']}")
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))

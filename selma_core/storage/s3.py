@@ -12,6 +12,9 @@ from typing import Any
 from selma_core.errors import ConfigError, EndpointError
 from selma_core.storage.base import ArtifactStore, validate_key
 
+# Error codes that a retry cannot fix.
+PERMANENT_ERRORS = ("403", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
 
 class S3ArtifactStore(ArtifactStore):
     def __init__(
@@ -50,6 +53,7 @@ class S3ArtifactStore(ArtifactStore):
         return f"S3 endpoint {self.endpoint_url or 'AWS default'} (bucket {self.bucket})"
 
     def _call(self, what: str, key: str, fn, *args: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -58,8 +62,10 @@ class S3ArtifactStore(ArtifactStore):
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"{self.url(key)}: no such object") from e
+            if code in PERMANENT_ERRORS:  # retrying cannot help: a missing bucket, no permission
+                raise ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}") from e
             raise EndpointError(f"{what} {self.url(key)} failed at {self._where()}: {e}") from e
-        except BotoCoreError as e:
+        except (BotoCoreError, Boto3Error) as e:  # Boto3Error: managed transfers' S3UploadFailedError
             raise EndpointError(f"{what} {self.url(key)}: cannot reach {self._where()}: {e}") from e
 
     def check(self) -> None:
@@ -68,6 +74,9 @@ class S3ArtifactStore(ArtifactStore):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", *PERMANENT_ERRORS):
+                raise ConfigError(f"{self._where()}: bucket missing or not accessible: {e}") from e
             raise EndpointError(f"{self._where()}: bucket not accessible: {e}") from e
         except BotoCoreError as e:
             raise EndpointError(f"cannot reach {self._where()}: {e}") from e

@@ -124,10 +124,19 @@ class MlflowTracker(Tracker):
                     self._experiments[experiment] = self.client.create_experiment(
                         experiment, artifact_location=self._artifact_location(experiment)
                     )
-                except MlflowException:  # created meanwhile by a parallel job
-                    self._experiments[experiment] = self.client.get_experiment_by_name(
-                        experiment
-                    ).experiment_id
+                except MlflowException as e:
+                    # Another job of the pipeline may have created it meanwhile; anything else is real.
+                    raced = self.client.get_experiment_by_name(experiment)
+                    if raced is None:
+                        raise EndpointError(
+                            f"MLflow at {self.uri}: cannot create experiment {experiment!r}: {e}"
+                        ) from e
+                    self._experiments[experiment] = raced.experiment_id
+            if found is not None and found.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"MLflow experiment {experiment!r} at {self.uri} is deleted; restore it "
+                    "(mlflow experiments restore) or rename the pipeline"
+                )
         return self._experiments[experiment]
 
     def start_pipeline_run(

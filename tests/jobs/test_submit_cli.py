@@ -120,3 +120,25 @@ def test_a_failed_job_is_named_with_its_log_and_other_skills_go_on(tiny_config, 
     assert "FAILED prompts:tiny" in result.stderr and failed["log"] in result.stderr
     log = Path(failed["log"]).read_text()
     assert "prompts for skill 'tiny'" in log and "samples of what came back" in log
+
+
+def test_several_skills_after_one_flag(tiny_config):
+    result = submit(
+        "--phase", "prompts", "--skill", "counting", "spatial", "--dry-run", "--config", str(tiny_config())
+    )
+    assert result.returncode == 0, result.stderr
+    assert [j["job"] for j in last_json(result.stdout)["jobs"]] == ["prompts:counting", "prompts:spatial"]
+
+
+def test_a_usage_error_still_ends_with_the_json_line():
+    result = submit("--phase", "nope")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert last_json(result.stdout)["jobs"] == []
+
+
+def test_bad_merge_weights_fail_before_any_job_starts(tiny_config, tmp_path):
+    config = tiny_config(merge={"weights": {"countng": 0.5, "spatial": 0.5}})
+    result = submit("--phase", "all", "--config", str(config))
+    assert result.returncode == 2
+    assert "merge.weights: unknown skill 'countng'" in result.stderr
+    assert not (tmp_path / "store").exists()

@@ -136,7 +136,7 @@ def test_offline_end_to_end(tiny_config, tmp_path, skill, num_prompts):
     assert worst <= threshold
 
     # stats.json is what the phase returned, and it agrees with the records.
-    stored = json.loads(ctx.store.read_bytes(f"{ctx.job.key}/stats.json"))
+    stored = json.loads(ctx.store.read_output_file(ctx.job.key, "stats.json"))
     assert stored == stats
     assert stats["accepted"] == num_prompts
     assert stats["heldout"] == len(heldout)
@@ -167,8 +167,8 @@ def test_same_config_gives_the_same_prompts(tiny_config, tmp_path):
     generate_prompts(first, "counting")
     generate_prompts(second, "counting")
 
-    a = first.store.read_bytes(f"{first.job.key}/prompts.jsonl")
-    b = second.store.read_bytes(f"{second.job.key}/prompts.jsonl")
+    a = first.store.read_output_file(first.job.key, "prompts.jsonl")
+    b = second.store.read_output_file(second.job.key, "prompts.jsonl")
     assert a == b
     assert len(a.decode().splitlines()) == 25
 
@@ -343,3 +343,27 @@ def test_llm_backend_end_to_end(tiny_config, tmp_path):
     assert f"Write {ctx.config.prompts.prompts_per_request} new prompts" in user
     shown = [line.split(". ", 1)[1] for line in user.splitlines() if line[:2] in ("1.", "2.", "3.")]
     assert len(shown) == 3 and set(shown) <= set(seeds)
+
+
+def test_heldout_prompts_are_never_shown_as_examples(tiny_config, tmp_path, monkeypatch):
+    from selma_core.prompting.offline import OfflineTemplateGenerator
+
+    shown: set[str] = set()
+    complete = OfflineTemplateGenerator.complete
+
+    def spy(self, request):
+        shown.update(request.examples)
+        return complete(self, request)
+
+    monkeypatch.setattr(OfflineTemplateGenerator, "complete", spy)
+    ctx = make_context(
+        tiny_config(prompts={"num_prompts": 60, "heldout_fraction": 0.2, "prompts_per_request": 4}),
+        "counting",
+        tmp_path / "store",
+    )
+    generate_prompts(ctx, "counting")
+    records = committed_records(ctx, tmp_path)
+    heldout = {r["text"] for r in records if r["split"] == "heldout"}
+    assert len(heldout) == 12
+    assert all(r["source"] != "seed" for r in records if r["split"] == "heldout")
+    assert shown and not shown & heldout

@@ -209,7 +209,7 @@ def test_refused_key_is_a_config_error_naming_the_env_var(server, request_, stat
 def test_non_retryable_status_fails_at_once(server, request_):
     server.set_script([error_reply(400, "bad model")])
     sleeps = Sleeps()
-    with pytest.raises(EndpointError, match=r"rejected the request: HTTP 400.*bad model"):
+    with pytest.raises(ConfigError, match=r"rejected the request \(check .*\): HTTP 400.*bad model"):
         backend(server.base_url, sleeps).complete(request_)
     assert len(server.requests) == 1
     assert sleeps == []
@@ -256,7 +256,6 @@ def test_retry_after_parsing():
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        ({"api": "responses"}, "api"),
         ({"base_url": "127.0.0.1:8000/v1"}, "base_url"),
         ({"max_retries": -1}, "max_retries"),
     ],
@@ -264,3 +263,10 @@ def test_retry_after_parsing():
 def test_invalid_config(overrides, key):
     with pytest.raises(ValueError, match=key):
         OpenAIConfig(**overrides)
+
+
+def test_unknown_api_kind_is_a_config_error_naming_the_choices():
+    from selma_core.typed_yaml import from_dict
+
+    with pytest.raises(ConfigError, match=r"llm.yaml: api: expected one of 'chat', 'completions'"):
+        from_dict(OpenAIConfig, {"api": "responses"}, "llm.yaml")

@@ -172,17 +172,23 @@ def test_staged_output_commits_files_and_manifest(store, tmp_path):
         assert not store.is_committed("out/job1")
         assert store.list_keys("out/job1") == []
     assert store.is_committed("out/job1")
+    manifest = store.read_manifest("out/job1")
+    attempt = manifest["attempt"]
+    # The files sit under the attempt's own folder; the manifest names each object.
     assert store.list_keys("out/job1") == sorted(
-        [f"out/job1/{rel}" for rel in FILES] + [f"out/job1/{MANIFEST}"]
+        [f"out/job1/{attempt}/{rel}" for rel in FILES] + [f"out/job1/{MANIFEST}"]
     )
     for rel, data in FILES.items():
-        assert store.read_bytes(f"out/job1/{rel}") == data
-    manifest = store.read_manifest("out/job1")
+        assert store.read_bytes(f"out/job1/{attempt}/{rel}") == data
+        assert store.read_output_file("out/job1", rel) == data
     assert manifest["key"] == "out/job1"
     assert manifest["metadata"] == lineage
     assert manifest["files"] == {
-        rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in FILES.items()
+        rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "object": f"{attempt}/{rel}"}
+        for rel, data in FILES.items()
     }
+    with pytest.raises(InputError, match="has no file 'nope.txt'"):
+        store.read_output_file("out/job1", "nope.txt")
     assert abs(manifest["committed_at"] - time.time()) < 600
     # The scratch folder is cleaned up.
     assert list(scratch.iterdir()) == []
@@ -196,7 +202,20 @@ def test_manifest_is_written_last(store, tmp_path, monkeypatch):
     with store.staged_output("ordered", tmp_path / "scratch") as folder:
         make_tree(folder, FILES)
     assert order[-1] == f"ordered/{MANIFEST}"
-    assert sorted(order[:-1]) == sorted(f"ordered/{rel}" for rel in FILES)
+    attempt = store.read_manifest("ordered")["attempt"]
+    assert sorted(order[:-1]) == sorted(f"ordered/{attempt}/{rel}" for rel in FILES)
+
+
+def test_racing_writers_never_mix_their_files(store, tmp_path):
+    """Two attempts commit different bytes to one key: the manifest written last wins whole."""
+    with store.staged_output("race", tmp_path / "a") as folder:
+        (folder / "x.txt").write_text("first")
+        (folder / "y.txt").write_text("first")
+    with store.staged_output("race", tmp_path / "b") as folder:
+        (folder / "x.txt").write_text("second")
+        (folder / "y.txt").write_text("second")
+    target = store.fetch_dir("race", tmp_path / "cache")
+    assert (target / "x.txt").read_text() == (target / "y.txt").read_text() == "second"
 
 
 def test_manifest_file_inside_output_is_not_uploaded(store, tmp_path):
@@ -241,17 +260,18 @@ def test_fetch_dir_detects_corruption_after_commit(store, tmp_path):
     good = FILES["images/0001.png"]
     bad = bytes(reversed(good))  # same size, different bytes: only the checksum can tell
     assert len(bad) == len(good) and bad != good
-    raw_overwrite(store, "out/corrupt/images/0001.png", bad)
+    obj = f"out/corrupt/{store.read_manifest('out/corrupt')['attempt']}/images/0001.png"
+    raw_overwrite(store, obj, bad)
     cache = tmp_path / "cache"
     with pytest.raises(InputError, match="checksum mismatch") as info:
         store.fetch_dir("out/corrupt", cache)
-    assert store.url("out/corrupt/images/0001.png") in str(info.value)
+    assert store.url(obj) in str(info.value)
     assert hashlib.sha256(good).hexdigest()[:12] in str(info.value)
     assert hashlib.sha256(bad).hexdigest()[:12] in str(info.value)
     # Neither the corrupt copy nor its partial download is left to be mistaken for a good file.
     fetched = cache / "fetched" / "out" / "corrupt" / "images"
     assert not (fetched / "0001.png").exists()
-    assert not (fetched / "0001.png.partial").exists()
+    assert list(fetched.iterdir()) == []  # no partial download either
 
 
 def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
@@ -263,7 +283,8 @@ def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
     monkeypatch.setattr(store, "download_file", lambda k, p: (downloads.append(k), download(k, p)))
 
     target = store.fetch_dir("out/cached", cache)
-    assert sorted(downloads) == sorted(f"out/cached/{rel}" for rel in FILES)
+    attempt = store.read_manifest("out/cached")["attempt"]
+    assert sorted(downloads) == sorted(f"out/cached/{attempt}/{rel}" for rel in FILES)
 
     downloads.clear()
     assert store.fetch_dir("out/cached", cache) == target
@@ -273,7 +294,7 @@ def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
     (target / "stats.json").write_bytes(b'{"n": 9}')
     downloads.clear()
     store.fetch_dir("out/cached", cache)
-    assert downloads == ["out/cached/stats.json"]
+    assert downloads == [f"out/cached/{attempt}/stats.json"]
     assert (target / "stats.json").read_bytes() == FILES["stats.json"]
 
 
@@ -365,9 +386,10 @@ def test_s3_unreachable_endpoint_fails_naming_it():
         store.write_bytes("k", b"x")
 
 
-def test_s3_missing_bucket_fails(moto_s3):
+def test_s3_missing_bucket_is_a_config_error(moto_s3):
+    """Retrying cannot create the bucket: exit code 2, naming the endpoint and the bucket."""
     cfg = StorageConfig(uri=f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x", endpoint_url=moto_s3)
-    with pytest.raises(EndpointError, match="bucket not accessible") as info:
+    with pytest.raises(ConfigError, match="bucket missing or not accessible") as info:
         open_store(cfg)
     assert moto_s3 in str(info.value)
 

@@ -1,0 +1,63 @@
+"""The local executor: a subprocess per job, its log, its last JSON line, and cancellation."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from jobs.executors.base import JobState
+from jobs.executors.local import LocalExecutor, last_json_line
+from selma_core.plan import JobSpec
+
+JOB = JobSpec("prompts", "counting", "prompts/counting/x", ())
+
+
+def wait(executor, handle, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = executor.poll(handle)
+        if status.state in (JobState.SUCCEEDED, JobState.FAILED):
+            return status
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def test_a_job_writes_its_log_and_its_result_is_read(tmp_path):
+    executor = LocalExecutor(tmp_path / "logs")
+    code = 'import json,os; print("working"); print(json.dumps({"status": "ran", "v": os.environ["X"]}))'
+    handle = executor.submit(JOB, ["python", "-c", code], {"X": "42"})
+    status = wait(executor, handle)
+    assert status.state == JobState.SUCCEEDED and status.exit_code == 0
+    assert status.result == {"status": "ran", "v": "42"}
+    assert handle.log == str(tmp_path / "logs" / "prompts-counting.log")
+    assert "working" in (tmp_path / "logs" / "prompts-counting.log").read_text()
+
+
+def test_exit_codes_are_kept(tmp_path):
+    executor = LocalExecutor(tmp_path / "logs")
+    status = wait(executor, executor.submit(JOB, ["python", "-c", "import sys; sys.exit(2)"], {}))
+    assert status.state == JobState.FAILED and status.exit_code == 2 and status.result is None
+
+
+def test_cancel_stops_the_job_and_its_children(tmp_path):
+    executor = LocalExecutor(tmp_path / "logs")
+    child = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    code = f"import subprocess, sys, time; {child}; time.sleep(60)"
+    handle = executor.submit(JOB, ["python", "-c", code], {})
+    time.sleep(0.5)
+    start = time.monotonic()
+    executor.cancel(handle)
+    assert time.monotonic() - start < 25
+    assert executor.poll(handle).state == JobState.FAILED
+
+
+def test_last_json_line_skips_noise(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text('{"status": "old"}\nnoise\n{broken\n{"status": "ran"}\n\ntrailing text\n')
+    assert last_json_line(str(log)) == {"status": "ran"}
+    assert last_json_line(str(tmp_path / "missing.log")) is None
+
+
+def test_describe_shows_the_command_and_log(tmp_path):
+    line = LocalExecutor(tmp_path / "logs").describe(JOB, ["python", "-m", "jobs.run", "--phase", "prompts"])
+    assert line.startswith("prompts:counting: ") and sys.executable in line and "prompts-counting.log" in line
