@@ -90,6 +90,9 @@ def validate(cfg, skills) -> None:
     ):
         if value and value.startswith("/") and not Path(value).is_dir():
             raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
+    for path in cfg.prompts.contamination.benchmarks:
+        if not Path(path).is_file():
+            raise ConfigError(f"{cfg.source_path}: prompts.contamination.benchmarks: file {path} not found")
     if cfg.prompts.backend == "openai":
         OpenAICompatibleBackend(cfg.prompts.openai)  # checks the key variable where one is required
     else:

@@ -168,6 +168,11 @@ def _resolve_paths(cfg: PipelineConfig, config_dir: Path) -> None:
     cfg.executor.log_dir = str(Path(cfg.executor.log_dir).expanduser().resolve())
     cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
     cfg.skills_dir = str((config_dir / cfg.skills_dir).resolve())
+    cfg.prompts.contamination.benchmarks = [
+        str((config_dir / path).expanduser().resolve()) for path in cfg.prompts.contamination.benchmarks
+    ]
+    if cfg.eval.clip_model.startswith((".", "~")):
+        cfg.eval.clip_model = str(Path(cfg.eval.clip_model).expanduser().resolve())
     for attr in ("base_model", "generator_model"):
         value = getattr(cfg, attr)
         # Local model folders are relative to the working directory, like the store; hub ids stay.

@@ -9,6 +9,7 @@ look-up, and a change anywhere gives new keys for exactly the outputs downstream
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from selma_core.config import PipelineConfig, stable_hash
 from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_model
@@ -67,6 +68,15 @@ def missing_input_message(job_id: str, dep_id: str) -> str:
     )
 
 
+def _file_digest(path: str) -> str:
+    from selma_core.storage.base import sha256_file
+
+    try:
+        return sha256_file(Path(path))
+    except OSError:
+        return "missing"  # the controller reports it before any job starts
+
+
 def _models(*specs: tuple[str, str | None]) -> dict:
     """Model ids and revisions; random test models also by the version of their architecture."""
     models: dict = {"models": [list(s) for s in specs]}
@@ -95,11 +105,13 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         return job
 
     base = _models((cfg.base_model, cfg.base_model_revision))
+    # The contamination guard's benchmark files, by content: a changed file regenerates the prompts.
+    benchmarks = {path: _file_digest(path) for path in cfg.prompts.contamination.benchmarks}
     experts = []
     prompt_jobs = []
     for name in cfg.skills:
         skill = skills[name]
-        prompts = add("prompts", name, {"skill": skill.to_dict()}, [])
+        prompts = add("prompts", name, {"skill": skill.to_dict(), "benchmarks": benchmarks}, [])
         images = add("images", name, _models((cfg.generator, cfg.generator_revision)), [prompts])
         experts.append(add("train", name, base, [images]))
         prompt_jobs.append(prompts)

@@ -5,6 +5,11 @@ name: counting
 description: Images with an exact, small number of objects.
 rules:                      # shown to the LLM with every request
   - State an exact number of objects between two and six, written as a word.
+checks:                     # enforced on every prompt (seeds included): the rules, machine-checked
+  min_words: 4
+  max_words: 25
+  require_any: [[two, three, four, five, six]]   # what it must test: one word of each group
+  forbid: [text, sign, letters]                  # what it must avoid
 seeds:                      # in-context examples; later requests also sample accepted prompts
   - three red apples on a wooden table
 target_count: 1000          # prompts to generate (a config's prompts.num_prompts overrides it)
@@ -41,6 +46,56 @@ class OfflineVocabulary:
                     raise ValueError(f"template {template!r} uses slot {{{slot}}}, which has no words")
 
 
+def _phrase_pattern(phrase: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z0-9])" + re.escape(phrase.lower()) + r"(?![a-z0-9])")
+
+
+@dataclass
+class PromptChecks:
+    """Rules every accepted prompt must obey, checked by machine (the LLM is told them in words)."""
+
+    min_words: int = 1
+    max_words: int = 60
+    # What the prompt must test: each group lists alternatives, and a prompt contains one of each.
+    require_any: list[list[str]] = field(default_factory=list)
+    # Words or phrases a prompt must not contain.
+    forbid: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.min_words < 1:
+            raise ValueError(f"checks.min_words: expected >= 1, got {self.min_words}")
+        if self.max_words < self.min_words:
+            raise ValueError(
+                f"checks: contradictory limits: max_words {self.max_words} < min_words {self.min_words}"
+            )
+        forbidden = {f.lower() for f in self.forbid}
+        for group in self.require_any:
+            if not group:
+                raise ValueError("checks.require_any: an empty group can never be satisfied")
+            if all(word.lower() in forbidden for word in group):
+                raise ValueError(
+                    f"checks: contradictory rules: every word of require_any group {group} is forbidden"
+                )
+        self._required = [[_phrase_pattern(w) for w in group] for group in self.require_any]
+        self._forbidden = [(w, _phrase_pattern(w)) for w in self.forbid]
+
+    def violation(self, text: str) -> str | None:
+        """Why ``text`` breaks the checks (a short reason), or None when it obeys them."""
+        words = len(text.split())
+        if words < self.min_words:
+            return "too_short"
+        if words > self.max_words:
+            return "too_long"
+        lowered = text.lower()
+        for group, patterns in zip(self.require_any, self._required, strict=True):
+            if not any(p.search(lowered) for p in patterns):
+                return f"missing_required ({group[0]}...)"
+        for word, pattern in self._forbidden:
+            if pattern.search(lowered):
+                return f"forbidden ({word})"
+        return None
+
+
 @dataclass
 class Skill:
     name: str
@@ -48,11 +103,16 @@ class Skill:
     seeds: list[str]
     rules: list[str] = field(default_factory=list)
     target_count: int = 1000
+    checks: PromptChecks = field(default_factory=PromptChecks)
     offline: OfflineVocabulary = field(default_factory=OfflineVocabulary)
 
     def __post_init__(self) -> None:
         if not [s for s in self.seeds if s.strip()]:
             raise ValueError("seeds: expected at least one seed prompt, got none")
+        for seed in self.seeds:
+            reason = self.checks.violation(seed.strip())
+            if reason:  # the seeds are the examples: rules they break are contradictory
+                raise ValueError(f"seeds: {seed!r} breaks the skill's own checks: {reason}")
         if self.target_count < 2:
             raise ValueError(
                 f"target_count: expected >= 2 (one to train, one held out), got {self.target_count}"

@@ -169,3 +169,37 @@ def test_vocabulary_checks_directly():
     assert OfflineVocabulary().templates == []
     with pytest.raises(ValueError, match="slot"):
         OfflineVocabulary(templates=["{x}"], slots={})
+
+
+@pytest.mark.parametrize(
+    "checks, message",
+    [
+        ({"min_words": 10, "max_words": 5}, "contradictory limits: max_words 5 < min_words 10"),
+        ({"require_any": [["two", "three"]], "forbid": ["two", "three"]}, "every word of require_any group"),
+        ({"require_any": [[]]}, "an empty group can never be satisfied"),
+        ({"max_words": 3}, "breaks the skill's own checks: too_long"),
+        ({"require_any": [["left of"]]}, "breaks the skill's own checks: missing_required"),
+        ({"forbid": ["apples"]}, "breaks the skill's own checks: forbidden (apples)"),
+    ],
+)
+def test_contradictory_rules_are_rejected(tmp_path, checks, message):
+    (tmp_path / "odd.yaml").write_text(
+        yaml.safe_dump(
+            {"name": "odd", "description": "d", "seeds": ["three red apples on a table"], "checks": checks}
+        )
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_skill(tmp_path, "odd")
+    assert "odd.yaml" in str(info.value)
+
+
+def test_checks_give_their_reason():
+    from selma_core.skills import PromptChecks
+
+    checks = PromptChecks(min_words=3, max_words=8, require_any=[["two", "three"]], forbid=["sign that says"])
+    assert checks.violation("two cats on a mat") is None
+    assert checks.violation("two cats") == "too_short"
+    assert checks.violation("two cats " * 5) == "too_long"
+    assert checks.violation("a cat on a mat").startswith("missing_required")
+    assert checks.violation("a sign that says two") == "forbidden (sign that says)"
+    assert checks.violation("twosome cats on a mat").startswith("missing_required")  # whole words only

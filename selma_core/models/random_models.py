@@ -179,11 +179,51 @@ class _TinyClipBundle:
         self.processor.save_pretrained(path)
 
 
+class _TinyCausalLM:
+    """A GPT-2-shaped causal LM with a byte-level character tokenizer and a chat template."""
+
+    CHAT_TEMPLATE = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers.pre_tokenizers import ByteLevel
+        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+        vocab = {"<|endoftext|>": 0}
+        for char in sorted(ByteLevel.alphabet()):
+            vocab[char] = len(vocab)
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        )
+        self.tokenizer.chat_template = self.CHAT_TEMPLATE
+        config = GPT2Config(
+            vocab_size=len(vocab),
+            n_positions=4096,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.model = GPT2LMHeadModel(config)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
 RANDOM_MODELS: dict[str, Callable[[], object]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sd-v": lambda: build_tiny_sd("v_prediction"),
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-clip": _TinyClipBundle,
+    "tiny-lm": _TinyCausalLM,
 }
 
 

@@ -1,51 +1,94 @@
 """Phase 1, prompts: an LLM writes a skill's training prompts by in-context learning (self-instruct).
 
 Recipe, one skill per job:
-1. Pool = the skill's seed prompts (they are kept, ``source: seed``).
-2. Each request shows ``examples_per_request`` prompts sampled from the pool and asks for
-   ``prompts_per_request`` more that follow the skill's rules (``backend``: ``openai`` for any
-   OpenAI-compatible API, ``offline`` for the template generator, which is not an LLM).
-3. The reply is parsed (numbered or bulleted list, JSON array); lines that break the rules (empty,
-   over ``max_words``) are rejected; a candidate whose ROUGE-L against any accepted prompt exceeds
-   ``rouge_threshold`` is dropped as a near-duplicate. Accepted prompts join the pool.
-4. Stop at ``num_prompts`` (default: the skill's ``target_count``). Raises ``InputError`` when
-   ``max_requests`` pass without reaching it, or when ``max_useless_requests`` replies in a row yield
-   nothing usable (quoting what came back).
-5. A ``heldout_fraction`` of the prompts (positions drawn before generation, deterministic for
-   ``seed``) is kept for evaluation: never trained on, never shown to the LLM as an example.
-Output: ``prompts.jsonl`` (``{id, skill, text, source, request_id, model, split}``) and ``stats.json``.
+1. Pool = the skill's seed prompts (kept, ``source: seed``). The held-out positions (a
+   ``heldout_fraction`` of ``num_prompts``, among the generated ones) are drawn first, so held-out
+   prompts are never trained on and never shown to the LLM as examples.
+2. Requests go out in waves of ``concurrency``: each shows ``examples_per_request`` prompts sampled
+   from the training pool and asks for ``prompts_per_request`` more that follow the skill's rules.
+   ``backend``: ``openai`` (any OpenAI-compatible API), ``transformers`` (an in-process causal LM),
+   or ``offline`` (the template generator, which is not an LLM).
+3. Each reply is parsed (numbered or bulleted list, JSON array); a candidate is rejected, with its
+   reason counted, when it is empty, not text, echoes the instructions, breaks the skill's
+   ``checks`` (length, what it must test, what it must avoid), is within ``contamination``'s
+   ROUGE-L of an evaluation benchmark prompt, or within ``rouge_threshold`` of an accepted prompt.
+4. After every wave the accepted prompts are saved (``<key>/_partial/``): a job killed at any point
+   and restarted continues where it was, losing and duplicating nothing.
+5. Stop at ``num_prompts`` (default: the skill's ``target_count``). ``InputError`` when
+   ``max_requests`` pass without reaching it (the count reached and the rejection reasons), or when
+   ``max_useless_requests`` replies in a row give nothing usable (quoting samples of them).
+Output: ``prompts.jsonl`` (``{id, skill, text, source, request_id, model, split}``) and
+``stats.json`` (accepted, rejected by reason, deduplication rate, contamination drops,
+distinct-1/2, mean pairwise ROUGE-L, requests, tokens, wall time, prompts per second).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
 from selma_core.errors import InputError
 from selma_core.prompting.openai_compat import OpenAIConfig
+from selma_core.prompting.transformers_lm import TransformersConfig
 from selma_core.typed_yaml import execution_only
+
+# Phrases that show a line is the model talking about the task, not a prompt.
+_ECHO_MARKERS = (
+    "here are",
+    "here is",
+    "new prompts",
+    "numbered list",
+    "as an ai",
+    "i cannot",
+    "i can't",
+    "rules every prompt",
+    "prompts for",
+    "example prompts",
+    "sure,",
+    "sure!",
+    "certainly",
+)
+
+
+@dataclass
+class ContaminationConfig:
+    """Evaluation benchmark files whose prompts must not leak into training."""
+
+    # Paths (relative to the config file) to DSG-1k .csv, TIFA .json, GenEval .jsonl or .txt files.
+    benchmarks: list[str] = field(default_factory=list)
+    # A candidate whose ROUGE-L against any benchmark prompt exceeds this is dropped.
+    rouge_threshold: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rouge_threshold <= 1.0:
+            raise ValueError(f"rouge_threshold: expected a number in (0, 1], got {self.rouge_threshold}")
 
 
 @dataclass
 class PromptsConfig:
-    # "offline" composes prompts from the skill's vocabulary (demos, tests); "openai" asks an LLM.
-    backend: Literal["offline", "openai"] = "offline"
+    # "offline" composes prompts from the skill's vocabulary (demos, tests); "openai" asks an LLM
+    # API; "transformers" runs a causal LM in the job.
+    backend: Literal["offline", "openai", "transformers"] = "offline"
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    transformers: TransformersConfig = field(default_factory=TransformersConfig)
     # Prompts per skill; None uses each skill's target_count.
     num_prompts: int | None = None
     # In-context examples per request (SELMA: 3) and new prompts asked for per request.
     examples_per_request: int = 3
     prompts_per_request: int = 20
-    # ROUGE-L F-measure above which a candidate is a near-duplicate (SELMA's code: 0.8).
+    # Requests per wave; a wave's examples come from the pool as it was when the wave started.
+    concurrency: int = 8
+    # ROUGE-L F-measure above which a candidate is a near-duplicate (SELMA's code: 0.8; self-instruct: 0.7).
     rouge_threshold: float = 0.8
-    # Longest prompt accepted, in words (CLIP's text encoder reads 77 tokens).
-    max_words: int = 60
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
     heldout_fraction: float = 0.1
-    max_requests: int = execution_only(200)
-    max_useless_requests: int = execution_only(5)
+    max_requests: int = execution_only(1000)
+    max_useless_requests: int = execution_only(10)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,138 +98,250 @@ class PromptsConfig:
             )
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction}")
-        for name in ("examples_per_request", "prompts_per_request", "max_requests", "max_useless_requests"):
+        for name in (
+            "examples_per_request",
+            "prompts_per_request",
+            "concurrency",
+            "max_requests",
+            "max_useless_requests",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not 0.0 < self.rouge_threshold <= 1.0:
             raise ValueError(f"rouge_threshold: expected a number in (0, 1], got {self.rouge_threshold}")
 
 
-def make_backend(cfg: PromptsConfig):
+def make_backend(cfg: PromptsConfig, cache_dir: str = "", device: str = "cpu"):
     if cfg.backend == "openai":
         from selma_core.prompting.openai_compat import OpenAICompatibleBackend
 
         return OpenAICompatibleBackend(cfg.openai)
+    if cfg.backend == "transformers":
+        from selma_core.prompting.transformers_lm import TransformersBackend
+
+        return TransformersBackend(cfg.transformers, cache_dir, device, seed=cfg.seed)
     from selma_core.prompting.offline import OfflineTemplateGenerator
 
     return OfflineTemplateGenerator(seed=cfg.seed)
+
+
+def rejection_reason(text: str, skill, examples: tuple[str, ...]) -> str | None:
+    """Why a parsed line cannot be a prompt of ``skill`` (before any similarity check), or None."""
+    if not text.strip():
+        return "empty"
+    letters = sum(c.isalpha() for c in text)
+    if letters < 0.6 * len(text.replace(" ", "")) or any(
+        s in text for s in ("http", "```", "{", "}", "<", ">")
+    ):
+        return "not_text"
+    lowered = text.lower()
+    if text in examples or any(marker in lowered for marker in _ECHO_MARKERS):
+        return "echo"
+    return skill.checks.violation(text)
+
+
+@dataclass
+class _LoopState:
+    """Everything the loop has decided so far; saved after every wave, restored on a restart."""
+
+    records: list[dict] = field(default_factory=list)
+    requests: int = 0
+    tokens: int = 0
+    candidates: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    useless: int = 0
+    samples: list[str] = field(default_factory=list)
 
 
 def generate_prompts(ctx, skill_name: str) -> dict:
     """Write ``ctx.job.key``: the skill's prompts with their train/held-out split."""
     from tqdm import tqdm
 
+    from selma_core.models.loading import resolve_device
+    from selma_core.prompting.contamination import benchmark_index
     from selma_core.prompting.dedup import RougeDeduplicator
     from selma_core.prompting.request import PromptRequest, parse_prompt_list
+    from selma_core.prompting.stats import distinct_n, mean_pairwise_rouge_l
 
     cfg: PromptsConfig = ctx.config.prompts
     skill = ctx.skills[skill_name]
     target = cfg.num_prompts or skill.target_count
-    backend = make_backend(cfg)
-    rng = random.Random(f"{cfg.seed}:{skill_name}")
     dedup = RougeDeduplicator(cfg.rouge_threshold)
-    records: list[dict] = []
-    rejected = {"duplicate": 0, "too_long": 0, "empty": 0}
+    benchmarks = (
+        benchmark_index(cfg.contamination.benchmarks, cfg.contamination.rouge_threshold)
+        if cfg.contamination.benchmarks
+        else None
+    )
+    state = _LoopState()
+    heldout: set[int] = set()
 
-    heldout: set[int] = set()  # positions in ``records``; chosen once the seeds are in
-
-    def accept(text: str, source: str, request_id: str | None) -> None:
-        if len(records) < target and dedup.add(text):
-            position = len(records)
-            records.append(
-                {
-                    "id": f"{skill_name}-{position:05d}",
-                    "skill": skill_name,
-                    "text": text,
-                    "source": source,
-                    "request_id": request_id,
-                    "model": None if source == "seed" else backend.model_name,
-                    "split": "heldout" if position in heldout else "train",
-                }
-            )
-        elif len(records) < target:
-            rejected["duplicate"] += 1
+    def consider(text: str, source: str, request_id: str | None, examples: tuple[str, ...], model) -> bool:
+        """Accept ``text`` or count why not; True when accepted."""
+        state.candidates += 1
+        reason = rejection_reason(text, skill, examples)
+        if reason is None and benchmarks is not None and benchmarks.is_near_duplicate(text):
+            reason = "contamination"
+        if reason is None and not dedup.add(text):
+            reason = "duplicate"
+        if reason is not None:
+            state.rejected[reason.split(" ")[0]] += 1
+            return False
+        position = len(state.records)
+        state.records.append(
+            {
+                "id": f"{skill_name}-{position:05d}",
+                "skill": skill_name,
+                "text": text,
+                "source": source,
+                "request_id": request_id,
+                "model": model,
+                "split": "heldout" if position in heldout else "train",
+            }
+        )
+        return True
 
     for seed_text in skill.seeds:
-        if seed_text.strip():
-            accept(seed_text.strip(), "seed", None)
-
-    # The held-out split is drawn before generation, among the generated prompts (not the seeds,
-    # which we wrote): held-out prompts are never trained on and never shown as in-context examples.
+        if len(state.records) < target:
+            consider(seed_text.strip(), "seed", None, (), None)
+    n_seeds = len(state.records)
+    # Held-out positions among the generated prompts (not our seeds), drawn before generation.
     n_heldout = min(max(1, round(cfg.heldout_fraction * target)), target - 1)
-    split_rng = random.Random(f"{cfg.seed}:{skill_name}:split")
-    first = len(records) if target - len(records) >= n_heldout else 0
-    heldout.update(split_rng.sample(range(first, target), n_heldout))
-    for position, record in enumerate(records):  # seeds, when there are too few generated places
+    first = n_seeds if target - n_seeds >= n_heldout else 0
+    heldout.update(random.Random(f"{cfg.seed}:{skill_name}:split").sample(range(first, target), n_heldout))
+    for position, record in enumerate(state.records):
         record["split"] = "heldout" if position in heldout else "train"
 
+    partial = f"{ctx.job.key}/_partial"
+    resumed = _resume(ctx.store, partial, state, dedup)
+    if resumed:
+        print(f"resuming: {len(state.records)} prompts from {resumed} saved waves", file=sys.stderr)
+
+    backend = None
+    if len(state.records) < target:
+        backend = make_backend(cfg, ctx.config.cache_dir, resolve_device(ctx.config.device))
+    source = {"offline": "offline"}.get(cfg.backend, "llm")
     start = time.monotonic()
-    requests = useless = 0
-    samples: list[str] = []
-    progress = tqdm(total=target, initial=len(records), desc=f"prompts {skill_name}", unit="prompt")
+    progress = tqdm(total=target, initial=len(state.records), desc=f"prompts {skill_name}", unit="prompt")
     try:
-        while len(records) < target:
-            if requests >= cfg.max_requests:
+        while len(state.records) < target:
+            if state.requests >= cfg.max_requests:
                 raise InputError(
-                    f"prompts for skill {skill_name!r}: only {len(records)} of {target} distinct prompts "
-                    f"after {requests} requests (rejected: {rejected}); raise prompts.max_requests, "
-                    f"lower num_prompts, or raise rouge_threshold ({cfg.rouge_threshold})"
+                    f"prompts for skill {skill_name!r}: only {len(state.records)} of {target} prompts "
+                    f"after {state.requests} requests (rejected: {dict(state.rejected)}); raise "
+                    "prompts.max_requests, lower num_prompts, or raise rouge_threshold "
+                    f"({cfg.rouge_threshold})"
                 )
-            pool = [r["text"] for r in records if r["split"] == "train"]
-            examples = tuple(rng.sample(pool, min(cfg.examples_per_request, len(pool))))
-            request = PromptRequest(f"{skill_name}-{requests:05d}", skill, examples, cfg.prompts_per_request)
-            reply = backend.complete(request)
-            requests += 1
-            before = len(records)
-            for text in parse_prompt_list(reply):
-                if len(text.split()) > cfg.max_words:
-                    rejected["too_long"] += 1
+            wave = []
+            pool = [r["text"] for r in state.records if r["split"] == "train"]
+            for i in range(state.requests, min(state.requests + cfg.concurrency, cfg.max_requests)):
+                rng = random.Random(f"{cfg.seed}:{skill_name}:{i}")
+                examples = tuple(rng.sample(pool, min(cfg.examples_per_request, len(pool))))
+                wave.append(PromptRequest(f"{skill_name}-{i:05d}", skill, examples, cfg.prompts_per_request))
+            tokens_before = backend.tokens_used
+            replies = backend.complete_batch(wave)
+            new_from = len(state.records)
+            for request, reply in zip(wave, replies, strict=True):
+                state.requests += 1
+                before = len(state.records)
+                for text in parse_prompt_list(reply):
+                    if len(state.records) >= target:
+                        break
+                    consider(text, source, request.request_id, request.examples, backend.model_name)
+                if not reply.strip():
+                    state.rejected["empty_reply"] += 1
+                if len(state.records) > before or len(state.records) >= target:
+                    state.useless = 0
                     continue
-                accept(text, "offline" if cfg.backend == "offline" else "llm", request.request_id)
-            if not reply.strip():
-                rejected["empty"] += 1
-            progress.update(len(records) - before)
-            if len(records) == before:
-                useless += 1
-                samples.append(reply.strip()[:120])
-                if useless >= cfg.max_useless_requests:
+                state.useless += 1
+                state.samples = (state.samples + [reply.strip()[:160]])[-3:]
+                if state.useless >= cfg.max_useless_requests:
                     raise InputError(
-                        f"prompts for skill {skill_name!r}: {useless} requests in a row gave no new usable "
-                        f"prompt (accepted {len(records)} of {target}); "
-                        f"samples of what came back: {samples[-3:]!r}"
+                        f"prompts for skill {skill_name!r}: {state.useless} requests in a row gave no new "
+                        f"usable prompt (accepted {len(state.records)} of {target}; rejected: "
+                        f"{dict(state.rejected)}); samples of what came back: {state.samples!r}"
                     )
-            else:
-                useless = 0
+            state.tokens += backend.tokens_used - tokens_before
+            progress.update(len(state.records) - new_from)
+            _save_wave(ctx.store, partial, state, new_from)
     finally:
         progress.close()
 
+    elapsed = time.monotonic() - start
+    texts = [r["text"] for r in state.records]
+    generated = len(state.records) - n_seeds
     stats = {
         "skill": skill_name,
-        "accepted": len(records),
-        "train": len(records) - n_heldout,
+        "accepted": len(state.records),
+        "seeds": n_seeds,
+        "train": len(state.records) - n_heldout,
         "heldout": n_heldout,
-        "rejected": rejected,
-        "requests": requests,
-        "tokens": backend.tokens_used,
-        "wall_s": round(time.monotonic() - start, 3),
+        "candidates": state.candidates,
+        "rejected": dict(sorted(state.rejected.items())),
+        "dedup_rate": state.rejected["duplicate"] / state.candidates if state.candidates else 0.0,
+        "contamination_drops": state.rejected["contamination"],
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "mean_pairwise_rouge_l": mean_pairwise_rouge_l(texts, seed=cfg.seed),
+        "requests": state.requests,
+        "tokens": state.tokens,
+        "wall_s": round(elapsed, 3),
+        "prompts_per_s": generated / elapsed if elapsed > 0 else 0.0,
         "backend": cfg.backend,
-        "model": backend.model_name,
+        "model": backend.model_name if backend else None,
     }
     with ctx.output() as out:
         with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
-            for record in records:
+            for record in state.records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    ctx.store.delete_prefix(partial)  # the committed output supersedes the saved waves
+    print(format_stats(stats), file=sys.stderr)
     ctx.run.log_metrics(
-        {
-            "prompts.accepted": len(records),
-            "prompts.heldout": n_heldout,
-            "prompts.requests": requests,
-            "prompts.rejected_duplicate": rejected["duplicate"],
-            "prompts.rejected_too_long": rejected["too_long"],
-        }
+        {f"prompts.{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and k != "skill"}
+        | {f"prompts.rejected.{k}": float(v) for k, v in stats["rejected"].items()}
     )
     return stats
+
+
+def _save_wave(store, partial: str, state: _LoopState, new_from: int) -> None:
+    """One object per wave: the prompts it accepted and the counters after it."""
+    wave = {
+        "records": state.records[new_from:],
+        "requests": state.requests,
+        "tokens": state.tokens,
+        "candidates": state.candidates,
+        "rejected": dict(state.rejected),
+        "useless": state.useless,
+        "samples": state.samples,
+    }
+    store.write_json(f"{partial}/wave-{state.requests:08d}.json", wave)
+
+
+def _resume(store, partial: str, state: _LoopState, dedup) -> int:
+    """Replay saved waves into ``state``; how many there were."""
+    keys = store.list_keys(partial)
+    for key in keys:
+        wave = store.read_json(key)
+        for record in wave["records"]:
+            dedup.index.add(record["text"])
+            state.records.append(record)
+        state.requests, state.tokens, state.candidates = wave["requests"], wave["tokens"], wave["candidates"]
+        state.rejected = Counter(wave["rejected"])
+        state.useless, state.samples = wave["useless"], wave["samples"]
+    return len(keys)
+
+
+def format_stats(stats: dict) -> str:
+    rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items()) or "none"
+    return (
+        f"prompts {stats['skill']}: {stats['accepted']} accepted ({stats['train']} train, "
+        f"{stats['heldout']} held out) from {stats['candidates']} candidates in {stats['requests']} "
+        f"requests; rejected: {rejected}\n"
+        f"  dedup rate {stats['dedup_rate']:.3f}, contamination drops {stats['contamination_drops']}, "
+        f"distinct-1 {stats['distinct_1']:.3f}, distinct-2 {stats['distinct_2']:.3f}, "
+        f"mean pairwise ROUGE-L {stats['mean_pairwise_rouge_l']:.3f}\n"
+        f"  {stats['tokens']} tokens, {stats['wall_s']:.1f} s, {stats['prompts_per_s']:.1f} prompts/s"
+    )
 
 
 def read_prompts(path) -> list[dict]:

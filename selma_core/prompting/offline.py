@@ -35,3 +35,6 @@ class OfflineTemplateGenerator:
             text = SLOT_PATTERN.sub(lambda m: rng.choice(vocabulary.slots[m.group(1)]), template)
             lines.append(f"{i + 1}. {text}")
         return "\n".join(lines)
+
+    def complete_batch(self, requests: list[PromptRequest]) -> list[str]:
+        return [self.complete(r) for r in requests]

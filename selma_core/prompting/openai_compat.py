@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,12 +39,16 @@ class OpenAIConfig:
     backoff_s: float = execution_only(1.0)
     # Upper bound on one wait, whatever Retry-After asks for.
     max_backoff_s: float = execution_only(60.0)
+    # An optional cap on requests started per minute (prompts.concurrency sets how many are in flight).
+    requests_per_minute: float | None = execution_only(None)
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected http(s)://..., got {self.base_url!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries: expected >= 0, got {self.max_retries}")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise ValueError(f"requests_per_minute: expected > 0, got {self.requests_per_minute}")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -59,14 +65,34 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
+class RateLimiter:
+    """Spaces request starts at least ``60 / per_minute`` seconds apart, across threads."""
+
+    def __init__(self, per_minute: float | None, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = self.clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self.sleep(start - now)
+
+
 class OpenAICompatibleBackend:
     def __init__(self, cfg: OpenAIConfig, sleep=time.sleep) -> None:
-        import requests
-
         self.cfg = cfg
         self.model_name = cfg.model
-        self.session = requests.Session()
+        self._local = threading.local()  # one HTTP session per thread: Session is not thread-safe
         self.sleep = sleep
+        self.limiter = RateLimiter(cfg.requests_per_minute, sleep=sleep)
+        self._lock = threading.Lock()
         self.tokens_used = 0
         self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not self.api_key and "api.openai.com" in cfg.base_url:
@@ -91,6 +117,21 @@ class OpenAICompatibleBackend:
             payload["prompt"] = request.as_text()
         return payload
 
+    @property
+    def session(self):
+        import requests
+
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def complete_batch(self, requests: list[PromptRequest]) -> list[str]:
+        """Replies in request order; all of ``requests`` in flight at once (one wave)."""
+        if len(requests) == 1:
+            return [self.complete(requests[0])]
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            return list(pool.map(self.complete, requests))
+
     def complete(self, request: PromptRequest) -> str:
         import requests
 
@@ -99,6 +140,7 @@ class OpenAICompatibleBackend:
         last = "no attempt"
         for attempt in range(self.cfg.max_retries + 1):
             wait = min(self.cfg.backoff_s * 2**attempt, self.cfg.max_backoff_s)
+            self.limiter.wait()
             try:
                 response = self.session.post(
                     url, json=self._payload(request), headers=headers, timeout=self.cfg.timeout_s
@@ -146,6 +188,6 @@ class OpenAICompatibleBackend:
         usage = data.get("usage")
         if isinstance(usage, dict):
             # A malformed usage count is not worth failing a request over.
-            with contextlib.suppress(TypeError, ValueError):
+            with contextlib.suppress(TypeError, ValueError), self._lock:
                 self.tokens_used += int(usage.get("total_tokens") or 0)
         return text or ""

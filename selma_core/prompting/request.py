@@ -56,7 +56,9 @@ def parse_prompt_list(text: str) -> list[str]:
     stripped = "\n".join(lines)
     prompts = []
     for line in stripped.splitlines():
-        line = _LIST_MARK.sub("", line, count=1).strip().strip('"').strip()
+        line = _LIST_MARK.sub("", line, count=1).strip()
+        if len(line) > 1 and line[0] == line[-1] == '"' and '"' not in line[1:-1]:
+            line = line[1:-1].strip()  # a wrapped line, not a quotation inside it (text skills)
         # A lead-in such as "Here are 20 new prompts:" is not a prompt.
         if line and not line.endswith(":"):
             prompts.append(line)

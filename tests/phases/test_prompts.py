@@ -144,18 +144,21 @@ def test_offline_end_to_end(tiny_config, tmp_path, skill, num_prompts):
     assert stats["backend"] == "offline" and stats["model"] == "offline-templates"
     assert stats["tokens"] == 0
     used = {int(r["request_id"].rsplit("-", 1)[1]) for r in generated}
-    assert stats["requests"] >= 1 and max(used) == stats["requests"] - 1  # the last request filled it
-    assert stats["rejected"]["too_long"] == 0
+    # Requests go out in waves of `concurrency`; the last wave filled it.
+    waves = -(-stats["requests"] // ctx.config.prompts.concurrency)
+    assert stats["requests"] >= 1 and max(used) >= (waves - 1) * ctx.config.prompts.concurrency
+    assert stats["rejected"].get("too_long", 0) == 0  # the offline vocabulary obeys the skill's checks
+    assert stats["candidates"] == num_prompts + sum(stats["rejected"].values())
+    assert 0 < stats["distinct_1"] <= 1 and 0 < stats["distinct_2"] <= 1
+    assert 0 <= stats["mean_pairwise_rouge_l"] < threshold
 
     # Metrics were logged once, with the same numbers.
-    logged = {
-        "prompts.accepted": num_prompts,
-        "prompts.heldout": len(heldout),
-        "prompts.requests": stats["requests"],
-        "prompts.rejected_duplicate": stats["rejected"]["duplicate"],
-        "prompts.rejected_too_long": 0,
-    }
-    assert ctx.run.metrics == [(logged, None)]
+    [(logged, step)] = ctx.run.metrics
+    assert step is None
+    assert logged["prompts.accepted"] == num_prompts and logged["prompts.heldout"] == len(heldout)
+    assert logged["prompts.requests"] == stats["requests"]
+    assert logged.get("prompts.rejected.duplicate", 0) == stats["rejected"].get("duplicate", 0)
+    assert logged["prompts.distinct_2"] == stats["distinct_2"]
 
 
 def test_same_config_gives_the_same_prompts(tiny_config, tmp_path):
@@ -233,11 +236,11 @@ def reachable(texts: list[str], threshold: float) -> int:
     [
         (
             {"max_useless_requests": 4},
-            r"4 requests in a row gave no new usable prompt \(accepted {n} of 50\)",
+            r"4 requests in a row gave no new usable prompt \(accepted {n} of 50;",
         ),
         (
             {"max_useless_requests": 100, "max_requests": 6},
-            r"only {n} of 50 distinct prompts after 6 requests",
+            r"only {n} of 50 prompts after 6 requests",
         ),
     ],
     ids=["useless-requests", "max-requests"],
@@ -257,13 +260,14 @@ def test_vocabulary_that_cannot_reach_num_prompts(tiny_config, tmp_path, limits,
         generate_prompts(ctx, "tiny")
     assert "'tiny'" in str(info.value)
     assert not ctx.store.is_committed(ctx.job.key)
-    assert ctx.store.list_keys(ctx.job.key) == []
+    # Only the saved waves stay (for a resume); nothing that looks like an output.
+    assert all(k.startswith(f"{ctx.job.key}/_partial/") for k in ctx.store.list_keys(ctx.job.key))
     assert ctx.run.metrics == []
 
 
 @pytest.mark.parametrize(
     "content, sample",
-    [("", ""), ("   \n\n", ""), ("I'm sorry, " * 40, ("I'm sorry, " * 40).strip()[:120])],
+    [("", ""), ("   \n\n", ""), ("I'm sorry, " * 40, ("I'm sorry, " * 40).strip()[:160])],
     ids=["empty", "blank", "too-long"],
 )
 def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample):
@@ -273,6 +277,7 @@ def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample)
                 "backend": "openai",
                 "num_prompts": 20,
                 "max_useless_requests": 3,
+                "concurrency": 1,
                 "openai": {
                     "base_url": server.base_url,
                     "model": "fake-llm",
@@ -285,11 +290,11 @@ def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample)
         with pytest.raises(InputError) as info:
             generate_prompts(ctx, "counting")
     message = str(info.value)
-    assert "3 requests in a row gave no new usable prompt (accepted 8 of 20)" in message
+    seeds = len(ctx.skills["counting"].seeds)
+    assert f"3 requests in a row gave no new usable prompt (accepted {seeds} of 20;" in message
     assert f"samples of what came back: {[sample] * 3!r}" in message
     assert len(server.requests) == 3
     assert not ctx.store.is_committed(ctx.job.key)
-    assert ctx.store.list_keys(ctx.job.key) == []
 
 
 # -- the openai backend, against a local OpenAI-compatible server ------------------------------
@@ -297,14 +302,14 @@ def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample)
 
 def test_llm_backend_end_to_end(tiny_config, tmp_path):
     new = [
-        "seven blue kites above a windy beach",
+        "four blue kites above a windy beach",
         "two owls perched on a snowy branch",
         "five paper lanterns hanging over a night market",
         "three bicycles parked by a yellow door",
     ]
     reply = "\n".join(
         [
-            "1. three red apples on a wooden kitchen table",  # a seed again: a duplicate
+            "1. three red apples on a wooden kitchen table",  # a seed: a duplicate
             "2. " + " ".join(["word"] * 61),  # over max_words
             *[f"{i}. {text}" for i, text in enumerate(new, 3)],
             "7. one more that is never needed",
@@ -314,8 +319,9 @@ def test_llm_backend_end_to_end(tiny_config, tmp_path):
         config = tiny_config(
             prompts={
                 "backend": "openai",
-                "num_prompts": 12,
+                "num_prompts": 16,
                 "examples_per_request": 3,
+                "concurrency": 1,
                 "openai": {
                     "base_url": server.base_url,
                     "model": "fake-llm",
@@ -330,11 +336,12 @@ def test_llm_backend_end_to_end(tiny_config, tmp_path):
     assert ctx.store.is_committed(ctx.job.key)
     records = committed_records(ctx, tmp_path)
     seeds = ctx.skills["counting"].seeds
+    assert len(seeds) == 12 and "three red apples on a wooden kitchen table" in seeds
     assert [r["text"] for r in records] == seeds + new
-    assert all(r["source"] == "llm" and r["model"] == "fake-llm" for r in records[8:])
-    assert {r["request_id"] for r in records[8:]} == {"counting-00000"}
+    assert all(r["source"] == "llm" and r["model"] == "fake-llm" for r in records[12:])
+    assert {r["request_id"] for r in records[12:]} == {"counting-00000"}
     assert stats["requests"] == 1 and stats["tokens"] == 123 and stats["model"] == "fake-llm"
-    assert stats["rejected"] == {"duplicate": 1, "too_long": 1, "empty": 0}
+    assert stats["rejected"] == {"duplicate": 1, "too_long": 1}
 
     [received] = server.requests
     assert received.path == "/v1/chat/completions"
@@ -367,3 +374,109 @@ def test_heldout_prompts_are_never_shown_as_examples(tiny_config, tmp_path, monk
     assert len(heldout) == 12
     assert all(r["source"] != "seed" for r in records if r["split"] == "heldout")
     assert shown and not shown & heldout
+
+
+def test_a_killed_job_resumes_without_losing_or_duplicating(tiny_config, tmp_path, monkeypatch):
+    """Killed after two waves were saved, the rerun replays them and ends exactly as an unbroken run."""
+    from selma_core.prompting.offline import OfflineTemplateGenerator
+
+    overrides = {"num_prompts": 60, "prompts_per_request": 3, "concurrency": 2}
+    unbroken = make_context(tiny_config(prompts=overrides), "spatial", tmp_path / "unbroken")
+    generate_prompts(unbroken, "spatial")
+
+    calls = []
+    complete_batch = OfflineTemplateGenerator.complete_batch
+
+    def dies_on_third_wave(self, requests):
+        calls.append([r.request_id for r in requests])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return complete_batch(self, requests)
+
+    monkeypatch.setattr(OfflineTemplateGenerator, "complete_batch", dies_on_third_wave)
+    broken = make_context(tiny_config(prompts=overrides), "spatial", tmp_path / "broken")
+    with pytest.raises(KeyboardInterrupt):
+        generate_prompts(broken, "spatial")
+    assert not broken.store.is_committed(broken.job.key)
+    assert len(broken.store.list_keys(f"{broken.job.key}/_partial")) == 2
+
+    calls.clear()
+    monkeypatch.setattr(
+        OfflineTemplateGenerator,
+        "complete_batch",
+        lambda self, r: (calls.append(r), complete_batch(self, r))[1],
+    )
+    stats = generate_prompts(broken, "spatial")
+    assert [r.request_id for r in calls[0]] == ["spatial-00004", "spatial-00005"]  # waves 1-2 not redone
+    assert committed_records(broken, tmp_path / "a") == committed_records(unbroken, tmp_path / "b")
+    assert (
+        stats["requests"]
+        == json.loads(unbroken.store.read_output_file(unbroken.job.key, "stats.json"))["requests"]
+    )
+    assert broken.store.list_keys(f"{broken.job.key}/_partial") == []  # cleaned up after the commit
+
+
+def test_a_wave_sends_concurrent_requests_and_keeps_their_order(tiny_config, tmp_path):
+    """With concurrency 4, four requests are in flight together; replies are used in request order."""
+    import threading
+
+    in_flight, peak = [0], [0]
+    lock = threading.Lock()
+
+    class Slow(FakeOpenAI):
+        def _next(self):
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            import time
+
+            time.sleep(0.3)
+            with lock:
+                in_flight[0] -= 1
+            return super()._next()
+
+    texts = [
+        "two paper lanterns hanging over a quiet harbor",
+        "three goats standing on a mossy stone wall",
+        "four red umbrellas leaning against a cafe window",
+        "five sailboats drifting past a white lighthouse",
+    ]
+    replies = [chat_reply(f"1. {text}") for text in texts]
+    with Slow(replies) as server:
+        config = tiny_config(
+            prompts={
+                "backend": "openai",
+                "num_prompts": 16,
+                "concurrency": 4,
+                "openai": {
+                    "base_url": server.base_url,
+                    "model": "fake-llm",
+                    "api_key_env": "",
+                    "max_retries": 0,
+                },
+            }
+        )
+        ctx = make_context(config, "counting", tmp_path / "store")
+        stats = generate_prompts(ctx, "counting")
+    assert peak[0] == 4 and stats["requests"] == 4
+    generated = [r for r in committed_records(ctx, tmp_path) if r["source"] == "llm"]
+    assert [r["request_id"] for r in generated] == [f"counting-0000{i}" for i in range(4)]
+
+
+def test_an_in_process_lm_writing_garbage_is_rejected_with_samples(tiny_config, tmp_path, model_cache):
+    """random:tiny-lm writes noise: the plumbing runs, nothing passes the rules, the error quotes it."""
+    config = tiny_config(
+        prompts={
+            "backend": "transformers",
+            "num_prompts": 20,
+            "concurrency": 2,
+            "max_useless_requests": 2,
+            "transformers": {"model": "random:tiny-lm", "max_new_tokens": 32, "batch_size": 2},
+        }
+    )
+    ctx = make_context(config, "counting", tmp_path / "store")
+    with pytest.raises(InputError, match="2 requests in a row gave no new usable prompt") as info:
+        generate_prompts(ctx, "counting")
+    message = str(info.value)
+    assert "samples of what came back" in message and "rejected: {" in message
+    assert not ctx.store.is_committed(ctx.job.key)

@@ -270,3 +270,23 @@ def test_unknown_api_kind_is_a_config_error_naming_the_choices():
 
     with pytest.raises(ConfigError, match=r"llm.yaml: api: expected one of 'chat', 'completions'"):
         from_dict(OpenAIConfig, {"api": "responses"}, "llm.yaml")
+
+
+def test_rate_limiter_spaces_request_starts():
+    from selma_core.prompting.openai_compat import RateLimiter
+
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    limiter = RateLimiter(per_minute=120, clock=lambda: now[0], sleep=sleep)  # one every 0.5 s
+    for _ in range(3):
+        limiter.wait()
+    assert slept == [0.5, 1.0]  # the 2nd waits 0.5 s, the 3rd 1.0 s (both asked at t=100)
+    now[0] = 200.0
+    limiter.wait()
+    assert slept == [0.5, 1.0]  # long after: no wait
+    RateLimiter(None, sleep=sleep).wait()
+    assert len(slept) == 2

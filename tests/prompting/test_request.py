@@ -138,3 +138,14 @@ def test_lead_ins_fences_and_leading_numbers_that_are_not_list_marks():
     assert parse_prompt_list(text) == ["3-legged stool in a barn", "2.5 meter statue of a horse"]
     plain = "Sure! Here you go:\n1. 3-legged stool in a barn\n2) 2.5 meter statue"
     assert parse_prompt_list(plain) == ["3-legged stool in a barn", "2.5 meter statue"]
+
+
+def test_quotes_inside_a_prompt_are_kept():
+    from selma_core.prompting.request import parse_prompt_list
+
+    reply = '1. a neon sign that says "OPEN"\n2. "a cat on a mat"\n3. "EXIT" painted on a door'
+    assert parse_prompt_list(reply) == [
+        'a neon sign that says "OPEN"',
+        "a cat on a mat",
+        '"EXIT" painted on a door',
+    ]

@@ -1,0 +1,100 @@
+"""An in-process Hugging Face causal LM as the prompt writer, for clusters without an LLM API.
+
+Loads ``AutoModelForCausalLM`` from a hub id, a local folder or ``random:tiny-lm`` (a random test
+model: its text is garbage, which the prompts phase rejects; it tests the plumbing). Uses the
+tokenizer's chat template when it has one, else the plain-text form of the request. Requests are
+sampled in batches (left padding), seeded per batch so a rerun writes the same text.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from selma_core.prompting.request import PromptRequest
+from selma_core.typed_yaml import execution_only
+
+
+@dataclass
+class TransformersConfig:
+    """Settings for an in-process causal LM."""
+
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    revision: str | None = None
+    max_new_tokens: int = 768
+    temperature: float = 1.0
+    top_p: float = 0.95
+    # Requests sampled together in one generate() call.
+    batch_size: int = execution_only(8)
+    # "auto": bfloat16 on CUDA, float32 on CPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+
+
+class TransformersBackend:
+    def __init__(self, cfg: TransformersConfig, cache_dir: str | Path, device: str, seed: int = 0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from selma_core.models.loading import model_load_error, resolve_model_path
+
+        self.cfg, self.device, self.seed = cfg, device, seed
+        self.model_name = cfg.model
+        self.tokens_used = 0
+        path = resolve_model_path(cfg.model, cache_dir)
+        if cfg.dtype == "auto":
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, cfg.dtype)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+            self.model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise model_load_error(path, e) from e
+        self.model.to(device).eval()
+        self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _text(self, request: PromptRequest) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                request.messages(), tokenize=False, add_generation_prompt=True
+            )
+        return request.as_text()
+
+    def complete_batch(self, requests: list[PromptRequest]) -> list[str]:
+        import torch
+
+        replies: list[str] = []
+        for start in range(0, len(requests), self.cfg.batch_size):
+            batch = requests[start : start + self.cfg.batch_size]
+            inputs = self.tokenizer(
+                [self._text(r) for r in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
+            seed = zlib.crc32(f"{self.seed}:{batch[0].request_id}".encode())
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                out = self.model.generate(
+                    **inputs,
+                    do_sample=True,
+                    temperature=self.cfg.temperature,
+                    top_p=self.cfg.top_p,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            self.tokens_used += int(inputs["attention_mask"].sum()) + int(
+                (new != self.tokenizer.pad_token_id).sum()
+            )
+            replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return replies

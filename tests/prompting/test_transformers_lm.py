@@ -1,0 +1,37 @@
+"""The in-process causal LM backend, on a random tiny GPT-2 (its text is garbage: plumbing only)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO
+
+from selma_core.prompting.request import PromptRequest
+from selma_core.prompting.transformers_lm import TransformersBackend, TransformersConfig
+from selma_core.skills import load_skill
+
+
+@pytest.fixture(scope="module")
+def backend(model_cache):
+    cfg = TransformersConfig(model="random:tiny-lm", max_new_tokens=24, batch_size=2)
+    return TransformersBackend(cfg, model_cache, "cpu", seed=0)
+
+
+def requests(n: int) -> list[PromptRequest]:
+    skill = load_skill(REPO / "skills", "spatial")
+    return [PromptRequest(f"spatial-{i:05d}", skill, tuple(skill.seeds[:3]), 5) for i in range(n)]
+
+
+def test_batched_sampling_returns_one_reply_per_request_and_counts_tokens(backend):
+    before = backend.tokens_used
+    replies = backend.complete_batch(requests(3))
+    assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
+    assert backend.tokens_used > before
+
+
+def test_sampling_is_seeded(backend):
+    assert backend.complete_batch(requests(2)) == backend.complete_batch(requests(2))
+
+
+def test_the_chat_template_is_used(backend):
+    text = backend._text(requests(1)[0])
+    assert text.startswith("<|system|>") and text.endswith("<|assistant|>")
