@@ -13,7 +13,7 @@ def make_executor(cfg: PipelineConfig, kind: str, log_dir: str) -> Executor:
     if kind == "local":
         from jobs.executors.local import LocalExecutor
 
-        return LocalExecutor(log_dir)
+        return LocalExecutor(log_dir, cfg.executor.max_parallel)
     raise ConfigError(
         f"executor {kind!r} is not available in this version of selma (the Kubernetes executor is being "
         "built; use --backend local)"

@@ -61,3 +61,17 @@ def test_last_json_line_skips_noise(tmp_path):
 def test_describe_shows_the_command_and_log(tmp_path):
     line = LocalExecutor(tmp_path / "logs").describe(JOB, ["python", "-m", "jobs.run", "--phase", "prompts"])
     assert line.startswith("prompts:counting: ") and sys.executable in line and "prompts-counting.log" in line
+
+
+def test_parallel_jobs_share_the_cores(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    executor = LocalExecutor(tmp_path / "logs", max_parallel=4)
+    code = 'import json, os; print(json.dumps({"status": "ran", "omp": os.environ["OMP_NUM_THREADS"]}))'
+    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
+    assert status.result["omp"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting wins
+    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
+    assert status.result["omp"] == "3"
