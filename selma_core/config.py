@@ -81,6 +81,20 @@ class ExecutorConfig:
 
 
 @dataclass
+class PromoteConfig:
+    """When ``python -m jobs.promote`` moves the ``champion`` alias to a candidate."""
+
+    # The evaluation score compared (tagged on each version by the eval phase), higher is better.
+    metric: Literal["clip_score"] = "clip_score"
+    # Refuse when any skill's score drops by more than this (in the metric's units).
+    max_skill_regression: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_skill_regression < 0:
+            raise ValueError(f"max_skill_regression: expected >= 0, got {self.max_skill_regression}")
+
+
+@dataclass
 class PipelineConfig:
     """A whole SELMA pipeline: models, skills, per-phase settings and where things run and live."""
 
@@ -108,6 +122,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     # Not a YAML key: where the config was read from (set by load_config).
     source_path: str = field(default="", init=False, compare=False, repr=False)

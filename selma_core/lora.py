@@ -38,15 +38,33 @@ class LoraAdapter:
     alpha: float
     use_rslora: bool = False
     config: dict[str, Any] = field(default_factory=dict)  # the full peft LoraConfig dict
+    # peft's per-layer exceptions to rank and alpha, keyed by module name (without "unet.").
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
+        """The scale of layers without a pattern entry."""
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    def layer_scale(self, module: str) -> float:
+        rank = _pattern_value(self.rank_pattern, module, self.rank)
+        alpha = _pattern_value(self.alpha_pattern, module, self.alpha)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def delta(self, module: str):
         """ΔW of one module, as the loaded adapter adds it to the frozen weight."""
         layer = self.layers[module]
-        return self.scale * (layer.up.float() @ layer.down.float())
+        return self.layer_scale(module) * (layer.up.float() @ layer.down.float())
+
+
+def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
+    """peft's rule: a pattern key applies to a module whose name is the key or ends with ``.key``."""
+    name = module.removeprefix("unet.")
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key):
+            return value
+    return default
 
 
 def lora_config_dict(
@@ -78,8 +96,6 @@ def load_adapter(path: str | Path) -> LoraAdapter:
         raise InputError(f"LoRA adapter {file}: no '{METADATA_KEY}' metadata (rank and alpha unknown)")
     packed = json.loads(raw)
     config = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith("unet.")}
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise InputError(f"LoRA adapter {file}: per-layer rank/alpha patterns are not supported yet")
     layers: dict[str, LoraLayer] = {}
     for key, tensor in tensors.items():
         if key.endswith(_DOWN):
@@ -98,6 +114,8 @@ def load_adapter(path: str | Path) -> LoraAdapter:
         alpha=float(config["lora_alpha"]),
         use_rslora=bool(config.get("use_rslora", False)),
         config=config,
+        rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+        alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
     )
 
 
@@ -112,8 +130,18 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, pipeline_class: Any = N
         name = module.removeprefix("unet.")
         unet_layers[name + _DOWN] = layer.down.contiguous()
         unet_layers[name + _UP] = layer.up.contiguous()
-    alpha = int(adapter.alpha) if float(adapter.alpha).is_integer() else adapter.alpha
-    config = {**adapter.config, "r": adapter.rank, "lora_alpha": alpha, "use_rslora": adapter.use_rslora}
+
+    def number(value: float) -> float | int:
+        return int(value) if float(value).is_integer() else value
+
+    config = {
+        **adapter.config,
+        "r": adapter.rank,
+        "lora_alpha": number(adapter.alpha),
+        "use_rslora": adapter.use_rslora,
+        "rank_pattern": dict(adapter.rank_pattern),
+        "alpha_pattern": {k: number(v) for k, v in adapter.alpha_pattern.items()},
+    }
     pipeline_class.save_lora_weights(
         str(path), unet_lora_layers=unet_layers, unet_lora_adapter_metadata=config, safe_serialization=True
     )

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import TARGETS, fused_deltas
+from lora_helpers import fused_deltas, trained_like_expert
 from safetensors import safe_open
 
 from selma_core.errors import InputError
 from selma_core.lora import WEIGHT_NAME, LoraAdapter, LoraLayer, load_adapter, save_adapter
 from selma_core.merging import merge_experts
-from selma_core.models.loading import load_diffusion_pipeline
 
 
 def random_adapter(seed: int, rank: int, alpha: float, shapes: dict[str, tuple[int, int]]) -> LoraAdapter:
@@ -77,30 +76,9 @@ def test_bad_merge_inputs_are_named():
         merge_experts({"a": a, "c": c})
 
 
-def _trained_like_expert(model_cache, seed: int, rank: int, alpha: float, path):
-    """A LoRA on the tiny UNet with random non-zero factors, saved the way diffusers saves LoRAs."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights="gaussian")
-    pipe.unet.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    type(pipe).save_lora_weights(
-        str(path), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
-    )
-    return path
-
-
 def test_merged_adapter_loads_in_diffusers_and_adds_the_mean_delta(tmp_path, model_cache):
-    a = _trained_like_expert(model_cache, 0, 2, 4.0, tmp_path / "a")
-    b = _trained_like_expert(model_cache, 1, 3, 3.0, tmp_path / "b")
+    a = trained_like_expert(model_cache, 0, 2, 4.0, tmp_path / "a")
+    b = trained_like_expert(model_cache, 1, 3, 3.0, tmp_path / "b")
     merged = merge_experts({"a": load_adapter(a), "b": load_adapter(b)})
     save_adapter(merged, tmp_path / "merged")
     with safe_open(str(tmp_path / "merged" / WEIGHT_NAME), "pt") as f:
@@ -113,7 +91,7 @@ def test_merged_adapter_loads_in_diffusers_and_adds_the_mean_delta(tmp_path, mod
 
 
 def test_adapter_files_round_trip(tmp_path, model_cache):
-    path = _trained_like_expert(model_cache, 2, 2, 8.0, tmp_path / "e")
+    path = trained_like_expert(model_cache, 2, 2, 8.0, tmp_path / "e")
     adapter = load_adapter(path)
     assert adapter.rank == 2 and adapter.alpha == 8.0 and adapter.scale == 4.0
     save_adapter(adapter, tmp_path / "copy")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from selma_core.errors import InputError
 from selma_core.phases.images import SamplingConfig
+from selma_core.phases.merge import ADAPTER_DIR, EXPERTS_DIR
 
 
 @dataclass
@@ -67,9 +68,16 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
             raise InputError(f"eval: skill {skill!r} has no held-out prompts")
         heldout[skill] = records[: cfg.max_prompts_per_skill] if cfg.max_prompts_per_skill else records
 
-    adapters = {"merged": ctx.fetch("merge")}
+    merge_dir = ctx.fetch("merge")
+    merge_info = json.loads((merge_dir / "merge.json").read_text())
+    # Each variant: the adapters to load, and their weights.
+    if merge_info["method"] == "adapters":  # experts side by side, combined with set_adapters
+        experts = merge_info["experts"]
+        adapters = {"merged": [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in skills]}
+    else:
+        adapters = {"merged": [(merge_dir / ADAPTER_DIR, 1.0)]}
     if cfg.compare_experts:
-        adapters.update({f"expert:{s}": ctx.fetch("train", s) for s in skills})
+        adapters.update({f"expert:{s}": [(ctx.fetch("train", s), 1.0)] for s in skills})
     variants = ["base", *(f"expert:{s}" for s in skills if cfg.compare_experts), "merged"]
 
     pipe = load_diffusion_pipeline(
@@ -84,7 +92,11 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
     with ctx.output() as out:
         for variant in tqdm(variants, desc="eval", unit="model"):
             if variant != "base":
-                pipe.load_lora_weights(str(adapters[variant]), adapter_name=variant.replace(":", "_"))
+                names = []
+                for i, (path, _) in enumerate(adapters[variant]):
+                    names.append(f"{variant.replace(':', '_')}_{i}")
+                    pipe.load_lora_weights(str(path), adapter_name=names[-1])
+                pipe.set_adapters(names, [weight for _, weight in adapters[variant]])
             for skill, records in heldout.items():
                 for first in range(0, len(records), cfg.batch_size):
                     batch = records[first : first + cfg.batch_size]
@@ -134,4 +146,10 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
         }
     )
     ctx.run.log_dict({"variants": variants, "table": table}, "eval/results_table.json")
+    registered = merge_info.get("registered")
+    if registered:  # the scores promotion compares (python -m jobs.promote)
+        scores = {f"selma.eval.clip_score.{skill}": f"{row['merged']:.6f}" for skill, row in table.items()}
+        scores["selma.eval.base.clip_score.mean"] = f"{table['mean']['base']:.6f}"
+        scores["selma.eval.key"] = ctx.job.key
+        ctx.run.tag_model_version(registered["name"], registered["version"], scores)
     return {"table": table, "variants": variants}

@@ -12,6 +12,7 @@ from selma_core.tracking.base import (
     TAG_PIPELINE,
     TAG_SKILL,
     JobRun,
+    ModelVersion,
     Tracker,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "TAG_PIPELINE",
     "TAG_SKILL",
     "JobRun",
+    "ModelVersion",
     "Tracker",
     "open_tracker",
 ]

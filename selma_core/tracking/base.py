@@ -7,6 +7,7 @@ Phases only see ``JobRun`` (log params, metrics, artifacts); the controller open
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,24 @@ class JobRun(ABC):
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
     @abstractmethod
+    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """Tags on a registered model version (evaluation scores, for promotion)."""
+
+    @abstractmethod
     def register_lora_adapter(
         self, adapter_dir: Path, base_model: str, model_name: str, alias: str, tags: dict[str, str]
     ) -> str:
         """Log a LoRA adapter as a model of this run, register it, point ``alias`` at it; the version."""
+
+
+@dataclass
+class ModelVersion:
+    """One version of a registered model, as promotion sees it."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    aliases: list[str]
 
 
 class Tracker(ABC):
@@ -73,3 +88,17 @@ class Tracker(ABC):
 
     @abstractmethod
     def end_job_run(self, run: JobRun, ok: bool) -> None: ...
+
+    # -- the model registry -------------------------------------------------------------------
+
+    @abstractmethod
+    def model_version(
+        self, name: str, version: str | None = None, alias: str | None = None
+    ) -> ModelVersion | None:
+        """A registered model's version by number or alias; None when there is no such version."""
+
+    @abstractmethod
+    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def set_model_alias(self, name: str, alias: str, version: str) -> None: ...

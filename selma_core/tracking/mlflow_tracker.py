@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.tracking.base import JobRun, Tracker
+from selma_core.tracking.base import JobRun, ModelVersion, Tracker
 
 # Bound MLflow's own HTTP retries (default 7 with exponential backoff: minutes) for job processes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -67,6 +67,9 @@ class MlflowJobRun(JobRun):
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        self.tracker.set_model_version_tags(name, version, tags)
+
     def register_lora_adapter(
         self, adapter_dir: Path, base_model: str, model_name: str, alias: str, tags: dict[str, str]
     ) -> str:
@@ -77,9 +80,8 @@ class MlflowJobRun(JobRun):
         with mlflow.start_run(run_id=self.run_id):
             info = _log_adapter_model(adapter_dir, base_model, model_name)
         version = str(info.registered_model_version)
-        for key, value in tags.items():
-            self.client.set_model_version_tag(model_name, version, key, str(value))
-        self.client.set_registered_model_alias(model_name, alias, version)
+        self.tracker.set_model_version_tags(model_name, version, tags)
+        self.tracker.set_model_alias(model_name, alias, version)
         return version
 
 
@@ -167,6 +169,32 @@ class MlflowTracker(Tracker):
 
     def end_job_run(self, run: JobRun, ok: bool) -> None:
         self.client.set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
+
+    def model_version(
+        self, name: str, version: str | None = None, alias: str | None = None
+    ) -> ModelVersion | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = (
+                self.client.get_model_version_by_alias(name, alias)
+                if alias
+                else self.client.get_model_version(name, str(version))
+            )
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        return ModelVersion(
+            name, str(found.version), dict(found.tags), list(getattr(found, "aliases", []) or [])
+        )
+
+    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, str(version), key, str(value))
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
 
     def check(self) -> None:
         try:

@@ -80,11 +80,14 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
 
     # experts and the merged adapter load with vanilla diffusers; merged ΔW = mean of the experts' ΔW
     deltas = {}
-    for name in [f"train:{s}" for s in SKILLS] + ["merge"]:
+    adapter_dirs = {f"train:{s}": fetched[f"train:{s}"] for s in SKILLS} | {
+        "merge": fetched["merge"] / "adapter"
+    }
+    for name, path in adapter_dirs.items():
         pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
-        pipe.load_lora_weights(str(fetched[name]), adapter_name=name.replace(":", "_"))
+        pipe.load_lora_weights(str(path), adapter_name=name.replace(":", "_"))
         assert pipe.get_active_adapters() == [name.replace(":", "_")]
-        deltas[name] = fused_deltas(model_cache, fetched[name])
+        deltas[name] = fused_deltas(model_cache, path)
     for layer, merged in deltas["merge"].items():
         mean = sum(deltas[f"train:{s}"][layer] for s in SKILLS) / len(SKILLS)
         torch.testing.assert_close(merged, mean, rtol=1e-4, atol=1e-6)
@@ -96,6 +99,17 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
         assert all(math.isfinite(results["table"][skill][v]) for v in results["variants"])
 
     check_mlflow(cfg, run_ids)
+    # The kohya/A1111 export is there (its round trip is tested in tests/test_merge_methods.py).
+    assert (fetched["merge"] / "kohya" / "selma_merged_lora.safetensors").stat().st_size > 0
+
+    promoted = subprocess.run(
+        [sys.executable, "-m", "jobs.promote", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert promoted.returncode == 0 and "is the champion" in promoted.stdout, promoted.stderr[-3000:]
 
     second = submit_all(config_path)
     assert {j["status"] for j in second["summary"]["jobs"]} == {"skipped"}
@@ -128,6 +142,8 @@ def check_mlflow(cfg, run_ids: dict) -> None:
     version = client.get_model_version_by_alias(cfg.name, "candidate")
     assert version.run_id == run_ids["merge"]
     assert version.tags["selma.skills"] == "counting,spatial"
+    # The eval phase put the merged model's scores on its version, for promotion.
+    assert {"selma.eval.clip_score.counting", "selma.eval.clip_score.mean"} <= set(version.tags)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.diffusers.load_model(f"models:/{cfg.name}@candidate")
     pipe = model.load_pipeline(device="cpu", torch_dtype=None)

@@ -32,7 +32,7 @@ def test_a_committed_job_is_skipped(tiny_config):
     first = run_job("--phase", "prompts", "--skill", "spatial", "--config", config)
     assert first.returncode == 0, first.stderr
     ran = json.loads(first.stdout.splitlines()[-1])
-    assert ran["status"] == "ran" and ran["result"]["accepted"] == 12
+    assert ran["status"] == "ran" and ran["result"]["accepted"] == 20  # the demo config's num_prompts
     second = run_job("--phase", "prompts", "--skill", "spatial", "--config", config)
     assert second.returncode == 0
     assert json.loads(second.stdout.splitlines()[-1]) == {

@@ -56,6 +56,9 @@ class RecordingRun(JobRun):
     def set_tags(self, tags):
         self.tags.append(dict(tags))
 
+    def tag_model_version(self, name, version, tags):
+        self.tags.append({"model": f"{name}/{version}", **tags})
+
     def register_lora_adapter(self, adapter_dir, base_model, model_name, alias, tags):
         self.adapters.append((Path(adapter_dir), base_model, model_name, alias, dict(tags)))
         return str(len(self.adapters))

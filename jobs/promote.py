@@ -1,0 +1,96 @@
+"""Promote a candidate model version to ``champion`` when it wins; a CI gate.
+
+    python -m jobs.promote --config configs/sd15.yaml [--version 7]
+
+Compares the candidate (``--version``, else the version with alias ``candidate``) with the current
+``champion`` on the evaluation scores tagged on each version: promoted only if its mean score is
+not worse and no skill regresses by more than ``promote.max_skill_regression``. Promotion moves
+``champion`` to the candidate and ``previous`` to the old champion. Prints the comparison table;
+the last line is one JSON object. Exit code: 0 promoted, 1 refused, 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from selma_core.errors import ConfigError, SelmaError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline config YAML (its registered model)")
+    parser.add_argument("--version", help="the version to consider (default: the one aliased 'candidate')")
+    parser.add_argument("--max-skill-regression", type=float, help="override promote.max_skill_regression")
+    return parser
+
+
+def promote(args: argparse.Namespace) -> dict:
+    from selma_core.config import load_config
+    from selma_core.promotion import decide, scores_from_tags
+    from selma_core.tracking import open_tracker
+
+    cfg = load_config(args.config)
+    tracker = open_tracker(cfg.tracking)
+    name = cfg.registered_model_name
+    candidate = (
+        tracker.model_version(name, version=args.version)
+        if args.version
+        else tracker.model_version(name, alias=cfg.merge.alias)
+    )
+    if candidate is None:
+        which = f"version {args.version}" if args.version else f"a version with alias {cfg.merge.alias!r}"
+        raise ConfigError(f"registered model {name!r} at {cfg.tracking.uri} has no {which}")
+    champion = tracker.model_version(name, alias="champion")
+    if champion is not None and champion.version == candidate.version:
+        raise ConfigError(f"version {candidate.version} of {name!r} is already the champion")
+    metric = cfg.promote.metric
+    limit = (
+        cfg.promote.max_skill_regression if args.max_skill_regression is None else args.max_skill_regression
+    )
+    decision = decide(
+        scores_from_tags(candidate.tags, metric),
+        scores_from_tags(champion.tags, metric) if champion else None,
+        limit,
+    )
+    print(
+        f"{name}: candidate v{candidate.version} vs champion "
+        + (f"v{champion.version}" if champion else "(none)")
+    )
+    if decision.rows:
+        print(decision.table())
+    if decision.promote:
+        if champion is not None:
+            tracker.set_model_alias(name, "previous", champion.version)
+        tracker.set_model_alias(name, "champion", candidate.version)
+        print(
+            f"promoted: v{candidate.version} is the champion"
+            + (f"; v{champion.version} is previous" if champion else "")
+        )
+    else:
+        print("refused: " + "; ".join(decision.reasons))
+    return {
+        "model": name,
+        "candidate": candidate.version,
+        "champion": champion.version if champion else None,
+        "promoted": decision.promote,
+        "reasons": decision.reasons,
+        "rows": decision.rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        outcome = promote(args)
+    except SelmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps({"promoted": False, "error": str(e)}))
+        return e.exit_code
+    print(json.dumps(outcome))
+    return 0 if outcome["promoted"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Deciding whether a candidate model replaces the champion: pure comparison, no I/O.
+
+A candidate is promoted when its mean score is not worse than the champion's and no skill's score
+drops by more than ``max_skill_regression``. Scores are the tags the eval phase sets on each
+registered version (``selma.eval.<metric>.<skill>`` and ``.mean``). Compare versions evaluated on the
+same held-out prompts: their eval settings are part of each version's ``selma.eval.key``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PREFIX = "selma.eval."
+
+
+def scores_from_tags(tags: dict[str, str], metric: str) -> dict[str, float]:
+    """{skill or "mean": score} from a version's tags."""
+    prefix = f"{PREFIX}{metric}."
+    return {key[len(prefix) :]: float(value) for key, value in tags.items() if key.startswith(prefix)}
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # skill, champion, candidate, change, ok
+
+    def table(self) -> str:
+        lines = ["| skill | champion | candidate | change | |", "|---|---|---|---|---|"]
+        for row in self.rows:
+            champion = "-" if row["champion"] is None else f"{row['champion']:.3f}"
+            change = "-" if row["change"] is None else f"{row['change']:+.3f}"
+            verdict = "ok" if row["ok"] else "REGRESSION"
+            lines.append(f"| {row['skill']} | {champion} | {row['candidate']:.3f} | {change} | {verdict} |")
+        return "\n".join(lines)
+
+
+def decide(
+    candidate: dict[str, float], champion: dict[str, float] | None, max_skill_regression: float
+) -> Decision:
+    if "mean" not in candidate:
+        return Decision(False, ["the candidate has no evaluation scores: run --phase eval first"])
+    if champion is None:
+        rows = [
+            {"skill": s, "champion": None, "candidate": v, "change": None, "ok": True}
+            for s, v in candidate.items()
+        ]
+        return Decision(True, ["no champion yet"], rows)
+    decision = Decision(True)
+    for skill in sorted(candidate, key=lambda s: (s == "mean", s)):
+        before = champion.get(skill)
+        change = None if before is None else candidate[skill] - before
+        if skill == "mean":
+            ok = change is None or change >= 0
+            if not ok:
+                decision.reasons.append(
+                    f"mean score {candidate[skill]:.3f} is below the champion's {before:.3f}"
+                )
+        else:
+            ok = change is None or change >= -max_skill_regression
+            if not ok:
+                decision.reasons.append(
+                    f"skill {skill} drops by {-change:.3f} "
+                    f"(more than max_skill_regression {max_skill_regression})"
+                )
+        decision.rows.append(
+            {"skill": skill, "champion": before, "candidate": candidate[skill], "change": change, "ok": ok}
+        )
+    decision.promote = not decision.reasons
+    return decision

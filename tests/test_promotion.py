@@ -1,0 +1,115 @@
+"""Promotion: the decision rule, and the registry moves against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import REPO
+from lora_helpers import trained_like_expert
+
+from selma_core.promotion import decide, scores_from_tags
+
+
+def test_first_candidate_becomes_champion():
+    decision = decide({"mean": 1.0, "a": 1.0}, None, 0.5)
+    assert decision.promote and decision.reasons == ["no champion yet"]
+
+
+def test_mean_must_not_drop_and_no_skill_may_regress_beyond_the_margin():
+    champion = {"mean": 10.0, "a": 10.0, "b": 10.0}
+    assert decide({"mean": 10.0, "a": 10.4, "b": 9.6}, champion, 0.5).promote
+    worse = decide({"mean": 9.9, "a": 10.0, "b": 9.8}, champion, 0.5)
+    assert not worse.promote and "mean score 9.900 is below the champion's 10.000" in worse.reasons
+    regress = decide({"mean": 10.5, "a": 12.0, "b": 9.0}, champion, 0.5)
+    assert not regress.promote and regress.reasons == [
+        "skill b drops by 1.000 (more than max_skill_regression 0.5)"
+    ]
+    assert (
+        "REGRESSION" in regress.table() and "| b | 10.000 | 9.000 | -1.000 | REGRESSION |" in regress.table()
+    )
+    assert not decide({}, champion, 0.5).promote  # never evaluated
+
+
+def test_scores_come_from_version_tags():
+    tags = {"selma.eval.clip_score.a": "1.5", "selma.eval.clip_score.mean": "2", "other": "x"}
+    assert scores_from_tags(tags, "clip_score") == {"a": 1.5, "mean": 2.0}
+
+
+def promote(config, *args) -> tuple[int, dict, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.promote", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+
+
+@pytest.mark.slow
+def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache, mlflow_server):
+    import mlflow
+
+    from selma_core.config import load_config
+    from selma_core.models.random_models import materialize_random_model
+    from selma_core.tracking import open_tracker
+
+    name = f"selma-promo-{uuid.uuid4().hex[:6]}"
+    config = tiny_config(name=name, tracking={"uri": mlflow_server})
+    cfg = load_config(config)
+    tracker = open_tracker(cfg.tracking)
+    adapter = trained_like_expert(model_cache, 0, 2, 2.0, tmp_path / "adapter")
+    base = str(materialize_random_model("random:tiny-sd", model_cache))
+
+    def register(mean: float, a: float, b: float) -> str:
+        run = tracker.start_job_run(name, None, "merge", {})
+        version = run.register_lora_adapter(adapter, base, name, "candidate", {"selma.skills": "a,b"})
+        run.tag_model_version(
+            name,
+            version,
+            {
+                "selma.eval.clip_score.mean": str(mean),
+                "selma.eval.clip_score.a": str(a),
+                "selma.eval.clip_score.b": str(b),
+            },
+        )
+        tracker.end_job_run(run, True)
+        return version
+
+    v1 = register(10.0, 10.0, 10.0)
+    code, out, text = promote(config)
+    assert (
+        code == 0
+        and out["promoted"]
+        and out["champion"] is None
+        and f"promoted: v{v1} is the champion" in text
+    )
+    assert tracker.model_version(name, alias="champion").version == v1
+
+    register(9.0, 9.0, 9.0)
+    code, out, text = promote(config)
+    assert code == 1 and not out["promoted"] and "refused: " in text and "mean score 9.000 is below" in text
+    assert tracker.model_version(name, alias="champion").version == v1
+
+    register(11.0, 13.0, 9.0)
+    code, out, _ = promote(config)
+    assert code == 1 and out["reasons"] == ["skill b drops by 1.000 (more than max_skill_regression 0.5)"]
+    code, out, _ = promote(config, "--max-skill-regression", "2")  # a looser gate lets it through
+    assert code == 0 and out["promoted"]
+    v3 = out["candidate"]
+    assert tracker.model_version(name, alias="champion").version == v3
+    assert tracker.model_version(name, alias="previous").version == v1
+
+    code, out, _ = promote(config, "--version", "99")
+    assert code == 2 and "has no version 99" in out["error"]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    pipe = mlflow.diffusers.load_model(f"models:/{name}@champion").load_pipeline(
+        device="cpu", torch_dtype=None
+    )
+    image = pipe("two cats on a sofa", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
