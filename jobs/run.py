@@ -31,10 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--phase", required=True, choices=PHASES, help="the phase to run")
     parser.add_argument("--skill", help="the skill (required for prompts, images and train)")
     parser.add_argument("--config", required=True, help="pipeline config YAML file")
+    parser.add_argument(
+        "--shard-index",
+        type=int,
+        help="which of a phase's parallel jobs (merge-search candidates); default $JOB_COMPLETION_INDEX "
+        "when --num-shards is given (Kubernetes Indexed Jobs)",
+    )
+    parser.add_argument("--num-shards", type=int, help="how many parallel jobs the phase has")
     return parser
 
 
-def run_job(phase: str, skill: str | None, config_path: str) -> dict:
+def run_job(phase: str, skill: str | None, config_path: str, shard: int | None = None) -> dict:
     from selma_core.config import load_config
     from selma_core.context import JobContext
     from selma_core.phases import run_phase
@@ -62,7 +69,12 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
         raise ConfigError(f"--skill {skill}: not one of the pipeline's skills ({', '.join(cfg.skills)})")
     skills = load_skills(cfg.skills_path, cfg.skills)
     plan = build_plan(cfg, skills)
-    job = plan.job(phase, skill)
+    try:
+        job = plan.job(phase, skill, shard)
+    except KeyError as e:
+        raise ConfigError(
+            f"--phase {phase}{f' --shard-index {shard}' if shard is not None else ''}: {e}"
+        ) from e
     store = open_store(cfg.storage)
     if store.is_committed(job.key):
         return {"job": job.id, "status": "skipped", "output": store.url(job.key)}
@@ -77,8 +89,8 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
     run = tracker.start_job_run(cfg.name, os.environ.get(ENV_PARENT_RUN), job.name, tags)
     ok = False
     try:
-        run.log_params({phase: to_dict(getattr(cfg, phase)), "base_model": cfg.base_model})
-        result = run_phase(phase, JobContext(cfg, skills, plan, job, store, run), skill)
+        run.log_params({phase: to_dict(cfg.phase_config(phase)), "base_model": cfg.base_model})
+        result = run_phase(phase, JobContext(cfg, skills, plan, job, store, run), skill, shard)
         run.set_tags({TAG_OUTPUT: store.url(job.key)})
         run.log_dict({"job": job.id, "output": store.url(job.key), "result": result}, "job_result.json")
         ok = True
@@ -96,8 +108,11 @@ def run_job(phase: str, skill: str | None, config_path: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminate_as_interrupt()
+    shard = args.shard_index
+    if shard is None and args.num_shards is not None and os.environ.get("JOB_COMPLETION_INDEX"):
+        shard = int(os.environ["JOB_COMPLETION_INDEX"])
     try:
-        outcome = run_job(args.phase, args.skill, args.config)
+        outcome = run_job(args.phase, args.skill, args.config, shard)
     except SelmaError as e:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps({"job": args.phase, "skill": args.skill, "status": "failed", "error": str(e)}))

@@ -22,6 +22,7 @@ from typing import Literal
 from selma_core.phases.evaluate import EvalConfig
 from selma_core.phases.images import ImagesConfig
 from selma_core.phases.merge import MergeConfig
+from selma_core.phases.merge_search import MergeSearchConfig
 from selma_core.phases.prompts import PromptsConfig
 from selma_core.phases.train import TrainConfig
 from selma_core.typed_yaml import from_dict, read_yaml, to_dict
@@ -120,6 +121,7 @@ class PipelineConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    merge_search: MergeSearchConfig = field(default_factory=MergeSearchConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
@@ -141,6 +143,10 @@ class PipelineConfig:
                 )
         if len(set(self.skills)) != len(self.skills):
             raise ValueError(f"skills: duplicate names in {self.skills}")
+
+    def phase_config(self, phase: str):
+        """The settings of a phase by its name ("merge-search" -> ``merge_search``)."""
+        return getattr(self, phase.replace("-", "_"))
 
     @property
     def generator(self) -> str:

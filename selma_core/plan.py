@@ -16,7 +16,7 @@ from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_mod
 from selma_core.skills import Skill
 from selma_core.typed_yaml import output_dict
 
-PHASES = ("prompts", "images", "train", "merge", "eval")
+PHASES = ("prompts", "images", "train", "merge-search", "merge", "eval")
 PER_SKILL_PHASES = ("prompts", "images", "train")
 # Bump when an output's format changes, so old outputs are not mistaken for new ones.
 FORMAT_VERSION = 1
@@ -28,13 +28,18 @@ class JobSpec:
     skill: str | None
     key: str  # where the output is committed in the store
     deps: tuple[str, ...]  # ids of the jobs whose outputs this one reads
+    shard: int | None = None  # one of several parallel jobs of a phase (merge-search candidates)
 
     @property
     def id(self) -> str:
+        if self.shard is not None:
+            return f"{self.phase}#{self.shard:03d}"
         return f"{self.phase}:{self.skill}" if self.skill else self.phase
 
     @property
     def name(self) -> str:
+        if self.shard is not None:
+            return f"{self.phase}-{self.shard:03d}"
         return f"{self.phase}-{self.skill}" if self.skill else self.phase
 
 
@@ -42,8 +47,11 @@ class JobSpec:
 class Plan:
     jobs: dict[str, JobSpec]
 
-    def job(self, phase: str, skill: str | None = None) -> JobSpec:
-        job_id = f"{phase}:{skill}" if phase in PER_SKILL_PHASES else phase
+    def job(self, phase: str, skill: str | None = None, shard: int | None = None) -> JobSpec:
+        if shard is not None:
+            job_id = f"{phase}#{shard:03d}"
+        else:
+            job_id = f"{phase}:{skill}" if phase in PER_SKILL_PHASES else phase
         if job_id not in self.jobs:
             raise KeyError(f"no job {job_id!r} in this pipeline; jobs: {', '.join(self.jobs)}")
         return self.jobs[job_id]
@@ -61,7 +69,7 @@ class Plan:
 
 
 def missing_input_message(job_id: str, dep_id: str) -> str:
-    phase, _, skill = dep_id.partition(":")
+    phase, _, skill = dep_id.split("#")[0].partition(":")
     return (
         f"{job_id} needs the output of {dep_id}, which is not in the store yet; run "
         f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''}` first, or --phase all"
@@ -88,19 +96,25 @@ def _models(*specs: tuple[str, str | None]) -> dict:
 def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     jobs: dict[str, JobSpec] = {}
 
-    def add(phase: str, skill: str | None, inputs: dict, deps: list[JobSpec]) -> JobSpec:
+    def add(
+        phase: str, skill: str | None, inputs: dict, deps: list[JobSpec], shard: int | None = None
+    ) -> JobSpec:
         digest = stable_hash(
             {
                 "format": FORMAT_VERSION,
                 "phase": phase,
-                "config": output_dict(getattr(cfg, phase)),
+                "config": output_dict(cfg.phase_config(phase)),
                 "inputs": inputs,
                 "upstream": {d.id: d.key for d in deps},
             }
         )
         prefix = {"train": "experts", "merge": "merged"}.get(phase, phase)
+        if shard is not None:
+            prefix = f"{prefix}/candidate-{shard:03d}"
+        elif phase == "merge-search":
+            prefix = f"{prefix}/best"
         key = f"{prefix}/{skill}/{digest}" if skill else f"{prefix}/{digest}"
-        job = JobSpec(phase=phase, skill=skill, key=key, deps=tuple(d.id for d in deps))
+        job = JobSpec(phase=phase, skill=skill, key=key, deps=tuple(d.id for d in deps), shard=shard)
         jobs[job.id] = job
         return job
 
@@ -115,7 +129,20 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         images = add("images", name, _models((cfg.generator, cfg.generator_revision)), [prompts])
         experts.append(add("train", name, base, [images]))
         prompt_jobs.append(prompts)
-    merged = add("merge", None, base, experts)
+    merge_deps = list(experts)
+    if cfg.merge_search.enabled:
+        from selma_core.phases.merge_search import candidate_weights
+
+        scoring = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
+        scoring["eval"] = output_dict(cfg.eval)  # candidates are drawn and scored as eval does
+        candidates = [
+            add("merge-search", None, {**scoring, "weights": weights}, [*experts, *prompt_jobs], shard=i)
+            for i, weights in enumerate(candidate_weights(cfg.merge_search, len(cfg.skills)))
+        ]
+        search = add("merge-search", None, {}, candidates)
+        if cfg.merge.weights is None:  # the merge takes the best weights found
+            merge_deps.append(search)
+    merged = add("merge", None, base, merge_deps)
     evaluation = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
     add("eval", None, evaluation, [merged, *experts, *prompt_jobs])
     return Plan(jobs=jobs)

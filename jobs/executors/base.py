@@ -42,6 +42,8 @@ def job_command(job: JobSpec, config_path: str) -> list[str]:
     command = ["python", "-m", "jobs.run", "--phase", job.phase]
     if job.skill:
         command += ["--skill", job.skill]
+    if job.shard is not None:
+        command += ["--shard-index", str(job.shard)]
     return command + ["--config", config_path]
 
 

@@ -11,6 +11,7 @@ Recipe, one job:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -48,77 +49,106 @@ def format_table(table: dict[str, dict[str, float]], variants: list[str]) -> str
     return "\n".join(lines)
 
 
-def evaluate(ctx, skill_name: str | None = None) -> dict:
-    from tqdm import tqdm
-
-    from selma_core.metrics.clip_score import ClipScorer
-    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
-    from selma_core.phases.images import draw_images, prompt_seed, torch_dtype
+def load_heldout(ctx, skills: list[str], cap: int | None) -> dict[str, list[dict]]:
+    """Each skill's held-out prompts (never trained on), at most ``cap`` of them."""
     from selma_core.phases.prompts import read_prompts
 
-    cfg: EvalConfig = ctx.config.eval
-    skills = list(ctx.config.skills)
-    device = resolve_device(ctx.config.device)
     heldout: dict[str, list[dict]] = {}
     for skill in skills:
         records = [
             r for r in read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl") if r["split"] == "heldout"
         ]
         if not records:
-            raise InputError(f"eval: skill {skill!r} has no held-out prompts")
-        heldout[skill] = records[: cfg.max_prompts_per_skill] if cfg.max_prompts_per_skill else records
+            raise InputError(f"{ctx.job.id}: skill {skill!r} has no held-out prompts")
+        heldout[skill] = records[:cap] if cap else records
+    return heldout
 
-    merge_dir = ctx.fetch("merge")
-    merge_info = json.loads((merge_dir / "merge.json").read_text())
-    # Each variant: the adapters to load, and their weights.
-    if merge_info["method"] == "adapters":  # experts side by side, combined with set_adapters
-        experts = merge_info["experts"]
-        adapters = {"merged": [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in skills]}
-    else:
-        adapters = {"merged": [(merge_dir / ADAPTER_DIR, 1.0)]}
-    if cfg.compare_experts:
-        adapters.update({f"expert:{s}": [(ctx.fetch("train", s), 1.0)] for s in skills})
-    variants = ["base", *(f"expert:{s}" for s in skills if cfg.compare_experts), "merged"]
 
+def open_eval_models(ctx):
+    """The base pipeline and the CLIP scorer, on the job's device."""
+    from selma_core.metrics.clip_score import ClipScorer
+    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
+    from selma_core.phases.images import torch_dtype
+
+    cfg: EvalConfig = ctx.config.eval
+    device = resolve_device(ctx.config.device)
     pipe = load_diffusion_pipeline(
         ctx.config.base_model,
         ctx.config.cache_dir,
         ctx.config.base_model_revision,
         torch_dtype(cfg.dtype, device),
     ).to(device)
-    scorer = ClipScorer(cfg.clip_model, ctx.config.cache_dir, device)
+    return pipe, ClipScorer(cfg.clip_model, ctx.config.cache_dir, device), device
+
+
+@contextlib.contextmanager
+def loaded_adapters(pipe, name: str, adapters: list[tuple]):
+    """Adapters (folder, weight) loaded and combined with ``set_adapters`` inside the block."""
+    names = []
+    try:
+        for i, (path, _) in enumerate(adapters):
+            names.append(f"{name.replace(':', '_')}_{i}")
+            pipe.load_lora_weights(str(path), adapter_name=names[-1])
+        if names:
+            pipe.set_adapters(names, [weight for _, weight in adapters])
+        yield pipe
+    finally:
+        if names:
+            pipe.unload_lora_weights()
+
+
+def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig, device: str, save_dir=None):
+    """One image per held-out prompt (seeded by prompt id, so every model gets the same noise) and
+    its CLIPScore; a row per prompt."""
+    from selma_core.phases.images import draw_images, prompt_seed
+
+    rows = []
+    for skill, records in heldout.items():
+        for first in range(0, len(records), cfg.batch_size):
+            batch = records[first : first + cfg.batch_size]
+            texts = [r["text"] for r in batch]
+            images = draw_images(pipe, texts, [prompt_seed(cfg.seed, r["id"]) for r in batch], cfg, device)
+            for record, image, score in zip(batch, images, scorer.score(images, texts), strict=True):
+                if save_dir is not None:
+                    save_dir.mkdir(parents=True, exist_ok=True)
+                    image.save(save_dir / f"{record['id']}.png")
+                rows.append(
+                    {"skill": skill, "prompt_id": record["id"], "prompt": record["text"], "clip_score": score}
+                )
+    return rows
+
+
+def evaluate(ctx, skill_name: str | None = None) -> dict:
+    from tqdm import tqdm
+
+    cfg: EvalConfig = ctx.config.eval
+    skills = list(ctx.config.skills)
+    heldout = load_heldout(ctx, skills, cfg.max_prompts_per_skill)
+
+    merge_dir = ctx.fetch("merge")
+    merge_info = json.loads((merge_dir / "merge.json").read_text())
+    # Each variant: the adapters to load, and their weights.
+    adapters: dict[str, list[tuple]] = {"base": []}
+    if cfg.compare_experts:
+        adapters.update({f"expert:{s}": [(ctx.fetch("train", s), 1.0)] for s in skills})
+    if merge_info["method"] == "adapters":  # experts side by side, combined with set_adapters
+        experts = merge_info["experts"]
+        adapters["merged"] = [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in skills]
+    else:
+        adapters["merged"] = [(merge_dir / ADAPTER_DIR, 1.0)]
+    variants = list(adapters)
+
+    pipe, scorer, device = open_eval_models(ctx)
     start = time.monotonic()
     rows = []
     with ctx.output() as out:
         for variant in tqdm(variants, desc="eval", unit="model"):
-            if variant != "base":
-                names = []
-                for i, (path, _) in enumerate(adapters[variant]):
-                    names.append(f"{variant.replace(':', '_')}_{i}")
-                    pipe.load_lora_weights(str(path), adapter_name=names[-1])
-                pipe.set_adapters(names, [weight for _, weight in adapters[variant]])
-            for skill, records in heldout.items():
-                for first in range(0, len(records), cfg.batch_size):
-                    batch = records[first : first + cfg.batch_size]
-                    texts = [r["text"] for r in batch]
-                    seeds = [prompt_seed(cfg.seed, r["id"]) for r in batch]
-                    images = draw_images(pipe, texts, seeds, cfg, device)
-                    scores = scorer.score(images, texts)
-                    for record, image, score in zip(batch, images, scores, strict=True):
-                        folder = out / "images" / variant.replace(":", "_")
-                        folder.mkdir(parents=True, exist_ok=True)
-                        image.save(folder / f"{record['id']}.png")
-                        rows.append(
-                            {
-                                "variant": variant,
-                                "skill": skill,
-                                "prompt_id": record["id"],
-                                "prompt": record["text"],
-                                "clip_score": score,
-                            }
-                        )
-            if variant != "base":
-                pipe.unload_lora_weights()
+            with loaded_adapters(pipe, variant, adapters[variant]):
+                folder = out / "images" / variant.replace(":", "_")
+                rows += [
+                    {"variant": variant, **row}
+                    for row in draw_and_score(pipe, scorer, heldout, cfg, device, folder)
+                ]
         table = {
             skill: {
                 v: sum(r["clip_score"] for r in rows if r["skill"] == skill and r["variant"] == v)

@@ -167,7 +167,12 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
 
     cfg: MergeConfig = ctx.config.merge
     skills = list(ctx.config.skills)
-    weights = resolve_weights(cfg, skills)
+    if any(ctx.plan.jobs[dep].phase == "merge-search" for dep in ctx.job.deps):
+        # merge.weights unset and a weight search ran: its best weights.
+        search = json.loads(ctx.store.read_output_file(ctx.plan.job("merge-search").key, "search.json"))
+        weights = [search["best"]["weights"][s] for s in skills]
+    else:
+        weights = resolve_weights(cfg, skills)
     expert_dirs = {s: ctx.fetch("train", s) for s in skills}
     experts = {s: load_adapter(path) for s, path in expert_dirs.items()}
     summary: dict = {

@@ -1,0 +1,84 @@
+"""Merge-weight search: the candidates, the plan's parallel jobs, and a real search end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from selma_core.config import load_config
+from selma_core.phases.merge_search import MergeSearchConfig, candidate_weights
+from selma_core.plan import build_plan
+from selma_core.skills import load_skills
+
+
+def test_grid_candidates_start_with_selmas_uniform_weights():
+    weights = candidate_weights(MergeSearchConfig(grid_points=3), 2)
+    assert weights[0] == [0.5, 0.5]
+    assert [0.0, 0.0] not in weights and [1.0, 0.5] in weights and len(weights) == 8  # 3x3 - (0,0)
+    assert len(candidate_weights(MergeSearchConfig(grid_points=3, max_candidates=4), 2)) == 4
+
+
+def test_random_candidates_are_reproducible_and_in_range():
+    cfg = MergeSearchConfig(strategy="random", samples=5, low=0.2, high=0.8, seed=7)
+    first, second = candidate_weights(cfg, 3), candidate_weights(cfg, 3)
+    assert first == second and len(first) == 6
+    assert all(0.2 <= w <= 0.8 for vector in first[1:] for w in vector)
+
+
+def test_the_plan_runs_candidates_in_parallel_before_the_merge(tiny_config):
+    cfg = load_config(tiny_config(merge_search={"enabled": True, "grid_points": 2}))
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    candidates = [j for j in plan.jobs.values() if j.phase == "merge-search" and j.shard is not None]
+    assert [j.id for j in candidates] == [
+        "merge-search#000",
+        "merge-search#001",
+        "merge-search#002",
+        "merge-search#003",
+    ]
+    assert all(
+        set(j.deps) == {"train:counting", "train:spatial", "prompts:counting", "prompts:spatial"}
+        for j in candidates
+    )
+    assert set(plan.job("merge-search").deps) == {j.id for j in candidates}
+    assert "merge-search" in plan.job("merge").deps
+    fixed = load_config(
+        tiny_config(merge_search={"enabled": True}, merge={"weights": {"counting": 1, "spatial": 1}})
+    )
+    assert (
+        "merge-search"
+        not in build_plan(fixed, load_skills(fixed.skills_path, fixed.skills)).job("merge").deps
+    )
+
+
+@pytest.mark.slow
+def test_a_search_picks_the_best_weights_and_the_merge_uses_them(tiny_config, tmp_path):
+    config = tiny_config(
+        merge_search={"enabled": True, "grid_points": 2, "max_prompts_per_skill": 2},
+        eval={"compare_experts": False},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    jobs = {j["job"]: j["status"] for j in json.loads(result.stdout.strip().splitlines()[-1])["jobs"]}
+    assert {jobs[f"merge-search#{i:03d}"] for i in range(4)} == {"ran"} and jobs["merge-search"] == "ran"
+
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    from selma_core.storage import open_store
+
+    store = open_store(cfg.storage)
+    search = json.loads(store.read_output_file(plan.job("merge-search").key, "search.json"))
+    assert [c["index"] for c in search["candidates"]] == [0, 1, 2, 3]
+    best = max(search["candidates"], key=lambda c: c["mean"])
+    assert search["best"] == best and "(best)" in search["table"]
+    merge = json.loads(store.read_output_file(plan.job("merge").key, "merge.json"))
+    assert {s: e["weight"] for s, e in merge["experts"].items()} == best["weights"]
