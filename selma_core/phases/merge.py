@@ -228,6 +228,7 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                         TAG_CONFIG_HASH: ctx.config.config_hash(),
                         "selma.skills": ",".join(skills),
                         "selma.base_model": ctx.config.base_model,
+                        "selma.base_model_revision": ctx.config.base_model_revision or "",
                         "selma.merge_method": cfg.method,
                     },
                 )
