@@ -38,6 +38,7 @@ def run_dag(
     is_committed: Callable[[JobSpec], bool],
     output_url: Callable[[JobSpec], str],
     poll_interval: float = 0.5,
+    heartbeat_s: float = 30.0,
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> list[JobOutcome]:
     """Run ``jobs`` (dependency order) and return one outcome per job, in the same order.
@@ -61,8 +62,16 @@ def run_dag(
         extra += f" (blocked by {outcome.blocked_by})" if outcome.blocked_by else ""
         echo(f"[{len(outcomes)}/{total}] {job.id}: {outcome.status}{took}{extra}")
 
+    last_beat = time.monotonic()
     try:
         while pending or running:
+            if running and time.monotonic() - last_beat >= heartbeat_s:
+                last_beat = time.monotonic()
+                now = time.monotonic()
+                busy = ", ".join(
+                    f"{job_id} ({now - started:.0f}s)" for job_id, (_, started) in running.items()
+                )
+                echo(f"[{len(outcomes)}/{total} done] running: {busy}")
             for job in list(pending):
                 deps = [d for d in job.deps if d in selected]
                 bad = [d for d in deps if d in outcomes and outcomes[d].status in ("failed", "blocked")]

@@ -6,7 +6,8 @@ Compares the candidate (``--version``, else the version with alias ``candidate``
 ``champion`` on the evaluation scores tagged on each version: promoted only if its mean score is
 not worse and no skill regresses by more than ``promote.max_skill_regression``. Promotion moves
 ``champion`` to the candidate and ``previous`` to the old champion. Prints the comparison table;
-the last line is one JSON object. Exit code: 0 promoted, 1 refused, 2 invalid input.
+the last line is one JSON object. Exit code: 0 promoted (or the candidate already is the champion),
+1 refused, 2 invalid input.
 """
 
 from __future__ import annotations
@@ -44,7 +45,17 @@ def promote(args: argparse.Namespace) -> dict:
         raise ConfigError(f"registered model {name!r} at {cfg.tracking.uri} has no {which}")
     champion = tracker.model_version(name, alias="champion")
     if champion is not None and champion.version == candidate.version:
-        raise ConfigError(f"version {candidate.version} of {name!r} is already the champion")
+        # Nothing new was trained (a rerun that skipped everything): not a failure, nothing to do.
+        print(f"{name}: v{candidate.version} is already the champion; nothing to promote")
+        return {
+            "model": name,
+            "candidate": candidate.version,
+            "champion": champion.version,
+            "promoted": False,
+            "reasons": ["already the champion"],
+            "rows": [],
+            "unchanged": True,
+        }
     metric = cfg.promote.metric
     limit = (
         cfg.promote.max_skill_regression if args.max_skill_regression is None else args.max_skill_regression
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"promoted": False, "error": str(e)}))
         return e.exit_code
     print(json.dumps(outcome))
-    return 0 if outcome["promoted"] else 1
+    return 0 if outcome["promoted"] or outcome.get("unchanged") else 1
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         "when --num-shards is given (Kubernetes Indexed Jobs)",
     )
     parser.add_argument("--num-shards", type=int, help="how many parallel jobs the phase has")
+    parser.add_argument("--force", action="store_true", help="run even if the output is already committed")
     return parser
 
 
-def run_job(phase: str, skill: str | None, config_path: str, shard: int | None = None) -> dict:
+def run_job(
+    phase: str, skill: str | None, config_path: str, shard: int | None = None, force: bool = False
+) -> dict:
     from selma_core.config import load_config
     from selma_core.context import JobContext
     from selma_core.phases import run_phase
@@ -76,7 +79,9 @@ def run_job(phase: str, skill: str | None, config_path: str, shard: int | None =
             f"--phase {phase}{f' --shard-index {shard}' if shard is not None else ''}: {e}"
         ) from e
     store = open_store(cfg.storage)
-    if store.is_committed(job.key):
+    if force:
+        store.delete_prefix(f"{job.key}/_partial")  # a forced rerun starts afresh, resuming nothing
+    elif store.is_committed(job.key):
         return {"job": job.id, "status": "skipped", "output": store.url(job.key)}
     tracker = open_tracker(cfg.tracking)
     tags = {
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if shard is None and args.num_shards is not None and os.environ.get("JOB_COMPLETION_INDEX"):
         shard = int(os.environ["JOB_COMPLETION_INDEX"])
     try:
-        outcome = run_job(args.phase, args.skill, args.config, shard)
+        outcome = run_job(args.phase, args.skill, args.config, shard, args.force)
     except SelmaError as e:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps({"job": args.phase, "skill": args.skill, "status": "failed", "error": str(e)}))

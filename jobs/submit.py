@@ -29,6 +29,7 @@ from jobs.run import ENV_PARENT_RUN
 from jobs.signals import terminate_as_interrupt
 from selma_core.errors import ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
+from selma_core.tracking.base import TAG_JOBS
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-parallel", type=int, help="jobs at once (default: executor.max_parallel)")
     parser.add_argument(
+        "--force",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PHASE[:SKILL]",
+        help="rerun these jobs even if their output exists (e.g. prompts:counting, or train for every "
+        "skill), and everything downstream of them",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print what would be submitted and submit nothing",
@@ -76,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _echo(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
+    """The selected jobs ``--force`` names, and every selected job downstream of them."""
+    forced: set[str] = set()
+    for spec in specs:
+        phase, _, skill = spec.partition(":")
+        named = {j.id for j in plan.jobs.values() if j.phase == phase and (not skill or j.skill == skill)}
+        if not named:
+            raise ConfigError(f"--force {spec}: no such job; jobs: {', '.join(plan.jobs)}")
+        forced |= named
+    changed = True
+    while changed:  # downstream outputs were made from the old ones: they are redone too
+        changed = False
+        for job in plan.jobs.values():
+            if job.id not in forced and forced.intersection(job.deps):
+                forced.add(job.id)
+                changed = True
+    return forced & selected
 
 
 def validate(cfg, skills) -> None:
@@ -141,6 +170,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     validate(cfg, skills)
     plan = build_plan(cfg, skills)
     selected = plan.select(args.phase, args.skill)
+    forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}"
     executor = make_executor(cfg, cfg.executor.kind, str(log_dir))
@@ -148,7 +178,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
 
     if args.dry_run:
         for job in selected:
-            print(executor.describe(job, job_command(job, str(config_snapshot))))
+            print(executor.describe(job, job_command(job, str(config_snapshot), force=job.id in forced)))
         return 0, [JobOutcome(j.phase, j.skill, "planned", job=j.id) for j in selected]
 
     store = open_store(cfg.storage)
@@ -170,6 +200,9 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             TAG_CONFIG_HASH: cfg.config_hash(),
             TAG_GIT_COMMIT: commit,
             TAG_PHASE: args.phase,
+            # Which jobs this invocation covers (jobs.status reads it while the pipeline runs).
+            TAG_JOBS: ",".join(j.id for j in selected),
+            "selma.log_dir": str(log_dir),
         },
         params={"config": cfg.to_dict()},
         name=f"pipeline-{args.phase}",
@@ -181,10 +214,10 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         outcomes = run_dag(
             selected,
             executor,
-            lambda job: job_command(job, str(config_snapshot)),
+            lambda job: job_command(job, str(config_snapshot), force=job.id in forced),
             env,
             cfg.executor.max_parallel,
-            lambda job: store.is_committed(job.key),
+            lambda job: job.id not in forced and store.is_committed(job.key),
             lambda job: store.url(job.key),
             echo=_echo,
         )

@@ -37,13 +37,15 @@ class JobStatus:
     result: dict | None = None
 
 
-def job_command(job: JobSpec, config_path: str) -> list[str]:
+def job_command(job: JobSpec, config_path: str, force: bool = False) -> list[str]:
     """The command every executor runs for a job (the job contract)."""
     command = ["python", "-m", "jobs.run", "--phase", job.phase]
     if job.skill:
         command += ["--skill", job.skill]
     if job.shard is not None:
         command += ["--shard-index", str(job.shard)]
+    if force:
+        command.append("--force")
     return command + ["--config", config_path]
 
 

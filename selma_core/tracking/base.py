@@ -17,6 +17,7 @@ TAG_CONFIG_HASH = "selma.config_hash"
 TAG_GIT_COMMIT = "selma.git_commit"
 TAG_PIPELINE = "selma.pipeline"
 TAG_OUTPUT = "selma.output"
+TAG_JOBS = "selma.jobs"
 
 
 class JobRun(ABC):
@@ -60,6 +61,18 @@ class ModelVersion:
     aliases: list[str]
 
 
+@dataclass
+class RunRecord:
+    """A tracked run, as status reports see it."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    start_ms: int | None
+    end_ms: int | None
+    tags: dict[str, str]
+
+
 class Tracker(ABC):
     """Experiment tracking for one pipeline config (one experiment)."""
 
@@ -88,6 +101,13 @@ class Tracker(ABC):
 
     @abstractmethod
     def end_job_run(self, run: JobRun, ok: bool) -> None: ...
+
+    @abstractmethod
+    def pipeline_runs(self, experiment: str, max_results: int = 20) -> list[RunRecord]:
+        """The experiment's pipeline (parent) runs, newest first."""
+
+    @abstractmethod
+    def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]: ...
 
     # -- the model registry -------------------------------------------------------------------
 

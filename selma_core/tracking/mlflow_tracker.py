@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.tracking.base import JobRun, ModelVersion, Tracker
+from selma_core.tracking.base import JobRun, ModelVersion, RunRecord, Tracker
 
 # Bound MLflow's own HTTP retries (default 7 with exponential backoff: minutes) for job processes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -169,6 +169,37 @@ class MlflowTracker(Tracker):
 
     def end_job_run(self, run: JobRun, ok: bool) -> None:
         self.client.set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
+
+    def _records(self, experiment: str, filter_string: str, max_results: int) -> list[RunRecord]:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = self.client.search_runs(
+            [found.experiment_id],
+            filter_string,
+            max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
+        return [
+            RunRecord(
+                r.info.run_id,
+                r.info.run_name or "",
+                r.info.status,
+                r.info.start_time,
+                r.info.end_time,
+                dict(r.data.tags),
+            )
+            for r in runs
+        ]
+
+    def pipeline_runs(self, experiment: str, max_results: int = 20) -> list[RunRecord]:
+        records = self._records(experiment, "", 1000)
+        return [r for r in records if "mlflow.parentRunId" not in r.tags and r.name.startswith("pipeline")][
+            :max_results
+        ]
+
+    def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]:
+        return self._records(experiment, f"tags.mlflow.parentRunId = '{parent_run_id}'", 1000)
 
     def model_version(
         self, name: str, version: str | None = None, alias: str | None = None

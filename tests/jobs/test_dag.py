@@ -106,3 +106,45 @@ def test_interrupt_cancels_running_jobs():
     with pytest.raises(KeyboardInterrupt):
         run(pipeline(), executor)
     assert executor.cancelled == executor.started and executor.cancelled
+
+
+def test_a_heartbeat_names_the_running_jobs():
+    class Slow(ScriptedExecutor):
+        def __init__(self):
+            super().__init__()
+            self.polls = 0
+
+        def poll(self, handle):
+            self.polls += 1
+            if self.polls < 3:
+                return JobStatus(JobState.RUNNING)
+            return super().poll(handle)
+
+    lines: list[str] = []
+    jobs = [JobSpec("prompts", "a", "p/a", ())]
+    run_dag(
+        jobs,
+        Slow(),
+        lambda j: [],
+        {},
+        1,
+        lambda j: False,
+        lambda j: "",
+        poll_interval=0,
+        heartbeat_s=0,
+        echo=lines.append,
+    )
+    assert any(line.startswith("[0/1 done] running: prompts:a (") for line in lines)
+
+
+def test_force_reaches_everything_downstream():
+    from jobs.submit import forced_jobs
+    from selma_core.plan import Plan
+
+    plan = Plan(jobs={j.id: j for j in pipeline()})
+    everything = set(plan.jobs)
+    assert forced_jobs(plan, ["images:a"], everything) == {"images:a", "train:a", "merge", "eval"}
+    assert forced_jobs(plan, ["train"], everything) == {"train:a", "train:b", "merge", "eval"}
+    assert forced_jobs(plan, ["merge"], {"merge"}) == {"merge"}  # only what was selected
+    with pytest.raises(Exception, match="--force colour: no such job"):
+        forced_jobs(plan, ["colour"], everything)

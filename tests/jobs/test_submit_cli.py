@@ -142,3 +142,44 @@ def test_bad_merge_weights_fail_before_any_job_starts(tiny_config, tmp_path):
     assert result.returncode == 2
     assert "merge.weights: unknown skill 'countng'" in result.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
+    skills = tmp_path / "skills"
+    skills.mkdir()
+    (skills / "counting.yaml").write_text((REPO / "skills" / "counting.yaml").read_text())
+    (skills / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "description": "too small",
+                "seeds": ["one red ball"],
+                "offline": {"templates": ["{n} balls"], "slots": {"n": ["two"]}},
+            }
+        )
+    )
+    config = tiny_config(
+        skills=["counting", "tiny"], skills_dir=str(skills), prompts={"max_useless_requests": 2}
+    )
+    assert submit("--phase", "prompts", "--config", str(config)).returncode == 1
+    status = subprocess.run(
+        [sys.executable, "-m", "jobs.status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert status.returncode == 0, status.stderr
+    report = last_json(status.stdout)
+    assert report["status"] == "failed"
+    assert {row["job"]: row["state"] for row in report["jobs"]} == {
+        "prompts:counting": "done",
+        "prompts:tiny": "failed",
+    }
+    assert "| prompts:tiny | failed |" in status.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "jobs.status", "--config", str(config), "--pipeline", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert missing.returncode == 2 and "no pipeline run nope" in missing.stderr

@@ -1,0 +1,93 @@
+"""Retrain and gate: run the whole pipeline, then promote the result only if it wins.
+
+    python -m jobs.retrain --config configs/sd15.yaml [--backend kubernetes] [--summary FILE]
+
+What CI runs (``.github/workflows/retrain.yml``), and what a person can run by hand: 1. ``python -m
+jobs.submit --phase all`` (work whose output exists is skipped, so only what changed is redone);
+2. ``python -m jobs.promote``; 3. a Markdown report (the jobs, the comparison table, the verdict)
+appended to ``--summary`` or ``$GITHUB_STEP_SUMMARY``. Exit code: the pipeline's when it fails,
+else the promotion's (0 promoted or nothing new, 1 refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.retrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline config YAML")
+    parser.add_argument("--backend", choices=("local", "kubernetes"), help="executor (default: the config's)")
+    parser.add_argument("--summary", help="append the Markdown report here (default: $GITHUB_STEP_SUMMARY)")
+    return parser
+
+
+def _run(module: str, args: list[str]) -> tuple[int, dict]:
+    """Run a selma command, its output passing through; its exit code and last JSON line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    last = "{}"
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        if line.startswith("{"):
+            last = line
+    code = process.wait()
+    try:
+        return code, json.loads(last)
+    except json.JSONDecodeError:
+        return code, {}
+
+
+def report(config: str, pipeline: dict, promotion: dict | None) -> str:
+    lines = [f"## selma retraining: `{config}`", "", "| job | status |", "|---|---|"]
+    lines += [f"| {j.get('job')} | {j.get('status')} |" for j in pipeline.get("jobs", [])]
+    if pipeline.get("error"):
+        lines += ["", f"**Pipeline error:** {pipeline['error']}"]
+    if promotion is not None:
+        lines += ["", "### Promotion", ""]
+        if promotion.get("rows"):
+            lines += ["| skill | champion | candidate | change | ok |", "|---|---|---|---|---|"]
+            for row in promotion["rows"]:
+                champion = "-" if row["champion"] is None else f"{row['champion']:.3f}"
+                change = "-" if row["change"] is None else f"{row['change']:+.3f}"
+                lines.append(
+                    f"| {row['skill']} | {champion} | {row['candidate']:.3f} | {change} | {row['ok']} |"
+                )
+            lines.append("")
+        if promotion.get("promoted"):
+            lines.append(f"**Promoted** v{promotion['candidate']} to champion.")
+        elif promotion.get("unchanged"):
+            lines.append(f"v{promotion['candidate']} already is the champion: nothing new to promote.")
+        else:
+            reasons = "; ".join(promotion.get("reasons", [])) or promotion.get("error", "")
+            lines.append(f"**Refused** v{promotion.get('candidate')}: {reasons}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    submit_args = ["--phase", "all", "--config", args.config]
+    if args.backend:
+        submit_args += ["--backend", args.backend]
+    code, pipeline = _run("jobs.submit", submit_args)
+    promotion = None
+    if code == 0:
+        code, promotion = _run("jobs.promote", ["--config", args.config])
+    summary = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
+    text = report(args.config, pipeline, promotion)
+    if summary:
+        with open(Path(summary), "a", encoding="utf-8") as f:
+            f.write(text)
+    print(text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

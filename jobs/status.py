@@ -1,0 +1,121 @@
+"""Where a pipeline stands: every job's state, times, output and MLflow run.
+
+    python -m jobs.status --config configs/demo.yaml [--pipeline RUN_ID]
+
+Reads only MLflow (the pipeline's parent run and its job runs) and the store, so it works for any
+executor and from any machine that reaches them. Without ``--pipeline``, the newest pipeline run of
+the config's experiment. States: pending, running, done, skipped (its output was already
+committed), failed, not run (a dependency failed, or the pipeline stopped first). The last line
+printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from selma_core.errors import ConfigError, SelmaError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline config YAML")
+    parser.add_argument("--pipeline", metavar="RUN_ID", help="the pipeline's MLflow run id (default: newest)")
+    return parser
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
+    from selma_core.config import load_config
+    from selma_core.plan import build_plan
+    from selma_core.skills import load_skills
+    from selma_core.storage import open_store
+    from selma_core.tracking import open_tracker
+    from selma_core.tracking.base import TAG_JOBS
+
+    cfg = load_config(config_path)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    store = open_store(cfg.storage)
+    tracker = open_tracker(cfg.tracking)
+    runs = tracker.pipeline_runs(cfg.name, max_results=1000 if pipeline else 1)
+    parent = next((r for r in runs if not pipeline or r.run_id == pipeline), None)
+    if parent is None:
+        raise ConfigError(
+            f"no pipeline run {pipeline + ' ' if pipeline else ''}in experiment {cfg.name!r} "
+            f"at {cfg.tracking.uri}"
+        )
+    job_ids = [j for j in parent.tags.get(TAG_JOBS, "").split(",") if j]
+    children = {r.name: r for r in reversed(tracker.child_runs(cfg.name, parent.run_id))}  # newest wins
+    finished = parent.status != "RUNNING"
+    rows = []
+    for job_id in job_ids:
+        job = plan.jobs.get(job_id)
+        if job is None:  # the config changed since: this job no longer exists in it
+            rows.append({"job": job_id, "state": "unknown (config changed)"})
+            continue
+        run = children.get(job.name)
+        committed = store.is_committed(job.key)
+        if run is not None:
+            state = {"RUNNING": "running", "FINISHED": "done"}.get(run.status, "failed")
+            if run.status == "RUNNING" and finished:
+                state = "failed"  # the pipeline ended without the job closing its run (killed)
+        elif committed:
+            state = "skipped"
+        else:
+            state = "not run" if finished else "pending"
+        rows.append(
+            {
+                "job": job.id,
+                "phase": job.phase,
+                "skill": job.skill,
+                "state": state,
+                "start": _when(run.start_ms) if run else "-",
+                "end": _when(run.end_ms) if run else "-",
+                "output": store.url(job.key) if committed else "-",
+                "run_id": run.run_id if run else None,
+            }
+        )
+    return {
+        "pipeline": parent.run_id,
+        "status": parent.status.lower(),
+        "started": _when(parent.start_ms),
+        "logs": parent.tags.get("selma.log_dir"),
+        "jobs": rows,
+    }
+
+
+def format_status(status: dict) -> str:
+    lines = [
+        f"pipeline {status['pipeline']} ({status['status']}, started {status['started']}); "
+        f"logs: {status['logs']}",
+        "| job | state | start | end | output | MLflow run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in status["jobs"]:
+        lines.append(
+            f"| {row['job']} | {row['state']} | {row.get('start', '-')} | {row.get('end', '-')} | "
+            f"{row.get('output', '-')} | {row.get('run_id') or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status = pipeline_status(args.config, args.pipeline)
+    except SelmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps({"error": str(e)}))
+        return e.exit_code
+    print(format_status(status))
+    print(json.dumps(status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
