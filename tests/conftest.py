@@ -150,3 +150,33 @@ def write_config(tmp_path: Path, model_cache: Path, **overrides) -> Path:
 def tiny_config(tmp_path, model_cache):
     """Factory: ``tiny_config(**overrides)`` writes a demo-like config under tmp_path; its path."""
     return lambda **overrides: write_config(tmp_path, model_cache, **overrides)
+
+
+def submit_all(config, *extra: str) -> tuple[dict, str]:
+    """``jobs.submit --phase all`` as a user runs it; asserts success; (last JSON line, stderr)."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def skills_with_a_starved_one(root: Path) -> Path:
+    """A skills folder: the real ``counting`` and ``tiny``, whose vocabulary yields one prompt only."""
+    skills = root / "skills"
+    skills.mkdir()
+    (skills / "counting.yaml").write_text((REPO / "skills" / "counting.yaml").read_text())
+    tiny = {
+        "name": "tiny",
+        "description": "too small a vocabulary",
+        "seeds": ["one red ball"],
+        "offline": {"templates": ["{n} balls"], "slots": {"n": ["two"]}},
+    }
+    (skills / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    return skills

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, submit_all
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,8 @@ def run(module: str, *args: str) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def statuses(config) -> dict[str, str]:
-    code, out = run("jobs.submit", "--phase", "all", "--config", str(config))
-    assert code == 0, out
-    return {j["job"]: j["status"] for j in out["jobs"]}
+def statuses(config, *extra: str) -> dict[str, str]:
+    return {j["job"]: j["status"] for j in submit_all(config, *extra)[0]["jobs"]}
 
 
 def states(config) -> dict[str, str]:
@@ -66,7 +64,5 @@ def test_edit_a_skill_add_a_skill_force_a_job(tiny_config, tmp_path):
     }
 
     # --force reruns a finished job and everything downstream of it, on purpose.
-    code, out = run("jobs.submit", "--phase", "all", "--force", "train:counting", "--config", str(added))
-    assert code == 0
-    forced = {j["job"]: j["status"] for j in out["jobs"]}
+    forced = statuses(added, "--force", "train:counting")
     assert {j for j, s in forced.items() if s == "ran"} == {"train:counting", "merge", "eval"}

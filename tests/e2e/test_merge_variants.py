@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import submit_all
 
 from selma_core.config import load_config
 from selma_core.plan import build_plan
@@ -18,16 +16,8 @@ from selma_core.storage import open_store
 pytestmark = pytest.mark.slow
 
 
-def submit_all(config) -> list[dict]:
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])["jobs"]
+def jobs_of(config) -> list[dict]:
+    return submit_all(config)[0]["jobs"]
 
 
 def merged_scores(config) -> dict:
@@ -38,12 +28,12 @@ def merged_scores(config) -> dict:
 
 
 def test_adapters_side_by_side_score_like_the_exact_merge(tiny_config):
-    first = submit_all(tiny_config(eval={"compare_experts": False}))
+    first = jobs_of(tiny_config(eval={"compare_experts": False}))
     assert {j["status"] for j in first} == {"ran"}
     linear = merged_scores(tiny_config(eval={"compare_experts": False}))
 
     config = tiny_config(eval={"compare_experts": False}, merge={"method": "adapters"})
-    second = {j["job"]: j["status"] for j in submit_all(config)}
+    second = {j["job"]: j["status"] for j in jobs_of(config)}
     assert second.pop("merge") == "ran" and second.pop("eval") == "ran"
     assert set(second.values()) == {"skipped"}  # prompts, images and experts are reused
     side_by_side = merged_scores(config)

@@ -15,7 +15,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import REPO, S3_BUCKET
+from conftest import REPO, S3_BUCKET, submit_all
 from lora_helpers import fused_deltas
 
 from selma_core.config import load_config
@@ -28,26 +28,14 @@ pytestmark = pytest.mark.slow
 SKILLS = ["counting", "spatial"]
 
 
-def submit_all(config) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return {"summary": json.loads(result.stdout.strip().splitlines()[-1]), "stderr": result.stderr}
-
-
 def check_pipeline(config_path, model_cache, tmp_path) -> None:
-    first = submit_all(config_path)
-    jobs = first["summary"]["jobs"]
+    summary, stderr = submit_all(config_path)
+    jobs = summary["jobs"]
     assert sorted(j["job"] for j in jobs) == sorted(
         [f"{p}:{s}" for p in ("prompts", "images", "train") for s in SKILLS] + ["merge", "eval"]
     )
     assert {j["status"] for j in jobs} == {"ran"}
-    assert "| counting |" in first["stderr"] and "| spatial |" in first["stderr"]  # the results table
+    assert "| counting |" in stderr and "| spatial |" in stderr  # the results table
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
@@ -111,8 +99,8 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
     )
     assert promoted.returncode == 0 and "is the champion" in promoted.stdout, promoted.stderr[-3000:]
 
-    second = submit_all(config_path)
-    assert {j["status"] for j in second["summary"]["jobs"]} == {"skipped"}
+    second, _ = submit_all(config_path)
+    assert {j["status"] for j in second["jobs"]} == {"skipped"}
 
 
 def check_mlflow(cfg, run_ids: dict) -> None:

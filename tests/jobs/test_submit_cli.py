@@ -8,8 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from conftest import REPO, free_port
+from conftest import REPO, free_port, skills_with_a_starved_one
 
 
 def submit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -93,19 +92,7 @@ def test_unreachable_mlflow_server_is_named(tiny_config):
 
 def test_a_failed_job_is_named_with_its_log_and_other_skills_go_on(tiny_config, tmp_path):
     # A skill whose vocabulary cannot yield enough distinct prompts: its prompts job fails (exit 2).
-    skills = tmp_path / "skills"
-    skills.mkdir()
-    (skills / "counting.yaml").write_text((REPO / "skills" / "counting.yaml").read_text())
-    (skills / "tiny.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "description": "too small a vocabulary",
-                "seeds": ["one red ball"],
-                "offline": {"templates": ["{n} balls"], "slots": {"n": ["two"]}},
-            }
-        )
-    )
+    skills = skills_with_a_starved_one(tmp_path)
     config = tiny_config(
         skills=["counting", "tiny"],
         skills_dir=str(skills),
@@ -145,19 +132,7 @@ def test_bad_merge_weights_fail_before_any_job_starts(tiny_config, tmp_path):
 
 
 def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
-    skills = tmp_path / "skills"
-    skills.mkdir()
-    (skills / "counting.yaml").write_text((REPO / "skills" / "counting.yaml").read_text())
-    (skills / "tiny.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "description": "too small",
-                "seeds": ["one red ball"],
-                "offline": {"templates": ["{n} balls"], "slots": {"n": ["two"]}},
-            }
-        )
-    )
+    skills = skills_with_a_starved_one(tmp_path)
     config = tiny_config(
         skills=["counting", "tiny"], skills_dir=str(skills), prompts={"max_useless_requests": 2}
     )

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import submit_all
 
 from selma_core.config import load_config
 from selma_core.phases.merge_search import MergeSearchConfig, candidate_weights
@@ -60,15 +58,8 @@ def test_a_search_picks_the_best_weights_and_the_merge_uses_them(tiny_config, tm
         merge_search={"enabled": True, "grid_points": 2, "max_prompts_per_skill": 2},
         eval={"compare_experts": False},
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    jobs = {j["job"]: j["status"] for j in json.loads(result.stdout.strip().splitlines()[-1])["jobs"]}
+    summary, _ = submit_all(config)
+    jobs = {j["job"]: j["status"] for j in summary["jobs"]}
     assert {jobs[f"merge-search#{i:03d}"] for i in range(4)} == {"ran"} and jobs["merge-search"] == "ran"
 
     cfg = load_config(config)
