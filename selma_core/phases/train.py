@@ -12,7 +12,8 @@ Recipe, one skill per job:
    SDXL gets its pooled text embedding and size/crop time ids. AdamW, gradient accumulation,
    clipping at ``max_grad_norm``. A non-finite loss stops the job.
 4. Commit the adapter exactly as ``pipeline.save_lora_weights`` writes it (``load_lora_weights``
-   reads it back), plus ``expert.json`` (settings, final loss) and the loss curve; the loss is
+   reads it back), the same in kohya/A1111 keys (``kohya/``), ``expert.json`` (settings, final
+   loss) and the loss curve; the loss is
    logged to the job's MLflow run every ``log_every`` steps.
 """
 
@@ -229,8 +230,10 @@ class ExpertTrainer:
 def train_expert(ctx, skill_name: str) -> dict:
     import torch
 
+    from selma_core.lora import load_adapter
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
     from selma_core.phases.images import read_image_dataset
+    from selma_core.phases.merge import export_kohya
 
     cfg: TrainConfig = ctx.config.train
     dataset = read_image_dataset(ctx.fetch("images", skill_name))
@@ -261,6 +264,8 @@ def train_expert(ctx, skill_name: str) -> dict:
     }
     with ctx.output() as out:
         trainer.save(out)
+        # The same expert in kohya/A1111 keys, for ComfyUI and WebUI users.
+        export_kohya(load_adapter(out), out / "kohya" / f"selma_{skill_name}_lora.safetensors")
         (out / "expert.json").write_text(json.dumps(summary, indent=1))
         (out / "loss.json").write_text(json.dumps(history))
     return summary

@@ -87,8 +87,14 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
         assert all(math.isfinite(results["table"][skill][v]) for v in results["variants"])
 
     check_mlflow(cfg, run_ids)
-    # The kohya/A1111 export is there (its round trip is tested in tests/test_merge_methods.py).
-    assert (fetched["merge"] / "kohya" / "selma_merged_lora.safetensors").stat().st_size > 0
+    # The kohya/A1111 exports load with diffusers and apply the same ΔW as the diffusers files.
+    kohya = {
+        "merge": fetched["merge"] / "kohya" / "selma_merged_lora.safetensors",
+        "train:counting": fetched["train:counting"] / "kohya" / "selma_counting_lora.safetensors",
+    }
+    for name, path in kohya.items():
+        for layer, delta in fused_deltas(model_cache, path).items():
+            torch.testing.assert_close(delta, deltas[name][layer], rtol=1e-4, atol=1e-6)
 
     promoted = subprocess.run(
         [sys.executable, "-m", "jobs.promote", "--config", str(config_path)],
