@@ -7,7 +7,7 @@ Compares the candidate (``--version``, else the version with alias ``candidate``
 not worse and no skill regresses by more than ``promote.max_skill_regression``. Promotion moves
 ``champion`` to the candidate and ``previous`` to the old champion. Prints the comparison table;
 the last line is one JSON object. Exit code: 0 promoted (or the candidate already is the champion),
-1 refused, 2 invalid input.
+3 refused, 2 invalid input, 1 a service failed (worth a retry).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import json
 import sys
 
 from selma_core.errors import ConfigError, SelmaError
+
+# Distinct from 1 (a service failed, worth a retry) and 2 (invalid input): the gate said no.
+EXIT_REFUSED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +36,8 @@ def promote(args: argparse.Namespace) -> dict:
     from selma_core.tracking import open_tracker
 
     cfg = load_config(args.config)
+    if cfg.merge.method == "adapters":
+        raise ConfigError("merge.method adapters registers no merged model, so there is nothing to promote")
     tracker = open_tracker(cfg.tracking)
     name = cfg.registered_model_name
     candidate = (
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"promoted": False, "error": str(e)}))
         return e.exit_code
     print(json.dumps(outcome))
-    return 0 if outcome["promoted"] or outcome.get("unchanged") else 1
+    return 0 if outcome["promoted"] or outcome.get("unchanged") else EXIT_REFUSED
 
 
 if __name__ == "__main__":

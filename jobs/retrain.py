@@ -6,7 +6,7 @@ What CI runs (``.github/workflows/retrain.yml``), and what a person can run by h
 jobs.submit --phase all`` (work whose output exists is skipped, so only what changed is redone);
 2. ``python -m jobs.promote``; 3. a Markdown report (the jobs, the comparison table, the verdict)
 appended to ``--summary`` or ``$GITHUB_STEP_SUMMARY``. Exit code: the pipeline's when it fails,
-else the promotion's (0 promoted or nothing new, 1 refused).
+else the promotion's (0 promoted or nothing new, 3 refused).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def report(config: str, pipeline: dict, promotion: dict | None) -> str:
         if promotion.get("promoted"):
             lines.append(f"**Promoted** v{promotion['candidate']} to champion.")
         elif promotion.get("unchanged"):
-            lines.append(f"v{promotion['candidate']} already is the champion: nothing new to promote.")
+            lines.append("Nothing new to promote: " + "; ".join(promotion.get("reasons", [])) + ".")
         else:
             reasons = "; ".join(promotion.get("reasons", [])) or promotion.get("error", "")
             lines.append(f"**Refused** v{promotion.get('candidate')}: {reasons}")
@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         submit_args += ["--backend", args.backend]
     code, pipeline = _run("jobs.submit", submit_args)
     promotion = None
-    if code == 0:
+    merge = next((j for j in pipeline.get("jobs", []) if j.get("job") == "merge"), {})
+    if code == 0 and merge.get("status") == "skipped":
+        # No new merged model: whatever the registry holds was judged before.
+        promotion = {"unchanged": True, "candidate": None, "reasons": ["nothing new: the merge was skipped"]}
+    elif code == 0:
         code, promotion = _run("jobs.promote", ["--config", args.config])
     summary = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
     text = report(args.config, pipeline, promotion)

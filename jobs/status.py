@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
 
@@ -50,6 +51,10 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
             f"at {cfg.tracking.uri}"
         )
     job_ids = [j for j in parent.tags.get(TAG_JOBS, "").split(",") if j]
+    snapshot = Path(parent.tags.get("selma.log_dir", "")) / "config.yaml"
+    if snapshot.is_file():  # the config as that run saw it: the config file may have changed since
+        cfg = load_config(snapshot)
+        plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
     children = {r.name: r for r in reversed(tracker.child_runs(cfg.name, parent.run_id))}  # newest wins
     finished = parent.status != "RUNNING"
     rows = []

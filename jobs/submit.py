@@ -104,7 +104,14 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
             if job.id not in forced and forced.intersection(job.deps):
                 forced.add(job.id)
                 changed = True
-    return forced & selected
+    outside = sorted(forced - selected)
+    if outside:
+        # Their inputs would change under them while they stay "committed": run them too.
+        raise ConfigError(
+            f"--force {' '.join(specs)} would leave {', '.join(outside)} built from the old outputs; "
+            "select them too (e.g. --phase all)"
+        )
+    return forced
 
 
 def validate(cfg, skills) -> None:
@@ -124,7 +131,7 @@ def validate(cfg, skills) -> None:
             raise ConfigError(f"{cfg.source_path}: prompts.contamination.benchmarks: file {path} not found")
     if cfg.prompts.backend == "openai":
         OpenAICompatibleBackend(cfg.prompts.openai)  # checks the key variable where one is required
-    else:
+    elif cfg.prompts.backend == "offline":
         for skill in skills.values():
             if not skill.offline.templates:
                 raise ConfigError(
@@ -170,6 +177,8 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     validate(cfg, skills)
     plan = build_plan(cfg, skills)
     selected = plan.select(args.phase, args.skill)
+    if not selected:
+        raise ConfigError(f"--phase {args.phase}: no such jobs in this pipeline (is merge_search.enabled?)")
     forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}"

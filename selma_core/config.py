@@ -143,6 +143,11 @@ class PipelineConfig:
                 )
         if len(set(self.skills)) != len(self.skills):
             raise ValueError(f"skills: duplicate names in {self.skills}")
+        if self.merge_search.enabled and self.merge.method not in ("linear", "adapters"):
+            raise ValueError(
+                f"merge_search scores linear combinations of the experts; merge.method {self.merge.method!r} "
+                "would apply the weights differently (use linear or adapters, or give merge.weights)"
+            )
 
     def phase_config(self, phase: str):
         """The settings of a phase by its name ("merge-search" -> ``merge_search``)."""

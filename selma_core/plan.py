@@ -19,7 +19,7 @@ from selma_core.typed_yaml import output_dict
 PHASES = ("prompts", "images", "train", "merge-search", "merge", "eval")
 PER_SKILL_PHASES = ("prompts", "images", "train")
 # Bump when an output's format changes, so old outputs are not mistaken for new ones.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: experts also in kohya keys; the merged adapter under adapter/
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,18 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     jobs: dict[str, JobSpec] = {}
 
     def add(
-        phase: str, skill: str | None, inputs: dict, deps: list[JobSpec], shard: int | None = None
+        phase: str,
+        skill: str | None,
+        inputs: dict,
+        deps: list[JobSpec],
+        shard: int | None = None,
+        config: dict | None = None,
     ) -> JobSpec:
         digest = stable_hash(
             {
                 "format": FORMAT_VERSION,
                 "phase": phase,
-                "config": output_dict(cfg.phase_config(phase)),
+                "config": output_dict(cfg.phase_config(phase)) if config is None else config,
                 "inputs": inputs,
                 "upstream": {d.id: d.key for d in deps},
             }
@@ -120,7 +125,7 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
 
     base = _models((cfg.base_model, cfg.base_model_revision))
     # The contamination guard's benchmark files, by content: a changed file regenerates the prompts.
-    benchmarks = {path: _file_digest(path) for path in cfg.prompts.contamination.benchmarks}
+    benchmarks = sorted(_file_digest(path) for path in cfg.prompts.contamination.benchmarks)
     experts = []
     prompt_jobs = []
     for name in cfg.skills:
@@ -134,15 +139,25 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         from selma_core.phases.merge_search import candidate_weights
 
         scoring = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
-        scoring["eval"] = output_dict(cfg.eval)  # candidates are drawn and scored as eval does
+        # A candidate is its weights, scored as eval draws and scores; nothing else of the search.
+        sampling = output_dict(cfg.eval)
+        sampling.pop("compare_experts")
+        sampling["max_prompts_per_skill"] = cfg.merge_search.max_prompts_per_skill
         candidates = [
-            add("merge-search", None, {**scoring, "weights": weights}, [*experts, *prompt_jobs], shard=i)
+            add(
+                "merge-search",
+                None,
+                {**scoring, "weights": weights},
+                [*experts, *prompt_jobs],
+                shard=i,
+                config=sampling,
+            )
             for i, weights in enumerate(candidate_weights(cfg.merge_search, len(cfg.skills)))
         ]
         search = add("merge-search", None, {}, candidates)
         if cfg.merge.weights is None:  # the merge takes the best weights found
             merge_deps.append(search)
-    merged = add("merge", None, base, merge_deps)
+    merged = add("merge", None, {**base, "registered_model_name": cfg.registered_model_name}, merge_deps)
     evaluation = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
     add("eval", None, evaluation, [merged, *experts, *prompt_jobs])
     return Plan(jobs=jobs)

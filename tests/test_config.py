@@ -376,3 +376,9 @@ def test_overrides_replace_top_level_keys(tiny_config):
     assert cfg.device == "cpu"
     with pytest.raises(ConfigError, match="unknown key nonsense"):
         load_config(tiny_config(), overrides={"nonsense": 1})
+
+
+def test_a_weight_search_needs_a_method_that_applies_its_weights(tmp_path):
+    text = BASE + "merge_search: {enabled: true}\nmerge: {method: ties}\n"
+    message = config_error(write(tmp_path, text))
+    assert "merge_search scores linear combinations" in message and "'ties'" in message

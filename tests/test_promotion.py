@@ -92,12 +92,12 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
 
     register(9.0, 9.0, 9.0)
     code, out, text = promote(config)
-    assert code == 1 and not out["promoted"] and "refused: " in text and "mean score 9.000 is below" in text
+    assert code == 3 and not out["promoted"] and "refused: " in text and "mean score 9.000 is below" in text
     assert tracker.model_version(name, alias="champion").version == v1
 
     register(11.0, 13.0, 9.0)
     code, out, _ = promote(config)
-    assert code == 1 and out["reasons"] == ["skill b drops by 1.000 (more than max_skill_regression 0.5)"]
+    assert code == 3 and out["reasons"] == ["skill b drops by 1.000 (more than max_skill_regression 0.5)"]
     code, out, _ = promote(config, "--max-skill-regression", "2")  # a looser gate lets it through
     assert code == 0 and out["promoted"]
     v3 = out["candidate"]

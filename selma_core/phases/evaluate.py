@@ -168,6 +168,14 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(format_table(table, variants) + "\n")
+        registered = merge_info.get("registered")
+        if registered:  # the scores promotion compares; tagged before the commit, so never lost
+            scores = {
+                f"selma.eval.clip_score.{skill}": f"{row['merged']:.6f}" for skill, row in table.items()
+            }
+            scores["selma.eval.base.clip_score.mean"] = f"{table['mean']['base']:.6f}"
+            scores["selma.eval.key"] = ctx.job.key
+            ctx.run.tag_model_version(registered["name"], registered["version"], scores)
     ctx.run.log_metrics(
         {
             f"clip_score.{skill}.{v.replace(':', '.')}": score
@@ -176,10 +184,4 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
         }
     )
     ctx.run.log_dict({"variants": variants, "table": table}, "eval/results_table.json")
-    registered = merge_info.get("registered")
-    if registered:  # the scores promotion compares (python -m jobs.promote)
-        scores = {f"selma.eval.clip_score.{skill}": f"{row['merged']:.6f}" for skill, row in table.items()}
-        scores["selma.eval.base.clip_score.mean"] = f"{table['mean']['base']:.6f}"
-        scores["selma.eval.key"] = ctx.job.key
-        ctx.run.tag_model_version(registered["name"], registered["version"], scores)
     return {"table": table, "variants": variants}

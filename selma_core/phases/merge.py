@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from selma_core.errors import ConfigError
+from selma_core.typed_yaml import execution_only
 
 ADAPTER_DIR = "adapter"  # the merged adapter, diffusers' LoRA format
 KOHYA_FILE = "kohya/selma_merged_lora.safetensors"
@@ -53,8 +54,8 @@ class MergeConfig:
     # DARE's random drops.
     seed: int = 0
     # Register the merged adapter in the MLflow model registry, with this alias.
-    register: bool = True
-    alias: str = "candidate"
+    register: bool = execution_only(True)
+    alias: str = execution_only("candidate")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:

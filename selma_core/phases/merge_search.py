@@ -21,8 +21,6 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from selma_core.typed_yaml import execution_only
-
 
 @dataclass
 class MergeSearchConfig:
@@ -35,7 +33,7 @@ class MergeSearchConfig:
     max_candidates: int = 32
     seed: int = 0
     # Held-out prompts scored per skill for each candidate (None: all); fewer is faster, noisier.
-    max_prompts_per_skill: int | None = execution_only(None)
+    max_prompts_per_skill: int | None = None
 
     def __post_init__(self) -> None:
         if self.grid_points < 2:
@@ -55,6 +53,16 @@ def candidate_weights(cfg: MergeSearchConfig, n_experts: int) -> list[list[float
     if cfg.strategy == "grid":
         step = (cfg.high - cfg.low) / (cfg.grid_points - 1)
         values = [round(cfg.low + i * step, 6) for i in range(cfg.grid_points)]
+        size = cfg.grid_points**n_experts
+        if size > cfg.max_candidates + 1:
+            from selma_core.errors import ConfigError
+
+            raise ConfigError(
+                f"merge_search: a grid of {cfg.grid_points} points for {n_experts} experts has {size} "
+                "candidates, "
+                f"more than max_candidates {cfg.max_candidates}; use strategy: random, fewer grid_points, "
+                "or raise max_candidates"
+            )
         pool = [list(v) for v in itertools.product(values, repeat=n_experts) if any(v)]
     else:
         rng = random.Random(cfg.seed)

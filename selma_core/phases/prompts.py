@@ -60,7 +60,8 @@ class ContaminationConfig:
     """Evaluation benchmark files whose prompts must not leak into training."""
 
     # Paths (relative to the config file) to DSG-1k .csv, TIFA .json, GenEval .jsonl or .txt files.
-    benchmarks: list[str] = field(default_factory=list)
+    # (Their contents, not their paths, are part of the prompts' output key.)
+    benchmarks: list[str] = field(default_factory=list, metadata={"affects_output": False})
     # A candidate whose ROUGE-L against any benchmark prompt exceeds this is dropped.
     rouge_threshold: float = 0.7
 

@@ -145,6 +145,8 @@ def test_force_reaches_everything_downstream():
     everything = set(plan.jobs)
     assert forced_jobs(plan, ["images:a"], everything) == {"images:a", "train:a", "merge", "eval"}
     assert forced_jobs(plan, ["train"], everything) == {"train:a", "train:b", "merge", "eval"}
-    assert forced_jobs(plan, ["merge"], {"merge"}) == {"merge"}  # only what was selected
+    assert forced_jobs(plan, ["eval"], {"eval"}) == {"eval"}
+    with pytest.raises(Exception, match="would leave eval built from the old outputs"):
+        forced_jobs(plan, ["merge"], {"merge"})  # eval, downstream, was not selected
     with pytest.raises(Exception, match="--force colour: no such job"):
         forced_jobs(plan, ["colour"], everything)

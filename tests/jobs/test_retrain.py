@@ -67,7 +67,7 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
 
     again = retrain(config, summary)  # nothing changed: everything skipped, nothing new to promote
     assert again.returncode == 0
-    assert "v1 already is the champion" in summary.read_text()
+    assert "Nothing new to promote: nothing new: the merge was skipped." in summary.read_text()
     assert "| train:counting | skipped |" in summary.read_text()
 
     # A champion that scores far higher (as if it had been trained longer): the next candidate loses.
@@ -78,7 +78,7 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     tracker.set_model_version_tags(cfg.name, champion.version, strong)
     changed = tiny_config(eval={"compare_experts": False}, train={"steps": 4})
     third = retrain(changed, summary)
-    assert third.returncode == 1
+    assert third.returncode == 3  # refused
     text = summary.read_text()
     assert "**Refused** v2: " in text and "below the champion's 1000.000" in text
     assert tracker.model_version(cfg.name, alias="champion").version == champion.version

@@ -158,3 +158,8 @@ def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
         cwd=REPO,
     )
     assert missing.returncode == 2 and "no pipeline run nope" in missing.stderr
+
+
+def test_a_phase_with_no_jobs_is_an_error(tiny_config):
+    result = submit("--phase", "merge-search", "--config", str(tiny_config()))
+    assert result.returncode == 2 and "--phase merge-search: no such jobs" in result.stderr

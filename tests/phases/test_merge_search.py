@@ -17,7 +17,10 @@ def test_grid_candidates_start_with_selmas_uniform_weights():
     weights = candidate_weights(MergeSearchConfig(grid_points=3), 2)
     assert weights[0] == [0.5, 0.5]
     assert [0.0, 0.0] not in weights and [1.0, 0.5] in weights and len(weights) == 8  # 3x3 - (0,0)
-    assert len(candidate_weights(MergeSearchConfig(grid_points=3, max_candidates=4), 2)) == 4
+    from selma_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has 9 candidates, more than max_candidates 4"):
+        candidate_weights(MergeSearchConfig(grid_points=3, max_candidates=4), 2)
 
 
 def test_random_candidates_are_reproducible_and_in_range():
