@@ -224,6 +224,7 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                     base_model=base,
                     model_name=ctx.config.registered_model_name,
                     alias=cfg.alias,
+                    base_model_revision=ctx.config.base_model_revision,
                     tags={
                         "selma.store_key": ctx.job.key,
                         TAG_CONFIG_HASH: ctx.config.config_hash(),

@@ -46,9 +46,17 @@ class JobRun(ABC):
 
     @abstractmethod
     def register_lora_adapter(
-        self, adapter_dir: Path, base_model: str, model_name: str, alias: str, tags: dict[str, str]
+        self,
+        adapter_dir: Path,
+        base_model: str,
+        model_name: str,
+        alias: str,
+        tags: dict[str, str],
+        base_model_revision: str | None = None,
     ) -> str:
-        """Log a LoRA adapter as a model of this run, register it, point ``alias`` at it; the version."""
+        """Log a LoRA adapter as a model of this run, register it, point ``alias`` at it; the version.
+
+        ``base_model_revision`` pins the base model the registered model loads."""
 
 
 @dataclass

@@ -71,35 +71,49 @@ class MlflowJobRun(JobRun):
         self.tracker.set_model_version_tags(name, version, tags)
 
     def register_lora_adapter(
-        self, adapter_dir: Path, base_model: str, model_name: str, alias: str, tags: dict[str, str]
+        self,
+        adapter_dir: Path,
+        base_model: str,
+        model_name: str,
+        alias: str,
+        tags: dict[str, str],
+        base_model_revision: str | None = None,
     ) -> str:
         import mlflow
 
         mlflow.set_tracking_uri(self.tracker.uri)
         mlflow.set_registry_uri(self.tracker.uri)
         with mlflow.start_run(run_id=self.run_id):
-            info = _log_adapter_model(adapter_dir, base_model, model_name)
+            info = _log_adapter_model(adapter_dir, base_model, model_name, base_model_revision)
         version = str(info.registered_model_version)
         self.tracker.set_model_version_tags(model_name, version, tags)
         self.tracker.set_model_alias(model_name, alias, version)
         return version
 
 
-def _log_adapter_model(adapter_dir: Path, base_model: str, model_name: str):
+def _log_adapter_model(adapter_dir: Path, base_model: str, model_name: str, revision: str | None = None):
     """Log with MLflow's diffusers LoRA flavor (MLflow >= 3.17, pinned in pyproject.toml).
 
     The flavor stores the adapter's safetensors plus the base model reference, and its pyfunc form
-    takes a prompt and returns an image, so ``models:/NAME@ALIAS`` generates directly.
+    takes a prompt and returns an image, so ``models:/NAME@ALIAS`` generates directly. The flavor
+    records the hub's newest commit of the base model; a revision the pipeline pinned is recorded
+    instead, so the registered model loads the base it was trained on.
     """
     import mlflow.diffusers
 
-    return mlflow.diffusers.log_model(
-        adapter_path=str(adapter_dir),
-        base_model=base_model,
-        name="merged_lora",
-        registered_model_name=model_name,
-        pip_requirements=["diffusers", "transformers", "torch", "peft", "safetensors"],
-    )
+    resolve = mlflow.diffusers._resolve_base_model_revision
+    if revision:
+        mlflow.diffusers._resolve_base_model_revision = lambda base: revision
+    try:
+        return mlflow.diffusers.log_model(
+            adapter_path=str(adapter_dir),
+            base_model=base_model,
+            name="merged_lora",
+            registered_model_name=model_name,
+            pip_requirements=["diffusers", "transformers", "torch", "peft", "safetensors"],
+        )
+    finally:
+        mlflow.diffusers._resolve_base_model_revision = resolve
 
 
 class MlflowTracker(Tracker):

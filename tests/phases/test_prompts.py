@@ -59,7 +59,9 @@ class RecordingRun(JobRun):
     def tag_model_version(self, name, version, tags):
         self.tags.append({"model": f"{name}/{version}", **tags})
 
-    def register_lora_adapter(self, adapter_dir, base_model, model_name, alias, tags):
+    def register_lora_adapter(
+        self, adapter_dir, base_model, model_name, alias, tags, base_model_revision=None
+    ):
         self.adapters.append((Path(adapter_dir), base_model, model_name, alias, dict(tags)))
         return str(len(self.adapters))
 
