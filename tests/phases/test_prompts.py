@@ -66,14 +66,6 @@ class RecordingRun(JobRun):
         return str(len(self.adapters))
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 def make_context(config_path: Path, skill: str, store_root: Path) -> JobContext:
     cfg = load_config(config_path)
     skills = load_skills(cfg.skills_dir, cfg.skills)

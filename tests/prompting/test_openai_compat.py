@@ -17,15 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 KEY_ENV = "SELMA_TEST_LLM_KEY"
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """Requests to 127.0.0.1 must not go through a proxy the environment may name."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 def server():
     with FakeOpenAI() as fake:
