@@ -51,7 +51,7 @@ def run_dag(
     selected = {j.id for j in jobs}
     checked: set[str] = set()  # jobs whose "already committed?" look-up was done (once each)
     outcomes: dict[str, JobOutcome] = {}
-    running: dict[str, tuple[JobHandle, float]] = {}
+    running: dict[str, tuple[JobHandle, float, str]] = {}  # job id -> (handle, start, slot)
     pending = list(jobs)
     total = len(jobs)
 
@@ -69,9 +69,10 @@ def run_dag(
                 last_beat = time.monotonic()
                 now = time.monotonic()
                 busy = ", ".join(
-                    f"{job_id} ({now - started:.0f}s)" for job_id, (_, started) in running.items()
+                    f"{job_id} ({now - started:.0f}s)" for job_id, (_, started, _) in running.items()
                 )
                 echo(f"[{len(outcomes)}/{total} done] running: {busy}")
+            ready = []
             for job in list(pending):
                 deps = [d for d in job.deps if d in selected]
                 bad = [d for d in deps if d in outcomes and outcomes[d].status in ("failed", "blocked")]
@@ -88,13 +89,17 @@ def run_dag(
                         url = output_url(job)
                         finish(job, JobOutcome(job.phase, job.skill, "skipped", job=job.id, output=url))
                         continue
-                if len(running) >= max_parallel:
-                    continue
-                pending.remove(job)
-                handle = executor.submit(job, command_for(job), env)
-                running[job.id] = (handle, time.monotonic())
-                echo(f"started {job.id} (log: {handle.log})")
-            for job_id, (handle, started) in list(running.items()):
+                ready.append(job)
+            # A batch (e.g. a phase's shards as one Indexed Job) takes one of the max_parallel slots.
+            for group in executor.batches(ready):
+                if len({slot for _, _, slot in running.values()}) >= max_parallel:
+                    break
+                handles = executor.submit_batch(group, [command_for(j) for j in group], env)
+                for handle in handles:
+                    pending.remove(handle.job)
+                    running[handle.job.id] = (handle, time.monotonic(), group[0].id)
+                    echo(f"started {handle.job.id} (log: {handle.log})")
+            for job_id, (handle, started, _) in list(running.items()):
                 status = executor.poll(handle)
                 if status.state not in (JobState.SUCCEEDED, JobState.FAILED):
                     continue
@@ -123,7 +128,7 @@ def run_dag(
                 time.sleep(poll_interval)
     except BaseException:
         # Ctrl-C, SIGTERM or an error of the controller itself: no job is left running unwatched.
-        for job_id, (handle, _) in running.items():
+        for job_id, (handle, _, _) in running.items():
             echo(f"cancelling {job_id}")
             executor.cancel(handle)
         raise

@@ -6,18 +6,36 @@ Everything else comes from the config and the environment: ``SELMA_PARENT_RUN_ID
 MLflow run), ``SELMA_GIT_COMMIT``, S3 credentials (``AWS_*``), ``HF_TOKEN``.
 Exit codes: 0 done or already committed (skipped), 2 invalid configuration or input (a retry cannot
 help), anything else a failure worth retrying. The last line on stdout is one JSON object.
+
+The train phase may run data parallel on several processes (GPUs, nodes) under torchrun:
+
+    torchrun --nproc-per-node=N -m jobs.run --phase train --skill counting --config C
+
+Rank 0 is the job: it checks the store, opens and closes the MLflow run, commits the output and
+prints the result line; it broadcasts whether the output is already committed before anything else
+happens, so on a skip every process exits 0 at once. The other ranks fetch the same inputs and
+train alongside (``selma_core.phases.train``) but record nothing, commit nothing and print no JSON
+line (their errors go to stderr). Any other phase with ``WORLD_SIZE`` > 1 is a configuration error
+(exit 2). A rank that fails exits non-zero; torchrun then stops the others (SIGTERM, rank 0 ends its
+MLflow run as failed when it can) and itself exits 1 (torchrun reports any worker failure as 1,
+whatever the worker's code); launched as ``python -m jobs.run ... --nproc-per-node N`` (what the
+Kubernetes executor runs), jobs.run starts torchrun itself and exits with rank 0's exit code.
+A rank that hangs without exiting is bounded by the process group's timeout
+(``SELMA_DIST_TIMEOUT_S``, default 1800 s; see ``selma_core.distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
 
 from jobs.signals import terminate_as_interrupt
-from selma_core.errors import EXIT_RETRYABLE, ConfigError, SelmaError
+from selma_core import distributed
+from selma_core.errors import EXIT_RETRYABLE, ConfigError, InputError, SelmaError
 from selma_core.plan import PER_SKILL_PHASES, PHASES
 
 ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
@@ -32,23 +50,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skill", help="the skill (required for prompts, images and train)")
     parser.add_argument("--config", required=True, help="pipeline config YAML file")
     parser.add_argument(
-        "--shard-index",
-        type=int,
-        help="which of a phase's parallel jobs (merge-search candidates); default $JOB_COMPLETION_INDEX "
-        "when --num-shards is given (Kubernetes Indexed Jobs)",
+        "--shard-index", type=int, help="which of a phase's parallel jobs (merge-search candidates)"
     )
-    parser.add_argument("--num-shards", type=int, help="how many parallel jobs the phase has")
+    parser.add_argument(
+        "--shards",
+        metavar="I,J,...",
+        help="Kubernetes Indexed Jobs: run the shard at position $JOB_COMPLETION_INDEX of this list",
+    )
     parser.add_argument("--force", action="store_true", help="run even if the output is already committed")
+    launch = parser.add_argument_group(
+        "data-parallel training",
+        "run the train phase under torchrun (torch.distributed.run) over several processes; exit "
+        "codes keep their meaning (torchrun itself reports any worker failure as 1)",
+    )
+    launch.add_argument("--nproc-per-node", type=int, help="processes (GPUs) on this node")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes (pods) in the group (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
+    launch.add_argument("--master-addr", help="host of node 0, the rendezvous (multi-node)")
+    launch.add_argument("--master-port", type=int, default=29500, help="its port (default 29500)")
     return parser
+
+
+def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this same job under torchrun and exit as the job would have: rank 0's result line says
+    how it ended (exit 2 stays 2, so a Kubernetes podFailurePolicy still sees a config error)."""
+    import signal
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
+    if args.nnodes > 1:
+        if not args.master_addr:
+            print("error: --nnodes > 1 needs --master-addr (the host of node 0)", file=sys.stderr)
+            return ConfigError.exit_code
+        command += [
+            f"--nnodes={args.nnodes}",
+            f"--node-rank={args.node_rank}",
+            f"--master-addr={args.master_addr}",
+            f"--master-port={args.master_port}",
+        ]
+    else:
+        command.append("--standalone")
+    launcher_flags = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"}
+    job_args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in launcher_flags:
+            skip = "=" not in arg
+            continue
+        job_args.append(arg)
+    process = subprocess.Popen([*command, "-m", "jobs.run", *job_args], stdout=subprocess.PIPE, text=True)
+    last_result: dict | None = None
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    last_result = json.loads(line)
+        code = process.wait()
+    except KeyboardInterrupt:  # SIGTERM (pod deleted) or Ctrl-C: stop the workers, then go
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+        return 130
+    if code == 0:
+        return 0
+    return int((last_result or {}).get("exit_code") or code)
 
 
 def run_job(
     phase: str, skill: str | None, config_path: str, shard: int | None = None, force: bool = False
 ) -> dict:
     from selma_core.config import load_config
-    from selma_core.context import JobContext
+    from selma_core.context import JobContext, NullJobRun
+    from selma_core.models.loading import resolve_device
     from selma_core.phases import run_phase
-    from selma_core.plan import build_plan
+    from selma_core.plan import build_plan, missing_input_message
     from selma_core.provenance import git_commit
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
@@ -63,6 +142,12 @@ def run_job(
     )
     from selma_core.typed_yaml import to_dict
 
+    rank, world_size, _ = distributed.world()
+    if world_size > 1 and phase != "train":
+        raise ConfigError(
+            f"--phase {phase} cannot run on {world_size} processes (WORLD_SIZE={world_size}): only "
+            f"--phase train runs under torchrun; run {phase} as one process"
+        )
     if phase in PER_SKILL_PHASES and not skill:
         raise ConfigError(f"--phase {phase} needs --skill")
     if phase not in PER_SKILL_PHASES and skill:
@@ -79,10 +164,34 @@ def run_job(
             f"--phase {phase}{f' --shard-index {shard}' if shard is not None else ''}: {e}"
         ) from e
     store = open_store(cfg.storage)
-    if force:
-        store.delete_prefix(f"{job.key}/_partial")  # a forced rerun starts afresh, resuming nothing
-    elif store.is_committed(job.key):
-        return {"job": job.id, "status": "skipped", "output": store.url(job.key)}
+    if world_size > 1:  # under torchrun: join the process group
+        distributed.init(resolve_device(cfg.device))
+    # Rank 0 decides for all, before any process starts work: skip (the output is committed), fail
+    # (its error, raised by every process), or go on.
+    decision: dict = {}
+    if rank == 0:
+        try:
+            if force:
+                store.delete_prefix(f"{job.key}/_partial")  # a forced rerun starts afresh, resuming nothing
+            elif store.is_committed(job.key):
+                decision = {"skipped": {"job": job.id, "status": "skipped", "output": store.url(job.key)}}
+            if world_size > 1 and not decision:  # a missing input fails every process alike
+                for dep in job.deps:
+                    if not store.is_committed(plan.jobs[dep].key):
+                        raise InputError(missing_input_message(job.id, dep))
+        except SelmaError as e:
+            if world_size == 1:
+                raise
+            decision = {"error": e}
+    decision = distributed.broadcast_object(decision)
+    if "error" in decision:
+        raise decision["error"]
+    if "skipped" in decision:
+        return decision["skipped"]
+    if rank != 0:  # a helper: computes with rank 0, records and commits nothing
+        ctx = JobContext(cfg, skills, plan, job, store, NullJobRun(), commits=False)
+        result = run_phase(phase, ctx, skill, shard)
+        return {"job": job.id, "status": "helped", "rank": rank, "result": result}
     tracker = open_tracker(cfg.tracking)
     tags = {
         TAG_PHASE: phase,
@@ -95,7 +204,8 @@ def run_job(
     ok = False
     try:
         run.log_params({phase: to_dict(cfg.phase_config(phase)), "base_model": cfg.base_model})
-        result = run_phase(phase, JobContext(cfg, skills, plan, job, store, run), skill, shard)
+        ctx = JobContext(cfg, skills, plan, job, store, run, commits=True)
+        result = run_phase(phase, ctx, skill, shard)
         run.set_tags({TAG_OUTPUT: store.url(job.key)})
         run.log_dict({"job": job.id, "output": store.url(job.key), "result": result}, "job_result.json")
         ok = True
@@ -111,27 +221,64 @@ def run_job(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     terminate_as_interrupt()
+    rank, world_size, _ = distributed.world()
+    if args.nproc_per_node and world_size == 1:
+        return launch_torchrun(args, argv)
     shard = args.shard_index
-    if shard is None and args.num_shards is not None and os.environ.get("JOB_COMPLETION_INDEX"):
-        shard = int(os.environ["JOB_COMPLETION_INDEX"])
+    if args.shards is not None:
+        try:
+            shards = [int(s) for s in args.shards.split(",")]
+            shard = shards[int(os.environ.get("JOB_COMPLETION_INDEX", "0"))]
+        except (ValueError, IndexError):
+            print(
+                f"error: --shards {args.shards}: expected comma-separated shard numbers with one at "
+                f"$JOB_COMPLETION_INDEX={os.environ.get('JOB_COMPLETION_INDEX')}",
+                file=sys.stderr,
+            )
+            return ConfigError.exit_code
+    # Under torchrun only rank 0 reports; the others' errors go to stderr, marked with their rank.
+    where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+
+    def report(outcome: dict) -> None:
+        if rank == 0:
+            print(json.dumps(outcome, default=str))
+
     try:
         outcome = run_job(args.phase, args.skill, args.config, shard, args.force)
     except SelmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"job": args.phase, "skill": args.skill, "status": "failed", "error": str(e)}))
+        print(f"error{where}: {e}", file=sys.stderr)
+        report(
+            {
+                "job": args.phase,
+                "skill": args.skill,
+                "status": "failed",
+                "error": str(e),
+                "exit_code": e.exit_code,
+            }
+        )
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted (the output was not committed)", file=sys.stderr)
-        failed = {"job": args.phase, "skill": args.skill, "status": "failed", "error": "interrupted"}
-        print(json.dumps(failed))
+        # Under torchrun, most often: another rank failed (its error is in the log) and torchrun
+        # stopped this one.
+        why = "interrupted" + (" (stopped by torchrun: another rank may have failed)" if where else "")
+        print(f"error{where}: {why} (the output was not committed)", file=sys.stderr)
+        report({"job": args.phase, "skill": args.skill, "status": "failed", "error": why, "exit_code": 130})
         return 130
     except Exception as e:  # anything unforeseen: worth a retry, with the traceback in the log
+        if where:
+            print(f"error{where}:", file=sys.stderr)
         traceback.print_exc()
-        print(json.dumps({"job": args.phase, "skill": args.skill, "status": "failed", "error": repr(e)}))
+        failed = {"job": args.phase, "skill": args.skill, "status": "failed", "error": repr(e)}
+        report({**failed, "exit_code": EXIT_RETRYABLE})
         return EXIT_RETRYABLE
-    print(json.dumps(outcome, default=str))
+    finally:
+        # Under torchrun: leave the process group, after the result is reported (a process that
+        # exits without leaving aborts in gloo/NCCL's destructors).
+        distributed.shutdown()
+    report(outcome)
     return 0
 
 

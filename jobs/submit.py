@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print what would be submitted and submit nothing",
+        help="print what would be submitted and submit nothing (Kubernetes: every manifest, as YAML "
+        "documents)",
+    )
+    parser.add_argument(
+        "--follow-logs",
+        action="store_true",
+        help="Kubernetes: stream the logs of running pods here, each line prefixed by its job",
     )
     return parser
 
@@ -124,7 +130,9 @@ def validate(cfg, skills) -> None:
         ("generator_model", cfg.generator_model),
         ("eval.clip_model", cfg.eval.clip_model),
     ):
-        if value and value.startswith("/") and not Path(value).is_dir():
+        # On Kubernetes a local path is inside the pod (a mounted volume), not on this machine.
+        local = cfg.executor.kind == "local"
+        if local and value and value.startswith("/") and not Path(value).is_dir():
             raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
     for path in cfg.prompts.contamination.benchmarks:
         if not Path(path).is_file():
@@ -182,13 +190,21 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}"
-    executor = make_executor(cfg, cfg.executor.kind, str(log_dir))
+    executor = make_executor(cfg, cfg.executor.kind, str(log_dir), args.follow_logs, _echo)
     config_snapshot = log_dir / "config.yaml"
+    job_config = executor.job_config_path or str(config_snapshot)
+
+    def command_for(job):
+        return job_command(job, job_config, force=job.id in forced)
 
     if args.dry_run:
-        for job in selected:
-            print(executor.describe(job, job_command(job, str(config_snapshot), force=job.id in forced)))
+        try:
+            executor.check_reachable()
+        except ConfigError as e:
+            _echo(f"warning: {e}")
+        print(executor.dry_run(selected, command_for))
         return 0, [JobOutcome(j.phase, j.skill, "planned", job=j.id) for j in selected]
+    executor.check_reachable()
 
     store = open_store(cfg.storage)
     tracker = open_tracker(cfg.tracking)
@@ -217,13 +233,14 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         name=f"pipeline-{args.phase}",
     )
     env = {ENV_PARENT_RUN: parent, "SELMA_GIT_COMMIT": commit}
+    executor.begin(parent, commit)
     _echo(f"pipeline {cfg.name}: {len(selected)} jobs on the {executor.name} executor; logs in {log_dir}")
     outcomes: list[JobOutcome] = []
     try:
         outcomes = run_dag(
             selected,
             executor,
-            lambda job: job_command(job, str(config_snapshot), force=job.id in forced),
+            command_for,
             env,
             cfg.executor.max_parallel,
             lambda job: job.id not in forced and store.is_committed(job.key),
@@ -231,6 +248,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             echo=_echo,
         )
     finally:
+        executor.close()
         ok = bool(outcomes) and all(o.status in ("ran", "skipped") for o in outcomes)
         tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
     for outcome in outcomes:

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from selma_core.phases.evaluate import EvalConfig
 from selma_core.phases.images import ImagesConfig
@@ -67,14 +67,100 @@ class TrackingConfig:
 
 
 @dataclass
+class NodePool:
+    """Where a phase's pods are scheduled: a node pool by its labels, and the taints it tolerates."""
+
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    # A full Kubernetes affinity (e.g. preferred GPU types); None sets none.
+    affinity: dict[str, Any] | None = None
+
+
+def _default_gpu_pool() -> NodePool:
+    # GPU nodes are usually tainted so that only pods asking for GPUs land there.
+    return NodePool(tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+@dataclass
+class PodResources:
+    """A phase's pod size; a field left null keeps the default of the phase's template in k8s/jobs/."""
+
+    cpu: str | None = None
+    memory: str | None = None
+    gpus: int | None = None
+    # Local scratch for the model cache and fetched artifacts (an emptyDir of this size).
+    ephemeral_storage: str | None = None
+    # The Job fails when it has run this long (all retries together).
+    active_deadline_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpus is not None and self.gpus < 0:
+            raise ValueError(f"gpus: expected >= 0, got {self.gpus}")
+        if self.active_deadline_seconds is not None and self.active_deadline_seconds < 1:
+            raise ValueError(f"active_deadline_seconds: expected >= 1, got {self.active_deadline_seconds}")
+
+
+@dataclass
+class KubernetesConfig:
+    """The Kubernetes executor: every job a ``batch/v1`` Job built from the phase's template."""
+
+    namespace: str = "selma"
+    # The job image (see images/README.md); pin a digest or tag per release.
+    image: str = "selma-job:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = field(default_factory=list)
+    # None: $KUBECONFIG or ~/.kube/config, or the in-cluster config when the controller runs in a pod.
+    kubeconfig: str | None = None
+    context: str | None = None
+    # What job pods run as (k8s/serviceaccount.yaml; annotate it for workload identity).
+    service_account: str = "selma-job"
+    # Secrets whose keys become the job's environment (S3, MLflow, Hugging Face, LLM API keys).
+    # Credentials reach pods only this way, never through the config or a manifest.
+    secrets: list[str] = field(default_factory=lambda: ["selma-credentials"])
+    # Plain, non-secret environment variables for every job.
+    env: dict[str, str] = field(default_factory=dict)
+    # A Kueue LocalQueue: Jobs are created suspended with its label and Kueue admits them.
+    queue: str | None = None
+    gpu_pool: NodePool = field(default_factory=_default_gpu_pool)
+    cpu_pool: NodePool = field(default_factory=NodePool)
+    # Per phase ("train", "merge-search", ...): pod size over the template's defaults.
+    resources: dict[str, PodResources] = field(default_factory=dict)
+    # Multi-GPU training: torchrun over this many GPUs in one pod, and over this many pods (nodes)
+    # of an Indexed Job that find each other through a headless Service.
+    train_gpus: int = 1
+    train_nodes: int = 1
+    backoff_limit: int = 2
+    ttl_seconds_after_finished: int = 86400
+    # A PersistentVolumeClaim for /cache (model weights), shared by every pod; None: an emptyDir per pod.
+    cache_volume_claim: str | None = None
+    # Folder of the per-phase Job templates; None: k8s/jobs/ of this checkout or image.
+    templates_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.namespace):
+            raise ValueError(f"namespace: expected a DNS-1123 label, got {self.namespace!r}")
+        for name in ("train_gpus", "train_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.backoff_limit < 0 or self.ttl_seconds_after_finished < 0:
+            raise ValueError("backoff_limit and ttl_seconds_after_finished: expected >= 0")
+        from selma_core.plan import PHASES
+
+        unknown = sorted(set(self.resources) - set(PHASES))
+        if unknown:
+            raise ValueError(f"resources: unknown phase {unknown[0]!r}; phases: {', '.join(PHASES)}")
+
+
+@dataclass
 class ExecutorConfig:
     """How jobs run: ``local`` subprocesses, or ``kubernetes`` Jobs."""
 
     kind: Literal["local", "kubernetes"] = "local"
     # How many jobs run at once (per-skill jobs of one phase run in parallel up to this).
     max_parallel: int = 2
-    # Local executor: one log file per job here.
+    # One log file per job here (Kubernetes: each pod's log, saved when its Job ends).
     log_dir: str = "selma-data/logs"
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:

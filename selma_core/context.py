@@ -2,14 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from selma_core import distributed
 from selma_core.config import PipelineConfig
 from selma_core.plan import JobSpec, Plan, missing_input_message
 from selma_core.skills import Skill
 from selma_core.storage import ArtifactStore
 from selma_core.tracking import JobRun
+
+
+class NullJobRun(JobRun):
+    """The run of a helper process (torchrun rank > 0): records nothing; rank 0 tracks the job."""
+
+    run_id = ""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        pass
+
+    def register_lora_adapter(
+        self,
+        adapter_dir: Path,
+        base_model: str,
+        model_name: str,
+        alias: str,
+        tags: dict[str, str],
+        base_model_revision: str | None = None,
+    ) -> str:
+        return ""
 
 
 @dataclass
@@ -20,6 +60,8 @@ class JobContext:
     job: JobSpec
     store: ArtifactStore
     run: JobRun
+    # False in torchrun's helper processes (rank > 0): they compute, rank 0 commits.
+    commits: bool = field(default_factory=distributed.is_main)
 
     @property
     def scratch_dir(self) -> Path:
@@ -40,8 +82,23 @@ class JobContext:
         }
 
     def output(self):
-        """A local folder that is committed as this job's output when the ``with`` block succeeds."""
+        """A local folder that is committed as this job's output when the ``with`` block succeeds.
+
+        In a process that does not commit (``commits`` False: a torchrun rank > 0) the folder is
+        thrown away: only rank 0 writes the output.
+        """
+        if not self.commits:
+            return self._discarded_output()
         return self.store.staged_output(self.job.key, self.scratch_dir, self.lineage())
+
+    @contextlib.contextmanager
+    def _discarded_output(self):
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="discard-", dir=self.scratch_dir))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def fetch(self, phase: str, skill: str | None = None) -> Path:
         """A verified local copy of an upstream job's committed output."""

@@ -76,13 +76,14 @@ def missing_input_message(job_id: str, dep_id: str) -> str:
     )
 
 
-def _file_digest(path: str) -> str:
-    from selma_core.storage.base import sha256_file
+def _benchmark_digest(path: str) -> str:
+    """The benchmark file's prompts, by content: a file with the same prompts in another format or
+    place (e.g. shipped to a pod as JSON lines) gives the same key."""
+    from selma_core.prompting.contamination import read_benchmark_prompts
 
-    try:
-        return sha256_file(Path(path))
-    except OSError:
+    if not Path(path).is_file():
         return "missing"  # the controller reports it before any job starts
+    return stable_hash(read_benchmark_prompts(path))
 
 
 def _models(*specs: tuple[str, str | None]) -> dict:
@@ -124,8 +125,8 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         return job
 
     base = _models((cfg.base_model, cfg.base_model_revision))
-    # The contamination guard's benchmark files, by content: a changed file regenerates the prompts.
-    benchmarks = sorted(_file_digest(path) for path in cfg.prompts.contamination.benchmarks)
+    # The contamination guard's benchmark prompts, by content: changed prompts regenerate the prompts.
+    benchmarks = sorted(_benchmark_digest(path) for path in cfg.prompts.contamination.benchmarks)
     experts = []
     prompt_jobs = []
     for name in cfg.skills:

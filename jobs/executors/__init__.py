@@ -9,12 +9,21 @@ from selma_core.errors import ConfigError
 __all__ = ["Executor", "JobHandle", "JobState", "JobStatus", "job_command", "make_executor"]
 
 
-def make_executor(cfg: PipelineConfig, kind: str, log_dir: str) -> Executor:
+def make_executor(
+    cfg: PipelineConfig, kind: str, log_dir: str, follow_logs: bool = False, echo=None
+) -> Executor:
     if kind == "local":
         from jobs.executors.local import LocalExecutor
 
         return LocalExecutor(log_dir, cfg.executor.max_parallel)
-    raise ConfigError(
-        f"executor {kind!r} is not available in this version of selma (the Kubernetes executor is being "
-        "built; use --backend local)"
-    )
+    if kind == "kubernetes":
+        try:
+            import kubernetes  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                "the Kubernetes executor needs the kubernetes client: pip install 'selma[kubernetes]'"
+            ) from e
+        from jobs.executors.kubernetes import KubernetesExecutor
+
+        return KubernetesExecutor(cfg, log_dir, follow_logs=follow_logs, **({"echo": echo} if echo else {}))
+    raise ConfigError(f"executor {kind!r}: expected local or kubernetes")

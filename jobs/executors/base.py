@@ -7,6 +7,7 @@ the Kubernetes executor (Jobs) are interchangeable; both run the same ``python -
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -51,6 +52,8 @@ def job_command(job: JobSpec, config_path: str, force: bool = False) -> list[str
 
 class Executor(ABC):
     name: str
+    # Where jobs read the pipeline's frozen config (None: the snapshot the controller wrote locally).
+    job_config_path: str | None = None
 
     @abstractmethod
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle: ...
@@ -64,3 +67,36 @@ class Executor(ABC):
     @abstractmethod
     def describe(self, job: JobSpec, command: list[str]) -> str:
         """What ``--dry-run`` prints for this job (a command line, a manifest)."""
+
+    def batch_key(self, job: JobSpec) -> str | None:
+        """Jobs ready at the same time with the same key are submitted together (None: alone)."""
+        return None
+
+    def batches(self, jobs: list[JobSpec]) -> list[list[JobSpec]]:
+        """``jobs`` grouped by ``batch_key``, in order of first appearance."""
+        groups: dict[object, list[JobSpec]] = {}
+        for job in jobs:
+            key = self.batch_key(job)
+            groups.setdefault(job.id if key is None else ("batch", key), []).append(job)
+        return list(groups.values())
+
+    def submit_batch(
+        self, jobs: list[JobSpec], commands: list[list[str]], env: dict[str, str]
+    ) -> list[JobHandle]:
+        return [self.submit(job, command, env) for job, command in zip(jobs, commands, strict=True)]
+
+    def dry_run(self, jobs: list[JobSpec], command_for: Callable[[JobSpec], list[str]]) -> str:
+        """Everything ``--dry-run`` prints: what would be submitted, nothing submitted."""
+        return "\n".join(self.describe(job, command_for(job)) for job in jobs)
+
+    def begin(self, mlflow_run_id: str, git_commit: str) -> None:
+        """Called once the pipeline's MLflow run exists, before the first job is submitted."""
+        return None
+
+    def check_reachable(self) -> None:
+        """Raise ``ConfigError`` when jobs of this executor could not reach the store or tracking."""
+        return None
+
+    def close(self) -> None:
+        """Release what the executor holds (watches, connections)."""
+        return None

@@ -15,6 +15,23 @@ Recipe, one skill per job:
    reads it back), the same in kohya/A1111 keys (``kohya/``), ``expert.json`` (settings, final
    loss) and the loss curve; the loss is
    logged to the job's MLflow run every ``log_every`` steps.
+
+Several processes (data parallel): ``torchrun --nproc-per-node=N -m jobs.run --phase train ...``
+(and ``--nnodes``/``--node-rank`` across nodes) trains one expert on W = N x nodes processes, one GPU
+each. The global batch does not depend on W: a step is always ``gradient_accumulation``
+micro-batches of ``batch_size`` images; process r computes the micro-batches m with m % W == r and
+the gradients are summed over all processes (one all-reduce per step) before clipping and the
+AdamW step, so every process applies the same update to the same weights, the update one process
+would apply. That needs every process to draw the same random numbers in the same order: all of a
+micro-batch's draws (image indices, flip mask, the VAE posterior's sample, the diffusion noise,
+the timesteps) come from one generator seeded with ``seed``, in that order, and a process draws
+(and discards) the numbers of the micro-batches it does not compute. The VAE posterior is sampled
+explicitly as ``mean + std * randn`` (the same draw, dtype and math as diffusers'
+``latent_dist.sample(generator)``), so one process gives bit for bit what it gave before; with W
+processes only the summation order of gradients and losses changes (float rounding). Any
+``gradient_accumulation`` works; when it is not a multiple of W some processes idle part of each
+step (a process with no micro-batch adds zeros), so choose a multiple of W for the speed-up. The
+logged loss is the global one. Rank 0 alone commits the adapter and tracks the run (``jobs.run``).
 """
 
 from __future__ import annotations
@@ -153,56 +170,104 @@ class ExpertTrainer:
             "time_ids": time_ids.to(self.device, prompt_embeds.dtype),
         }
 
-    def train(self, dataset: list[tuple[dict, bytes]], on_log=None) -> list[tuple[int, float]]:
+    def _draw(self, generator, n_images: int, latent_shape: tuple[int, ...]) -> tuple:
+        """Every random number of one micro-batch, from the one generator, in a fixed order.
+
+        Every process draws every micro-batch's numbers, computed here or not, so all processes'
+        generators stay in step. The order (indices, flip mask, posterior sample, noise, timesteps)
+        and dtypes are those the single-process trainer always used.
+        """
         import torch
-        import torch.nn.functional as F
-        from tqdm import tqdm
 
         cfg = self.cfg
+        idx = torch.randint(n_images, (cfg.batch_size,), generator=generator)
+        flip = torch.rand(cfg.batch_size, generator=generator) < 0.5 if cfg.random_flip else None
+        # The VAE posterior's sample, drawn as diffusers' latent_dist.sample(generator) draws it.
+        posterior = torch.randn(latent_shape, generator=generator, dtype=self.dtype)
+        noise = torch.randn(latent_shape, generator=generator)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
+        )
+        return idx, flip, posterior, noise, timesteps
+
+    def _micro_batch(self, draws, pixels_u8, texts: list[str], resolution: int) -> float:
+        """Forward and backward one micro-batch (gradients accumulate); its loss / accumulation."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.cfg
+        idx, flip, posterior, noise, timesteps = draws
+        pixels = pixels_u8[idx].float().div(127.5).sub(1.0)
+        if flip is not None:
+            pixels[flip] = pixels[flip].flip(-1)
+        pixels = pixels.to(self.device, self.dtype)
+        with torch.no_grad():
+            latent_dist = self.pipe.vae.encode(pixels).latent_dist
+            if tuple(latent_dist.mean.shape) != tuple(posterior.shape):
+                raise InputError(
+                    f"VAE latents {tuple(latent_dist.mean.shape)} != expected {tuple(posterior.shape)} "
+                    f"at resolution {resolution}"
+                )
+            sample = latent_dist.mean + latent_dist.std * posterior.to(self.device)
+            latents = sample * self.pipe.vae.config.scaling_factor
+        hidden, added = self._conditioning([texts[i] for i in idx.tolist()], resolution)
+        noise = noise.to(self.device, latents.dtype)
+        timesteps = timesteps.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:  # epsilon (train() checked)
+            target = noise
+        pred = self.pipe.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
+        loss.backward()
+        return loss.item()
+
+    def train(self, dataset: list[tuple[dict, bytes]], on_log=None) -> list[tuple[int, float]]:
+        import sys
+
+        import torch
+        from tqdm import tqdm
+
+        from selma_core import distributed
+
+        cfg = self.cfg
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v")
+        rank, world_size = distributed.rank_and_size()
+        if world_size > 1 and cfg.gradient_accumulation % world_size:
+            print(
+                f"train: gradient_accumulation {cfg.gradient_accumulation} is not a multiple of the "
+                f"{world_size} processes; some processes idle part of every step",
+                file=sys.stderr,
+            )
         resolution = cfg.resolution or self.native_resolution()
         pixels_u8 = _decode_images(dataset, resolution)
         texts = [meta["prompt"] for meta, _ in dataset]
+        side = resolution // self.pipe.vae_scale_factor
+        latent_shape = (cfg.batch_size, self.pipe.vae.config.latent_channels, side, side)
         generator = torch.Generator().manual_seed(cfg.seed)
-        prediction_type = self.noise_scheduler.config.prediction_type
-        scaling = self.pipe.vae.config.scaling_factor
+        # Every process starts from rank 0's LoRA (the seeded init makes them equal already).
+        distributed.broadcast_tensors(self.params)
         history: list[tuple[int, float]] = []
         unet = self.pipe.unet
         unet.train()
-        for step in tqdm(range(1, cfg.steps + 1), desc="train", unit="step"):
-            step_loss = 0.0
-            for _ in range(cfg.gradient_accumulation):
-                idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
-                pixels = pixels_u8[idx].float().div(127.5).sub(1.0)
-                if cfg.random_flip:
-                    flip = torch.rand(len(idx), generator=generator) < 0.5
-                    pixels[flip] = pixels[flip].flip(-1)
-                pixels = pixels.to(self.device, self.dtype)
-                with torch.no_grad():
-                    latents = self.pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * scaling
-                hidden, added = self._conditioning([texts[i] for i in idx.tolist()], resolution)
-                noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
-                timesteps = torch.randint(
-                    0, self.noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator
-                ).to(self.device)
-                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-                if prediction_type == "epsilon":
-                    target = noise
-                elif prediction_type == "v_prediction":
-                    target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    raise InputError(
-                        f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v"
-                    )
-                pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-                loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
-                loss.backward()
-                step_loss += loss.item()
+        for step in tqdm(range(1, cfg.steps + 1), desc="train", unit="step", disable=rank != 0):
+            local_loss = 0.0
+            for micro in range(cfg.gradient_accumulation):
+                draws = self._draw(generator, len(dataset), latent_shape)
+                if micro % world_size == rank:
+                    local_loss += self._micro_batch(draws, pixels_u8, texts, resolution)
+            # The step's global batch: gradients and loss summed over every process's micro-batches.
+            step_loss = distributed.all_reduce_sum(local_loss)
             if not math.isfinite(step_loss):
                 # Deterministic for the seed: a retry would diverge again, so this is a config error.
                 raise ConfigError(
                     f"loss became {step_loss} at step {step}; lower train.learning_rate "
                     f"({cfg.learning_rate}) or use mixed_precision: no"
                 )
+            distributed.all_reduce_gradients(self.params)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -230,14 +295,18 @@ class ExpertTrainer:
 def train_expert(ctx, skill_name: str) -> dict:
     import torch
 
+    from selma_core import distributed
     from selma_core.lora import load_adapter
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
     from selma_core.phases.images import read_image_dataset
     from selma_core.phases.merge import export_kohya
 
     cfg: TrainConfig = ctx.config.train
+    # Every process reads the same committed images (each its own verified copy).
     dataset = read_image_dataset(ctx.fetch("images", skill_name))
-    device = resolve_device(ctx.config.device)
+    # Under torchrun: joins the process group (jobs.run already did) and pins this process's GPU.
+    device = distributed.init(resolve_device(ctx.config.device))
+    rank, world_size = distributed.rank_and_size()
     torch.manual_seed(cfg.seed)  # the LoRA's Gaussian init
     pipe = load_diffusion_pipeline(
         ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision
@@ -261,7 +330,10 @@ def train_expert(ctx, skill_name: str) -> dict:
         "final_loss": history[-1][1],
         "wall_s": round(elapsed, 3),
         "images_per_s": cfg.steps * cfg.batch_size * cfg.gradient_accumulation / max(elapsed, 1e-9),
+        "processes": world_size,
     }
+    if rank != 0:  # every process holds the same weights; rank 0 saves and commits them
+        return summary
     with ctx.output() as out:
         trainer.save(out)
         # The same expert in kohya/A1111 keys, for ComfyUI and WebUI users.

@@ -1,0 +1,512 @@
+"""Kubernetes executor: each job a ``batch/v1`` Job, submitted and watched with the official client.
+
+The controller renders (``kubernetes_manifests``), submits, watches and reports; Kubernetes (and
+Kueue, when configured) schedules. Job state comes from one list-then-watch of the pipeline's Jobs
+(by label), kept in memory: a watch that ends or drops resumes from the last resourceVersion seen,
+and a 410 Gone (that version was compacted away) starts over with a fresh list. When a Job ends,
+its pod's log is saved beside the local executor's logs and its last JSON line is the job's result.
+
+Resubmitting is safe: Job names are hashes of the work, so a second submission of running work gets
+409 and adopts the existing Job; a finished Job of that name (whose output the DAG found missing, or
+``--force``) is deleted and created anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import urllib3
+
+from jobs.executors.base import Executor, JobHandle, JobState, JobStatus
+from jobs.executors.kubernetes_manifests import (
+    CONTAINER,
+    POD_CONFIG_PATH,
+    SubmissionInfo,
+    config_map_items,
+    pod_files,
+    render_config_map,
+    render_job,
+)
+from selma_core.config import PipelineConfig
+from selma_core.errors import ConfigError, EndpointError
+from selma_core.plan import JobSpec
+from selma_core.provenance import git_commit
+
+# What an unreachable or failing connection raises (urllib3's errors, sockets); anything else from
+# the client (e.g. its validation of a manifest) is a bug to see, not an endpoint to blame.
+UNREACHABLE = (OSError, urllib3.exceptions.HTTPError)
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+WATCH_TIMEOUT_S = 60
+LOG_LIMIT_BYTES = 20 * 1024 * 1024
+
+
+def api_client(cfg: PipelineConfig):
+    """A ``kubernetes.client.ApiClient`` for the configured cluster: the kubeconfig (``kubeconfig``,
+    else $KUBECONFIG or ~/.kube/config) or, inside a pod with no kubeconfig, the in-cluster config."""
+    from kubernetes import client, config
+
+    k8s = cfg.executor.kubernetes
+    in_cluster = os.environ.get("KUBERNETES_SERVICE_HOST") and not (
+        k8s.kubeconfig or os.environ.get("KUBECONFIG")
+    )
+    try:
+        if in_cluster:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        return config.new_client_from_config(config_file=k8s.kubeconfig, context=k8s.context)
+    except (config.ConfigException, OSError, TypeError, ValueError) as e:
+        where = k8s.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ConfigError(
+            f"executor.kubernetes: cannot load the cluster config ({where}"
+            f"{', context ' + k8s.context if k8s.context else ''}): {e}"
+        ) from e
+
+
+def _api_error(action: str, api, e: Exception) -> Exception:
+    """A client failure as selma's errors: unreachable API server (retryable) or a refusal (not)."""
+    from kubernetes.client.exceptions import ApiException
+
+    host = api.api_client.configuration.host
+    if isinstance(e, ApiException):
+        detail = e.reason
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            detail = json.loads(e.body).get("message", detail)
+        if e.status in (401, 403, 404, 422):
+            return ConfigError(f"Kubernetes API {host}: {action}: {e.status} {detail}")
+        return EndpointError(f"Kubernetes API {host}: {action}: {e.status} {detail}")
+    return EndpointError(f"Kubernetes API {host} unreachable: {action}: {e}")
+
+
+def _parse_indexes(text: str | None) -> set[int]:
+    """The API's compressed index list ("0-2,5") as a set."""
+    indexes: set[int] = set()
+    for part in (text or "").split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        indexes.update(range(int(low), int(high or low) + 1))
+    return indexes
+
+
+def _condition(job: dict, kind: str) -> dict | None:
+    for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+class JobWatcher:
+    """The pipeline's Jobs by name, kept current by list-then-watch in a background thread."""
+
+    def __init__(self, batch_api, namespace: str, label_selector: str, echo: Callable[[str], None]) -> None:
+        self.batch = batch_api
+        self.namespace = namespace
+        self.selector = label_selector
+        self.echo = echo
+        self.jobs: dict[str, dict] = {}
+        self.deleted: set[str] = set()
+        self.relists = 0  # how often the watch had to start over from a fresh list (410 Gone)
+        self.synced = threading.Event()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="selma-job-watch", daemon=True)
+        self._watch = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+    def get(self, name: str) -> dict | None:
+        with self._lock:
+            return self.jobs.get(name)
+
+    def _list(self) -> str:
+        response = self.batch.list_namespaced_job(
+            self.namespace, label_selector=self.selector, _preload_content=False
+        )
+        listing = json.loads(response.data)
+        with self._lock:
+            fresh = {item["metadata"]["name"]: item for item in listing.get("items") or []}
+            self.deleted |= set(self.jobs) - set(fresh)
+            self.jobs = fresh
+        self.synced.set()
+        return listing["metadata"]["resourceVersion"]
+
+    def _run(self) -> None:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        version: str | None = None
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    version = self._list()
+                self._watch = watch.Watch()
+                stream = self._watch.stream(
+                    self.batch.list_namespaced_job,
+                    self.namespace,
+                    label_selector=self.selector,
+                    resource_version=version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=WATCH_TIMEOUT_S,
+                    _request_timeout=WATCH_TIMEOUT_S + 30,
+                )
+                for event in stream:
+                    if self._stop.is_set():
+                        break
+                    failures = 0
+                    # The plain dict (what a list returns too); the client raises 410 Gone itself.
+                    obj = event.get("raw_object") or {}
+                    if event.get("type") == "ERROR":
+                        if obj.get("code") == 410:
+                            raise ApiException(status=410, reason="Gone")
+                        raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                    version = obj.get("metadata", {}).get("resourceVersion", version)
+                    name = obj.get("metadata", {}).get("name")
+                    if event.get("type") == "BOOKMARK" or not name:
+                        continue
+                    with self._lock:
+                        if event["type"] == "DELETED":
+                            self.jobs.pop(name, None)
+                            self.deleted.add(name)
+                        else:
+                            self.jobs[name] = obj
+                            self.deleted.discard(name)
+                # The server ended the watch (its timeout): resume from the last version seen.
+            except ApiException as e:
+                if e.status == 410:
+                    # Our resourceVersion was compacted away: events were missed, so list again.
+                    self.relists += 1
+                    version = None
+                    continue
+                failures += 1
+                self.echo(f"watching Jobs: {e.status} {e.reason}; retrying")
+                self._stop.wait(min(30, 2**failures))
+            except Exception as e:  # a dropped connection: resume the watch from the last version
+                if self._stop.is_set():
+                    break
+                failures += 1
+                if failures > 1:
+                    self.echo(f"watching Jobs: {type(e).__name__}: {e}; retrying")
+                self._stop.wait(min(30, 0.2 * 2**failures))
+
+
+class KubernetesExecutor(Executor):
+    name = "kubernetes"
+    job_config_path = POD_CONFIG_PATH
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        log_dir: str | Path,
+        follow_logs: bool = False,
+        echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    ) -> None:
+        self.cfg = cfg
+        self.k8s = cfg.executor.kubernetes
+        self.namespace = self.k8s.namespace
+        self.log_dir = Path(log_dir)
+        self.follow_logs = follow_logs
+        self.echo = echo
+        self.config_map = render_config_map(cfg, pod_files(cfg))
+        self.info = SubmissionInfo(
+            pipeline=cfg.name,
+            config_hash=cfg.config_hash(),
+            git_commit=git_commit(),
+            mlflow_run_id="assigned-at-submission",
+            config_map=self.config_map["metadata"]["name"],
+            config_items=config_map_items(self.config_map),
+        )
+        self._client = None
+        self._batch = None
+        self._core = None
+        self._watcher: JobWatcher | None = None
+        self._config_map_ready = False
+        self._followed: set[str] = set()
+
+    # --- what is submitted -------------------------------------------------------------------
+
+    def begin(self, mlflow_run_id: str, git_commit: str) -> None:
+        """Stamp the pipeline's MLflow run and commit on every Job from now on."""
+        self.info.mlflow_run_id = mlflow_run_id
+        self.info.git_commit = git_commit
+
+    def check_reachable(self) -> None:
+        """Pods cannot see this machine's files: the store and tracking must be network services."""
+        if self.cfg.storage.uri.startswith("file://"):
+            raise ConfigError(
+                f"{self.cfg.source_path}: storage.uri {self.cfg.storage.uri} is a folder on this machine, "
+                "which Kubernetes pods cannot reach; use s3://BUCKET/PREFIX with the Kubernetes executor"
+            )
+        if self.cfg.tracking.uri.startswith("sqlite:"):
+            raise ConfigError(
+                f"{self.cfg.source_path}: tracking.uri {self.cfg.tracking.uri} is a file on this machine, "
+                "which Kubernetes pods cannot reach; use an MLflow server (http(s)://HOST:PORT)"
+            )
+
+    def batch_key(self, job: JobSpec) -> str | None:
+        # The shards of a phase run as one Indexed Job, one completion index each.
+        return job.phase if job.shard is not None else None
+
+    def shard_command(self, jobs: list[JobSpec], command: list[str]) -> list[str]:
+        if len(jobs) == 1:
+            return command
+        if "--shard-index" in command:
+            at = command.index("--shard-index")
+            command = command[:at] + command[at + 2 :]
+        # Pod i of the Indexed Job runs shard number i of this list.
+        return [*command, "--shards", ",".join(str(j.shard) for j in jobs)]
+
+    def manifests(self, jobs: list[JobSpec], command: list[str], env: dict[str, str]) -> list[dict]:
+        return render_job(self.cfg, jobs, self.shard_command(jobs, command), self.info, env)
+
+    def describe(self, job: JobSpec, command: list[str]) -> str:
+        import yaml
+
+        return yaml.safe_dump_all(self.manifests([job], command, {}), sort_keys=False)
+
+    def dry_run(self, jobs: list[JobSpec], command_for: Callable[[JobSpec], list[str]]) -> str:
+        import yaml
+
+        documents = [self.config_map]
+        for group in self.batches(jobs):
+            documents += self.manifests(group, command_for(group[0]), {})
+        # jobs.submit's JSON summary line follows as one more document, after this separator.
+        return yaml.safe_dump_all(documents, sort_keys=False) + "---"
+
+    # --- the cluster ---------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._client is not None:
+            return
+        from kubernetes import client
+
+        self._client = api_client(self.cfg)
+        self._batch = client.BatchV1Api(self._client)
+        self._core = client.CoreV1Api(self._client)
+        self._watcher = JobWatcher(
+            self._batch, self.namespace, f"selma.io/pipeline={self.cfg.name}", self.echo
+        )
+        self._watcher.start()
+
+    def _ensure_config_map(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        if self._config_map_ready:
+            return
+        try:
+            self._core.create_namespaced_config_map(self.namespace, self.config_map)
+        except ApiException as e:
+            if e.status != 409:  # 409: this exact config (the name is its hash) is there already
+                raise _api_error("create ConfigMap", self._core, e) from e
+        except UNREACHABLE as e:
+            raise _api_error("create ConfigMap", self._core, e) from e
+        self._config_map_ready = True
+
+    def _create(self, manifest: dict) -> str:
+        """Create the Job; on 409 adopt a running one, or replace a finished one."""
+        from kubernetes.client.exceptions import ApiException
+
+        name = manifest["metadata"]["name"]
+        for _ in range(60):
+            try:
+                self._batch.create_namespaced_job(self.namespace, manifest)
+                return "created"
+            except ApiException as e:
+                if e.status != 409:
+                    raise _api_error(f"create Job {name}", self._batch, e) from e
+            except UNREACHABLE as e:
+                raise _api_error(f"create Job {name}", self._batch, e) from e
+            try:
+                existing = self._batch.read_namespaced_job(name, self.namespace, _preload_content=False)
+            except ApiException as e:
+                if e.status == 404:
+                    continue  # deleted in between: create again
+                raise _api_error(f"read Job {name}", self._batch, e) from e
+            job = json.loads(existing.data)
+            finished = _condition(job, "Complete") or _condition(job, "Failed")
+            if not finished and not job.get("metadata", {}).get("deletionTimestamp"):
+                self.echo(f"Job {name} is already running: following it instead of starting it again")
+                return "adopted"
+            if not job.get("metadata", {}).get("deletionTimestamp"):
+                # Finished, but the DAG wants this work done (its output is missing, or --force).
+                self._delete(name)
+            time.sleep(1)  # wait for the old Job to be gone
+        raise EndpointError(f"Kubernetes API: Job {name} still exists after deleting it for 60 s")
+
+    def _delete(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise _api_error(f"delete Job {name}", self._batch, e) from e
+
+    def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
+        return self.submit_batch([job], [command], env)[0]
+
+    def submit_batch(
+        self, jobs: list[JobSpec], commands: list[list[str]], env: dict[str, str]
+    ) -> list[JobHandle]:
+        from kubernetes.client.exceptions import ApiException
+
+        self._connect()
+        self._ensure_config_map()
+        documents = self.manifests(jobs, commands[0], env)
+        job_manifest = documents[0]
+        name = job_manifest["metadata"]["name"]
+        for service in documents[1:]:
+            try:
+                self._core.create_namespaced_service(self.namespace, service)
+            except ApiException as e:
+                if e.status != 409:
+                    raise _api_error(f"create Service {name}", self._core, e) from e
+        self._create(job_manifest)
+        hint = f"kubectl -n {self.namespace} logs job/{name}"
+        indexed = len(jobs) > 1
+        return [
+            JobHandle(job=job, ref=name, log=hint, extra={"index": i if indexed else None})
+            for i, job in enumerate(jobs)
+        ]
+
+    def poll(self, handle: JobHandle) -> JobStatus:
+        if "final" in handle.extra:
+            return handle.extra["final"]
+        name: str = handle.ref
+        job = self._watcher.get(name) if self._watcher else None
+        if job is None:
+            if self._watcher and name in self._watcher.deleted:
+                return self._finish(
+                    handle, JobState.FAILED, None, f"Job {name} was deleted before it finished"
+                )
+            return JobStatus(JobState.PENDING)
+        status = job.get("status") or {}
+        index = handle.extra.get("index")
+        if index is not None:
+            if index in _parse_indexes(status.get("completedIndexes")):
+                return self._finish(handle, JobState.SUCCEEDED, job, None)
+            if index in _parse_indexes(status.get("failedIndexes")):
+                return self._finish(handle, JobState.FAILED, job, f"index {index} of Job {name} failed")
+        elif _condition(job, "Complete"):
+            return self._finish(handle, JobState.SUCCEEDED, job, None)
+        failed = _condition(job, "Failed")
+        if failed:
+            reason = f"Job {name} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
+            return self._finish(handle, JobState.FAILED, job, reason)
+        if status.get("active") or status.get("startTime"):
+            if self.follow_logs:
+                self._follow(handle)
+            return JobStatus(JobState.RUNNING)
+        return JobStatus(JobState.PENDING)
+
+    def _pod(self, name: str, index: int | None) -> dict | None:
+        """The Job's newest pod (for one completion index, when given)."""
+        selector = f"{JOB_NAME_LABEL}={name}"
+        if index is not None:
+            selector += f",{INDEX_LABEL}={index}"
+        try:
+            response = self._core.list_namespaced_pod(
+                self.namespace, label_selector=selector, _preload_content=False
+            )
+        except Exception as e:
+            self.echo(f"cannot list the pods of Job {name}: {_api_error('list pods', self._core, e)}")
+            return None
+        pods = json.loads(response.data).get("items") or []
+        pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
+        return pods[-1] if pods else None
+
+    def _finish(self, handle: JobHandle, state: JobState, job: dict | None, error: str | None) -> JobStatus:
+        """Save the pod's log beside the local logs; its last JSON line is the job's result."""
+        from jobs.executors.local import last_json_line
+
+        name: str = handle.ref
+        index = handle.extra.get("index")
+        # A multi-node training Job reports through pod 0 (rank 0 commits and prints the result).
+        if index is None and job and job["spec"].get("completionMode") == "Indexed":
+            index = 0
+        pod = self._pod(name, index)
+        exit_code = None
+        result = None
+        if pod is not None:
+            for container in pod.get("status", {}).get("containerStatuses") or []:
+                terminated = (container.get("state") or {}).get("terminated") or {}
+                if container.get("name") == CONTAINER and "exitCode" in terminated:
+                    exit_code = terminated["exitCode"]
+            try:
+                text = self._core.read_namespaced_pod_log(
+                    pod["metadata"]["name"], self.namespace, container=CONTAINER, limit_bytes=LOG_LIMIT_BYTES
+                )
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                path = self.log_dir / f"{handle.job.name}.log"
+                path.write_text(text if isinstance(text, str) else str(text))
+                handle.log = str(path)
+                result = last_json_line(str(path))
+            except Exception as e:
+                self.echo(f"cannot read the log of pod {pod['metadata']['name']}: {e}")
+        if state == JobState.FAILED and exit_code is None:
+            exit_code = 1
+        if state == JobState.SUCCEEDED:
+            exit_code = 0
+        if error and (result is None or not result.get("error")):
+            result = {**(result or {}), "error": error}
+        final = JobStatus(state, exit_code, result)
+        handle.extra["final"] = final
+        return final
+
+    def _follow(self, handle: JobHandle) -> None:
+        """Stream the running pod's log to the controller's stderr, prefixed by the job."""
+        key = f"{handle.ref}/{handle.extra.get('index')}"
+        if key in self._followed:
+            return
+        pod = self._pod(handle.ref, handle.extra.get("index"))
+        if pod is None or (pod.get("status") or {}).get("phase") not in ("Running", "Succeeded", "Failed"):
+            return
+        self._followed.add(key)
+        pod_name = pod["metadata"]["name"]
+
+        def stream() -> None:
+            try:
+                response = self._core.read_namespaced_pod_log(
+                    pod_name, self.namespace, container=CONTAINER, follow=True, _preload_content=False
+                )
+                buffer = b""
+                for chunk in response.stream(4096):
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        self.echo(f"[{handle.job.id}] {line.decode('utf-8', 'replace')}")
+            except Exception as e:  # following is a convenience: the saved log is complete anyway
+                self.echo(f"[{handle.job.id}] log stream ended: {e}")
+
+        threading.Thread(target=stream, name=f"log-{pod_name}", daemon=True).start()
+
+    def cancel(self, handle: JobHandle) -> None:
+        if self._batch is not None and "final" not in handle.extra:
+            self._delete(handle.ref)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+
+def pipeline_jobs(batch_api, namespace: str, pipeline: str) -> list[dict]:
+    """The Jobs of a pipeline, by its label."""
+    response = batch_api.list_namespaced_job(
+        namespace, label_selector=f"selma.io/pipeline={pipeline}", _preload_content=False
+    )
+    return json.loads(response.data).get("items") or []

@@ -1,0 +1,175 @@
+"""Several processes, one job: the little of ``torch.distributed`` that data-parallel training needs.
+
+A job started by ``torchrun --nproc-per-node=N [--nnodes=M --node-rank=K --rdzv-...] -m jobs.run ...``
+runs as N*M processes; torchrun tells each one who it is through the environment: ``RANK`` (0 ..
+WORLD_SIZE-1, unique over all nodes), ``WORLD_SIZE``, ``LOCAL_RANK`` (the GPU on this node) and
+``MASTER_ADDR``/``MASTER_PORT`` (the rendezvous). Without torchrun these are unset: one process,
+rank 0 of 1, and every helper here is a no-op.
+
+Rank 0 is "the job" (store checks, MLflow run, commit, result line); the others only help compute.
+``SELMA_DIST_TIMEOUT_S`` (default 1800) bounds how long a collective waits for a rank that neither
+answers nor exits; a rank that exits (an error) is noticed by torchrun, which stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+ENV_TIMEOUT = "SELMA_DIST_TIMEOUT_S"
+
+
+def world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` without it."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def is_distributed() -> bool:
+    return world()[1] > 1
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 (the only one that commits, tracks and reports)."""
+    return world()[0] == 0
+
+
+def _initialized() -> bool:
+    if "torch" not in sys.modules:  # nothing joined a group yet; a job that needs no torch loads none
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_size() -> tuple[int, int]:
+    """``(rank, world_size)`` of the joined process group; ``(0, 1)`` when none was joined.
+
+    What work splitting must use: a process that never called ``init`` computes everything itself,
+    whatever its environment says.
+    """
+    import torch.distributed as dist
+
+    if _initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init(device: str) -> str:
+    """Join the process group when ``WORLD_SIZE`` > 1; the device this process computes on.
+
+    NCCL on CUDA (each process pinned to ``cuda:LOCAL_RANK``), gloo on CPU. Idempotent: a second
+    call returns the same device and joins nothing.
+    """
+    _, world_size, local_rank = world()
+    if world_size == 1:
+        return device
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not _initialized():
+        timeout = timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, "1800")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
+    return device
+
+
+def _group_device():
+    """Where collective tensors must live: the CUDA device under NCCL, the CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_gradients(params) -> None:
+    """Sum every parameter's gradient over all processes, in place (one flat all-reduce).
+
+    A parameter without a gradient (a process that computed no micro-batch) contributes zeros and
+    gets the sum too.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not _initialized():
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).to(_group_device(), torch.float32) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def all_reduce_sum(value: float) -> float:
+    """A Python number summed over all processes (in float64)."""
+    import torch
+    import torch.distributed as dist
+
+    if not _initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_group_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def broadcast_tensors(tensors, src: int = 0) -> None:
+    """Overwrite every process's tensors with rank ``src``'s, in place."""
+    import torch.distributed as dist
+
+    if not _initialized():
+        return
+    device = _group_device()
+    for t in tensors:
+        if t.device == device:
+            dist.broadcast(t.data, src=src)
+        else:
+            buf = t.detach().to(device)
+            dist.broadcast(buf, src=src)
+            t.data.copy_(buf)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (picklable) on every process; ``obj`` itself without a process group."""
+    import torch.distributed as dist
+
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_group_device())
+    return box[0]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if _initialized():
+        if dist.get_backend() == "nccl":
+            import torch
+
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (on success; after a failure the process just exits)."""
+    import torch.distributed as dist
+
+    if _initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,310 @@
+"""The Kubernetes executor end to end against a stateful fake API server over HTTP (tests/fake_kube.py),
+driven through the official ``kubernetes`` client: the fake plays the cluster, marking Jobs running,
+succeeded or failed; the controller's DAG, watch, reconciliation and cancellation are the real code.
+The store (moto S3) and tracking (an MLflow server) are real services."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fake_kube import FakeKubeAPI
+
+from jobs.dag import run_dag
+from jobs.executors import job_command
+from jobs.executors.kubernetes import KubernetesExecutor
+from jobs.submit import submit
+from selma_core.config import load_config
+from selma_core.plan import build_plan
+from selma_core.skills import load_skills
+from tests.conftest import S3_BUCKET, write_config
+
+
+@pytest.fixture
+def cluster():
+    with FakeKubeAPI() as api:
+        yield api
+        assert not api.errors, api.errors
+
+
+@pytest.fixture
+def k8s_config(tmp_path, model_cache, moto_s3, mlflow_server, cluster):
+    """Factory: a demo-like pipeline on the fake cluster, real S3 and a real MLflow server."""
+
+    def make(name: str = "selma-k8s", **overrides) -> Path:
+        kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
+        return write_config(
+            tmp_path,
+            model_cache,
+            name=name,
+            storage={"uri": f"s3://{S3_BUCKET}/{name}-{time.time_ns()}", "endpoint_url": moto_s3},
+            tracking={"uri": mlflow_server},
+            executor={
+                "kind": "kubernetes",
+                "max_parallel": 4,
+                "log_dir": str(tmp_path / "logs"),
+                "kubernetes": {"kubeconfig": str(kubeconfig), "context": "fake"},
+            },
+            **overrides,
+        )
+
+    return make
+
+
+def result_log(job: dict, index: int | None) -> str:
+    """What ``jobs.run`` prints in the pod: progress, then its JSON result as the last line."""
+    ids = job["metadata"]["annotations"]["selma.io/jobs"].split(",")
+    job_id = ids[index or 0]
+    return (
+        f"working on {job_id}\n"
+        + json.dumps({"job": job_id, "status": "ran", "run_id": f"run-{job_id}"})
+        + "\n"
+    )
+
+
+def run_everything(fail: set[str] = frozenset()):
+    """A fake scheduler: every Job runs at once; jobs named in ``fail`` exit 1."""
+
+    def policy(job: dict):
+        ids = job["metadata"]["annotations"]["selma.io/jobs"].split(",")
+        indexed = job["spec"].get("completionMode") == "Indexed"
+        return [
+            (i if indexed else None, 1 if job_id in fail else 0, result_log(job, i))
+            for i, job_id in enumerate(ids)
+        ]
+
+    return policy
+
+
+def submit_args(config: Path, *extra: str) -> argparse.Namespace:
+    from jobs.submit import build_parser
+
+    return build_parser().parse_args(["--phase", "all", "--config", str(config), *extra])
+
+
+def test_pipeline_runs_as_jobs_in_dependency_order(cluster, k8s_config, tmp_path):
+    config = k8s_config(merge_search={"enabled": True, "strategy": "random", "samples": 2})
+    cluster.auto_run(run_everything())
+    code, outcomes = submit(submit_args(config))
+    assert code == 0, [o.to_dict() for o in outcomes]
+    assert {o.status for o in outcomes} == {"ran"}
+    by_job = {o.job: o for o in outcomes}
+    assert by_job["train:counting"].run_id == "run-train:counting"  # read from the pod's log
+    log = Path(by_job["train:counting"].log)
+    assert log.is_file() and "working on train:counting" in log.read_text()
+
+    # One POST per Job, no duplicates; the merge-weight candidates are one Indexed Job.
+    posts = [path for method, path in cluster.requests if method == "POST" and path.endswith("/jobs")]
+    jobs = cluster.jobs()
+    assert len(posts) == len(jobs)
+    candidates = [j for j in jobs if j["spec"].get("completionMode") == "Indexed"]
+    assert len(candidates) == 1 and candidates[0]["spec"]["completions"] == 3
+    assert [o.status for o in outcomes if o.job.startswith("merge-search#")] == ["ran"] * 3
+
+    # Dependency order: a Job is created only after every Job it reads from has finished.
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    created = {}
+    finished = {}
+    for job in jobs:
+        for job_id in job["metadata"]["annotations"]["selma.io/jobs"].split(","):
+            created[job_id] = job["metadata"]["creationTimestamp"]
+            finished[job_id] = job["status"]["completionTime"]
+    for spec in plan.jobs.values():
+        for dep in spec.deps:
+            assert finished[dep] <= created[spec.id], f"{spec.id} started before {dep} finished"
+    # Every Job carries the pipeline's MLflow run.
+    runs = {j["metadata"]["annotations"]["selma.io/mlflow-run-id"] for j in jobs}
+    assert len(runs) == 1 and "assigned" not in runs.pop()
+    config_maps = cluster.objects("configmaps")
+    assert len(config_maps) == 1 and "config.yaml" in config_maps[0]["data"]
+
+
+def test_a_failed_job_stops_its_dependents_and_is_named(cluster, k8s_config, capsys):
+    config = k8s_config()
+    cluster.auto_run(run_everything(fail={"train:counting"}))
+    code, outcomes = submit(submit_args(config))
+    assert code == 1
+    by_job = {o.job: o for o in outcomes}
+    assert by_job["train:counting"].status == "failed"
+    assert by_job["train:spatial"].status == "ran"  # the other skill goes on
+    assert by_job["merge"].status == "blocked" and by_job["merge"].blocked_by == "train:counting"
+    assert by_job["eval"].status == "blocked"
+    failed_job = next(
+        j for j in cluster.jobs() if j["metadata"]["annotations"]["selma.io/jobs"] == "train:counting"
+    )
+    assert failed_job["metadata"]["name"] in by_job["train:counting"].error
+    assert "FAILED train:counting" in capsys.readouterr().err
+    assert not [j for j in cluster.jobs() if j["metadata"]["labels"]["selma.io/phase"] in ("merge", "eval")]
+
+
+def drive(cluster: FakeKubeAPI, stop: threading.Event, before_finishing=None) -> threading.Thread:
+    """Run each new Job by hand (start, then finish), calling ``before_finishing(n)`` for the n-th."""
+
+    def loop() -> None:
+        done: set[str] = set()
+        while not stop.is_set():
+            for job in cluster.jobs():
+                name = job["metadata"]["name"]
+                if name in done:
+                    continue
+                done.add(name)
+                cluster.start_job(name, log="")
+                if before_finishing:
+                    before_finishing(len(done))
+                cluster.finish_job(name, 0, log=result_log(job, None))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def executor_and_plan(config: Path, tmp_path: Path):
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    return KubernetesExecutor(cfg, tmp_path / "logs"), plan
+
+
+def run(executor: KubernetesExecutor, jobs) -> list:
+    return run_dag(
+        jobs,
+        executor,
+        lambda job: job_command(job, executor.job_config_path),
+        {},
+        max_parallel=4,
+        is_committed=lambda job: False,
+        output_url=lambda job: job.key,
+        poll_interval=0.05,
+    )
+
+
+def test_the_watch_survives_410_gone_and_dropped_connections(cluster, k8s_config, tmp_path):
+    executor, plan = executor_and_plan(k8s_config(), tmp_path)
+
+    def faults(n: int) -> None:
+        if n == 2:
+            cluster.expire_history()  # the watch's resourceVersion is compacted away: 410 Gone
+        if n == 4:
+            cluster.drop_watches()  # the connection drops mid-stream
+        if n == 6:
+            cluster.expire_history()
+
+    stop = threading.Event()
+    thread = drive(cluster, stop, faults)
+    try:
+        outcomes = run(executor, list(plan.jobs.values()))
+    finally:
+        stop.set()
+        thread.join()
+        executor.close()
+    assert [o.status for o in outcomes] == ["ran"] * len(plan.jobs)
+    assert executor._watcher.relists >= 1  # it listed again instead of missing events
+
+
+def test_resubmission_adopts_the_running_job(cluster, k8s_config, tmp_path):
+    config = k8s_config()
+    first, plan = executor_and_plan(config, tmp_path)
+    second, _ = executor_and_plan(config, tmp_path)
+    job = plan.job("prompts", "counting")
+    command = job_command(job, first.job_config_path)
+    try:
+        first.submit(job, command, {})
+        handle = second.submit(job, command, {})  # a second controller, same work: 409, adopted
+        assert len(cluster.jobs()) == 1
+        name = cluster.jobs()[0]["metadata"]["name"]
+        assert handle.ref == name
+        cluster.start_job(name)
+        cluster.finish_job(name, 0, log=result_log(cluster.jobs()[0], None))
+        deadline = time.monotonic() + 10
+        while second.poll(handle).state.value != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # Finished, but wanted again (its output went missing, or --force): replaced, still one Job.
+        uid = cluster.jobs()[0]["metadata"]["uid"]
+        third, _ = executor_and_plan(config, tmp_path)
+        third.submit(job, command, {})
+        assert len(cluster.jobs()) == 1 and cluster.jobs()[0]["metadata"]["uid"] != uid
+        third.close()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_interrupt_and_jobs_cancel_delete_the_pipelines_jobs(cluster, k8s_config, tmp_path):
+    from jobs.cancel import main as cancel_main
+    from jobs.dag import run_dag as dag
+
+    config = k8s_config()
+    executor, plan = executor_and_plan(config, tmp_path)
+
+    def interrupt(line: str) -> None:
+        if line.startswith("started"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dag(
+            list(plan.jobs.values()),
+            executor,
+            lambda job: job_command(job, executor.job_config_path),
+            {},
+            max_parallel=4,
+            is_committed=lambda job: False,
+            output_url=lambda job: job.key,
+            echo=interrupt,
+        )
+    executor.close()
+    assert cluster.jobs() == []
+    assert {d["propagationPolicy"] for d in cluster.delete_requests} == {"Background"}
+
+    # A Job left by a controller that died: jobs.cancel removes it.
+    other, _ = executor_and_plan(config, tmp_path)
+    other.submit(plan.job("prompts", "spatial"), job_command(plan.job("prompts", "spatial"), "/x"), {})
+    other.close()
+    assert len(cluster.jobs()) == 1
+    assert cancel_main(["--config", str(config)]) == 0
+    assert cluster.jobs() == []
+
+
+def test_local_store_is_refused_before_anything_is_submitted(cluster, tmp_path, model_cache):
+    kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
+    config = write_config(
+        tmp_path,
+        model_cache,
+        executor={"kind": "kubernetes", "kubernetes": {"kubeconfig": str(kubeconfig), "context": "fake"}},
+    )
+    from jobs.submit import main
+
+    assert main(["--phase", "all", "--config", str(config)]) == 2
+    assert not [r for r in cluster.requests if r[0] == "POST"]
+
+
+def test_follow_logs_streams_the_running_pods_log(cluster, k8s_config, tmp_path):
+    cfg = load_config(k8s_config())
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    lines: list[str] = []
+    executor = KubernetesExecutor(cfg, tmp_path / "logs", follow_logs=True, echo=lines.append)
+    job = plan.job("prompts", "counting")
+    try:
+        handle = executor.submit(job, job_command(job, executor.job_config_path), {})
+        cluster.start_job(handle.ref, log="wave 1: 8 prompts\n")
+        deadline = time.monotonic() + 10
+        while executor.poll(handle).state.value != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster.append_log(handle.ref, "wave 2: 16 prompts\n")
+        while not any("wave 2" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        cluster.finish_job(handle.ref, 0, log=result_log(cluster.jobs()[0], None))
+        while executor.poll(handle).state.value != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        executor.close()
+    assert "[prompts:counting] wave 1: 8 prompts" in lines
+    assert "[prompts:counting] wave 2: 16 prompts" in lines

@@ -1,0 +1,184 @@
+"""Data-parallel expert training (torchrun, gloo on CPU): the same update as one process, one job.
+
+Exactness: two processes that split a step's micro-batches between them end with the LoRA weights
+(and losses) one process gets, to float rounding. End to end: ``torchrun --nproc-per-node=2 -m
+jobs.run --phase train`` is one job (one commit, one MLflow run, one result line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BIN, REPO, free_port
+
+from selma_core.models.loading import load_diffusion_pipeline
+from selma_core.phases.train import ExpertTrainer, TrainConfig
+
+from .test_train import tiny_dataset
+
+# (gradient_accumulation, random_flip): an even split (one micro-batch each), an uneven one.
+CASES = [(2, False), (3, True)]
+STEPS = 2
+
+
+def train_case(model_cache, dataset, accumulation: int, flip: bool):
+    cfg = TrainConfig(
+        rank=2,
+        alpha=4,
+        steps=STEPS,
+        batch_size=2,
+        gradient_accumulation=accumulation,
+        learning_rate=1e-2,
+        log_every=1,
+        random_flip=flip,
+    )
+    torch.manual_seed(cfg.seed)  # the LoRA's init, as train_expert seeds it
+    trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+    history = trainer.train(dataset)
+    return [p.detach().clone() for p in trainer.params], history
+
+
+def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir) -> None:
+    """One torchrun-like process: its environment as torchrun sets it, then the trainer."""
+    from selma_core import distributed
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        SELMA_DIST_TIMEOUT_S="120",
+    )
+    torch.set_num_threads(1)
+    assert distributed.init("cpu") == "cpu"
+    assert distributed.rank_and_size() == (rank, world_size)
+    results = [train_case(model_cache, dataset, acc, flip) for acc, flip in CASES]
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.shutdown()
+
+
+def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
+    import torch.multiprocessing as mp
+
+    dataset = tiny_dataset(model_cache)
+    single = [train_case(model_cache, dataset, acc, flip) for acc, flip in CASES]
+    mp.spawn(_worker, args=(2, free_port(), model_cache, dataset, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for case, (params, history) in enumerate(single):
+        assert max(float(p.abs().max()) for p in params) > 0
+        for rank_results in ranks:
+            rank_params, rank_history = rank_results[case]
+            assert [s for s, _ in rank_history] == [s for s, _ in history]
+            for (_, loss), (_, rank_loss) in zip(history, rank_history, strict=True):
+                assert rank_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
+            for p, q in zip(params, rank_params, strict=True):
+                torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
+        # Both ranks applied the very same updates: identical weights, bit for bit.
+        for p, q in zip(ranks[0][case][0], ranks[1][case][0], strict=True):
+            assert torch.equal(p, q)
+
+
+def run_job(*args: str, env: dict | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+    command = (
+        [str(BIN / "torchrun"), "--nproc-per-node=2", "--master-port", str(free_port()), "-m", "jobs.run"]
+        if torchrun
+        else [sys.executable, "-m", "jobs.run"]
+    )
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def json_lines(stdout: str) -> list[dict]:
+    lines = []
+    for line in stdout.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+@pytest.mark.slow
+def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
+    from mlflow import MlflowClient
+
+    config = str(
+        tiny_config(skills=["counting"], train={"steps": 2, "batch_size": 2, "gradient_accumulation": 2})
+    )
+    from jobs.run import run_job as run_in_process
+
+    for phase in ("prompts", "images"):  # the train job's inputs, one process as always
+        assert run_in_process(phase, "counting", config)["status"] == "ran"
+
+    env = {"SELMA_DIST_TIMEOUT_S": "120"}
+    # As a Kubernetes pod runs it: jobs.run starts torchrun itself.
+    ran = run_job(
+        "--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node", "2", env=env
+    )
+    assert ran.returncode == 0, ran.stderr[-5000:]
+    results = json_lines(ran.stdout)
+    assert len(results) == 1, ran.stdout
+    result = results[0]
+    assert result["status"] == "ran" and result["result"]["processes"] == 2
+    assert ran.stdout.strip().splitlines()[-1] == json.dumps(result, default=str)
+
+    # One commit: one attempt folder under the key, its manifest naming rank 0's run.
+    key_dir = tmp_path / "store" / result["output"].split("/store/", 1)[1]
+    assert sorted(p.name for p in key_dir.iterdir() if p.is_dir()) == [
+        json.loads((key_dir / "_manifest.json").read_text())["attempt"]
+    ]
+    manifest = json.loads((key_dir / "_manifest.json").read_text())
+    assert manifest["metadata"]["mlflow_run_id"] == result["run_id"]
+    assert len(list(tmp_path.glob("store/experts/counting/*/_manifest.json"))) == 1
+
+    # One MLflow run for the train job, finished, with the global loss logged.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("selma-test")
+    runs = client.search_runs([experiment.experiment_id], "tags.`selma.phase` = 'train'")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(result["run_id"], "FINISHED")]
+    assert len(client.get_metric_history(result["run_id"], "train.loss")) >= 1
+
+    # Again: rank 0 finds it committed and every process stops at once.
+    again = run_job("--phase", "train", "--skill", "counting", "--config", config, env=env, torchrun=True)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert json_lines(again.stdout) == [
+        {"job": "train:counting", "status": "skipped", "output": result["output"]}
+    ]
+    assert len(client.search_runs([experiment.experiment_id], "tags.`selma.phase` = 'train'")) == 1
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_train_runs_on_several_processes(tiny_config, rank):
+    env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}
+    result = run_job("--phase", "images", "--skill", "counting", "--config", str(tiny_config()), env=env)
+    assert result.returncode == 2
+    assert "--phase images cannot run on 2 processes" in result.stderr
+    # Only rank 0 reports.
+    reports = json_lines(result.stdout)
+    if rank == "0":
+        assert reports[-1]["status"] == "failed" and "--phase images" in reports[-1]["error"]
+    else:
+        assert reports == []
+
+
+def test_the_launcher_keeps_the_jobs_exit_code(tiny_config):
+    """torchrun reports any failed worker as 1; launched through jobs.run, a configuration error
+    stays exit 2, which the Kubernetes podFailurePolicy turns into "fail now, don't retry"."""
+    config = str(tiny_config())
+    raw = run_job("--phase", "merge", "--config", config, torchrun=True)
+    assert raw.returncode == 1
+    launched = run_job("--phase", "merge", "--config", config, "--nproc-per-node=2")
+    assert launched.returncode == 2, launched.stderr[-3000:]
+    assert json_lines(launched.stdout)[-1]["exit_code"] == 2
