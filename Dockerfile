@@ -39,12 +39,14 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
     && echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt
 
-# The dependencies, read from pyproject.toml alone (dependencies + the kubernetes extra): a code
-# change does not reinstall them.
+# The dependencies, read from pyproject.toml (dependencies + the kubernetes extra) at the exact
+# versions of constraints.txt (what the tests ran with); copied alone, so a code change does not
+# reinstall them.
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['kubernetes']))" > /tmp/requirements.txt \
+    && cat constraints.txt >> /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt
 
 # selma itself, without dependencies (everything it needs is installed above).

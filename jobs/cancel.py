@@ -1,4 +1,4 @@
-"""Cancel a pipeline on Kubernetes: delete its Jobs (their pods go with them) and its Services.
+"""Cancel a pipeline on Kubernetes: delete its Jobs (their pods go with them), Services and ConfigMaps.
 
     python -m jobs.cancel --config configs/sdxl.yaml
 
@@ -52,6 +52,7 @@ def cancel_pipeline(config_path: str, backend: str | None = None) -> list[str]:
     kinds = (
         ("job", batch.list_namespaced_job, batch.delete_namespaced_job),
         ("service", core.list_namespaced_service, core.delete_namespaced_service),
+        ("configmap", core.list_namespaced_config_map, core.delete_namespaced_config_map),
     )
     try:
         for kind, list_them, delete in kinds:

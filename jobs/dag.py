@@ -130,6 +130,9 @@ def run_dag(
         # Ctrl-C, SIGTERM or an error of the controller itself: no job is left running unwatched.
         for job_id, (handle, _, _) in running.items():
             echo(f"cancelling {job_id}")
-            executor.cancel(handle)
+            try:
+                executor.cancel(handle)
+            except Exception as e:  # one failed cancel must not leave the others running
+                echo(f"could not cancel {job_id}: {e}")
         raise
     return [outcomes[j.id] for j in jobs]

@@ -27,9 +27,11 @@ from selma_core.phases.prompts import PromptsConfig
 from selma_core.phases.train import TrainConfig
 from selma_core.typed_yaml import from_dict, read_yaml, to_dict
 
-# Names become store keys, MLflow names and (later) Kubernetes labels: DNS-1123 labels are safe for all.
+# Names become store keys, MLflow names and Kubernetes names and labels: DNS-1123 labels suit all.
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SKILL_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+# Environment variable names that hold credentials.
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
 @dataclass
@@ -64,6 +66,10 @@ class TrackingConfig:
             raise ValueError(f"uri: expected sqlite:///PATH or http(s)://HOST:PORT, got {self.uri!r}")
         if self.connect_retries < 0:
             raise ValueError(f"connect_retries: expected >= 0, got {self.connect_retries}")
+
+
+# Where this machine keeps things, as (section, key): left out of the config hash.
+MACHINE_LOCAL_PATHS = (("", "cache_dir"), ("", "skills_dir"), ("executor", "log_dir"))
 
 
 @dataclass
@@ -144,6 +150,12 @@ class KubernetesConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.backoff_limit < 0 or self.ttl_seconds_after_finished < 0:
             raise ValueError("backoff_limit and ttl_seconds_after_finished: expected >= 0")
+        secret_like = [k for k in self.env if SECRET_NAME.search(k)]
+        if secret_like:
+            raise ValueError(
+                f"env: {secret_like[0]} looks like a credential; put it in a Secret listed in secrets, "
+                "never in the config (it would be written into every manifest)"
+            )
         from selma_core.plan import PHASES
 
         unknown = sorted(set(self.resources) - set(PHASES))
@@ -259,8 +271,15 @@ class PipelineConfig:
         return to_dict(self)
 
     def config_hash(self) -> str:
-        """A short hash of the whole resolved config (tagged on every MLflow run)."""
-        return stable_hash(self.to_dict())
+        """A short hash of the whole resolved config (tagged on every MLflow run), without where this
+        machine keeps things (cache, skill files, logs, templates, benchmark files: their contents
+        are in the output keys): the controller and a Kubernetes pod, which sees other paths, agree."""
+        data = self.to_dict()
+        for section, key in MACHINE_LOCAL_PATHS:
+            (data[section] if section else data).pop(key, None)
+        data["executor"]["kubernetes"].pop("templates_dir", None)
+        data["prompts"]["contamination"].pop("benchmarks", None)
+        return stable_hash(data)
 
 
 def stable_hash(data: object, length: int = 16) -> str:

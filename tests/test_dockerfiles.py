@@ -163,3 +163,23 @@ def test_the_parser_sees_env_and_arg_names(tmp_path):
     )
     assert declared_names(instructions(dockerfile)) == ["HF_TOKEN", "A", "API_KEY", "LEGACY"]
     assert final_stage(dockerfile)[-1] == ("USER", "0")
+
+
+def test_the_job_image_installs_pinned_versions_of_every_dependency():
+    """The image installs pyproject's dependencies under constraints.txt: each one pinned exactly."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["kubernetes"]
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    for requirement in wanted:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", requirement)[0]).lower()
+        if name == "torch":
+            continue  # pinned by the Dockerfile's TORCH_VERSION, from the CUDA wheel index
+        assert pins.get(name), f"{requirement} is not pinned in constraints.txt"
+    assert "constraints.txt" in (REPO / "Dockerfile").read_text()

@@ -45,7 +45,14 @@ UNREACHABLE = (OSError, urllib3.exceptions.HTTPError)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 WATCH_TIMEOUT_S = 60
-LOG_LIMIT_BYTES = 20 * 1024 * 1024
+# The end of a finished pod's log is kept (the result line is the last one).
+LOG_TAIL_LINES = 20000
+REQUEST_TIMEOUT_S = 60
+API_RETRIES = 6  # about a minute and a half of backoff
+# A Job not running after this long is looked at: why are its pods not running?
+STALL_S = 120.0
+# Waiting reasons of a container that will not start by waiting (until the Job's deadline).
+POD_CANNOT_START = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 
 
 def api_client(cfg: PipelineConfig):
@@ -113,7 +120,10 @@ class JobWatcher:
         self.selector = label_selector
         self.echo = echo
         self.jobs: dict[str, dict] = {}
-        self.deleted: set[str] = set()
+        # The last state of each deleted Job (a finished Job's TTL may remove it between two polls).
+        self.deleted: dict[str, dict] = {}
+        # A refusal no retry can cure (401/403: credentials or RBAC), raised to the DAG by poll.
+        self.fatal: Exception | None = None
         self.relists = 0  # how often the watch had to start over from a fresh list (410 Gone)
         self.synced = threading.Event()
         self._lock = threading.Lock()
@@ -129,18 +139,29 @@ class JobWatcher:
         if self._watch is not None:
             self._watch.stop()
 
-    def get(self, name: str) -> dict | None:
+    def get(self, name: str, uid: str | None = None) -> tuple[dict | None, bool]:
+        """The Job (``uid``: that very Job, not an older one of the same name) and whether it is gone."""
         with self._lock:
-            return self.jobs.get(name)
+            job = self.jobs.get(name)
+            if job is not None and (uid is None or job["metadata"].get("uid") == uid):
+                return job, False
+            gone = self.deleted.get(name)
+            if gone is not None and (uid is None or gone["metadata"].get("uid") == uid):
+                return gone, True
+            return None, False
 
     def _list(self) -> str:
         response = self.batch.list_namespaced_job(
-            self.namespace, label_selector=self.selector, _preload_content=False
+            self.namespace,
+            label_selector=self.selector,
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT_S,
         )
         listing = json.loads(response.data)
         with self._lock:
             fresh = {item["metadata"]["name"]: item for item in listing.get("items") or []}
-            self.deleted |= set(self.jobs) - set(fresh)
+            for name in set(self.jobs) - set(fresh):
+                self.deleted[name] = self.jobs[name]
             self.jobs = fresh
         self.synced.set()
         return listing["metadata"]["resourceVersion"]
@@ -182,10 +203,9 @@ class JobWatcher:
                     with self._lock:
                         if event["type"] == "DELETED":
                             self.jobs.pop(name, None)
-                            self.deleted.add(name)
+                            self.deleted[name] = obj
                         else:
                             self.jobs[name] = obj
-                            self.deleted.discard(name)
                 # The server ended the watch (its timeout): resume from the last version seen.
             except ApiException as e:
                 if e.status == 410:
@@ -193,6 +213,12 @@ class JobWatcher:
                     self.relists += 1
                     version = None
                     continue
+                if e.status in (401, 403):
+                    self.fatal = ConfigError(
+                        f"Kubernetes API: watching Jobs in namespace {self.namespace}: {e.status} {e.reason} "
+                        "(check the kubeconfig's credentials and the controller's Role, k8s/rbac.yaml)"
+                    )
+                    return
                 failures += 1
                 self.echo(f"watching Jobs: {e.status} {e.reason}; retrying")
                 self._stop.wait(min(30, 2**failures))
@@ -222,6 +248,7 @@ class KubernetesExecutor(Executor):
         self.log_dir = Path(log_dir)
         self.follow_logs = follow_logs
         self.echo = echo
+        self.check_no_credentials()
         self.config_map = render_config_map(cfg, pod_files(cfg))
         self.info = SubmissionInfo(
             pipeline=cfg.name,
@@ -247,6 +274,7 @@ class KubernetesExecutor(Executor):
 
     def check_reachable(self) -> None:
         """Pods cannot see this machine's files: the store and tracking must be network services."""
+        self.check_no_credentials()
         if self.cfg.storage.uri.startswith("file://"):
             raise ConfigError(
                 f"{self.cfg.source_path}: storage.uri {self.cfg.storage.uri} is a folder on this machine, "
@@ -257,6 +285,22 @@ class KubernetesExecutor(Executor):
                 f"{self.cfg.source_path}: tracking.uri {self.cfg.tracking.uri} is a file on this machine, "
                 "which Kubernetes pods cannot reach; use an MLflow server (http(s)://HOST:PORT)"
             )
+
+    def check_no_credentials(self) -> None:
+        """The config travels to pods in a ConfigMap: a password in one of its URLs would too."""
+        from urllib.parse import urlsplit
+
+        cfg = self.cfg
+        for key, url in (
+            ("tracking.uri", cfg.tracking.uri),
+            ("storage.endpoint_url", cfg.storage.endpoint_url),
+            ("prompts.openai.base_url", cfg.prompts.openai.base_url),
+        ):
+            if url and (urlsplit(url).password or urlsplit(url).username):
+                raise ConfigError(
+                    f"{cfg.source_path}: {key} carries credentials in its URL; put them in a Secret "
+                    "(e.g. MLFLOW_TRACKING_USERNAME/PASSWORD) listed in executor.kubernetes.secrets"
+                )
 
     def batch_key(self, job: JobSpec) -> str | None:
         # The shards of a phase run as one Indexed Job, one completion index each.
@@ -272,6 +316,9 @@ class KubernetesExecutor(Executor):
         return [*command, "--shards", ",".join(str(j.shard) for j in jobs)]
 
     def manifests(self, jobs: list[JobSpec], command: list[str], env: dict[str, str]) -> list[dict]:
+        # The commit a pod records is the one baked into its image (the code that runs), not the
+        # controller's checkout; the controller's is on the Job's annotation.
+        env = {k: v for k, v in env.items() if k != "SELMA_GIT_COMMIT"}
         return render_job(self.cfg, jobs, self.shard_command(jobs, command), self.info, env)
 
     def describe(self, job: JobSpec, command: list[str]) -> str:
@@ -317,32 +364,66 @@ class KubernetesExecutor(Executor):
             raise _api_error("create ConfigMap", self._core, e) from e
         self._config_map_ready = True
 
+    def _call(self, action: str, api, fn, *args, **kwargs):
+        """One API call, retried with backoff while the server is unreachable or answers 5xx/429:
+        a short outage must not abort a pipeline that has run for hours."""
+        from kubernetes.client.exceptions import ApiException
+
+        for attempt in range(API_RETRIES + 1):
+            try:
+                return fn(*args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
+            except ApiException as e:
+                if e.status not in (429, 500, 502, 503, 504) or attempt == API_RETRIES:
+                    raise
+                error: Exception = e
+            except UNREACHABLE as e:
+                if attempt == API_RETRIES:
+                    raise _api_error(action, api, e) from e
+                error = e
+            delay = min(30.0, 0.5 * 2**attempt)
+            self.echo(f"Kubernetes API: {action}: {type(error).__name__}; retrying in {delay:.0f}s")
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
     def _create(self, manifest: dict) -> str:
-        """Create the Job; on 409 adopt a running one, or replace a finished one."""
+        """Create the Job and return its uid; on 409 adopt a running one, or replace a finished one."""
         from kubernetes.client.exceptions import ApiException
 
         name = manifest["metadata"]["name"]
         for _ in range(60):
             try:
-                self._batch.create_namespaced_job(self.namespace, manifest)
-                return "created"
+                created = self._call(
+                    f"create Job {name}",
+                    self._batch,
+                    self._batch.create_namespaced_job,
+                    self.namespace,
+                    manifest,
+                    _preload_content=False,
+                )
+                return json.loads(created.data)["metadata"]["uid"]
             except ApiException as e:
                 if e.status != 409:
                     raise _api_error(f"create Job {name}", self._batch, e) from e
-            except UNREACHABLE as e:
-                raise _api_error(f"create Job {name}", self._batch, e) from e
             try:
-                existing = self._batch.read_namespaced_job(name, self.namespace, _preload_content=False)
+                existing = self._call(
+                    f"read Job {name}",
+                    self._batch,
+                    self._batch.read_namespaced_job,
+                    name,
+                    self.namespace,
+                    _preload_content=False,
+                )
             except ApiException as e:
                 if e.status == 404:
                     continue  # deleted in between: create again
                 raise _api_error(f"read Job {name}", self._batch, e) from e
             job = json.loads(existing.data)
             finished = _condition(job, "Complete") or _condition(job, "Failed")
-            if not finished and not job.get("metadata", {}).get("deletionTimestamp"):
+            deleting = job.get("metadata", {}).get("deletionTimestamp")
+            if not finished and not deleting:
                 self.echo(f"Job {name} is already running: following it instead of starting it again")
-                return "adopted"
-            if not job.get("metadata", {}).get("deletionTimestamp"):
+                return job["metadata"]["uid"]
+            if not deleting:
                 # Finished, but the DAG wants this work done (its output is missing, or --force).
                 self._delete(name)
             time.sleep(1)  # wait for the old Job to be gone
@@ -352,7 +433,14 @@ class KubernetesExecutor(Executor):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self._batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
+            self._call(
+                f"delete Job {name}",
+                self._batch,
+                self._batch.delete_namespaced_job,
+                name,
+                self.namespace,
+                propagation_policy="Background",
+            )
         except ApiException as e:
             if e.status != 404:
                 raise _api_error(f"delete Job {name}", self._batch, e) from e
@@ -370,30 +458,43 @@ class KubernetesExecutor(Executor):
         documents = self.manifests(jobs, commands[0], env)
         job_manifest = documents[0]
         name = job_manifest["metadata"]["name"]
+        uid = self._create(job_manifest)
         for service in documents[1:]:
+            # Owned by its Job: deleted with it (TTL, Ctrl-C, jobs.cancel) by the garbage collector.
+            service["metadata"]["ownerReferences"] = [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid}
+            ]
             try:
-                self._core.create_namespaced_service(self.namespace, service)
+                self._call(
+                    f"create Service {name}",
+                    self._core,
+                    self._core.create_namespaced_service,
+                    self.namespace,
+                    service,
+                )
             except ApiException as e:
                 if e.status != 409:
                     raise _api_error(f"create Service {name}", self._core, e) from e
-        self._create(job_manifest)
         hint = f"kubectl -n {self.namespace} logs job/{name}"
         indexed = len(jobs) > 1
         return [
-            JobHandle(job=job, ref=name, log=hint, extra={"index": i if indexed else None})
+            JobHandle(
+                job=job,
+                ref=name,
+                log=hint,
+                extra={"index": i if indexed else None, "uid": uid, "since": time.monotonic()},
+            )
             for i, job in enumerate(jobs)
         ]
 
     def poll(self, handle: JobHandle) -> JobStatus:
         if "final" in handle.extra:
             return handle.extra["final"]
+        if self._watcher.fatal is not None:
+            raise self._watcher.fatal
         name: str = handle.ref
-        job = self._watcher.get(name) if self._watcher else None
+        job, gone = self._watcher.get(name, handle.extra.get("uid"))
         if job is None:
-            if self._watcher and name in self._watcher.deleted:
-                return self._finish(
-                    handle, JobState.FAILED, None, f"Job {name} was deleted before it finished"
-                )
             return JobStatus(JobState.PENDING)
         status = job.get("status") or {}
         index = handle.extra.get("index")
@@ -408,11 +509,52 @@ class KubernetesExecutor(Executor):
         if failed:
             reason = f"Job {name} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
             return self._finish(handle, JobState.FAILED, job, reason)
-        if status.get("active") or status.get("startTime"):
+        if gone:
+            return self._finish(handle, JobState.FAILED, None, f"Job {name} was deleted before it finished")
+        stuck = self._diagnose(handle, job)
+        if stuck:
+            self._delete(name)
+            return self._finish(handle, JobState.FAILED, job, stuck, exit_code=2)
+        if status.get("ready") or (status.get("active") and not job["spec"].get("suspend")):
             if self.follow_logs:
                 self._follow(handle)
             return JobStatus(JobState.RUNNING)
         return JobStatus(JobState.PENDING)
+
+    def _diagnose(self, handle: JobHandle, job: dict) -> str | None:
+        """Why a Job is not running yet, looked at now and then once it has waited ``STALL_S``: a pod
+        that cannot start (image, missing Secret) fails the job, since waiting would take until its
+        deadline; unschedulable pods and queued Jobs are reported and waited for."""
+        now = time.monotonic()
+        if now - handle.extra["since"] < STALL_S or now - handle.extra.get("checked", 0.0) < STALL_S:
+            return None
+        handle.extra["checked"] = now
+        if (job.get("status") or {}).get("ready"):
+            return None
+        name = job["metadata"]["name"]
+        if job["spec"].get("suspend"):
+            self._say(handle, f"{handle.job.id}: Job {name} is suspended, waiting for Kueue to admit it")
+            return None
+        pod = self._pod(name, handle.extra.get("index"))
+        if pod is None:
+            return None
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in POD_CANNOT_START:
+                return (
+                    f"Job {name}: pod {pod['metadata']['name']} cannot start: {waiting['reason']}: "
+                    f"{waiting.get('message', '')}".strip()
+                )
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                self._say(handle, f"{handle.job.id}: not scheduled yet: {condition.get('message', '')}")
+        return None
+
+    def _say(self, handle: JobHandle, line: str) -> None:
+        """Say a waiting reason once per job, not at every look."""
+        if handle.extra.get("said") != line:
+            handle.extra["said"] = line
+            self.echo(line)
 
     def _pod(self, name: str, index: int | None) -> dict | None:
         """The Job's newest pod (for one completion index, when given)."""
@@ -421,7 +563,10 @@ class KubernetesExecutor(Executor):
             selector += f",{INDEX_LABEL}={index}"
         try:
             response = self._core.list_namespaced_pod(
-                self.namespace, label_selector=selector, _preload_content=False
+                self.namespace,
+                label_selector=selector,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_S,
             )
         except Exception as e:
             self.echo(f"cannot list the pods of Job {name}: {_api_error('list pods', self._core, e)}")
@@ -430,7 +575,14 @@ class KubernetesExecutor(Executor):
         pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
         return pods[-1] if pods else None
 
-    def _finish(self, handle: JobHandle, state: JobState, job: dict | None, error: str | None) -> JobStatus:
+    def _finish(
+        self,
+        handle: JobHandle,
+        state: JobState,
+        job: dict | None,
+        error: str | None,
+        exit_code: int | None = None,
+    ) -> JobStatus:
         """Save the pod's log beside the local logs; its last JSON line is the job's result."""
         from jobs.executors.local import last_json_line
 
@@ -440,16 +592,15 @@ class KubernetesExecutor(Executor):
         if index is None and job and job["spec"].get("completionMode") == "Indexed":
             index = 0
         pod = self._pod(name, index)
-        exit_code = None
         result = None
         if pod is not None:
             for container in pod.get("status", {}).get("containerStatuses") or []:
                 terminated = (container.get("state") or {}).get("terminated") or {}
-                if container.get("name") == CONTAINER and "exitCode" in terminated:
+                if container.get("name") == CONTAINER and "exitCode" in terminated and exit_code is None:
                     exit_code = terminated["exitCode"]
             try:
                 text = self._core.read_namespaced_pod_log(
-                    pod["metadata"]["name"], self.namespace, container=CONTAINER, limit_bytes=LOG_LIMIT_BYTES
+                    pod["metadata"]["name"], self.namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
                 )
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 path = self.log_dir / f"{handle.job.name}.log"
@@ -458,10 +609,10 @@ class KubernetesExecutor(Executor):
                 result = last_json_line(str(path))
             except Exception as e:
                 self.echo(f"cannot read the log of pod {pod['metadata']['name']}: {e}")
-        if state == JobState.FAILED and exit_code is None:
-            exit_code = 1
         if state == JobState.SUCCEEDED:
             exit_code = 0
+        elif exit_code is None:
+            exit_code = 1
         if error and (result is None or not result.get("error")):
             result = {**(result or {}), "error": error}
         final = JobStatus(state, exit_code, result)
@@ -496,8 +647,12 @@ class KubernetesExecutor(Executor):
         threading.Thread(target=stream, name=f"log-{pod_name}", daemon=True).start()
 
     def cancel(self, handle: JobHandle) -> None:
-        if self._batch is not None and "final" not in handle.extra:
+        if self._batch is None or "final" in handle.extra:
+            return
+        try:
             self._delete(handle.ref)
+        except Exception as e:  # cancelling goes on for the other jobs; jobs.cancel can finish it
+            self.echo(f"could not delete Job {handle.ref}: {e}; run python -m jobs.cancel to retry")
 
     def close(self) -> None:
         if self._watcher is not None:

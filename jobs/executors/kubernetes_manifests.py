@@ -46,6 +46,10 @@ ANNOTATION_MLFLOW_RUN = "selma.io/mlflow-run-id"
 CONFIG_MAP_LIMIT = 1_000_000
 # Job names stay short enough for Indexed pods' hostnames (<name>-<index>, at most 63 characters).
 MAX_JOB_NAME = 52
+# Stands for the Job's name until the name (a hash of everything else) is known.
+NAME_PLACEHOLDER = "selma-job-name-placeholder"
+# Environment that differs per submission, not per work: left out of the name's hash.
+PER_SUBMISSION_ENV = {"SELMA_PARENT_RUN_ID", "SELMA_GIT_COMMIT", "SELMA_CONFIG_HASH"}
 
 
 def default_templates_dir() -> Path:
@@ -108,11 +112,28 @@ def short_hash(data: object, length: int = 10) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-def job_name(pipeline: str, jobs: list[JobSpec], command: list[str], image: str) -> str:
-    """Deterministic: the same work (output keys, command, image) gets the same name on every submit."""
-    first = jobs[0]
-    digest = short_hash({"keys": [j.key for j in jobs], "command": command, "image": image})
+def job_name(pipeline: str, first: JobSpec, manifest: dict) -> str:
+    """Deterministic: a hash of the Job as it would run, so the same work gets the same name on
+    every submission (409: found, not duplicated), and a changed spec (image, resources, node
+    pool, command) a new one. What changes per submission and not the work is left out: the
+    pipeline's MLflow run and commit, and which ConfigMap (the output keys in the command cover
+    what the config determines)."""
+    spec = copy.deepcopy(manifest)
+    spec["metadata"]["annotations"] = {
+        k: v
+        for k, v in spec["metadata"].get("annotations", {}).items()
+        if k in (ANNOTATION_JOB_IDS, "selma.io/outputs")
+    }
+    pod = spec["spec"]["template"]
+    pod["metadata"].pop("annotations", None)
+    for container in pod["spec"]["containers"]:
+        container["env"] = [e for e in container.get("env", []) if e["name"] not in PER_SUBMISSION_ENV]
+    for volume in pod["spec"].get("volumes", []):
+        volume.pop("configMap", None)
+    digest = short_hash(spec)
     readable = "-".join(dns_label(p) for p in (pipeline, first.phase, first.skill or "") if p)
+    if not readable[:1].isalpha():
+        readable = f"selma-{readable}"  # Service names (multi-node) must start with a letter
     room = MAX_JOB_NAME - len(digest) - 1
     return f"{readable[:room].rstrip('-')}-{digest}"
 
@@ -165,7 +186,8 @@ def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[di
         if value is not None:
             requests[key] = limits[key] = value
     if override.ephemeral_storage is not None:
-        limits["ephemeral-storage"] = override.ephemeral_storage
+        # The pod's local disk: the model cache and /tmp (emptyDirs) count against it.
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = override.ephemeral_storage
     requests.pop(GPU, None)
     limits.pop(GPU, None)
     if gpus:
@@ -215,7 +237,7 @@ def render_job(
     template = load_template(phase, k8s.templates_dir)
     resources, gpus = phase_resources(cfg, phase, template)
     nodes = k8s.train_nodes if phase == "train" and gpus else 1
-    name = job_name(info.pipeline, jobs, [*command, f"gpus={gpus}", f"nodes={nodes}"], k8s.image)
+    name = NAME_PLACEHOLDER
     if phase == "train" and (gpus > 1 or nodes > 1):
         command = _torchrun(command, gpus, nodes, name)
     labels = job_labels(info.pipeline, first)
@@ -303,16 +325,23 @@ def render_job(
     for volume in pod_spec.get("volumes", []):
         if volume["name"] == "config":
             volume["configMap"] = {"name": info.config_map, "items": info.config_items}
-        elif volume["name"] == "cache":
-            if k8s.cache_volume_claim:
-                volume.pop("emptyDir", None)
-                volume["persistentVolumeClaim"] = {"claimName": k8s.cache_volume_claim}
-            elif override.ephemeral_storage:
-                volume["emptyDir"] = {"sizeLimit": override.ephemeral_storage}
+        elif volume["name"] == "cache" and k8s.cache_volume_claim:
+            volume.pop("emptyDir", None)
+            volume["persistentVolumeClaim"] = {"claimName": k8s.cache_volume_claim}
+    if nodes > 1:
+        # The nodes of one torchrun group cannot continue without a peer: any failure ends the Job
+        # (after the disruption rule above, so preemption still doesn't count).
+        spec["podFailurePolicy"]["rules"].append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]},
+            }
+        )
     documents = [manifest]
     if nodes > 1:
         documents.append(headless_service(name, k8s.namespace, labels))
-    return documents
+    final_name = job_name(info.pipeline, first, manifest)
+    return json.loads(json.dumps(documents).replace(NAME_PLACEHOLDER, final_name))
 
 
 def headless_service(name: str, namespace: str, labels: dict[str, str]) -> dict:

@@ -227,8 +227,16 @@ def test_resubmission_adopts_the_running_job(cluster, k8s_config, tmp_path):
         # Finished, but wanted again (its output went missing, or --force): replaced, still one Job.
         uid = cluster.jobs()[0]["metadata"]["uid"]
         third, _ = executor_and_plan(config, tmp_path)
-        third.submit(job, command, {})
+        replaced = third.submit(job, command, {})
         assert len(cluster.jobs()) == 1 and cluster.jobs()[0]["metadata"]["uid"] != uid
+        # The old Job's end (and its deletion) is not the new one's: it stays pending until it runs.
+        time.sleep(0.3)
+        assert third.poll(replaced).state.value == "pending"
+        cluster.start_job(name)
+        cluster.finish_job(name, 0, log=result_log(cluster.jobs()[0], None))
+        while third.poll(replaced).state.value != "succeeded":
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.05)
         third.close()
     finally:
         first.close()
@@ -308,3 +316,50 @@ def test_follow_logs_streams_the_running_pods_log(cluster, k8s_config, tmp_path)
         executor.close()
     assert "[prompts:counting] wave 1: 8 prompts" in lines
     assert "[prompts:counting] wave 2: 16 prompts" in lines
+
+
+def test_a_configuration_error_fails_at_once_and_a_pod_that_cannot_start_fails(
+    cluster, k8s_config, tmp_path, monkeypatch
+):
+    import jobs.executors.kubernetes as kubernetes_executor
+
+    monkeypatch.setattr(kubernetes_executor, "STALL_S", 0.0)
+    executor, plan = executor_and_plan(k8s_config(), tmp_path)
+    counting, spatial = plan.job("prompts", "counting"), plan.job("prompts", "spatial")
+    try:
+        bad_config = executor.submit(counting, job_command(counting, executor.job_config_path), {})
+        no_image = executor.submit(spatial, job_command(spatial, executor.job_config_path), {})
+        # Exit 2 (invalid configuration): the podFailurePolicy fails the Job without retries.
+        cluster.finish_job(
+            bad_config.ref, 2, log='{"status": "failed", "error": "bad key", "exit_code": 2}\n'
+        )
+        # The image cannot be pulled: waiting would last until the Job's deadline.
+        cluster.start_job(no_image.ref)
+        pod = cluster.pods(job=no_image.ref)[0]["metadata"]["name"]
+
+        def image_pull_backoff(pod: dict) -> None:
+            pod["status"]["phase"] = "Pending"
+            pod["status"]["containerStatuses"][0]["state"] = {
+                "waiting": {"reason": "ImagePullBackOff", "message": "pull access denied for selma-job"}
+            }
+
+        cluster.mutate("pods", "selma", pod, image_pull_backoff)
+        cluster.mutate("jobs", "selma", no_image.ref, lambda job: job["status"].pop("ready", None))
+        deadline = time.monotonic() + 10
+        states = {}
+        while len(states) < 2:
+            assert time.monotonic() < deadline, states
+            for handle in (bad_config, no_image):
+                status = executor.poll(handle)
+                if status.state.value == "failed":
+                    states[handle.job.id] = status
+            time.sleep(0.05)
+    finally:
+        executor.close()
+    assert states["prompts:counting"].exit_code == 2
+    assert (
+        "PodFailurePolicy" in states["prompts:counting"].result["error"]
+        or "bad key" in states["prompts:counting"].result["error"]
+    )
+    assert "ImagePullBackOff" in states["prompts:spatial"].result["error"]
+    assert no_image.ref not in [j["metadata"]["name"] for j in cluster.jobs()]  # deleted, not left waiting

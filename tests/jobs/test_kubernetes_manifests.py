@@ -77,7 +77,10 @@ def test_every_manifest_validates_and_carries_the_conventions(config, tmp_path, 
         assert spec["template"]["metadata"]["labels"]["selma.io/phase"] == phase
         assert pod["restartPolicy"] == "Never"
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
-        assert spec["backoffLimit"] >= 0 or spec.get("backoffLimitPerIndex") is not None
+        if spec.get("completionMode") == "Indexed":
+            assert spec["backoffLimitPerIndex"] >= 0 and "backoffLimit" not in spec
+        else:
+            assert spec["backoffLimit"] >= 0
         rules = spec["podFailurePolicy"]["rules"]
         assert {
             "action": "FailJob",
@@ -130,6 +133,8 @@ def test_sharded_phase_is_one_indexed_job(tmp_path, model_cache):
         tmp_path, model_cache, merge_search={"enabled": True, "strategy": "random", "samples": 3}
     )
     documents, plan = render(config, tmp_path=tmp_path)
+    for document in documents:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
     (search,) = [
         j for j in jobs_of(documents) if j["metadata"]["annotations"]["selma.io/jobs"].count("#") > 1
     ]
@@ -187,6 +192,13 @@ def test_multi_node_training_is_indexed_with_a_headless_service(tmp_path):
             and "--node-rank=$(SELMA_NODE_RANK)" in command
         )
         assert f"--master-addr={name}-0.{name}" in command
+        # A lost node cannot rejoin the torchrun group: any failure ends the Job (disruptions aside).
+        rules = train["spec"]["podFailurePolicy"]["rules"]
+        assert rules[-1] == {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "job", "operator": "NotIn", "values": [0]},
+        }
+        assert [r["action"] for r in rules].index("Ignore") < len(rules) - 1
 
 
 def test_prompts_with_a_local_llm_get_a_gpu(tmp_path):
@@ -235,6 +247,8 @@ def test_pods_compute_the_controllers_keys(tmp_path, model_cache):
     pod_cfg = load_config(pod_root / "config.yaml")
     assert pod_cfg.prompts.contamination.benchmarks[0].startswith(str(pod_root / "benchmarks"))
     pod_plan = build_plan(pod_cfg, load_skills(pod_cfg.skills_path, pod_cfg.skills))
+    # The config hash tagged on the pod's MLflow run is the one on the controller's Job annotation.
+    assert pod_cfg.config_hash() == cfg.config_hash()
     assert {j.id: j.key for j in pod_plan.jobs.values()} == {
         j.id: j.key for j in controller_plan.jobs.values()
     }
@@ -257,3 +271,34 @@ def test_dry_run_cli_prints_yaml_documents_then_the_json_line(tmp_path):
     assert [d["kind"] for d in documents[:-1]] == ["ConfigMap", "Job", "Job"]
     # The demo keeps its store on this machine: fine to print, but pods could not reach it.
     assert "warning" in result.stderr and "storage.uri" in result.stderr
+
+
+def test_names_hash_the_job_spec_but_not_the_submission(tmp_path):
+    cfg = load_config(REPO / "configs" / "sdxl.yaml")
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    job = plan.job("train", "counting")
+
+    def name(cfg, run_id: str) -> str:
+        executor = KubernetesExecutor(cfg, tmp_path / "logs")
+        executor.begin(run_id, "abc123")
+        command = job_command(job, executor.job_config_path)
+        return executor.manifests([job], command, {"SELMA_PARENT_RUN_ID": run_id})[0]["metadata"]["name"]
+
+    first = name(cfg, "run-1")
+    assert name(cfg, "run-2") == first  # a resubmission finds the same Job
+    cfg.executor.kubernetes.resources["train"] = type(cfg.executor.kubernetes.resources["train"])(
+        memory="200Gi"
+    )
+    assert name(cfg, "run-1") != first  # a changed spec is a new Job, not the stuck old one adopted
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"tracking": {"uri": "https://user:hunter2@mlflow.example"}}, "tracking.uri carries credentials"),
+        ({"executor": {"kubernetes": {"env": {"HF_TOKEN": "hf_x"}}}}, "HF_TOKEN looks like a credential"),
+    ],
+)
+def test_credentials_in_the_config_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        render(REPO / "configs" / "sdxl.yaml", tmp_path=tmp_path, **overrides)

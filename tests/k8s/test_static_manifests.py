@@ -179,10 +179,10 @@ def test_labels_and_namespace(path, index, doc):
 
 # What the controller needs, and nothing more (see the comment in k8s/rbac.yaml).
 CONTROLLER_RULES = {
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete", "patch"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get", "list", "watch"},
-    ("", "configmaps"): {"create", "get", "update", "patch", "delete"},
+    ("", "configmaps"): {"create", "get", "list", "delete"},
     ("", "services"): {"create", "get", "list", "delete"},
 }
 
