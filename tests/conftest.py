@@ -17,6 +17,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 S3_BUCKET = "selma-test"
+# Benchmark data with published figures, beside the project (read from there, never copied).
+BENCHMARKS = REPO.parent / "shared" / "benchmarks"
+needs_benchmarks = pytest.mark.skipif(
+    not BENCHMARKS.is_dir(), reason="../shared/benchmarks is not beside the project"
+)
 
 # No test may reach a model hub; credentials for the local moto endpoint only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

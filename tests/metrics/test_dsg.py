@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import BENCHMARKS, REPO, needs_benchmarks
 
 from selma_core.errors import InputError
 from selma_core.metrics.dsg import (
@@ -25,9 +25,9 @@ from selma_core.metrics.dsg import (
     score_dsg,
 )
 
-BENCH = REPO.parent / "shared" / "benchmarks"
+BENCH = BENCHMARKS
 DSG = BENCH / "dsg"
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason="../shared/benchmarks is not beside the project")
+needs_bench = needs_benchmarks
 
 # Published by the DSG authors (github.com/j-min/DSG README, scripts/t2i_eval_dsg1k.py): PaLI-17B
 # answers on SD2.1 images, official rule; also in ../shared/benchmarks/README.md.

@@ -13,7 +13,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import BENCHMARKS, REPO, needs_benchmarks
 
 from selma_core.errors import ConfigError, InputError
 from selma_core.metrics.tifa import (
@@ -27,9 +27,9 @@ from selma_core.metrics.tifa import (
     score_tifa,
 )
 
-BENCH = REPO.parent / "shared" / "benchmarks"
+BENCH = BENCHMARKS
 TIFA = BENCH / "tifa"
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason="../shared/benchmarks is not beside the project")
+needs_bench = needs_benchmarks
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO
+from conftest import BENCHMARKS, needs_benchmarks
 
 from selma_core.errors import ConfigError
 from selma_core.prompting.contamination import benchmark_index, read_benchmark_prompts
 
-BENCH = REPO.parent / "shared" / "benchmarks"
-pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason="../shared/benchmarks is not beside the project")
+BENCH = BENCHMARKS
+pytestmark = needs_benchmarks
 
 
 def test_each_benchmark_format_is_read():
