@@ -80,7 +80,9 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
     if args.nnodes > 1:
         if not args.master_addr:
-            print("error: --nnodes > 1 needs --master-addr (the host of node 0)", file=sys.stderr)
+            error = "--nnodes > 1 needs --master-addr (the host of node 0)"
+            print(f"error: {error}", file=sys.stderr)
+            print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
             return ConfigError.exit_code
         command += [
             f"--nnodes={args.nnodes}",
@@ -222,7 +224,13 @@ def run_job(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already explained)
+        if e.code:
+            error = "invalid command line (see the usage above)"
+            print(json.dumps({"job": None, "status": "failed", "error": error, "exit_code": e.code}))
+        return int(e.code or 0)
     terminate_as_interrupt()
     rank, world_size, _ = distributed.world()
     if args.nproc_per_node and world_size == 1:
@@ -233,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             shards = [int(s) for s in args.shards.split(",")]
             shard = shards[int(os.environ.get("JOB_COMPLETION_INDEX", "0"))]
         except (ValueError, IndexError):
-            print(
-                f"error: --shards {args.shards}: expected comma-separated shard numbers with one at "
-                f"$JOB_COMPLETION_INDEX={os.environ.get('JOB_COMPLETION_INDEX')}",
-                file=sys.stderr,
+            error = (
+                f"--shards {args.shards}: expected comma-separated shard numbers with one at "
+                f"$JOB_COMPLETION_INDEX={os.environ.get('JOB_COMPLETION_INDEX')}"
             )
+            print(f"error: {error}", file=sys.stderr)
+            print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
             return ConfigError.exit_code
     # Under torchrun only rank 0 reports; the others' errors go to stderr, marked with their rank.
     where = f" (rank {rank} of {world_size})" if world_size > 1 else ""

@@ -25,11 +25,11 @@ from selma_core.phases.merge import MergeConfig
 from selma_core.phases.merge_search import MergeSearchConfig
 from selma_core.phases.prompts import PromptsConfig
 from selma_core.phases.train import TrainConfig
-from selma_core.typed_yaml import from_dict, read_yaml, to_dict
+from selma_core.skills import SKILL_NAME_PATTERN
+from selma_core.typed_yaml import execution_only, from_dict, read_yaml, to_dict
 
 # Names become store keys, MLflow names and Kubernetes names and labels: DNS-1123 labels suit all.
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-SKILL_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 # Environment variable names that hold credentials.
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
@@ -213,6 +213,12 @@ class PipelineConfig:
     cache_dir: str = "selma-data/cache"
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
+    # Weights and adapters are read from safetensors only: a pickle checkpoint (.bin, .pt, .ckpt,
+    # .pth) can run arbitrary code when read, so it is refused naming the file. true reads them,
+    # with torch.load(weights_only=True) (diffusers/transformers do the same). Execution-only: it
+    # decides whether a job may read such a file, not what it computes from the weights, so
+    # changing it redoes nothing (the config hash on every MLflow run still records it).
+    allow_pickle_checkpoints: bool = execution_only(False)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)

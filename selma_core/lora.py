@@ -78,45 +78,130 @@ def lora_config_dict(
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
 
 
-def load_adapter(path: str | Path) -> LoraAdapter:
-    """Read an adapter folder (or its safetensors file) written by ``save_adapter`` or diffusers."""
-    from safetensors import safe_open
+# Pickle checkpoints: reading one can run arbitrary code, so they are refused unless opted in.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_WEIGHT_NAME = "pytorch_lora_weights.bin"  # diffusers' legacy name
+PICKLE_OPT_IN = (
+    "convert it to safetensors, or set allow_pickle_checkpoints: true in the pipeline config to read "
+    "it with torch.load(weights_only=True)"
+)
 
+
+def load_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
+    """Read an adapter folder (or its safetensors file) written by ``save_adapter`` or diffusers.
+
+    Only safetensors is read, unless ``allow_pickle`` (the config's ``allow_pickle_checkpoints``):
+    then a pickle checkpoint (``.bin``, ``.pt``, ...; a state dict in diffusers' keys, scale 1 as
+    diffusers reads one without metadata) is read with ``torch.load(weights_only=True)``.
+    Anything unreadable or not a LoRA in diffusers' format is an ``InputError`` naming the file.
+    """
     path = Path(path)
-    file = path / WEIGHT_NAME if path.is_dir() else path
+    file = path
+    if path.is_dir():
+        file = path / WEIGHT_NAME
+        if not file.is_file() and (path / PICKLE_WEIGHT_NAME).is_file():
+            file = path / PICKLE_WEIGHT_NAME
     if not file.is_file():
         raise InputError(f"LoRA adapter {path}: no {WEIGHT_NAME} in it")
+    if file.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise InputError(
+                f"LoRA adapter {file}: a pickle checkpoint, which can run arbitrary code when read; "
+                f"only safetensors files are read: {PICKLE_OPT_IN}"
+            )
+        return _load_pickled_adapter(file)
     if file.suffix != ".safetensors":
-        raise InputError(f"LoRA adapter {file}: only safetensors files are read (pickle files can run code)")
-    with safe_open(str(file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        metadata = f.metadata() or {}
+        raise InputError(
+            f"LoRA adapter {file}: expected a .safetensors file, got {file.suffix or 'no suffix'}"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors' errors: garbage, truncated, a header that lies
+        raise InputError(f"LoRA adapter {file}: expected a safetensors file, cannot read it: {e}") from e
     raw = metadata.get(METADATA_KEY)
     if not raw:
         raise InputError(f"LoRA adapter {file}: no '{METADATA_KEY}' metadata (rank and alpha unknown)")
-    packed = json.loads(raw)
-    config = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith("unet.")}
+    try:
+        packed = json.loads(raw)
+        config = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith("unet.")}
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        rank_pattern = {k: int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+        alpha_pattern = {k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    except json.JSONDecodeError as e:
+        raise InputError(f"LoRA adapter {file}: '{METADATA_KEY}' metadata: expected JSON: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(
+            f"LoRA adapter {file}: '{METADATA_KEY}' metadata: expected unet.r (rank) and unet.lora_alpha "
+            f"numbers: {e!r}"
+        ) from e
+    adapter = LoraAdapter(
+        layers=_lora_layers(file, tensors),
+        rank=rank,
+        alpha=alpha,
+        use_rslora=bool(config.get("use_rslora", False)),
+        config=config,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    for module, layer in adapter.layers.items():
+        expected = _pattern_value(adapter.rank_pattern, module, adapter.rank)
+        if layer.down.shape[0] != expected:
+            raise InputError(
+                f"LoRA adapter {file}: {module} has rank {layer.down.shape[0]}, but its metadata says "
+                f"r={expected}"
+            )
+    return adapter
+
+
+def _lora_layers(file: Path, tensors: dict) -> dict[str, LoraLayer]:
+    """(down, up) pairs by module, checked: diffusers' keys, matching ranks."""
+    import torch
+
     layers: dict[str, LoraLayer] = {}
     for key, tensor in tensors.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise InputError(
+                f"LoRA adapter {file}: expected tensors by name, got {key!r}: {type(tensor).__name__}"
+            )
         if key.endswith(_DOWN):
             module = key[: -len(_DOWN)]
             up = tensors.get(module + _UP)
             if up is None:
                 raise InputError(f"LoRA adapter {file}: {key} has no matching {module + _UP}")
+            if tensor.dim() < 2 or up.dim() < 2 or tensor.shape[0] != up.shape[1]:
+                raise InputError(
+                    f"LoRA adapter {file}: {module}: down {tuple(tensor.shape)} and up {tuple(up.shape)} "
+                    "do not match; expected down (rank, in) and up (out, rank) of one rank"
+                )
             layers[module] = LoraLayer(down=tensor, up=up)
         elif not key.endswith(_UP):
             raise InputError(f"LoRA adapter {file}: unexpected tensor {key!r} (not diffusers' LoRA format)")
     if not layers:
         raise InputError(f"LoRA adapter {file}: no LoRA layers in it")
-    return LoraAdapter(
-        layers=layers,
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        use_rslora=bool(config.get("use_rslora", False)),
-        config=config,
-        rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
-    )
+    return layers
+
+
+def _load_pickled_adapter(file: Path) -> LoraAdapter:
+    """A pickle checkpoint the user opted in to, read without running code: ``weights_only=True``."""
+    import torch
+
+    from selma_core.merging import _unit_scale_adapter
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for any object that is not plain tensors and containers
+        raise InputError(
+            f"LoRA adapter {file}: refused by torch.load(weights_only=True), which reads tensors only: {e}"
+        ) from e
+    if not isinstance(state, dict):
+        raise InputError(f"LoRA adapter {file}: expected a state dict of tensors, got {type(state).__name__}")
+    layers = _lora_layers(file, state)
+    names = sorted(module.removeprefix("unet.") for module in layers)
+    return _unit_scale_adapter(layers, {"target_modules": names})
 
 
 def save_adapter(adapter: LoraAdapter, path: str | Path, pipeline_class: Any = None) -> Path:

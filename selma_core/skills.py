@@ -30,6 +30,19 @@ from selma_core.errors import ConfigError
 from selma_core.typed_yaml import from_dict, read_yaml, to_dict
 
 SLOT_PATTERN = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+# Skill names become store keys, file names, MLflow names and Kubernetes labels: no '/', no '..'.
+SKILL_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+# More prompts per skill than any run needs (SELMA: about 1,000); a bound, not a target.
+MAX_PROMPTS = 1_000_000
+
+
+def check_skill_name(name: str) -> str:
+    """``name`` if it is a valid skill name, else a ``ValueError`` saying what a name may contain."""
+    if not isinstance(name, str) or not SKILL_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a valid skill name (lowercase letters, digits, '-' and '_', at most 63)"
+        )
+    return name
 
 
 @dataclass
@@ -107,6 +120,10 @@ class Skill:
     offline: OfflineVocabulary = field(default_factory=OfflineVocabulary)
 
     def __post_init__(self) -> None:
+        try:
+            check_skill_name(self.name)
+        except ValueError as e:
+            raise ValueError(f"name: {e}") from None
         if not [s for s in self.seeds if s.strip()]:
             raise ValueError("seeds: expected at least one seed prompt, got none")
         for seed in self.seeds:
@@ -117,6 +134,8 @@ class Skill:
             raise ValueError(
                 f"target_count: expected >= 2 (one to train, one held out), got {self.target_count}"
             )
+        if self.target_count > MAX_PROMPTS:
+            raise ValueError(f"target_count: expected at most {MAX_PROMPTS:,}, got {self.target_count:,}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -124,6 +143,10 @@ class Skill:
 
 def load_skill(skills_dir: str | Path, name: str) -> Skill:
     """Load ``<skills_dir>/<name>.yaml``; an unknown skill names the ones that exist."""
+    try:  # the name becomes a file name here: nothing that leaves skills_dir
+        check_skill_name(name)
+    except ValueError as e:
+        raise ConfigError(f"skill {e}") from None
     skills_dir = Path(skills_dir)
     path = skills_dir / f"{name}.yaml"
     if not path.is_file():

@@ -37,9 +37,25 @@ _PERMANENT_HUB_ERRORS = (
 )
 
 
+def weights_kwargs(allow_pickle: bool) -> dict[str, Any]:
+    """``from_pretrained``/``load_lora_weights`` keywords: safetensors only, unless the config's
+    ``allow_pickle_checkpoints`` opts in to pickle checkpoints (diffusers and transformers then read
+    them with ``torch.load(weights_only=True)``)."""
+    return {} if allow_pickle else {"use_safetensors": True}
+
+
+PICKLE_HINT = (
+    "only safetensors weights are read (a pickle checkpoint, .bin/.pt/.ckpt, can run arbitrary code); "
+    "convert the weights to safetensors, or set allow_pickle_checkpoints: true in the pipeline config"
+)
+
+
 def model_load_error(spec: str, error: Exception) -> Exception:
     """The error to raise when ``from_pretrained(spec)`` failed: ConfigError when retrying cannot help."""
     if Path(spec).is_dir():
+        folder = Path(spec)
+        if any(folder.rglob("*.bin")) and "safetensors" in str(error):
+            return ConfigError(f"model {spec!r}: {PICKLE_HINT}: {error}")
         return ConfigError(f"model {spec!r}: the folder is not a diffusers/transformers model: {error}")
     causes = []
     cause: BaseException | None = error
@@ -59,13 +75,20 @@ def model_load_error(spec: str, error: Exception) -> Exception:
 
 
 def load_diffusion_pipeline(
-    spec: str, cache_dir: str | Path, revision: str | None = None, torch_dtype: Any = None
+    spec: str,
+    cache_dir: str | Path,
+    revision: str | None = None,
+    torch_dtype: Any = None,
+    allow_pickle: bool = False,
 ):
-    """A diffusers text-to-image pipeline (SD 1.x/2.x/XL alike: the folder's model_index.json decides)."""
+    """A diffusers text-to-image pipeline (SD 1.x/2.x/XL alike: the folder's model_index.json decides).
+
+    Weights are read from safetensors only, unless ``allow_pickle`` (``allow_pickle_checkpoints``).
+    """
     from diffusers import DiffusionPipeline
 
     path = resolve_model_path(spec, cache_dir)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = weights_kwargs(allow_pickle)
     if revision:
         kwargs["revision"] = revision
     if torch_dtype is not None:

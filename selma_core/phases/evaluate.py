@@ -77,18 +77,22 @@ def open_eval_models(ctx):
         ctx.config.cache_dir,
         ctx.config.base_model_revision,
         torch_dtype(cfg.dtype, device),
+        allow_pickle=ctx.config.allow_pickle_checkpoints,
     ).to(device)
     return pipe, ClipScorer(cfg.clip_model, ctx.config.cache_dir, device), device
 
 
 @contextlib.contextmanager
-def loaded_adapters(pipe, name: str, adapters: list[tuple]):
-    """Adapters (folder, weight) loaded and combined with ``set_adapters`` inside the block."""
+def loaded_adapters(pipe, name: str, adapters: list[tuple], allow_pickle: bool = False):
+    """Adapters (folder, weight) loaded and combined with ``set_adapters`` inside the block
+    (safetensors only, unless ``allow_pickle``)."""
+    from selma_core.models.loading import weights_kwargs
+
     names = []
     try:
         for i, (path, _) in enumerate(adapters):
             names.append(f"{name.replace(':', '_')}_{i}")
-            pipe.load_lora_weights(str(path), adapter_name=names[-1])
+            pipe.load_lora_weights(str(path), adapter_name=names[-1], **weights_kwargs(allow_pickle))
         if names:
             pipe.set_adapters(names, [weight for _, weight in adapters])
         yield pipe
@@ -143,7 +147,7 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
     rows = []
     with ctx.output() as out:
         for variant in tqdm(variants, desc="eval", unit="model"):
-            with loaded_adapters(pipe, variant, adapters[variant]):
+            with loaded_adapters(pipe, variant, adapters[variant], ctx.config.allow_pickle_checkpoints):
                 folder = out / "images" / variant.replace(":", "_")
                 rows += [
                     {"variant": variant, **row}

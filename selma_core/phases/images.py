@@ -26,6 +26,13 @@ from selma_core.errors import InputError
 from selma_core.typed_yaml import execution_only
 
 SHARD_NAME = "shard-00000.tar"
+# Images read from datasets: each side within these bounds, checked from the header before any
+# pixel is decoded (a few KB of PNG can claim 20,000 x 20,000 px: a decompression bomb).
+MAX_IMAGE_SIDE = 8192
+MIN_IMAGE_SIDE = 8
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# Denoising steps: schedulers of SD 1.x/2.x/XL have 1,000 training timesteps.
+MAX_INFERENCE_STEPS = 1000
 
 
 @dataclass
@@ -45,14 +52,19 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected >= 1, got {self.num_inference_steps}")
+        if not 1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"num_inference_steps: expected >= 1 and at most {MAX_INFERENCE_STEPS}, "
+                f"got {self.num_inference_steps}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"{side}: expected a multiple of 8, got {value}")
+            if value is not None and value > MAX_IMAGE_SIDE:
+                raise ValueError(f"{side}: expected at most {MAX_IMAGE_SIDE}, got {value}")
 
 
 @dataclass
@@ -109,7 +121,11 @@ def generate_images(ctx, skill_name: str) -> dict:
     device = resolve_device(ctx.config.device)
     generator = ctx.config.generator
     pipe = load_diffusion_pipeline(
-        generator, ctx.config.cache_dir, ctx.config.generator_revision, torch_dtype(cfg.dtype, device)
+        generator,
+        ctx.config.cache_dir,
+        ctx.config.generator_revision,
+        torch_dtype(cfg.dtype, device),
+        allow_pickle=ctx.config.allow_pickle_checkpoints,
     ).to(device)
     start = time.monotonic()
     manifest = []
@@ -144,19 +160,73 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def read_image_dataset(images_dir: Path) -> list[tuple[dict, bytes]]:
-    """(metadata, JPEG bytes) pairs from a committed images output, in manifest order."""
+    """(metadata, JPEG bytes) pairs from a committed images output, in manifest order.
+
+    Each sample's JSON must be a UTF-8 object with a string ``prompt``; the images stay encoded
+    (``open_image`` checks and decodes them).
+    """
+    shard = Path(images_dir) / SHARD_NAME
     pairs: dict[str, dict] = {}
-    with tarfile.open(images_dir / SHARD_NAME) as tar:
-        for member in tar.getmembers():
-            stem, _, ext = member.name.rpartition(".")
-            data = tar.extractfile(member).read()
-            entry = pairs.setdefault(stem, {})
-            entry[ext] = data
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if not member.isfile():  # folders, links: not samples
+                    continue
+                stem, _, ext = member.name.rpartition(".")
+                data = tar.extractfile(member).read()
+                entry = pairs.setdefault(stem, {})
+                entry[ext] = data
+    except FileNotFoundError as e:
+        raise InputError(f"{shard}: no such file (expected the images phase's WebDataset shard)") from e
+    except (tarfile.TarError, EOFError) as e:
+        raise InputError(f"{shard}: expected a tar file (WebDataset shard), cannot read it: {e}") from e
     dataset = []
     for stem, entry in pairs.items():
         if "jpg" not in entry or "json" not in entry:
-            raise InputError(f"{images_dir / SHARD_NAME}: sample {stem!r} lacks its .jpg or .json")
-        dataset.append((json.loads(entry["json"]), entry["jpg"]))
+            raise InputError(f"{shard}: sample {stem!r} lacks its .jpg or .json")
+        where = f"{shard}/{stem}.json"
+        try:
+            meta = json.loads(entry["json"].decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: expected UTF-8 text: {e}") from e
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: expected JSON: {e}") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+            raise InputError(f"{where}: expected an object with a string 'prompt', got {str(meta)[:80]!r}")
+        dataset.append((meta, entry["jpg"]))
     if not dataset:
         raise InputError(f"{images_dir}: the image set is empty")
     return dataset
+
+
+def open_image(data: bytes, key: str, max_side: int = MAX_IMAGE_SIDE, min_side: int = MIN_IMAGE_SIDE):
+    """A dataset image, decoded to RGB; its size is checked from the header before any pixel is
+    decoded, so a decompression bomb or a degenerate image is an ``InputError`` naming ``key``.
+
+    The one place PIL's own bomb limit (``Image.MAX_IMAGE_PIXELS``) is set, to the same bound.
+    """
+    import warnings
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_side * max_side
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise InputError(
+            f"image {key!r}: expected at most {max_side} px per side, a decompression bomb? {e}"
+        ) from e
+    except Exception as e:
+        raise InputError(f"image {key!r} cannot be decoded (expected {', '.join(IMAGE_FORMATS)}): {e}") from e
+    width, height = image.size
+    if max(width, height) > max_side or min(width, height) < min_side:
+        raise InputError(
+            f"image {key!r}: {width}x{height} px; expected at least {min_side} px and at most "
+            f"{max_side} px per side"
+        )
+    try:
+        return image.convert("RGB")
+    except Exception as e:  # a truncated or corrupt body behind a valid header
+        raise InputError(f"image {key!r} cannot be decoded: {e}") from e

@@ -148,12 +148,14 @@ def export_kohya(adapter, path) -> None:
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora", "format": "pt"})
 
 
-def export_fused(base_model: str, cache_dir: str, revision: str | None, adapter_dir, path) -> None:
+def export_fused(
+    base_model: str, cache_dir: str, revision: str | None, adapter_dir, path, allow_pickle: bool = False
+) -> None:
     """The base pipeline with the merged LoRA fused into its UNet, saved with ``save_pretrained``."""
-    from selma_core.models.loading import load_diffusion_pipeline
+    from selma_core.models.loading import load_diffusion_pipeline, weights_kwargs
 
-    pipe = load_diffusion_pipeline(base_model, cache_dir, revision)
-    pipe.load_lora_weights(str(adapter_dir))
+    pipe = load_diffusion_pipeline(base_model, cache_dir, revision, allow_pickle=allow_pickle)
+    pipe.load_lora_weights(str(adapter_dir), **weights_kwargs(allow_pickle))
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(path))
@@ -175,7 +177,8 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
     else:
         weights = resolve_weights(cfg, skills)
     expert_dirs = {s: ctx.fetch("train", s) for s in skills}
-    experts = {s: load_adapter(path) for s, path in expert_dirs.items()}
+    allow_pickle = ctx.config.allow_pickle_checkpoints
+    experts = {s: load_adapter(path, allow_pickle) for s, path in expert_dirs.items()}
     summary: dict = {
         "method": cfg.method,
         "experts": {
@@ -215,6 +218,7 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                     ctx.config.base_model_revision,
                     out / ADAPTER_DIR,
                     out / FUSED_DIR,
+                    allow_pickle,
                 )
             if cfg.register:
                 # The registry's base model must be loadable by MLflow's loader: a hub id or a folder.

@@ -84,7 +84,7 @@ def score_candidate(ctx, index: int) -> dict:
     heldout = load_heldout(ctx, skills, ctx.config.merge_search.max_prompts_per_skill)
     pipe, scorer, device = open_eval_models(ctx)
     experts = [(ctx.fetch("train", s), w) for s, w in zip(skills, weights, strict=True)]
-    with loaded_adapters(pipe, "candidate", experts):
+    with loaded_adapters(pipe, "candidate", experts, ctx.config.allow_pickle_checkpoints):
         rows = draw_and_score(pipe, scorer, heldout, ctx.config.eval, device)
     per_skill = {s: sum(r["clip_score"] for r in rows if r["skill"] == s) / len(heldout[s]) for s in skills}
     result = {

@@ -35,6 +35,7 @@ from typing import Literal
 from selma_core.errors import InputError
 from selma_core.prompting.openai_compat import OpenAIConfig
 from selma_core.prompting.transformers_lm import TransformersConfig
+from selma_core.skills import MAX_PROMPTS
 from selma_core.typed_yaml import execution_only
 
 # Phrases that show a line is the model talking about the task, not a prompt.
@@ -97,6 +98,8 @@ class PromptsConfig:
             raise ValueError(
                 f"num_prompts: expected >= 2 (one to train, one held out), got {self.num_prompts}"
             )
+        if self.num_prompts is not None and self.num_prompts > MAX_PROMPTS:
+            raise ValueError(f"num_prompts: expected at most {MAX_PROMPTS:,}, got {self.num_prompts:,}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction}")
         for name in (
@@ -112,7 +115,7 @@ class PromptsConfig:
             raise ValueError(f"rouge_threshold: expected a number in (0, 1], got {self.rouge_threshold}")
 
 
-def make_backend(cfg: PromptsConfig, cache_dir: str = "", device: str = "cpu"):
+def make_backend(cfg: PromptsConfig, cache_dir: str = "", device: str = "cpu", allow_pickle: bool = False):
     if cfg.backend == "openai":
         from selma_core.prompting.openai_compat import OpenAICompatibleBackend
 
@@ -120,7 +123,9 @@ def make_backend(cfg: PromptsConfig, cache_dir: str = "", device: str = "cpu"):
     if cfg.backend == "transformers":
         from selma_core.prompting.transformers_lm import TransformersBackend
 
-        return TransformersBackend(cfg.transformers, cache_dir, device, seed=cfg.seed)
+        return TransformersBackend(
+            cfg.transformers, cache_dir, device, seed=cfg.seed, allow_pickle=allow_pickle
+        )
     from selma_core.prompting.offline import OfflineTemplateGenerator
 
     return OfflineTemplateGenerator(seed=cfg.seed)
@@ -219,7 +224,9 @@ def generate_prompts(ctx, skill_name: str) -> dict:
 
     backend = None
     if len(state.records) < target:
-        backend = make_backend(cfg, ctx.config.cache_dir, resolve_device(ctx.config.device))
+        backend = make_backend(
+            cfg, ctx.config.cache_dir, resolve_device(ctx.config.device), ctx.config.allow_pickle_checkpoints
+        )
     source = {"offline": "offline"}.get(cfg.backend, "llm")
     start = time.monotonic()
     progress = tqdm(total=target, initial=len(state.records), desc=f"prompts {skill_name}", unit="prompt")

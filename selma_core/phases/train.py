@@ -36,7 +36,6 @@ logged loss is the global one. Rank 0 alone commits the adapter and tracks the r
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -44,7 +43,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selma_core.errors import ConfigError, InputError
+from selma_core.phases.images import MAX_IMAGE_SIDE, open_image
 from selma_core.typed_yaml import execution_only
+
+# Optimizer steps per expert: far above any real run (SELMA: 5,000), a bound on a typo.
+MAX_STEPS = 1_000_000
 
 
 @dataclass
@@ -72,6 +75,8 @@ class TrainConfig:
         for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps: expected at most {MAX_STEPS:,} (SELMA: 5,000), got {self.steps:,}")
         if self.alpha <= 0:
             raise ValueError(f"alpha: expected > 0, got {self.alpha}")
         if not self.learning_rate > 0:
@@ -80,6 +85,8 @@ class TrainConfig:
             raise ValueError("target_modules: expected at least one module name")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"resolution: expected a multiple of 8, got {self.resolution}")
+        if self.resolution is not None and self.resolution > MAX_IMAGE_SIDE:
+            raise ValueError(f"resolution: expected at most {MAX_IMAGE_SIDE}, got {self.resolution}")
 
 
 def _weight_dtype(cfg: TrainConfig, device: str):
@@ -98,10 +105,8 @@ def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int):
 
     arrays = []
     for meta, jpeg in dataset:
-        try:
-            image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-        except Exception as e:
-            raise InputError(f"image {meta.get('id')!r} cannot be decoded: {e}") from e
+        # Its size is checked from the header before any pixel is decoded (decompression bombs).
+        image = open_image(jpeg, str(meta.get("id")))
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.BICUBIC)
@@ -309,7 +314,10 @@ def train_expert(ctx, skill_name: str) -> dict:
     rank, world_size = distributed.rank_and_size()
     torch.manual_seed(cfg.seed)  # the LoRA's Gaussian init
     pipe = load_diffusion_pipeline(
-        ctx.config.base_model, ctx.config.cache_dir, ctx.config.base_model_revision
+        ctx.config.base_model,
+        ctx.config.cache_dir,
+        ctx.config.base_model_revision,
+        allow_pickle=ctx.config.allow_pickle_checkpoints,
     )
     trainer = ExpertTrainer(pipe, cfg, device)
     ctx.run.log_params({"images": len(dataset)})

@@ -47,13 +47,20 @@ def read_benchmark_prompts(path: str | Path) -> list[str]:
                 texts = [_text_of(json.loads(line), path) for line in f if line.strip()]
         elif path.suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, (list, dict)):
+                raise ConfigError(
+                    f"benchmark file {path}: expected a list of objects with a prompt/caption/text (or a "
+                    f"mapping of them), got {type(data).__name__}"
+                )
             rows = data.values() if isinstance(data, dict) else data
             texts = [_text_of(row, path) for row in rows]
         elif path.suffix == ".txt":
             texts = path.read_text(encoding="utf-8").splitlines()
         else:
             raise ConfigError(f"benchmark file {path}: unknown format (expected .csv, .json, .jsonl or .txt)")
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"benchmark file {path}: expected UTF-8 text: {e}") from e
+    except (json.JSONDecodeError, csv.Error) as e:
         raise ConfigError(f"benchmark file {path}: cannot be read: {e}") from e
     seen: dict[str, None] = {}
     for text in texts:

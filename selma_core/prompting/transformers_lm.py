@@ -41,11 +41,18 @@ class TransformersConfig:
 
 
 class TransformersBackend:
-    def __init__(self, cfg: TransformersConfig, cache_dir: str | Path, device: str, seed: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: TransformersConfig,
+        cache_dir: str | Path,
+        device: str,
+        seed: int = 0,
+        allow_pickle: bool = False,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from selma_core.models.loading import model_load_error, resolve_model_path
+        from selma_core.models.loading import model_load_error, resolve_model_path, weights_kwargs
 
         self.cfg, self.device, self.seed = cfg, device, seed
         self.model_name = cfg.model
@@ -57,7 +64,9 @@ class TransformersBackend:
             dtype = getattr(torch, cfg.dtype)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
-            self.model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, revision=cfg.revision, dtype=dtype, **weights_kwargs(allow_pickle)
+            )
         except (OSError, ValueError) as e:
             raise model_load_error(path, e) from e
         self.model.to(device).eval()

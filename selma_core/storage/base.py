@@ -138,6 +138,13 @@ class ArtifactStore(ABC):
         manifest = self.read_manifest(key)
         target = Path(cache_dir) / "fetched" / key
         for rel, info in manifest["files"].items():
+            try:  # a tampered manifest must not write (or read) outside the output
+                validate_key(rel)
+                validate_key(info["object"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(
+                    f"{self.url(f'{key}/{MANIFEST}')}: file {rel!r}: {e}; the manifest is corrupt"
+                ) from e
             local = target / rel
             if (
                 local.is_file()
