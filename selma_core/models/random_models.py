@@ -218,12 +218,276 @@ class _TinyCausalLM:
         self.tokenizer.save_pretrained(path)
 
 
+# -- vision-language models (VQA backends) -------------------------------------------------------
+
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Whole-word tokens, as real vocabularies have them, so that "Yes"/"No" are one token each.
+_TINY_WORDS = ("yes", "no", "Yes", "No")
+
+
+def tiny_char_tokenizer(special_tokens: list[str], template: str | None = None, **roles: str):
+    """A SentencePiece-like character tokenizer (``▁`` marks a word start) over printable ASCII and newline,
+    built with the ``tokenizers`` library: one token per character, plus one per word of ``_TINY_WORDS``.
+
+    ``special_tokens`` come first (ids 0, 1, ...); ``roles`` names them (``pad_token="<pad>"``, ...);
+    ``template``, e.g. ``"$A </s>"``, adds tokens around every encoded text (as T5 appends ``</s>``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(special_tokens)}
+    for char in ["▁", "\n", *(chr(c) for c in range(33, 127))]:
+        vocab.setdefault(char, len(vocab))
+    merges = []
+    for word in _TINY_WORDS:
+        piece = "▁"
+        for char in word:
+            merges.append((piece, char))
+            piece += char
+            vocab.setdefault(piece, len(vocab))
+    merges = list(dict.fromkeys(merges))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=roles.get("unk_token")))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    if template:
+        used = [t for t in special_tokens if t in template.split()]
+        backend.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, vocab[t]) for t in used]
+        )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+    extra = [t for t in special_tokens if t not in roles.values()]
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    return tokenizer
+
+
+def _tiny_t5_tokenizer():
+    return tiny_char_tokenizer(
+        ["<pad>", "</s>", "<unk>", "<image>"],
+        template="$A </s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def _tiny_chat_tokenizer():
+    tokenizer = tiny_char_tokenizer(
+        ["<pad>", "<s>", "<unk>", "<|end|>", "<image>", "<|user|>", "<|assistant|>", "<|system|>"],
+        pad_token="<pad>",
+        bos_token="<s>",
+        unk_token="<unk>",
+        eos_token="<|end|>",
+    )
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_blip_vision(config_class):
+    return config_class(
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        initializer_range=0.02,
+    ).to_dict()
+
+
+def _tiny_qformer(config_class, vocab_size: int, **extra):
+    return config_class(
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        encoder_hidden_size=TINY_TEXT_DIM,
+        max_position_embeddings=128,
+        **extra,
+    ).to_dict()
+
+
+def _tiny_llama(vocab_size: int, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    ).to_dict()
+
+
+class _TinyBlip2Bundle:
+    """BLIP-2 (vision transformer, Q-Former with 4 queries, T5 language model) + ``Blip2Processor``,
+    shaped like ``Salesforce/blip2-flan-t5-xl`` (SELMA's TIFA VQA model), 32 px images."""
+
+    NUM_QUERY_TOKENS = 4
+
+    def __init__(self) -> None:
+        from transformers import (
+            Blip2Config,
+            Blip2ForConditionalGeneration,
+            Blip2Processor,
+            Blip2QFormerConfig,
+            Blip2VisionConfig,
+            BlipImageProcessor,
+            T5Config,
+        )
+
+        tokenizer = _tiny_t5_tokenizer()
+        text = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=TINY_TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        config = Blip2Config(
+            vision_config=_tiny_blip_vision(Blip2VisionConfig),
+            qformer_config=_tiny_qformer(Blip2QFormerConfig, len(tokenizer)),
+            text_config=text.to_dict(),
+            num_query_tokens=self.NUM_QUERY_TOKENS,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        )
+        self.model = Blip2ForConditionalGeneration(config)
+        image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+        self.processor = Blip2Processor(
+            image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=self.NUM_QUERY_TOKENS
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+class _TinyInstructBlipBundle:
+    """InstructBLIP (vision transformer, instruction-aware Q-Former, LLaMA-shaped decoder-only language
+    model, like ``Salesforce/instructblip-vicuna-7b``) + ``InstructBlipProcessor``, 32 px images."""
+
+    NUM_QUERY_TOKENS = 4
+
+    def __init__(self) -> None:
+        from transformers import (
+            BlipImageProcessor,
+            InstructBlipConfig,
+            InstructBlipForConditionalGeneration,
+            InstructBlipProcessor,
+            InstructBlipQFormerConfig,
+            InstructBlipVisionConfig,
+        )
+
+        tokenizer = _tiny_chat_tokenizer()
+        tokenizer.padding_side = "left"  # a decoder-only model generates after the prompt
+        qformer_tokenizer = tiny_char_tokenizer(
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+            template="[CLS] $A [SEP]",
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+        )
+        config = InstructBlipConfig(
+            vision_config=_tiny_blip_vision(InstructBlipVisionConfig),
+            qformer_config=_tiny_qformer(InstructBlipQFormerConfig, len(qformer_tokenizer), pad_token_id=0),
+            text_config=_tiny_llama(len(tokenizer), tokenizer),
+            num_query_tokens=self.NUM_QUERY_TOKENS,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        )
+        self.model = InstructBlipForConditionalGeneration(config)
+        image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+        self.processor = InstructBlipProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            qformer_tokenizer=qformer_tokenizer,
+            num_query_tokens=self.NUM_QUERY_TOKENS,
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+class _TinyVlmBundle:
+    """A chat VLM: LLaVA-1.5-shaped (CLIP vision tower, MLP projector, LLaMA-shaped language model),
+    ``LlavaProcessor`` with a chat template; loads with ``AutoModelForImageTextToText`` and
+    ``AutoProcessor``. 32 px images, 8 px patches: 16 image tokens."""
+
+    def __init__(self) -> None:
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        tokenizer = _tiny_chat_tokenizer()
+        vision = CLIPVisionConfig(
+            hidden_size=TINY_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=TINY_TEXT_DIM,
+        )
+        config = LlavaConfig(
+            vision_config=vision.to_dict(),
+            text_config=_tiny_llama(len(tokenizer), tokenizer),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            image_seq_length=16,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
+        self.model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        self.processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+            chat_template=_TINY_CHAT_TEMPLATE,
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
 RANDOM_MODELS: dict[str, Callable[[], object]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sd-v": lambda: build_tiny_sd("v_prediction"),
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-clip": _TinyClipBundle,
     "tiny-lm": _TinyCausalLM,
+    "tiny-blip2": _TinyBlip2Bundle,
+    "tiny-instructblip": _TinyInstructBlipBundle,
+    "tiny-vlm": _TinyVlmBundle,
 }
 
 
