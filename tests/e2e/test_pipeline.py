@@ -145,8 +145,37 @@ def check_mlflow(cfg, run_ids: dict) -> None:
     assert image.size == (32, 32)
 
 
-def test_pipeline_on_local_store_and_sqlite_tracking(tiny_config, model_cache, tmp_path):
-    check_pipeline(tiny_config(), model_cache, tmp_path)
+# Recognisable fake credentials in the environment of every job: none may reach an output.
+FAKE_SECRETS = {
+    "HF_TOKEN": "hf_SELMAFAKESECRET0hf",
+    "OPENAI_API_KEY": "sk-SELMAFAKESECRET1openai",
+    "MLFLOW_TRACKING_PASSWORD": "SELMAFAKESECRET2mlflow",
+    "AWS_SESSION_TOKEN": "SELMAFAKESECRET3aws",
+}
+
+
+def test_pipeline_on_local_store_and_sqlite_tracking(tiny_config, model_cache, tmp_path, monkeypatch):
+    for name, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    config = tiny_config()
+    check_pipeline(config, model_cache, tmp_path)
+
+    # No credential in the store, the MLflow database and artifacts, the logs, or the manifests a
+    # Kubernetes submission would send (every file of this run lives under tmp_path).
+    dry_run = subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--phase", "all", "--config", str(config)]
+        + ["--backend", "kubernetes", "--dry-run"],
+        capture_output=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert dry_run.returncode == 0, dry_run.stderr[-3000:]
+    outputs = [(f"dry-run of {config}", dry_run.stdout + dry_run.stderr)]
+    outputs += [(str(path), path.read_bytes()) for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(outputs) > 50
+    for name, value in FAKE_SECRETS.items():
+        leaks = [where for where, data in outputs if value.encode() in data]
+        assert not leaks, f"{name} leaked into {leaks}"
 
 
 def test_pipeline_on_s3_and_an_mlflow_server(tiny_config, model_cache, tmp_path, moto_s3, mlflow_server):
