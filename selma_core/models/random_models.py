@@ -50,6 +50,21 @@ def _text_config(vocab_size: int, projection_dim: int = TINY_TEXT_DIM):
     )
 
 
+def _tiny_clip_vision():
+    """The CLIP vision tower of the tiny CLIP and of the tiny LLaVA-shaped VLM."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=TINY_TEXT_DIM,
+    )
+
+
 def _tiny_vae():
     from diffusers import AutoencoderKL
 
@@ -151,18 +166,10 @@ class _TinyClipBundle:
     """CLIP model + processor saved into one folder, as hub CLIP checkpoints are."""
 
     def __init__(self) -> None:
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
         tokenizer = tiny_clip_tokenizer()
-        vision = CLIPVisionConfig(
-            hidden_size=TINY_TEXT_DIM,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=TINY_TEXT_DIM,
-        )
+        vision = _tiny_clip_vision()
         config = CLIPConfig(
             text_config=_text_config(len(tokenizer)).to_dict(),
             vision_config=vision.to_dict(),
@@ -437,22 +444,13 @@ class _TinyVlmBundle:
     def __init__(self) -> None:
         from transformers import (
             CLIPImageProcessor,
-            CLIPVisionConfig,
             LlavaConfig,
             LlavaForConditionalGeneration,
             LlavaProcessor,
         )
 
         tokenizer = _tiny_chat_tokenizer()
-        vision = CLIPVisionConfig(
-            hidden_size=TINY_TEXT_DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=TINY_TEXT_DIM,
-        )
+        vision = _tiny_clip_vision()
         config = LlavaConfig(
             vision_config=vision.to_dict(),
             text_config=_tiny_llama(len(tokenizer), tokenizer),
