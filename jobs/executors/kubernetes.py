@@ -51,6 +51,8 @@ REQUEST_TIMEOUT_S = 60
 API_RETRIES = 6  # about a minute and a half of backoff
 # A Job not running after this long is looked at: why are its pods not running?
 STALL_S = 120.0
+# With --follow-logs, how often a job whose pod is not running yet is looked at again.
+FOLLOW_LOOK_S = 3.0
 # Waiting reasons of a container that will not start by waiting (until the Job's deadline).
 POD_CANNOT_START = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 
@@ -125,7 +127,6 @@ class JobWatcher:
         # A refusal no retry can cure (401/403: credentials or RBAC), raised to the DAG by poll.
         self.fatal: Exception | None = None
         self.relists = 0  # how often the watch had to start over from a fresh list (410 Gone)
-        self.synced = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="selma-job-watch", daemon=True)
@@ -163,7 +164,6 @@ class JobWatcher:
             for name in set(self.jobs) - set(fresh):
                 self.deleted[name] = self.jobs[name]
             self.jobs = fresh
-        self.synced.set()
         return listing["metadata"]["resourceVersion"]
 
     def _run(self) -> None:
@@ -190,12 +190,9 @@ class JobWatcher:
                     if self._stop.is_set():
                         break
                     failures = 0
-                    # The plain dict (what a list returns too); the client raises 410 Gone itself.
+                    # The plain dict (what a list returns too). An ERROR event (410 Gone among them)
+                    # never gets here: with timeout_seconds set, the client raises ApiException.
                     obj = event.get("raw_object") or {}
-                    if event.get("type") == "ERROR":
-                        if obj.get("code") == 410:
-                            raise ApiException(status=410, reason="Gone")
-                        raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                     version = obj.get("metadata", {}).get("resourceVersion", version)
                     name = obj.get("metadata", {}).get("name")
                     if event.get("type") == "BOOKMARK" or not name:
@@ -273,8 +270,8 @@ class KubernetesExecutor(Executor):
         self.info.git_commit = git_commit
 
     def check_reachable(self) -> None:
-        """Pods cannot see this machine's files: the store and tracking must be network services."""
-        self.check_no_credentials()
+        """Pods cannot see this machine's files: the store and tracking must be network services.
+        (Credentials in the config were refused when the executor was made.)"""
         if self.cfg.storage.uri.startswith("file://"):
             raise ConfigError(
                 f"{self.cfg.source_path}: storage.uri {self.cfg.storage.uri} is a folder on this machine, "
@@ -356,12 +353,16 @@ class KubernetesExecutor(Executor):
         if self._config_map_ready:
             return
         try:
-            self._core.create_namespaced_config_map(self.namespace, self.config_map)
+            self._call(
+                "create ConfigMap",
+                self._core,
+                self._core.create_namespaced_config_map,
+                self.namespace,
+                self.config_map,
+            )
         except ApiException as e:
             if e.status != 409:  # 409: this exact config (the name is its hash) is there already
                 raise _api_error("create ConfigMap", self._core, e) from e
-        except UNREACHABLE as e:
-            raise _api_error("create ConfigMap", self._core, e) from e
         self._config_map_ready = True
 
     def _call(self, action: str, api, fn, *args, **kwargs):
@@ -622,8 +623,10 @@ class KubernetesExecutor(Executor):
     def _follow(self, handle: JobHandle) -> None:
         """Stream the running pod's log to the controller's stderr, prefixed by the job."""
         key = f"{handle.ref}/{handle.extra.get('index')}"
-        if key in self._followed:
+        now = time.monotonic()
+        if key in self._followed or now - handle.extra.get("follow_looked", 0.0) < FOLLOW_LOOK_S:
             return
+        handle.extra["follow_looked"] = now  # a pod list per job every few seconds, not every poll
         pod = self._pod(handle.ref, handle.extra.get("index"))
         if pod is None or (pod.get("status") or {}).get("phase") not in ("Running", "Succeeded", "Failed"):
             return

@@ -17,7 +17,6 @@ schema tests all see exactly the same documents. What a Job gets:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from selma_core.config import KubernetesConfig, PipelineConfig, PodResources
+from selma_core.config import KubernetesConfig, PipelineConfig, PodResources, stable_hash
 from selma_core.errors import ConfigError
 from selma_core.plan import JobSpec
 
@@ -49,7 +48,7 @@ MAX_JOB_NAME = 52
 # Stands for the Job's name until the name (a hash of everything else) is known.
 NAME_PLACEHOLDER = "selma-job-name-placeholder"
 # Environment that differs per submission, not per work: left out of the name's hash.
-PER_SUBMISSION_ENV = {"SELMA_PARENT_RUN_ID", "SELMA_GIT_COMMIT", "SELMA_CONFIG_HASH"}
+PER_SUBMISSION_ENV = {"SELMA_PARENT_RUN_ID", "SELMA_GIT_COMMIT"}
 
 
 def default_templates_dir() -> Path:
@@ -107,11 +106,6 @@ def dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def short_hash(data: object, length: int = 10) -> str:
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
 def job_name(pipeline: str, first: JobSpec, manifest: dict) -> str:
     """Deterministic: a hash of the Job as it would run, so the same work gets the same name on
     every submission (409: found, not duplicated), and a changed spec (image, resources, node
@@ -130,7 +124,7 @@ def job_name(pipeline: str, first: JobSpec, manifest: dict) -> str:
         container["env"] = [e for e in container.get("env", []) if e["name"] not in PER_SUBMISSION_ENV]
     for volume in pod["spec"].get("volumes", []):
         volume.pop("configMap", None)
-    digest = short_hash(spec)
+    digest = stable_hash(spec, 10)
     readable = "-".join(dns_label(p) for p in (pipeline, first.phase, first.skill or "") if p)
     if not readable[:1].isalpha():
         readable = f"selma-{readable}"  # Service names (multi-node) must start with a letter
@@ -169,7 +163,8 @@ def job_labels(pipeline: str, job: JobSpec) -> dict[str, str]:
 
 
 def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[dict, int]:
-    """The container's resources (requests == limits) and its GPU count, template then config."""
+    """The container's resources and its GPU count: the template's, then the config's overrides
+    (cpu, memory, ephemeral storage set requests and limits alike; GPUs go in limits)."""
     container = _container(template)
     limits = dict(container.get("resources", {}).get("limits", {}))
     requests = dict(container.get("resources", {}).get("requests", limits))
@@ -388,7 +383,7 @@ def pod_files(cfg: PipelineConfig) -> dict[str, str]:
 def render_config_map(cfg: PipelineConfig, files: dict[str, str]) -> dict:
     """One ConfigMap with the pod files; its name is a hash of their contents, so a changed config
     gets a new ConfigMap and Jobs already running keep reading the one they started with."""
-    name = f"{dns_label(cfg.name)[:40]}-config-{short_hash(files)}"
+    name = f"{dns_label(cfg.name)[:40]}-config-{stable_hash(files, 10)}"
     size = sum(len(text.encode()) for text in files.values())
     if size > CONFIG_MAP_LIMIT:
         raise ConfigError(

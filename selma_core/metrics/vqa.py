@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from selma_core.errors import ConfigError
+from selma_core.models.loading import weights_kwargs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -231,8 +232,7 @@ def load_pretrained(
         # transformers' Auto classes look for a PEFT adapter config without local_files_only (a hub
         # request with retries per file): pass it there too.
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}
-    if not allow_pickle:  # a pickle checkpoint (.bin) can run arbitrary code when read
-        model_kwargs["use_safetensors"] = True
+    model_kwargs.update(weights_kwargs(allow_pickle))  # the project's one safetensors-only rule
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     mode = (
