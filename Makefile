@@ -39,6 +39,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	bash scripts/ensure-browser.sh  # chromium for tests/test_human_eval.py (installs it as root with apt-get)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

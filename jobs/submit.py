@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
         "documents)",
     )
     parser.add_argument(
+        "--benchmark",
+        choices=("heldout", "dsg1k", "tifa"),
+        help="eval: what to evaluate on: each skill's held-out prompts, DSG-1k or TIFA v1.0 "
+        "(default: the config's eval.benchmark)",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        metavar="MODEL",
+        help="eval: the models compared: base, merged, expert:SKILL, models:/NAME/VERSION or "
+        "models:/NAME@ALIAS (default: the config's eval.models; unset: base, every expert, merged)",
+    )
+    parser.add_argument(
         "--follow-logs",
         action="store_true",
         help="Kubernetes: stream the logs of running pods here, each line prefixed by its job",
@@ -120,15 +134,49 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
     return forced
 
 
+def apply_eval_overrides(cfg, args: argparse.Namespace) -> None:
+    """``--benchmark`` and ``--model`` into ``cfg.eval``; registry aliases resolved to versions here,
+    once, so every job (and the output's key) sees the same version even if the alias moves."""
+    from selma_core.phases.evaluate import EvalConfig
+
+    if (args.benchmark or args.model) and args.phase not in ("eval", "all"):
+        raise ConfigError("--benchmark and --model apply to --phase eval (or all)")
+    if args.benchmark:
+        cfg.eval.benchmark = args.benchmark
+    if args.model:
+        cfg.eval.models = list(args.model)
+    try:  # the same checks as the YAML's eval section
+        EvalConfig(**{**vars(cfg.eval)})
+    except ValueError as e:
+        raise ConfigError(f"--benchmark/--model: {e}") from e
+    if not any("@" in m for m in cfg.eval.models or []):
+        return
+    from selma_core.tracking import open_tracker
+
+    tracker = open_tracker(cfg.tracking)
+    resolved = []
+    for model in cfg.eval.models or []:
+        if "@" in model:
+            name, _, alias = model[len("models:/") :].partition("@")
+            version = tracker.model_version(name, alias=alias)
+            if version is None:
+                raise ConfigError(f"eval model {model}: no alias {alias!r} of {name!r} in {cfg.tracking.uri}")
+            model = f"models:/{name}/{version.version}"
+            _echo(f"eval: {name}@{alias} is version {version.version}")
+        resolved.append(model)
+    cfg.eval.models = resolved
+
+
 def validate(cfg, skills) -> None:
     """Everything that can be checked before the first job starts, so no job fails late on it."""
     from selma_core.phases.merge import resolve_weights
+    from selma_core.plan import eval_models
     from selma_core.prompting.openai_compat import OpenAICompatibleBackend
 
     for key, value in (
         ("base_model", cfg.base_model),
         ("generator_model", cfg.generator_model),
-        ("eval.clip_model", cfg.eval.clip_model),
+        *(("eval", spec) for spec, _ in eval_models(cfg)[1:]),
     ):
         # On Kubernetes a local path is inside the pod (a mounted volume), not on this machine.
         local = cfg.executor.kind == "local"
@@ -157,7 +205,9 @@ def _print_results(store, plan) -> None:
         table = store.read_output_file(job.key, "results.md").decode()
     except (FileNotFoundError, EndpointError):
         return
-    _echo("\nCLIPScore on held-out prompts (per skill; base vs each expert vs merged):\n" + table)
+    _echo("\nEvaluation (mean [95% interval] per skill; differences vs base on the same prompts):\n" + table)
+    attempt = store.read_manifest(job.key)["attempt"]
+    _echo(f"Report: {store.url(job.key)}/{attempt}/report.html (figures/ beside it)")
 
 
 def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
@@ -175,6 +225,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         if args.max_parallel < 1:
             raise ConfigError(f"--max-parallel: expected >= 1, got {args.max_parallel}")
         cfg.executor.max_parallel = args.max_parallel
+    apply_eval_overrides(cfg, args)
     for skill in args.skill or []:
         if skill not in cfg.skills:
             raise ConfigError(

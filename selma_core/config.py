@@ -184,7 +184,7 @@ class PromoteConfig:
     """When ``python -m jobs.promote`` moves the ``champion`` alias to a candidate."""
 
     # The evaluation score compared (tagged on each version by the eval phase), higher is better.
-    metric: Literal["clip_score"] = "clip_score"
+    metric: Literal["clip_score", "pickscore", "image_reward", "hps", "vqascore"] = "clip_score"
     # Refuse when any skill's score drops by more than this (in the metric's units).
     max_skill_regression: float = 0.5
 

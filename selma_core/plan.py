@@ -8,11 +8,12 @@ look-up, and a change anywhere gives new keys for exactly the outputs downstream
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from selma_core.config import PipelineConfig, stable_hash
 from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_model
+from selma_core.phases.images import SamplingConfig
 from selma_core.skills import Skill
 from selma_core.typed_yaml import output_dict
 
@@ -140,9 +141,13 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         from selma_core.phases.merge_search import candidate_weights
 
         scoring = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
-        # A candidate is its weights, scored as eval draws and scores; nothing else of the search.
-        sampling = output_dict(cfg.eval)
-        sampling.pop("compare_experts")
+        # A candidate is its weights, scored as eval draws (its sampling settings and seeds) and
+        # scores (CLIPScore); nothing else of the search or of eval's other settings.
+        sampling = {
+            name: value
+            for name, value in output_dict(cfg.eval).items()
+            if name in {f.name for f in fields(SamplingConfig)} or name == "clip_model"
+        }
         sampling["max_prompts_per_skill"] = cfg.merge_search.max_prompts_per_skill
         candidates = [
             add(
@@ -159,6 +164,39 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         if cfg.merge.weights is None:  # the merge takes the best weights found
             merge_deps.append(search)
     merged = add("merge", None, {**base, "registered_model_name": cfg.registered_model_name}, merge_deps)
-    evaluation = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
-    add("eval", None, evaluation, [merged, *experts, *prompt_jobs])
+    add("eval", None, _models(*eval_models(cfg)), eval_dependencies(cfg, merged, experts, prompt_jobs))
     return Plan(jobs=jobs)
+
+
+def eval_models(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
+    """The models an evaluation runs: the base model, and each metric's and the VQA model's."""
+    ev = cfg.eval
+    specs: list[tuple[str, str | None]] = [(cfg.base_model, cfg.base_model_revision)]
+    by_metric = {
+        "clip_score": ev.clip_model,
+        "pickscore": ev.pickscore_model,
+        "image_reward": ev.image_reward_model,
+        "hps": ev.hps_model,
+        "vqascore": ev.vqascore_model,
+    }
+    specs += [(by_metric[m], None) for m in ev.metrics]
+    if ev.benchmark != "heldout":
+        specs.append((ev.vqa_model, None))
+    if ev.benchmark == "tifa" and ev.tifa_matcher == "embedding":
+        specs.append((ev.tifa_embedding_model, None))
+    return specs
+
+
+def eval_dependencies(
+    cfg: PipelineConfig, merged: JobSpec, experts: list[JobSpec], prompt_jobs: list[JobSpec]
+) -> list[JobSpec]:
+    """What eval reads: held-out prompts (heldout benchmark), and the adapters of the models compared
+    (``eval.models``; None: every expert and the merged model). Base and registry models need no job."""
+    models = cfg.eval.models
+    if models is None:
+        models = ["merged", *([f"expert:{s}" for s in cfg.skills] if cfg.eval.compare_experts else [])]
+    deps = list(prompt_jobs) if cfg.eval.benchmark == "heldout" else []
+    if "merged" in models:
+        deps.append(merged)
+    deps += [e for e in experts if f"expert:{e.skill}" in models]
+    return deps

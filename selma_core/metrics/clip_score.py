@@ -1,8 +1,10 @@
 """CLIPScore: how well an image matches its text, by a CLIP model (Hessel et al., 2021).
 
 score = 100 · max(cos(image embedding, text embedding), 0), the scale torchmetrics reports.
-The model loads from a hub id (default ``openai/clip-vit-large-patch14``), a local folder, or
-``random:tiny-clip``, a random test model whose scores test the plumbing and mean nothing.
+The model loads through ``selma_core.metrics.vqa.load_pretrained`` (safetensors only unless
+``allow_pickle``; offline, the local cache only, and a missing model is an error naming it) from a
+hub id (default ``openai/clip-vit-large-patch14``), a local folder, or ``random:tiny-clip``, a random
+test model whose scores test the plumbing and mean nothing.
 """
 
 from __future__ import annotations
@@ -11,20 +13,36 @@ from pathlib import Path
 
 
 class ClipScorer:
-    def __init__(self, spec: str, cache_dir: str | Path, device: str = "cpu", batch_size: int = 16) -> None:
+    name = "clip_score"
+
+    def __init__(
+        self,
+        spec: str,
+        cache_dir: str | Path,
+        device: str = "cpu",
+        batch_size: int = 16,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from selma_core.models.loading import model_load_error, resolve_model_path
+        from selma_core.metrics.vqa import load_pretrained
 
-        path = resolve_model_path(spec, cache_dir)
-        try:
-            self.model = CLIPModel.from_pretrained(path).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise model_load_error(path, e) from e
+        model, self.processor, reference = load_pretrained(
+            spec,
+            cache_dir,
+            CLIPModel,
+            CLIPProcessor,
+            revision=revision,
+            allow_pickle=allow_pickle,
+            what="CLIPScore model",
+        )
+        self.model = model.to(device).eval()
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
+        # The answer cache's key: the weights (reference), the formula and the text truncation.
+        self.version = f"{reference}|float32|100*clamp(cos)|max_len=77"
 
     def score(self, images: list, texts: list[str]) -> list[float]:
         """One score per (image, text) pair."""

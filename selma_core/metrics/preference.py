@@ -14,12 +14,14 @@ only the local cache is read; a missing model is a ``ConfigError`` saying how to
 
 Not implemented here, left for later:
 
-- ImageReward (Xu et al., 2023): a BLIP image-text encoder plus an MLP head, both from the
-  ``THUDM/ImageReward`` checkpoint (``ImageReward.pt``, a pickle, with ``med_config.json``); it needs
-  the BLIP ViT-L + BERT cross-attention encoder built from that config, not a transformers class.
-- HPS v2 / v2.1 (Wu et al., 2023): an open_clip ViT-H-14 whose weights are the
-  ``xswu/HPSv2`` checkpoint (``HPS_v2.1_compressed.pt``); score = cosine(image, text) of that model
-  (upstream reports it x100); it needs ``open_clip`` (not a dependency of this project).
+- ImageReward (Xu et al., 2023): in its own module, ``selma_core.metrics.image_reward``
+  (``ImageRewardScorer``): transformers' BLIP ViT-L and cross-attention text encoder plus upstream's MLP
+  head, from ``THUDM/ImageReward``'s ``ImageReward.pt`` (a pickle) converted to safetensors by that
+  module's ``convert`` command.
+- HPS v2 / v2.1 (Wu et al., 2023): in its own module, ``selma_core.metrics.hps`` (``HpsScorer``):
+  transformers' ``CLIPModel`` in open_clip ViT-H-14's shape, with the ``xswu/HPSv2`` checkpoint
+  (``HPS_v2.1_compressed.pt``, a pickle) converted to safetensors by that module's ``convert``
+  command; score = cosine(image, text), returned raw (upstream reports it x100).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from selma_core.errors import ConfigError, EndpointError, InputError, SelmaError
+from selma_core.errors import ConfigError, InputError, SelmaError
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-mpnet-base-v2"
 TIFA_V1_QUESTIONS_URL = (
@@ -111,9 +111,13 @@ class EmbeddingChoiceMatcher:
 
     @classmethod
     def from_pretrained(
-        cls, spec: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", offline: bool | None = None
+        cls,
+        spec: str = DEFAULT_EMBEDDING_MODEL,
+        device: str = "cpu",
+        offline: bool | None = None,
+        cache_dir: str | Path = "selma-data/cache",
     ) -> EmbeddingChoiceMatcher:
-        return cls(SentenceEmbedder(spec, device=device, offline=offline))
+        return cls(SentenceEmbedder(spec, device=device, offline=offline, cache_dir=cache_dir))
 
     def match(self, answer: str, choices: Sequence[str]) -> str:
         import numpy as np
@@ -139,7 +143,17 @@ class SentenceEmbedder:
     ``TRANSFORMERS_OFFLINE=1`` when ``offline`` is None) only the local cache is read: no download is tried.
     """
 
-    def __init__(self, spec: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", offline: bool | None = None):
+    def __init__(
+        self,
+        spec: str = DEFAULT_EMBEDDING_MODEL,
+        device: str = "cpu",
+        offline: bool | None = None,
+        cache_dir: str | Path = "selma-data/cache",
+    ):
+        from selma_core.models.random_models import is_random_model, materialize_random_model
+
+        if is_random_model(spec):  # a random test model (plumbing only): built into the cache
+            spec = str(materialize_random_model(spec, cache_dir))
         local = Path(spec).expanduser()
         if spec.startswith(("/", ".", "~")) and not local.is_dir():
             raise ConfigError(f"sentence-embedding model {spec!r}: local folder not found")
@@ -178,16 +192,9 @@ class SentenceEmbedder:
 def _read_json(source: str | Path, what: str, sha256: str | None = None) -> Any:
     text = str(source)
     if text.startswith(("http://", "https://")):
-        import requests
+        from selma_core.metrics.benchmarks import fetch_bytes  # one place maps HTTP failures to exit codes
 
-        try:
-            response = requests.get(text, timeout=60)
-        except requests.RequestException as e:
-            raise EndpointError(f"TIFA {what} {text}: cannot download: {e}") from e
-        if response.status_code != 200:
-            error = InputError if 400 <= response.status_code < 500 else EndpointError
-            raise error(f"TIFA {what} {text}: HTTP {response.status_code}")
-        data = response.content
+        data = fetch_bytes(text, what=f"TIFA {what}")
     else:
         path = Path(source)
         if not path.is_file():

@@ -505,6 +505,17 @@ class InstructBlipVqa(_GenerativeVqa):
     def __init__(self, spec: str = DEFAULT_MODEL, cache_dir: str | Path = "selma-data/cache", **kwargs: Any):
         super().__init__(spec, cache_dir, **kwargs)
 
+    def _inputs(self, images: list, prompts: list[str]) -> Any:
+        """The Q-Former reads the instruction too, but has fewer positions than the language model
+        (512 in the released models): a long prompt (a DSG paragraph) keeps its first ones there,
+        and the language model still reads it whole."""
+        inputs = super()._inputs(images, prompts)
+        limit = self.model.config.qformer_config.max_position_embeddings
+        for key in ("qformer_input_ids", "qformer_attention_mask"):
+            if key in inputs and inputs[key].shape[1] > limit:
+                inputs[key] = inputs[key][:, :limit]
+        return inputs
+
 
 class ChatVlmVqa(_GenerativeVqa):
     """Any chat VLM that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load; the question is one

@@ -477,6 +477,77 @@ class _TinyVlmBundle:
         self.processor.save_pretrained(path)
 
 
+class _TinyImageRewardBundle:
+    """ImageReward-shaped (``selma_core.metrics.image_reward``): a BLIP ViT (128 wide in two 64-wide heads,
+    as BLIP's ViTs have them; 32 px images, 8 px patches; LayerNorm eps 1e-6), a BLIP text encoder that
+    cross-attends to it (32 wide, so the two widths differ as 1024 and 768 do), the five-Linear head and a
+    character tokenizer with BLIP's ``[DEC]``/``[ENC]``; saved as a converted ImageReward folder, so the
+    scorer reads it with the code that reads a converted ``ImageReward.pt``."""
+
+    HEAD_WIDTHS = (TINY_TEXT_DIM, 64, 16, 8, 4, 1)
+
+    def __init__(self) -> None:
+        from torch import nn
+        from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+        from selma_core.metrics.image_reward import VISION_LAYER_NORM_EPS, build_head
+
+        self.tokenizer = tiny_char_tokenizer(
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[DEC]", "[ENC]"],
+            template="[CLS] $A [SEP]",
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            bos_token="[DEC]",
+        )
+        vision = BlipVisionConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            layer_norm_eps=VISION_LAYER_NORM_EPS,
+            initializer_range=0.02,
+        )
+        text = BlipTextConfig(
+            vocab_size=len(self.tokenizer),
+            hidden_size=TINY_TEXT_DIM,
+            encoder_hidden_size=vision.hidden_size,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            sep_token_id=self.tokenizer.sep_token_id,
+            eos_token_id=self.tokenizer.sep_token_id,
+            is_decoder=True,  # the cross-attention blocks
+        )
+        self.vision_model = BlipVisionModel(vision)
+        self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
+        self.head = build_head(self.HEAD_WIDTHS)
+        # Variance-preserving weights (torch's default init shrinks each of the five layers' outputs),
+        # so that different images and prompts get clearly different rewards.
+        for layer in self.head.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+                nn.init.zeros_(layer.bias)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from selma_core.metrics.image_reward import save_converted
+
+        save_converted(
+            path,
+            self.vision_model,
+            self.text_encoder,
+            self.head,
+            self.tokenizer,
+            source={"random": "tiny-image-reward"},
+        )
+
+
 RANDOM_MODELS: dict[str, Callable[[], object]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sd-v": lambda: build_tiny_sd("v_prediction"),
@@ -486,6 +557,7 @@ RANDOM_MODELS: dict[str, Callable[[], object]] = {
     "tiny-blip2": _TinyBlip2Bundle,
     "tiny-instructblip": _TinyInstructBlipBundle,
     "tiny-vlm": _TinyVlmBundle,
+    "tiny-image-reward": _TinyImageRewardBundle,
 }
 
 

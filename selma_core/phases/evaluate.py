@@ -1,52 +1,632 @@
-"""Phase 5, eval: base model vs each expert vs the merged model, on every skill's held-out prompts.
+"""Phase 5, eval: base vs each expert vs the merged model, per skill, with intervals and a report.
 
 Recipe, one job:
-1. Read each skill's held-out prompts (never trained on), at most ``max_prompts_per_skill``.
-2. For each model variant (``base``, ``expert:<skill>`` for every skill, ``merged``), draw one image
-   per prompt with the same per-prompt seeds, so the comparison is paired.
-3. Score each image against its prompt with CLIPScore (``clip_model``).
-4. Commit ``results.json`` (per-skill mean per variant, and every per-prompt score), ``results.md``
-   (the table) and the images; log ``clip_score.<skill>.<variant>`` to MLflow.
+1. The prompts (``eval.benchmark``): each skill's held-out prompts (``heldout``, never trained on),
+   DSG-1k (``dsg1k``) or TIFA v1.0 (``tifa``); at most ``max_prompts_per_skill`` per group.
+2. For each model variant (``eval.models``; default ``base``, ``expert:<skill>`` for every skill,
+   ``merged``; also ``models:/NAME/VERSION`` from the model registry) draw one image per prompt,
+   every variant with the same per-prompt seed, so the comparison is paired. Images already drawn
+   with the same weights, settings, prompt and seed are read from the store's image cache.
+3. Score every image with ``eval.metrics`` (CLIPScore, PickScore, ImageReward, HPS, VQAScore) and,
+   on a benchmark, its own questions (DSG: dependency-linked yes/no questions; TIFA: multiple
+   choice) answered by a VQA model. Scores and answers go through the answer cache in the store:
+   a rerun, or another aggregation, computes no model call it already made.
+4. Per skill and overall: means with bootstrap intervals, and each variant minus base on the same
+   prompts with its paired interval and p-value.
+5. Commit ``results.json`` (everything, per prompt too), ``results.md`` (the tables), the images,
+   and ``report.html`` + ``figures/*.png`` (charts and image grids); log every figure and metric to
+   MLflow, and tag the registered merged model with its scores (what promotion compares).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
-from selma_core.errors import InputError
+from selma_core.errors import ConfigError, InputError
 from selma_core.phases.images import SamplingConfig
 from selma_core.phases.merge import ADAPTER_DIR, EXPERTS_DIR
+
+BENCHMARKS = ("heldout", "dsg1k", "tifa")
+# base | merged | expert:SKILL | models:/NAME/VERSION | models:/NAME@ALIAS (resolved by the controller)
+MODEL_PATTERN = re.compile(
+    r"^(base|merged|expert:[a-z0-9_-]+|models:/[A-Za-z0-9_.-]+(/[0-9]+|@[A-Za-z0-9_-]+))$"
+)
+ANSWER_CACHE_KEY = "cache/answers/eval"
+IMAGE_CACHE_PREFIX = "cache/eval-images"
+REPORT_FILE = "report.html"
 
 
 @dataclass
 class EvalConfig(SamplingConfig):
     """Sampling settings (as in ``images``) for the evaluation images, plus what to score."""
 
+    # heldout: each skill's held-out prompts; dsg1k: DSG-1k; tifa: TIFA v1.0 (with their questions).
+    benchmark: Literal["heldout", "dsg1k", "tifa"] = "heldout"
+    # Models compared: base, merged, expert:SKILL, models:/NAME/VERSION or models:/NAME@ALIAS.
+    # None: base, every expert (with compare_experts) and merged.
+    models: list[str] | None = None
+    # Per-image metrics: clip_score, pickscore, image_reward, hps, vqascore. dsg1k and tifa add
+    # their own question-answering score.
+    metrics: list[str] = field(default_factory=lambda: ["clip_score"])
     # CLIP model for CLIPScore: hub id, local folder, or random:tiny-clip (tests).
     clip_model: str = "openai/clip-vit-large-patch14"
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    # None: PickScore's base CLIP processor for PickScore_v1, else the model's own folder.
+    pickscore_processor: str | None = None
+    image_reward_model: str = "THUDM/ImageReward"
+    # hps-v2, hps-v2.1 (upstream checkpoints: pickles, need allow_pickle_checkpoints or converting),
+    # or a folder converted with `python -m selma_core.metrics.hps convert`.
+    hps_model: str = "hps-v2.1"
+    # The VQA model answering DSG/TIFA questions (SELMA's TIFA model: BLIP-2 FlanT5-XL).
+    vqa_backend: Literal["blip2", "instructblip", "chat-vlm"] = "blip2"
+    vqa_model: str = "Salesforce/blip2-flan-t5-xl"
+    # The VQA model of VQAScore (P("Yes") to "Does this figure show ...?").
+    vqascore_backend: Literal["blip2", "instructblip", "chat-vlm"] = "instructblip"
+    vqascore_model: str = "Salesforce/instructblip-flan-t5-xl"
+    # DSG-1k annotations (dsg-1k-anns.csv): a path; None downloads upstream's, checksum-checked.
+    dsg_annotations: str | None = None
+    # dsg-official (the DSG authors' rule) or selma (SELMA's code); every figure says which.
+    dsg_convention: Literal["dsg-official", "selma"] = "dsg-official"
+    # TIFA v1.0 questions (tifa_v1.0_question_answers.json): a path or URL; None downloads upstream's.
+    tifa_questions: str | None = None
+    tifa_questions_sha256: str | None = None
+    # How a free-form VQA answer becomes a choice: embedding (TIFA's rule) or exact.
+    tifa_matcher: Literal["embedding", "exact"] = "embedding"
+    tifa_embedding_model: str = "sentence-transformers/all-mpnet-base-v2"
     # Seeds distinct from the training images' (the same prompt id gets another image).
     seed: int = 1000
-    # Cap on held-out prompts scored per skill (None: all of them).
+    # Cap on prompts per skill (benchmarks: per category), the first ones in file order.
     max_prompts_per_skill: int | None = None
     # Also score each single-skill expert (SELMA's per-skill comparison); costs one pass per skill.
     compare_experts: bool = True
+    # Bootstrap confidence intervals of means and of paired differences.
+    confidence: float = 0.95
+    bootstrap_resamples: int = 2000
+    # Sample prompts per skill shown as image grids in the report.
+    report_samples_per_skill: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from selma_core.metrics.suite import IMAGE_TEXT_METRICS
+
         if self.max_prompts_per_skill is not None and self.max_prompts_per_skill < 1:
             raise ValueError(f"max_prompts_per_skill: expected >= 1, got {self.max_prompts_per_skill}")
+        unknown = [m for m in self.metrics if m not in IMAGE_TEXT_METRICS]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown[0]!r}; known: {', '.join(IMAGE_TEXT_METRICS)}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics: each metric once, got {self.metrics}")
+        if not self.metrics and self.benchmark == "heldout":
+            raise ValueError("metrics: the heldout benchmark needs at least one metric")
+        for model in self.models or []:
+            if not MODEL_PATTERN.fullmatch(model):
+                raise ValueError(
+                    f"models: {model!r} is not base, merged, expert:SKILL, models:/NAME/VERSION or "
+                    "models:/NAME@ALIAS"
+                )
+        if self.models is not None and (not self.models or len(set(self.models)) != len(self.models)):
+            raise ValueError(f"models: expected distinct models, got {self.models}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence: expected a number between 0 and 1, got {self.confidence}")
+        if self.bootstrap_resamples < 100:
+            raise ValueError(f"bootstrap_resamples: expected >= 100, got {self.bootstrap_resamples}")
+        if self.report_samples_per_skill < 0:
+            raise ValueError(f"report_samples_per_skill: expected >= 0, got {self.report_samples_per_skill}")
 
 
-def format_table(table: dict[str, dict[str, float]], variants: list[str]) -> str:
-    """A Markdown table: one row per skill, one column per variant, plus the mean row."""
-    header = "| skill | " + " | ".join(variants) + " |"
-    lines = [header, "|" + "---|" * (len(variants) + 1)]
-    for skill, row in table.items():
-        lines.append(f"| {skill} | " + " | ".join(f"{row[v]:.2f}" for v in variants) + " |")
+def eval_variants(cfg: EvalConfig, skills: list[str]) -> list[str]:
+    """The models compared, in report order (``base`` first when present: the baseline)."""
+    if cfg.models is None:
+        experts = [f"expert:{s}" for s in skills] if cfg.compare_experts else []
+        return ["base", *experts, "merged"]
+    for model in cfg.models:
+        if model.startswith("expert:") and model.split(":", 1)[1] not in skills:
+            raise ConfigError(f"eval.models: {model}: no such skill; skills: {', '.join(skills)}")
+        if "@" in model:
+            raise ConfigError(
+                f"eval.models: {model}: a registry alias moves; jobs.submit resolves it to a version "
+                "(models:/NAME/VERSION) before the jobs start"
+            )
+    return list(cfg.models)
+
+
+def variant_slug(variant: str) -> str:
+    """A file-name-safe form of a variant (``expert:counting`` -> ``expert_counting``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", variant.replace("models:/", "registry_"))
+
+
+def _file_safe(prompt_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", prompt_id)
+
+
+# -- models: the base pipeline and each variant's adapters ---------------------------------------
+
+
+@contextlib.contextmanager
+def loaded_adapters(pipe, name: str, adapters: list[tuple], allow_pickle: bool = False):
+    """Adapters (folder, weight) loaded and combined with ``set_adapters`` inside the block
+    (safetensors only, unless ``allow_pickle``)."""
+    from selma_core.models.loading import weights_kwargs
+
+    names = []
+    try:
+        for i, (path, _) in enumerate(adapters):
+            names.append(f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_{i}")
+            pipe.load_lora_weights(str(path), adapter_name=names[-1], **weights_kwargs(allow_pickle))
+        if names:
+            pipe.set_adapters(names, [weight for _, weight in adapters])
+        yield pipe
+    finally:
+        if names:
+            pipe.unload_lora_weights()
+
+
+@dataclass
+class Variant:
+    """One model compared: its adapters over the base model, and what identifies its weights."""
+
+    name: str
+    adapters: list[tuple[Path, float]]
+    identity: str  # the weights, for the image cache: a store key, or a registry version
+
+
+def resolve_variant(ctx, variant: str) -> Variant:
+    if variant == "base":
+        return Variant(variant, [], "base")
+    if variant.startswith("expert:"):
+        skill = variant.split(":", 1)[1]
+        return Variant(variant, [(ctx.fetch("train", skill), 1.0)], ctx.plan.job("train", skill).key)
+    if variant == "merged":
+        merge_dir = ctx.fetch("merge")
+        info = json.loads((merge_dir / "merge.json").read_text())
+        key = ctx.plan.job("merge").key
+        if info["method"] == "adapters":  # experts side by side, combined with set_adapters
+            experts = info["experts"]
+            return Variant(
+                variant, [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in experts], key
+            )
+        return Variant(variant, [(merge_dir / ADAPTER_DIR, 1.0)], key)
+    name, _, version = variant[len("models:/") :].partition("/")
+    dst = Path(ctx.config.cache_dir) / "registry" / name / version
+    model = ctx.run.download_registered_adapter(name, version, dst)
+    if model["base_model"] != ctx.config.base_model:
+        raise InputError(
+            f"eval.models: {variant} is an adapter for {model['base_model']!r}, not this pipeline's "
+            f"base_model {ctx.config.base_model!r}"
+        )
+    return Variant(variant, [(Path(str(model["adapter_path"])), 1.0)], variant)
+
+
+class ImageCache:
+    """Evaluation images in the store, one PNG object per (weights, sampling settings, prompt, seed).
+
+    Drawing is the slow part of an evaluation: another metric, benchmark cap or aggregation must not
+    redraw what the same weights already drew for the same prompt and seed. Objects are written
+    atomically (the store's ``write_bytes``); one that does not decode as an image is redrawn.
+    """
+
+    def __init__(self, store, settings: dict[str, Any]) -> None:
+        self.store = store
+        self.settings = settings
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, identity: str, prompt: str, seed: int) -> str:
+        from selma_core.config import stable_hash
+
+        digest = stable_hash({"weights": identity, "settings": self.settings, "prompt": prompt, "seed": seed})
+        return f"{IMAGE_CACHE_PREFIX}/{digest[:2]}/{digest}.png"
+
+    def get(self, key: str) -> bytes | None:
+        from PIL import Image
+
+        if not self.store.exists(key):
+            return None
+        data = self.store.read_bytes(key)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except Exception:  # a damaged object: draw again (and overwrite it)
+            return None
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        self.store.write_bytes(key, data)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LazyPipeline:
+    """The base diffusion pipeline, loaded on first use: a rerun whose images are all cached
+    loads no model at all."""
+
+    def __init__(self, ctx, device: str) -> None:
+        self.ctx = ctx
+        self.device = device
+        self._pipe = None
+
+    def get(self):
+        if self._pipe is None:
+            from selma_core.models.loading import load_diffusion_pipeline
+            from selma_core.phases.images import torch_dtype
+
+            cfg = self.ctx.config
+            self._pipe = load_diffusion_pipeline(
+                cfg.base_model,
+                cfg.cache_dir,
+                cfg.base_model_revision,
+                torch_dtype(cfg.eval.dtype, self.device),
+                allow_pickle=cfg.allow_pickle_checkpoints,
+            ).to(self.device)
+        return self._pipe
+
+
+def draw_variant(
+    ctx, variant: Variant, prompts, cache: ImageCache, pipeline: LazyPipeline
+) -> dict[str, bytes]:
+    """PNG bytes of ``variant``'s image for every prompt: from the cache, or drawn (and cached)."""
+    from tqdm import tqdm
+
+    from selma_core.phases.images import draw_images, prompt_seed
+
+    cfg: EvalConfig = ctx.config.eval
+    found: dict[str, bytes] = {}
+    missing = []
+    for p in prompts:
+        key = cache.key(variant.identity, p.text, prompt_seed(cfg.seed, p.prompt_id))
+        data = cache.get(key)
+        if data is None:
+            missing.append((p, key))
+        else:
+            found[p.prompt_id] = data
+    cache.hits += len(found)
+    cache.misses += len(missing)
+    if not missing:
+        return found
+    pipe = pipeline.get()
+    with (
+        loaded_adapters(pipe, variant.name, variant.adapters, ctx.config.allow_pickle_checkpoints),
+        tqdm(total=len(missing), desc=f"draw {variant.name}", unit="image") as bar,
+    ):
+        for first in range(0, len(missing), cfg.batch_size):
+            batch = missing[first : first + cfg.batch_size]
+            seeds = [prompt_seed(cfg.seed, p.prompt_id) for p, _ in batch]
+            images = draw_images(pipe, [p.text for p, _ in batch], seeds, cfg, pipeline.device)
+            for (p, key), image in zip(batch, images, strict=True):
+                found[p.prompt_id] = _png(image)
+                cache.put(key, found[p.prompt_id])
+            bar.update(len(batch))
+    return found
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+
+def load_eval_set(ctx, cfg: EvalConfig):
+    from selma_core.metrics import eval_sets
+    from selma_core.metrics.benchmarks import benchmark_file
+    from selma_core.phases.prompts import read_prompts
+
+    cap = cfg.max_prompts_per_skill
+    if cfg.benchmark == "heldout":
+
+        def records_of(skill: str) -> list[dict]:
+            return read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl")
+
+        return eval_sets.heldout_set(records_of, list(ctx.config.skills), cap)
+    cache_dir = ctx.config.cache_dir
+    if cfg.benchmark == "dsg1k":
+        path = benchmark_file("dsg1k-annotations", path=cfg.dsg_annotations, cache_dir=cache_dir)
+        return eval_sets.dsg1k_set(str(path), cap)
+    if cfg.tifa_questions and cfg.tifa_questions.startswith(("http://", "https://")):
+        source = cfg.tifa_questions  # read (and checked against tifa_questions_sha256) by load_questions
+    else:
+        source = str(
+            benchmark_file(
+                "tifa-v1-question-answers",
+                path=cfg.tifa_questions,
+                cache_dir=cache_dir,
+                sha256=cfg.tifa_questions_sha256,
+            )
+        )
+    return eval_sets.tifa_set(source, cfg.tifa_questions_sha256, cap)
+
+
+def question_scores(
+    ctx, cfg: EvalConfig, eval_set, images: dict[str, dict[str, bytes]], answer_cache, device
+):
+    """DSG or TIFA per prompt and variant: ``({variant: {prompt id: score}}, {variant: figures},
+    {variant: {prompt id: {question (DSG: its id): answer}}})``, the figures being the benchmark's
+    own aggregate (DSG per category, TIFA average and per type)."""
+    from selma_core.metrics.vqa import cached_backend, load_vqa_backend
+
+    backend = cached_backend(
+        load_vqa_backend(
+            cfg.vqa_backend,
+            cfg.vqa_model,
+            ctx.config.cache_dir,
+            device=device,
+            allow_pickle=ctx.config.allow_pickle_checkpoints,
+        ),
+        answer_cache,
+    )
+    per_prompt: dict[str, dict[str, float]] = {}
+    figures: dict[str, dict] = {}
+    asked_and_answered: dict[str, dict[str, dict[str, str]]] = {}  # variant -> prompt -> question -> answer
+    matcher = None
+    for variant, by_prompt in images.items():
+        if eval_set.benchmark == "dsg1k":
+            from selma_core.metrics.dsg import normalize_answer, score_dsg
+
+            asked = [(item, q) for item in eval_set.dsg_items.values() for q in item.questions]
+            answers = backend.answer(
+                [by_prompt[item.item_id] for item, _ in asked], [q.text for _, q in asked]
+            )
+            result = score_dsg(
+                eval_set.dsg_items,
+                {
+                    (item.item_id, q.question_id): normalize_answer(a)
+                    for (item, q), a in zip(asked, answers, strict=True)
+                },
+                convention=cfg.dsg_convention,
+            )
+            per_prompt[variant] = dict(result.item_scores)
+            figures[variant] = result.to_json()
+            for (item, q), a in zip(asked, answers, strict=True):
+                asked_and_answered.setdefault(variant, {}).setdefault(item.item_id, {})[
+                    str(q.question_id)
+                ] = a
+        else:
+            from selma_core.metrics.tifa import EmbeddingChoiceMatcher, ExactChoiceMatcher, score_tifa
+
+            if matcher is None:
+                matcher = (
+                    EmbeddingChoiceMatcher.from_pretrained(
+                        cfg.tifa_embedding_model, device=device, cache_dir=ctx.config.cache_dir
+                    )
+                    if cfg.tifa_matcher == "embedding"
+                    else ExactChoiceMatcher()
+                )
+            questions = eval_set.tifa_questions
+            answers = backend.answer(
+                [by_prompt[q.prompt_id] for q in questions], [q.question for q in questions]
+            )
+            result = score_tifa(
+                questions,
+                {(q.prompt_id, q.question): a for q, a in zip(questions, answers, strict=True)},
+                matcher,
+            )
+            per_prompt[variant] = dict(result.prompt_scores)
+            figures[variant] = {k: v for k, v in result.to_json().items() if k != "caption_scores"}
+            for q, a in zip(questions, answers, strict=True):
+                asked_and_answered.setdefault(variant, {}).setdefault(q.prompt_id, {})[q.question] = a
+    return per_prompt, figures, asked_and_answered
+
+
+def format_tables(results: dict) -> str:
+    """Markdown: per metric, the means with intervals (skill rows, variant columns) and the paired
+    differences against base."""
+    variants = results["variants"]
+    lines: list[str] = []
+    for metric, info in results["metrics"].items():
+        lines += [f"### {info['label']} ({info['scale']})", ""]
+        lines += ["| skill | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 1)]
+        for skill, row in results["summary"][metric].items():
+            cells = [
+                f"{row[v]['mean']:.3f} [{row[v]['low']:.3f}, {row[v]['high']:.3f}]" if v in row else "-"
+                for v in variants
+            ]
+            lines.append(f"| {skill} | " + " | ".join(cells) + " |")
+        others = [v for v in variants if any(v in row for row in results["paired"][metric].values())]
+        if others:
+            lines += ["", f"{metric}: difference vs base, [interval], p", ""]
+            lines += ["| skill | " + " | ".join(others) + " |", "|" + "---|" * (len(others) + 1)]
+            for skill, row in results["paired"][metric].items():
+                cells = [_difference_cell(row[v]) if v in row else "-" for v in others]
+                lines.append(f"| {skill} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _difference_cell(diff: dict) -> str:
+    p = "" if diff.get("p_value") is None else f" p={diff['p_value']:.3f}"
+    return f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]{p}"
+
+
+def evaluate(ctx, skill_name: str | None = None) -> dict:
+    from selma_core.metrics.answer_cache import StoreBackedAnswerCache
+    from selma_core.metrics.suite import IMAGE_TEXT_METRICS, CachedMetric, MetricInfo, open_metric
+    from selma_core.metrics.summary import summarize
+    from selma_core.models.loading import resolve_device
+    from selma_core.phases.images import torch_dtype
+
+    cfg: EvalConfig = ctx.config.eval
+    start = time.monotonic()
+    eval_set = load_eval_set(ctx, cfg)
+    variants = [resolve_variant(ctx, v) for v in eval_variants(cfg, list(ctx.config.skills))]
+    device = resolve_device(ctx.config.device)
+    sampling = {
+        "base_model": [ctx.config.base_model, ctx.config.base_model_revision],
+        "steps": cfg.num_inference_steps,
+        "guidance": cfg.guidance_scale,
+        "size": [cfg.height, cfg.width],
+        "dtype": str(torch_dtype(cfg.dtype, device)),
+        "device": device.split(":")[0],
+    }
+    image_cache = ImageCache(ctx.store, sampling)
+    pipeline = LazyPipeline(ctx, device)
+    images = {v.name: draw_variant(ctx, v, eval_set.prompts, image_cache, pipeline) for v in variants}
+    print(f"eval: {image_cache.hits} image(s) from the cache, {image_cache.misses} drawn", flush=True)
+
+    from selma_core.phases.images import prompt_seed
+
+    rows = [
+        {
+            "variant": v.name,
+            "skill": p.skill,
+            "prompt_id": p.prompt_id,
+            "prompt": p.text,
+            "seed": prompt_seed(cfg.seed, p.prompt_id),
+            "image": f"images/{variant_slug(v.name)}/{_file_safe(p.prompt_id)}.png",
+            "scores": {},
+        }
+        for v in variants
+        for p in eval_set.prompts
+    ]
+    metrics_info: dict[str, dict] = {}
+    figures: dict[str, dict] = {}
+    scratch = Path(ctx.config.cache_dir) / "answer-cache"
+    with StoreBackedAnswerCache(ctx.store, ANSWER_CACHE_KEY, scratch) as answer_cache:
+        for name in cfg.metrics:
+            metric = CachedMetric(
+                open_metric(name, cfg, ctx.config.cache_dir, device, ctx.config.allow_pickle_checkpoints),
+                answer_cache,
+            )
+            scores = metric.score(
+                [images[r["variant"]][r["prompt_id"]] for r in rows], [r["prompt"] for r in rows]
+            )
+            for row, score in zip(rows, scores, strict=True):
+                row["scores"][name] = score
+            metrics_info[name] = {**IMAGE_TEXT_METRICS[name].to_dict(), "model": metric.version.split("|")[0]}
+            print(
+                f"eval: {name}: {metric.computed} pair(s) scored, {len(rows) - metric.computed} cached",
+                flush=True,
+            )
+        if eval_set.benchmark != "heldout":
+            name = "dsg" if eval_set.benchmark == "dsg1k" else "tifa"
+            per_prompt, figures, answers = question_scores(ctx, cfg, eval_set, images, answer_cache, device)
+            for row in rows:
+                row["scores"][name] = per_prompt[row["variant"]].get(row["prompt_id"])
+                row["answers"] = answers[row["variant"]].get(row["prompt_id"], {})
+            info = (
+                MetricInfo(f"DSG ({cfg.dsg_convention})", "item score 0-1")
+                if name == "dsg"
+                else MetricInfo("TIFA", "prompt accuracy 0-1")
+            ).to_dict()
+            if name == "dsg":
+                info["convention"] = cfg.dsg_convention
+            metrics_info = {name: {**info, "vqa_model": cfg.vqa_model}, **metrics_info}
+
+    variant_names = [v.name for v in variants]
+    summary, paired = summarize(
+        rows,
+        list(metrics_info),
+        eval_set.skills,
+        variant_names,
+        baseline="base" if "base" in variant_names else None,
+        confidence=cfg.confidence,
+        resamples=cfg.bootstrap_resamples,
+    )
+    results = {
+        "benchmark": eval_set.benchmark,
+        "skills": eval_set.skills,
+        "skill_of_group": eval_set.skill_of_group,
+        "variants": variant_names,
+        "metrics": metrics_info,
+        "per_prompt": rows,
+        "summary": summary,
+        "paired": paired,
+        "benchmark_scores": figures,
+        "confidence": cfg.confidence,
+        "bootstrap_resamples": cfg.bootstrap_resamples,
+        "cache": {"images_cached": image_cache.hits, "images_drawn": image_cache.misses},
+        "wall_s": round(time.monotonic() - start, 3),
+    }
+    report_files = _commit_results(ctx, results, images)
+    _track(ctx, results, report_files)
+    return {"benchmark": eval_set.benchmark, "variants": variant_names, "summary": _means(results)}
+
+
+def _means(results: dict) -> dict:
+    """{metric: {skill: {variant: mean}}}: the short form printed and returned."""
+    return {
+        metric: {skill: {v: round(i["mean"], 4) for v, i in row.items()} for skill, row in by_skill.items()}
+        for metric, by_skill in results["summary"].items()
+    }
+
+
+def _commit_results(ctx, results: dict, images: dict[str, dict[str, bytes]]) -> list[str]:
+    from selma_core.report import write_report
+
+    with ctx.output() as out:
+        for row in results["per_prompt"]:
+            path = out / row["image"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(images[row["variant"]][row["prompt_id"]])
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(format_tables(results))
+        written = write_report(results, out, out, samples_per_skill=ctx.config.eval.report_samples_per_skill)
+        report_files = [str(Path(p).relative_to(out)) for p in [written["html"], *written["figures"]]]
+        _tag_registered_model(ctx, results)
+        # Kept for the artifact log after the commit (the staged folder is removed then).
+        staged = ctx.scratch_dir / "eval-report" / hashlib.sha256(ctx.job.key.encode()).hexdigest()[:12]
+        for rel in report_files:
+            target = staged / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((out / rel).read_bytes())
+    return [str(staged / rel) for rel in report_files]
+
+
+def _tag_registered_model(ctx, results: dict) -> None:
+    """The merged model's scores on its registry version: what ``jobs.promote`` compares. Tagged
+    before the commit, so never lost."""
+    if "merged" not in results["variants"] or results["benchmark"] != "heldout":
+        return
+    merge_info = json.loads((ctx.fetch("merge") / "merge.json").read_text())
+    registered = merge_info.get("registered")
+    if not registered:
+        return
+    tags = {"selma.eval.key": ctx.job.key}
+    for metric, by_skill in results["summary"].items():
+        merged = {s: row["merged"]["mean"] for s, row in by_skill.items() if s != "all" and "merged" in row}
+        tags.update({f"selma.eval.{metric}.{s}": f"{v:.6f}" for s, v in merged.items()})
+        if merged:
+            tags[f"selma.eval.{metric}.mean"] = f"{sum(merged.values()) / len(merged):.6f}"
+        base = {s: row["base"]["mean"] for s, row in by_skill.items() if s != "all" and "base" in row}
+        if base:
+            tags[f"selma.eval.base.{metric}.mean"] = f"{sum(base.values()) / len(base):.6f}"
+    ctx.run.tag_model_version(registered["name"], registered["version"], tags)
+
+
+def _track(ctx, results: dict, report_files: list[str]) -> None:
+    metrics: dict[str, float] = {}
+    for metric, by_skill in results["summary"].items():
+        for skill, row in by_skill.items():
+            for variant, interval in row.items():
+                name = f"{metric}.{skill}.{variant.replace(':', '.').replace('/', '.')}"
+                metrics[name] = interval["mean"]
+                metrics[f"{name}.low"] = interval["low"]
+                metrics[f"{name}.high"] = interval["high"]
+        for skill, row in results["paired"][metric].items():
+            for variant, diff in row.items():
+                name = f"{metric}.{skill}.{variant.replace(':', '.').replace('/', '.')}.vs_base"
+                metrics[name] = diff["difference"]
+    ctx.run.log_metrics(metrics)
+    ctx.run.log_dict(
+        {
+            k: results[k]
+            for k in ("benchmark", "variants", "metrics", "summary", "paired", "benchmark_scores")
+        },
+        "eval/results_summary.json",
+    )
+    for path in report_files:
+        rel = Path(path).relative_to(Path(report_files[0]).parent)
+        ctx.run.log_artifact(Path(path), str(Path("eval") / rel.parent) if str(rel.parent) != "." else "eval")
+
+
+# -- what merge-search shares with eval ----------------------------------------------------------
 
 
 def load_heldout(ctx, skills: list[str], cap: int | None) -> dict[str, list[dict]]:
@@ -67,41 +647,19 @@ def load_heldout(ctx, skills: list[str], cap: int | None) -> dict[str, list[dict
 def open_eval_models(ctx):
     """The base pipeline and the CLIP scorer, on the job's device."""
     from selma_core.metrics.clip_score import ClipScorer
-    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
-    from selma_core.phases.images import torch_dtype
+    from selma_core.models.loading import resolve_device
 
-    cfg: EvalConfig = ctx.config.eval
     device = resolve_device(ctx.config.device)
-    pipe = load_diffusion_pipeline(
-        ctx.config.base_model,
+    scorer = ClipScorer(
+        ctx.config.eval.clip_model,
         ctx.config.cache_dir,
-        ctx.config.base_model_revision,
-        torch_dtype(cfg.dtype, device),
+        device,
         allow_pickle=ctx.config.allow_pickle_checkpoints,
-    ).to(device)
-    return pipe, ClipScorer(cfg.clip_model, ctx.config.cache_dir, device), device
+    )
+    return LazyPipeline(ctx, device).get(), scorer, device
 
 
-@contextlib.contextmanager
-def loaded_adapters(pipe, name: str, adapters: list[tuple], allow_pickle: bool = False):
-    """Adapters (folder, weight) loaded and combined with ``set_adapters`` inside the block
-    (safetensors only, unless ``allow_pickle``)."""
-    from selma_core.models.loading import weights_kwargs
-
-    names = []
-    try:
-        for i, (path, _) in enumerate(adapters):
-            names.append(f"{name.replace(':', '_')}_{i}")
-            pipe.load_lora_weights(str(path), adapter_name=names[-1], **weights_kwargs(allow_pickle))
-        if names:
-            pipe.set_adapters(names, [weight for _, weight in adapters])
-        yield pipe
-    finally:
-        if names:
-            pipe.unload_lora_weights()
-
-
-def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig, device: str, save_dir=None):
+def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig, device: str) -> list[dict]:
     """One image per held-out prompt (seeded by prompt id, so every model gets the same noise) and
     its CLIPScore; a row per prompt."""
     from selma_core.phases.images import draw_images, prompt_seed
@@ -112,80 +670,8 @@ def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig
             batch = records[first : first + cfg.batch_size]
             texts = [r["text"] for r in batch]
             images = draw_images(pipe, texts, [prompt_seed(cfg.seed, r["id"]) for r in batch], cfg, device)
-            for record, image, score in zip(batch, images, scorer.score(images, texts), strict=True):
-                if save_dir is not None:
-                    save_dir.mkdir(parents=True, exist_ok=True)
-                    image.save(save_dir / f"{record['id']}.png")
+            for record, score in zip(batch, scorer.score(images, texts), strict=True):
                 rows.append(
                     {"skill": skill, "prompt_id": record["id"], "prompt": record["text"], "clip_score": score}
                 )
     return rows
-
-
-def evaluate(ctx, skill_name: str | None = None) -> dict:
-    from tqdm import tqdm
-
-    cfg: EvalConfig = ctx.config.eval
-    skills = list(ctx.config.skills)
-    heldout = load_heldout(ctx, skills, cfg.max_prompts_per_skill)
-
-    merge_dir = ctx.fetch("merge")
-    merge_info = json.loads((merge_dir / "merge.json").read_text())
-    # Each variant: the adapters to load, and their weights.
-    adapters: dict[str, list[tuple]] = {"base": []}
-    if cfg.compare_experts:
-        adapters.update({f"expert:{s}": [(ctx.fetch("train", s), 1.0)] for s in skills})
-    if merge_info["method"] == "adapters":  # experts side by side, combined with set_adapters
-        experts = merge_info["experts"]
-        adapters["merged"] = [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in skills]
-    else:
-        adapters["merged"] = [(merge_dir / ADAPTER_DIR, 1.0)]
-    variants = list(adapters)
-
-    pipe, scorer, device = open_eval_models(ctx)
-    start = time.monotonic()
-    rows = []
-    with ctx.output() as out:
-        for variant in tqdm(variants, desc="eval", unit="model"):
-            with loaded_adapters(pipe, variant, adapters[variant], ctx.config.allow_pickle_checkpoints):
-                folder = out / "images" / variant.replace(":", "_")
-                rows += [
-                    {"variant": variant, **row}
-                    for row in draw_and_score(pipe, scorer, heldout, cfg, device, folder)
-                ]
-        table = {
-            skill: {
-                v: sum(r["clip_score"] for r in rows if r["skill"] == skill and r["variant"] == v)
-                / len(heldout[skill])
-                for v in variants
-            }
-            for skill in skills
-        }
-        table["mean"] = {v: sum(table[s][v] for s in skills) / len(skills) for v in variants}
-        results = {
-            "metric": "clip_score",
-            "clip_model": cfg.clip_model,
-            "variants": variants,
-            "table": table,
-            "per_prompt": rows,
-            "wall_s": round(time.monotonic() - start, 3),
-        }
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "results.md").write_text(format_table(table, variants) + "\n")
-        registered = merge_info.get("registered")
-        if registered:  # the scores promotion compares; tagged before the commit, so never lost
-            scores = {
-                f"selma.eval.clip_score.{skill}": f"{row['merged']:.6f}" for skill, row in table.items()
-            }
-            scores["selma.eval.base.clip_score.mean"] = f"{table['mean']['base']:.6f}"
-            scores["selma.eval.key"] = ctx.job.key
-            ctx.run.tag_model_version(registered["name"], registered["version"], scores)
-    ctx.run.log_metrics(
-        {
-            f"clip_score.{skill}.{v.replace(':', '.')}": score
-            for skill, row in table.items()
-            for v, score in row.items()
-        }
-    )
-    ctx.run.log_dict({"variants": variants, "table": table}, "eval/results_table.json")
-    return {"table": table, "variants": variants}

@@ -58,6 +58,14 @@ class JobRun(ABC):
 
         ``base_model_revision`` pins the base model the registered model loads."""
 
+    def download_registered_adapter(self, name: str, version: str, dst: Path) -> dict[str, str | None]:
+        """Download registered model ``name`` version ``version`` (a LoRA adapter) under ``dst``:
+        ``{"adapter_path", "base_model", "base_model_revision"}``. Trackers without a model registry
+        cannot: a ``ConfigError`` says so."""
+        from selma_core.errors import ConfigError
+
+        raise ConfigError(f"models:/{name}/{version}: this tracker has no model registry")
+
 
 @dataclass
 class ModelVersion:

@@ -90,6 +90,27 @@ class MlflowJobRun(JobRun):
         self.tracker.set_model_alias(model_name, alias, version)
         return version
 
+    def download_registered_adapter(self, name: str, version: str, dst: Path) -> dict[str, str | None]:
+        import mlflow.diffusers
+        from mlflow.exceptions import MlflowException
+
+        from selma_core.errors import ConfigError
+
+        mlflow.set_tracking_uri(self.tracker.uri)
+        mlflow.set_registry_uri(self.tracker.uri)
+        try:
+            model = mlflow.diffusers.load_model(f"models:/{name}/{version}", dst_path=str(dst))
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                where = f"models:/{name}/{version}"
+                raise ConfigError(f"{where}: not in the model registry at {self.tracker.uri}") from e
+            raise
+        return {
+            "adapter_path": model.adapter_path,
+            "base_model": model.base_model,
+            "base_model_revision": model.base_model_revision,
+        }
+
 
 def _log_adapter_model(adapter_dir: Path, base_model: str, model_name: str, revision: str | None = None):
     """Log with MLflow's diffusers LoRA flavor (MLflow >= 3.17, pinned in pyproject.toml).

@@ -24,7 +24,9 @@ def merged_scores(config) -> dict:
     cfg = load_config(config)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
     results = json.loads(open_store(cfg.storage).read_output_file(plan.job("eval").key, "results.json"))
-    return {r["prompt_id"]: r["clip_score"] for r in results["per_prompt"] if r["variant"] == "merged"}
+    return {
+        r["prompt_id"]: r["scores"]["clip_score"] for r in results["per_prompt"] if r["variant"] == "merged"
+    }
 
 
 def test_adapters_side_by_side_score_like_the_exact_merge(tiny_config):

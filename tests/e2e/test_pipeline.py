@@ -83,8 +83,17 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
     # eval: base vs each expert vs merged on every skill
     results = json.loads((fetched["eval"] / "results.json").read_text())
     assert results["variants"] == ["base", "expert:counting", "expert:spatial", "merged"]
-    for skill in [*SKILLS, "mean"]:
-        assert all(math.isfinite(results["table"][skill][v]) for v in results["variants"])
+    for skill in [*SKILLS, "all"]:
+        row = results["summary"]["clip_score"][skill]
+        assert all(
+            math.isfinite(row[v]["mean"]) and row[v]["low"] <= row[v]["high"] for v in results["variants"]
+        )
+        paired = results["paired"]["clip_score"][skill]
+        assert set(paired) == {"expert:counting", "expert:spatial", "merged"}
+        assert all(p["baseline"] == "base" and p["n"] == row["base"]["n"] for p in paired.values())
+    # the report: one page and its figures as PNG, beside the images it shows
+    assert (fetched["eval"] / "report.html").is_file() and list((fetched["eval"] / "figures").glob("*.png"))
+    assert all((fetched["eval"] / r["image"]).is_file() for r in results["per_prompt"])
 
     check_mlflow(cfg, run_ids)
     # The kohya/A1111 exports load with diffusers and apply the same ΔW as the diffusers files.
