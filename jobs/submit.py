@@ -149,8 +149,16 @@ def apply_eval_overrides(cfg, args: argparse.Namespace) -> None:
         EvalConfig(**{**vars(cfg.eval)})
     except ValueError as e:
         raise ConfigError(f"--benchmark/--model: {e}") from e
-    if not any("@" in m for m in cfg.eval.models or []):
+    if args.phase not in ("eval", "all"):
         return
+    if any("@" in m for m in cfg.eval.models or []):
+        resolve_registry_aliases(cfg)
+    from selma_core.phases.evaluate import eval_variants
+
+    eval_variants(cfg.eval, cfg.skills)  # an expert of no skill is an error now, not in the job
+
+
+def resolve_registry_aliases(cfg) -> None:
     from selma_core.tracking import open_tracker
 
     tracker = open_tracker(cfg.tracking)
@@ -182,6 +190,18 @@ def validate(cfg, skills) -> None:
         local = cfg.executor.kind == "local"
         if local and value and value.startswith("/") and not Path(value).is_dir():
             raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
+    ev = cfg.eval
+    benchmark_file = {"dsg1k": ev.dsg_annotations, "tifa": ev.tifa_questions}.get(ev.benchmark)
+    local = cfg.executor.kind == "local"
+    if local and benchmark_file and "://" not in benchmark_file and not Path(benchmark_file).is_file():
+        what = "dsg_annotations" if ev.benchmark == "dsg1k" else "tifa_questions"
+        raise ConfigError(f"{cfg.source_path}: eval.{what}: file {benchmark_file} not found")
+    if ev.benchmark == "tifa" and not ev.tifa_questions and not ev.tifa_questions_sha256:
+        raise ConfigError(
+            f"{cfg.source_path}: eval.benchmark tifa needs eval.tifa_questions (a path to "
+            "tifa_v1.0_question_answers.json) or eval.tifa_questions_sha256 (to download upstream's "
+            "and check it): its hash is not known to selma"
+        )
     for path in cfg.prompts.contamination.benchmarks:
         if not Path(path).is_file():
             raise ConfigError(f"{cfg.source_path}: prompts.contamination.benchmarks: file {path} not found")

@@ -766,6 +766,24 @@ def log_summary(summary: dict[str, Any], tracking_uri: str, experiment: str = DE
 # -- CLI ----------------------------------------------------------------------------------------------
 
 
+def pipeline_eval_dir(config: str) -> Path:
+    """A verified local copy of the eval output that ``config``'s pipeline committed."""
+    from selma_core.config import load_config
+    from selma_core.plan import build_plan
+    from selma_core.skills import load_skills
+    from selma_core.storage import open_store
+
+    cfg = load_config(config)
+    job = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).job("eval")
+    store = open_store(cfg.storage)
+    if not store.is_committed(job.key):
+        raise InputError(
+            f"{config}: no committed eval output at {store.url(job.key)}; run "
+            f"`python -m jobs.submit --phase eval --config {config}` first"
+        )
+    return store.fetch_dir(job.key, cfg.cache_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m selma_core.human_eval",
@@ -789,7 +807,13 @@ def main(argv: list[str] | None = None) -> int:
             "an answer), types a name, and 'Save ratings' downloads ratings-<set_id>-<rater>.json."
         ),
     )
-    export.add_argument("--eval-dir", required=True, help="an eval output folder (results.json, images/)")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--eval-dir", help="an eval output folder (results.json, images/)")
+    source.add_argument(
+        "--config",
+        help="a pipeline config: its eval output is fetched from the store (as `jobs.submit --phase eval` "
+        "with that config committed it)",
+    )
     export.add_argument("--a", required=True, dest="variant_a", help="variant A, the reference (e.g. base)")
     export.add_argument(
         "--b", required=True, dest="variant_b", help="variant B, the challenger (e.g. merged)"
@@ -828,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             result = export_ab_set(
-                args.eval_dir,
+                args.eval_dir or pipeline_eval_dir(args.config),
                 args.variant_a,
                 args.variant_b,
                 args.out,

@@ -94,6 +94,18 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
     # the report: one page and its figures as PNG, beside the images it shows
     assert (fetched["eval"] / "report.html").is_file() and list((fetched["eval"] / "figures").glob("*.png"))
     assert all((fetched["eval"] / r["image"]).is_file() for r in results["per_prompt"])
+    # a human A/B set straight from the pipeline's eval output: one pair per held-out prompt
+    from selma_core import human_eval
+
+    ab = tmp_path / "ab"
+    assert (
+        human_eval.main(
+            ["export", "--config", str(config_path), "--a", "base", "--b", "merged", "--out", str(ab)]
+        )
+        == 0
+    )
+    pairs = json.loads((ab / "key.json").read_text())["pairs"]
+    assert len(pairs) == results["summary"]["clip_score"]["all"]["base"]["n"] and (ab / "page.html").is_file()
 
     check_mlflow(cfg, run_ids)
     # The kohya/A1111 exports load with diffusers and apply the same ΔW as the diffusers files.

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, free_port, skills_with_a_starved_one
 
 
@@ -163,3 +164,20 @@ def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
 def test_a_phase_with_no_jobs_is_an_error(tiny_config):
     result = submit("--phase", "merge-search", "--config", str(tiny_config()))
     assert result.returncode == 2 and "--phase merge-search: no such jobs" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--phase", "train", "--benchmark", "dsg1k"], "apply to --phase eval"),
+        (["--phase", "eval", "--model", "expert:juggling"], "expert:juggling: no such skill"),
+        (["--phase", "eval", "--model", "best"], "'best' is not base, merged"),
+        (["--phase", "eval", "--model", "models:/nope@champion"], "no alias 'champion' of 'nope'"),
+        (["--phase", "eval", "--benchmark", "tifa"], "needs eval.tifa_questions"),
+    ],
+)
+def test_bad_eval_flags_fail_before_any_job_naming_the_flag(tiny_config, capsys, flags, message):
+    from jobs import submit as controller
+
+    assert controller.main([*flags, "--config", str(tiny_config())]) == 2
+    assert message in capsys.readouterr().err
