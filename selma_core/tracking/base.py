@@ -60,7 +60,8 @@ class JobRun(ABC):
 
     def download_registered_adapter(self, name: str, version: str, dst: Path) -> dict[str, str | None]:
         """Download registered model ``name`` version ``version`` (a LoRA adapter) under ``dst``:
-        ``{"adapter_path", "base_model", "base_model_revision"}``. Trackers without a model registry
+        ``{"adapter_path", "base_model", "base_model_revision"}`` (``base_model`` as the registering
+        pipeline's config named it, where recorded). Trackers without a model registry
         cannot: a ``ConfigError`` says so."""
         from selma_core.errors import ConfigError
 

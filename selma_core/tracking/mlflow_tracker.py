@@ -103,11 +103,14 @@ class MlflowJobRun(JobRun):
         except MlflowException as e:
             if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 where = f"models:/{name}/{version}"
-                raise ConfigError(f"{where}: not in the model registry at {self.tracker.uri}") from e
+                raise ConfigError(f"{where}: not in the model registry at {self.tracker.uri}: {e}") from e
             raise
+        tags = self.client.get_model_version(name, str(version)).tags
         return {
             "adapter_path": model.adapter_path,
-            "base_model": model.base_model,
+            # The base model as the pipeline config named it (the flavor records a loadable form of
+            # it, e.g. the folder a random test model was built in).
+            "base_model": tags.get("selma.base_model", model.base_model),
             "base_model_revision": model.base_model_revision,
         }
 

@@ -153,6 +153,9 @@ def check_mlflow(cfg, run_ids: dict) -> None:
     )
     assert "prompts.accepted" in runs[run_ids["prompts:spatial"]].data.metrics
     assert "clip_score.counting.merged" in runs[run_ids["eval"]].data.metrics
+    assert "clip_score.all.merged.vs_base" in runs[run_ids["eval"]].data.metrics
+    logged = {a.path for a in client.list_artifacts(run_ids["eval"], "eval")}
+    assert {"eval/report.html", "eval/figures"} <= logged
 
     version = client.get_model_version_by_alias(cfg.name, "candidate")
     assert version.run_id == run_ids["merge"]
@@ -207,6 +210,21 @@ def test_pipeline_on_s3_and_an_mlflow_server(tiny_config, model_cache, tmp_path,
         tracking={"uri": mlflow_server},
     )
     check_pipeline(config, model_cache, tmp_path)
+
+    # The champion, from the registry (served by the MLflow server, artifacts in S3), is the merged
+    # adapter: evaluated beside it, it draws the same images and gets the same scores.
+    from jobs import submit as controller
+
+    flags = ["--phase", "eval", "--model", "merged", "models:/selma-test@champion", "--config", str(config)]
+    assert controller.main(flags) == 0
+    cfg = load_config(config)
+    cfg.eval.models = ["merged", "models:/selma-test/1"]
+    key = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).job("eval").key
+    results = json.loads(open_store(cfg.storage).read_output_file(key, "results.json"))
+    scores = {v: {} for v in results["variants"]}
+    for row in results["per_prompt"]:
+        scores[row["variant"]][row["prompt_id"]] = row["scores"]["clip_score"]
+    assert scores["models:/selma-test/1"] == scores["merged"] and results["cache"]["images_cached"] > 0
     s3 = boto3.client("s3", endpoint_url=moto_s3)
     stored = [o["Key"] for o in s3.list_objects_v2(Bucket=S3_BUCKET, Prefix="e2e/merged/")["Contents"]]
     assert any(k.endswith("pytorch_lora_weights.safetensors") for k in stored)
