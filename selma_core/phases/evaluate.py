@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +196,10 @@ def resolve_variant(ctx, variant: str) -> Variant:
             )
         return Variant(variant, [(merge_dir / ADAPTER_DIR, 1.0)], key)
     name, _, version = variant[len("models:/") :].partition("/")
-    dst = Path(ctx.config.cache_dir) / "registry" / name / version
-    model = ctx.run.download_registered_adapter(name, version, dst)
+    # A fresh folder per job: a download that died half-way is never mistaken for a whole one.
+    parent = Path(ctx.config.cache_dir) / "registry" / name / version
+    parent.mkdir(parents=True, exist_ok=True)
+    model = ctx.run.download_registered_adapter(name, version, Path(tempfile.mkdtemp(dir=parent)))
     if model["base_model"] != ctx.config.base_model:
         raise InputError(
             f"eval.models: {variant} is an adapter for {model['base_model']!r}, not this pipeline's "
