@@ -40,6 +40,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	bash scripts/ensure-browser.sh  # chromium for tests/test_human_eval.py (installs it as root with apt-get)
+	bash scripts/ensure-checkov.sh  # checkov for tests/k8s/test_checkov.py (its own venv, .venv-checkov/)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
