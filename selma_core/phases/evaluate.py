@@ -21,10 +21,10 @@ Recipe, one job:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selma_core.errors import ConfigError, InputError
+from selma_core.faults import fault_point
 from selma_core.phases.images import SamplingConfig
 from selma_core.phases.merge import ADAPTER_DIR, EXPERTS_DIR
 
@@ -43,6 +44,8 @@ MODEL_PATTERN = re.compile(
 ANSWER_CACHE_KEY = "cache/answers/eval"
 IMAGE_CACHE_PREFIX = "cache/eval-images"
 REPORT_FILE = "report.html"
+# Images scored per metric call (and in memory at once).
+SCORE_CHUNK = 64
 
 
 @dataclass
@@ -208,6 +211,10 @@ def resolve_variant(ctx, variant: str) -> Variant:
     return Variant(variant, [(Path(str(model["adapter_path"])), 1.0)], variant)
 
 
+# The last 12 bytes of every whole PNG: the empty IEND chunk and its CRC.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
 class ImageCache:
     """Evaluation images in the store, one PNG object per (weights, sampling settings, prompt, seed).
 
@@ -231,9 +238,14 @@ class ImageCache:
     def get(self, key: str) -> bytes | None:
         from PIL import Image
 
-        if not self.store.exists(key):
+        try:  # one request, and an object deleted between a check and the read is simply a miss
+            data = self.store.read_bytes(key)
+        except FileNotFoundError:
             return None
-        data = self.store.read_bytes(key)
+        # verify() checks every chunk's CRC up to IEND but stops there: a PNG cut inside its IEND
+        # chunk passes it. The cache writes whole PNGs only, so one must end with the IEND chunk.
+        if not data.endswith(PNG_END):
+            return None
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.verify()
@@ -277,27 +289,31 @@ class LazyPipeline:
 
 
 def draw_variant(
-    ctx, variant: Variant, prompts, cache: ImageCache, pipeline: LazyPipeline
-) -> dict[str, bytes]:
-    """PNG bytes of ``variant``'s image for every prompt: from the cache, or drawn (and cached)."""
+    ctx, variant: Variant, prompts, cache: ImageCache, pipeline: LazyPipeline, folder: Path
+) -> dict[str, Path]:
+    """``variant``'s image for every prompt, as a PNG file in ``folder``: from the cache, or drawn
+    (and cached). Files, not bytes in memory: DSG-1k's 1,060 images for five models are gigabytes."""
     from tqdm import tqdm
 
     from selma_core.phases.images import draw_images, prompt_seed
 
     cfg: EvalConfig = ctx.config.eval
-    found: dict[str, bytes] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
     missing = []
     for p in prompts:
+        path = folder / f"{_file_safe(p.prompt_id)}.png"
         key = cache.key(variant.identity, p.text, prompt_seed(cfg.seed, p.prompt_id))
         data = cache.get(key)
         if data is None:
-            missing.append((p, key))
+            missing.append((p, key, path))
         else:
-            found[p.prompt_id] = data
-    cache.hits += len(found)
+            path.write_bytes(data)
+            paths[p.prompt_id] = path
+    cache.hits += len(paths)
     cache.misses += len(missing)
     if not missing:
-        return found
+        return paths
     pipe = pipeline.get()
     with (
         loaded_adapters(pipe, variant.name, variant.adapters, ctx.config.allow_pickle_checkpoints),
@@ -305,13 +321,16 @@ def draw_variant(
     ):
         for first in range(0, len(missing), cfg.batch_size):
             batch = missing[first : first + cfg.batch_size]
-            seeds = [prompt_seed(cfg.seed, p.prompt_id) for p, _ in batch]
-            images = draw_images(pipe, [p.text for p, _ in batch], seeds, cfg, pipeline.device)
-            for (p, key), image in zip(batch, images, strict=True):
-                found[p.prompt_id] = _png(image)
-                cache.put(key, found[p.prompt_id])
+            seeds = [prompt_seed(cfg.seed, p.prompt_id) for p, _, _ in batch]
+            images = draw_images(pipe, [p.text for p, _, _ in batch], seeds, cfg, pipeline.device)
+            for (p, key, path), image in zip(batch, images, strict=True):
+                data = _png(image)
+                path.write_bytes(data)
+                cache.put(key, data)
+                paths[p.prompt_id] = path
             bar.update(len(batch))
-    return found
+    fault_point("eval.after_variant")
+    return paths
 
 
 # -- scoring --------------------------------------------------------------------------------------
@@ -347,9 +366,19 @@ def load_eval_set(ctx, cfg: EvalConfig):
     return eval_sets.tifa_set(source, cfg.tifa_questions_sha256, cap)
 
 
-def question_scores(
-    ctx, cfg: EvalConfig, eval_set, images: dict[str, dict[str, bytes]], answer_cache, device
-):
+def ask_in_chunks(backend, images: dict[str, Path], asked: list[tuple[str, str]]) -> list[str]:
+    """The backend's answer to each (prompt id, question), its image read from ``images``, a chunk of
+    prompts at a time: every question of an image goes in the same call (so its bytes are read and
+    hashed once) and at most ``SCORE_CHUNK`` images are in memory."""
+    answers: list[str] = []
+    for first in range(0, len(asked), SCORE_CHUNK * 8):
+        chunk = asked[first : first + SCORE_CHUNK * 8]
+        data = {prompt_id: images[prompt_id].read_bytes() for prompt_id in dict.fromkeys(p for p, _ in chunk)}
+        answers += backend.answer([data[p] for p, _ in chunk], [q for _, q in chunk])
+    return answers
+
+
+def question_scores(ctx, cfg: EvalConfig, eval_set, images: dict[str, dict[str, Path]], answer_cache, device):
     """DSG or TIFA per prompt and variant: ``({variant: {prompt id: score}}, {variant: figures},
     {variant: {prompt id: {question (DSG: its id): answer}}})``, the figures being the benchmark's
     own aggregate (DSG per category, TIFA average and per type)."""
@@ -369,14 +398,12 @@ def question_scores(
     figures: dict[str, dict] = {}
     asked_and_answered: dict[str, dict[str, dict[str, str]]] = {}  # variant -> prompt -> question -> answer
     matcher = None
-    for variant, by_prompt in images.items():
+    for variant, paths in images.items():
         if eval_set.benchmark == "dsg1k":
             from selma_core.metrics.dsg import normalize_answer, score_dsg
 
             asked = [(item, q) for item in eval_set.dsg_items.values() for q in item.questions]
-            answers = backend.answer(
-                [by_prompt[item.item_id] for item, _ in asked], [q.text for _, q in asked]
-            )
+            answers = ask_in_chunks(backend, paths, [(item.item_id, q.text) for item, q in asked])
             result = score_dsg(
                 eval_set.dsg_items,
                 {
@@ -403,9 +430,7 @@ def question_scores(
                     else ExactChoiceMatcher()
                 )
             questions = eval_set.tifa_questions
-            answers = backend.answer(
-                [by_prompt[q.prompt_id] for q in questions], [q.question for q in questions]
-            )
+            answers = ask_in_chunks(backend, paths, [(q.prompt_id, q.question) for q in questions])
             result = score_tifa(
                 questions,
                 {(q.prompt_id, q.question): a for q, a in zip(questions, answers, strict=True)},
@@ -470,9 +495,6 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
     }
     image_cache = ImageCache(ctx.store, sampling)
     pipeline = LazyPipeline(ctx, device)
-    images = {v.name: draw_variant(ctx, v, eval_set.prompts, image_cache, pipeline) for v in variants}
-    print(f"eval: {image_cache.hits} image(s) from the cache, {image_cache.misses} drawn", flush=True)
-
     from selma_core.phases.images import prompt_seed
 
     rows = [
@@ -491,17 +513,28 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
     metrics_info: dict[str, dict] = {}
     figures: dict[str, dict] = {}
     scratch = Path(ctx.config.cache_dir) / "answer-cache"
-    with StoreBackedAnswerCache(ctx.store, ANSWER_CACHE_KEY, scratch) as answer_cache:
+    # The answer cache is committed even if this job fails later: answers computed are still right.
+    with StoreBackedAnswerCache(ctx.store, ANSWER_CACHE_KEY, scratch) as answer_cache, ctx.output() as out:
+        images = {
+            v.name: draw_variant(
+                ctx, v, eval_set.prompts, image_cache, pipeline, out / "images" / variant_slug(v.name)
+            )
+            for v in variants
+        }
+        print(f"eval: {image_cache.hits} image(s) from the cache, {image_cache.misses} drawn", flush=True)
         for name in cfg.metrics:
             metric = CachedMetric(
                 open_metric(name, cfg, ctx.config.cache_dir, device, ctx.config.allow_pickle_checkpoints),
                 answer_cache,
             )
-            scores = metric.score(
-                [images[r["variant"]][r["prompt_id"]] for r in rows], [r["prompt"] for r in rows]
-            )
-            for row, score in zip(rows, scores, strict=True):
-                row["scores"][name] = score
+            for first in range(0, len(rows), SCORE_CHUNK):
+                chunk = rows[first : first + SCORE_CHUNK]
+                scores = metric.score(
+                    [images[r["variant"]][r["prompt_id"]].read_bytes() for r in chunk],
+                    [r["prompt"] for r in chunk],
+                )
+                for row, score in zip(chunk, scores, strict=True):
+                    row["scores"][name] = score
             metrics_info[name] = {**IMAGE_TEXT_METRICS[name].to_dict(), "model": metric.version.split("|")[0]}
             print(
                 f"eval: {name}: {metric.computed} pair(s) scored, {len(rows) - metric.computed} cached",
@@ -522,32 +555,32 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
                 info["convention"] = cfg.dsg_convention
             metrics_info = {name: {**info, "vqa_model": cfg.vqa_model}, **metrics_info}
 
-    variant_names = [v.name for v in variants]
-    summary, paired = summarize(
-        rows,
-        list(metrics_info),
-        eval_set.skills,
-        variant_names,
-        baseline="base" if "base" in variant_names else None,
-        confidence=cfg.confidence,
-        resamples=cfg.bootstrap_resamples,
-    )
-    results = {
-        "benchmark": eval_set.benchmark,
-        "skills": eval_set.skills,
-        "skill_of_group": eval_set.skill_of_group,
-        "variants": variant_names,
-        "metrics": metrics_info,
-        "per_prompt": rows,
-        "summary": summary,
-        "paired": paired,
-        "benchmark_scores": figures,
-        "confidence": cfg.confidence,
-        "bootstrap_resamples": cfg.bootstrap_resamples,
-        "cache": {"images_cached": image_cache.hits, "images_drawn": image_cache.misses},
-        "wall_s": round(time.monotonic() - start, 3),
-    }
-    report_files = _commit_results(ctx, results, images)
+        variant_names = [v.name for v in variants]
+        summary, paired = summarize(
+            rows,
+            list(metrics_info),
+            eval_set.skills,
+            variant_names,
+            baseline="base" if "base" in variant_names else None,
+            confidence=cfg.confidence,
+            resamples=cfg.bootstrap_resamples,
+        )
+        results = {
+            "benchmark": eval_set.benchmark,
+            "skills": eval_set.skills,
+            "skill_of_group": eval_set.skill_of_group,
+            "variants": variant_names,
+            "metrics": metrics_info,
+            "per_prompt": rows,
+            "summary": summary,
+            "paired": paired,
+            "benchmark_scores": figures,
+            "confidence": cfg.confidence,
+            "bootstrap_resamples": cfg.bootstrap_resamples,
+            "cache": {"images_cached": image_cache.hits, "images_drawn": image_cache.misses},
+            "wall_s": round(time.monotonic() - start, 3),
+        }
+        report_files = _write_results(ctx, results, out)
     _track(ctx, results, report_files)
     return {"benchmark": eval_set.benchmark, "variants": variant_names, "summary": _means(results)}
 
@@ -560,26 +593,23 @@ def _means(results: dict) -> dict:
     }
 
 
-def _commit_results(ctx, results: dict, images: dict[str, dict[str, bytes]]) -> list[str]:
+def _write_results(ctx, results: dict, out: Path) -> list[Path]:
+    """results.json, results.md and the report into the output folder; the registered merged model
+    tagged with its scores. Returns copies of the report files for MLflow, made outside the output
+    folder (which is gone once committed)."""
     from selma_core.report import write_report
 
-    with ctx.output() as out:
-        for row in results["per_prompt"]:
-            path = out / row["image"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(images[row["variant"]][row["prompt_id"]])
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "results.md").write_text(format_tables(results))
-        written = write_report(results, out, out, samples_per_skill=ctx.config.eval.report_samples_per_skill)
-        report_files = [str(Path(p).relative_to(out)) for p in [written["html"], *written["figures"]]]
-        _tag_registered_model(ctx, results)
-        # Kept for the artifact log after the commit (the staged folder is removed then).
-        staged = ctx.scratch_dir / "eval-report" / hashlib.sha256(ctx.job.key.encode()).hexdigest()[:12]
-        for rel in report_files:
-            target = staged / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((out / rel).read_bytes())
-    return [str(staged / rel) for rel in report_files]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(format_tables(results))
+    written = write_report(results, out, out, samples_per_skill=ctx.config.eval.report_samples_per_skill)
+    _tag_registered_model(ctx, results)
+    staged = Path(tempfile.mkdtemp(prefix="eval-report-", dir=ctx.scratch_dir))
+    copies = []
+    for path in [written["html"], *written["figures"]]:
+        copies.append(staged / Path(path).relative_to(out))
+        copies[-1].parent.mkdir(parents=True, exist_ok=True)
+        copies[-1].write_bytes(Path(path).read_bytes())
+    return copies
 
 
 def _tag_registered_model(ctx, results: dict) -> None:
@@ -603,7 +633,7 @@ def _tag_registered_model(ctx, results: dict) -> None:
     ctx.run.tag_model_version(registered["name"], registered["version"], tags)
 
 
-def _track(ctx, results: dict, report_files: list[str]) -> None:
+def _track(ctx, results: dict, report_files: list[Path]) -> None:
     metrics: dict[str, float] = {}
     for metric, by_skill in results["summary"].items():
         for skill, row in by_skill.items():
@@ -624,9 +654,13 @@ def _track(ctx, results: dict, report_files: list[str]) -> None:
         },
         "eval/results_summary.json",
     )
-    for path in report_files:
-        rel = Path(path).relative_to(Path(report_files[0]).parent)
-        ctx.run.log_artifact(Path(path), str(Path("eval") / rel.parent) if str(rel.parent) != "." else "eval")
+    staged = report_files[0].parent
+    try:
+        for path in report_files:
+            folder = path.parent.relative_to(staged)
+            ctx.run.log_artifact(path, "eval" if str(folder) == "." else f"eval/{folder.as_posix()}")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 # -- what merge-search shares with eval ----------------------------------------------------------
