@@ -225,6 +225,9 @@ def _print_results(store, plan) -> None:
         table = store.read_output_file(job.key, "results.md").decode()
     except (FileNotFoundError, EndpointError):
         return
+    except InputError as e:  # a damaged table (size or checksum): say so, never print it; the jobs are done
+        _echo(f"\nEvaluation table not shown: {e}")
+        return
     _echo("\nEvaluation (mean [95% interval] per skill; differences vs base on the same prompts):\n" + table)
     attempt = store.read_manifest(job.key)["attempt"]
     _echo(f"Report: {store.url(job.key)}/{attempt}/report.html (figures/ beside it)")

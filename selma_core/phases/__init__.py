@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from selma_core.faults import fault_point
+
 _ENTRIES = {
     "prompts": ("selma_core.phases.prompts", "generate_prompts"),
     "images": ("selma_core.phases.images", "generate_images"),
@@ -22,6 +24,7 @@ _ENTRIES = {
 
 def run_phase(phase: str, ctx: Any, skill: str | None, shard: int | None = None) -> dict:
     """Run one phase's entry function (imported on use: a job loads only what its phase needs)."""
+    fault_point("job.start")
     if shard is not None:  # one of a phase's parallel jobs
         module, name = _ENTRIES[f"{phase}-candidate"]
         return getattr(importlib.import_module(module), name)(ctx, shard)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from selma_core.errors import InputError
+from selma_core.faults import fault_point
 from selma_core.typed_yaml import execution_only
 
 SHARD_NAME = "shard-00000.tar"
@@ -144,6 +145,7 @@ def generate_images(ctx, skill_name: str) -> dict:
                     _add_member(tar, f"{record['id']}.jpg", buf.getvalue())
                     _add_member(tar, f"{record['id']}.json", json.dumps(meta).encode())
                     manifest.append({**meta, "image": f"{SHARD_NAME}/{record['id']}.jpg"})
+                fault_point("images.after_batch")
         with open(out / "images.jsonl", "w", encoding="utf-8") as f:
             for row in manifest:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from selma_core.errors import ConfigError
+from selma_core.faults import fault_point
 from selma_core.typed_yaml import execution_only
 
 ADAPTER_DIR = "adapter"  # the merged adapter, diffusers' LoRA format
@@ -244,6 +245,7 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                     "alias": cfg.alias,
                 }
         (out / "merge.json").write_text(json.dumps(summary, indent=1))
+        fault_point("merge.before_commit")
     metrics = {f"merge.weight.{s}": w for s, w in zip(skills, weights, strict=True)}
     if "total_relative_error" in summary:
         metrics.update(

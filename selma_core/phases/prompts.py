@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selma_core.errors import InputError
+from selma_core.faults import fault_point
 from selma_core.prompting.openai_compat import OpenAIConfig
 from selma_core.prompting.transformers_lm import TransformersConfig
 from selma_core.skills import MAX_PROMPTS
@@ -271,6 +272,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
             state.tokens += backend.tokens_used - tokens_before
             progress.update(len(state.records) - new_from)
             _save_wave(ctx.store, partial, state, new_from)
+            fault_point("prompts.after_wave")
     finally:
         progress.close()
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selma_core.errors import ConfigError, InputError
+from selma_core.faults import fault_point
 from selma_core.phases.images import MAX_IMAGE_SIDE, open_image
 from selma_core.typed_yaml import execution_only
 
@@ -276,6 +277,7 @@ class ExpertTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            fault_point("train.after_step")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history.append((step, step_loss))
                 if on_log:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import InputError
+from selma_core.faults import fault_point
 
 MANIFEST = "_manifest.json"
 
@@ -85,9 +86,35 @@ class ArtifactStore(ABC):
         return self.exists(f"{key}/{MANIFEST}")
 
     def read_manifest(self, key: str) -> dict[str, Any]:
+        """The manifest of a committed output, its shape checked.
+
+        A damaged manifest (truncated, garbage, a file entry without size or checksum) is an
+        ``InputError`` naming it: a retry cannot repair it, and a reader must never guess a file's
+        checksum or size (unchecked, a KeyError or JSON error would surface as a retryable crash).
+        """
         if not self.is_committed(key):
             raise InputError(f"no committed output at {self.url(key)}")
-        return json.loads(self.read_bytes(f"{key}/{MANIFEST}"))
+        where = self.url(f"{key}/{MANIFEST}")
+        try:
+            manifest = json.loads(self.read_bytes(f"{key}/{MANIFEST}"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(
+                f"{where}: not valid JSON ({e}); the manifest is corrupt: delete it and rerun the phase "
+                "that wrote it"
+            ) from e
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(
+            isinstance(info, dict)
+            and type(info.get("size")) is int
+            and isinstance(info.get("sha256"), str)
+            and isinstance(info.get("object"), str)
+            for info in files.values()
+        ):
+            raise InputError(
+                f"{where}: expected an object whose 'files' map each file to its size, sha256 and "
+                "object; the manifest is corrupt: delete it and rerun the phase that wrote it"
+            )
+        return manifest
 
     def commit_dir(self, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> dict:
         """Upload every file of ``local_dir`` under ``key/<attempt>/``, then the manifest, last."""
@@ -99,6 +126,7 @@ class ArtifactStore(ABC):
             if rel == MANIFEST:
                 continue
             self.upload_file(path, f"{key}/{attempt}/{rel}")
+            fault_point("store.upload.mid")
             files[rel] = {
                 "size": path.stat().st_size,
                 "sha256": sha256_file(path),
@@ -111,7 +139,9 @@ class ArtifactStore(ABC):
             "files": files,
             "metadata": metadata or {},
         }
+        fault_point("store.commit.before_manifest")
         self.write_bytes(f"{key}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        fault_point("store.commit.after_manifest")
         return manifest
 
     @contextlib.contextmanager
@@ -159,25 +189,61 @@ class ArtifactStore(ABC):
             partial = Path(partial_name)
             obj = f"{key}/{info['object']}"
             try:
-                self.download_file(obj, partial)
-                digest = sha256_file(partial)
-                if digest != info["sha256"]:
-                    raise InputError(
-                        f"{self.url(obj)}: checksum mismatch (manifest {info['sha256'][:12]}, got "
-                        f"{digest[:12]}); the object is corrupt: delete {self.url(f'{key}/{MANIFEST}')} "
-                        "and rerun the phase that wrote it"
-                    )
+                try:
+                    self.download_file(obj, partial)
+                except FileNotFoundError as e:
+                    raise self._missing(key, obj) from e
+                self._check_object(key, obj, info, partial.stat().st_size, sha256_file(partial))
                 partial.replace(local)
             finally:
                 partial.unlink(missing_ok=True)
         return target
 
     def read_output_file(self, key: str, rel: str) -> bytes:
-        """One file of a committed output, by its path inside the output."""
+        """One file of a committed output, by its path inside the output, checked against the
+        manifest's size and SHA-256 as ``fetch_dir`` checks (merge reads search.json this way: a
+        damaged one must be refused, never parsed and used)."""
         files = self.read_manifest(key)["files"]
         if rel not in files:
             raise InputError(f"{self.url(key)}: the committed output has no file {rel!r}")
-        return self.read_bytes(f"{key}/{files[rel]['object']}")
+        info = files[rel]
+        try:
+            validate_key(info["object"])
+        except ValueError as e:
+            raise InputError(
+                f"{self.url(f'{key}/{MANIFEST}')}: file {rel!r}: {e}; the manifest is corrupt"
+            ) from e
+        obj = f"{key}/{info['object']}"
+        try:
+            data = self.read_bytes(obj)
+        except FileNotFoundError as e:
+            raise self._missing(key, obj) from e
+        self._check_object(key, obj, info, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
+    def _missing(self, key: str, obj: str) -> InputError:
+        # The manifest is written last and attempts are never deleted: a file it lists that is gone
+        # was deleted behind the store's back. A retry cannot bring it back (exit 2, not 1).
+        return InputError(
+            f"{self.url(obj)}: missing, though {self.url(f'{key}/{MANIFEST}')} lists it; the output is "
+            "corrupt: delete the manifest and rerun the phase that wrote it"
+        )
+
+    def _check_object(self, key: str, obj: str, info: dict, size: int, digest: str) -> None:
+        """Refuse an object whose bytes are not those its manifest recorded: a truncated or replaced
+        file by its size, any other change by its SHA-256."""
+        fix = (
+            f"the object is corrupt: delete {self.url(f'{key}/{MANIFEST}')} and rerun the phase that wrote it"
+        )
+        if size != info["size"]:
+            raise InputError(
+                f"{self.url(obj)}: size mismatch (manifest {info['size']} bytes, got {size}); {fix}"
+            )
+        if digest != info["sha256"]:
+            raise InputError(
+                f"{self.url(obj)}: checksum mismatch (manifest {info['sha256'][:12]}, got "
+                f"{digest[:12]}); {fix}"
+            )
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
