@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selma_core.metrics.scoring import BatchedScorer
 
-class ClipScorer:
+
+class ClipScorer(BatchedScorer):
     name = "clip_score"
 
     def __init__(
@@ -28,6 +30,8 @@ class ClipScorer:
 
         from selma_core.metrics.vqa import load_pretrained
 
+        # No weights dtype, no autocast: CLIPScore computes without either (``version`` says float32).
+        super().__init__(device=device, batch_size=batch_size, progress=False)
         model, self.processor, reference = load_pretrained(
             spec,
             cache_dir,
@@ -37,31 +41,20 @@ class ClipScorer:
             allow_pickle=allow_pickle,
             what="CLIPScore model",
         )
-        self.model = model.to(device).eval()
+        self.model = model.to(self.device).eval()
         self.spec = spec
-        self.device = device
-        self.batch_size = batch_size
         # The answer cache's key: the weights (reference), the formula and the text truncation.
         self.version = f"{reference}|float32|100*clamp(cos)|max_len=77"
 
-    def score(self, images: list, texts: list[str]) -> list[float]:
-        """One score per (image, text) pair."""
+    def _score_batch(self, images: list, texts: list[str]) -> list[float]:
+        """100 * max(cosine, 0) of each pair."""
         import torch
 
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        scores: list[float] = []
-        for start in range(0, len(images), self.batch_size):
-            inputs = self.processor(
-                text=texts[start : start + self.batch_size],
-                images=images[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-            ).to(self.device)
-            with torch.no_grad():
-                out = self.model(**inputs)
-            # CLIPModel returns L2-normalised projections: the row-wise dot product is the cosine.
-            cosine = (out.image_embeds * out.text_embeds).sum(dim=-1)
-            scores.extend((100.0 * cosine.clamp(min=0)).tolist())
-        return scores
+        inputs = self.processor(
+            text=texts, images=images, return_tensors="pt", padding=True, truncation=True
+        ).to(self.device)
+        with torch.no_grad():
+            out = self.model(**inputs)
+        # CLIPModel returns L2-normalised projections: the row-wise dot product is the cosine.
+        cosine = (out.image_embeds * out.text_embeds).sum(dim=-1)
+        return (100.0 * cosine.clamp(min=0)).tolist()

@@ -78,18 +78,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError, SelmaError
+from selma_core.metrics.scoring import BatchedScorer
+from selma_core.storage.base import sha256_file
 
 __all__ = [
     "HPS_CHECKPOINTS",
@@ -372,14 +373,6 @@ def _no_init_weights() -> Any:
     return no_init_weights()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _publish(tmp: Path, target: Path) -> None:
     """Rename a finished ``tmp`` folder into ``target`` (atomic): a job that loses a race to convert the
     same checkpoint keeps the winner's identical folder."""
@@ -439,7 +432,7 @@ def convert_checkpoint(
         "checkpoint": checkpoint.name,
         # upstream's file name says which HPS it is; a renamed file is labelled by its hash only
         "hps_version": known.get(checkpoint.name),
-        "sha256": _sha256(checkpoint),
+        "sha256": sha256_file(checkpoint),
         "dtype": str(dtype).removeprefix("torch."),
         "processor": processor_ref,
         **(source or {}),
@@ -591,7 +584,7 @@ def _conversion_info(folder: Path) -> dict[str, Any]:
         return {}
 
 
-class HpsScorer:
+class HpsScorer(BatchedScorer):
     """HPS v2/v2.1 of (image, prompt) pairs: the cosine of the model's normalised image and text features.
 
     ``spec``: ``hps-v2`` / ``hps-v2.1`` (upstream's checkpoints; need ``allow_pickle``), a converted
@@ -615,17 +608,16 @@ class HpsScorer:
     ) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from selma_core.metrics.vqa import dtype_name, load_pretrained, torch_dtype
-        from selma_core.models.loading import resolve_device
+        from selma_core.metrics.vqa import dtype_name, load_pretrained
         from selma_core.models.random_models import is_random_model
 
-        if batch_size < 1:
-            raise ConfigError("hps: batch_size must be >= 1")
-        self.device = resolve_device(device)
-        self.dtype = torch_dtype(dtype)
-        self.autocast_dtype = torch_dtype(autocast_dtype) if self.device.startswith("cuda") else None
-        self.batch_size = batch_size
-        self.progress = progress
+        super().__init__(
+            device=device,
+            dtype=dtype,
+            autocast_dtype=autocast_dtype,
+            batch_size=batch_size,
+            progress=progress,
+        )
         if spec in HPS_CHECKPOINTS:
             folder = converted_upstream(spec, cache_dir, revision=revision, allow_pickle=allow_pickle)
             load_spec, load_revision, load_pickle = str(folder), None, False  # safetensors now
@@ -657,31 +649,11 @@ class HpsScorer:
             f"|autocast={dtype_name(self.autocast_dtype)}|preprocess={PREPROCESS_ID}@{self.image_size}"
         )
 
-    def score(self, images: Sequence[Any], texts: Sequence[str]) -> list[float]:
-        """One HPS per (image, text) pair: the raw cosine in [-1, 1] (published numbers are x100)."""
-        from tqdm import tqdm
-
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        scores: list[float] = []
-        with tqdm(
-            total=len(texts),
-            desc="hps",
-            unit="image",
-            disable=not self.progress or len(texts) <= self.batch_size,
-        ) as bar:
-            for start in range(0, len(texts), self.batch_size):
-                stop = start + self.batch_size
-                image_embeds, text_embeds = self._embed(list(images[start:stop]), list(texts[start:stop]))
-                scores.extend((image_embeds * text_embeds).sum(dim=-1).tolist())
-                bar.update(len(texts[start:stop]))
-        return scores
-
-    def _embed(self, images: list, texts: list[str]) -> tuple[Any, Any]:
-        """L2-normalised image and text features (float32), row i of each for pair i."""
+    def _score_batch(self, images: list, texts: list[str]) -> list[float]:
+        """HPS of each pair: the raw cosine in [-1, 1] (published numbers are x100)."""
         import torch
 
-        from selma_core.metrics.preference import projected_features
+        from selma_core.metrics.preference import clip_cosine
 
         pixel_values = torch.stack([hps_transform(i, self.image_size) for i in images])
         pixel_values = pixel_values.to(self.device, self.model.dtype)
@@ -689,19 +661,7 @@ class HpsScorer:
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         text_inputs = {k: v.to(self.device) for k, v in text_inputs.items()}
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            image_embeds = projected_features(self.model.get_image_features(pixel_values=pixel_values))
-            text_embeds = projected_features(self.model.get_text_features(**text_inputs))
-        image_embeds = image_embeds.float()
-        text_embeds = text_embeds.float()
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-        return image_embeds, text_embeds
+        return clip_cosine(self.model, pixel_values, text_inputs, self._autocast()).tolist()
 
 
 # -- the command line ---------------------------------------------------------------------------------------

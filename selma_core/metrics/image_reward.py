@@ -57,7 +57,6 @@ runs in float32): pass ``autocast_dtype=None`` to compute as upstream does.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -72,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError, SelmaError
+from selma_core.metrics.scoring import BatchedScorer
 
 __all__ = [
     "BLIP_TOKENIZER",
@@ -715,7 +715,7 @@ def resolve_image_reward(
 # -- the scorer ------------------------------------------------------------------------------------
 
 
-class ImageRewardScorer:
+class ImageRewardScorer(BatchedScorer):
     """ImageReward of (image, prompt) pairs; see the module docstring for the computation."""
 
     name = "image_reward"
@@ -736,16 +736,15 @@ class ImageRewardScorer:
         """``dtype``: the weights' dtype (the head stays float32); ``autocast_dtype``: the compute dtype
         of ``torch.autocast`` on CUDA (None: none; ignored on CPU); ``allow_pickle``: allow fetching
         and converting upstream's pickle checkpoint for the hub id."""
-        from selma_core.metrics.vqa import dtype_name, torch_dtype
-        from selma_core.models.loading import resolve_device
+        from selma_core.metrics.vqa import dtype_name
 
-        if batch_size < 1:
-            raise ConfigError("image_reward: batch_size must be >= 1")
-        self.device = resolve_device(device)
-        self.dtype = torch_dtype(dtype)
-        self.autocast_dtype = torch_dtype(autocast_dtype) if self.device.startswith("cuda") else None
-        self.batch_size = batch_size
-        self.progress = progress
+        super().__init__(
+            device=device,
+            dtype=dtype,
+            autocast_dtype=autocast_dtype,
+            batch_size=batch_size,
+            progress=progress,
+        )
         self.folder, self.reference = resolve_image_reward(
             spec, cache_dir, revision=revision, allow_pickle=allow_pickle
         )
@@ -763,25 +762,6 @@ class ImageRewardScorer:
             f"{self.reference}|dtype={dtype_name(self.dtype)}|autocast={dtype_name(self.autocast_dtype)}"
         )
 
-    def score(self, images: Sequence[Any], texts: Sequence[str]) -> list[float]:
-        """One ImageReward per (image, text) pair (upstream's ``score(prompt, image)`` for each)."""
-        from tqdm import tqdm
-
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        rewards: list[float] = []
-        with tqdm(
-            total=len(texts),
-            desc="image_reward",
-            unit="image",
-            disable=not self.progress or len(texts) <= self.batch_size,
-        ) as bar:
-            for start in range(0, len(texts), self.batch_size):
-                stop = start + self.batch_size
-                rewards.extend(self._score_batch(list(images[start:stop]), list(texts[start:stop])))
-                bar.update(len(texts[start:stop]))
-        return rewards
-
     def pixel_values(self, images: Sequence[Any]) -> Any:
         """Upstream's preprocessing of ``images``, stacked: (n, 3, size, size) float32."""
         import torch
@@ -790,19 +770,15 @@ class ImageRewardScorer:
         return torch.stack([preprocess(image, self.image_size, mean, std) for image in images])
 
     def _score_batch(self, images: list, texts: list[str]) -> list[float]:
+        """ImageReward of each pair (upstream's ``score(prompt, image)`` for each)."""
         import torch
 
         pixel_values = self.pixel_values(images).to(self.device, self.vision_model.dtype)
         tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
         with torch.inference_mode():
-            with autocast:
+            with self._autocast():
                 image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
                 image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
                 hidden = self.text_encoder(

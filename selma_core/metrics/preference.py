@@ -26,13 +26,13 @@ Not implemented here, left for later:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from selma_core.errors import ConfigError
+from selma_core.metrics.scoring import BatchedScorer
 
-__all__ = ["PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", "PickScorer", "projected_features"]
+__all__ = ["PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", "PickScorer", "clip_cosine", "projected_features"]
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -53,7 +53,7 @@ def projected_features(output: Any) -> Any:
     raise TypeError(f"cannot find the projected features in a {type(output).__name__}")
 
 
-class PickScorer:
+class PickScorer(BatchedScorer):
     """PickScore of (image, prompt) pairs with a transformers ``CLIPModel``.
 
     ``processor_spec``: where the processor (tokenizer, image preprocessing) comes from; by default
@@ -79,16 +79,15 @@ class PickScorer:
     ) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from selma_core.metrics.vqa import dtype_name, load_pretrained, torch_dtype
-        from selma_core.models.loading import resolve_device
+        from selma_core.metrics.vqa import dtype_name, load_pretrained
 
-        if batch_size < 1:
-            raise ConfigError("pickscore: batch_size must be >= 1")
-        self.device = resolve_device(device)
-        self.dtype = torch_dtype(dtype)
-        self.autocast_dtype = torch_dtype(autocast_dtype) if self.device.startswith("cuda") else None
-        self.batch_size = batch_size
-        self.progress = progress
+        super().__init__(
+            device=device,
+            dtype=dtype,
+            autocast_dtype=autocast_dtype,
+            batch_size=batch_size,
+            progress=progress,
+        )
         processor_spec = processor_spec or (PICKSCORE_PROCESSOR if spec == PICKSCORE_MODEL else spec)
         self.model, _, self.reference = load_pretrained(
             spec,
@@ -109,30 +108,6 @@ class PickScorer:
             f"|autocast={dtype_name(self.autocast_dtype)}"
         )
 
-    def score(self, images: Sequence[Any], texts: Sequence[str]) -> list[float]:
-        """One PickScore per (image, text) pair: ``logit_scale.exp() * cosine``."""
-        import torch
-        from tqdm import tqdm
-
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        with torch.inference_mode():
-            scale = self.model.logit_scale.float().exp()
-        scores: list[float] = []
-        with tqdm(
-            total=len(texts),
-            desc="pickscore",
-            unit="image",
-            disable=not self.progress or len(texts) <= self.batch_size,
-        ) as bar:
-            for start in range(0, len(texts), self.batch_size):
-                stop = start + self.batch_size
-                image_embeds, text_embeds = self._embed(list(images[start:stop]), list(texts[start:stop]))
-                cosine = (image_embeds * text_embeds).sum(dim=-1)
-                scores.extend((scale * cosine).tolist())
-                bar.update(len(texts[start:stop]))
-        return scores
-
     def probs(self, text: str, images: Sequence[Any]) -> list[float]:
         """PickScore's preference probabilities: the softmax of the scores of ``images`` for ``text``."""
         import torch
@@ -140,10 +115,8 @@ class PickScorer:
         scores = torch.tensor(self.score(images, [text] * len(images)), dtype=torch.float64)
         return torch.softmax(scores, dim=0).tolist()
 
-    def _embed(self, images: list, texts: list[str]) -> tuple[Any, Any]:
-        """L2-normalised image and text embeddings (float32), row i of each for pair i."""
-        import contextlib
-
+    def _score_batch(self, images: list, texts: list[str]) -> list[float]:
+        """PickScore of each pair: ``logit_scale.exp() * cosine``."""
         import torch
 
         from selma_core.metrics.vqa import to_rgb
@@ -154,16 +127,22 @@ class PickScorer:
         )
         pixel_values = image_inputs["pixel_values"].to(self.device, self.model.dtype)
         text_inputs = {k: v.to(self.device) for k, v in text_inputs.items()}
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            image_embeds = projected_features(self.model.get_image_features(pixel_values=pixel_values))
-            text_embeds = projected_features(self.model.get_text_features(**text_inputs))
-        image_embeds = image_embeds.float()
-        text_embeds = text_embeds.float()
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-        return image_embeds, text_embeds
+        with torch.inference_mode():
+            scale = self.model.logit_scale.float().exp()
+        cosine = clip_cosine(self.model, pixel_values, text_inputs, self._autocast())
+        return (scale * cosine).tolist()
+
+
+def clip_cosine(model: Any, pixel_values: Any, text_inputs: Mapping[str, Any], autocast: Any) -> Any:
+    """The cosine of ``model``'s (a ``CLIPModel``) projected image and text features, row i for pair i,
+    in float32: the features are cast up before normalising, so autocast rounds only the towers."""
+    import torch
+
+    with torch.inference_mode(), autocast:
+        image_embeds = projected_features(model.get_image_features(pixel_values=pixel_values))
+        text_embeds = projected_features(model.get_text_features(**text_inputs))
+    image_embeds = image_embeds.float()
+    text_embeds = text_embeds.float()
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    return (image_embeds * text_embeds).sum(dim=-1)
