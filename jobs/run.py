@@ -30,8 +30,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 from jobs.signals import terminate_as_interrupt
 from selma_core import distributed
@@ -125,6 +128,76 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 def run_job(
     phase: str, skill: str | None, config_path: str, shard: int | None = None, force: bool = False
 ) -> dict:
+    """Run one job and return its result line. Rank 0 holds the output key's in-flight lease
+    (``selma_core.storage.lease``) while it works: a second process running the same job (another
+    controller, a retried pod) waits for it, then skips (the output got committed) or runs it
+    itself (the holder failed or died). ``force`` runs even over a committed output, still after
+    any live holder of the lease is done."""
+    from selma_core.storage.lease import LeaseLost
+    from selma_core.storage.local import NO_SPACE_ERRNOS
+
+    state: dict = {"leases": [], "cfg": None, "job": phase if not skill else f"{phase}:{skill}"}
+    try:
+        return _run_job(phase, skill, config_path, shard, force, state)
+    except KeyboardInterrupt:
+        lost = [lease for lease in state["leases"] if lease.lost]
+        if lost:
+            from selma_core.storage.lease import describe
+
+            raise LeaseLost(
+                f"{lost[0].url}: this job's in-flight lease was taken over by "
+                f"{describe(lost[0].lost_to or {})} (this process was seen as dead); that process "
+                "runs the job now, so this one stopped"
+            ) from None
+        raise
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise _no_space(e, state) from e
+    finally:
+        for lease in state["leases"]:
+            lease.release()
+
+
+def _no_space(error: OSError, state: dict):
+    """A disk filled up under the phase (scratch folder, local store, temporary folder): an error
+    naming the fullest candidate folder, since write(2) does not say which file it was."""
+    import shutil
+
+    from selma_core.storage.local import no_space_error
+
+    if error.filename:
+        return no_space_error(Path(str(error.filename)).parent, None, f"running {state['job']}")
+    cfg = state["cfg"]
+    candidates = [Path(tempfile.gettempdir())]
+    if cfg is not None:
+        candidates.insert(0, Path(cfg.cache_dir))
+        if cfg.storage.uri.startswith("file://"):
+            candidates.insert(1, Path(cfg.storage.uri[len("file://") :]))
+
+    def free(folder: Path) -> int:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            return 1 << 62
+
+    fullest = min(candidates, key=free)
+    return no_space_error(fullest, None, f"running {state['job']} (scratch folder: cache_dir)")
+
+
+def _interrupt_main() -> None:
+    """Stop the job's main thread as SIGTERM would (``KeyboardInterrupt``): its lease was lost."""
+    import _thread
+
+    handled = callable(signal.getsignal(signal.SIGTERM))
+    _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
+
+
+def _run_job(
+    phase: str, skill: str | None, config_path: str, shard: int | None, force: bool, state: dict
+) -> dict:
     from selma_core.config import load_config
     from selma_core.context import JobContext, NullJobRun
     from selma_core.models.loading import resolve_device
@@ -155,6 +228,7 @@ def run_job(
     if phase not in PER_SKILL_PHASES and skill:
         raise ConfigError(f"--phase {phase} runs once for all skills; drop --skill {skill}")
     cfg = load_config(config_path)
+    state["cfg"] = cfg
     if skill and skill not in cfg.skills:
         raise ConfigError(f"--skill {skill}: not one of the pipeline's skills ({', '.join(cfg.skills)})")
     skills = load_skills(cfg.skills_path, cfg.skills)
@@ -173,10 +247,10 @@ def run_job(
     decision: dict = {}
     if rank == 0:
         try:
-            if force:
-                store.delete_prefix(f"{job.key}/_partial")  # a forced rerun starts afresh, resuming nothing
-            elif store.is_committed(job.key):
+            if not force and store.is_committed(job.key):
                 decision = {"skipped": {"job": job.id, "status": "skipped", "output": store.url(job.key)}}
+            else:
+                decision = _claim(store, job, force, state)
             if world_size > 1 and not decision:  # a missing input fails every process alike
                 for dep in job.deps:
                     if not store.is_committed(plan.jobs[dep].key):
@@ -220,6 +294,28 @@ def run_job(
         "run_id": run.run_id,
         "result": result,
     }
+
+
+def _claim(store, job, force: bool, state: dict) -> dict:
+    """Hold the job's in-flight lease (waiting for a live holder), or decide to skip: the output got
+    committed while this process waited, or between its first look and its claim."""
+    from selma_core.storage.lease import acquire, describe
+
+    def committed() -> bool:
+        return not force and store.is_committed(job.key)
+
+    claim = acquire(store, job.key, job.id, done=committed)
+    skipped = {"job": job.id, "status": "skipped", "output": store.url(job.key)}
+    if claim.lease is None and claim.waited_for is None:  # committed between the first look and now
+        return {"skipped": skipped}
+    if claim.lease is None:
+        note = f"committed by {describe(claim.waited_for)} while this job waited {claim.waited_s:.0f}s"
+        return {"skipped": {**skipped, "note": note, "waited_s": round(claim.waited_s, 2)}}
+    state["leases"].append(claim.lease)
+    claim.lease.start_heartbeat(on_lost=_interrupt_main)
+    if force:  # a forced rerun starts afresh, resuming nothing (no live holder's _partial: ours now)
+        store.delete_prefix(f"{job.key}/_partial")
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from selma_core.errors import ConfigError
+from selma_core.errors import ConfigError, SelmaError
 from selma_core.storage.base import ArtifactStore, validate_key
 
 # Writes in progress; never listed, so a dead writer's leftovers are invisible to readers.
 TMP_PREFIX = ".selma-tmp-"
+# A full disk (ENOSPC) or an exhausted quota (EDQUOT): freeing space helps, so a retry can.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(SelmaError):
+    """A local folder (the store, the scratch/cache folder) ran out of space; retryable (exit 1)."""
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def no_space_error(folder: str | Path, needed: int | None = None, doing: str = "") -> NoSpaceError:
+    """A ``NoSpaceError`` naming the folder, its free space and what was needed, if known."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{_size(shutil.disk_usage(probe).free)} free"
+    except OSError:
+        free = "free space unknown"
+    need = f", {_size(needed)} needed" if needed is not None else ""
+    what = f" while {doing}" if doing else ""
+    return NoSpaceError(
+        f"no space left on device in {folder}{what} ({free}{need}); nothing was committed: free space "
+        "there (or point the folder at a larger disk) and rerun the job"
+    )
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -39,29 +72,36 @@ class LocalArtifactStore(ArtifactStore):
             raise FileNotFoundError(f"{self.url(key)}: no such object")
         return path.read_bytes()
 
-    def _atomic_write(self, key: str, write) -> None:
+    def _atomic_write(self, key: str, write, size: int | None = None) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+        except OSError as e:
+            if e.errno in NO_SPACE_ERRNOS:
+                raise no_space_error(path.parent, size, f"writing {self.url(key)}") from e
+            raise
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)  # frees what the partial write took
+            if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+                raise no_space_error(path.parent, size, f"writing {self.url(key)}") from e
             raise
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda f: f.write(data))
+        self._atomic_write(key, lambda f: f.write(data), len(data))
 
     def upload_file(self, local_path: Path, key: str) -> None:
         def copy(f) -> None:
             with open(local_path, "rb") as src:
                 shutil.copyfileobj(src, f, 1 << 20)
 
-        self._atomic_write(key, copy)
+        self._atomic_write(key, copy, Path(local_path).stat().st_size)
 
     def download_file(self, key: str, local_path: Path) -> None:
         src = self._path(key)
