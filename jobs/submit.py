@@ -263,7 +263,8 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         raise ConfigError(f"--phase {args.phase}: no such jobs in this pipeline (is merge_search.enabled?)")
     forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}"
+    # The pid too: two controllers started in the same second must not share (and overwrite) logs.
+    log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}-{os.getpid()}"
     executor = make_executor(cfg, cfg.executor.kind, str(log_dir), args.follow_logs, _echo)
     config_snapshot = log_dir / "config.yaml"
     job_config = executor.job_config_path or str(config_snapshot)
