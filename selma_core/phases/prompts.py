@@ -328,16 +328,36 @@ def _save_wave(store, partial: str, state: _LoopState, new_from: int) -> None:
 
 
 def _resume(store, partial: str, state: _LoopState, dedup) -> int:
-    """Replay saved waves into ``state``; how many there were."""
+    """Replay saved waves into ``state``; how many there were.
+
+    Waves are written atomically, so a damaged one was damaged in the store: it and every later
+    wave (their counters build on it) are dropped and regenerated. The good ones are rewritten as
+    one wave, so no stale later wave is ever replayed; a crash in between only loses the resume
+    state (the prompts are generated again), never mixes it."""
     keys = store.list_keys(partial)
-    for key in keys:
-        wave = store.read_json(key)
-        for record in wave["records"]:
-            dedup.index.add(record["text"])
+    before = len(state.records)  # the seeds
+    for done, key in enumerate(keys):
+        try:
+            wave = store.read_json(key)
+            records = list(wave["records"])
+            counters = (wave["requests"], wave["tokens"], wave["candidates"])
+            rejected, useless, samples = Counter(wave["rejected"]), wave["useless"], wave["samples"]
+            texts = [record["text"] for record in records]
+        except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON / not UTF-8
+            print(
+                f"warning: {store.url(key)}: damaged resume state ({type(e).__name__}: {e}); it and "
+                f"{len(keys) - done - 1} later wave(s) are dropped and generated again",
+                file=sys.stderr,
+            )
+            store.delete_prefix(partial)
+            if len(state.records) > before:
+                _save_wave(store, partial, state, before)
+            return done
+        for text, record in zip(texts, records, strict=True):
+            dedup.index.add(text)
             state.records.append(record)
-        state.requests, state.tokens, state.candidates = wave["requests"], wave["tokens"], wave["candidates"]
-        state.rejected = Counter(wave["rejected"])
-        state.useless, state.samples = wave["useless"], wave["samples"]
+        state.requests, state.tokens, state.candidates = counters
+        state.rejected, state.useless, state.samples = rejected, useless, samples
     return len(keys)
 
 

@@ -477,3 +477,48 @@ def test_an_in_process_lm_writing_garbage_is_rejected_with_samples(tiny_config, 
     message = str(info.value)
     assert "samples of what came back" in message and "rejected: {" in message
     assert not ctx.store.is_committed(ctx.job.key)
+
+
+def test_a_damaged_saved_wave_is_dropped_with_the_later_ones_and_generated_again(
+    tiny_config, tmp_path, capsys
+):
+    """A wave damaged in the store (never by a crash: waves are written atomically) is not trusted:
+    the waves before it are kept, it and the later ones are generated again, and the result is a
+    complete, duplicate-free prompt set."""
+    from selma_core.prompting.offline import OfflineTemplateGenerator
+
+    overrides = {"num_prompts": 40, "prompts_per_request": 3, "concurrency": 1}
+    ctx = make_context(tiny_config(prompts=overrides), "spatial", tmp_path / "store")
+    calls = []
+    complete_batch = OfflineTemplateGenerator.complete_batch
+
+    def dies_on_fourth_wave(self, requests):
+        calls.append(requests)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return complete_batch(self, requests)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OfflineTemplateGenerator, "complete_batch", dies_on_fourth_wave)
+        with pytest.raises(KeyboardInterrupt):
+            generate_prompts(ctx, "spatial")
+    waves = ctx.store.list_keys(f"{ctx.job.key}/_partial")
+    assert len(waves) == 3
+    first = ctx.store.read_json(waves[0])
+    ctx.store.write_bytes(waves[1], b'{"records": [{"te')  # damaged in the store
+
+    resumed = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            OfflineTemplateGenerator,
+            "complete_batch",
+            lambda self, r: (resumed.append([q.request_id for q in r]), complete_batch(self, r))[1],
+        )
+        stats = generate_prompts(ctx, "spatial")
+    err = capsys.readouterr().err
+    assert "damaged resume state" in err and ctx.store.url(waves[1]) in err
+    # the first wave is kept (its requests are not sent again); the damaged one on is regenerated
+    assert resumed[0] == [f"spatial-{first['requests']:05d}"]
+    texts = [r["text"] for r in committed_records(ctx, tmp_path / "fetch")]
+    assert len(texts) == 40 == stats["accepted"] and len(set(texts)) == 40
+    assert all(r["text"] in texts for r in first["records"])
