@@ -1,0 +1,442 @@
+"""Kill anywhere: a job killed with SIGKILL at any fault point (``selma_core.faults``) and run again
+completes, redoes no committed unit of work, and commits what an uninterrupted run commits.
+
+How: one uninterrupted reference run of a one-skill tiny pipeline (3 prompt waves, 4 image batches,
+4 training steps, 3 evaluated variants), the store copied before each phase. Each case starts from
+the copy taken before its phase (upstream outputs as the reference committed them), runs the phase's
+job with ``SELMA_FAULT`` set and checks it died by SIGKILL at that point leaving nothing committed,
+reruns the job without the fault, and compares every committed output with the reference's.
+Outputs are content-addressed by config, so a downstream job of a rerun reads exactly the bytes it
+read in the reference run (the loose files below are read by no downstream phase, but
+``merge.json``), and its output is the reference's: the last phase's cases compare the whole final
+store.
+
+Jobs run as ``jobs.run.main(argv)`` in processes forked from one "zygote" that imported torch,
+diffusers and MLflow once (a fresh ``python -m jobs.run`` spends ~5 s importing; the 38 jobs here
+would not fit the CI budget). Each job is a process of its own, killed as a pod would be; nothing
+computed is shared (the zygote imports modules and computes nothing before it forks).
+
+Bit-identical on CPU (sha256 of the committed file equals the reference's): prompts.jsonl, the
+image shard and images.jsonl, loss.json, the evaluation images, results.md, report.html, figures.
+Compared loosely (``LOOSE``), with why:
+- ``*.safetensors`` (expert, kohya, merged): every tensor bit-identical and the metadata equal; the
+  bytes may differ because safetensors writes its header's metadata map in a per-process random
+  order (a Rust HashMap), in uninterrupted runs too.
+- prompts ``stats.json``, ``expert.json``, eval ``results.json``: equal but for wall-clock times and
+  (eval) how many images came from the cache, which is exactly what a resumed run changes.
+- ``merge.json``: equal but for ``registered.version``: a kill after the MLflow registration and
+  before the commit leaves that version behind, and the rerun registers the next one.
+- ``answers.sqlite`` (the evaluation answer cache): the same rows but for their ``created_at``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_config
+
+from selma_core.storage import LocalArtifactStore
+from selma_core.storage.base import MANIFEST
+
+pytestmark = pytest.mark.slow
+
+SKILL = "counting"  # 12 seeds
+PHASES = [("prompts", SKILL), ("images", SKILL), ("train", SKILL), ("merge", None), ("eval", None)]
+OVERRIDES = {
+    "skills": [SKILL],
+    # 12 seeds + 3 waves of one request for 2 prompts; 4 of the 18 held out -> 14 training prompts.
+    "prompts": {"num_prompts": 18, "prompts_per_request": 2, "concurrency": 1},
+    "images": {"batch_size": 4},  # 14 images in 4 batches, one shard
+    "train": {"steps": 4, "log_every": 1},
+    # 4 held-out prompts x 3 variants (base, expert:counting, merged) = 12 images.
+    "eval": {"bootstrap_resamples": 100, "report_samples_per_skill": 1},
+}
+JOB_TIMEOUT_S = 300
+
+# The zygote: imports the heavy modules once, then forks one process per job request (a JSON line
+# on stdin) and answers with the job's exit status (negative: the signal that killed it).
+ZYGOTE = r"""
+import atexit, importlib, json, os, signal, sys, traceback
+import torch, mlflow, jobs.run
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+for name in sys.argv[1:]:  # what the jobs import: only an optimisation, so a missing one is skipped
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+print(json.dumps({"ready": True, "threads": len(os.listdir("/proc/self/task"))}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            os.environ.pop("SELMA_FAULT", None)
+            os.environ.update(request["env"])
+            signal.alarm(request["timeout"])
+            code = jobs.run.main(request["argv"])
+            atexit._run_exitfuncs()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+# Modules the jobs import (found by diffing sys.modules in a job): each costs every job its import.
+PRELOAD = [
+    "peft",
+    "matplotlib.pyplot",
+    "matplotlib.backends.backend_agg",
+    "PIL.JpegImagePlugin",
+    "diffusers.guiders",
+    "git",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.store.db.utils",
+    "mlflow.pyfunc",
+    "mlflow.diffusers",
+    "mlflow.tracing.export",
+    "mlflow.tracing.processor",
+    "selma_core.tracking.mlflow_tracker",
+    "selma_core.report",
+    "selma_core.context",
+    "selma_core.provenance",
+    "selma_core.phases.prompts",
+    "selma_core.phases.images",
+    "selma_core.phases.train",
+    "selma_core.phases.merge",
+    "selma_core.phases.evaluate",
+    "selma_core.lora",
+    "selma_core.merging",
+    "selma_core.models.loading",
+    "selma_core.metrics.clip_score",
+    "selma_core.metrics.suite",
+    "selma_core.metrics.summary",
+    "selma_core.metrics.eval_sets",
+    "selma_core.metrics.answer_cache",
+    "selma_core.storage.lease",
+    "selma_core.prompting.offline",
+    "selma_core.prompting.dedup",
+    "selma_core.prompting.stats",
+]
+
+
+@dataclass
+class Job:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def result(self) -> dict:
+        lines = [line for line in self.stdout.splitlines() if line.startswith("{")]
+        assert lines, f"no result line; stderr:\n{self.stderr[-3000:]}"
+        return json.loads(lines[-1])
+
+
+class Zygote:
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.count = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE, *PRELOAD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={
+                **os.environ,
+                # One thread per job: 2 shared cores, and the same reductions in every run.
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+                # pyarrow's jemalloc (imported by MLflow) would start a background thread.
+                "JE_ARROW_MALLOC_CONF": "background_thread:false",
+            },
+        )
+        ready = json.loads(self.process.stdout.readline())
+        # Forking is safe only from a process with no other thread (none holds a lock then).
+        assert ready == {"ready": True, "threads": 1}, ready
+
+    def run(self, config: Path, phase: str, skill: str | None, fault: str | None = None) -> Job:
+        self.count += 1
+        out, err = self.logs / f"{self.count:03d}-{phase}.out", self.logs / f"{self.count:03d}-{phase}.err"
+        argv = ["--phase", phase, "--config", str(config), *(["--skill", skill] if skill else [])]
+        request = {
+            "argv": argv,
+            "env": {"SELMA_FAULT": fault} if fault else {},
+            "stdout": str(out),
+            "stderr": str(err),
+            "timeout": JOB_TIMEOUT_S,
+        }
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        code = json.loads(self.process.stdout.readline())["returncode"]
+        return Job(code, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@dataclass
+class Reference:
+    work: Path  # every case runs here: the same paths (config, store, MLflow) as the reference
+    config: Path
+    snapshots: list[Path]  # snapshots[i]: the work folder before phase i; [-1]: after the last
+    keys: dict[str, str]  # phase -> its output key
+    jobs: dict[str, Job]  # phase -> the reference job
+    zygote: Zygote
+
+    def reset(self, phase: str) -> LocalArtifactStore:
+        shutil.rmtree(self.work)
+        shutil.copytree(self.snapshots[phase_index(phase)], self.work)
+        return LocalArtifactStore(self.work / "store")
+
+    def run(self, phase: str, fault: str | None = None) -> Job:
+        return self.zygote.run(self.config, phase, dict(PHASES)[phase], fault)
+
+
+def phase_index(phase: str) -> int:
+    return [p for p, _ in PHASES].index(phase)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_cache):
+    base = tmp_path_factory.mktemp("kill-anywhere")
+    work = base / "work"
+    work.mkdir()
+    config = write_config(work, model_cache, **OVERRIDES)
+    (base / "logs").mkdir()
+    zygote = Zygote(base / "logs")
+    snapshots, keys, jobs = [], {}, {}
+    try:
+        # A job killed at its start creates the MLflow database: no case pays for creating it.
+        assert zygote.run(config, "prompts", SKILL, "job.start").returncode == -9
+        for i, (phase, skill) in enumerate(PHASES):
+            snapshots.append(shutil.copytree(work, base / f"before-{i}-{phase}"))
+            job = zygote.run(config, phase, skill)
+            assert job.returncode == 0, job.stderr[-5000:]
+            jobs[phase] = job
+            keys[phase] = job.result["output"].split("/store/", 1)[1]
+        snapshots.append(shutil.copytree(work, base / "final"))
+        yield Reference(work, config, snapshots, keys, jobs, zygote)
+    finally:
+        zygote.close()
+
+
+# -- comparing committed outputs ----------------------------------------------------------------
+
+
+def committed(store_root: Path) -> dict[str, dict]:
+    """key -> manifest, for every committed output under a store folder."""
+    return {
+        m.parent.relative_to(store_root).as_posix(): json.loads(m.read_text())
+        for m in store_root.rglob(MANIFEST)
+    }
+
+
+def _safetensors(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def _json_without(*fields: str):
+    def normalize(path: Path):
+        data = json.loads(path.read_text())
+        for name in fields:
+            parent, _, leaf = name.rpartition(".")
+            ((data.get(parent) or {}) if parent else data).pop(leaf, None)
+        return data
+
+    return normalize
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _answers(path: Path):
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT backend, version, image_sha256, text, template, answer, score FROM answers")
+        return sorted(rows.fetchall(), key=repr)
+
+
+# Files compared by content rather than by bytes (see the module docstring for why).
+LOOSE = {
+    "stats.json": _json_without("wall_s", "prompts_per_s"),
+    "expert.json": _json_without("wall_s", "images_per_s"),
+    "merge.json": _json_without("registered.version"),
+    "results.json": _json_without("wall_s", "cache"),
+    "answers.sqlite": _answers,
+}
+# How to compare the content of a file expected bit-identical that is not (telling a gap apart).
+CONTENT = {"prompts.jsonl": _records}
+
+
+def _equal_content(a: Path, b: Path, rel: str) -> bool:
+    if rel.endswith(".safetensors"):
+        (meta_a, tensors_a), (meta_b, tensors_b) = _safetensors(a), _safetensors(b)
+        return (
+            meta_a == meta_b
+            and tensors_a.keys() == tensors_b.keys()
+            and all(
+                tensors_a[k].dtype == tensors_b[k].dtype and tensors_a[k].equal(tensors_b[k])
+                for k in tensors_a
+            )
+        )
+    compare = {**LOOSE, **CONTENT}.get(Path(rel).name)
+    return compare is not None and compare(a) == compare(b)
+
+
+def compare_outputs(store_root: Path, reference_root: Path) -> dict[str, str]:
+    """How the committed outputs differ from the reference's: {} when every file is equal, bit for
+    bit or (``LOOSE`` files) in content; else file -> "bytes" (expected bit-identical, the same
+    content) or "content"."""
+    ours, theirs = committed(store_root), committed(reference_root)
+    assert sorted(ours) == sorted(theirs)
+    problems = {}
+    for key, manifest in ours.items():
+        files, reference_files = manifest["files"], theirs[key]["files"]
+        assert sorted(files) == sorted(reference_files), key
+        for rel, info in files.items():
+            if info["sha256"] == reference_files[rel]["sha256"]:
+                continue
+            ours_path = store_root / key / info["object"]
+            reference_path = reference_root / key / reference_files[rel]["object"]
+            same = _equal_content(ours_path, reference_path, rel)
+            if not (same and (rel.endswith(".safetensors") or Path(rel).name in LOOSE)):
+                problems[f"{key}/{rel}"] = "bytes" if same else "content"
+    return problems
+
+
+def attempts(store: LocalArtifactStore, key: str) -> dict[str, list[str]]:
+    """attempt folder -> its files, under an output key (committed or not)."""
+    found: dict[str, list[str]] = {}
+    for k in store.list_keys(key):
+        rest = k[len(key) + 1 :]
+        if "/" in rest and not rest.startswith("_partial/"):
+            attempt, rel = rest.split("/", 1)
+            found.setdefault(attempt, []).append(rel)
+    return found
+
+
+# -- the cases ----------------------------------------------------------------------------------
+
+CASES = [
+    # (phase, SELMA_FAULT): early, mid-write of an output, during a checkpoint or output upload,
+    # just before and just after the completion marker (the manifest).
+    ("prompts", "job.start"),
+    ("prompts", "prompts.after_wave@2"),
+    ("prompts", "store.commit.before_manifest"),
+    ("prompts", "store.commit.after_manifest"),
+    ("images", "job.start"),
+    ("images", "images.after_batch@2"),
+    ("images", "store.upload.mid@1"),
+    ("train", "train.after_step@2"),
+    ("train", "store.upload.mid@2"),
+    ("train", "store.commit.before_manifest"),
+    ("merge", "job.start"),
+    ("merge", "merge.before_commit"),
+    ("eval", "job.start"),
+    ("eval", "eval.after_variant@1"),
+    ("eval", "store.upload.mid@3"),
+    ("eval", "store.commit.before_manifest@1"),
+]
+# KNOWN GAPS, reported and not fixed here (file -> how it differs from the uninterrupted run's):
+KNOWN_GAPS = {
+    # Saved waves are JSON with sorted keys (the store's write_json): a resumed job writes each record
+    # replayed from one with its fields in another order: the same records, other bytes (the images
+    # phase parses them: its output is unchanged).
+    ("prompts", "prompts.after_wave@2"): {"prompts.jsonl": "bytes"},
+    # ... and when every wave was saved, the rerun opens no backend and stats.json says "model": null.
+    ("prompts", "store.commit.before_manifest"): {"prompts.jsonl": "bytes", "stats.json": "content"},
+}
+
+RESUMING = re.compile(r"resuming: (\d+) prompts from (\d+) saved waves")
+EVAL_IMAGES = re.compile(r"eval: (\d+) image\(s\) from the cache, (\d+) drawn")
+EVAL_SCORED = re.compile(r"eval: clip_score: (\d+) pair\(s\) scored")
+
+
+@pytest.mark.parametrize(("phase", "fault"), CASES, ids=[f"{p}-{f}" for p, f in CASES])
+def test_killed_job_reruns_to_the_reference_output(reference, phase, fault):
+    store = reference.reset(phase)
+    key = reference.keys[phase]
+
+    killed = reference.run(phase, fault)
+    assert killed.returncode == -9, f"expected death by SIGKILL at {fault}:\n{killed.stderr[-5000:]}"
+    assert f"SELMA_FAULT: SIGKILL at {fault}" in killed.stderr
+    after_marker = fault.startswith("store.commit.after_manifest")
+    # Nothing that looks finished, unless the kill came after the completion marker itself.
+    assert store.is_committed(key) == after_marker
+    orphans = attempts(store, key)
+    upload = re.fullmatch(r"store\.upload\.mid@(\d+)", fault)
+    if upload:  # the output's first files, uploaded under an attempt folder no manifest names
+        n = int(upload.group(1))
+        # (eval also commits its answer cache, one file, before or after its output)
+        assert [len(files) for files in orphans.values()] in ([[n], [n - 1]] if phase == "eval" else [[n]])
+    waves = store.list_keys(f"{key}/_partial")
+    saved = [store.read_json(k) for k in waves]
+    cached_images = len(store.list_keys("cache/eval-images"))
+    answers_committed = store.is_committed("cache/answers/eval")
+
+    rerun = reference.run(phase)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    assert rerun.result["status"] == ("skipped" if after_marker else "ran")
+    if not after_marker:  # a new attempt, whole; the killed one's files are never named
+        assert store.read_manifest(key)["attempt"] not in orphans
+
+    # What the rerun redid: nothing committed before the kill, at most the unit in flight.
+    reference_result = reference.jobs[phase].result["result"]
+    if phase == "prompts" and not after_marker:
+        resumed = RESUMING.search(rerun.stderr)
+        if saved:  # every saved wave replayed, its requests not sent again
+            assert resumed and int(resumed.group(2)) == len(saved), rerun.stderr[-3000:]
+            assert int(resumed.group(1)) == reference_result["seeds"] + sum(len(w["records"]) for w in saved)
+            redone = reference_result["requests"] - saved[-1]["requests"]
+            assert redone == {"prompts.after_wave@2": 1, "store.commit.before_manifest": 0}[fault]
+        else:
+            assert fault == "job.start" and not resumed
+    if phase == "prompts" and after_marker:  # skipped; the saved waves are left behind, unread
+        assert len(waves) == reference_result["requests"]
+    if phase == "images":  # one shard per skill, not resumed within: the unit in flight is all of it
+        assert rerun.result["result"]["images"] == reference_result["images"] == 14
+    if phase == "train":  # no checkpoint within a job: the unit in flight is the whole training
+        assert rerun.result["result"]["steps"] == 4
+    if phase == "merge":
+        registered = rerun.result["result"]["registered"]["version"]
+        # Registered before the commit: a kill in between leaves version 1 behind, unaliased.
+        assert registered == {"job.start": "1", "merge.before_commit": "2"}[fault]
+    if phase == "eval":
+        # Images are cached in the store one by one as they are drawn: none is drawn twice.
+        assert cached_images == {"job.start": 0, "eval.after_variant@1": 4}.get(fault, 12)
+        assert EVAL_IMAGES.search(rerun.stdout).groups() == (str(cached_images), str(12 - cached_images))
+        # Scores are cached too, but committed when the job ends: a kill before loses them.
+        scored = EVAL_SCORED.search(rerun.stdout)[1]
+        assert scored == ("0" if answers_committed else EVAL_SCORED.search(reference.jobs["eval"].stdout)[1])
+
+    after = reference.snapshots[phase_index(phase) + 1]
+    problems = {Path(k).name: how for k, how in compare_outputs(store.root, after / "store").items()}
+    assert problems == KNOWN_GAPS.get((phase, fault), {})
+    if fault == "store.commit.before_manifest" and phase == "prompts":
+        assert json.loads(store.read_output_file(key, "stats.json"))["model"] is None
+    if problems:
+        pytest.xfail(f"known gaps: {problems}")
