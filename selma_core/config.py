@@ -44,12 +44,22 @@ class StorageConfig:
     region: str | None = None
     # How often an unreachable endpoint is retried (with backoff) before the job fails naming it.
     connect_retries: int = 3
+    # An endpoint that answered once and then stops answering (an outage, a restart) is retried
+    # beyond connect_retries: each operation keeps trying, with exponential backoff capped at
+    # retry_backoff_max_s, for retry_budget_s seconds from its first failure; then the job fails
+    # (exit 1) naming the endpoint. An endpoint never reached (a wrong URL) fails after connect_retries.
+    retry_budget_s: float = 300.0
+    retry_backoff_max_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.uri.startswith(("file://", "s3://")):
             raise ValueError(f"uri: expected file://PATH or s3://BUCKET/PREFIX, got {self.uri!r}")
         if self.connect_retries < 0:
             raise ValueError(f"connect_retries: expected >= 0, got {self.connect_retries}")
+        if self.retry_budget_s < 0:
+            raise ValueError(f"retry_budget_s: expected >= 0, got {self.retry_budget_s}")
+        if not self.retry_backoff_max_s > 0:
+            raise ValueError(f"retry_backoff_max_s: expected > 0, got {self.retry_backoff_max_s}")
 
 
 @dataclass
@@ -60,12 +70,27 @@ class TrackingConfig:
     # Registered model name for merged models; defaults to the pipeline name.
     registered_model_name: str | None = None
     connect_retries: int = 3
+    # Tracking never fails finished work: when the server stops answering mid-job, a job's metrics,
+    # params, tags and small JSON artifacts are buffered in order in a local file (at most
+    # buffer_max_mb) and flushed by the next call that reaches the server (tried at most every
+    # retry_interval_s) or at the job's end, which waits up to flush_budget_s for the server; past
+    # that the job ends with its output committed and names the buffer file to replay.
+    flush_budget_s: float = 120.0
+    retry_interval_s: float = 5.0
+    # None: selma-tracking-buffer/ in the system's temporary folder.
+    buffer_dir: str | None = None
+    buffer_max_mb: int = 256
 
     def __post_init__(self) -> None:
         if not self.uri.startswith(("sqlite:///", "http://", "https://")):
             raise ValueError(f"uri: expected sqlite:///PATH or http(s)://HOST:PORT, got {self.uri!r}")
         if self.connect_retries < 0:
             raise ValueError(f"connect_retries: expected >= 0, got {self.connect_retries}")
+        for name in ("flush_budget_s", "retry_interval_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.buffer_max_mb < 1:
+            raise ValueError(f"buffer_max_mb: expected >= 1, got {self.buffer_max_mb}")
 
 
 # Where this machine keeps things, as (section, key): left out of the config hash.

@@ -21,7 +21,14 @@ def open_store(cfg: StorageConfig, check: bool = True) -> ArtifactStore:
     else:
         from selma_core.storage.s3 import S3ArtifactStore  # boto3 only where S3 is used
 
-        store = S3ArtifactStore(cfg.uri, cfg.endpoint_url, cfg.region, cfg.connect_retries)
+        store = S3ArtifactStore(
+            cfg.uri,
+            cfg.endpoint_url,
+            cfg.region,
+            cfg.connect_retries,
+            retry_budget_s=cfg.retry_budget_s,
+            retry_backoff_max_s=cfg.retry_backoff_max_s,
+        )
     if check:
         store.check()
     return store

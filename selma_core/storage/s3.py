@@ -1,11 +1,25 @@
 """``s3://bucket/prefix`` store through boto3 (AWS, MinIO, Ceph, moto: any S3-compatible endpoint).
 
-Large files go through boto3's managed transfers (multipart, parallel parts). Connection failures
-are retried by botocore a bounded number of times, then reported naming the endpoint.
+Large files go through boto3's managed transfers (multipart, parallel parts).
+
+Failures are retried at two levels. botocore retries each request ``connect_retries`` times
+("standard" mode: exponential backoff with jitter), which rides out a dropped connection. Above it,
+an endpoint this store has reached once (its ``check`` or any operation succeeded) and that then
+stops answering (a restart, a network outage) is retried per operation with exponential backoff
+(capped at ``retry_backoff_max_s``) for ``retry_budget_s`` seconds from the operation's first
+failure; then the operation raises ``EndpointError`` naming the endpoint, the attempts and the time
+spent (exit code 1: worth retrying later). An endpoint never reached (a wrong URL, no route) fails
+after botocore's retries alone: waiting minutes cannot fix a typo. Errors a retry cannot fix (no
+such key, bucket, permission) are raised at once. Every retried operation is idempotent: a PUT
+replaces the whole object, the commit protocol writes files under a fresh attempt folder and the
+manifest last, so a retried upload never exposes half an output.
 """
 
 from __future__ import annotations
 
+import random
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +28,20 @@ from selma_core.storage.base import ArtifactStore, validate_key
 
 # Error codes that a retry cannot fix.
 PERMANENT_ERRORS = ("403", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+# Error codes of an endpoint that is up but overloaded or restarting: retried like no answer at all.
+TRANSIENT_ERRORS = (
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+)
 
 
 class S3ArtifactStore(ArtifactStore):
@@ -23,6 +51,8 @@ class S3ArtifactStore(ArtifactStore):
         endpoint_url: str | None = None,
         region: str | None = None,
         connect_retries: int = 3,
+        retry_budget_s: float = 300.0,
+        retry_backoff_max_s: float = 30.0,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -35,6 +65,10 @@ class S3ArtifactStore(ArtifactStore):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.endpoint_url = endpoint_url
+        self.retry_budget_s = retry_budget_s
+        self.retry_backoff_max_s = retry_backoff_max_s
+        # Set once the endpoint answered: from then on, no answer is an outage worth waiting out.
+        self.reached = False
         config = Config(
             retries={"max_attempts": connect_retries + 1, "mode": "standard"},
             connect_timeout=5,
@@ -53,26 +87,99 @@ class S3ArtifactStore(ArtifactStore):
         return f"S3 endpoint {self.endpoint_url or 'AWS default'} (bucket {self.bucket})"
 
     def _call(self, what: str, key: str, fn, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, S3 errors mapped to the job contract's, outages retried (see the
+        module's docstring): ``fn`` must be safe to call again after a failure."""
+        attempts, first_failure = 0, None
+        while True:
+            attempts += 1
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                error = self._classify(what, key, e)
+                if not isinstance(error, EndpointError) or not self._transient(e) or not self.reached:
+                    if error is e:
+                        raise
+                    raise error from e
+                # The budget counts from the first failure (after botocore's own retries of that
+                # attempt); the operation gives up at most one attempt past it.
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                spent = now - first_failure
+                # Full jitter: many jobs hitting one recovering endpoint do not retry in lockstep.
+                delay = min(self.retry_backoff_max_s, 2.0 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+                if spent + delay > self.retry_budget_s:
+                    raise EndpointError(
+                        f"{error} (gave up after {attempts} attempts over {spent:.0f} s: "
+                        f"storage.retry_budget_s is {self.retry_budget_s:g} s)"
+                    ) from e
+                print(
+                    f"storage: {what} {self.url(key)}: {self._where()} not answering ({type(e).__name__}); "
+                    f"attempt {attempts}, retrying in {delay:.1f} s (giving up {self.retry_budget_s:g} s "
+                    "after the first failure)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(delay)
+                continue
+            self.reached = True
+            return result
+
+    def _classify(self, what: str, key: str, e: Exception) -> Exception:
+        """The error to raise for ``e``: FileNotFoundError, ConfigError (exit 2), EndpointError (exit
+        1), or ``e`` itself when it is not an S3 error."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            return fn(*args, **kwargs)
-        except ClientError as e:
+        if isinstance(e, ClientError):
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise FileNotFoundError(f"{self.url(key)}: no such object") from e
+                return FileNotFoundError(f"{self.url(key)}: no such object")
             if code in PERMANENT_ERRORS:  # retrying cannot help: a missing bucket, no permission
-                raise ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}") from e
-            raise EndpointError(f"{what} {self.url(key)} failed at {self._where()}: {e}") from e
-        except (BotoCoreError, Boto3Error) as e:  # Boto3Error: managed transfers' S3UploadFailedError
-            raise EndpointError(f"{what} {self.url(key)}: cannot reach {self._where()}: {e}") from e
+                return ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}")
+            return EndpointError(f"{what} {self.url(key)} failed at {self._where()}: {e}")
+        if isinstance(e, (BotoCoreError, Boto3Error)):  # Boto3Error: S3UploadFailedError and the like
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, ClientError):  # a managed transfer's wrapped refusal
+                inner = self._classify(what, key, cause)
+                if not isinstance(inner, EndpointError):
+                    return inner
+            if any(code in str(e) for code in PERMANENT_ERRORS[1:]):
+                return ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}")
+            return EndpointError(f"{what} {self.url(key)}: cannot reach {self._where()}: {e}")
+        return e
+
+    @staticmethod
+    def _transient(e: BaseException) -> bool:
+        """No answer, a dropped connection, a timeout or an overloaded endpoint: worth waiting out.
+        Missing credentials, invalid parameters and other refusals are not."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            ResponseStreamingError,
+        )
+
+        if isinstance(e, ClientError):
+            error = e.response.get("Error", {})
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return error.get("Code", "") in TRANSIENT_ERRORS or status >= 500
+        if isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
+            return True  # EndpointConnectionError, ConnectionClosedError, timeouts, resets
+        if isinstance(e, Boto3Error):  # a managed transfer's failure: transient unless it wraps a refusal
+            cause = e.__cause__ or e.__context__
+            if cause is not None and cause is not e:
+                return S3ArtifactStore._transient(cause)
+            return not any(code in str(e) for code in PERMANENT_ERRORS)
+        return isinstance(e, OSError)
 
     def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            self.reached = True
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchBucket", *PERMANENT_ERRORS):

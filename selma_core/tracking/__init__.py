@@ -38,10 +38,16 @@ def open_tracker(cfg: TrackingConfig, check: bool = True) -> Tracker:
     from selma_core.tracking.mlflow_tracker import ServerMlflowTracker, SqliteMlflowTracker
 
     tracker: Tracker
+    buffering = {
+        "flush_budget_s": cfg.flush_budget_s,
+        "retry_interval_s": cfg.retry_interval_s,
+        "buffer_dir": cfg.buffer_dir,
+        "buffer_max_mb": cfg.buffer_max_mb,
+    }
     if cfg.uri.startswith("sqlite:///"):
-        tracker = SqliteMlflowTracker(cfg.uri, cfg.connect_retries)
+        tracker = SqliteMlflowTracker(cfg.uri, cfg.connect_retries, **buffering)
     else:
-        tracker = ServerMlflowTracker(cfg.uri, cfg.connect_retries)
+        tracker = ServerMlflowTracker(cfg.uri, cfg.connect_retries, **buffering)
     if check:
         tracker.check()
     return tracker

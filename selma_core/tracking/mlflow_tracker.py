@@ -3,12 +3,30 @@
 The two differ only in how they are reached: the embedded store needs its folder, a server needs a
 bounded wait for ``/health`` so an unreachable endpoint fails fast with its address instead of
 MLflow's default of minutes of retries.
+
+Tracking never fails finished work. Once a job's run is open, a tracking server that stops
+answering (a restart, an outage) does not stop the job: ``log_params``, ``log_metrics``,
+``set_tags``, ``log_dict``, ``log_artifact`` and the run's end are kept, in call order, in a local
+buffer file (``tracking.buffer_dir``, at most ``tracking.buffer_max_mb``; artifacts are copied
+beside it), with each metric's own timestamp and step. While records wait, every call appends to
+the buffer (order is kept) and, at most every ``tracking.retry_interval_s``, probes the server and
+flushes the buffer when it answers; ``end_job_run`` waits up to ``tracking.flush_budget_s`` for it.
+If it does not come back in time, the job still ends as its work did (its output is committed:
+the store is the source of truth), and stderr names the server, the buffer file and the command
+that replays it later (``python -m selma_core.tracking.mlflow_tracker replay FILE``). Replaying is
+idempotent: MLflow ignores a metric logged twice with the same step, timestamp and value.
+Errors a retry cannot fix (an invalid parameter, a deleted run) are raised as before.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +40,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -32,40 +55,307 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# MLflow errors of a server that is down, restarting or overloaded; anything else is a refusal.
+TRANSIENT_MLFLOW_ERRORS = (
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+)
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+MAX_PARAMS_PER_BATCH = 100
+
+
+def is_transient(error: BaseException) -> bool:
+    """A tracking failure worth waiting out: no answer, a timeout, a 5xx, a locked database."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_MLFLOW_ERRORS
+    return isinstance(error, (requests.RequestException, ConnectionError, TimeoutError))
+
+
+def _apply(client, run_id: str, record: dict[str, Any]) -> None:
+    """Send one tracking record (see ``TrackingBuffer``) to MLflow."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = record["kind"]
+    if kind == "metrics":
+        batch = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+        for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH])
+    elif kind == "params":
+        batch = [Param(k, v) for k, v in record["params"].items()]
+        for start in range(0, len(batch), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=batch[start : start + MAX_PARAMS_PER_BATCH])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif kind == "dict":
+        client.log_dict(run_id, record["data"], record["artifact_file"])
+    elif kind == "artifact":
+        if Path(record["path"]).is_dir():
+            client.log_artifacts(run_id, record["path"], record["artifact_path"])
+        else:
+            client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif kind == "terminate":
+        client.set_terminated(run_id, record["status"], end_time=record.get("end_time"))
+    else:
+        raise ValueError(f"unknown tracking record kind {kind!r}")
+
+
+class TrackingBuffer:
+    """Tracking records that the server has not accepted yet, in order, in a JSON Lines file.
+
+    The first line names the tracking URI and the run; each further line is one record:
+    ``{"kind": "metrics", "metrics": [[key, value, timestamp_ms, step], ...]}``, ``params``,
+    ``tags``, ``dict`` (a small JSON artifact), ``artifact`` (a copy beside the file) or
+    ``terminate`` (the run's end). Memory holds only the read position: the file is the buffer.
+    """
+
+    def __init__(self, path: Path, tracking_uri: str, run_id: str, max_bytes: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.pending = 0
+        self.dropped = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = json.dumps({"kind": "run", "tracking_uri": tracking_uri, "run_id": run_id}) + "\n"
+        self.path.write_text(header, encoding="utf-8")
+        self.offset = len(header.encode())  # where the first record not yet sent starts
+        self.size = self.offset
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.path.with_name(self.path.stem + "-artifacts")
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, allow_nan=True) + "\n").encode()
+        if self.size + len(line) > self.max_bytes:
+            self.dropped += 1  # bounded: past the limit, records are counted, not kept
+            return
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+        self.size += len(line)
+        self.pending += 1
+
+    def flush(self, client, run_id: str, on_refused=None) -> None:
+        """Send every pending record in order; consecutive metrics go in shared batches. A transient
+        error stops the flush (the rest stays buffered); a refusal skips that one record."""
+        for end, count, record in _merged_records(self.path, self.offset):
+            try:
+                _apply(client, run_id, record)
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                if on_refused is None:
+                    raise
+                on_refused(record, e)
+            self.offset = end
+            self.pending -= count
+        self.pending = 0
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.artifacts_dir, ignore_errors=True)
+
+
+def _merged_records(path: Path, offset: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(end offset, records merged, record) from ``offset`` on, consecutive metrics merged into
+    batches of at most MAX_METRICS_PER_BATCH (so a replay of thousands of steps is few requests)."""
+    batch: list = []
+    merged = 0
+    end = offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # a record cut by a crash mid-write: not a whole record
+            record = json.loads(line)
+            if record["kind"] == "metrics" and len(batch) + len(record["metrics"]) <= MAX_METRICS_PER_BATCH:
+                batch.extend(record["metrics"])
+                merged += 1
+                end += len(line)
+                continue
+            if batch:
+                yield end, merged, {"kind": "metrics", "metrics": batch}
+                batch, merged = [], 0
+            end += len(line)
+            if record["kind"] == "metrics":
+                batch, merged = list(record["metrics"]), 1
+                continue
+            yield end, 1, record
+    if batch:
+        yield end, merged, {"kind": "metrics", "metrics": batch}
+
+
+def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Send a buffer file that a job left behind (the server was down past its flush budget) to
+    MLflow, at the URI the file names unless ``tracking_uri`` is given; then delete it. The number
+    of records sent."""
+    from mlflow.tracking import MlflowClient
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        header_line = f.readline()
+    header = json.loads(header_line)
+    uri = tracking_uri or header["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    sent = 0
+    for _, count, record in _merged_records(path, len(header_line)):
+        _apply(client, header["run_id"], record)
+        sent += count
+    path.unlink()
+    shutil.rmtree(path.with_name(path.stem + "-artifacts"), ignore_errors=True)
+    return sent
+
+
 class MlflowJobRun(JobRun):
     def __init__(self, tracker: MlflowTracker, run_id: str) -> None:
         self.tracker = tracker
         self.client = tracker.client
         self.run_id = run_id
+        self.buffer: TrackingBuffer | None = None
+        self._next_try = 0.0
+
+    # -- buffering -----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records waiting in the buffer for the server."""
+        return self.buffer.pending if self.buffer is not None else 0
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Send ``record`` now, or buffer it behind the records already waiting (order is kept)."""
+        if self.pending:
+            self._buffer().append(record)
+            if time.monotonic() >= self._next_try:
+                self._try_flush()
+            return
+        try:
+            _apply(self.client, self.run_id, record)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            self._start_buffering(e)
+            self._buffer().append(record)
+
+    def _start_buffering(self, error: Exception) -> None:
+        self._next_try = time.monotonic() + self.tracker.retry_interval_s
+        print(
+            f"tracking: MLflow at {self.tracker.uri} is not answering ({_short(error)}); the job goes on, "
+            f"buffering run {self.run_id}'s records in {self._buffer().path} (retried every "
+            f"{self.tracker.retry_interval_s:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _buffer(self) -> TrackingBuffer:
+        if self.buffer is None:
+            folder = Path(self.tracker.buffer_dir or Path(tempfile.gettempdir()) / "selma-tracking-buffer")
+            self.buffer = TrackingBuffer(
+                folder / f"{self.run_id}.jsonl", self.tracker.uri, self.run_id, self.tracker.buffer_max_bytes
+            )
+        return self.buffer
+
+    def _try_flush(self) -> bool:
+        """One attempt to send the buffer; True when it is empty."""
+        self._next_try = time.monotonic() + self.tracker.retry_interval_s
+        if not self.tracker.reachable():
+            return False
+        try:
+            self.buffer.flush(self.client, self.run_id, on_refused=self._refused)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            return False
+        print(
+            f"tracking: MLflow at {self.tracker.uri} answers again; run {self.run_id}'s buffered records "
+            "are sent",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.buffer.remove()
+        self.buffer = None
+        return True
+
+    def _refused(self, record: dict[str, Any], error: Exception) -> None:
+        print(
+            f"tracking: MLflow at {self.tracker.uri} refused a buffered {record['kind']} record of run "
+            f"{self.run_id}: {_short(error)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def drain(self, budget_s: float) -> bool:
+        """Wait up to ``budget_s`` for the server to take every buffered record; True when done.
+        When it does not, stderr says where the records are and how to replay them."""
+        if not self.pending:
+            return True
+        deadline = time.monotonic() + budget_s
+        delay = 0.5
+        while True:
+            if self._try_flush():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+        dropped = f"; {self.buffer.dropped} more were dropped (buffer_max_mb)" if self.buffer.dropped else ""
+        print(
+            f"tracking: MLflow at {self.tracker.uri} did not answer within tracking.flush_budget_s "
+            f"({budget_s:g} s) of the job's end. The job's outcome stands (a committed output is in the "
+            f"store, the source of truth); {self.pending} tracking records of run {self.run_id} "
+            f"(metrics, params, tags, its end) are kept in {self.buffer.path}{dropped}. Replay them when "
+            f"the server is back: python -m selma_core.tracking.mlflow_tracker replay {self.buffer.path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+
+    # -- what phases record --------------------------------------------------------------------
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = _flatten(params)
-        batch = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-        for start in range(0, len(batch), 100):
-            self.client.log_batch(self.run_id, params=batch[start : start + 100])
+        self._record({"kind": "params", "params": {k: str(v)[:6000] for k, v in flat.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        now = int(time.time() * 1000)  # the time of the measurement, kept when buffered
+        self._record(
+            {"kind": "metrics", "metrics": [[k, float(v), now, step or 0] for k, v in metrics.items()]}
+        )
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
-        if Path(local_path).is_dir():
-            self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
+        record = {"kind": "artifact", "path": str(local_path), "artifact_path": artifact_path}
+        if not self.pending:
+            try:
+                _apply(self.client, self.run_id, record)
+                return
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self._start_buffering(e)
+        # Buffered: the caller may delete its file once this returns, so the buffer keeps a copy.
+        local_path = Path(local_path)
+        copy = self._buffer().artifacts_dir / f"{self.buffer.size}" / local_path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if local_path.is_dir():
+            shutil.copytree(local_path, copy)
         else:
-            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+            shutil.copy2(local_path, copy)
+        record["path"] = str(copy)
+        if self.pending:
+            self._record(record)
+        else:
+            self.buffer.append(record)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self._record({"kind": "dict", "data": data, "artifact_file": artifact_file})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._record({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
         self.tracker.set_model_version_tags(name, version, tags)
@@ -141,11 +431,24 @@ def _log_adapter_model(adapter_dir: Path, base_model: str, model_name: str, revi
 
 
 class MlflowTracker(Tracker):
-    def __init__(self, uri: str, connect_retries: int = 3) -> None:
+    def __init__(
+        self,
+        uri: str,
+        connect_retries: int = 3,
+        *,
+        flush_budget_s: float = 120.0,
+        retry_interval_s: float = 5.0,
+        buffer_dir: str | Path | None = None,
+        buffer_max_mb: int = 256,
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.connect_retries = connect_retries
+        self.flush_budget_s = flush_budget_s
+        self.retry_interval_s = retry_interval_s
+        self.buffer_dir = buffer_dir
+        self.buffer_max_bytes = buffer_max_mb << 20
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiments: dict[str, str] = {}
 
@@ -206,7 +509,19 @@ class MlflowTracker(Tracker):
         return MlflowJobRun(self, run.info.run_id)
 
     def end_job_run(self, run: JobRun, ok: bool) -> None:
-        self.client.set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
+        """End the run, after every buffered record; never raises for a server that is down (the
+        job's work is done or its own error is on its way): waits up to ``flush_budget_s``, then
+        leaves the records in the buffer file and says so on stderr."""
+        status = "FINISHED" if ok else "FAILED"
+        if not isinstance(run, MlflowJobRun):
+            self.client.set_terminated(run.run_id, status)
+            return
+        run._record({"kind": "terminate", "status": status, "end_time": int(time.time() * 1000)})
+        run.drain(self.flush_budget_s)
+
+    def reachable(self) -> bool:
+        """Whether tracking answers now (a cheap probe before a buffered flush)."""
+        return True
 
     def _records(self, experiment: str, filter_string: str, max_results: int) -> list[RunRecord]:
         found = self.client.get_experiment_by_name(experiment)
@@ -275,13 +590,13 @@ class MlflowTracker(Tracker):
 class SqliteMlflowTracker(MlflowTracker):
     """Embedded MLflow: runs and registry in one SQLite file, artifacts in ``mlartifacts/`` beside it."""
 
-    def __init__(self, uri: str, connect_retries: int = 3) -> None:
+    def __init__(self, uri: str, connect_retries: int = 3, **buffering: Any) -> None:
         self.db_path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"tracking uri {uri}: cannot create {self.db_path.parent}: {e}") from e
-        super().__init__(uri, connect_retries)
+        super().__init__(uri, connect_retries, **buffering)
 
     def _artifact_location(self, experiment: str) -> str | None:
         return (self.db_path.parent / "mlartifacts" / experiment).as_uri()
@@ -289,6 +604,14 @@ class SqliteMlflowTracker(MlflowTracker):
 
 class ServerMlflowTracker(MlflowTracker):
     """An MLflow tracking server; reachability is checked with bounded retries before any work."""
+
+    def reachable(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(self.uri.rstrip("/") + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
 
     def check(self) -> None:
         import requests
@@ -308,3 +631,25 @@ class ServerMlflowTracker(MlflowTracker):
         raise EndpointError(
             f"MLflow tracking server {self.uri} unreachable after {self.connect_retries + 1} attempts: {last}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m selma_core.tracking.mlflow_tracker",
+        description="Send the tracking records a job buffered while MLflow was down (see stderr of the job).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    replay = sub.add_parser("replay", help="replay buffer files, then delete them")
+    replay.add_argument("files", nargs="+", type=Path)
+    replay.add_argument("--tracking-uri", help="send them there instead of the URI each file names")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        sent = replay_buffer(path, args.tracking_uri)
+        print(f"{path}: {sent} records sent")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
