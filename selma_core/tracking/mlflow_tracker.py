@@ -373,12 +373,30 @@ class MlflowJobRun(JobRun):
 
         mlflow.set_tracking_uri(self.tracker.uri)
         mlflow.set_registry_uri(self.tracker.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            info = _log_adapter_model(adapter_dir, base_model, model_name, base_model_revision)
-        version = str(info.registered_model_version)
+        version = self._registered_version(model_name, tags.get("selma.store_key"))
+        if version is None:
+            with mlflow.start_run(run_id=self.run_id):
+                info = _log_adapter_model(adapter_dir, base_model, model_name, base_model_revision)
+            version = str(info.registered_model_version)
         self.tracker.set_model_version_tags(model_name, version, tags)
         self.tracker.set_model_alias(model_name, alias, version)
         return version
+
+    def _registered_version(self, model_name: str, store_key: str | None) -> str | None:
+        """The version an earlier attempt of this job registered for the same output (a job killed
+        after registering but before committing): reused, not registered twice. The output's key is
+        content-addressed, so the same key is the same adapter."""
+        from mlflow.exceptions import MlflowException
+
+        if not store_key:
+            return None
+        try:
+            found = self.client.search_model_versions(
+                f"name='{model_name}' and tags.`selma.store_key`='{store_key}'"
+            )
+        except MlflowException:  # no such registered model yet
+            return None
+        return str(max(int(v.version) for v in found)) if found else None
 
     def download_registered_adapter(self, name: str, version: str, dst: Path) -> dict[str, str | None]:
         import mlflow.diffusers
