@@ -7,14 +7,21 @@ Recipe, one skill per job:
    any diffusers text-to-image pipeline (SD 1.x/2.x/XL: its own model_index.json decides).
 3. Draw in batches of ``batch_size`` with one ``torch.Generator`` per prompt seeded from ``seed``
    and the prompt id, so an image does not depend on its batch and a rerun reproduces it.
-4. Commit a WebDataset-layout tar (``<key>.jpg`` + ``<key>.json``) and ``images.jsonl`` (the
-   manifest of image, prompt, seed, model).
+4. Write WebDataset-layout tar shards (``<key>.jpg`` + ``<key>.json``) of ``shard_size`` samples
+   (``shard-00000.tar``, ``shard-00001.tar``, ...; the prompts' order, whatever the batch size).
+   Each shard is saved to the store as soon as it is complete (``<key>/_shards/``: the tar, then
+   its size and SHA-256), so a killed job's rerun checks and reuses the saved shards and draws only
+   the others (a damaged one is drawn again, with a warning naming it).
+5. Commit every shard, ``shards.json`` (the shards in order, with their sample counts) and
+   ``images.jsonl`` (the manifest of image, prompt, seed, model); then delete the saved shards.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import sys
 import tarfile
 import time
 import zlib
@@ -24,9 +31,15 @@ from typing import Literal
 
 from selma_core.errors import InputError
 from selma_core.faults import fault_point
+from selma_core.storage.base import sha256_file
 from selma_core.typed_yaml import execution_only
 
+# The first shard; an output of fewer than shard_size images (or one written before shards, without
+# shards.json) has only this one.
 SHARD_NAME = "shard-00000.tar"
+SHARDS_FILE = "shards.json"  # the dataset manifest: every shard, in order, with its sample count
+SAVED_SHARDS = "_shards"  # <key>/_shards/: shards saved as they complete, before the commit
+_SHARD_PATTERN = re.compile(r"shard-\d{5,}\.tar")
 # Images read from datasets: each side within these bounds, checked from the header before any
 # pixel is decoded (a few KB of PNG can claim 20,000 x 20,000 px: a decompression bomb).
 MAX_IMAGE_SIDE = 8192
@@ -71,11 +84,21 @@ class SamplingConfig:
 @dataclass
 class ImagesConfig(SamplingConfig):
     jpeg_quality: int = 95
+    # Samples per WebDataset shard. Each shard is saved to the store as it completes, so a killed job
+    # draws again only the shard in flight. The layout of the output (part of its key), unlike
+    # batch_size: shard boundaries follow the prompts' order, never the batches.
+    shard_size: int = 1000
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality: expected 1 to 100, got {self.jpeg_quality}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size: expected >= 1, got {self.shard_size}")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.tar"
 
 
 def torch_dtype(name: str, device: str):
@@ -119,39 +142,126 @@ def generate_images(ctx, skill_name: str) -> dict:
     if not records:
         raise InputError(f"images for skill {skill_name!r}: no training prompts in {prompts_dir}")
 
-    device = resolve_device(ctx.config.device)
     generator = ctx.config.generator
-    pipe = load_diffusion_pipeline(
-        generator,
-        ctx.config.cache_dir,
-        ctx.config.generator_revision,
-        torch_dtype(cfg.dtype, device),
-        allow_pickle=ctx.config.allow_pickle_checkpoints,
-    ).to(device)
+    device = resolve_device(ctx.config.device)
+    # Each sample's metadata; shard boundaries depend on shard_size only, never on batch_size.
+    samples = [
+        {"id": r["id"], "prompt": r["text"], "seed": prompt_seed(cfg.seed, r["id"]), "model": generator}
+        for r in records
+    ]
+    shards = [samples[first : first + cfg.shard_size] for first in range(0, len(samples), cfg.shard_size)]
+    saved = f"{ctx.job.key}/{SAVED_SHARDS}"
+    pipe = None  # loaded only when a shard must be drawn
     start = time.monotonic()
-    manifest = []
+    drawn = reused = 0
     with ctx.output() as out:
-        with tarfile.open(out / SHARD_NAME, "w") as tar:
-            for first in tqdm(
-                range(0, len(records), cfg.batch_size), desc=f"images {skill_name}", unit="batch"
-            ):
-                batch = records[first : first + cfg.batch_size]
-                seeds = [prompt_seed(cfg.seed, r["id"]) for r in batch]
-                images = draw_images(pipe, [r["text"] for r in batch], seeds, cfg, device)
-                for record, seed, image in zip(batch, seeds, images, strict=True):
-                    meta = {"id": record["id"], "prompt": record["text"], "seed": seed, "model": generator}
-                    buf = io.BytesIO()
-                    image.convert("RGB").save(buf, format="JPEG", quality=cfg.jpeg_quality)
-                    _add_member(tar, f"{record['id']}.jpg", buf.getvalue())
-                    _add_member(tar, f"{record['id']}.json", json.dumps(meta).encode())
-                    manifest.append({**meta, "image": f"{SHARD_NAME}/{record['id']}.jpg"})
-                fault_point("images.after_batch")
+        saved_keys = set(ctx.store.list_keys(saved)) if ctx.commits else set()
+        progress = tqdm(total=len(samples), desc=f"images {skill_name}", unit="image")
+        try:
+            for index, shard in enumerate(shards):
+                name = shard_name(index)
+                if _reuse_saved_shard(ctx.store, saved, saved_keys, name, shard, out / name):
+                    reused += len(shard)
+                    progress.update(len(shard))
+                    continue
+                if pipe is None:
+                    pipe = load_diffusion_pipeline(
+                        generator,
+                        ctx.config.cache_dir,
+                        ctx.config.generator_revision,
+                        torch_dtype(cfg.dtype, device),
+                        allow_pickle=ctx.config.allow_pickle_checkpoints,
+                    ).to(device)
+                with tarfile.open(out / name, "w") as tar:
+                    for first in range(0, len(shard), cfg.batch_size):
+                        batch = shard[first : first + cfg.batch_size]
+                        texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
+                        images = draw_images(pipe, texts, seeds, cfg, device)
+                        for meta, image in zip(batch, images, strict=True):
+                            buf = io.BytesIO()
+                            image.convert("RGB").save(buf, format="JPEG", quality=cfg.jpeg_quality)
+                            _add_member(tar, f"{meta['id']}.jpg", buf.getvalue())
+                            _add_member(tar, f"{meta['id']}.json", json.dumps(meta).encode())
+                        drawn += len(batch)
+                        progress.update(len(batch))
+                        fault_point("images.after_batch")
+                if ctx.commits:
+                    _save_shard(ctx.store, saved, out / name, len(shard))
+                fault_point("images.after_shard")
+        finally:
+            progress.close()
+        if reused:
+            print(
+                f"images {skill_name}: {reused} image(s) from saved shards, {drawn} drawn",
+                file=sys.stderr,
+            )
+        index = {
+            "samples": len(samples),
+            "shard_size": cfg.shard_size,
+            "shards": [{"name": shard_name(i), "samples": len(shard)} for i, shard in enumerate(shards)],
+        }
+        (out / SHARDS_FILE).write_text(json.dumps(index, indent=1) + "\n")
         with open(out / "images.jsonl", "w", encoding="utf-8") as f:
-            for row in manifest:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for i, shard in enumerate(shards):
+                for meta in shard:
+                    row = {**meta, "image": f"{shard_name(i)}/{meta['id']}.jpg"}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if ctx.commits:
+        ctx.store.delete_prefix(saved)  # the committed output supersedes the saved shards
     elapsed = time.monotonic() - start
-    ctx.run.log_metrics({"images.count": len(manifest), "images.per_s": len(manifest) / max(elapsed, 1e-9)})
-    return {"skill": skill_name, "images": len(manifest), "generator": generator, "wall_s": round(elapsed, 3)}
+    ctx.run.log_metrics(
+        {"images.count": len(samples), "images.drawn": drawn, "images.per_s": drawn / max(elapsed, 1e-9)}
+    )
+    return {
+        "skill": skill_name,
+        "images": len(samples),
+        "drawn": drawn,
+        "reused": reused,
+        "shards": len(shards),
+        "generator": generator,
+        "wall_s": round(elapsed, 3),
+    }
+
+
+def _save_shard(store, saved: str, path: Path, samples: int) -> None:
+    """Save a complete shard: its tar, then (the shard's completion marker) its size and SHA-256.
+
+    Both are written atomically; a kill between the two leaves a tar without a record: drawn again."""
+    store.upload_file(path, f"{saved}/{path.name}")
+    record = {"name": path.name, "samples": samples, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    store.write_json(f"{saved}/{path.name}.json", record)
+
+
+def _reuse_saved_shard(store, saved: str, saved_keys: set[str], name: str, shard: list, local: Path) -> bool:
+    """Download the saved shard ``name`` to ``local`` when it is complete and intact; True if so.
+
+    A shard whose record is missing was in flight when the job died: drawn again, silently. One whose
+    record is damaged, or whose tar is missing, or differs from the record (size, SHA-256) or from the
+    samples expected (their names, in order), was damaged in the store: drawn again, with a warning.
+    """
+    record_key, tar_key = f"{saved}/{name}.json", f"{saved}/{name}"
+    if record_key not in saved_keys:
+        return False
+    try:
+        record = store.read_json(record_key)
+        size, digest = record["size"], record["sha256"]
+        if tar_key not in saved_keys:
+            raise FileNotFoundError("the tar is missing")
+        store.download_file(tar_key, local)
+        if local.stat().st_size != size or sha256_file(local) != digest:
+            raise ValueError(f"size or SHA-256 differs from {store.url(record_key)}")
+        expected = [f"{meta['id']}.{ext}" for meta in shard for ext in ("jpg", "json")]
+        with tarfile.open(local) as tar:
+            if tar.getnames() != expected:
+                raise ValueError(f"expected the samples {expected[0]} to {expected[-1]}, in order")
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError, EOFError) as e:
+        print(
+            f"warning: {store.url(tar_key)}: damaged saved shard ({type(e).__name__}: {e}); drawn again",
+            file=sys.stderr,
+        )
+        local.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -162,12 +272,66 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def read_image_dataset(images_dir: Path) -> list[tuple[dict, bytes]]:
-    """(metadata, JPEG bytes) pairs from a committed images output, in manifest order.
+    """(metadata, JPEG bytes) pairs from a committed images output: every shard that ``shards.json``
+    lists, in its order (an output without one has only ``shard-00000.tar``).
 
-    Each sample's JSON must be a UTF-8 object with a string ``prompt``; the images stay encoded
-    (``open_image`` checks and decodes them).
+    A listed shard that is missing, or holds another number of samples than listed, is an
+    ``InputError`` naming it. Each sample's JSON must be a UTF-8 object with a string ``prompt``; the
+    images stay encoded (``open_image`` checks and decodes them).
     """
-    shard = Path(images_dir) / SHARD_NAME
+    images_dir = Path(images_dir)
+    listed = _listed_shards(images_dir)
+    dataset = []
+    seen: set[str] = set()
+    for name, count in listed:
+        shard = images_dir / name
+        if count is not None and not shard.is_file():
+            raise InputError(
+                f"{shard}: missing, though {images_dir / SHARDS_FILE} lists it; the image set is incomplete"
+            )
+        samples = _read_shard(shard)
+        if count is not None and len(samples) != count:
+            raise InputError(
+                f"{shard}: {len(samples)} sample(s), {images_dir / SHARDS_FILE} lists {count}; "
+                "the shard is damaged"
+            )
+        for stem, meta, jpg in samples:
+            if stem in seen:
+                raise InputError(f"{shard}: sample {stem!r} is also in an earlier shard")
+            seen.add(stem)
+            dataset.append((meta, jpg))
+    if not dataset:
+        raise InputError(f"{images_dir}: the image set is empty")
+    return dataset
+
+
+def _listed_shards(images_dir: Path) -> list[tuple[str, int | None]]:
+    """(shard name, its sample count) from ``shards.json``; without one, the one shard of an output
+    written before shards, its count unknown."""
+    index = images_dir / SHARDS_FILE
+    if not index.is_file():
+        return [(SHARD_NAME, None)]
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{index}: expected JSON: {e}") from e
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and _SHARD_PATTERN.fullmatch(entry["name"])
+        and type(entry.get("samples")) is int
+        for entry in shards
+    ):
+        raise InputError(
+            f"{index}: expected an object whose 'shards' list each shard's name (shard-NNNNN.tar) and "
+            f"its sample count, got {str(data)[:80]!r}"
+        )
+    return [(entry["name"], entry["samples"]) for entry in shards]
+
+
+def _read_shard(shard: Path) -> list[tuple[str, dict, bytes]]:
+    """(stem, metadata, JPEG bytes) per sample of one WebDataset shard, in the tar's order."""
     pairs: dict[str, dict] = {}
     try:
         with tarfile.open(shard) as tar:
@@ -182,7 +346,7 @@ def read_image_dataset(images_dir: Path) -> list[tuple[dict, bytes]]:
         raise InputError(f"{shard}: no such file (expected the images phase's WebDataset shard)") from e
     except (tarfile.TarError, EOFError) as e:
         raise InputError(f"{shard}: expected a tar file (WebDataset shard), cannot read it: {e}") from e
-    dataset = []
+    samples = []
     for stem, entry in pairs.items():
         if "jpg" not in entry or "json" not in entry:
             raise InputError(f"{shard}: sample {stem!r} lacks its .jpg or .json")
@@ -195,10 +359,8 @@ def read_image_dataset(images_dir: Path) -> list[tuple[dict, bytes]]:
             raise InputError(f"{where}: expected JSON: {e}") from e
         if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
             raise InputError(f"{where}: expected an object with a string 'prompt', got {str(meta)[:80]!r}")
-        dataset.append((meta, entry["jpg"]))
-    if not dataset:
-        raise InputError(f"{images_dir}: the image set is empty")
-    return dataset
+        samples.append((stem, meta, entry["jpg"]))
+    return samples
 
 
 def open_image(data: bytes, key: str, max_side: int = MAX_IMAGE_SIDE, min_side: int = MIN_IMAGE_SIDE):

@@ -39,6 +39,9 @@ from selma_core.prompting.transformers_lm import TransformersConfig
 from selma_core.skills import MAX_PROMPTS
 from selma_core.typed_yaml import execution_only
 
+# A record's fields, in the order prompts.jsonl writes them (whatever order a saved wave kept them in).
+RECORD_FIELDS = ("id", "skill", "text", "source", "request_id", "model", "split")
+
 # Phrases that show a line is the model talking about the task, not a prompt.
 _ECHO_MARKERS = (
     "here are",
@@ -130,6 +133,17 @@ def make_backend(cfg: PromptsConfig, cache_dir: str = "", device: str = "cpu", a
     from selma_core.prompting.offline import OfflineTemplateGenerator
 
     return OfflineTemplateGenerator(seed=cfg.seed)
+
+
+def backend_model_name(cfg: PromptsConfig) -> str:
+    """The model the backend would report (``model_name``), from the config: without opening it."""
+    if cfg.backend == "openai":
+        return cfg.openai.model
+    if cfg.backend == "transformers":
+        return cfg.transformers.model
+    from selma_core.prompting.offline import OfflineTemplateGenerator
+
+    return OfflineTemplateGenerator.model_name
 
 
 def rejection_reason(text: str, skill, examples: tuple[str, ...]) -> str | None:
@@ -297,12 +311,14 @@ def generate_prompts(ctx, skill_name: str) -> dict:
         "wall_s": round(elapsed, 3),
         "prompts_per_s": generated / elapsed if elapsed > 0 else 0.0,
         "backend": cfg.backend,
-        "model": backend.model_name if backend else None,
+        # (a rerun that replayed every wave opens no backend: the name comes from the config)
+        "model": backend.model_name if backend else backend_model_name(cfg),
     }
     with ctx.output() as out:
         with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
             for record in state.records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                ordered = {name: record[name] for name in RECORD_FIELDS}  # replayed or not
+                f.write(json.dumps(ordered, ensure_ascii=False) + "\n")
         (out / "stats.json").write_text(json.dumps(stats, indent=1))
     ctx.store.delete_prefix(partial)  # the committed output supersedes the saved waves
     print(format_stats(stats), file=sys.stderr)

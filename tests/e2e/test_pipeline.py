@@ -60,11 +60,16 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
         )
         train_ids = {r["id"] for r in records if r["split"] == "train"}
         # images: one per training prompt (never a held-out one), with its prompt, seed and model
-        with tarfile.open(fetched[f"images:{skill}"] / "shard-00000.tar") as tar:
-            names = tar.getnames()
-            assert {n.rsplit(".", 1)[0] for n in names} == train_ids
-            meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
-            assert set(meta) == {"id", "prompt", "seed", "model"} and meta["model"] == "random:tiny-sd"
+        # (every shard that shards.json lists, in order)
+        shards = json.loads((fetched[f"images:{skill}"] / "shards.json").read_text())["shards"]
+        names = []
+        for shard in shards:
+            with tarfile.open(fetched[f"images:{skill}"] / shard["name"]) as tar:
+                first_json = next(n for n in tar.getnames() if n.endswith(".json"))
+                names += tar.getnames()
+                meta = json.loads(tar.extractfile(first_json).read())
+                assert set(meta) == {"id", "prompt", "seed", "model"} and meta["model"] == "random:tiny-sd"
+        assert {n.rsplit(".", 1)[0] for n in names} == train_ids and len(names) == 2 * len(train_ids)
 
     # experts and the merged adapter load with vanilla diffusers; merged ΔW = mean of the experts' ΔW
     deltas = {}

@@ -411,6 +411,41 @@ def test_a_killed_job_resumes_without_losing_or_duplicating(tiny_config, tmp_pat
         == json.loads(unbroken.store.read_output_file(unbroken.job.key, "stats.json"))["requests"]
     )
     assert broken.store.list_keys(f"{broken.job.key}/_partial") == []  # cleaned up after the commit
+    # byte for byte: replayed records (saved with sorted keys) are written in the one field order
+    read = lambda ctx, rel: ctx.store.read_output_file(ctx.job.key, rel)  # noqa: E731
+    assert read(broken, "prompts.jsonl") == read(unbroken, "prompts.jsonl")
+
+
+def test_a_job_killed_after_its_last_wave_resumes_to_the_same_output(tiny_config, tmp_path, monkeypatch):
+    """Every wave saved, the commit not made: the rerun opens no backend, yet commits the same
+    prompts.jsonl, byte for byte, and stats.json names the model (from the config)."""
+    import selma_core.phases.prompts as prompts_phase
+    from selma_core.prompting.offline import OfflineTemplateGenerator
+
+    overrides = {"num_prompts": 24, "prompts_per_request": 3, "concurrency": 2}
+    unbroken = make_context(tiny_config(prompts=overrides), "spatial", tmp_path / "unbroken")
+    generate_prompts(unbroken, "spatial")
+    waves = json.loads(unbroken.store.read_output_file(unbroken.job.key, "stats.json"))["requests"] // 2
+
+    reached = []
+
+    def fault_point(name):
+        reached.append(name)
+        if len(reached) == waves:
+            raise KeyboardInterrupt("killed after the last wave, before the commit")
+
+    broken = make_context(tiny_config(prompts=overrides), "spatial", tmp_path / "broken")
+    with monkeypatch.context() as patch:
+        patch.setattr(prompts_phase, "fault_point", fault_point)
+        with pytest.raises(KeyboardInterrupt):
+            generate_prompts(broken, "spatial")
+    assert not broken.store.is_committed(broken.job.key)
+    with monkeypatch.context() as patch:
+        patch.setattr(OfflineTemplateGenerator, "__init__", lambda *a, **k: pytest.fail("a backend opened"))
+        stats = generate_prompts(broken, "spatial")
+    read = lambda ctx, rel: ctx.store.read_output_file(ctx.job.key, rel)  # noqa: E731
+    assert read(broken, "prompts.jsonl") == read(unbroken, "prompts.jsonl")
+    assert stats["model"] == json.loads(read(unbroken, "stats.json"))["model"] == "offline-templates"
 
 
 def test_a_wave_sends_concurrent_requests_and_keeps_their_order(tiny_config, tmp_path):
