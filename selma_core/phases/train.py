@@ -13,8 +13,7 @@ Recipe, one skill per job:
    clipping at ``max_grad_norm``. A non-finite loss stops the job.
 4. Commit the adapter exactly as ``pipeline.save_lora_weights`` writes it (``load_lora_weights``
    reads it back), the same in kohya/A1111 keys (``kohya/``), ``expert.json`` (settings, final
-   loss) and the loss curve; the loss is
-   logged to the job's MLflow run every ``log_every`` steps.
+   loss) and the loss curve; the loss is logged to the job's MLflow run every ``log_every`` steps.
 
 Several processes (data parallel): ``torchrun --nproc-per-node=N -m jobs.run --phase train ...``
 (and ``--nnodes``/``--node-rank`` across nodes) trains one expert on W = N x nodes processes, one GPU
@@ -32,6 +31,16 @@ processes only the summation order of gradients and losses changes (float roundi
 ``gradient_accumulation`` works; when it is not a multiple of W some processes idle part of each
 step (a process with no micro-batch adds zeros), so choose a multiple of W for the speed-up. The
 logged loss is the global one. Rank 0 alone commits the adapter and tracks the run (``jobs.run``).
+
+Checkpoints (``selma_core.checkpoints``): every ``checkpoint_every`` steps rank 0 commits the LoRA,
+AdamW's state, every RNG state (the one generator above is also the data order), the step and the
+loss history so far under ``<key>/_checkpoints/step-NNNNNNNN/`` (safetensors + JSON, no pickle) and
+keeps the newest ``checkpoints_keep``. A job killed mid-training resumes, on every process, from the
+newest checkpoint that verifies (a damaged one is skipped, with a warning, for the one before) and
+commits, on CPU, bit for bit the adapter and loss curve of an uninterrupted run; its MLflow run gets
+the curve so far, then goes on at the next step. No grad scaler to save: the LoRA trains in float32
+(``mixed_precision`` only casts the frozen weights). The checkpoints are deleted once the adapter is
+committed; a kill in between leaves them as garbage (the job is committed: a rerun is skipped).
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from selma_core.typed_yaml import execution_only
 
 # Optimizer steps per expert: far above any real run (SELMA: 5,000), a bound on a typo.
 MAX_STEPS = 1_000_000
+# Of train checkpoints (selma_core.checkpoints): one of another format is not resumed from.
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -71,13 +82,23 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
     log_every: int = execution_only(10)
+    # Every checkpoint_every optimizer steps rank 0 commits a checkpoint (LoRA, optimizer and RNG
+    # states, step, loss so far) under <key>/_checkpoints/; a rerun of a killed job resumes from the
+    # newest one that verifies and ends with the very adapter an uninterrupted run commits. None: no
+    # checkpoints. The newest checkpoints_keep are kept; all go once the adapter is committed.
+    checkpoint_every: int | None = execution_only(500)
+    checkpoints_keep: int = execution_only(2)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
+        for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every", "checkpoints_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.steps > MAX_STEPS:
             raise ValueError(f"steps: expected at most {MAX_STEPS:,} (SELMA: 5,000), got {self.steps:,}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(
+                f"checkpoint_every: expected >= 1 or null (no checkpoints), got {self.checkpoint_every}"
+            )
         if self.alpha <= 0:
             raise ValueError(f"alpha: expected > 0, got {self.alpha}")
         if not self.learning_rate > 0:
@@ -143,7 +164,9 @@ class ExpertTrainer:
         except ValueError as e:
             raise InputError(f"train.target_modules {cfg.target_modules}: {e}") from e
         # LoRA factors train in float32 whatever the frozen weights' dtype.
-        self.params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in pipe.unet.named_parameters() if p.requires_grad]
+        self.param_names = [name for name, _ in named]
+        self.params = [p for _, p in named]
         for p in self.params:
             p.data = p.data.float()
         self.optimizer = torch.optim.AdamW(
@@ -229,7 +252,71 @@ class ExpertTrainer:
         loss.backward()
         return loss.item()
 
-    def train(self, dataset: list[tuple[dict, bytes]], on_log=None) -> list[tuple[int, float]]:
+    # -- checkpoints (selma_core.checkpoints) -----------------------------------------------------
+
+    def checkpoint_state(self, step: int, generator, history: list, elapsed_s: float):
+        """Everything the rest of the run depends on, after ``step``: the LoRA, AdamW's state, every
+        RNG state (the micro-batch generator is also the data order), the loss history so far."""
+        from selma_core.checkpoints import TrainState, capture_rng, split_optimizer_state
+        from selma_core.typed_yaml import output_dict
+
+        optimizer_tensors, optimizer_meta = split_optimizer_state(self.optimizer.state_dict())
+        rng_tensors, rng_meta = capture_rng(generator, self.device)
+        lora = dict(zip(self.param_names, (p.detach() for p in self.params), strict=True))
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": output_dict(self.cfg),
+            "history": history,
+            "elapsed_s": elapsed_s,
+            "optimizer": optimizer_meta,
+            "rng": rng_meta,
+        }
+        return TrainState(step, {"lora": lora, "optimizer": optimizer_tensors, "rng": rng_tensors}, meta)
+
+    def check_state(self, state) -> None:
+        """Raise ``ValueError`` when this run cannot resume from checkpoint ``state``."""
+        from selma_core.typed_yaml import output_dict
+
+        meta = state.meta
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        if meta.get("config") != json.loads(json.dumps(output_dict(self.cfg))):
+            raise ValueError("written with other train settings")
+        if not 0 < state.step < self.cfg.steps:
+            raise ValueError(f"step {state.step} is not within 1..{self.cfg.steps - 1}")
+        missing = {"history", "elapsed_s", "optimizer", "rng"} - set(meta)
+        missing |= {"generator", "torch_cpu"} - set(state.tensors["rng"])
+        if missing:
+            raise ValueError(f"it lacks {', '.join(sorted(missing))}")
+        lora = state.tensors["lora"]
+        if sorted(lora) != sorted(self.param_names) or any(
+            lora[n].shape != p.shape or lora[n].dtype != p.dtype
+            for n, p in zip(self.param_names, self.params, strict=True)
+        ):
+            raise ValueError("its LoRA tensors are not this model's")
+        groups = meta["optimizer"]["param_groups"]
+        if sum(len(g["params"]) for g in groups) != len(self.params):
+            raise ValueError("its optimizer state is not this model's")
+
+    def restore_state(self, state, generator) -> None:
+        import torch
+
+        from selma_core.checkpoints import join_optimizer_state, restore_rng
+
+        with torch.no_grad():
+            for name, p in zip(self.param_names, self.params, strict=True):
+                p.copy_(state.tensors["lora"][name])
+        meta = state.meta
+        self.optimizer.load_state_dict(join_optimizer_state(state.tensors["optimizer"], meta["optimizer"]))
+        restore_rng(generator, self.device, state.tensors["rng"], meta["rng"])
+
+    def train(
+        self, dataset: list[tuple[dict, bytes]], on_log=None, checkpoints=None
+    ) -> list[tuple[int, float]]:
+        """Train; the loss history. ``checkpoints`` (a ``selma_core.checkpoints.CheckpointStore``):
+        resume from its newest usable checkpoint, and (rank 0) save one every
+        ``cfg.checkpoint_every`` steps. ``resumed_from_step`` and ``resumed_elapsed_s`` tell what the
+        run took over."""
         import sys
 
         import torch
@@ -254,12 +341,36 @@ class ExpertTrainer:
         side = resolution // self.pipe.vae_scale_factor
         latent_shape = (cfg.batch_size, self.pipe.vae.config.latent_channels, side, side)
         generator = torch.Generator().manual_seed(cfg.seed)
+        history: list[tuple[int, float]] = []
+        self.resumed_from_step, self.resumed_elapsed_s = 0, 0.0
+        state = checkpoints.resume(self.check_state) if checkpoints is not None else None
+        if state is not None:
+            self.restore_state(state, generator)
+            history = [(step, loss) for step, loss in state.meta["history"]]
+            self.resumed_from_step, self.resumed_elapsed_s = state.step, state.meta["elapsed_s"]
+            if rank == 0:
+                print(
+                    f"train: resuming at step {state.step} of {cfg.steps} from checkpoint "
+                    f"{checkpoints.key(state.step)}",
+                    file=sys.stderr,
+                )
+            if on_log:  # this run's metrics: the curve so far, then on from the checkpoint's step
+                for step, loss in history:
+                    on_log(step, loss)
         # Every process starts from rank 0's LoRA (the seeded init makes them equal already).
         distributed.broadcast_tensors(self.params)
-        history: list[tuple[int, float]] = []
+        started = time.monotonic()
         unet = self.pipe.unet
         unet.train()
-        for step in tqdm(range(1, cfg.steps + 1), desc="train", unit="step", disable=rank != 0):
+        steps = range(self.resumed_from_step + 1, cfg.steps + 1)
+        for step in tqdm(
+            steps,
+            desc="train",
+            unit="step",
+            disable=rank != 0,
+            initial=self.resumed_from_step,
+            total=cfg.steps,
+        ):
             local_loss = 0.0
             for micro in range(cfg.gradient_accumulation):
                 draws = self._draw(generator, len(dataset), latent_shape)
@@ -282,6 +393,10 @@ class ExpertTrainer:
                 history.append((step, step_loss))
                 if on_log:
                     on_log(step, step_loss)
+            every = cfg.checkpoint_every
+            if checkpoints is not None and rank == 0 and every and step % every == 0 and step < cfg.steps:
+                elapsed = self.resumed_elapsed_s + time.monotonic() - started
+                checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
         unet.eval()
         return history
 
@@ -303,6 +418,7 @@ def train_expert(ctx, skill_name: str) -> dict:
     import torch
 
     from selma_core import distributed
+    from selma_core.checkpoints import CheckpointStore
     from selma_core.lora import load_adapter
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
     from selma_core.phases.images import read_image_dataset
@@ -323,11 +439,17 @@ def train_expert(ctx, skill_name: str) -> dict:
     )
     trainer = ExpertTrainer(pipe, cfg, device)
     ctx.run.log_params({"images": len(dataset)})
+    checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
+    if ctx.commits and ctx.store.is_committed(ctx.job.key):
+        checkpoints.clear()  # a forced rerun (--force) starts afresh
     start = time.monotonic()
     history = trainer.train(
-        dataset, on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step)
+        dataset,
+        on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step),
+        checkpoints=checkpoints,
     )
-    elapsed = time.monotonic() - start
+    # Training time over every run that contributed (a resumed run adds the checkpoint's).
+    elapsed = trainer.resumed_elapsed_s + time.monotonic() - start
     summary = {
         "skill": skill_name,
         "base_model": ctx.config.base_model,
@@ -342,12 +464,17 @@ def train_expert(ctx, skill_name: str) -> dict:
         "images_per_s": cfg.steps * cfg.batch_size * cfg.gradient_accumulation / max(elapsed, 1e-9),
         "processes": world_size,
     }
+    # Not in expert.json (a resumed run commits what an uninterrupted one does): the steps taken over.
+    result = {**summary, "resumed_from_step": trainer.resumed_from_step}
     if rank != 0:  # every process holds the same weights; rank 0 saves and commits them
-        return summary
+        return result
     with ctx.output() as out:
         trainer.save(out)
         # The same expert in kohya/A1111 keys, for ComfyUI and WebUI users.
         export_kohya(load_adapter(out), out / "kohya" / f"selma_{skill_name}_lora.safetensors")
         (out / "expert.json").write_text(json.dumps(summary, indent=1))
         (out / "loss.json").write_text(json.dumps(history))
-    return summary
+    # The committed adapter supersedes the checkpoints. A kill before this line leaves them behind
+    # as garbage: the job is committed, so its rerun is skipped and never reads them.
+    checkpoints.clear()
+    return result
