@@ -108,6 +108,7 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     assert code == 2 and "has no version 99" in out["error"]
 
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)  # another test in this process may have set another
     pipe = mlflow.diffusers.load_model(f"models:/{name}@champion").load_pipeline(
         device="cpu", torch_dtype=None
     )

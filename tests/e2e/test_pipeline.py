@@ -168,6 +168,7 @@ def check_mlflow(cfg, run_ids: dict) -> None:
     # The eval phase put the merged model's scores on its version, for promotion.
     assert {"selma.eval.clip_score.counting", "selma.eval.clip_score.mean"} <= set(version.tags)
     mlflow.set_tracking_uri(cfg.tracking.uri)
+    mlflow.set_registry_uri(cfg.tracking.uri)  # another test in this process may have set another
     model = mlflow.diffusers.load_model(f"models:/{cfg.name}@candidate")
     pipe = model.load_pipeline(device="cpu", torch_dtype=None)
     image = pipe("two cats on a sofa", num_inference_steps=2, height=32, width=32).images[0]

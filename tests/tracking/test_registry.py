@@ -23,6 +23,7 @@ def test_a_pinned_base_model_revision_is_what_the_registered_model_records(tmp_p
     tracker.end_job_run(run, True)
 
     mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)  # another test in this process may have set another
     flavor = mlflow.models.get_model_info(f"models:/reg/{pinned}").flavors["diffusers"]
     assert flavor["base_model"] == base and flavor["base_model_revision"] == "0123abc"
     assert (
