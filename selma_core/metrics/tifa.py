@@ -160,12 +160,17 @@ class SentenceEmbedder:
         offline = _hub_offline() if offline is None else offline
         from transformers import AutoModel, AutoTokenizer
 
-        from selma_core.models.loading import model_load_error
+        from selma_core.models.loading import model_load_error, weights_kwargs
 
         source = str(local) if local.is_dir() else spec
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-            self.model = AutoModel.from_pretrained(source, local_files_only=offline).to(device).eval()
+            # Safetensors only, as every loader here: a pickle checkpoint can run code when read.
+            self.model = (
+                AutoModel.from_pretrained(source, local_files_only=offline, **weights_kwargs(False))
+                .to(device)
+                .eval()
+            )
         except (OSError, ValueError) as e:
             if offline and not local.is_dir():
                 raise ConfigError(

@@ -224,3 +224,25 @@ def test_questions_from_a_url_with_a_checksum(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_sentence_embedder_refuses_pickle_weights(tmp_path, model_cache):
+    """Safetensors only, as every loader: a folder holding only pytorch_model.bin is refused."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from selma_core.errors import SelmaError
+    from selma_core.metrics.tifa import SentenceEmbedder
+    from selma_core.models.random_models import materialize_random_model
+
+    source = materialize_random_model("random:tiny-lm", model_cache)
+    folder = tmp_path / "pickled"
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    torch.save(load_file(weights), folder / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises((SelmaError, OSError), match="safetensors|pytorch_model.bin"):
+        SentenceEmbedder(str(folder), offline=True)
+    assert SentenceEmbedder(str(source), offline=True)(["a cat"]).shape[0] == 1
