@@ -28,6 +28,7 @@ from conftest import S3_BUCKET, write_config
 from jobs import run as job_run
 from selma_core.config import load_config
 from selma_core.errors import EXIT_INVALID
+from selma_core.latent_cache import CACHE_PREFIX, LATENT_FILES
 from selma_core.lora import WEIGHT_NAME, load_adapter
 from selma_core.phases.evaluate import ANSWER_CACHE_KEY, IMAGE_CACHE_PREFIX, ImageCache
 from selma_core.phases.images import SHARD_NAME, read_image_dataset
@@ -372,8 +373,8 @@ class CacheDamage:
     output: str  # a file of the rerun job's output that must be bit-identical
 
 
-# The train phase keeps no latent or text-embedding cache (it encodes every micro-batch): its only
-# cache is the fetched copy of its input, under cache_dir/fetched/, and so is merge's.
+# The fetched copies of train's and merge's inputs, under cache_dir/fetched/. (Train's latent cache,
+# in the store, is damaged by LATENT_CACHE_DAMAGES below.)
 CACHE_DAMAGES = [
     CacheDamage("fetched-shard-truncated", TRAIN, IMAGES, SHARD_NAME, truncate, WEIGHT_NAME),
     CacheDamage("fetched-shard-deleted", TRAIN, IMAGES, SHARD_NAME, delete, WEIGHT_NAME),
@@ -414,6 +415,44 @@ def test_damaged_fetched_copy_is_downloaded_again(case: CacheDamage, world: Worl
     assert rerun["attempt"] != undamaged["attempt"], "the job did not run again"
     assert sha256_file(local) == world.store.read_manifest(upstream)["files"][case.rel]["sha256"]
     before, after = (world.read(world.obj(output, case.output, m)) for m in (undamaged, rerun))
+    assert same_safetensors(before, after), "the rerun's output differs from the undamaged run's"
+
+
+# The latent cache (cache/latents/<digest>, committed by the train phase): a damaged entry is found by
+# fetch_dir before use, reported naming the object, computed again and recommitted.
+LATENT_CACHE_DAMAGES = [
+    ("latents-deleted", delete, "missing, though"),
+    ("latents-truncated", truncate, "size mismatch"),
+    ("latents-byte-flipped", flip_a_byte, "checksum mismatch"),
+]
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"), [d[1:] for d in LATENT_CACHE_DAMAGES], ids=[d[0] for d in LATENT_CACHE_DAMAGES]
+)
+def test_damaged_latent_cache_is_computed_again(damage, expected, world: World, capsys):
+    (key,) = [k[: -len(MANIFEST) - 1] for k in world.store.list_keys(CACHE_PREFIX) if k.endswith(MANIFEST)]
+    cached = world.store.read_manifest(key)
+    obj = world.obj(key, LATENT_FILES[False], cached)
+    good = world.read(obj)
+    damage(world.store.root / obj)
+    output = world.key(TRAIN)
+    undamaged = world.store.read_manifest(output)
+
+    code, last, message = run_job(world, [*flags(TRAIN), "--force"], capsys)
+    assert code == 0, message
+    assert f"warning: latent cache {world.store.url(key)} is unusable ({world.store.url(obj)}: " in message
+    assert expected in message
+    assert last["result"]["latent_cache"] == "computed"
+    # Recommitted whole (a new attempt that verifies), with the undamaged tensors.
+    recommitted = world.store.read_manifest(key)
+    assert recommitted["attempt"] != cached["attempt"]
+    fetched = world.store.fetch_dir(key, world.root / "check")
+    assert same_safetensors((fetched / LATENT_FILES[False]).read_bytes(), good)
+    # Never trained on: the expert is the undamaged run's, bit for bit.
+    rerun = world.store.read_manifest(output)
+    assert rerun["attempt"] != undamaged["attempt"], "the job did not run again"
+    before, after = (world.read(world.obj(output, WEIGHT_NAME, m)) for m in (undamaged, rerun))
     assert same_safetensors(before, after), "the rerun's output differs from the undamaged run's"
 
 

@@ -32,6 +32,14 @@ processes only the summation order of gradients and losses changes (float roundi
 step (a process with no micro-batch adds zeros), so choose a multiple of W for the speed-up. The
 logged loss is the global one. Rank 0 alone commits the adapter and tracks the run (``jobs.run``).
 
+Encoder outputs (``train.cache_latents``, on by default; ``selma_core.latent_cache``): the frozen VAE
+and text encoder(s) run once per dataset, before the first step, each image and prompt alone (a batch
+of one); the VAE posterior's parameters (both orientations with ``random_flip``) and the prompts'
+embeddings are committed under ``cache/latents/<digest>`` and reused by reruns, resumed jobs and every
+expert trained on the same images with the same base model, resolution and dtype. A damaged entry is
+reported and computed again. Without the cache each micro-batch's distinct images and prompts are
+encoded, also alone, so the adapter is the same (bit for bit on CPU) with the cache and without.
+
 Checkpoints (``selma_core.checkpoints``): every ``checkpoint_every`` steps rank 0 commits the LoRA,
 AdamW's state, every RNG state (the one generator above is also the data order), the step and the
 loss history so far under ``<key>/_checkpoints/step-NNNNNNNN/`` (safetensors + JSON, no pickle) and
@@ -88,6 +96,12 @@ class TrainConfig:
     # checkpoints. The newest checkpoints_keep are kept; all go once the adapter is committed.
     checkpoint_every: int | None = execution_only(500)
     checkpoints_keep: int = execution_only(2)
+    # VAE latents (the posterior's parameters) and text embeddings computed once per dataset, base
+    # model, resolution and dtype and committed under cache/latents/<digest> (selma_core.latent_cache):
+    # reruns, resumed jobs and every expert on the same images reuse them. The adapter is the same
+    # with and without (each image and prompt is encoded alone either way). False: encode every
+    # micro-batch.
+    cache_latents: bool = execution_only(True)
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every", "checkpoints_keep"):
@@ -182,22 +196,98 @@ class ExpertTrainer:
     def native_resolution(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
-    def _conditioning(self, texts: list[str], resolution: int) -> tuple:
+    def _encode_text(self, text: str) -> dict:
+        """One prompt's text-encoder outputs, encoded alone (a batch of one): ``prompt_embeds`` and,
+        for SDXL, ``pooled_prompt_embeds``, each with a leading dimension of 1."""
         import torch
 
         with torch.no_grad():
             encoded = self.pipe.encode_prompt(
-                prompt=texts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                prompt=[text], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-        if not self.sdxl:
-            return encoded[0], None
-        prompt_embeds, pooled = encoded[0], encoded[2]
+        rows = {"prompt_embeds": encoded[0]}
+        if self.sdxl:
+            rows["pooled_prompt_embeds"] = encoded[2]
+        return rows
+
+    def _encode_image(self, pixels_u8, flipped: bool):
+        """One image's VAE posterior parameters (diffusers' ``latent_dist.parameters``: mean and
+        log-variance), encoded alone (a batch of one), so they do not depend on a batch's other
+        images: cached or not, the same tensors. Contiguous: the VAE may return channels-last
+        tensors, and the UNet's gradients would then differ (in float rounding) from a cached run's."""
+        import torch
+
+        pixels = pixels_u8.float().div(127.5).sub(1.0)
+        if flipped:
+            pixels = pixels.flip(-1)
+        with torch.no_grad():
+            params = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters
+        return params.contiguous()
+
+    @staticmethod
+    def _time_ids(resolution: int) -> list[int]:
         # SDXL's micro-conditioning: (original size, crop top-left, target size).
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(texts))
+        return [resolution, resolution, 0, 0, resolution, resolution]
+
+    def _conditioning(self, text: dict, resolution: int) -> tuple:
+        import torch
+
+        prompt_embeds = text["prompt_embeds"]
+        if not self.sdxl:
+            return prompt_embeds, None
+        time_ids = torch.tensor([self._time_ids(resolution)] * len(prompt_embeds))
         return prompt_embeds, {
-            "text_embeds": pooled,
+            "text_embeds": text["pooled_prompt_embeds"],
             "time_ids": time_ids.to(self.device, prompt_embeds.dtype),
         }
+
+    def _encode_dataset(self, dataset, pixels_u8, texts: list[str], resolution: int, latent_cache=None):
+        """Every image's posterior parameters (both orientations with ``random_flip``) and every
+        prompt's embeddings: from ``latent_cache`` (a ``selma_core.latent_cache.LatentCache``) when
+        it holds them and they verify, else computed and committed there. Sets ``latent_cache_use``:
+        "hit", "computed" or "memory" (no store cache given)."""
+        import torch
+
+        from selma_core.latent_cache import Encoded, sample_ids
+
+        ids = sample_ids(dataset)
+        orientations = [False, True] if self.cfg.random_flip else [False]
+        spec = latent_cache.spec(dataset, resolution, str(self.dtype)) if latent_cache else None
+        encoded = latent_cache.load(spec, ids) if latent_cache else None
+        if encoded is not None:
+            problem = self._check_encoded(encoded, len(dataset), resolution)
+            if problem:
+                latent_cache.warn(latent_cache.key(spec), problem)
+                encoded = None
+        cached = encoded is not None
+        encoded = encoded or Encoded(ids)
+        if not encoded.text:
+            rows = [self._encode_text(text) for text in texts]
+            encoded.text = {name: torch.cat([r[name] for r in rows]).cpu() for name in rows[0]}
+        missing = [flipped for flipped in orientations if flipped not in encoded.latents]
+        for flipped in missing:
+            encoded.latents[flipped] = torch.cat(
+                [self._encode_image(pixels_u8[i : i + 1], flipped).cpu() for i in range(len(dataset))]
+            )
+        self.latent_cache_use = "memory"
+        if latent_cache is not None:
+            self.latent_cache_use = "hit" if cached and not missing else "computed"
+            if self.latent_cache_use == "computed":
+                extra = {"sdxl_time_ids": self._time_ids(resolution)} if self.sdxl else {}
+                latent_cache.save(spec, encoded, extra)
+        return encoded
+
+    def _check_encoded(self, encoded, n_images: int, resolution: int) -> str | None:
+        """Why cached tensors cannot be this model's (None: they can)."""
+        side = resolution // self.pipe.vae_scale_factor
+        expected = (n_images, 2 * self.pipe.vae.config.latent_channels, side, side)
+        for params in encoded.latents.values():
+            if tuple(params.shape) != expected or params.dtype != self.dtype:
+                return f"latents {tuple(params.shape)} {params.dtype}, expected {expected} {self.dtype}"
+        names = {"prompt_embeds", "pooled_prompt_embeds"} if self.sdxl else {"prompt_embeds"}
+        if set(encoded.text) != names or any(len(t) != n_images for t in encoded.text.values()):
+            return f"text embeddings {sorted(encoded.text)}, expected {sorted(names)} per sample"
+        return None
 
     def _draw(self, generator, n_images: int, latent_shape: tuple[int, ...]) -> tuple:
         """Every random number of one micro-batch, from the one generator, in a fixed order.
@@ -219,27 +309,43 @@ class ExpertTrainer:
         )
         return idx, flip, posterior, noise, timesteps
 
-    def _micro_batch(self, draws, pixels_u8, texts: list[str], resolution: int) -> float:
-        """Forward and backward one micro-batch (gradients accumulate); its loss / accumulation."""
+    def _micro_batch(self, draws, pixels_u8, texts: list[str], resolution: int, encoded=None) -> float:
+        """Forward and backward one micro-batch (gradients accumulate); its loss / accumulation.
+
+        The encoders' outputs come from ``encoded`` (the whole dataset's, ``_encode_dataset``) or,
+        without it, are computed here, each image and prompt alone as ``_encode_dataset`` does."""
         import torch
         import torch.nn.functional as F
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         cfg = self.cfg
         idx, flip, posterior, noise, timesteps = draws
-        pixels = pixels_u8[idx].float().div(127.5).sub(1.0)
-        if flip is not None:
-            pixels[flip] = pixels[flip].flip(-1)
-        pixels = pixels.to(self.device, self.dtype)
+        rows = idx.tolist()
+        flips = flip.tolist() if flip is not None else [False] * len(rows)
+        if encoded is not None:
+            params = torch.stack([encoded.latents[f][i] for i, f in zip(rows, flips, strict=True)])
+            text = {name: t[idx].to(self.device) for name, t in encoded.text.items()}
+        else:  # each distinct image (and orientation) and prompt encoded once, alone
+            images: dict[tuple[int, bool], object] = {}
+            prompts: dict[int, dict] = {}
+            for i, f in zip(rows, flips, strict=True):
+                if (i, f) not in images:
+                    images[i, f] = self._encode_image(pixels_u8[i : i + 1], f)
+                if i not in prompts:
+                    prompts[i] = self._encode_text(texts[i])
+            params = torch.cat([images[i, f] for i, f in zip(rows, flips, strict=True)])
+            text = {name: torch.cat([prompts[i][name] for i in rows]) for name in prompts[rows[0]]}
+        # One memory layout whichever way the parameters came (the UNet's kernels depend on it).
+        latent_dist = DiagonalGaussianDistribution(params.to(self.device).contiguous())
+        if tuple(latent_dist.mean.shape) != tuple(posterior.shape):
+            raise InputError(
+                f"VAE latents {tuple(latent_dist.mean.shape)} != expected {tuple(posterior.shape)} "
+                f"at resolution {resolution}"
+            )
         with torch.no_grad():
-            latent_dist = self.pipe.vae.encode(pixels).latent_dist
-            if tuple(latent_dist.mean.shape) != tuple(posterior.shape):
-                raise InputError(
-                    f"VAE latents {tuple(latent_dist.mean.shape)} != expected {tuple(posterior.shape)} "
-                    f"at resolution {resolution}"
-                )
             sample = latent_dist.mean + latent_dist.std * posterior.to(self.device)
             latents = sample * self.pipe.vae.config.scaling_factor
-        hidden, added = self._conditioning([texts[i] for i in idx.tolist()], resolution)
+        hidden, added = self._conditioning(text, resolution)
         noise = noise.to(self.device, latents.dtype)
         timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -311,12 +417,15 @@ class ExpertTrainer:
         restore_rng(generator, self.device, state.tensors["rng"], meta["rng"])
 
     def train(
-        self, dataset: list[tuple[dict, bytes]], on_log=None, checkpoints=None
+        self, dataset: list[tuple[dict, bytes]], on_log=None, checkpoints=None, latent_cache=None
     ) -> list[tuple[int, float]]:
         """Train; the loss history. ``checkpoints`` (a ``selma_core.checkpoints.CheckpointStore``):
         resume from its newest usable checkpoint, and (rank 0) save one every
         ``cfg.checkpoint_every`` steps. ``resumed_from_step`` and ``resumed_elapsed_s`` tell what the
-        run took over."""
+        run took over. With ``cfg.cache_latents`` the encoders run once, before the first step, their
+        outputs read from (or committed to) ``latent_cache`` (a ``selma_core.latent_cache.LatentCache``;
+        None: kept in memory only); ``latent_cache_use`` tells which ("hit", "computed", "memory",
+        "off")."""
         import sys
 
         import torch
@@ -340,6 +449,10 @@ class ExpertTrainer:
         texts = [meta["prompt"] for meta, _ in dataset]
         side = resolution // self.pipe.vae_scale_factor
         latent_shape = (cfg.batch_size, self.pipe.vae.config.latent_channels, side, side)
+        self.latent_cache_use = "off"
+        encoded = None
+        if cfg.cache_latents:
+            encoded = self._encode_dataset(dataset, pixels_u8, texts, resolution, latent_cache)
         generator = torch.Generator().manual_seed(cfg.seed)
         history: list[tuple[int, float]] = []
         self.resumed_from_step, self.resumed_elapsed_s = 0, 0.0
@@ -375,7 +488,7 @@ class ExpertTrainer:
             for micro in range(cfg.gradient_accumulation):
                 draws = self._draw(generator, len(dataset), latent_shape)
                 if micro % world_size == rank:
-                    local_loss += self._micro_batch(draws, pixels_u8, texts, resolution)
+                    local_loss += self._micro_batch(draws, pixels_u8, texts, resolution, encoded)
             # The step's global batch: gradients and loss summed over every process's micro-batches.
             step_loss = distributed.all_reduce_sum(local_loss)
             if not math.isfinite(step_loss):
@@ -419,6 +532,7 @@ def train_expert(ctx, skill_name: str) -> dict:
 
     from selma_core import distributed
     from selma_core.checkpoints import CheckpointStore
+    from selma_core.latent_cache import LatentCache
     from selma_core.lora import load_adapter
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
     from selma_core.phases.images import read_image_dataset
@@ -442,11 +556,16 @@ def train_expert(ctx, skill_name: str) -> dict:
     checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
     if ctx.commits and ctx.store.is_committed(ctx.job.key):
         checkpoints.clear()  # a forced rerun (--force) starts afresh
+    # Rank 0 commits the cache; the other ranks read it, or compute the same tensors themselves.
+    latent_cache = LatentCache(
+        ctx.store, ctx.scratch_dir, ctx.config.base_model, ctx.config.base_model_revision, ctx.commits
+    )
     start = time.monotonic()
     history = trainer.train(
         dataset,
         on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step),
         checkpoints=checkpoints,
+        latent_cache=latent_cache,
     )
     # Training time over every run that contributed (a resumed run adds the checkpoint's).
     elapsed = trainer.resumed_elapsed_s + time.monotonic() - start
@@ -465,7 +584,11 @@ def train_expert(ctx, skill_name: str) -> dict:
         "processes": world_size,
     }
     # Not in expert.json (a resumed run commits what an uninterrupted one does): the steps taken over.
-    result = {**summary, "resumed_from_step": trainer.resumed_from_step}
+    result = {
+        **summary,
+        "resumed_from_step": trainer.resumed_from_step,
+        "latent_cache": trainer.latent_cache_use,
+    }
     if rank != 0:  # every process holds the same weights; rank 0 saves and commits them
         return result
     with ctx.output() as out:
