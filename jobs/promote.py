@@ -61,6 +61,16 @@ def promote(args: argparse.Namespace) -> dict:
             "rows": [],
             "unchanged": True,
         }
+    from selma_core.phases.evaluate import SETTINGS_TAG
+
+    settings = (candidate.tags.get(SETTINGS_TAG), champion.tags.get(SETTINGS_TAG) if champion else None)
+    if champion is not None and all(settings) and settings[0] != settings[1]:
+        # Scores from other prompts, sampling or scorers are not comparable: refuse, say why.
+        raise ConfigError(
+            f"{name}: candidate v{candidate.version} and champion v{champion.version} were evaluated "
+            f"with different eval settings ({SETTINGS_TAG} {settings[0]} vs {settings[1]}); evaluate "
+            "both with the same eval section (python -m jobs.submit --phase eval) before promoting"
+        )
     metric = cfg.promote.metric
     limit = (
         cfg.promote.max_skill_regression if args.max_skill_regression is None else args.max_skill_regression

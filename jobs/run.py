@@ -184,7 +184,8 @@ def _no_space(error: OSError, state: dict):
             return 1 << 62
 
     fullest = min(candidates, key=free)
-    return no_space_error(fullest, None, f"running {state['job']} (scratch folder: cache_dir)")
+    role = " (scratch folder: cache_dir)" if cfg is not None and fullest == Path(cfg.cache_dir) else ""
+    return no_space_error(fullest, None, f"running {state['job']}{role}")
 
 
 def _interrupt_main() -> None:

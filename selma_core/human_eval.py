@@ -297,6 +297,10 @@ def export_ab_set(
         page_path.write_text(_page_html(set_id, title, page_pairs), encoding="utf-8")
         key_path.write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
     except OSError as e:
+        from selma_core.storage.local import NO_SPACE_ERRNOS, no_space_error
+
+        if e.errno in NO_SPACE_ERRNOS:  # a full disk: freeing space helps, so retryable (exit 1)
+            raise no_space_error(out_dir, doing="writing the A/B set") from e
         raise InputError(f"--out {out_dir}: cannot write the set: {e}") from e
     per_skill_counts = {s: sum(1 for p in pairs if p["skill"] == s) for s in skills}
     return {
@@ -766,20 +770,30 @@ def log_summary(summary: dict[str, Any], tracking_uri: str, experiment: str = DE
 # -- CLI ----------------------------------------------------------------------------------------------
 
 
-def pipeline_eval_dir(config: str) -> Path:
-    """A verified local copy of the eval output that ``config``'s pipeline committed."""
+def pipeline_eval_dir(config: str, benchmark: str | None = None, models: list[str] | None = None) -> Path:
+    """A verified local copy of the eval output that ``config``'s pipeline committed (with the
+    ``--benchmark``/``--model`` it was submitted with, which are part of the output's key)."""
     from selma_core.config import load_config
     from selma_core.plan import build_plan
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
 
     cfg = load_config(config)
+    if benchmark:
+        cfg.eval.benchmark = benchmark
+    if models:
+        if any("@" in m for m in models):
+            raise ConfigError(
+                "--model: give the registry version (models:/NAME/VERSION), as jobs.submit printed it"
+            )
+        cfg.eval.models = list(models)
     job = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).job("eval")
     store = open_store(cfg.storage)
     if not store.is_committed(job.key):
         raise InputError(
             f"{config}: no committed eval output at {store.url(job.key)}; run "
-            f"`python -m jobs.submit --phase eval --config {config}` first"
+            f"`python -m jobs.submit --phase eval --config {config}` first (an eval submitted with "
+            "--benchmark/--model is found with the same flags here)"
         )
     return store.fetch_dir(job.key, cfg.cache_dir)
 
@@ -813,6 +827,17 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         help="a pipeline config: its eval output is fetched from the store (as `jobs.submit --phase eval` "
         "with that config committed it)",
+    )
+    export.add_argument(
+        "--benchmark",
+        choices=("heldout", "dsg1k", "tifa"),
+        help="with --config: the eval's --benchmark, as submitted (default: the config's)",
+    )
+    export.add_argument(
+        "--model",
+        nargs="+",
+        metavar="MODEL",
+        help="with --config: the eval's --model list, as submitted (default: the config's)",
     )
     export.add_argument("--a", required=True, dest="variant_a", help="variant A, the reference (e.g. base)")
     export.add_argument(
@@ -852,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             result = export_ab_set(
-                args.eval_dir or pipeline_eval_dir(args.config),
+                args.eval_dir or pipeline_eval_dir(args.config, args.benchmark, args.model),
                 args.variant_a,
                 args.variant_b,
                 args.out,

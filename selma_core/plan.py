@@ -164,7 +164,11 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         if cfg.merge.weights is None:  # the merge takes the best weights found
             merge_deps.append(search)
     merged = add("merge", None, {**base, "registered_model_name": cfg.registered_model_name}, merge_deps)
-    add("eval", None, _models(*eval_models(cfg)), eval_dependencies(cfg, merged, experts, prompt_jobs))
+    evaluated = _models(*eval_models(cfg))
+    if any(m.startswith("models:/") for m in cfg.eval.models or []):
+        # NAME/VERSION means something only in one registry: staging and prod must not share results.
+        evaluated["registry"] = cfg.tracking.uri
+    add("eval", None, evaluated, eval_dependencies(cfg, merged, experts, prompt_jobs))
     return Plan(jobs=jobs)
 
 

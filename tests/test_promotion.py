@@ -65,7 +65,7 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     adapter = trained_like_expert(model_cache, 0, 2, 2.0, tmp_path / "adapter")
     base = str(materialize_random_model("random:tiny-sd", model_cache))
 
-    def register(mean: float, a: float, b: float) -> str:
+    def register(mean: float, a: float, b: float, settings: str = "same-eval") -> str:
         run = tracker.start_job_run(name, None, "merge", {})
         version = run.register_lora_adapter(adapter, base, name, "candidate", {"selma.skills": "a,b"})
         run.tag_model_version(
@@ -75,6 +75,7 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
                 "selma.eval.clip_score.mean": str(mean),
                 "selma.eval.clip_score.a": str(a),
                 "selma.eval.clip_score.b": str(b),
+                "selma.eval.settings": settings,
             },
         )
         tracker.end_job_run(run, True)
@@ -93,6 +94,12 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     register(9.0, 9.0, 9.0)
     code, out, text = promote(config)
     assert code == 3 and not out["promoted"] and "refused: " in text and "mean score 9.000 is below" in text
+    assert tracker.model_version(name, alias="champion").version == v1
+
+    # Scores from another eval (other prompts, sampling or scorers) are not compared at all.
+    register(50.0, 50.0, 50.0, settings="a-quick-eval")
+    code, out, text = promote(config)
+    assert code == 2 and "different eval settings" in out["error"]
     assert tracker.model_version(name, alias="champion").version == v1
 
     register(11.0, 13.0, 9.0)

@@ -66,7 +66,7 @@ def open_metric(
     if name == "clip_score":
         from selma_core.metrics.clip_score import ClipScorer
 
-        return ClipScorer(cfg.clip_model, cache_dir, device)
+        return ClipScorer(cfg.clip_model, cache_dir, device, allow_pickle=allow_pickle)
     if name == "pickscore":
         from selma_core.metrics.preference import PickScorer
 

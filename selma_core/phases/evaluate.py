@@ -21,6 +21,7 @@ Recipe, one job:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -35,6 +36,7 @@ from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.phases.images import SamplingConfig
 from selma_core.phases.merge import ADAPTER_DIR, EXPERTS_DIR
+from selma_core.storage.base import sha256_file
 
 BENCHMARKS = ("heldout", "dsg1k", "tifa")
 # base | merged | expert:SKILL | models:/NAME/VERSION | models:/NAME@ALIAS (resolved by the controller)
@@ -208,7 +210,14 @@ def resolve_variant(ctx, variant: str) -> Variant:
             f"eval.models: {variant} is an adapter for {model['base_model']!r}, not this pipeline's "
             f"base_model {ctx.config.base_model!r}"
         )
-    return Variant(variant, [(Path(str(model["adapter_path"])), 1.0)], variant)
+    adapter = Path(str(model["adapter_path"]))
+    # By content: registries elsewhere (staging, a recreated database) reuse names and versions.
+    files = sorted(p for p in (adapter.rglob("*") if adapter.is_dir() else [adapter]) if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(adapter) if adapter.is_dir() else path.name}\0".encode())
+        digest.update(sha256_file(path).encode())
+    return Variant(variant, [(adapter, 1.0)], f"registry-adapter:{digest.hexdigest()}")
 
 
 # The last 12 bytes of every whole PNG: the empty IEND chunk and its CRC.
@@ -612,6 +621,19 @@ def _write_results(ctx, results: dict, out: Path) -> list[Path]:
     return copies
 
 
+# What makes two versions' scores comparable: the same prompts, sampling and scorers. Which models
+# were compared beside them, and how intervals are drawn, change no mean.
+SETTINGS_TAG = "selma.eval.settings"
+_NOT_SETTINGS = ("models", "compare_experts", "confidence", "bootstrap_resamples", "report_samples_per_skill")
+
+
+def eval_settings_hash(cfg: EvalConfig) -> str:
+    from selma_core.config import stable_hash
+    from selma_core.typed_yaml import output_dict
+
+    return stable_hash({k: v for k, v in output_dict(cfg).items() if k not in _NOT_SETTINGS})[:16]
+
+
 def _tag_registered_model(ctx, results: dict) -> None:
     """The merged model's scores on its registry version: what ``jobs.promote`` compares. Tagged
     before the commit, so never lost."""
@@ -621,7 +643,7 @@ def _tag_registered_model(ctx, results: dict) -> None:
     registered = merge_info.get("registered")
     if not registered:
         return
-    tags = {"selma.eval.key": ctx.job.key}
+    tags = {"selma.eval.key": ctx.job.key, SETTINGS_TAG: eval_settings_hash(ctx.config.eval)}
     for metric, by_skill in results["summary"].items():
         merged = {s: row["merged"]["mean"] for s, row in by_skill.items() if s != "all" and "merged" in row}
         tags.update({f"selma.eval.{metric}.{s}": f"{v:.6f}" for s, v in merged.items()})

@@ -213,11 +213,15 @@ class _S3Marker(_Marker):
             )
         except (EndpointError, FileNotFoundError) as e:
             cause = e.__cause__
-            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in self.REFUSED:
-                return None
-            if isinstance(e, FileNotFoundError):
-                return None
-            raise
+            refused = isinstance(e, FileNotFoundError) or (
+                isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in self.REFUSED
+            )
+            if not refused:
+                raise
+            # A PUT retried after a timeout or reset may have landed the first time: the retry is then
+            # refused by its own write. Ours if the marker holds exactly our bytes (token, heartbeat).
+            current = self.read()
+            return current[1] if current is not None and current[0] == data and current[1] else None
         version = response.get("ETag", "")
         # Read back: an endpoint that ignores conditional headers would have overwritten silently.
         current = self.read()
@@ -226,17 +230,14 @@ class _S3Marker(_Marker):
         return current[1] or version
 
     def read(self) -> tuple[bytes, str] | None:
+        def get() -> tuple[bytes, str]:  # the body read inside the retried call, as the store does
+            response = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store._key(self.key))
+            return response["Body"].read(), response.get("ETag", "")
+
         try:
-            response = self.store._call(
-                "get",
-                self.key,
-                self.store.client.get_object,
-                Bucket=self.store.bucket,
-                Key=self.store._key(self.key),
-            )
+            return self.store._call("get", self.key, get)
         except FileNotFoundError:
             return None
-        return response["Body"].read(), response.get("ETag", "")
 
     def create(self, data: bytes) -> str | None:
         return self._put(data, IfNoneMatch="*")

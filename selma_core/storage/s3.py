@@ -196,8 +196,10 @@ class S3ArtifactStore(ArtifactStore):
         return True
 
     def read_bytes(self, key: str) -> bytes:
-        response = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return response["Body"].read()
+        def get() -> bytes:  # the body is read inside the retried call: a reset mid-read is retried too
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+        return self._call("get", key, get)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # A single PUT is atomic in S3: readers see the old object or the new one.

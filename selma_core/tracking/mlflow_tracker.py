@@ -131,8 +131,10 @@ class TrackingBuffer:
 
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, allow_nan=True) + "\n").encode()
-        if self.size + len(line) > self.max_bytes:
-            self.dropped += 1  # bounded: past the limit, records are counted, not kept
+        # Bounded: past the limit, metrics and params are counted, not kept; tags (the output's
+        # location) and the run's end are small and always kept, so a replay still closes the run.
+        if self.size + len(line) > self.max_bytes and record.get("kind") not in ("tags", "terminate"):
+            self.dropped += 1
             return
         with open(self.path, "ab") as f:
             f.write(line)
@@ -261,8 +263,11 @@ class MlflowJobRun(JobRun):
 
     def _try_flush(self) -> bool:
         """One attempt to send the buffer; True when it is empty."""
+        reachable = self.tracker.reachable()
+        # Counted from the probe's end: a server that drops packets makes the probe wait its whole
+        # timeout, and the job must then go on for retry_interval_s before probing again.
         self._next_try = time.monotonic() + self.tracker.retry_interval_s
-        if not self.tracker.reachable():
+        if not reachable:
             return False
         try:
             self.buffer.flush(self.client, self.run_id, on_refused=self._refused)
@@ -627,7 +632,8 @@ class ServerMlflowTracker(MlflowTracker):
         import requests
 
         try:
-            return requests.get(self.uri.rstrip("/") + "/health", timeout=5).status_code == 200
+            # Short: this probe runs on the job's own thread, between training steps.
+            return requests.get(self.uri.rstrip("/") + "/health", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
