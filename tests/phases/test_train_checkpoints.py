@@ -65,14 +65,7 @@ def run(model_cache, dataset, cfg: TrainConfig, checkpoints=None):
     return trainer, history
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: tiny models gain nothing from two, and lose much when the cores are shared
-    (about 1 s of training here against up to 40 s with two threads on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
