@@ -207,3 +207,10 @@ def skills_with_a_starved_one(root: Path) -> Path:
     }
     (skills / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     return skills
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests first (each file's own order kept): ``make test`` spreads files over
+    workers (pytest-xdist ``--dist loadfile``), and a long file started last would end the run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -184,6 +184,7 @@ def attempt_folders(store_root: Path) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.slow
 def test_two_controllers_at_once_run_every_job_once(tiny_config, tmp_path):
     config = tiny_config(
         skills=["counting"],

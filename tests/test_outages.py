@@ -41,6 +41,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import BIN, REPO, S3_BUCKET, free_port, stop, wait_for_http, write_config
 
+pytestmark = pytest.mark.slow  # two 30 s outages, real servers
+
 SKILL = "counting"
 # The pipeline every case runs: one skill, few prompts (8 steps of training, loss logged every 2).
 TINY = {"skills": [SKILL], "prompts": {"num_prompts": 8}}
