@@ -51,13 +51,25 @@ from selma_core.storage.base import MANIFEST
 pytestmark = pytest.mark.slow
 
 SKILL = "counting"  # 12 seeds
-PHASES = [("prompts", SKILL), ("images", SKILL), ("train", SKILL), ("merge", None), ("eval", None)]
+PHASES = [
+    ("prompts", SKILL),
+    ("images", SKILL),
+    ("train", SKILL),
+    ("merge-search-candidate", None),  # merge-search's one candidate job (--shard-index 0)
+    ("merge-search", None),  # the job that picks the best candidate
+    ("merge", None),
+    ("eval", None),
+]
+# jobs.run's flags for a phase of PHASES (the candidate is merge-search's shard 0).
+PHASE_ARGV = {"merge-search-candidate": ["--phase", "merge-search", "--shard-index", "0"]}
 OVERRIDES = {
     "skills": [SKILL],
     # 12 seeds + 3 waves of one request for 2 prompts; 4 of the 18 held out -> 14 training prompts.
     "prompts": {"num_prompts": 18, "prompts_per_request": 2, "concurrency": 1},
     "images": {"batch_size": 4, "shard_size": 6},  # 14 images in 3 shards (6, 6, 2), 5 batches
     "train": {"steps": 4, "log_every": 1, "checkpoint_every": 1},  # checkpoints after steps 1, 2, 3
+    # One skill: SELMA's weight 1.0 is the only candidate; the merge takes the weight it picks.
+    "merge_search": {"enabled": True, "grid_points": 2},
     # 4 held-out prompts x 3 variants (base, expert:counting, merged) = 12 images.
     "eval": {"bootstrap_resamples": 100, "report_samples_per_skill": 1},
 }
@@ -178,7 +190,8 @@ class Zygote:
     def run(self, config: Path, phase: str, skill: str | None, fault: str | None = None) -> Job:
         self.count += 1
         out, err = self.logs / f"{self.count:03d}-{phase}.out", self.logs / f"{self.count:03d}-{phase}.err"
-        argv = ["--phase", phase, "--config", str(config), *(["--skill", skill] if skill else [])]
+        flags = PHASE_ARGV.get(phase, ["--phase", phase])
+        argv = [*flags, "--config", str(config), *(["--skill", skill] if skill else [])]
         request = {
             "argv": argv,
             "env": {"SELMA_FAULT": fault} if fault else {},
@@ -362,6 +375,9 @@ CASES = [
     ("train", "store.commit.after_manifest@5"),
     ("merge", "job.start"),
     ("merge", "merge.before_commit"),
+    ("merge-search-candidate", "job.start"),
+    ("merge-search-candidate", "store.commit.before_manifest"),
+    ("merge-search", "store.commit.before_manifest"),
     ("eval", "job.start"),
     ("eval", "eval.after_variant@1"),
     ("eval", "store.upload.mid@3"),
