@@ -163,7 +163,7 @@ def decode_dataset(members: dict[str, bytes]) -> Callable[[Env], Callable]:
     from selma_core.phases.images import read_image_dataset
     from selma_core.phases.train import _decode_images
 
-    return lambda env: lambda: _decode_images(read_image_dataset(image_shard(env, members)), 8)
+    return lambda env: lambda: _decode_images(read_image_dataset(image_shard(env, members)), 8)[1]
 
 
 def lora_tensors(rank: int = 2, up_rank: int | None = None, prefix: str = "unet.mid.attn.to_q") -> dict:

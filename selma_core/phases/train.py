@@ -53,10 +53,13 @@ committed; a kill in between leaves them as garbage (the job is committed: a rer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from selma_core.errors import ConfigError, InputError
@@ -102,9 +105,42 @@ class TrainConfig:
     # with and without (each image and prompt is encoded alone either way). False: encode every
     # micro-batch.
     cache_latents: bool = execution_only(True)
+    # Speed (selma_core.models.speed); none changes what is computed beyond float rounding. On CUDA:
+    # the UNet and VAE in channels_last and AdamW's fused kernel (on CPU both are left off: slower
+    # there, and CPU runs are the bit-for-bit reference of the tests). Attention always goes through
+    # SDPA (flash / memory-efficient kernels).
+    channels_last: bool = execution_only(True)
+    fused_optimizer: bool = execution_only(True)
+    # torch.compile of the UNet: "blocks" compiles each transformer and ResNet block (a short
+    # warm-up, most of the speed), "full" the whole UNet (fastest steps, minutes of warm-up for
+    # SDXL), "off" eager. Compiled kernels are cached under cache_dir and in the store
+    # (cache/compile/), so a restarted job on another node loads them instead of compiling.
+    compile: Literal["off", "blocks", "full"] = execution_only("off")
+    compile_cache: bool = execution_only(True)
+    # Recompute activations in the backward pass: far less GPU memory for about a third more time.
+    gradient_checkpointing: bool = execution_only(False)
+    # Images of a dataset that cannot be decoded are skipped and counted; above this share of the
+    # dataset the job fails naming them.
+    max_bad_image_share: float = execution_only(0.01)
+    # Every validation_every steps (None: never) rank 0 draws validation_prompts held-out prompts
+    # (the skill's held-out split; else the first training prompts) with the expert being trained,
+    # validation_inference_steps denoising steps, fixed seeds, and logs them to MLflow under
+    # validation/step-NNNNNNNN/.
+    validation_every: int | None = execution_only(500)
+    validation_prompts: int = execution_only(4)
+    validation_inference_steps: int = execution_only(25)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every", "checkpoints_keep"):
+        for name in (
+            "rank",
+            "steps",
+            "batch_size",
+            "gradient_accumulation",
+            "log_every",
+            "checkpoints_keep",
+            "validation_prompts",
+            "validation_inference_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.steps > MAX_STEPS:
@@ -121,6 +157,10 @@ class TrainConfig:
             raise ValueError("target_modules: expected at least one module name")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"resolution: expected a multiple of 8, got {self.resolution}")
+        if self.validation_every is not None and self.validation_every < 1:
+            raise ValueError(f"validation_every: expected >= 1 or null (never), got {self.validation_every}")
+        if not 0 <= self.max_bad_image_share < 1:
+            raise ValueError(f"max_bad_image_share: expected >= 0 and < 1, got {self.max_bad_image_share}")
         if self.resolution is not None and self.resolution > MAX_IMAGE_SIDE:
             raise ValueError(f"resolution: expected at most {MAX_IMAGE_SIDE}, got {self.resolution}")
 
@@ -133,32 +173,55 @@ def _weight_dtype(cfg: TrainConfig, device: str):
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
 
 
-def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int):
-    """uint8 tensor (N, 3, R, R): resized so the short side is R, centre-cropped."""
+def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int, max_bad_share: float = 0.0):
+    """(the dataset's usable samples, their uint8 tensor (N, 3, R, R)): each image resized so its
+    short side is R, centre-cropped.
+
+    An image that cannot be decoded (or is too small, too large, a decompression bomb) is skipped and
+    reported; when more than ``max_bad_share`` of the dataset is skipped the job fails with an
+    ``InputError`` naming them.
+    """
     import numpy as np
     import torch
     from PIL import Image
 
-    arrays = []
-    for meta, jpeg in dataset:
-        # Its size is checked from the header before any pixel is decoded (decompression bombs).
-        image = open_image(jpeg, str(meta.get("id")))
+    arrays, kept, bad = [], [], []
+    for sample in dataset:
+        meta, jpeg = sample
+        try:
+            # Its size is checked from the header before any pixel is decoded (decompression bombs).
+            image = open_image(jpeg, str(meta.get("id")))
+        except InputError as e:
+            bad.append(str(e))
+            continue
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.BICUBIC)
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
         arrays.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
+        kept.append(sample)
+    if bad:
+        share = len(bad) / len(dataset)
+        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        if share > max_bad_share or not kept:
+            raise InputError(
+                f"{len(bad)} of {len(dataset)} image(s) cannot be used, more than train.max_bad_image_share "
+                f"({max_bad_share:.1%}): {listed}"
+            )
+        print(f"train: skipped {len(bad)} of {len(dataset)} image(s): {listed}", file=sys.stderr)
+    return kept, torch.from_numpy(np.stack(arrays))
 
 
 class ExpertTrainer:
     """Trains one LoRA expert on a base pipeline; ``train`` returns the loss history."""
 
-    def __init__(self, pipe, cfg: TrainConfig, device: str) -> None:
+    def __init__(self, pipe, cfg: TrainConfig, device: str, cache_dir: str | None = None) -> None:
         import torch
         from diffusers import DDPMScheduler
         from peft import LoraConfig
+
+        from selma_core.models import speed
 
         self.pipe, self.cfg, self.device = pipe, cfg, device
         self.sdxl = hasattr(pipe, "text_encoder_2")
@@ -183,9 +246,24 @@ class ExpertTrainer:
         self.params = [p for _, p in named]
         for p in self.params:
             p.data = p.data.float()
+        cuda = device.startswith("cuda")
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_eps
+            self.params,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            eps=cfg.adam_eps,
+            # One kernel for every parameter's update instead of a dozen per tensor.
+            fused=True if cfg.fused_optimizer and cuda else None,
         )
+        speed.use_sdpa(pipe.unet)
+        self.channels_last = cfg.channels_last and cuda
+        if self.channels_last:
+            speed.to_channels_last(pipe.unet, pipe.vae)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        if cfg.compile != "off" and cfg.compile_cache and cache_dir is not None:
+            speed.compile_cache_dir(cache_dir)  # inductor's on-disk caches outlive this process
+        self.compiled_modules = speed.compile_unet(pipe.unet, cfg.compile)
 
     def _frozen_modules(self) -> list:
         modules = [self.pipe.vae, self.pipe.text_encoder]
@@ -309,8 +387,9 @@ class ExpertTrainer:
         )
         return idx, flip, posterior, noise, timesteps
 
-    def _micro_batch(self, draws, pixels_u8, texts: list[str], resolution: int, encoded=None) -> float:
-        """Forward and backward one micro-batch (gradients accumulate); its loss / accumulation.
+    def _micro_batch(self, draws, pixels_u8, texts: list[str], resolution: int, encoded=None):
+        """Forward and backward one micro-batch (gradients accumulate); its loss / accumulation, a
+        float64 tensor on the device (read once per step: a read waits for the GPU).
 
         The encoders' outputs come from ``encoded`` (the whole dataset's, ``_encode_dataset``) or,
         without it, are computed here, each image and prompt alone as ``_encode_dataset`` does."""
@@ -322,9 +401,13 @@ class ExpertTrainer:
         idx, flip, posterior, noise, timesteps = draws
         rows = idx.tolist()
         flips = flip.tolist() if flip is not None else [False] * len(rows)
-        if encoded is not None:
-            params = torch.stack([encoded.latents[f][i] for i, f in zip(rows, flips, strict=True)])
-            text = {name: t[idx].to(self.device) for name, t in encoded.text.items()}
+        if encoded is not None:  # gathered where the cache lives (on the GPU when training there)
+            where = encoded.latents[False].device
+            params = encoded.latents[False][idx.to(where)]
+            if flip is not None:
+                mask = flip.to(where).view(-1, 1, 1, 1)
+                params = torch.where(mask, encoded.latents[True][idx.to(where)], params)
+            text = {name: t[idx.to(t.device)].to(self.device) for name, t in encoded.text.items()}
         else:  # each distinct image (and orientation) and prompt encoded once, alone
             images: dict[tuple[int, bool], object] = {}
             prompts: dict[int, dict] = {}
@@ -349,6 +432,8 @@ class ExpertTrainer:
         noise = noise.to(self.device, latents.dtype)
         timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:  # epsilon (train() checked)
@@ -356,7 +441,7 @@ class ExpertTrainer:
         pred = self.pipe.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
         loss.backward()
-        return loss.item()
+        return loss.detach().double()
 
     # -- checkpoints (selma_core.checkpoints) -----------------------------------------------------
 
@@ -417,17 +502,29 @@ class ExpertTrainer:
         restore_rng(generator, self.device, state.tensors["rng"], meta["rng"])
 
     def train(
-        self, dataset: list[tuple[dict, bytes]], on_log=None, checkpoints=None, latent_cache=None
+        self,
+        dataset: list[tuple[dict, bytes]],
+        on_log=None,
+        checkpoints=None,
+        latent_cache=None,
+        on_validate=None,
+        on_warmup=None,
     ) -> list[tuple[int, float]]:
-        """Train; the loss history. ``checkpoints`` (a ``selma_core.checkpoints.CheckpointStore``):
-        resume from its newest usable checkpoint, and (rank 0) save one every
-        ``cfg.checkpoint_every`` steps. ``resumed_from_step`` and ``resumed_elapsed_s`` tell what the
-        run took over. With ``cfg.cache_latents`` the encoders run once, before the first step, their
-        outputs read from (or committed to) ``latent_cache`` (a ``selma_core.latent_cache.LatentCache``;
-        None: kept in memory only); ``latent_cache_use`` tells which ("hit", "computed", "memory",
-        "off")."""
-        import sys
+        """Train; the loss history.
 
+        ``checkpoints`` (a ``selma_core.checkpoints.CheckpointStore``): resume from its newest usable
+        checkpoint, and (rank 0) save one every ``cfg.checkpoint_every`` steps. ``resumed_from_step``
+        and ``resumed_elapsed_s`` tell what the run took over. With ``cfg.cache_latents`` the encoders
+        run once, before the first step, their outputs read from (or committed to) ``latent_cache``
+        (a ``selma_core.latent_cache.LatentCache``; None: kept in memory only); ``latent_cache_use``
+        tells which ("hit", "computed", "memory", "off"). Undecodable images are skipped
+        (``images_skipped``).
+
+        Callbacks, on rank 0: ``on_log(step, metrics)`` every ``log_every`` steps (``train.loss``,
+        ``train.lr``, ``train.images_per_s`` over the interval, ``train.gpu_memory_gib`` on CUDA);
+        ``on_validate(step)`` every ``validation_every`` steps; ``on_warmup(seconds)`` once the first
+        step is done (with ``compile``: how long compiling took).
+        """
         import torch
         from tqdm import tqdm
 
@@ -445,7 +542,9 @@ class ExpertTrainer:
                 file=sys.stderr,
             )
         resolution = cfg.resolution or self.native_resolution()
-        pixels_u8 = _decode_images(dataset, resolution)
+        usable, pixels_u8 = _decode_images(dataset, resolution, cfg.max_bad_image_share)
+        self.images_skipped = len(dataset) - len(usable)
+        dataset = usable
         texts = [meta["prompt"] for meta, _ in dataset]
         side = resolution // self.pipe.vae_scale_factor
         latent_shape = (cfg.batch_size, self.pipe.vae.config.latent_channels, side, side)
@@ -453,14 +552,19 @@ class ExpertTrainer:
         encoded = None
         if cfg.cache_latents:
             encoded = self._encode_dataset(dataset, pixels_u8, texts, resolution, latent_cache)
+            if self.device.startswith("cuda"):  # read by every micro-batch: kept on the GPU
+                encoded.latents = {f: t.to(self.device) for f, t in encoded.latents.items()}
+                encoded.text = {name: t.to(self.device) for name, t in encoded.text.items()}
         generator = torch.Generator().manual_seed(cfg.seed)
         history: list[tuple[int, float]] = []
         self.resumed_from_step, self.resumed_elapsed_s = 0, 0.0
         state = checkpoints.resume(self.check_state) if checkpoints is not None else None
+        last_checkpoint = None  # the newest checkpoint's step, kept when the loss diverges
         if state is not None:
             self.restore_state(state, generator)
             history = [(step, loss) for step, loss in state.meta["history"]]
             self.resumed_from_step, self.resumed_elapsed_s = state.step, state.meta["elapsed_s"]
+            last_checkpoint = state.step
             if rank == 0:
                 print(
                     f"train: resuming at step {state.step} of {cfg.steps} from checkpoint "
@@ -469,10 +573,15 @@ class ExpertTrainer:
                 )
             if on_log:  # this run's metrics: the curve so far, then on from the checkpoint's step
                 for step, loss in history:
-                    on_log(step, loss)
+                    on_log(step, {"train.loss": loss})
         # Every process starts from rank 0's LoRA (the seeded init makes them equal already).
         distributed.broadcast_tensors(self.params)
         started = time.monotonic()
+        interval = (started, self.resumed_from_step)  # (time, step) at the last log
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        images_per_step = cfg.batch_size * cfg.gradient_accumulation
         unet = self.pipe.unet
         unet.train()
         steps = range(self.resumed_from_step + 1, cfg.steps + 1)
@@ -484,34 +593,91 @@ class ExpertTrainer:
             initial=self.resumed_from_step,
             total=cfg.steps,
         ):
-            local_loss = 0.0
-            for micro in range(cfg.gradient_accumulation):
-                draws = self._draw(generator, len(dataset), latent_shape)
-                if micro % world_size == rank:
-                    local_loss += self._micro_batch(draws, pixels_u8, texts, resolution, encoded)
+            local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            try:
+                for micro in range(cfg.gradient_accumulation):
+                    draws = self._draw(generator, len(dataset), latent_shape)
+                    if micro % world_size == rank:
+                        local_loss += self._micro_batch(draws, pixels_u8, texts, resolution, encoded)
+            except torch.OutOfMemoryError as e:
+                raise ConfigError(self._out_of_memory_message(resolution, e)) from e
             # The step's global batch: gradients and loss summed over every process's micro-batches.
-            step_loss = distributed.all_reduce_sum(local_loss)
+            step_loss = distributed.all_reduce_sum(float(local_loss))
             if not math.isfinite(step_loss):
                 # Deterministic for the seed: a retry would diverge again, so this is a config error.
+                kept = (
+                    f"the last good checkpoint, step {last_checkpoint}, is kept at "
+                    f"{checkpoints.key(last_checkpoint)}"
+                    if last_checkpoint is not None and checkpoints is not None
+                    else "no checkpoint was saved before it"
+                )
                 raise ConfigError(
-                    f"loss became {step_loss} at step {step}; lower train.learning_rate "
-                    f"({cfg.learning_rate}) or use mixed_precision: no"
+                    f"loss became {step_loss} at step {step}; training stopped, {kept}. Lower "
+                    f"train.learning_rate ({cfg.learning_rate}) or use mixed_precision: no"
                 )
             distributed.all_reduce_gradients(self.params)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if step == self.resumed_from_step + 1 and on_warmup and rank == 0:
+                on_warmup(time.monotonic() - started)
             fault_point("train.after_step")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history.append((step, step_loss))
+                now = time.monotonic()
+                rate = (step - interval[1]) * images_per_step / max(now - interval[0], 1e-9)
+                metrics = {
+                    "train.loss": step_loss,
+                    "train.lr": self.optimizer.param_groups[0]["lr"],
+                    "train.images_per_s": rate,
+                }
+                if cuda:
+                    metrics["train.gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                interval = (now, step)
                 if on_log:
-                    on_log(step, step_loss)
+                    on_log(step, metrics)
             every = cfg.checkpoint_every
             if checkpoints is not None and rank == 0 and every and step % every == 0 and step < cfg.steps:
                 elapsed = self.resumed_elapsed_s + time.monotonic() - started
                 checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+                last_checkpoint = step
+            if on_validate and rank == 0 and cfg.validation_every and step % cfg.validation_every == 0:
+                unet.eval()
+                on_validate(step)
+                unet.train()
         unet.eval()
         return history
+
+    def _out_of_memory_message(self, resolution: int, error: Exception) -> str:
+        cfg = self.cfg
+        half = max(cfg.batch_size // 2, 1)
+        hints = [
+            f"lower train.batch_size to {half} and raise train.gradient_accumulation to "
+            f"{cfg.gradient_accumulation * cfg.batch_size // half} (the same "
+            f"{cfg.batch_size * cfg.gradient_accumulation} images per step)"
+        ]
+        if not cfg.gradient_checkpointing:
+            hints.append("set train.gradient_checkpointing: true (less memory, about a third slower)")
+        if cfg.resolution is None or cfg.resolution > 512:
+            hints.append(f"or train at a lower train.resolution (now {resolution} px)")
+        return (
+            f"CUDA out of memory at train.batch_size {cfg.batch_size} ({resolution} px, LoRA rank "
+            f"{cfg.rank}, {str(self.dtype).removeprefix('torch.')}): " + "; or ".join(hints) + f". ({error})"
+        )
+
+    def draw_validation(self, prompts: list[str], seeds: list[int], sampling) -> list:
+        """Images of ``prompts`` drawn with the expert as it is now (``sampling``: a
+        ``SamplingConfig``), each from its own seeded generator; the training RNG is untouched."""
+        import torch
+
+        from selma_core.phases.images import draw_images
+
+        # Compiled blocks would compile again for inference shapes: validation runs eagerly.
+        eager = contextlib.nullcontext()
+        if self.compiled_modules:
+            eager = torch.compiler.set_stance("force_eager")
+        with torch.no_grad(), eager:
+            return draw_images(self.pipe, prompts, seeds, sampling, self.device)
 
     def save(self, path) -> None:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -551,7 +717,7 @@ def train_expert(ctx, skill_name: str) -> dict:
         ctx.config.base_model_revision,
         allow_pickle=ctx.config.allow_pickle_checkpoints,
     )
-    trainer = ExpertTrainer(pipe, cfg, device)
+    trainer = ExpertTrainer(pipe, cfg, device, cache_dir=ctx.config.cache_dir)
     ctx.run.log_params({"images": len(dataset)})
     checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
     if ctx.commits and ctx.store.is_committed(ctx.job.key):
@@ -561,11 +727,30 @@ def train_expert(ctx, skill_name: str) -> dict:
         ctx.store, ctx.scratch_dir, ctx.config.base_model, ctx.config.base_model_revision, ctx.commits
     )
     start = time.monotonic()
+    compile_cache = None
+    if cfg.compile != "off" and cfg.compile_cache:
+        from selma_core.models import speed
+
+        shapes = {"batch": cfg.batch_size, "resolution": cfg.resolution or trainer.native_resolution()}
+        digest = speed.compile_cache_digest(pipe.unet, cfg.compile, device, trainer.dtype, shapes)
+        compile_cache = speed.StoreCompileCache(ctx.store, digest, ctx.scratch_dir)
+        if compile_cache.load():
+            print(f"train: compiled kernels from {ctx.store.url(compile_cache.key)}", file=sys.stderr)
+
+    def on_warmup(seconds: float) -> None:
+        # The first step compiles (cold, or from the cache): what compile costs this job.
+        ctx.run.log_metrics({"train.warmup_s": seconds})
+        if compile_cache is not None and ctx.commits:
+            compile_cache.save()
+
+    validation = _ValidationImages(ctx, skill_name, trainer, dataset) if cfg.validation_every else None
     history = trainer.train(
         dataset,
-        on_log=lambda step, loss: ctx.run.log_metrics({"train.loss": loss}, step),
+        on_log=lambda step, metrics: ctx.run.log_metrics(metrics, step),
         checkpoints=checkpoints,
         latent_cache=latent_cache,
+        on_validate=validation,
+        on_warmup=on_warmup,
     )
     # Training time over every run that contributed (a resumed run adds the checkpoint's).
     elapsed = trainer.resumed_elapsed_s + time.monotonic() - start
@@ -582,7 +767,9 @@ def train_expert(ctx, skill_name: str) -> dict:
         "wall_s": round(elapsed, 3),
         "images_per_s": cfg.steps * cfg.batch_size * cfg.gradient_accumulation / max(elapsed, 1e-9),
         "processes": world_size,
+        "images_skipped": trainer.images_skipped,
     }
+    ctx.run.log_metrics({"train.images_skipped": trainer.images_skipped})
     # Not in expert.json (a resumed run commits what an uninterrupted one does): the steps taken over.
     result = {
         **summary,
@@ -601,3 +788,54 @@ def train_expert(ctx, skill_name: str) -> dict:
     # as garbage: the job is committed, so its rerun is skipped and never reads them.
     checkpoints.clear()
     return result
+
+
+class _ValidationImages:
+    """``on_validate``: draws a few held-out prompts with the expert in training and logs the images
+    to the job's MLflow run under ``validation/step-NNNNNNNN/`` (seeded: the same noise every time,
+    so the images show what training changed)."""
+
+    def __init__(self, ctx, skill_name: str, trainer: ExpertTrainer, dataset) -> None:
+        from selma_core.phases.images import SamplingConfig, prompt_seed
+
+        cfg: TrainConfig = ctx.config.train
+        self.ctx, self.trainer = ctx, trainer
+        self.prompts = _validation_prompts(ctx, skill_name, dataset, cfg.validation_prompts)
+        self.seeds = [prompt_seed(cfg.seed, f"validation-{i}") for i in range(len(self.prompts))]
+        side = cfg.resolution or trainer.native_resolution()
+        self.sampling = SamplingConfig(
+            num_inference_steps=cfg.validation_inference_steps,
+            guidance_scale=ctx.config.eval.guidance_scale,
+            height=side,
+            width=side,
+            batch_size=len(self.prompts),
+        )
+
+    def __call__(self, step: int) -> None:
+        import tempfile
+
+        images = self.trainer.draw_validation(self.prompts, self.seeds, self.sampling)
+        with tempfile.TemporaryDirectory(dir=self.ctx.scratch_dir) as tmp:
+            folder = Path(tmp) / f"step-{step:08d}"
+            folder.mkdir()
+            for i, (prompt, image) in enumerate(zip(self.prompts, images, strict=True)):
+                image.convert("RGB").save(folder / f"{i:02d}.jpg", quality=90)
+                (folder / f"{i:02d}.txt").write_text(prompt + "\n", encoding="utf-8")
+            self.ctx.run.log_artifact(folder, "validation")
+
+
+def _validation_prompts(ctx, skill_name: str, dataset, count: int) -> list[str]:
+    """The skill's first ``count`` held-out prompts (never trained on); without a held-out split,
+    the first training prompts."""
+    from selma_core.phases.prompts import read_prompts
+
+    prompts: list[str] = []
+    try:
+        prompts_dir = ctx.fetch("prompts", skill_name)
+        rows = read_prompts(prompts_dir / "prompts.jsonl")
+        prompts = [r["text"] for r in rows if r["split"] == "heldout"]
+    except (KeyError, InputError, FileNotFoundError):
+        pass
+    if not prompts:
+        prompts = [meta["prompt"] for meta, _ in dataset]
+    return prompts[:count]

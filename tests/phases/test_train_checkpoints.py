@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import RecordingRun, train_job_context
 
 from selma_core import checkpoints as checkpoints_module
 from selma_core.checkpoints import CheckpointStore
@@ -193,27 +194,12 @@ def test_checkpoint_settings_validate():
     assert TrainConfig().checkpoint_every == 500 and TrainConfig().checkpoints_keep == 2
 
 
-class Run:
-    """The job's MLflow run, as the train phase uses it: what it logged."""
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int, float]] = []
-
-    def log_params(self, params: dict) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        self.metrics.append((step, metrics["train.loss"]))
-
-
 def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
     tmp_path, model_cache, dataset, reference, monkeypatch
 ):
     """The phase itself (``train_expert``, as ``jobs.run`` calls it, its images given): the committed
     adapter (every tensor, kohya keys too), loss.json and the run's metrics equal an uninterrupted
     run's, and the checkpoints are deleted once the adapter is committed."""
-    from types import SimpleNamespace
-
     from selma_core.phases import images
     from selma_core.phases.train import train_expert
 
@@ -221,18 +207,8 @@ def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
     store = LocalArtifactStore(tmp_path / "store")
     scratch = tmp_path / "scratch"
 
-    def job() -> tuple[dict, Run]:
-        settings = dict(base_model="random:tiny-sd", base_model_revision=None, cache_dir=str(model_cache))
-        ctx = SimpleNamespace(
-            config=SimpleNamespace(train=config(), device="cpu", allow_pickle_checkpoints=False, **settings),
-            store=store,
-            job=SimpleNamespace(key=KEY),
-            run=Run(),
-            commits=True,
-            scratch_dir=scratch,
-            fetch=lambda phase, skill: tmp_path,
-            output=lambda: store.staged_output(KEY, scratch),
-        )
+    def job() -> tuple[dict, RecordingRun]:
+        ctx = train_job_context(store, KEY, config(), model_cache, scratch, tmp_path)
         return train_expert(ctx, "counting"), ctx.run
 
     kill_at(monkeypatch, "train.after_checkpoint", 2)
@@ -253,5 +229,5 @@ def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
         assert ours.keys() == theirs.keys()
         assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in theirs.items()), rel
     # The run's curve: the checkpoint's steps (1, 2) first, then on at 3 and 4, each once.
-    assert run.metrics == reference[1]
+    assert run.series("train.loss") == reference[1]
     assert store.list_keys(f"{KEY}/_checkpoints") == []

@@ -8,11 +8,11 @@ and SDXL, random_flip on); the key follows what determines the tensors and nothi
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import train_job_context
 
 from selma_core import checkpoints as checkpoints_module
 from selma_core.checkpoints import CheckpointStore
@@ -137,14 +137,6 @@ def test_the_adapter_is_the_same_with_and_without_the_cache(
     assert not any(p.read_bytes().startswith(b"\x80") for p in folder.rglob("*") if p.is_file())  # no pickle
 
 
-class Run:
-    def log_params(self, params: dict) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-
 def test_a_second_expert_on_the_same_images_reuses_the_cache(
     tmp_path, model_cache, datasets, encoder_calls, monkeypatch, capsys
 ):
@@ -161,18 +153,8 @@ def test_a_second_expert_on_the_same_images_reuses_the_cache(
 
     def job(key: str, **overrides) -> dict:
         encoder_calls.update(vae=0, text=0)
-        settings = dict(base_model=SD, base_model_revision=None, cache_dir=str(model_cache))
         train_cfg = config(**{"random_flip": False, **overrides})
-        ctx = SimpleNamespace(
-            config=SimpleNamespace(train=train_cfg, device="cpu", allow_pickle_checkpoints=False, **settings),
-            store=store,
-            job=SimpleNamespace(key=key),
-            run=Run(),
-            commits=True,
-            scratch_dir=scratch,
-            fetch=lambda phase, skill: tmp_path,
-            output=lambda: store.staged_output(key, scratch),
-        )
+        ctx = train_job_context(store, key, train_cfg, model_cache, scratch, tmp_path)
         return train_expert(ctx, "counting")["latent_cache"]
 
     n = len(dataset)

@@ -1,0 +1,184 @@
+"""Expert training on bad input and in trouble, and what it tracks (random test models, CPU).
+
+Unreadable images are skipped and counted, up to a share; a diverging loss stops the job keeping
+the last good checkpoint; CUDA running out of memory names the batch size and what to change; every
+log interval tracks loss, learning rate and throughput; validation images are drawn with the expert
+in training without changing what it learns; gradient checkpointing computes the same thing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from train_helpers import RecordingRun, train_job_context
+
+from selma_core.checkpoints import CheckpointStore
+from selma_core.errors import ConfigError, InputError
+from selma_core.models.loading import load_diffusion_pipeline
+from selma_core.phases.train import ExpertTrainer, TrainConfig, _decode_images
+from selma_core.storage import LocalArtifactStore
+
+from .test_train import tiny_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def dataset(model_cache):
+    return tiny_dataset(model_cache)
+
+
+def config(**overrides) -> TrainConfig:
+    settings = dict(
+        rank=2,
+        alpha=4,
+        steps=3,
+        batch_size=2,
+        gradient_accumulation=2,
+        learning_rate=1e-2,
+        log_every=1,
+        checkpoint_every=None,
+        validation_every=None,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def trainer(model_cache, cfg: TrainConfig) -> ExpertTrainer:
+    torch.manual_seed(0)
+    return ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+
+
+def with_garbage(dataset, count: int) -> list:
+    broken = b"\xff\xd8 not a jpeg"
+    return dataset + [({"id": f"bad-{i}", "prompt": "a broken image"}, broken) for i in range(count)]
+
+
+def test_undecodable_images_are_skipped_and_counted_up_to_the_allowed_share(dataset, capsys):
+    kept, pixels = _decode_images(with_garbage(dataset, 1), 16, max_bad_share=0.25)
+    assert [meta["id"] for meta, _ in kept] == ["s-0", "s-1", "s-2"] and pixels.shape == (3, 3, 16, 16)
+    assert "skipped 1 of 4 image(s): image 'bad-0' cannot be decoded" in capsys.readouterr().err
+    too_many = r"2 of 5 image\(s\) cannot be used, more than train.max_bad_image_share \(25.0%\)"
+    with pytest.raises(InputError, match=too_many):
+        _decode_images(with_garbage(dataset, 2), 16, max_bad_share=0.25)
+
+
+def test_training_skips_undecodable_images_and_learns_from_the_rest(model_cache, dataset):
+    """The skipped image changes nothing: the same adapter as training on the good images alone."""
+    clean = trainer(model_cache, config())
+    clean_history = clean.train(dataset)
+    noisy = trainer(model_cache, config(max_bad_image_share=0.5))
+    assert noisy.train(with_garbage(dataset, 1)) == clean_history
+    assert noisy.images_skipped == 1 and clean.images_skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(clean.params, noisy.params, strict=True))
+
+
+def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    tmp_path, model_cache, dataset, monkeypatch
+):
+    store = LocalArtifactStore(tmp_path / "store")
+    checkpoints = CheckpointStore(store, "experts/counting/x", tmp_path / "scratch", keep=2)
+    expert = trainer(model_cache, config(steps=5, checkpoint_every=1))
+    real = ExpertTrainer._micro_batch
+    calls = []
+
+    def diverge_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * math.inf if len(calls) > 4 else loss  # step 3's first micro-batch
+
+    monkeypatch.setattr(ExpertTrainer, "_micro_batch", diverge_at_step_3)
+    with pytest.raises(ConfigError) as raised:
+        expert.train(dataset, checkpoints=checkpoints)
+    message = str(raised.value)
+    assert "loss became inf at step 3" in message
+    assert f"the last good checkpoint, step 2, is kept at {checkpoints.key(2)}" in message
+    assert "train.learning_rate (0.01)" in message
+    # Nothing of the diverged step was saved; the last good checkpoint resumes.
+    assert [state.step for state in [checkpoints.resume(expert.check_state)]] == [2]
+
+
+def test_cuda_out_of_memory_names_the_batch_size_and_what_to_change(model_cache, dataset, monkeypatch):
+    expert = trainer(model_cache, config(batch_size=2, gradient_accumulation=2))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(expert.pipe.unet, "forward", out_of_memory)
+    with pytest.raises(ConfigError) as raised:
+        expert.train(dataset)
+    message = str(raised.value)
+    assert message.startswith("CUDA out of memory at train.batch_size 2 (32 px, LoRA rank 2, float32)")
+    assert "lower train.batch_size to 1 and raise train.gradient_accumulation to 4 (the same 4" in message
+    assert "set train.gradient_checkpointing: true" in message and "Tried to allocate 2.00 GiB" in message
+
+
+def test_each_log_interval_tracks_loss_learning_rate_and_throughput(model_cache, dataset):
+    logged = []
+    warmups = []
+    history = trainer(model_cache, config(log_every=2, steps=4)).train(
+        dataset, on_log=lambda step, metrics: logged.append((step, metrics)), on_warmup=warmups.append
+    )
+    assert [step for step, _ in logged] == [2, 4] and [s for s, _ in history] == [2, 4]
+    for (_, metrics), (_, loss) in zip(logged, history, strict=True):
+        assert set(metrics) == {"train.loss", "train.lr", "train.images_per_s"}  # no GPU memory on CPU
+        assert metrics["train.loss"] == loss and metrics["train.lr"] == 1e-2
+        assert metrics["train.images_per_s"] > 0
+    assert len(warmups) == 1 and warmups[0] > 0
+
+
+def test_gradient_checkpointing_computes_the_same_expert(model_cache, dataset):
+    plain = trainer(model_cache, config())
+    checkpointed = trainer(model_cache, config(gradient_checkpointing=True))
+    assert checkpointed.pipe.unet.is_gradient_checkpointing
+    assert plain.train(dataset) == checkpointed.train(dataset)
+    assert all(torch.equal(a, b) for a, b in zip(plain.params, checkpointed.params, strict=True))
+
+
+def test_validation_images_are_logged_and_do_not_change_the_expert(
+    tmp_path, model_cache, dataset, monkeypatch
+):
+    """The train phase draws the skill's held-out prompts every validation_every steps with fixed
+    seeds and logs them to MLflow; the adapter is bit for bit the one trained without validation."""
+    from selma_core.phases import images
+    from selma_core.phases.train import train_expert
+
+    monkeypatch.setattr(images, "read_image_dataset", lambda folder: dataset)
+    store = LocalArtifactStore(tmp_path / "store")
+    prompts = [
+        {"id": "h-0", "text": "two dogs under a tree", "split": "heldout"},
+        {"id": "t-0", "text": PROMPT_TRAIN, "split": "train"},
+        {"id": "h-1", "text": "a red cube on a blue sphere", "split": "heldout"},
+    ]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+
+    def job(key: str, **overrides) -> RecordingRun:
+        run = RecordingRun(tmp_path / "artifacts" / key)
+        cfg = config(steps=4, **overrides)
+        ctx = train_job_context(store, key, cfg, model_cache, tmp_path / "scratch", tmp_path, run=run)
+        train_expert(ctx, "counting")
+        return run
+
+    run = job("validated", validation_every=2, validation_prompts=3, validation_inference_steps=2)
+    steps = [f"validation/step-0000000{s}" for s in (2, 4)]
+    names = ("00.jpg", "00.txt", "01.jpg", "01.txt")
+    assert run.artifacts == [f"{s}/{name}" for s in steps for name in names]
+    folder = tmp_path / "artifacts" / "validated" / steps[1]
+    assert (folder / "01.txt").read_text() == "a red cube on a blue sphere\n"
+    assert Image.open(folder / "00.jpg").size == (32, 32)
+    # Seeded: the same noise at every validation, so only training changed the image.
+    first = Image.open(tmp_path / "artifacts" / "validated" / steps[0] / "00.jpg").tobytes()
+    assert first != Image.open(folder / "00.jpg").tobytes()
+    assert run.series("train.images_skipped") == [(None, 0)] and len(run.series("train.warmup_s")) == 1
+
+    job("plain")
+    adapter = "pytorch_lora_weights.safetensors"
+    ours = load_file(str(store.fetch_dir("validated", tmp_path / "f1") / adapter))
+    theirs = load_file(str(store.fetch_dir("plain", tmp_path / "f2") / adapter))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+PROMPT_TRAIN = "two red apples on a table"
