@@ -61,7 +61,9 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     for job_id in job_ids:
         job = plan.jobs.get(job_id)
         if job is None:  # the config changed since: this job no longer exists in it
-            rows.append({"job": job_id, "state": "unknown (config changed)"})
+            skill = job_id.partition(":")[2]
+            why = "skill now uses an external dataset" if skill in plan.datasets else "config changed"
+            rows.append({"job": job_id, "state": f"unknown ({why})"})
             continue
         run = children.get(job.name)
         committed = store.is_committed(job.key)

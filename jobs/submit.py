@@ -4,10 +4,11 @@
     python -m jobs.submit --phase train --skill counting --config configs/sd15.yaml --dry-run
 
 ``--phase all`` runs the DAG: per skill prompts -> images -> train (skills in parallel up to
-``executor.max_parallel``), then merge, then eval. Work whose output is already in the store is
-skipped. The last line printed is one JSON object: ``{"jobs": [{"phase", "skill", "status", ...}]}``
-with status ``ran``, ``skipped``, ``failed``, ``blocked`` (a dependency failed, so it never started)
-or, with ``--dry-run``, ``planned``; on an error before any job ran, ``{"jobs": [], "error": ...}``.
+``executor.max_parallel``; a skill with an external ``dataset`` has its train job only), then merge,
+then eval. Work whose output is already in the store is skipped. The last line printed is one JSON
+object: ``{"jobs": [{"phase", "skill", "status", ...}]}`` with status ``ran``, ``skipped``,
+``failed``, ``blocked`` (a dependency failed, so it never started) or, with ``--dry-run``,
+``planned``; on an error before any job ran, ``{"jobs": [], "error": ...}``.
 Exit code: 0 when every job ran or was skipped, 2 for invalid configuration or input, 1 otherwise.
 """
 
@@ -205,10 +206,20 @@ def validate(cfg, skills) -> None:
     for path in cfg.prompts.contamination.benchmarks:
         if not Path(path).is_file():
             raise ConfigError(f"{cfg.source_path}: prompts.contamination.benchmarks: file {path} not found")
-    if cfg.prompts.backend == "openai":
+    for skill in skills.values():
+        uri = skill.dataset.uri if skill.dataset is not None else ""
+        if uri and cfg.executor.kind != "local" and not uri.startswith(("s3://", "/", "file:///")):
+            # Pods get the skill files, not the folders beside them.
+            raise ConfigError(
+                f"skill {skill.name!r}: dataset {uri}: on the {cfg.executor.kind} executor a dataset must be "
+                "in S3 (s3://bucket/prefix) or at an absolute path that both this machine and the pods see"
+            )
+    # Dataset skills have no prompts jobs: the prompt backend serves the others only.
+    generated = [s for s in skills.values() if s.dataset is None]
+    if generated and cfg.prompts.backend == "openai":
         OpenAICompatibleBackend(cfg.prompts.openai)  # checks the key variable where one is required
-    elif cfg.prompts.backend == "offline":
-        for skill in skills.values():
+    elif generated and cfg.prompts.backend == "offline":
+        for skill in generated:
             if not skill.offline.templates:
                 raise ConfigError(
                     f"skill {skill.name!r} has no offline.templates, which prompts.backend: offline needs"
@@ -258,9 +269,21 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     skills = load_skills(cfg.skills_path, cfg.skills)
     validate(cfg, skills)
     plan = build_plan(cfg, skills)
+    for name, dataset in plan.datasets.items():
+        _echo(
+            f"skill {name}: external dataset {dataset.root} ({dataset.layout}, {dataset.files} files, "
+            f"fingerprint {dataset.fingerprint[:12]}): no prompts or images jobs"
+        )
     selected = plan.select(args.phase, args.skill)
+    without = plan.unselectable(args.phase, args.skill)
+    if not selected and without:
+        raise ConfigError(
+            f"--phase {args.phase}: " + "; ".join(plan.dataset_note(s, args.phase) for s in without)
+        )
     if not selected:
         raise ConfigError(f"--phase {args.phase}: no such jobs in this pipeline (is merge_search.enabled?)")
+    for name in without:
+        _echo(f"note: {plan.dataset_note(name, args.phase)}")
     forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # The pid too: two controllers started in the same second must not share (and overwrite) logs.
@@ -287,7 +310,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     for job in selected:
         for dep in job.deps:
             if dep not in selected_ids and not store.is_committed(plan.jobs[dep].key):
-                raise InputError(missing_input_message(job.id, dep))
+                raise InputError(missing_input_message(job.id, dep, plan))
 
     # Jobs read a frozen copy of the resolved config: editing the YAML mid-run changes nothing.
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,21 @@ Keys are content-addressed: each contains a hash of everything that determines t
 phase's config, the skill definition, model ids and revisions, and the keys of its inputs). The
 controller and every job compute the same keys from the same config, so "is this work done?" is one
 look-up, and a change anywhere gives new keys for exactly the outputs downstream of it.
+
+A skill that names an external dataset (``dataset:`` in its file) has no prompts or images job: its
+train job has no dependencies, and its key hashes the dataset's listing fingerprint (every file the
+layout reads, with its size and SHA-256 locally or ETag in S3: ``selma_core.datasets``), so changed
+data gives a new expert. Eval and merge-search, which read its held-out captions from the dataset,
+hash the same fingerprint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from selma_core.config import PipelineConfig, stable_hash
+from selma_core.errors import InputError
 from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_model
 from selma_core.phases.images import SamplingConfig
 from selma_core.skills import Skill
@@ -44,9 +51,30 @@ class JobSpec:
         return f"{self.phase}-{self.skill}" if self.skill else self.phase
 
 
+@dataclass(frozen=True)
+class ExternalDataset:
+    """A dataset skill's data as this plan keyed it."""
+
+    uri: str  # as the skill file names it
+    root: str  # where it was found: an absolute folder, or s3://bucket/prefix
+    layout: str  # imagefolder or webdataset
+    fingerprint: str  # selma_core.datasets.DatasetListing.fingerprint
+    files: int
+
+
+class NoSuchJob(InputError, KeyError):
+    """A job this pipeline does not have: a ``KeyError`` (what ``Plan.job`` always raised) and an
+    ``InputError`` (exit 2 in a job: retrying cannot help), whose message reads as it is."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass
 class Plan:
     jobs: dict[str, JobSpec]
+    # Skills trained on an external dataset (no prompts or images jobs), by name.
+    datasets: dict[str, ExternalDataset] = field(default_factory=dict)
 
     def job(self, phase: str, skill: str | None = None, shard: int | None = None) -> JobSpec:
         if shard is not None:
@@ -54,8 +82,18 @@ class Plan:
         else:
             job_id = f"{phase}:{skill}" if phase in PER_SKILL_PHASES else phase
         if job_id not in self.jobs:
-            raise KeyError(f"no job {job_id!r} in this pipeline; jobs: {', '.join(self.jobs)}")
+            if skill in self.datasets and phase in ("prompts", "images"):
+                raise NoSuchJob(self.dataset_note(skill, phase))
+            raise NoSuchJob(f"no job {job_id!r} in this pipeline; jobs: {', '.join(self.jobs)}")
         return self.jobs[job_id]
+
+    def dataset_note(self, skill: str, phase: str) -> str:
+        """Why a dataset skill has no ``phase`` job."""
+        dataset = self.datasets[skill]
+        return (
+            f"skill {skill!r} uses an external dataset ({dataset.uri}): it has no {phase} job; its "
+            f"train job reads the dataset (--phase train --skill {skill})"
+        )
 
     def select(self, phase: str, skills: list[str] | None = None) -> list[JobSpec]:
         """The jobs ``--phase`` (and ``--skill``) name, in dependency order."""
@@ -68,9 +106,19 @@ class Plan:
             chosen.append(job)
         return chosen
 
+    def unselectable(self, phase: str, skills: list[str] | None = None) -> list[str]:
+        """The dataset skills among ``skills`` (None: every skill) that have no ``phase`` job."""
+        if phase not in ("prompts", "images"):
+            return []
+        return [s for s in self.datasets if not skills or s in skills]
 
-def missing_input_message(job_id: str, dep_id: str) -> str:
+
+def missing_input_message(job_id: str, dep_id: str, plan: Plan | None = None) -> str:
     phase, _, skill = dep_id.split("#")[0].partition(":")
+    if plan is not None and skill in plan.datasets and phase in ("prompts", "images"):
+        return (
+            f"{job_id} needs the output of {dep_id}, which does not exist: {plan.dataset_note(skill, phase)}"
+        )
     return (
         f"{job_id} needs the output of {dep_id}, which is not in the store yet; run "
         f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''}` first, or --phase all"
@@ -130,12 +178,33 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     benchmarks = sorted(_benchmark_digest(path) for path in cfg.prompts.contamination.benchmarks)
     experts = []
     prompt_jobs = []
+    datasets: dict[str, ExternalDataset] = {}
+    # What decides a dataset skill's held-out captions (eval and merge-search read them): its data
+    # and split settings. Empty without dataset skills, so other pipelines' keys are as they were.
+    heldout_data: dict[str, dict] = {}
     for name in cfg.skills:
         skill = skills[name]
+        if skill.dataset is not None:
+            from selma_core.datasets import skill_dataset_listing
+
+            # The listing's fingerprint, not a digest of the bytes: every job plans the pipeline,
+            # and an S3 dataset would be downloaded by each to hash it. Local files are hashed
+            # (once per machine: remembered by size, mtime and inode), S3 objects are known by
+            # their ETags (content hashes, listed 1,000 a request). Not the uri: the same data
+            # elsewhere (or at the path a pod sees) is the same expert.
+            listing = skill_dataset_listing(cfg, skill)
+            datasets[name] = ExternalDataset(
+                skill.dataset.uri, listing.root, listing.layout, listing.fingerprint, len(listing.files)
+            )
+            data = {**skill.dataset.output_dict(), "files": listing.fingerprint}
+            heldout_data[name] = data
+            experts.append(add("train", name, {**base, "dataset": data}, []))
+            continue
         prompts = add("prompts", name, {"skill": skill.to_dict(), "benchmarks": benchmarks}, [])
         images = add("images", name, _models((cfg.generator, cfg.generator_revision)), [prompts])
         experts.append(add("train", name, base, [images]))
         prompt_jobs.append(prompts)
+    held_out = {"datasets": heldout_data} if heldout_data else {}
     merge_deps = list(experts)
     if cfg.merge_search.enabled:
         from selma_core.phases.merge_search import candidate_weights
@@ -153,7 +222,7 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
             add(
                 "merge-search",
                 None,
-                {**scoring, "weights": weights},
+                {**scoring, "weights": weights, **held_out},
                 [*experts, *prompt_jobs],
                 shard=i,
                 config=sampling,
@@ -168,8 +237,10 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     if any(m.startswith("models:/") for m in cfg.eval.models or []):
         # NAME/VERSION means something only in one registry: staging and prod must not share results.
         evaluated["registry"] = cfg.tracking.uri
+    if cfg.eval.benchmark == "heldout":
+        evaluated.update(held_out)  # dataset skills' held-out captions: no prompts job carries them
     add("eval", None, evaluated, eval_dependencies(cfg, merged, experts, prompt_jobs))
-    return Plan(jobs=jobs)
+    return Plan(jobs=jobs, datasets=datasets)
 
 
 def eval_models(cfg: PipelineConfig) -> list[tuple[str, str | None]]:

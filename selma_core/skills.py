@@ -18,6 +18,23 @@ offline:                    # vocabulary for the offline (non-LLM) generator use
   slots: {number: [two, three], object: [cats, cups], place: [on a table]}
 ```
 A user adds a skill by adding such a file.
+
+A skill may instead name an existing image-text dataset (human captions, say, to compare with the
+auto-generated data as the SELMA paper does); it then has no prompts or images job, and its expert
+trains on the dataset's pairs (``selma_core.datasets``, docs/datasets.md):
+
+```yaml
+name: coco_counting
+description: Human-captioned photos with counted objects.
+dataset:
+  uri: data/coco-counting     # a folder (relative to this file's folder), s3://bucket/prefix, or shards
+  layout: auto                # imagefolder (metadata.jsonl) | webdataset (.tar shards) | auto
+  caption_column: text        # default: text, caption or prompt, the first present
+  max_samples: 5000           # the first N samples in the dataset's order (default: all)
+  heldout: 0.1                # share (0 < x < 1) or count (an integer) of captions kept for evaluation
+```
+Such a skill has no ``seeds``, ``rules``, ``checks`` or ``offline`` vocabulary: its captions are used
+as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from selma_core.errors import ConfigError
 from selma_core.typed_yaml import from_dict, read_yaml, to_dict
@@ -109,23 +127,123 @@ class PromptChecks:
         return None
 
 
+DATASET_LAYOUTS = ("auto", "imagefolder", "webdataset")
+
+
+@dataclass
+class DatasetSpec:
+    """An existing image-text dataset a skill's expert trains on (``selma_core.datasets`` reads it)."""
+
+    # A local folder (relative to the skill file's folder, or absolute; ``file://`` optional), a
+    # WebDataset shard or brace pattern (``shards/train-{0000..0099}.tar``), or ``s3://bucket/prefix``.
+    uri: str
+    # imagefolder: a metadata.jsonl (Hugging Face imagefolder) whose rows name file_name and a
+    # caption; webdataset: .tar shards of <key>.<jpg|jpeg|png|webp> + <key>.txt or <key>.json;
+    # auto: imagefolder when there is a metadata.jsonl at the top, else webdataset.
+    layout: Literal["auto", "imagefolder", "webdataset"] = "auto"
+    # The caption: imagefolder's metadata.jsonl column, or the key of a WebDataset sample's .json.
+    # None: "text", "caption" or "prompt", the first present (WebDataset: a .txt first).
+    caption_column: str | None = None
+    # Only the first max_samples samples in the dataset's order (None: all of them).
+    max_samples: int | None = None
+    # Captions kept out of training for evaluation (eval's heldout benchmark, merge-search): a share
+    # of the distinct captions (a number between 0 and 1) or their count (an integer; 0: none).
+    heldout: int | float = 0.1
+    # S3 endpoint of an s3:// dataset (MinIO, Ceph); None: the pipeline's storage.endpoint_url.
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.uri.strip():
+            raise ValueError("uri: expected a folder, shard pattern or s3://bucket/prefix, got ''")
+        if self.uri.startswith("s3://") and not self.uri[len("s3://") :].split("/")[0]:
+            raise ValueError(f"uri: expected s3://BUCKET/PREFIX, got {self.uri!r}")
+        if "://" in self.uri and not self.uri.startswith(("s3://", "file://")):
+            raise ValueError(
+                f"uri: expected a local path, file://PATH or s3://BUCKET/PREFIX, got {self.uri!r}"
+            )
+        if self.caption_column is not None and not self.caption_column.strip():
+            raise ValueError("caption_column: expected a column name, got ''")
+        if self.max_samples is not None and self.max_samples < 2:
+            raise ValueError(
+                f"max_samples: expected >= 2 (one to train, one held out), got {self.max_samples}"
+            )
+        if isinstance(self.heldout, bool):
+            raise ValueError(f"heldout: expected a share (0 < x < 1) or a count, got {self.heldout!r}")
+        if isinstance(self.heldout, int):
+            if self.heldout < 0:
+                raise ValueError(f"heldout: expected a count >= 0, got {self.heldout}")
+        elif not 0.0 < self.heldout < 1.0:
+            raise ValueError(
+                f"heldout: expected a share between 0 and 1 (exclusive) or an integer count, "
+                f"got {self.heldout}"
+            )
+        if (
+            self.max_samples is not None
+            and isinstance(self.heldout, int)
+            and self.heldout >= self.max_samples
+        ):
+            raise ValueError(
+                f"heldout: {self.heldout} held-out captions leave none of max_samples "
+                f"{self.max_samples} to train on"
+            )
+
+    def output_dict(self) -> dict:
+        """What decides the expert besides the data itself: not where the data lives (the uri or
+        endpoint: a copy elsewhere, or the path a pod sees, is the same data)."""
+        return {
+            "layout": self.layout,
+            "caption_column": self.caption_column,
+            "max_samples": self.max_samples,
+            "heldout": self.heldout,
+        }
+
+
 @dataclass
 class Skill:
     name: str
     description: str
-    seeds: list[str]
+    # Generated skills: at least one seed prompt. Dataset skills: none.
+    seeds: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
     target_count: int = 1000
     checks: PromptChecks = field(default_factory=PromptChecks)
     offline: OfflineVocabulary = field(default_factory=OfflineVocabulary)
+    # An existing image-text dataset to train on instead of generated prompts and images.
+    dataset: DatasetSpec | None = None
+
+    @property
+    def is_dataset(self) -> bool:
+        """Trained on an external dataset: no prompts or images jobs."""
+        return self.dataset is not None
 
     def __post_init__(self) -> None:
         try:
             check_skill_name(self.name)
         except ValueError as e:
             raise ValueError(f"name: {e}") from None
+        if self.dataset is not None:
+            # Its captions are the data: generation settings would be silently ignored.
+            unused = [
+                key
+                for key, value, default in (
+                    ("seeds", self.seeds, []),
+                    ("rules", self.rules, []),
+                    ("checks", self.checks, PromptChecks()),
+                    ("offline", self.offline, OfflineVocabulary()),
+                )
+                if value != default
+            ]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)}: a skill with a dataset trains on the dataset's own captions; "
+                    f"remove {'it' if len(unused) == 1 else 'them'} (or remove dataset: to generate prompts)"
+                )
+            return
         if not [s for s in self.seeds if s.strip()]:
-            raise ValueError("seeds: expected at least one seed prompt, got none")
+            raise ValueError(
+                "seeds: expected at least one seed prompt, got none (or a dataset: to train on an "
+                "existing image-text dataset instead)"
+            )
         for seed in self.seeds:
             reason = self.checks.violation(seed.strip())
             if reason:  # the seeds are the examples: rules they break are contradictory
@@ -138,7 +256,10 @@ class Skill:
             raise ValueError(f"target_count: expected at most {MAX_PROMPTS:,}, got {self.target_count:,}")
 
     def to_dict(self) -> dict:
-        return to_dict(self)
+        data = to_dict(self)
+        if data.get("dataset") is None:  # generated skills hash (and key) as they did before datasets
+            data.pop("dataset", None)
+        return data
 
 
 def load_skill(skills_dir: str | Path, name: str) -> Skill:
@@ -154,7 +275,17 @@ def load_skill(skills_dir: str | Path, name: str) -> Skill:
         raise ConfigError(
             f"unknown skill {name!r}: no file {path}; known skills: {', '.join(known) or 'none'}"
         )
-    skill = from_dict(Skill, read_yaml(path), source=str(path))
+    data = read_yaml(path)
+    if "seeds" not in data and data.get("dataset") is None:
+        raise ConfigError(
+            f"{path}: missing required key seeds (a list of seed prompts), or a dataset: section to "
+            "train on an existing image-text dataset instead"
+        )
+    if isinstance(data.get("dataset"), dict):
+        # Checked alone first: as an optional section its precise error (which key, what was
+        # expected) would otherwise read "expected a mapping or null".
+        from_dict(DatasetSpec, data["dataset"], source=str(path), prefix="dataset.")
+    skill = from_dict(Skill, data, source=str(path))
     if skill.name != name:
         raise ConfigError(f"{path}: name: expected {name!r} (the file name), got {skill.name!r}")
     return skill

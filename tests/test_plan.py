@@ -90,3 +90,111 @@ def test_keys_are_stable_and_name_their_phase(tiny_config):
     first, second = keys(tiny_config()), keys(tiny_config())
     assert first == second
     assert first["train:counting"].startswith("experts/counting/") and first["merge"].startswith("merged/")
+
+
+# -- skills trained on an external dataset ---------------------------------------------------------
+
+
+def dataset_skills(tmp_path, **dataset) -> tuple:
+    """A skills folder: the shipped ones plus ``mine``, an imagefolder dataset in skills/data/mine."""
+    import io
+    import json
+    import shutil
+
+    import yaml
+    from conftest import REPO
+    from PIL import Image
+
+    skills = tmp_path / "skills"
+    if not skills.exists():
+        shutil.copytree(REPO / "skills", skills)
+    data = skills / "data" / "mine"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(6):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(buffer, "PNG")
+        (data / f"{i}.png").write_bytes(buffer.getvalue())
+        rows.append({"file_name": f"{i}.png", "text": f"a photo of {i} red cups"})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"uri": "data/mine", **dataset}
+    (skills / "mine.yaml").write_text(yaml.safe_dump({"name": "mine", "description": "d", "dataset": spec}))
+    return skills, data
+
+
+def plan_of(config_path):
+    cfg = load_config(config_path)
+    return build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+
+
+def test_a_dataset_skill_has_only_a_train_job(tiny_config, tmp_path):
+    skills, _ = dataset_skills(tmp_path)
+    plan = plan_of(tiny_config(skills=["counting", "mine"], skills_dir=str(skills)))
+    assert {j for j in plan.jobs if j.endswith(":mine")} == {"train:mine"}
+    assert plan.jobs["train:mine"].deps == ()
+    assert plan.jobs["train:mine"].key.startswith("experts/mine/")
+    assert "prompts:counting" in plan.jobs["eval"].deps and "prompts:mine" not in plan.jobs["eval"].deps
+    assert set(plan.datasets) == {"mine"} and plan.datasets["mine"].layout == "imagefolder"
+    # the generated skill's jobs are keyed as without a dataset skill beside it
+    alone = plan_of(tiny_config(skills=["counting"]))
+    for job in ("prompts:counting", "images:counting", "train:counting"):
+        assert plan.jobs[job].key == alone.jobs[job].key
+
+
+def test_changed_data_gives_a_new_expert(tiny_config, tmp_path):
+    from PIL import Image
+
+    skills, data = dataset_skills(tmp_path)
+    config = tiny_config(skills=["counting", "mine"], skills_dir=str(skills))
+    before = keys(config)
+    assert keys(config) == before  # stable while the data is unchanged
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(data / "3.png")
+    after_image = keys(config)
+    assert changed(before, after_image) == {"train:mine", "merge", "eval"}
+    (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace("3 red", "three red"))
+    assert changed(after_image, keys(config)) == {"train:mine", "merge", "eval"}
+
+
+def test_dataset_settings_and_place(tiny_config, tmp_path):
+    import shutil
+
+    skills, data = dataset_skills(tmp_path)
+    config = tiny_config(skills=["counting", "mine"], skills_dir=str(skills))
+    before = keys(config)
+    dataset_skills(tmp_path, heldout=2)  # another split: another expert and other eval prompts
+    assert changed(before, keys(config)) == {"train:mine", "merge", "eval"}
+    # the same data elsewhere (an absolute path now): the same expert
+    dataset_skills(tmp_path)
+    shutil.copytree(data, tmp_path / "elsewhere")
+    dataset_skills(tmp_path, uri=str(tmp_path / "elsewhere"))
+    assert keys(config) == before
+
+
+def test_phases_a_dataset_skill_lacks_are_named(tiny_config, tmp_path):
+    from selma_core.errors import InputError
+    from selma_core.plan import missing_input_message
+
+    skills, _ = dataset_skills(tmp_path)
+    plan = plan_of(tiny_config(skills=["counting", "mine"], skills_dir=str(skills)))
+    for phase in ("prompts", "images"):
+        with pytest.raises(KeyError) as info:
+            plan.job(phase, "mine")
+        assert isinstance(info.value, InputError)  # exit 2 inside a job
+        assert str(info.value) == (
+            f"skill 'mine' uses an external dataset (data/mine): it has no {phase} job; its train job "
+            "reads the dataset (--phase train --skill mine)"
+        )
+        assert plan.select(phase, ["mine"]) == [] and plan.unselectable(phase, ["mine"]) == ["mine"]
+    assert plan.unselectable("train", ["mine"]) == []
+    assert [j.id for j in plan.select("images", ["counting", "mine"])] == ["images:counting"]
+    assert "uses an external dataset" in missing_input_message("eval", "prompts:mine", plan)
+    assert "--phase prompts --skill counting" in missing_input_message("eval", "prompts:counting", plan)
+
+
+def test_merge_search_candidates_hash_the_heldout_captions(tiny_config, tmp_path):
+    skills, data = dataset_skills(tmp_path)
+    config = tiny_config(skills=["counting", "mine"], skills_dir=str(skills), merge_search={"enabled": True})
+    before = keys(config)
+    (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace("a photo", "an image"))
+    redone = changed(before, keys(config))
+    assert {"merge-search#000", "merge-search", "merge", "eval", "train:mine"} <= redone

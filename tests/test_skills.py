@@ -122,7 +122,8 @@ def test_skill_with_only_blank_seeds(tmp_path):
 
 def test_skill_missing_seeds_key(tmp_path):
     data = {k: v for k, v in GOOD.items() if k != "seeds"}
-    assert "missing required key seeds" in skill_error(tmp_path, data)
+    message = skill_error(tmp_path, data)
+    assert "missing required key seeds" in message and "dataset:" in message
 
 
 def test_skill_unknown_key(tmp_path):
@@ -203,3 +204,60 @@ def test_checks_give_their_reason():
     assert checks.violation("a cat on a mat").startswith("missing_required")
     assert checks.violation("a sign that says two") == "forbidden (sign that says)"
     assert checks.violation("twosome cats on a mat").startswith("missing_required")  # whole words only
+
+
+# -- skills trained on an external dataset ---------------------------------------------------------
+
+DATASET = {"name": "human", "description": "Human captions.", "dataset": {"uri": "data/human"}}
+
+
+def test_dataset_skill_needs_no_seeds(tmp_path):
+    (tmp_path / "human.yaml").write_text(yaml.safe_dump(DATASET))
+    skill = load_skill(tmp_path, "human")
+    assert skill.is_dataset and skill.seeds == [] and skill.rules == []
+    assert skill.dataset.uri == "data/human" and skill.dataset.layout == "auto"
+    assert skill.dataset.heldout == 0.1 and skill.dataset.caption_column is None
+    assert skill.to_dict()["dataset"]["uri"] == "data/human"
+    generated = load_skill(SKILLS_DIR, "counting")
+    assert not generated.is_dataset and "dataset" not in generated.to_dict()  # keys as before
+
+
+def test_dataset_skill_settings_load(tmp_path):
+    dataset = {
+        "uri": "s3://bucket/coco",
+        "layout": "webdataset",
+        "caption_column": "caption",
+        "max_samples": 500,
+        "heldout": 50,
+        "endpoint_url": "http://minio:9000",
+    }
+    (tmp_path / "human.yaml").write_text(yaml.safe_dump({**DATASET, "dataset": dataset}))
+    spec = load_skill(tmp_path, "human").dataset
+    assert spec.heldout == 50 and isinstance(spec.heldout, int) and spec.max_samples == 500
+    assert spec.output_dict() == {
+        "layout": "webdataset",
+        "caption_column": "caption",
+        "max_samples": 500,
+        "heldout": 50,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"seeds": ["a red car"]}, "seeds: a skill with a dataset trains on the dataset's own captions"),
+        ({"rules": ["x"], "offline": GOOD["offline"]}, "rules, offline: a skill with a dataset"),
+        ({"dataset": {"uri": "data", "layout": "parquet"}}, "dataset.layout: expected one of 'auto'"),
+        ({"dataset": {"uri": "data", "heldout": 1.5}}, "heldout: expected a share between 0 and 1"),
+        ({"dataset": {"uri": "data", "heldout": -1}}, "heldout: expected a count >= 0"),
+        ({"dataset": {"uri": "data", "heldout": True}}, "dataset.heldout: expected int or float"),
+        ({"dataset": {"uri": "data", "heldout": 5, "max_samples": 5}}, "leave none of max_samples 5"),
+        ({"dataset": {"uri": "data", "max_samples": 1}}, "max_samples: expected >= 2"),
+        ({"dataset": {"uri": "http://host/data"}}, "uri: expected a local path, file://PATH or s3://"),
+        ({"dataset": {"uri": "s3:///data"}}, "uri: expected s3://BUCKET/PREFIX"),
+        ({"dataset": {"uri": "data", "captions": "text"}}, "unknown key dataset.captions"),
+        ({"dataset": {"layout": "imagefolder"}}, "missing required key dataset.uri"),
+    ],
+)
+def test_bad_dataset_skills_are_named(tmp_path, extra, message):
+    assert message in skill_error(tmp_path, {**DATASET, **extra}, name="human")

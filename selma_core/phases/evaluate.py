@@ -1,7 +1,8 @@
 """Phase 5, eval: base vs each expert vs the merged model, per skill, with intervals and a report.
 
 Recipe, one job:
-1. The prompts (``eval.benchmark``): each skill's held-out prompts (``heldout``, never trained on),
+1. The prompts (``eval.benchmark``): each skill's held-out prompts (``heldout``, never trained on;
+   a skill trained on an external dataset: its held-out captions, ``selma_core.datasets``),
    DSG-1k (``dsg1k``) or TIFA v1.0 (``tifa``); at most ``max_prompts_per_skill`` per group.
 2. For each model variant (``eval.models``; default ``base``, ``expert:<skill>`` for every skill,
    ``merged``; also ``models:/NAME/VERSION`` from the model registry) draw one image per prompt,
@@ -352,9 +353,11 @@ def load_eval_set(ctx, cfg: EvalConfig):
 
     cap = cfg.max_prompts_per_skill
     if cfg.benchmark == "heldout":
+        from selma_core.datasets import prompt_records
 
         def records_of(skill: str) -> list[dict]:
-            return read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl")
+            # A dataset skill's held-out captions come from its dataset (no prompts job).
+            return prompt_records(ctx, skill, read_prompts)
 
         return eval_sets.heldout_set(records_of, list(ctx.config.skills), cap)
     cache_dir = ctx.config.cache_dir
@@ -689,14 +692,14 @@ def _track(ctx, results: dict, report_files: list[Path]) -> None:
 
 
 def load_heldout(ctx, skills: list[str], cap: int | None) -> dict[str, list[dict]]:
-    """Each skill's held-out prompts (never trained on), at most ``cap`` of them."""
+    """Each skill's held-out prompts (never trained on), at most ``cap`` of them: a generated skill's
+    held-out split, a dataset skill's held-out captions (``selma_core.datasets.split_dataset``)."""
+    from selma_core.datasets import prompt_records
     from selma_core.phases.prompts import read_prompts
 
     heldout: dict[str, list[dict]] = {}
     for skill in skills:
-        records = [
-            r for r in read_prompts(ctx.fetch("prompts", skill) / "prompts.jsonl") if r["split"] == "heldout"
-        ]
+        records = [r for r in prompt_records(ctx, skill, read_prompts) if r["split"] == "heldout"]
         if not records:
             raise InputError(f"{ctx.job.id}: skill {skill!r} has no held-out prompts")
         heldout[skill] = records[:cap] if cap else records
