@@ -6,6 +6,7 @@ tracking run and its output folder; these tests give it a real store and a run t
 from __future__ import annotations
 
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +69,8 @@ def train_job_context(
     )
     return SimpleNamespace(
         config=config,
+        # Every skill generated (not an external dataset): its images come from ``fetched``.
+        skills=defaultdict(lambda: SimpleNamespace(is_dataset=False, dataset=None)),
         store=store,
         job=SimpleNamespace(key=key),
         run=run or RecordingRun(),

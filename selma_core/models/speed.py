@@ -138,7 +138,9 @@ class StoreCompileCache:
             local = self.scratch / "compile-cache" / f"{self.digest}.bin"
             local.parent.mkdir(parents=True, exist_ok=True)
             self.store.download_file(self.key, local)
-            torch.compiler.load_cache_artifacts(local.read_bytes())
+            # None (torch logs why) when the bytes are not its artifacts: a damaged entry.
+            if torch.compiler.load_cache_artifacts(local.read_bytes()) is None:
+                raise ValueError("damaged (its checksum does not match)")
         except Exception as e:  # a cache never fails a job
             print(f"warning: compile cache {self.store.url(self.key)} not used: {e}", file=sys.stderr)
             return False
@@ -179,3 +181,21 @@ class WarmupTimer:
         if self.warmup_s is None:
             self.warmup_s = time.monotonic() - self.started
         return self.warmup_s
+
+
+def prepare_for_inference(
+    pipe, device: str, channels_last: bool = True, compile: CompileMode = "off", fuse_qkv: bool = True
+) -> int:
+    """A pipeline set up for fast sampling; how many modules were compiled.
+
+    SDPA attention; on CUDA (on CPU they are slower and change rounding): channels_last UNet and VAE,
+    and each attention's query/key/value projections fused into one matmul (``fuse_qkv``; not with
+    LoRA adapters loaded, whose layers wrap the separate projections); the UNet compiled as
+    ``compile`` says."""
+    use_sdpa(pipe.unet)
+    if device.startswith("cuda"):
+        if channels_last:
+            to_channels_last(pipe.unet, pipe.vae)
+        if fuse_qkv and not getattr(pipe.unet, "peft_config", None) and hasattr(pipe, "fuse_qkv_projections"):
+            pipe.fuse_qkv_projections()
+    return compile_unet(pipe.unet, compile)

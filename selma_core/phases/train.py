@@ -698,15 +698,15 @@ def train_expert(ctx, skill_name: str) -> dict:
 
     from selma_core import distributed
     from selma_core.checkpoints import CheckpointStore
+    from selma_core.datasets import load_training_pairs
     from selma_core.latent_cache import LatentCache
     from selma_core.lora import load_adapter
     from selma_core.models.loading import load_diffusion_pipeline, resolve_device
-    from selma_core.phases.images import read_image_dataset
     from selma_core.phases.merge import export_kohya
 
     cfg: TrainConfig = ctx.config.train
     # Every process reads the same committed images (each its own verified copy).
-    dataset = read_image_dataset(ctx.fetch("images", skill_name))
+    dataset = load_training_pairs(ctx, skill_name)
     # Under torchrun: joins the process group (jobs.run already did) and pins this process's GPU.
     device = distributed.init(resolve_device(ctx.config.device))
     rank, world_size = distributed.rank_and_size()
@@ -825,17 +825,15 @@ class _ValidationImages:
 
 
 def _validation_prompts(ctx, skill_name: str, dataset, count: int) -> list[str]:
-    """The skill's first ``count`` held-out prompts (never trained on); without a held-out split,
-    the first training prompts."""
+    """The skill's first ``count`` held-out prompts, never trained on (a generated skill's held-out
+    split, a dataset skill's held-out captions); without any, the first training prompts."""
+    from selma_core.datasets import prompt_records
     from selma_core.phases.prompts import read_prompts
 
     prompts: list[str] = []
-    try:
-        prompts_dir = ctx.fetch("prompts", skill_name)
-        rows = read_prompts(prompts_dir / "prompts.jsonl")
-        prompts = [r["text"] for r in rows if r["split"] == "heldout"]
-    except (KeyError, InputError, FileNotFoundError):
-        pass
+    with contextlib.suppress(KeyError, InputError, FileNotFoundError):  # none: fall back
+        records = prompt_records(ctx, skill_name, read_prompts)
+        prompts = [r["text"] for r in records if r["split"] == "heldout"]
     if not prompts:
         prompts = [meta["prompt"] for meta, _ in dataset]
     return prompts[:count]

@@ -1,0 +1,142 @@
+"""What the GPU throughput benchmarks share: the model under test, a synthetic dataset, timing, output.
+
+Imports only torch, diffusers, transformers, peft and selma_core's training and generation modules:
+the GPU machine has no MLflow, boto3 or Kubernetes client (../shared/gpu/README.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARCH_CHOICES = ("tiny", "tiny-sdxl", "sd15", "sd2", "sdxl")
+PROMPTS = (
+    "three red apples on a wooden table",
+    "a cat sitting to the left of a blue box",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "two dogs playing in the snow next to a red car",
+)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_pipeline(arch: str, device: str, dtype: Any, cache_dir: Path):
+    """The model under test: a tiny random test model (any machine) or a full-size architecture with
+    random weights (``selma_core.models.architectures``; meant for a GPU)."""
+    if arch.startswith("tiny"):
+        from selma_core.models.loading import load_diffusion_pipeline
+
+        spec = "random:tiny-sdxl" if arch == "tiny-sdxl" else "random:tiny-sd"
+        return load_diffusion_pipeline(spec, cache_dir, torch_dtype=dtype).to(device)
+    from selma_core.models.architectures import build_random_pipeline
+
+    return build_random_pipeline(arch, device, dtype)
+
+
+def native_resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def architecture_resolution(arch: str, cache_dir: Path) -> int:
+    """The native resolution of ``arch`` without building its weights."""
+    if arch.startswith("tiny"):
+        return native_resolution(load_pipeline(arch, "cpu", None, cache_dir))
+    from selma_core.models.architectures import unet_config
+
+    return unet_config(arch)["sample_size"] * 8  # the SD VAE downsamples 8x
+
+
+def synthetic_dataset(count: int, resolution: int, seed: int = 0) -> list[tuple[dict, bytes]]:
+    """(metadata, JPEG bytes) pairs as the images phase writes them: noise images, varied prompts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    data = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        data.append(
+            ({"id": f"bench-{i:05d}", "prompt": f"{PROMPTS[i % len(PROMPTS)]}, number {i}"}, buf.getvalue())
+        )
+    return data
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    import torch
+
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return None  # CPU: no per-recipe peak to read
+
+
+def device_description(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class Timer:
+    """Seconds between ``start`` and ``stop``, the device synchronized at both ends."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.started = self.elapsed = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        self.elapsed = time.perf_counter() - self.started
+        return self.elapsed
+
+
+def emit(record: dict, out: str | None) -> None:
+    """Print ``record`` as one JSON line (the last line of a benchmark is its result) and append it to
+    ``out`` (or $OUT/<bench>.jsonl on the GPU machine)."""
+    line = json.dumps(record, sort_keys=False)
+    print(line, flush=True)
+    target = out or (
+        os.path.join(os.environ["OUT"], f"{record['bench']}.jsonl") if os.environ.get("OUT") else None
+    )
+    if target:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def ratio(project: float, reference: float) -> float:
+    return round(project / reference, 3) if reference > 0 else float("nan")

@@ -1,0 +1,198 @@
+"""Benchmark: image generation throughput, selma's generator vs diffusers' fp16 pipeline, in one run.
+
+    python bench/generate_throughput.py                    # CPU or GPU: tiny random test model
+    python bench/generate_throughput.py --arch sd15        # GPU: SD 1.x architecture, random weights
+
+Both draw the same prompts with the same architecture, batch, denoising steps (25, DDIM),
+classifier-free guidance (7.5: the UNet sees twice the batch) and resolution, VAE decoding and PIL
+conversion included:
+
+- **reference**: the diffusers pipeline in fp16 (float32 on CPU), called eagerly.
+- **project**: the images phase's way (``selma_core.phases.images.draw_images``: one seeded
+  generator per prompt, so an image does not depend on its batch) on a pipeline prepared by
+  ``selma_core.models.speed.prepare_for_inference``: SDPA, channels_last, fused QKV projections and
+  ``--compile`` (off / blocks / full).
+
+Throughput is images per second over ``--batches`` batches after one untimed warm-up batch (which
+compiles); the last line printed is one JSON object (also appended to
+$OUT/generate_throughput.jsonl when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from common import (
+    ARCH_CHOICES,
+    PROMPTS,
+    Timer,
+    architecture_resolution,
+    device_description,
+    emit,
+    load_pipeline,
+    peak_gib,
+    ratio,
+    reset_peak,
+    resolve_device,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--arch", choices=ARCH_CHOICES, default="tiny", help="model architecture (default: tiny)"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="prompts per call (default: 16 on a GPU, 4 for sdxl, 4 on CPU)"
+    )
+    parser.add_argument("--batches", type=int, help="timed batches (default: 3 on a GPU, 2 on CPU)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "blocks", "full"),
+        help="project's torch.compile (default: full on GPU, off on CPU)",
+    )
+    parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    parser.add_argument("--work-dir", help="model cache and compile caches (default: a temporary folder)")
+    parser.add_argument("--out", help="append the JSON result to this file")
+    args = parser.parse_args(argv)
+    return args
+
+
+def prompts_for(batch: int, index: int) -> list[str]:
+    return [f"{PROMPTS[(index * batch + i) % len(PROMPTS)]}, view {index * batch + i}" for i in range(batch)]
+
+
+def measure(draw, args, device: str) -> dict:
+    """One untimed warm-up batch, then ``args.batches`` timed ones."""
+    reset_peak(device)
+    timer = Timer(device)
+    timer.start()
+    draw(prompts_for(args.batch, 0))
+    warmup_s = timer.stop()
+    timer.start()
+    for index in range(1, args.batches + 1):
+        images = draw(prompts_for(args.batch, index))
+        assert len(images) == args.batch
+    elapsed = timer.stop()
+    return {
+        "img_per_s": args.batch * args.batches / elapsed,
+        "batch_s": elapsed / args.batches,
+        "warmup_s": warmup_s,
+        "peak_gib": peak_gib(device),
+    }
+
+
+def reference_recipe(args, device: str, work: Path) -> dict:
+    import torch
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(args.arch, device, dtype, work / "models")
+    side = args.resolution
+
+    def draw(prompts: list[str]) -> list:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        return pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=side,
+            width=side,
+            generator=generator,
+        ).images
+
+    return measure(draw, args, device)
+
+
+def project_recipe(args, device: str, work: Path) -> dict:
+    from selma_core.models import speed
+    from selma_core.phases.images import ImagesConfig, draw_images, prompt_seed, torch_dtype
+
+    cfg = ImagesConfig(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.resolution,
+        width=args.resolution,
+        batch_size=args.batch,
+    )
+    pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
+    if args.compile != "off":
+        speed.compile_cache_dir(work)
+    compiled = speed.prepare_for_inference(pipe, device, compile=args.compile)
+
+    def draw(prompts: list[str]) -> list:
+        seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]
+        return draw_images(pipe, prompts, seeds, cfg, device)
+
+    result = measure(draw, args, device)
+    result["compiled_modules"] = compiled
+    result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="selma-bench-generate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    import torch
+
+    device = resolve_device(args.device)
+    gpu = device.startswith("cuda")
+    if args.batch is None:
+        args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
+    if args.batches is None:
+        args.batches = 3 if gpu else 2
+    if args.compile is None:
+        args.compile = "full" if gpu else "off"
+    args.resolution = args.resolution or architecture_resolution(args.arch, work / "models")
+    record: dict = {
+        "bench": "generate_throughput",
+        "device": device_description(device),
+        "arch": args.arch,
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "batches": args.batches,
+        "compile": args.compile,
+        "torch": torch.__version__,
+    }
+    reference = project = None
+    if args.only in ("both", "reference"):
+        reference = reference_recipe(args, device, work)
+        print(json.dumps({"reference": reference}), file=sys.stderr, flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
+    if args.only in ("both", "project"):
+        project = project_recipe(args, device, work)
+        print(json.dumps({"project": project}), file=sys.stderr, flush=True)
+    if project:
+        record.update(
+            project_img_per_s=round(project["img_per_s"], 3),
+            project_dtype=project["dtype"],
+            peak_gib=project["peak_gib"],
+            project_warmup_s=round(project["warmup_s"], 2),
+        )
+    if reference:
+        record.update(
+            reference_img_per_s=round(reference["img_per_s"], 3),
+            reference_peak_gib=reference["peak_gib"],
+            reference_warmup_s=round(reference["warmup_s"], 2),
+        )
+    if project and reference:
+        record["speedup"] = ratio(project["img_per_s"], reference["img_per_s"])
+    emit(record, args.out)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Every GPU measurement of issue 8 in one device call (../shared/gpu/README.md: one session has 15
+# minutes in all, machine start included). From the project root, once on the dev machine:
+#   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
+# then run with the device tool, carrying .whl:
+#   bash bench/gpu.sh
+# Results: one JSON line per measurement on stdout and in $OUT/*.jsonl; logs in $OUT/*.log.
+# Each measurement has its own time limit, so one that hangs (a cold compile) leaves the others.
+set -u
+OUT=${OUT:-$(mktemp -d)}
+export OUT PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+WORK=/tmp/selma-bench; mkdir -p "$WORK"
+
+run() {  # run LIMIT_S NAME SCRIPT ARGS...
+  local limit=$1 name=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" python3 "$@" --work-dir "$WORK/$name" >"$OUT/$name.out" 2>"$OUT/$name.log"
+  echo "exit $?"; tail -n 1 "$OUT/$name.out"
+}
+
+run 200 train-sd15-blocks bench/train_throughput.py --arch sd15 --compile blocks
+run 120 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full
+run 200 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks
+run 150 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --only project --no-restart-check

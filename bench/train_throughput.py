@@ -1,0 +1,383 @@
+"""Benchmark: LoRA expert training throughput, selma's trainer vs the reference recipe, in one run.
+
+    python bench/train_throughput.py                       # CPU or GPU: tiny random test model
+    python bench/train_throughput.py --arch sd15           # GPU: SD 1.x architecture, random weights
+    python bench/train_throughput.py --arch sdxl --compile blocks
+
+Both recipes train the same LoRA (rank = alpha = --rank, Gaussian init, to_q/to_k/to_v/to_out.0) on
+the same architecture, batch (one micro-batch per optimizer step), resolution and synthetic images:
+
+- **reference**: the diffusers text-to-image LoRA example's way (../shared/gpu/README.md): fp16
+  frozen weights (SDXL: fp32 VAE), the VAE and text encoder(s) run on every batch, fp32 LoRA
+  parameters, autocast fp16 + GradScaler, plain AdamW, the loss read every step. Its images are
+  decoded to tensors up front (kinder to it than the example's per-step decoding). On CPU: fp32, no
+  autocast or scaler.
+- **project**: ``selma_core.phases.train.ExpertTrainer`` as the train phase runs it: encoder outputs
+  computed once (``cache_latents``), bf16 frozen weights, channels_last, fused AdamW, SDPA, and
+  ``--compile`` (off / blocks / full). With compile, a second process then restarts on a fresh
+  inductor cache directory with the compiled artifacts from the store, as a preempted job on another
+  node would, and its warm-up is reported too.
+
+Throughput is images per second over ``--steps`` optimizer steps after ``--warmup`` steps, the device
+synchronized at both ends. The last line printed is one JSON object (also appended to
+$OUT/train_throughput.jsonl when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    ARCH_CHOICES,
+    Timer,
+    architecture_resolution,
+    device_description,
+    emit,
+    load_pipeline,
+    native_resolution,
+    peak_gib,
+    ratio,
+    reset_peak,
+    resolve_device,
+    synchronize,
+    synthetic_dataset,
+)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LEARNING_RATE = 1e-4  # small: random weights in half precision must not diverge in a benchmark
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", choices=ARCH_CHOICES, default="tiny", help="model architecture (default: tiny)"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="images per step (default: 16 on a GPU, 4 for sdxl, 4 on CPU)"
+    )
+    parser.add_argument("--steps", type=int, help="timed optimizer steps (default: 20 on a GPU, 6 on CPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument(
+        "--rank", type=int, help="LoRA rank = alpha (default: 128, SELMA's; 8 for tiny models)"
+    )
+    parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
+    parser.add_argument("--images", type=int, default=64, help="synthetic dataset size (default: 64)")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "blocks", "full"),
+        help="project's torch.compile (default: blocks on GPU, off on CPU)",
+    )
+    parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    parser.add_argument(
+        "--work-dir", help="model cache, store and compile caches (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--no-restart-check", action="store_true", help="skip the restart-from-cache measurement"
+    )
+    parser.add_argument("--out", help="append the JSON result to this file")
+    return parser.parse_args(argv)
+
+
+def defaults(args: argparse.Namespace, device: str) -> argparse.Namespace:
+    gpu = device.startswith("cuda")
+    if args.batch is None:
+        args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
+    if args.steps is None:
+        args.steps = 20 if gpu else 6
+    if args.rank is None:
+        args.rank = 8 if args.arch.startswith("tiny") else 128
+    if args.compile is None:
+        args.compile = "blocks" if gpu else "off"
+    return args
+
+
+def reference_recipe(args, device: str, work: Path, dataset) -> dict:
+    """The diffusers LoRA example's training loop."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    gpu = device.startswith("cuda")
+    weight_dtype = torch.float16 if gpu else torch.float32
+    pipe = load_pipeline(args.arch, device, weight_dtype, work / "models")
+    sdxl = hasattr(pipe, "text_encoder_2")
+    if sdxl and gpu:
+        pipe.vae.to(torch.float32)  # the SDXL example keeps the VAE in fp32 (it overflows in fp16)
+    unet, vae = pipe.unet, pipe.vae
+    for module in (unet, vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=TARGETS)
+    )
+    if gpu:
+        cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=1e-2, eps=1e-8)
+    scaler = torch.amp.GradScaler("cuda", enabled=gpu)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = args.resolution or native_resolution(pipe)
+    pixels = _pixels(dataset, resolution)  # (N, 3, R, R) in [-1, 1], on the CPU like a dataloader's
+    texts = [meta["prompt"] for meta, _ in dataset]
+    input_ids = pipe.tokenizer(
+        texts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    generator = torch.Generator().manual_seed(0)
+    vae_dtype = vae.dtype
+
+    def step() -> float:
+        idx = torch.randint(len(dataset), (args.batch,), generator=generator)
+        pixel_values = pixels[idx].to(device, vae_dtype, non_blocking=True)
+        with torch.no_grad():
+            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            latents = latents.to(weight_dtype)
+            if sdxl:
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=[texts[i] for i in idx.tolist()],
+                    device=device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
+                )
+                added = {
+                    "text_embeds": pooled,
+                    "time_ids": torch.tensor(
+                        [[resolution, resolution, 0, 0, resolution, resolution]] * args.batch
+                    ).to(device, embeds.dtype),
+                }
+            else:
+                embeds = pipe.text_encoder(input_ids[idx].to(device), return_dict=False)[0]
+                added = None
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with torch.autocast("cuda", dtype=torch.float16, enabled=gpu):
+            pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # the example logs the loss every step
+
+    unet.train()
+    reset_peak(device)
+    timer = Timer(device)
+    timer.start()
+    for _ in range(args.warmup):
+        step()
+    warmup_s = timer.stop()
+    timer.start()
+    losses = [step() for _ in range(args.steps)]
+    elapsed = timer.stop()
+    result = {
+        "img_per_s": args.batch * args.steps / elapsed,
+        "step_s": elapsed / args.steps,
+        "warmup_s": warmup_s,
+        "peak_gib": peak_gib(device),
+        "final_loss": losses[-1],
+    }
+    return result
+
+
+def _pixels(dataset, resolution: int):
+    from selma_core.phases.train import _decode_images
+
+    _, pixels_u8 = _decode_images(dataset, resolution)
+    return pixels_u8.float().div(127.5).sub(1.0)
+
+
+def project_recipe(args, device: str, work: Path, dataset) -> dict:
+    """selma's trainer, as the train phase runs it (cached encoder outputs, bf16, channels_last, fused
+    AdamW, SDPA, compile), its compiled artifacts loaded from / saved to a local store."""
+    import torch
+
+    from selma_core.models import speed
+    from selma_core.phases.train import ExpertTrainer, TrainConfig
+    from selma_core.storage import LocalArtifactStore
+
+    gpu = device.startswith("cuda")
+    pipe = load_pipeline(args.arch, device, None, work / "models")
+    cfg = TrainConfig(
+        rank=args.rank,
+        alpha=float(args.rank),
+        steps=args.warmup + args.steps,
+        batch_size=args.batch,
+        gradient_accumulation=1,
+        learning_rate=LEARNING_RATE,
+        resolution=args.resolution,
+        log_every=1,
+        checkpoint_every=None,
+        validation_every=None,
+        compile=args.compile,
+    )
+    torch.manual_seed(0)
+    trainer = ExpertTrainer(pipe, cfg, device, cache_dir=str(work))
+    compile_cache = None
+    if args.compile != "off":
+        shapes = {"batch": cfg.batch_size, "resolution": cfg.resolution or trainer.native_resolution()}
+        digest = speed.compile_cache_digest(pipe.unet, args.compile, device, trainer.dtype, shapes)
+        compile_cache = speed.StoreCompileCache(LocalArtifactStore(work / "store"), digest, work / "scratch")
+        compile_cache.load()
+    times: dict[int, float] = {}
+    warmups: list[float] = []
+
+    def on_log(step: int, metrics: dict) -> None:
+        synchronize(device)
+        times[step] = time.perf_counter()
+
+    def on_warmup(seconds: float) -> None:
+        warmups.append(seconds)
+        if compile_cache is not None:
+            compile_cache.save()
+
+    reset_peak(device)
+    started = time.perf_counter()
+    history = trainer.train(dataset, on_log=on_log, on_warmup=on_warmup)
+    first, last = args.warmup, args.warmup + args.steps
+    elapsed = times[last] - times[first]
+    encode_s = times[1] - started - warmups[0]  # decoding and encoding the dataset, once
+    return {
+        "img_per_s": args.batch * args.steps / elapsed,
+        "step_s": elapsed / args.steps,
+        "warmup_s": times[first] - started - encode_s,
+        "first_step_s": warmups[0],
+        "encode_s": encode_s,
+        "peak_gib": peak_gib(device),
+        "final_loss": history[-1][1],
+        "dtype": str(trainer.dtype).removeprefix("torch."),
+        "compiled_modules": trainer.compiled_modules,
+        "compile_cache_loaded": bool(compile_cache and compile_cache.loaded),
+        "gpu": gpu,
+    }
+
+
+def restart_from_store(args, work: Path) -> dict:
+    """The project's warm-up when a job restarts on a fresh node: a new process, an empty inductor
+    cache directory, the compiled artifacts from the store."""
+    fresh = Path(tempfile.mkdtemp(prefix="inductor-fresh-", dir=work))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(fresh), "TRITON_CACHE_DIR": str(fresh / "triton")}
+    env.pop("OUT", None)
+    command = [
+        sys.executable,
+        __file__,
+        "--only",
+        "project",
+        "--arch",
+        args.arch,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rank",
+        str(args.rank),
+        "--images",
+        str(args.images),
+        "--compile",
+        args.compile,
+        "--device",
+        args.device,
+        "--work-dir",
+        str(work),
+        "--no-restart-check",
+    ]
+    if args.resolution:
+        command += ["--resolution", str(args.resolution)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"warmup_s": record["project_warmup_s"], "cache_loaded": record["compile_cache_loaded"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="selma-bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # Inductor's caches for this run: cold unless --work-dir is reused.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    import torch
+
+    device = resolve_device(args.device)
+    args = defaults(args, device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    resolution = args.resolution or architecture_resolution(args.arch, work / "models")
+    dataset = synthetic_dataset(args.images, resolution)
+    record: dict = {
+        "bench": "train_throughput",
+        "device": device_description(device),
+        "arch": args.arch,
+        "batch": args.batch,
+        "resolution": resolution,
+        "rank": args.rank,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "compile": args.compile,
+        "torch": torch.__version__,
+    }
+    reference = project = None
+    if args.only in ("both", "reference"):
+        reference = reference_recipe(args, device, work, dataset)
+        print(json.dumps({"reference": reference}), file=sys.stderr, flush=True)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.only in ("both", "project"):
+        project = project_recipe(args, device, work, dataset)
+        print(json.dumps({"project": project}), file=sys.stderr, flush=True)
+    if project:
+        record.update(
+            project_img_per_s=round(project["img_per_s"], 3),
+            project_step_s=round(project["step_s"], 4),
+            project_dtype=project["dtype"],
+            peak_gib=project["peak_gib"],
+            project_warmup_s=round(project["warmup_s"], 2),
+            project_encode_s=round(project["encode_s"], 2),
+            compile_cache_loaded=project["compile_cache_loaded"],
+        )
+    if reference:
+        record.update(
+            reference_img_per_s=round(reference["img_per_s"], 3),
+            reference_step_s=round(reference["step_s"], 4),
+            reference_peak_gib=reference["peak_gib"],
+            reference_warmup_s=round(reference["warmup_s"], 2),
+        )
+    if project and reference:
+        record["speedup"] = ratio(project["img_per_s"], reference["img_per_s"])
+    if project and args.compile != "off" and not args.no_restart_check:
+        restart = restart_from_store(args, work)
+        record["compile_restart_warmup_s"] = restart.get("warmup_s")
+        record["compile_restart_cache_loaded"] = restart.get("cache_loaded")
+        if "error" in restart:
+            record["compile_restart_error"] = restart["error"]
+    emit(record, args.out)
+    return record
+
+
+if __name__ == "__main__":
+    main()

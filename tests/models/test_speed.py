@@ -1,0 +1,90 @@
+"""The UNet speed switches: regional compilation picks the repeated blocks, and compiled kernels
+saved to the store are loaded by a fresh process on an empty inductor cache (a restarted job on
+another node) instead of being compiled again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selma_core.models import speed
+from selma_core.models.loading import load_diffusion_pipeline
+from selma_core.storage import LocalArtifactStore
+
+COMPILE_AND_SAVE = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from selma_core.models import speed
+from selma_core.storage import LocalArtifactStore
+
+cache = speed.StoreCompileCache(LocalArtifactStore(sys.argv[1]), "test-digest", sys.argv[2])
+loaded = cache.load()
+compiled = torch.compile(lambda x: (x * 2).sin() + 1)
+assert torch.allclose(compiled(torch.ones(8)), (torch.ones(8) * 2).sin() + 1)
+saved = cache.save()
+inductor = counters["inductor"]
+print(json.dumps({"loaded": loaded, "saved": saved, "hits": inductor["fxgraph_cache_hit"],
+                  "misses": inductor["fxgraph_cache_miss"]}))
+"""
+
+
+def compile_in_a_fresh_process(tmp_path: Path, store: Path, name: str) -> tuple[dict, str]:
+    inductor = tmp_path / f"inductor-{name}"  # an empty cache: another node
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_AND_SAVE, str(store), str(tmp_path / f"scratch-{name}")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.slow
+def test_compiled_kernels_in_the_store_spare_a_restarted_job_the_compile(tmp_path):
+    store = tmp_path / "store"
+    first, _ = compile_in_a_fresh_process(tmp_path, store, "first")
+    assert first == {"loaded": False, "saved": True, "hits": 0, "misses": 1}
+    key = f"{speed.COMPILE_CACHE_PREFIX}/test-digest.bin"
+    entry = LocalArtifactStore(store).read_bytes(key)
+
+    # A damaged entry is reported and ignored: the job compiles as if cold, and saves it again.
+    LocalArtifactStore(store).write_bytes(key, entry[:-64] + bytes(64))
+    second, stderr = compile_in_a_fresh_process(tmp_path, store, "second")
+    assert second == {"loaded": False, "saved": True, "hits": 0, "misses": 1}
+    assert f"warning: compile cache {LocalArtifactStore(store).url(key)} not used: damaged" in stderr
+
+    # Another node (an empty inductor cache): the kernels come from the store, nothing compiles.
+    third, _ = compile_in_a_fresh_process(tmp_path, store, "third")
+    assert third == {"loaded": True, "saved": False, "hits": 1, "misses": 0}
+
+
+def test_the_compile_cache_digest_changes_with_what_compiled_kernels_depend_on(model_cache):
+    unet = load_diffusion_pipeline("random:tiny-sd", model_cache).unet
+    shapes = {"batch": 16, "resolution": 512}
+    digest = speed.compile_cache_digest(unet, "blocks", "cpu", "torch.bfloat16", shapes)
+    assert digest == speed.compile_cache_digest(unet, "blocks", "cpu", "torch.bfloat16", dict(shapes))
+    others = [
+        speed.compile_cache_digest(unet, "full", "cpu", "torch.bfloat16", shapes),
+        speed.compile_cache_digest(unet, "blocks", "cpu", "torch.float16", shapes),
+        speed.compile_cache_digest(unet, "blocks", "cpu", "torch.bfloat16", {**shapes, "batch": 8}),
+    ]
+    assert len({digest, *others}) == 4
+
+
+def test_regional_compilation_compiles_each_repeated_block(model_cache):
+    unet = load_diffusion_pipeline("random:tiny-sd", model_cache).unet
+    blocks = [m for m in unet.modules() if type(m).__name__ in speed.REPEATED_BLOCKS]
+    assert speed.compile_unet(unet, "off") == 0
+    assert speed.compile_unet(unet, "blocks") == len(blocks) > 0
+    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
+    with pytest.raises(ValueError, match="compile: expected one of off, blocks, full, got 'fast'"):
+        speed.compile_unet(unet, "fast")
