@@ -2,6 +2,17 @@
 
     python -m jobs.run --phase train --skill counting --config configs/demo.yaml
 
+The images phase may draw one skill's images in several processes (``images.num_jobs``; the local
+executor starts them, the Kubernetes executor runs an Indexed Job):
+
+    python -m jobs.run --phase images --skill counting --shard-index I --num-shards N --config C
+
+Process I draws and saves the shards s with s % N == I (without --shard-index, I is
+``$JOB_COMPLETION_INDEX``, set in a Kubernetes Indexed Job's pods); the one that then finds every
+shard saved commits the output, the others exit 0 without committing (their result line says
+``"committed": false``). Each holds an in-flight lease of its own (``<key>/_workers/I-of-N``), so a
+second process of the same index waits, as a second process of a job does.
+
 Everything else comes from the config and the environment: ``SELMA_PARENT_RUN_ID`` (the pipeline's
 MLflow run), ``SELMA_GIT_COMMIT``, S3 credentials (``AWS_*``), ``HF_TOKEN``.
 Exit codes: 0 done or already committed (skipped), 2 invalid configuration or input (a retry cannot
@@ -33,6 +44,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -42,6 +54,10 @@ from selma_core.errors import EXIT_RETRYABLE, ConfigError, InputError, SelmaErro
 from selma_core.plan import PER_SKILL_PHASES, PHASES
 
 ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
+# Where the in-flight leases of an images job's processes live, under its output key.
+WORKERS = "_workers"
+# The MLflow tag of an images process: "I/N".
+TAG_WORKER = "selma.worker"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skill", help="the skill (required for prompts, images and train)")
     parser.add_argument("--config", required=True, help="pipeline config YAML file")
     parser.add_argument(
-        "--shard-index", type=int, help="which of a phase's parallel jobs (merge-search candidates)"
+        "--shard-index",
+        type=int,
+        help="which of a phase's parallel jobs (merge-search candidates; images: this process's index, "
+        "0 to --num-shards - 1, default $JOB_COMPLETION_INDEX)",
+    )
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help="images: N processes draw the skill's images, this one the shards s with s %% N == its index",
     )
     parser.add_argument(
         "--shards",
@@ -126,19 +151,25 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_job(
-    phase: str, skill: str | None, config_path: str, shard: int | None = None, force: bool = False
+    phase: str,
+    skill: str | None,
+    config_path: str,
+    shard: int | None = None,
+    force: bool = False,
+    num_shards: int | None = None,
 ) -> dict:
     """Run one job and return its result line. Rank 0 holds the output key's in-flight lease
     (``selma_core.storage.lease``) while it works: a second process running the same job (another
     controller, a retried pod) waits for it, then skips (the output got committed) or runs it
     itself (the holder failed or died). ``force`` runs even over a committed output, still after
-    any live holder of the lease is done."""
+    any live holder of the lease is done. For the images phase ``shard`` and ``num_shards`` say which
+    of the skill's image processes this is (see the module docstring)."""
     from selma_core.storage.lease import LeaseLost
     from selma_core.storage.local import NO_SPACE_ERRNOS
 
     state: dict = {"leases": [], "cfg": None, "job": phase if not skill else f"{phase}:{skill}"}
     try:
-        return _run_job(phase, skill, config_path, shard, force, state)
+        return _run_job(phase, skill, config_path, shard, force, state, num_shards)
     except KeyboardInterrupt:
         lost = [lease for lease in state["leases"] if lease.lost]
         if lost:
@@ -196,8 +227,46 @@ def _interrupt_main() -> None:
     _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
 
 
+def image_workers(shard: int | None, num_shards: int | None, num_jobs: int) -> tuple[int, int]:
+    """(this process's index, the number of processes) of an images job: ``--shard-index`` and
+    ``--num-shards``; without ``--shard-index``, ``$JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job's
+    pod); without ``--num-shards``, one process, or ``images.num_jobs`` in an Indexed Job's pod."""
+    env_index = os.environ.get("JOB_COMPLETION_INDEX")
+    if num_shards is None:
+        if shard is not None:
+            raise ConfigError(f"--phase images --shard-index {shard} needs --num-shards N (the processes)")
+        if env_index is None:
+            return 0, 1
+        num_shards = num_jobs
+    if num_shards < 1:
+        raise ConfigError(f"--num-shards {num_shards}: expected at least 1")
+    if shard is None:
+        if env_index is None:
+            if num_shards == 1:
+                return 0, 1
+            raise ConfigError(
+                f"--num-shards {num_shards} needs --shard-index I (0 to {num_shards - 1}) or "
+                "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)"
+            )
+        try:
+            shard = int(env_index)
+        except ValueError:
+            raise ConfigError(f"$JOB_COMPLETION_INDEX={env_index!r}: expected a number") from None
+    if not 0 <= shard < num_shards:
+        raise ConfigError(
+            f"--shard-index {shard}: expected 0 to {num_shards - 1} (--num-shards {num_shards})"
+        )
+    return shard, num_shards
+
+
 def _run_job(
-    phase: str, skill: str | None, config_path: str, shard: int | None, force: bool, state: dict
+    phase: str,
+    skill: str | None,
+    config_path: str,
+    shard: int | None,
+    force: bool,
+    state: dict,
+    num_shards: int | None = None,
 ) -> dict:
     from selma_core.config import load_config
     from selma_core.context import JobContext, NullJobRun
@@ -234,6 +303,13 @@ def _run_job(
         raise ConfigError(f"--skill {skill}: not one of the pipeline's skills ({', '.join(cfg.skills)})")
     skills = load_skills(cfg.skills_path, cfg.skills)
     plan = build_plan(cfg, skills)
+    worker, workers = 0, 1  # images: this process's index, of how many (one job per skill in the plan)
+    if phase == "images":
+        worker, workers = image_workers(shard, num_shards, cfg.images.num_jobs)
+        shard = None
+    elif num_shards is not None:
+        raise ConfigError(f"--num-shards: only --phase images runs in several processes, not {phase}")
+    started = time.time()
     try:
         job = plan.job(phase, skill, shard)
     except KeyError as e:
@@ -251,7 +327,7 @@ def _run_job(
             if not force and store.is_committed(job.key):
                 decision = {"skipped": {"job": job.id, "status": "skipped", "output": store.url(job.key)}}
             else:
-                decision = _claim(store, job, force, state)
+                decision = _claim(store, job, force, state, worker, workers)
             if world_size > 1 and not decision:  # a missing input fails every process alike
                 for dep in job.deps:
                     if not store.is_committed(plan.jobs[dep].key):
@@ -277,35 +353,54 @@ def _run_job(
         TAG_GIT_COMMIT: git_commit(),
         TAG_PIPELINE: cfg.name,
     }
+    if workers > 1:
+        tags[TAG_WORKER] = f"{worker}/{workers}"
     run = tracker.start_job_run(cfg.name, os.environ.get(ENV_PARENT_RUN), job.name, tags)
     ok = False
     try:
         run.log_params({phase: to_dict(cfg.phase_config(phase)), "base_model": cfg.base_model})
         ctx = JobContext(cfg, skills, plan, job, store, run, commits=True)
-        result = run_phase(phase, ctx, skill, shard)
-        run.set_tags({TAG_OUTPUT: store.url(job.key)})
+        if workers > 1:
+            from selma_core.faults import fault_point
+            from selma_core.phases.images import generate_images
+
+            fault_point("job.start")  # as run_phase does
+            # A forced run replaces the output committed before it, not one its other processes commit.
+            result = generate_images(ctx, skill, worker, workers, replace_before=started if force else None)
+        else:
+            result = run_phase(phase, ctx, skill, shard)
+        if result.get("committed", True):
+            run.set_tags({TAG_OUTPUT: store.url(job.key)})
         run.log_dict({"job": job.id, "output": store.url(job.key), "result": result}, "job_result.json")
         ok = True
     finally:
         tracker.end_job_run(run, ok)
-    return {
+    outcome = {
         "job": job.id,
         "status": "ran",
         "output": store.url(job.key),
         "run_id": run.run_id,
         "result": result,
     }
+    if workers > 1:  # one of an images job's processes: did this one commit the output?
+        outcome.update(shard_index=worker, num_shards=workers, committed=bool(result.get("committed")))
+    return outcome
 
 
-def _claim(store, job, force: bool, state: dict) -> dict:
+def _claim(store, job, force: bool, state: dict, worker: int = 0, workers: int = 1) -> dict:
     """Hold the job's in-flight lease (waiting for a live holder), or decide to skip: the output got
-    committed while this process waited, or between its first look and its claim."""
+    committed while this process waited, or between its first look and its claim. Process ``worker``
+    of an images job's ``workers`` holds a lease of its own (``<key>/_workers/I-of-N``): the others
+    draw at the same time; the one that commits takes the output's own lease for the commit."""
     from selma_core.storage.lease import acquire, describe
 
     def committed() -> bool:
         return not force and store.is_committed(job.key)
 
-    claim = acquire(store, job.key, job.id, done=committed)
+    lease_key, lease_job = job.key, job.id
+    if workers > 1:
+        lease_key, lease_job = f"{job.key}/{WORKERS}/{worker}-of-{workers}", f"{job.id} [{worker}/{workers}]"
+    claim = acquire(store, lease_key, lease_job, done=committed)
     skipped = {"job": job.id, "status": "skipped", "output": store.url(job.key)}
     if claim.lease is None and claim.waited_for is None:  # committed between the first look and now
         return {"skipped": skipped}
@@ -333,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc_per_node and world_size == 1:
         return launch_torchrun(args, argv)
     shard = args.shard_index
+    if args.shards is not None and args.num_shards is not None:
+        error = "--shards and --num-shards: give one (--shards picks merge-search candidates)"
+        print(f"error: {error}", file=sys.stderr)
+        print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
+        return ConfigError.exit_code
     if args.shards is not None:
         try:
             shards = [int(s) for s in args.shards.split(",")]
@@ -353,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(outcome, default=str))
 
     try:
-        outcome = run_job(args.phase, args.skill, args.config, shard, args.force)
+        outcome = run_job(args.phase, args.skill, args.config, shard, args.force, args.num_shards)
     except SelmaError as e:
         print(f"error{where}: {e}", file=sys.stderr)
         report(

@@ -185,6 +185,8 @@ def validate(cfg, skills) -> None:
     for key, value in (
         ("base_model", cfg.base_model),
         ("generator_model", cfg.generator_model),
+        ("images.nsfw_checker", cfg.images.nsfw_checker),
+        ("train.vae_model", cfg.train.vae_model),
         *(("eval", spec) for spec, _ in eval_models(cfg)[1:]),
     ):
         # On Kubernetes a local path is inside the pod (a mounted volume), not on this machine.

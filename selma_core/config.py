@@ -335,11 +335,16 @@ def _resolve_paths(cfg: PipelineConfig, config_dir: Path) -> None:
     ]
     if cfg.eval.clip_model.startswith((".", "~")):
         cfg.eval.clip_model = str(Path(cfg.eval.clip_model).expanduser().resolve())
-    for attr in ("base_model", "generator_model"):
-        value = getattr(cfg, attr)
+    for section, attr in (
+        (cfg, "base_model"),
+        (cfg, "generator_model"),
+        (cfg.images, "nsfw_checker"),
+        (cfg.train, "vae_model"),
+    ):
+        value = getattr(section, attr)
         # Local model folders are relative to the working directory, like the store; hub ids stay.
         if value and value.startswith((".", "/", "~")):
-            setattr(cfg, attr, str(Path(value).expanduser().resolve()))
+            setattr(section, attr, str(Path(value).expanduser().resolve()))
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:

@@ -94,10 +94,19 @@ class LatentCache:
     (torchrun's helper ranks: rank 0 commits)."""
 
     def __init__(
-        self, store, scratch_dir, base_model: str, base_model_revision: str | None, commit: bool = True
+        self,
+        store,
+        scratch_dir,
+        base_model: str,
+        base_model_revision: str | None,
+        commit: bool = True,
+        vae_model: str | None = None,
+        vae_dtype: str | None = None,
     ) -> None:
         self.store, self.scratch_dir = store, Path(scratch_dir)
         self.base_model, self.base_model_revision, self.commit = base_model, base_model_revision, commit
+        # Another VAE (train.vae_model) or one run in another dtype than the rest gives other latents.
+        self.vae_model, self.vae_dtype = vae_model, vae_dtype
 
     def spec(self, dataset, resolution: int, dtype: str) -> dict:
         """What determines the cached tensors (the digest hashes exactly this)."""
@@ -108,6 +117,9 @@ class LatentCache:
             "base_model_revision": self.base_model_revision,
             "resolution": resolution,
             "dtype": dtype,
+            # Only when set: entries written before these existed keep their keys.
+            **({"vae_model": self.vae_model} if self.vae_model else {}),
+            **({"vae_dtype": self.vae_dtype} if self.vae_dtype else {}),
         }
 
     @staticmethod

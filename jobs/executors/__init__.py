@@ -15,7 +15,7 @@ def make_executor(
     if kind == "local":
         from jobs.executors.local import LocalExecutor
 
-        return LocalExecutor(log_dir, cfg.executor.max_parallel)
+        return LocalExecutor(log_dir, cfg.executor.max_parallel, images_jobs=cfg.images.num_jobs)
     if kind == "kubernetes":
         try:
             import kubernetes  # noqa: F401

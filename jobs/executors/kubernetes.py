@@ -4,7 +4,9 @@ The controller renders (``kubernetes_manifests``), submits, watches and reports;
 Kueue, when configured) schedules. Job state comes from one list-then-watch of the pipeline's Jobs
 (by label), kept in memory: a watch that ends or drops resumes from the last resourceVersion seen,
 and a 410 Gone (that version was compacted away) starts over with a fresh list. When a Job ends,
-its pod's log is saved beside the local executor's logs and its last JSON line is the job's result.
+its pod's log is saved beside the local executor's logs and its last JSON line is the job's result
+(an images job drawn by several pods, ``images.num_jobs``: every pod's log is saved, and the result
+is that of the pod that committed the output).
 
 Resubmitting is safe: Job names are hashes of the work, so a second submission of running work gets
 409 and adopts the existing Job; a finished Job of that name (whose output the DAG found missing, or
@@ -26,6 +28,7 @@ import urllib3
 
 from jobs.executors.base import Executor, JobHandle, JobState, JobStatus
 from jobs.executors.kubernetes_manifests import (
+    ANNOTATION_PROCESSES,
     CONTAINER,
     POD_CONFIG_PATH,
     SubmissionInfo,
@@ -585,34 +588,95 @@ class KubernetesExecutor(Executor):
         exit_code: int | None = None,
     ) -> JobStatus:
         """Save the pod's log beside the local logs; its last JSON line is the job's result."""
-        from jobs.executors.local import last_json_line
-
         name: str = handle.ref
         index = handle.extra.get("index")
+        processes = int(
+            ((job or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_PROCESSES, 1)
+        )
+        if index is None and processes > 1:
+            return self._finish_processes(handle, state, job, error, exit_code, processes)
         # A multi-node training Job reports through pod 0 (rank 0 commits and prints the result).
         if index is None and job and job["spec"].get("completionMode") == "Indexed":
             index = 0
         pod = self._pod(name, index)
         result = None
         if pod is not None:
-            for container in pod.get("status", {}).get("containerStatuses") or []:
-                terminated = (container.get("state") or {}).get("terminated") or {}
-                if container.get("name") == CONTAINER and "exitCode" in terminated and exit_code is None:
-                    exit_code = terminated["exitCode"]
-            try:
-                text = self._core.read_namespaced_pod_log(
-                    pod["metadata"]["name"], self.namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
-                )
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                path = self.log_dir / f"{handle.job.name}.log"
-                path.write_text(text if isinstance(text, str) else str(text))
+            code, result, path = self._read_pod(pod, self.log_dir / f"{handle.job.name}.log")
+            if exit_code is None:
+                exit_code = code
+            if path is not None:
                 handle.log = str(path)
-                result = last_json_line(str(path))
-            except Exception as e:
-                self.echo(f"cannot read the log of pod {pod['metadata']['name']}: {e}")
         if state == JobState.SUCCEEDED:
             exit_code = 0
         elif exit_code is None:
+            exit_code = 1
+        if error and (result is None or not result.get("error")):
+            result = {**(result or {}), "error": error}
+        final = JobStatus(state, exit_code, result)
+        handle.extra["final"] = final
+        return final
+
+    def _read_pod(self, pod: dict, path: Path) -> tuple[int | None, dict | None, Path | None]:
+        """A finished pod's exit code, and its log saved at ``path`` with its last JSON line."""
+        from jobs.executors.local import last_json_line
+
+        exit_code = None
+        for container in pod.get("status", {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if container.get("name") == CONTAINER and "exitCode" in terminated:
+                exit_code = terminated["exitCode"]
+        try:
+            text = self._core.read_namespaced_pod_log(
+                pod["metadata"]["name"], self.namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
+            )
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(text if isinstance(text, str) else str(text))
+            return exit_code, last_json_line(str(path)), path
+        except Exception as e:
+            self.echo(f"cannot read the log of pod {pod['metadata']['name']}: {e}")
+            return exit_code, None, None
+
+    def _finish_processes(
+        self,
+        handle: JobHandle,
+        state: JobState,
+        job: dict,
+        error: str | None,
+        exit_code: int | None,
+        processes: int,
+    ) -> JobStatus:
+        """An images job drawn by ``processes`` pods: every pod's log saved
+        (``<job>.I-of-N.log``); its result is the pod's that committed the output (any pod may), or
+        the first failed one's. All succeeded but none committed nor found the output committed: failed."""
+        name: str = handle.ref
+        pods = []
+        for i in range(processes):
+            pod = self._pod(name, i)
+            if pod is not None:
+                code, result, path = self._read_pod(
+                    pod, self.log_dir / f"{handle.job.name}.{i}-of-{processes}.log"
+                )
+                pods.append((code, result or {}, path))
+        chosen = None
+        if state == JobState.SUCCEEDED:
+            chosen = next((p for p in pods if p[1].get("committed") or p[1].get("status") == "skipped"), None)
+            chosen = chosen or next((p for p in pods if (p[1].get("result") or {}).get("committed_by")), None)
+            if chosen is None:
+                state, exit_code = JobState.FAILED, 1
+                error = f"none of the {processes} pods of Job {name} committed the output of {handle.job.id}"
+        if chosen is None:
+            chosen = next((p for p in pods if p[0] not in (0, None)), pods[0] if pods else None)
+        result = None
+        if chosen is not None:
+            code, result, path = chosen
+            if exit_code is None:
+                exit_code = code
+            if path is not None:
+                handle.log = str(path)
+            result = result or None
+        if state == JobState.SUCCEEDED:
+            exit_code = 0
+        elif exit_code is None or exit_code == 0:
             exit_code = 1
         if error and (result is None or not result.get("error")):
             result = {**(result or {}), "error": error}

@@ -4,6 +4,9 @@ Pure functions from (config, job specs) to plain manifest dicts, so ``--dry-run`
 schema tests all see exactly the same documents. What a Job gets:
 
 - the phase's template (``k8s/jobs/job.yaml`` with ``k8s/jobs/<phase>.yaml`` merged on top);
+- an Indexed Job for a phase's shards (merge-search candidates), for a multi-node training group,
+  and for an images job drawn by ``images.num_jobs`` pods (``--num-shards N``; each pod draws the
+  shards of its ``$JOB_COMPLETION_INDEX``, all at once, each retried alone);
 - a deterministic name from a hash of what the Job does (its outputs' content-addressed keys, its
   command, its image): resubmitting finds the existing Job (409) instead of starting a duplicate;
 - the ``app.kubernetes.io/*`` and ``selma.io/*`` labels, and annotations with the config hash, the
@@ -41,6 +44,8 @@ LABEL_PHASE = "selma.io/phase"
 LABEL_SKILL = "selma.io/skill"
 ANNOTATION_JOB_IDS = "selma.io/jobs"
 ANNOTATION_MLFLOW_RUN = "selma.io/mlflow-run-id"
+# An images job drawn by several pods (images.num_jobs): their number, one completion index each.
+ANNOTATION_PROCESSES = "selma.io/processes"
 # A ConfigMap holds at most 1 MiB; leave room for its metadata.
 CONFIG_MAP_LIMIT = 1_000_000
 # Job names stay short enough for Indexed pods' hostnames (<name>-<index>, at most 63 characters).
@@ -217,6 +222,18 @@ def _torchrun(command: list[str], gpus: int, nodes: int, name: str) -> list[str]
     return [*command, *launch]
 
 
+def image_processes(cfg: PipelineConfig, jobs: list[JobSpec]) -> int:
+    """How many pods draw one images job (``images.num_jobs``); 1 for any other job."""
+    return cfg.images.num_jobs if len(jobs) == 1 and jobs[0].phase == "images" else 1
+
+
+def _with_num_shards(command: list[str], processes: int) -> list[str]:
+    """``command`` for the pods of an Indexed images Job: each draws the shards of its completion
+    index (``$JOB_COMPLETION_INDEX``, read by jobs.run) out of ``processes``."""
+    at = command.index("--config") if "--config" in command else len(command)
+    return [*command[:at], "--num-shards", str(processes), *command[at:]]
+
+
 def render_job(
     cfg: PipelineConfig,
     jobs: list[JobSpec],
@@ -225,16 +242,20 @@ def render_job(
     env: dict[str, str],
 ) -> list[dict]:
     """The manifests for one job, or for several shards of a phase as one Indexed Job; a
-    multi-node training Job comes with its headless Service."""
+    multi-node training Job comes with its headless Service; an images job drawn by several pods
+    (``images.num_jobs``) is an Indexed Job of that many pods, all at once."""
     k8s: KubernetesConfig = cfg.executor.kubernetes
     first = jobs[0]
     phase = first.phase
     template = load_template(phase, k8s.templates_dir)
     resources, gpus = phase_resources(cfg, phase, template)
     nodes = k8s.train_nodes if phase == "train" and gpus else 1
+    processes = image_processes(cfg, jobs)
     name = NAME_PLACEHOLDER
     if phase == "train" and (gpus > 1 or nodes > 1):
         command = _torchrun(command, gpus, nodes, name)
+    if processes > 1:
+        command = _with_num_shards(command, processes)
     labels = job_labels(info.pipeline, first)
     if k8s.queue:
         labels[KUEUE_QUEUE_LABEL] = k8s.queue
@@ -245,6 +266,8 @@ def render_job(
         ANNOTATION_JOB_IDS: ",".join(j.id for j in jobs),
         "selma.io/outputs": ",".join(j.key for j in jobs),
     }
+    if processes > 1:
+        annotations[ANNOTATION_PROCESSES] = str(processes)
     manifest = template
     manifest["metadata"] = {
         **manifest.get("metadata", {}),
@@ -260,12 +283,15 @@ def render_job(
         spec["activeDeadlineSeconds"] = override.active_deadline_seconds
     if k8s.queue:
         spec["suspend"] = True  # Kueue unsuspends the Job when the queue admits it
-    indexed = len(jobs) > 1 or nodes > 1
+    indexed = len(jobs) > 1 or nodes > 1 or processes > 1
     if indexed:
-        completions = len(jobs) if len(jobs) > 1 else nodes
+        completions = len(jobs) if len(jobs) > 1 else max(nodes, processes)
         spec["completionMode"] = "Indexed"
         spec["completions"] = completions
-        spec["parallelism"] = completions if nodes > 1 else min(completions, cfg.executor.max_parallel)
+        # A torchrun group's nodes, and an images job's pods, all run at once; a phase's shards (the
+        # merge-search candidates) up to executor.max_parallel at a time.
+        together = nodes > 1 or processes > 1
+        spec["parallelism"] = completions if together else min(completions, cfg.executor.max_parallel)
         if nodes > 1:
             # The nodes of one torchrun group succeed or fail together: no per-index retries.
             spec["backoffLimit"] = k8s.backoff_limit

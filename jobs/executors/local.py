@@ -1,7 +1,13 @@
-"""Local executor: each job is a subprocess running ``python -m jobs.run ...``, with its own log file."""
+"""Local executor: each job is a subprocess running ``python -m jobs.run ...``, with its own log file.
+
+An images job with ``images.num_jobs`` N > 1 is N subprocesses, ``--shard-index I --num-shards N``
+each, with a log each (``images-<skill>.I-of-N.log``): the job runs until all N have ended, and
+succeeded if all did and one of them committed the output (or found it committed).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -33,35 +39,70 @@ def last_json_line(path: str) -> dict | None:
     return None
 
 
+def worker_command(command: list[str], index: int, count: int) -> list[str]:
+    """``command`` as process ``index`` of ``count`` of an images job (its flags before ``--config``)."""
+    flags = ["--shard-index", str(index), "--num-shards", str(count)]
+    at = command.index("--config") if "--config" in command else len(command)
+    return [*command[:at], *flags, *command[at:]]
+
+
 class LocalExecutor(Executor):
     name = "local"
 
     def __init__(
-        self, log_dir: str | Path, max_parallel: int = 1, project_root: str | Path | None = None
+        self,
+        log_dir: str | Path,
+        max_parallel: int = 1,
+        project_root: str | Path | None = None,
+        images_jobs: int | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.project_root = Path(project_root or Path(__file__).resolve().parents[2])
         # Jobs running side by side share the CPU cores: each gets its share of threads, since
         # oversubscribed OpenMP pools spin against each other (seen: 7 s instead of 0.06 s a step).
         self.threads_per_job = str(max(1, (os.cpu_count() or 1) // max_parallel))
+        # Processes per images job (make_executor passes images.num_jobs); None: images.num_jobs of
+        # the config file the job's command names.
+        self.images_jobs = images_jobs
+        self._num_jobs: dict[str, int] = {}
 
     def _command(self, command: list[str]) -> list[str]:
         # The job runs with this interpreter (the active virtual environment).
         return [sys.executable, *command[1:]] if command and command[0] == "python" else command
 
-    def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{job.name}.log"
+    def processes(self, job: JobSpec, command: list[str]) -> int:
+        """How many processes run ``job``: ``images.num_jobs`` for an images job, else 1."""
+        if job.phase != "images" or "--shard-index" in command or "--num-shards" in command:
+            return 1
+        if self.images_jobs is not None:
+            return max(1, self.images_jobs)
+        try:
+            config = command[command.index("--config") + 1]
+        except (ValueError, IndexError):
+            return 1
+        if config not in self._num_jobs:
+            from selma_core.config import load_config
+            from selma_core.errors import SelmaError
+
+            try:
+                self._num_jobs[config] = load_config(config).images.num_jobs
+            except (SelmaError, OSError, ValueError):  # the job itself reports what is wrong
+                self._num_jobs[config] = 1
+        return self._num_jobs[config]
+
+    def _start(
+        self, command: list[str], log_path: Path, env: dict[str, str], threads: str
+    ) -> subprocess.Popen:
         pythonpath = os.pathsep.join(p for p in (str(self.project_root), os.environ.get("PYTHONPATH")) if p)
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(
+            return subprocess.Popen(
                 self._command(command),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={
-                    "OMP_NUM_THREADS": self.threads_per_job,
-                    "MKL_NUM_THREADS": self.threads_per_job,
+                    "OMP_NUM_THREADS": threads,
+                    "MKL_NUM_THREADS": threads,
                     **os.environ,  # a user's own thread settings win
                     **env,
                     "PYTHONPATH": pythonpath,
@@ -70,9 +111,29 @@ class LocalExecutor(Executor):
                 cwd=os.getcwd(),
                 start_new_session=True,  # Ctrl-C reaches the controller, which cancels jobs itself
             )
-        return JobHandle(job=job, ref=process, log=str(log_path))
+
+    def _log_paths(self, job: JobSpec, count: int) -> list[Path]:
+        if count == 1:
+            return [self.log_dir / f"{job.name}.log"]
+        return [self.log_dir / f"{job.name}.{i}-of-{count}.log" for i in range(count)]
+
+    def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        count = self.processes(job, command)
+        logs = self._log_paths(job, count)
+        if count == 1:
+            process = self._start(command, logs[0], env, self.threads_per_job)
+            return JobHandle(job=job, ref=process, log=str(logs[0]))
+        # The job's share of the cores, split between its processes.
+        threads = str(max(1, int(self.threads_per_job) // count))
+        processes = [
+            self._start(worker_command(command, i, count), log, env, threads) for i, log in enumerate(logs)
+        ]
+        return JobHandle(job=job, ref=processes, log=str(logs[0]), extra={"logs": [str(p) for p in logs]})
 
     def poll(self, handle: JobHandle) -> JobStatus:
+        if isinstance(handle.ref, list):
+            return self._poll_processes(handle)
         process: subprocess.Popen = handle.ref
         code = process.poll()
         if code is None:
@@ -80,15 +141,54 @@ class LocalExecutor(Executor):
         state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
         return JobStatus(state, code, last_json_line(handle.log))
 
+    def _poll_processes(self, handle: JobHandle) -> JobStatus:
+        """The processes of an images job: running while any runs (a failed one's siblings finish and
+        save their shards, for the rerun); failed if one failed (its log named), or if none of them
+        committed the output nor found it committed; else the committing process's result."""
+        codes = [process.poll() for process in handle.ref]
+        if any(code is None for code in codes):
+            return JobStatus(JobState.RUNNING)
+        logs = handle.extra["logs"]
+        results = [last_json_line(log) or {} for log in logs]
+        failed = [i for i, code in enumerate(codes) if code != 0]
+        if failed:
+            handle.log = logs[failed[0]]
+            return JobStatus(JobState.FAILED, codes[failed[0]], results[failed[0]] or None)
+        for i, result in enumerate(results):
+            if result.get("committed") or result.get("status") == "skipped":
+                handle.log = logs[i]
+                return JobStatus(JobState.SUCCEEDED, 0, result)
+        for i, result in enumerate(results):
+            if (result.get("result") or {}).get("committed_by"):
+                handle.log = logs[i]
+                return JobStatus(JobState.SUCCEEDED, 0, result)
+        missing = sorted({s for r in results for s in (r.get("result") or {}).get("missing_shards", [])})
+        error = (
+            f"none of the {len(codes)} processes of {handle.job.id} committed its output"
+            + (f" (shards not saved: {', '.join(missing)})" if missing else "")
+            + f"; see {', '.join(logs)}"
+        )
+        return JobStatus(JobState.FAILED, 1, {"job": handle.job.id, "status": "failed", "error": error})
+
     def cancel(self, handle: JobHandle) -> None:
-        process: subprocess.Popen = handle.ref
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+        processes: list[subprocess.Popen] = handle.ref if isinstance(handle.ref, list) else [handle.ref]
+        running = [process for process in processes if process.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):  # ended in between
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in running:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
     def describe(self, job: JobSpec, command: list[str]) -> str:
-        return f"{job.id}: {shlex.join(self._command(command))}  > {self.log_dir / (job.name + '.log')}"
+        count = self.processes(job, command)
+        if count == 1:
+            return f"{job.id}: {shlex.join(self._command(command))}  > {self.log_dir / (job.name + '.log')}"
+        return "\n".join(
+            f"{job.id} [{i}/{count}]: {shlex.join(self._command(worker_command(command, i, count)))}  > {log}"
+            for i, log in enumerate(self._log_paths(job, count))
+        )

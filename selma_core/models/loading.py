@@ -106,3 +106,17 @@ def load_diffusion_pipeline(
 
 def is_sdxl(pipe: Any) -> bool:
     return hasattr(pipe, "text_encoder_2")
+
+
+def load_vae(spec: str, cache_dir: str | Path, allow_pickle: bool = False):
+    """An ``AutoencoderKL`` from a hub id or local folder (a VAE's own, or a pipeline's ``vae/``)."""
+    from diffusers import AutoencoderKL
+
+    path = resolve_model_path(spec, cache_dir)
+    kwargs: dict[str, Any] = weights_kwargs(allow_pickle)
+    if (Path(path) / "vae" / "config.json").is_file():
+        kwargs["subfolder"] = "vae"
+    try:
+        return AutoencoderKL.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise model_load_error(path, e) from e

@@ -1,19 +1,28 @@
 """Phase 2, images: a text-to-image model draws one image for every training prompt of a skill.
 
-Recipe, one skill per job:
+Recipe, one skill per job (``docs/images.md`` tells the whole story):
 1. Read the skill's committed prompts; only the ``train`` split is drawn (held-out prompts are for
    evaluation). No prompts is an ``InputError``.
 2. Load the generator: the pipeline config's ``generator_model`` (weak-to-strong) or the base model,
    any diffusers text-to-image pipeline (SD 1.x/2.x/XL: its own model_index.json decides).
 3. Draw in batches of ``batch_size`` with one ``torch.Generator`` per prompt seeded from ``seed``
    and the prompt id, so an image does not depend on its batch and a rerun reproduces it.
-4. Write WebDataset-layout tar shards (``<key>.jpg`` + ``<key>.json``) of ``shard_size`` samples
+4. Optional filters drop an image from its shard, counted by reason: ``filter_uniform`` (blank or
+   near-uniform: every channel's pixel standard deviation below ``uniform_threshold``) and
+   ``nsfw_checker`` (flagged by a ``StableDiffusionSafetyChecker``). The counts go into the shard's
+   record, ``shards.json`` and the MLflow metrics ``images.filtered.<reason>``.
+5. Write WebDataset-layout tar shards (``<key>.jpg`` + ``<key>.json``) of ``shard_size`` prompts
    (``shard-00000.tar``, ``shard-00001.tar``, ...; the prompts' order, whatever the batch size).
    Each shard is saved to the store as soon as it is complete (``<key>/_shards/``: the tar, then
-   its size and SHA-256), so a killed job's rerun checks and reuses the saved shards and draws only
-   the others (a damaged one is drawn again, with a warning naming it).
-5. Commit every shard, ``shards.json`` (the shards in order, with their sample counts) and
+   its record: size, SHA-256, dropped images), so a killed job's rerun checks and reuses the saved
+   shards and draws only the others (a damaged one is drawn again, with a warning naming it).
+6. Commit every shard, ``shards.json`` (the shards in order, with their sample counts) and
    ``images.jsonl`` (the manifest of image, prompt, seed, model); then delete the saved shards.
+
+``num_jobs`` processes may draw one skill's images side by side (``jobs.run --shard-index I
+--num-shards N``; a Kubernetes Indexed Job): process ``I`` draws and saves the shards ``s`` with
+``s % N == I``; the one that then finds every shard saved commits the output (under the output's
+in-flight lease, so two that finish at once commit once); the others exit without committing.
 """
 
 from __future__ import annotations
@@ -21,15 +30,17 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from selma_core.errors import InputError
+from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.storage.base import sha256_file
 from selma_core.typed_yaml import execution_only
@@ -39,6 +50,8 @@ from selma_core.typed_yaml import execution_only
 SHARD_NAME = "shard-00000.tar"
 SHARDS_FILE = "shards.json"  # the dataset manifest: every shard, in order, with its sample count
 SAVED_SHARDS = "_shards"  # <key>/_shards/: shards saved as they complete, before the commit
+# Why a filter drops an image (images.filter_uniform, images.nsfw_checker), in the order checked.
+FILTER_REASONS = ("uniform", "nsfw")
 _SHARD_PATTERN = re.compile(r"shard-\d{5,}\.tar")
 # Images read from datasets: each side within these bounds, checked from the header before any
 # pixel is decoded (a few KB of PNG can claim 20,000 x 20,000 px: a decompression bomb).
@@ -47,6 +60,9 @@ MIN_IMAGE_SIDE = 8
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 # Denoising steps: schedulers of SD 1.x/2.x/XL have 1,000 training timesteps.
 MAX_INFERENCE_STEPS = 1000
+# Classifier-free guidance when the config leaves it null: SELMA's (SD 1.x/2.x) and SDXL's usual.
+DEFAULT_GUIDANCE, SDXL_GUIDANCE = 7.5, 5.0
+MAX_GUIDANCE = 50.0
 
 
 @dataclass
@@ -55,7 +71,8 @@ class SamplingConfig:
 
     # Denoising steps and classifier-free guidance (SELMA: the model's scheduler, 50 steps, 7.5).
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    # None: the model's usual guidance, 7.5 (SDXL: 5.0).
+    guidance_scale: float | None = None
     # None: the model's native resolution.
     height: int | None = None
     width: int | None = None
@@ -73,6 +90,11 @@ class SamplingConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise ValueError(
+                f"guidance_scale: expected 0 to {MAX_GUIDANCE} or null (the model's usual), "
+                f"got {self.guidance_scale}"
+            )
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value < 8 or value % 8):
@@ -88,6 +110,24 @@ class ImagesConfig(SamplingConfig):
     # draws again only the shard in flight. The layout of the output (part of its key), unlike
     # batch_size: shard boundaries follow the prompts' order, never the batches.
     shard_size: int = 1000
+    # Processes drawing one skill's images side by side: process I of N draws the shards s with
+    # s % N == I (jobs.run --shard-index I --num-shards N), the last to finish commits. The local
+    # executor starts N processes, the Kubernetes executor an Indexed Job of N pods. Execution only:
+    # the output is the same whatever N.
+    num_jobs: int = execution_only(1)
+    # Drop blank or near-uniform images (a collapsed sample, a safety checker's black square): those
+    # whose every colour channel has a pixel standard deviation (0-255 scale) below uniform_threshold.
+    filter_uniform: bool = False
+    uniform_threshold: float = 2.0
+    # Drop the images a StableDiffusionSafetyChecker flags: a hub id or a folder holding the checker
+    # and its CLIP image processor (preprocessor_config.json), e.g.
+    # CompVis/stable-diffusion-safety-checker. None: no NSFW check.
+    nsfw_checker: str | None = None
+    # Speed (selma_core.models.speed), on CUDA: channels_last UNet and VAE and fused QKV projections;
+    # torch.compile of the UNet ("blocks": each repeated block, a short warm-up; "full": the whole
+    # UNet, fastest once compiled), its kernels cached under cache_dir. Same images up to rounding.
+    channels_last: bool = execution_only(True)
+    compile: Literal["off", "blocks", "full"] = execution_only("off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +135,17 @@ class ImagesConfig(SamplingConfig):
             raise ValueError(f"jpeg_quality: expected 1 to 100, got {self.jpeg_quality}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size: expected >= 1, got {self.shard_size}")
+        if self.num_jobs < 1:
+            raise ValueError(f"num_jobs: expected >= 1, got {self.num_jobs}")
+        if not 0 <= self.uniform_threshold <= 255:
+            raise ValueError(f"uniform_threshold: expected 0 to 255, got {self.uniform_threshold}")
+        if self.nsfw_checker is not None and not self.nsfw_checker.strip():
+            raise ValueError("nsfw_checker: expected a model id or folder, or null (no NSFW check)")
+
+    def filters(self) -> tuple[str, ...]:
+        """The reasons an image may be dropped for, in the order they are checked."""
+        configured = {"uniform": self.filter_uniform, "nsfw": self.nsfw_checker is not None}
+        return tuple(reason for reason in FILTER_REASONS if configured[reason])
 
 
 def shard_name(index: int) -> str:
@@ -114,6 +165,13 @@ def prompt_seed(base_seed: int, prompt_id: str) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**31)
 
 
+def guidance_scale(cfg: SamplingConfig, pipe) -> float:
+    """The configured guidance, or the model's usual one (SDXL: 5.0, else SELMA's 7.5)."""
+    if cfg.guidance_scale is not None:
+        return cfg.guidance_scale
+    return SDXL_GUIDANCE if hasattr(pipe, "text_encoder_2") else DEFAULT_GUIDANCE
+
+
 def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig, device: str) -> list:
     """PIL images for ``prompts``, one per prompt, each from its own seeded generator."""
     import torch
@@ -122,7 +180,7 @@ def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig,
     result = pipe(
         prompts,
         num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale,
+        guidance_scale=guidance_scale(cfg, pipe),
         height=cfg.height,
         width=cfg.width,
         generator=generators,
@@ -130,12 +188,176 @@ def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig,
     return result.images
 
 
-def generate_images(ctx, skill_name: str) -> dict:
+# -- filters --------------------------------------------------------------------------------------
+
+
+def is_uniform(image, threshold: float) -> bool:
+    """Whether every colour channel's pixel standard deviation (0-255 scale) is below ``threshold``:
+    a blank image (a safety checker's black square), a flat colour, a collapsed sample."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    return bool(pixels.std(axis=0).max() < threshold)
+
+
+class NsfwChecker:
+    """diffusers' ``StableDiffusionSafetyChecker`` with its CLIP image processor: which images it flags."""
+
+    def __init__(self, model, processor, device: str, dtype) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+
+    def flags(self, images: list) -> list[bool]:
+        import numpy as np
+
+        pixel_values = self.processor(images=images, return_tensors="pt").pixel_values
+        pixel_values = pixel_values.to(self.device, dtype=self.dtype)
+        # The checker also blanks the flagged images it is given: it gets copies, never used.
+        arrays = [np.asarray(image, dtype=np.float32) / 255.0 for image in images]
+        _, flagged = self.model(images=arrays, clip_input=pixel_values)
+        return [bool(f) for f in flagged]
+
+
+def load_nsfw_checker(spec: str, cache_dir: str | Path, device: str, dtype, allow_pickle: bool = False):
+    """The ``NsfwChecker`` of ``spec``: a hub id or a folder with a ``StableDiffusionSafetyChecker``
+    (config.json, weights: safetensors unless ``allow_pickle``) and its ``preprocessor_config.json``."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    from selma_core.models.loading import model_load_error, resolve_model_path, weights_kwargs
+
+    path = resolve_model_path(spec, cache_dir)
+    try:
+        model = StableDiffusionSafetyChecker.from_pretrained(path, **weights_kwargs(allow_pickle))
+        processor = CLIPImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise model_load_error(path, e) from e
+    model = model.to(device, dtype=dtype).eval()
+    return NsfwChecker(model, processor, device, dtype)
+
+
+# -- drawing --------------------------------------------------------------------------------------
+
+
+class _Drawer:
+    """Draws shards into local tars, filtering their images; the generator (and the NSFW checker)
+    are loaded on first use, so a job that only reuses saved shards loads no model."""
+
+    def __init__(self, ctx, cfg: ImagesConfig, progress) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.progress = progress
+        self.pipe = None
+        self.checker: NsfwChecker | None = None
+        self.device = ""
+        self.drawn = 0
+
+    def _load(self) -> None:
+        from selma_core.models import speed
+        from selma_core.models.loading import load_diffusion_pipeline, resolve_device
+
+        if self.pipe is not None:
+            return
+        config = self.ctx.config
+        self.device = resolve_device(config.device)
+        dtype = torch_dtype(self.cfg.dtype, self.device)
+        self.pipe = load_diffusion_pipeline(
+            config.generator,
+            config.cache_dir,
+            config.generator_revision,
+            dtype,
+            allow_pickle=config.allow_pickle_checkpoints,
+        ).to(self.device)
+        if getattr(self.pipe, "unet", None) is not None:  # transformer-based pipelines (SD3) have none
+            if self.cfg.compile != "off":
+                speed.compile_cache_dir(config.cache_dir)  # compiled kernels outlive the process
+            speed.prepare_for_inference(self.pipe, self.device, self.cfg.channels_last, self.cfg.compile)
+        if self.cfg.nsfw_checker is not None:
+            self.checker = load_nsfw_checker(
+                self.cfg.nsfw_checker,
+                config.cache_dir,
+                self.device,
+                dtype,
+                allow_pickle=config.allow_pickle_checkpoints,
+            )
+
+    def verdicts(self, images: list) -> list[str | None]:
+        """Why each image is dropped (a reason of ``FILTER_REASONS``), None for a kept one. The
+        uniform check comes first: an image it drops is not shown to the NSFW checker."""
+        reasons: list[str | None] = [None] * len(images)
+        if self.cfg.filter_uniform:
+            for i, image in enumerate(images):
+                if is_uniform(image, self.cfg.uniform_threshold):
+                    reasons[i] = "uniform"
+        if self.checker is not None:
+            unchecked = [i for i, reason in enumerate(reasons) if reason is None]
+            if unchecked:
+                flags = self.checker.flags([images[i] for i in unchecked])
+                for i, flagged in zip(unchecked, flags, strict=True):
+                    if flagged:
+                        reasons[i] = "nsfw"
+        return reasons
+
+    def draw_shard(self, shard: list[dict], path: Path) -> dict[str, str]:
+        """Draw ``shard``'s images into the tar ``path``; the images dropped (id -> reason)."""
+        self._load()
+        cfg = self.cfg
+        dropped: dict[str, str] = {}
+        with tarfile.open(path, "w") as tar:
+            for first in range(0, len(shard), cfg.batch_size):
+                batch = shard[first : first + cfg.batch_size]
+                texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
+                images = [
+                    image.convert("RGB") for image in draw_images(self.pipe, texts, seeds, cfg, self.device)
+                ]
+                for meta, image, reason in zip(batch, images, self.verdicts(images), strict=True):
+                    if reason is not None:
+                        dropped[meta["id"]] = reason
+                        continue
+                    buf = io.BytesIO()
+                    image.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+                    _add_member(tar, f"{meta['id']}.jpg", buf.getvalue())
+                    _add_member(tar, f"{meta['id']}.json", json.dumps(meta).encode())
+                self.drawn += len(batch)
+                self.progress.update(len(batch))
+                fault_point("images.after_batch")
+        return dropped
+
+    def draw_and_save(self, shard: list[dict], path: Path, saved: str | None) -> dict:
+        """Draw a shard, then save it under ``saved`` (None: a process that commits nothing); its record."""
+        dropped = self.draw_shard(shard, path)
+        if saved is not None:
+            kept = len(shard) - len(dropped)
+            record = _save_shard(self.ctx.store, saved, path, kept, dropped, self.cfg.filters())
+        else:
+            record = {"name": path.name, "samples": len(shard) - len(dropped), "dropped": dropped}
+        fault_point("images.after_shard")
+        return record
+
+
+def generate_images(
+    ctx,
+    skill_name: str,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    replace_before: float | None = None,
+) -> dict:
+    """Draw, save and commit a skill's images; with ``num_shards`` > 1, only the shards ``s`` with
+    ``s % num_shards == shard_index``, committing the output only if every shard is then saved.
+
+    ``replace_before``: a forced rerun's start time; an output committed before it is replaced (one
+    committed since, by another process of the run, is the run's). None: any committed output is.
+    """
     from tqdm import tqdm
 
-    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
     from selma_core.phases.prompts import read_prompts
 
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(
+            f"images: shard index {shard_index} of {num_shards} process(es): expected 0 to {num_shards - 1}"
+        )
     cfg: ImagesConfig = ctx.config.images
     prompts_dir = ctx.fetch("prompts", skill_name)
     records = [r for r in read_prompts(prompts_dir / "prompts.jsonl") if r["split"] == "train"]
@@ -143,7 +365,6 @@ def generate_images(ctx, skill_name: str) -> dict:
         raise InputError(f"images for skill {skill_name!r}: no training prompts in {prompts_dir}")
 
     generator = ctx.config.generator
-    device = resolve_device(ctx.config.device)
     # Each sample's metadata; shard boundaries depend on shard_size only, never on batch_size.
     samples = [
         {"id": r["id"], "prompt": r["text"], "seed": prompt_seed(cfg.seed, r["id"]), "model": generator}
@@ -151,117 +372,300 @@ def generate_images(ctx, skill_name: str) -> dict:
     ]
     shards = [samples[first : first + cfg.shard_size] for first in range(0, len(samples), cfg.shard_size)]
     saved = f"{ctx.job.key}/{SAVED_SHARDS}"
-    pipe = None  # loaded only when a shard must be drawn
     start = time.monotonic()
-    drawn = reused = 0
+    if num_shards > 1:
+        return _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace_before, start)
+    progress = tqdm(total=len(samples), desc=f"images {skill_name}", unit="image")
+    drawer = _Drawer(ctx, cfg, progress)
     with ctx.output() as out:
-        saved_keys = set(ctx.store.list_keys(saved)) if ctx.commits else set()
-        progress = tqdm(total=len(samples), desc=f"images {skill_name}", unit="image")
         try:
-            for index, shard in enumerate(shards):
-                name = shard_name(index)
-                if _reuse_saved_shard(ctx.store, saved, saved_keys, name, shard, out / name):
-                    reused += len(shard)
-                    progress.update(len(shard))
-                    continue
-                if pipe is None:
-                    pipe = load_diffusion_pipeline(
-                        generator,
-                        ctx.config.cache_dir,
-                        ctx.config.generator_revision,
-                        torch_dtype(cfg.dtype, device),
-                        allow_pickle=ctx.config.allow_pickle_checkpoints,
-                    ).to(device)
-                with tarfile.open(out / name, "w") as tar:
-                    for first in range(0, len(shard), cfg.batch_size):
-                        batch = shard[first : first + cfg.batch_size]
-                        texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
-                        images = draw_images(pipe, texts, seeds, cfg, device)
-                        for meta, image in zip(batch, images, strict=True):
-                            buf = io.BytesIO()
-                            image.convert("RGB").save(buf, format="JPEG", quality=cfg.jpeg_quality)
-                            _add_member(tar, f"{meta['id']}.jpg", buf.getvalue())
-                            _add_member(tar, f"{meta['id']}.json", json.dumps(meta).encode())
-                        drawn += len(batch)
-                        progress.update(len(batch))
-                        fault_point("images.after_batch")
-                if ctx.commits:
-                    _save_shard(ctx.store, saved, out / name, len(shard))
-                fault_point("images.after_shard")
+            shard_records, reused = _assemble(ctx, drawer, shards, saved, out)
         finally:
             progress.close()
         if reused:
             print(
-                f"images {skill_name}: {reused} image(s) from saved shards, {drawn} drawn",
+                f"images {skill_name}: {reused} image(s) from saved shards, {drawer.drawn} drawn",
                 file=sys.stderr,
             )
-        index = {
-            "samples": len(samples),
-            "shard_size": cfg.shard_size,
-            "shards": [{"name": shard_name(i), "samples": len(shard)} for i, shard in enumerate(shards)],
-        }
-        (out / SHARDS_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        with open(out / "images.jsonl", "w", encoding="utf-8") as f:
-            for i, shard in enumerate(shards):
-                for meta in shard:
-                    row = {**meta, "image": f"{shard_name(i)}/{meta['id']}.jpg"}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        kept, filtered = _write_output(out, cfg, shards, shard_records, skill_name)
     if ctx.commits:
         ctx.store.delete_prefix(saved)  # the committed output supersedes the saved shards
+    return _finished(ctx, skill_name, shards, drawer, reused, kept, filtered, start)
+
+
+def _finished(ctx, skill_name, shards, drawer, reused, kept, filtered, start, **extra) -> dict:
+    """Log a committed output's metrics; the job's result."""
     elapsed = time.monotonic() - start
-    ctx.run.log_metrics(
-        {"images.count": len(samples), "images.drawn": drawn, "images.per_s": drawn / max(elapsed, 1e-9)}
-    )
-    return {
+    metrics = {
+        "images.count": kept,
+        "images.drawn": drawer.drawn,
+        "images.per_s": drawer.drawn / max(elapsed, 1e-9),
+    }
+    metrics.update({f"images.filtered.{reason}": count for reason, count in filtered.items()})
+    ctx.run.log_metrics(metrics)
+    result = {
         "skill": skill_name,
-        "images": len(samples),
-        "drawn": drawn,
+        "images": kept,
+        "drawn": drawer.drawn,
         "reused": reused,
         "shards": len(shards),
-        "generator": generator,
+        "generator": ctx.config.generator,
         "wall_s": round(elapsed, 3),
     }
+    if filtered:
+        result["prompts"] = sum(len(shard) for shard in shards)
+        result["filtered"] = filtered
+    return {**result, **extra}
 
 
-def _save_shard(store, saved: str, path: Path, samples: int) -> None:
-    """Save a complete shard: its tar, then (the shard's completion marker) its size and SHA-256.
+def _assemble(ctx, drawer: _Drawer, shards: list[list[dict]], saved: str, out: Path, local=None):
+    """Every shard into ``out``: this process's own (``local``: index -> (its tar, its record)),
+    else the saved one (checked), else drawn and saved. Each shard's record, and the images reused."""
+    saved_keys = set(ctx.store.list_keys(saved)) if ctx.commits else set()
+    shard_records, reused = [], 0
+    for index, shard in enumerate(shards):
+        name = shard_name(index)
+        if local and index in local:
+            path, record = local[index]
+            shutil.move(path, out / name)
+            shard_records.append(record)
+            continue
+        record = _reuse_saved_shard(ctx.store, saved, saved_keys, name, shard, out / name)
+        if record is not None:
+            reused += len(shard)
+            drawer.progress.update(len(shard))
+        else:
+            record = drawer.draw_and_save(shard, out / name, saved if ctx.commits else None)
+        shard_records.append(record)
+    return shard_records, reused
+
+
+def _write_output(out: Path, cfg: ImagesConfig, shards, shard_records, skill_name: str):
+    """``shards.json`` and ``images.jsonl`` of the kept images; their number and the filters' counts.
+
+    Every image dropped is an ``InputError``: training would have nothing to learn from."""
+    filters = cfg.filters()
+    totals = dict.fromkeys(filters, 0)
+    entries = []
+    rows = []
+    for i, (shard, record) in enumerate(zip(shards, shard_records, strict=True)):
+        dropped = record.get("dropped") or {}
+        kept = [meta for meta in shard if meta["id"] not in dropped]
+        entry: dict = {"name": shard_name(i), "samples": len(kept)}
+        if filters:
+            entry["filtered"] = _counts(dropped, filters)
+            entry["dropped"] = {meta["id"]: dropped[meta["id"]] for meta in shard if meta["id"] in dropped}
+            for reason, count in entry["filtered"].items():
+                totals[reason] += count
+        entries.append(entry)
+        rows += [{**meta, "image": f"{shard_name(i)}/{meta['id']}.jpg"} for meta in kept]
+    if not rows:
+        counts = ", ".join(f"{reason}: {count}" for reason, count in totals.items())
+        raise InputError(
+            f"images for skill {skill_name!r}: every one of the {sum(map(len, shards))} images was "
+            f"filtered out ({counts}); check the generator, images.uniform_threshold or images.nsfw_checker"
+        )
+    index: dict = {"samples": len(rows), "shard_size": cfg.shard_size}
+    if filters:
+        index["prompts"] = sum(len(shard) for shard in shards)
+        index["filtered"] = totals
+    index["shards"] = entries
+    (out / SHARDS_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    with open(out / "images.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows), totals
+
+
+def _counts(dropped: dict[str, str], reasons) -> dict[str, int]:
+    return {reason: sum(1 for why in dropped.values() if why == reason) for reason in reasons}
+
+
+def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace_before, start) -> dict:
+    """Process ``shard_index`` of ``num_shards``: draw and save its shards, then commit the output if
+    every shard is saved, under the output's in-flight lease (two processes finishing at once commit
+    once: the second finds the output committed). A process that finds shards missing (others still
+    drawing them) returns without committing: the one that saves the last shard commits."""
+    from tqdm import tqdm
+
+    from selma_core.storage.lease import acquire
+
+    cfg: ImagesConfig = ctx.config.images
+    store, key = ctx.store, ctx.job.key
+    mine = list(range(shard_index, len(shards), num_shards))
+    where = f"images {skill_name} (process {shard_index} of {num_shards})"
+    share = {"shard_index": shard_index, "num_shards": num_shards}
+
+    def committed_by_another() -> bool:
+        if not store.is_committed(key):
+            return False
+        if replace_before is None:
+            return True
+        try:  # a forced rerun: the output it replaces is older than the run
+            return float(store.read_manifest(key).get("committed_at") or 0) >= replace_before
+        except (InputError, TypeError, ValueError):
+            return False
+
+    def not_committed(drawer: _Drawer, reused: int, **why) -> dict:
+        elapsed = time.monotonic() - start
+        ctx.run.log_metrics({"images.drawn": drawer.drawn, "images.per_s": drawer.drawn / max(elapsed, 1e-9)})
+        return {
+            "skill": skill_name,
+            "drawn": drawer.drawn,
+            "reused": reused,
+            "shards": len(shards),
+            "own_shards": [shard_name(i) for i in mine],
+            "generator": ctx.config.generator,
+            "wall_s": round(elapsed, 3),
+            **share,
+            "committed": False,
+            **why,
+        }
+
+    scratch = Path(ctx.scratch_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="images-", dir=scratch))
+    progress = tqdm(total=sum(len(shards[i]) for i in mine), desc=where, unit="image")
+    drawer = _Drawer(ctx, cfg, progress)
+    local: dict[int, tuple[Path, dict]] = {}
+    reused = 0
+    try:
+        saved_keys = set(store.list_keys(saved))
+        for index in mine:
+            if committed_by_another():
+                break
+            name = shard_name(index)
+            record = _reuse_saved_shard(store, saved, saved_keys, name, shards[index], work / name)
+            if record is not None:
+                reused += len(shards[index])
+                progress.update(len(shards[index]))
+            else:
+                record = drawer.draw_and_save(shards[index], work / name, saved)
+            local[index] = (work / name, record)
+        progress.close()
+        if committed_by_another():
+            print(f"{where}: the output was committed by another process", file=sys.stderr)
+            return not_committed(drawer, reused, committed_by="another process")
+        saved_keys = set(store.list_keys(saved))
+        missing = [
+            shard_name(i)
+            for i in range(len(shards))
+            if not {f"{saved}/{shard_name(i)}", f"{saved}/{shard_name(i)}.json"} <= saved_keys
+        ]
+        if missing:
+            print(
+                f"{where}: its {len(mine)} shard(s) saved ({drawer.drawn} image(s) drawn, {reused} reused); "
+                f"{len(missing)} other shard(s) not saved yet ({', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}): the process that saves the last one commits",
+                file=sys.stderr,
+            )
+            return not_committed(drawer, reused, missing_shards=missing)
+        claim = acquire(store, key, ctx.job.id, done=committed_by_another)
+        if claim.lease is None:
+            print(f"{where}: the output was committed by another process", file=sys.stderr)
+            return not_committed(drawer, reused, committed_by="another process")
+        claim.lease.start_heartbeat()
+        try:
+            everything = tqdm(total=sum(map(len, shards)), desc=f"images {skill_name} (commit)", unit="image")
+            everything.update(sum(len(shards[i]) for i in local))
+            drawer.progress = everything
+            with ctx.output() as out:
+                try:
+                    shard_records, reused_others = _assemble(ctx, drawer, shards, saved, out, local)
+                finally:
+                    everything.close()
+                kept, filtered = _write_output(out, cfg, shards, shard_records, skill_name)
+            store.delete_prefix(saved)  # the committed output supersedes the saved shards
+        finally:
+            claim.lease.release()
+        print(
+            f"{where}: every shard saved: committed {kept} image(s) in {len(shards)} shard(s) "
+            f"({drawer.drawn} drawn by this process)",
+            file=sys.stderr,
+        )
+        return _finished(
+            ctx,
+            skill_name,
+            shards,
+            drawer,
+            reused + reused_others,
+            kept,
+            filtered,
+            start,
+            **share,
+            committed=True,
+        )
+    finally:
+        progress.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _save_shard(
+    store, saved: str, path: Path, samples: int, dropped: dict[str, str] | None = None, reasons=()
+) -> dict:
+    """Save a complete shard: its tar, then (the shard's completion marker) its record: its sample
+    count, size and SHA-256, the images the filters dropped (id -> reason) and their count by reason.
 
     Both are written atomically; a kill between the two leaves a tar without a record: drawn again."""
+    dropped = dict(dropped or {})
     store.upload_file(path, f"{saved}/{path.name}")
-    record = {"name": path.name, "samples": samples, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    record = {
+        "name": path.name,
+        "samples": samples,
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "dropped": dropped,
+        "filtered": _counts(dropped, reasons),
+    }
     store.write_json(f"{saved}/{path.name}.json", record)
+    return record
 
 
-def _reuse_saved_shard(store, saved: str, saved_keys: set[str], name: str, shard: list, local: Path) -> bool:
-    """Download the saved shard ``name`` to ``local`` when it is complete and intact; True if so.
+def _reuse_saved_shard(
+    store, saved: str, saved_keys: set[str], name: str, shard: list, local: Path
+) -> dict | None:
+    """Download the saved shard ``name`` to ``local`` when it is complete and intact; its record if so.
 
     A shard whose record is missing was in flight when the job died: drawn again, silently. One whose
     record is damaged, or whose tar is missing, or differs from the record (size, SHA-256) or from the
-    samples expected (their names, in order), was damaged in the store: drawn again, with a warning.
+    samples expected (their names, in order, but for those the record says were dropped), was damaged
+    in the store: drawn again, with a warning.
     """
     record_key, tar_key = f"{saved}/{name}.json", f"{saved}/{name}"
     if record_key not in saved_keys:
-        return False
+        return None
     try:
         record = store.read_json(record_key)
         size, digest = record["size"], record["sha256"]
+        dropped = record.get("dropped") or {}
+        ids = {meta["id"] for meta in shard}
+        if not isinstance(dropped, dict) or not all(
+            key in ids and reason in FILTER_REASONS for key, reason in dropped.items()
+        ):
+            raise ValueError("its record's dropped images are not this shard's ids with a filter's reason")
         if tar_key not in saved_keys:
             raise FileNotFoundError("the tar is missing")
         store.download_file(tar_key, local)
         if local.stat().st_size != size or sha256_file(local) != digest:
             raise ValueError(f"size or SHA-256 differs from {store.url(record_key)}")
-        expected = [f"{meta['id']}.{ext}" for meta in shard for ext in ("jpg", "json")]
+        expected = [
+            f"{meta['id']}.{ext}" for meta in shard if meta["id"] not in dropped for ext in ("jpg", "json")
+        ]
         with tarfile.open(local) as tar:
             if tar.getnames() != expected:
-                raise ValueError(f"expected the samples {expected[0]} to {expected[-1]}, in order")
-    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError, EOFError) as e:
+                raise ValueError(
+                    f"expected the samples {expected[0]} to {expected[-1]}, in order"
+                    if expected
+                    else "expected no sample (every image was dropped)"
+                )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, tarfile.TarError, EOFError) as e:
         print(
             f"warning: {store.url(tar_key)}: damaged saved shard ({type(e).__name__}: {e}); drawn again",
             file=sys.stderr,
         )
         local.unlink(missing_ok=True)
-        return False
-    return True
+        return None
+    return {**record, "dropped": dropped}
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

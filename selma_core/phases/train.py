@@ -89,6 +89,10 @@ class TrainConfig:
     # Training resolution in pixels; None: the model's native size.
     resolution: int | None = None
     random_flip: bool = False
+    # SDXL's own VAE overflows in float16: with mixed_precision fp16 it encodes in float32, unless an
+    # fp16-safe VAE is named here (hub id or local folder, e.g. madebyollin/sdxl-vae-fp16-fix),
+    # which then replaces the base model's VAE for training (its latents, so part of the output).
+    vae_model: str | None = None
     # Compute dtype of the frozen weights: "auto" is bfloat16 on CUDA, float32 on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
@@ -108,7 +112,8 @@ class TrainConfig:
     # Speed (selma_core.models.speed); none changes what is computed beyond float rounding. On CUDA:
     # the UNet and VAE in channels_last and AdamW's fused kernel (on CPU both are left off: slower
     # there, and CPU runs are the bit-for-bit reference of the tests). Attention always goes through
-    # SDPA (flash / memory-efficient kernels).
+    # SDPA (flash / memory-efficient kernels); with bf16 on CUDA the UNet runs under bf16 autocast,
+    # so the LoRA's fp32 factors multiply on tensor cores too.
     channels_last: bool = execution_only(True)
     fused_optimizer: bool = execution_only(True)
     # torch.compile of the UNet: "blocks" compiles each transformer and ResNet block (a short
@@ -231,6 +236,10 @@ class ExpertTrainer:
         for module in self._frozen_modules():
             module.requires_grad_(False)
             module.to(device, dtype=self.dtype)
+        self.vae_dtype = self.dtype
+        if self.sdxl and self.dtype == torch.float16 and pipe.vae.config.force_upcast and not cfg.vae_model:
+            self.vae_dtype = torch.float32  # SDXL's VAE gives inf/NaN latents in float16
+            pipe.vae.to(dtype=torch.float32)
         pipe.unet.to(device, dtype=self.dtype)
         pipe.unet.requires_grad_(False)
         self.lora_config = LoraConfig(
@@ -257,6 +266,8 @@ class ExpertTrainer:
         )
         speed.use_sdpa(pipe.unet)
         self.channels_last = cfg.channels_last and cuda
+        if cuda:  # one input shape all job long: let cuDNN pick its fastest convolution once
+            torch.backends.cudnn.benchmark = True
         if self.channels_last:
             speed.to_channels_last(pipe.unet, pipe.vae)
         if cfg.gradient_checkpointing:
@@ -299,7 +310,8 @@ class ExpertTrainer:
         if flipped:
             pixels = pixels.flip(-1)
         with torch.no_grad():
-            params = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters
+            params = self.pipe.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist.parameters
+            params = params.to(self.dtype)
         return params.contiguous()
 
     @staticmethod
@@ -403,11 +415,11 @@ class ExpertTrainer:
         flips = flip.tolist() if flip is not None else [False] * len(rows)
         if encoded is not None:  # gathered where the cache lives (on the GPU when training there)
             where = encoded.latents[False].device
-            params = encoded.latents[False][idx.to(where)]
+            params = encoded.latents[False][self._upload(idx, where)]
             if flip is not None:
-                mask = flip.to(where).view(-1, 1, 1, 1)
-                params = torch.where(mask, encoded.latents[True][idx.to(where)], params)
-            text = {name: t[idx.to(t.device)].to(self.device) for name, t in encoded.text.items()}
+                mask = self._upload(flip, where).view(-1, 1, 1, 1)
+                params = torch.where(mask, encoded.latents[True][self._upload(idx, where)], params)
+            text = {name: t[self._upload(idx, t.device)].to(self.device) for name, t in encoded.text.items()}
         else:  # each distinct image (and orientation) and prompt encoded once, alone
             images: dict[tuple[int, bool], object] = {}
             prompts: dict[int, dict] = {}
@@ -426,11 +438,11 @@ class ExpertTrainer:
                 f"at resolution {resolution}"
             )
         with torch.no_grad():
-            sample = latent_dist.mean + latent_dist.std * posterior.to(self.device)
+            sample = latent_dist.mean + latent_dist.std * self._upload(posterior, self.device)
             latents = sample * self.pipe.vae.config.scaling_factor
         hidden, added = self._conditioning(text, resolution)
-        noise = noise.to(self.device, latents.dtype)
-        timesteps = timesteps.to(self.device)
+        noise = self._upload(noise, self.device).to(latents.dtype)
+        timesteps = self._upload(timesteps, self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -438,10 +450,36 @@ class ExpertTrainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:  # epsilon (train() checked)
             target = noise
-        pred = self.pipe.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        with self._autocast():
+            pred = self.pipe.unet(
+                noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added
+            ).sample
         loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
         loss.backward()
         return loss.detach().double()
+
+    def _autocast(self):
+        """bf16 autocast on CUDA: the LoRA's own matmuls (fp32 weights) run on bf16 tensor cores,
+        16 times the fp32 rate on an H100 (at rank 128 they are a good share of the attention's
+        projections). Not for fp16 (its gradients would underflow without a loss scaler) nor on the
+        CPU (where runs are the bit-for-bit reference)."""
+        import torch
+
+        if self.device.startswith("cuda") and self.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _upload(tensor, device):
+        """``tensor`` (drawn on the CPU) on ``device``. To a GPU through pinned memory, without
+        waiting: a copy from ordinary memory would block until the GPU has finished all queued work,
+        every micro-batch, and the GPU would idle while the next one's kernels are launched."""
+        import torch
+
+        device = torch.device(device)
+        if device.type != "cuda" or tensor.device.type == "cuda":
+            return tensor.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True)
 
     # -- checkpoints (selma_core.checkpoints) -----------------------------------------------------
 
@@ -701,7 +739,7 @@ def train_expert(ctx, skill_name: str) -> dict:
     from selma_core.datasets import load_training_pairs
     from selma_core.latent_cache import LatentCache
     from selma_core.lora import load_adapter
-    from selma_core.models.loading import load_diffusion_pipeline, resolve_device
+    from selma_core.models.loading import load_diffusion_pipeline, load_vae, resolve_device
     from selma_core.phases.merge import export_kohya
 
     cfg: TrainConfig = ctx.config.train
@@ -717,6 +755,10 @@ def train_expert(ctx, skill_name: str) -> dict:
         ctx.config.base_model_revision,
         allow_pickle=ctx.config.allow_pickle_checkpoints,
     )
+    if cfg.vae_model:
+        pipe.vae = load_vae(
+            cfg.vae_model, ctx.config.cache_dir, allow_pickle=ctx.config.allow_pickle_checkpoints
+        )
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=ctx.config.cache_dir)
     ctx.run.log_params({"images": len(dataset)})
     checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
@@ -724,7 +766,13 @@ def train_expert(ctx, skill_name: str) -> dict:
         checkpoints.clear()  # a forced rerun (--force) starts afresh
     # Rank 0 commits the cache; the other ranks read it, or compute the same tensors themselves.
     latent_cache = LatentCache(
-        ctx.store, ctx.scratch_dir, ctx.config.base_model, ctx.config.base_model_revision, ctx.commits
+        ctx.store,
+        ctx.scratch_dir,
+        ctx.config.base_model,
+        ctx.config.base_model_revision,
+        ctx.commits,
+        vae_model=cfg.vae_model,
+        vae_dtype=str(trainer.vae_dtype) if trainer.vae_dtype != trainer.dtype else None,
     )
     start = time.monotonic()
     compile_cache = None

@@ -363,3 +363,45 @@ def test_a_configuration_error_fails_at_once_and_a_pod_that_cannot_start_fails(
     )
     assert "ImagePullBackOff" in states["prompts:spatial"].result["error"]
     assert no_image.ref not in [j["metadata"]["name"] for j in cluster.jobs()]  # deleted, not left waiting
+
+
+def test_an_images_job_on_several_pods_reports_the_committing_pod(cluster, k8s_config, tmp_path):
+    executor, plan = executor_and_plan(k8s_config(images={"num_jobs": 3}), tmp_path)
+    job = plan.job("images", "counting")
+
+    def pods(committer: int | None, failed: int | None = None):
+        def policy(manifest: dict):
+            assert manifest["spec"]["completions"] == 3
+            return [
+                (
+                    i,
+                    1 if i == failed else 0,
+                    f"process {i}\n"
+                    + json.dumps(
+                        {"job": job.id, "status": "ran", "run_id": f"run-{i}", "committed": i == committer}
+                    )
+                    + "\n",
+                )
+                for i in range(3)
+            ]
+
+        return policy
+
+    try:
+        cluster.auto_run(pods(committer=1))
+        (outcome,) = run(executor, [job])
+        assert outcome.status == "ran" and outcome.run_id == "run-1"
+        assert Path(outcome.log).name == "images-counting.1-of-3.log"
+        assert sorted(p.name for p in (tmp_path / "logs").iterdir() if p.name.startswith("images")) == [
+            f"images-counting.{i}-of-3.log" for i in range(3)
+        ]
+        (created,) = [j for j in cluster.jobs() if j["metadata"]["labels"]["selma.io/phase"] == "images"]
+        assert created["spec"]["completionMode"] == "Indexed" and created["spec"]["parallelism"] == 3
+
+        for name in [j["metadata"]["name"] for j in cluster.jobs()]:  # the next run creates it again
+            cluster.delete_object("jobs", "selma", name)
+        cluster.auto_run(pods(committer=None))  # every pod succeeded, none committed: not done
+        (outcome,) = run(executor, [job])
+        assert outcome.status == "failed" and "none of the 3 pods" in outcome.error
+    finally:
+        executor.close()

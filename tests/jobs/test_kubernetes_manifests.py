@@ -302,3 +302,27 @@ def test_names_hash_the_job_spec_but_not_the_submission(tmp_path):
 def test_credentials_in_the_config_are_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         render(REPO / "configs" / "sdxl.yaml", tmp_path=tmp_path, **overrides)
+
+
+def test_images_drawn_by_several_pods_is_one_indexed_job_each(tmp_path):
+    documents, plan = render(REPO / "configs" / "sdxl.yaml", tmp_path=tmp_path, images={"num_jobs": 3})
+    for document in documents:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    images = [j for j in jobs_of(documents) if j["metadata"]["labels"]["selma.io/phase"] == "images"]
+    assert len(images) == len([j for j in plan.jobs.values() if j.phase == "images"]) == 2  # one per skill
+    for job in images:
+        spec = job["spec"]
+        assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 3
+        assert spec["backoffLimitPerIndex"] == 2 and "backoffLimit" not in spec  # each pod retried alone
+        assert job["metadata"]["annotations"]["selma.io/processes"] == "3"
+        assert "subdomain" not in spec["template"]["spec"]
+        command = container(job)["command"]
+        # Each pod draws the shards of its completion index ($JOB_COMPLETION_INDEX, read by jobs.run).
+        assert command[-4:] == ["--num-shards", "3", "--config", f"{POD_CONFIG_DIR}/config.yaml"]
+        assert "--shard-index" not in command
+    # The other phases are as before: one pod each.
+    others = [j for j in jobs_of(documents) if j["metadata"]["labels"]["selma.io/phase"] != "images"]
+    assert others and not [j for j in others if j["spec"].get("completionMode") == "Indexed"]
+    single, _ = render(REPO / "configs" / "sdxl.yaml", tmp_path=tmp_path)
+    for job in jobs_of(single):
+        assert "completionMode" not in job["spec"] and "--num-shards" not in container(job)["command"]

@@ -75,3 +75,67 @@ def test_parallel_jobs_share_the_cores(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting wins
     status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
     assert status.result["omp"] == "3"
+
+
+# -- an images job in several processes (images.num_jobs) -----------------------------------------
+
+IMAGES = JobSpec("images", "counting", "images/counting/x", ())
+# A stand-in for jobs.run: reports its flags; which process commits (or fails) is set by $MODE.
+WORKER = (
+    "import json, os, sys; a = sys.argv; i = int(a[a.index('--shard-index') + 1]); "
+    "n = int(a[a.index('--num-shards') + 1]); mode = os.environ['MODE']; "
+    "print(json.dumps({'status': 'ran', 'shard_index': i, 'num_shards': n, 'config': a[-1], "
+    "'omp': os.environ['OMP_NUM_THREADS'], 'committed': mode == 'commit' and i == n - 1})); "
+    "sys.exit(2 if mode == 'fail' and i == 1 else 0)"
+)
+
+
+def test_an_images_job_runs_as_images_num_jobs_processes(tiny_config, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    config = str(tiny_config(images={"num_jobs": 3}))
+    executor = LocalExecutor(tmp_path / "logs", max_parallel=1)  # reads images.num_jobs from the config
+    command = ["python", "-c", WORKER, "--config", config]
+    described = executor.describe(IMAGES, command).splitlines()
+    assert len(described) == 3 and "--shard-index 2 --num-shards 3 --config" in described[2]
+
+    handle = executor.submit(IMAGES, command, {"MODE": "commit"})
+    status = wait(executor, handle)
+    assert status.state == JobState.SUCCEEDED and status.exit_code == 0
+    # The result is the committing process's: the last of the three here.
+    assert status.result == {
+        "status": "ran",
+        "shard_index": 2,
+        "num_shards": 3,
+        "config": config,
+        "omp": "2",  # the job's share of the cores, split between its processes
+        "committed": True,
+    }
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == [f"images-counting.{i}-of-3.log" for i in range(3)]
+    assert handle.log == str(tmp_path / "logs" / "images-counting.2-of-3.log")
+
+    failed = wait(executor, executor.submit(IMAGES, command, {"MODE": "fail"}))
+    assert failed.state == JobState.FAILED and failed.exit_code == 2 and failed.result["shard_index"] == 1
+    nobody = executor.submit(IMAGES, command, {"MODE": "none"})
+    status = wait(executor, nobody)
+    assert (
+        status.state == JobState.FAILED
+        and "none of the 3 processes of images:counting" in status.result["error"]
+    )
+
+    # One process when images.num_jobs is 1, or for any other phase.
+    assert LocalExecutor(tmp_path / "logs", images_jobs=1).processes(IMAGES, command) == 1
+    assert executor.processes(JOB, command) == 1
+
+
+def test_cancel_stops_every_process_of_an_images_job(tmp_path):
+    executor = LocalExecutor(tmp_path / "logs", images_jobs=2)
+    handle = executor.submit(IMAGES, ["python", "-c", "import time; time.sleep(60)", "--config", "x"], {})
+    assert len(handle.ref) == 2
+    time.sleep(0.3)
+    executor.cancel(handle)
+    assert all(process.poll() is not None for process in handle.ref)
+    assert executor.poll(handle).state == JobState.FAILED

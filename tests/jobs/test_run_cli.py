@@ -40,3 +40,119 @@ def test_a_committed_job_is_skipped(tiny_config):
         "status": "skipped",
         "output": ran["output"],
     }
+
+
+# -- the images phase in several processes (images.num_jobs) ---------------------------------------
+
+
+def test_image_workers_come_from_the_flags_or_job_completion_index(monkeypatch):
+    import pytest
+
+    from jobs.run import image_workers
+    from selma_core.errors import ConfigError
+
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    assert image_workers(None, None, 3) == (0, 1)  # a plain run draws every shard itself
+    assert image_workers(1, 3, 1) == (1, 3)
+    assert image_workers(None, 1, 1) == (0, 1)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")  # a pod of an Indexed Job
+    assert image_workers(None, 3, 1) == (2, 3)
+    assert image_workers(None, None, 3) == (2, 3)  # images.num_jobs, when --num-shards is not given
+    assert image_workers(0, 3, 1) == (0, 3)  # the flag wins
+    for shard, count, message in [
+        (None, 2, r"--shard-index 2: expected 0 to 1"),
+        (3, None, "needs --num-shards"),
+        (None, 0, "expected at least 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            image_workers(shard, count, 1)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    with pytest.raises(ConfigError, match=r"needs --shard-index I \(0 to 1\) or \$JOB_COMPLETION_INDEX"):
+        image_workers(None, 2, 1)
+
+
+def test_images_processes_draw_their_shards_and_the_last_commits(tiny_config, monkeypatch, capsys):
+    """In-process ``jobs.run.main`` (a fake generator, no MLflow): JOB_COMPLETION_INDEX picks the
+    process, each holds a lease of its own, the process that saves the last shard commits."""
+    import random
+    import signal
+
+    from PIL import Image
+
+    import jobs.run as job_run
+    import selma_core.models.loading
+    import selma_core.phases.images as images_phase
+    import selma_core.tracking
+    from selma_core.config import load_config
+    from selma_core.context import JobContext, NullJobRun
+    from selma_core.phases.prompts import generate_prompts
+    from selma_core.plan import build_plan
+    from selma_core.skills import load_skills
+    from selma_core.storage import open_store
+
+    config = str(tiny_config(skills=["counting"], images={"shard_size": 4, "num_jobs": 2}))
+    cfg = load_config(config)
+    skills = load_skills(cfg.skills_path, cfg.skills)
+    plan = build_plan(cfg, skills)
+    store = open_store(cfg.storage)
+    generate_prompts(
+        JobContext(cfg, skills, plan, plan.job("prompts", "counting"), store, NullJobRun()), "counting"
+    )
+    key = plan.job("images", "counting").key
+
+    class Pipeline:
+        def to(self, device):
+            return self
+
+    class Tracker:
+        def start_job_run(self, *args):
+            return NullJobRun()
+
+        def end_job_run(self, run, ok):
+            pass
+
+    drawn = []
+
+    def draw(pipe, prompts, seeds, cfg, device):
+        drawn.extend(seeds)
+        return [Image.frombytes("RGB", (16, 16), random.Random(s).randbytes(768)) for s in seeds]
+
+    monkeypatch.setattr(selma_core.models.loading, "load_diffusion_pipeline", lambda *a, **k: Pipeline())
+    monkeypatch.setattr(images_phase, "draw_images", draw)
+    monkeypatch.setattr(selma_core.tracking, "open_tracker", lambda *a, **k: Tracker())
+    previous = signal.getsignal(signal.SIGTERM)
+    argv = ["--phase", "images", "--skill", "counting", "--config", config]
+    try:
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # process 1 of images.num_jobs: shards 1 and 3
+        assert job_run.main([*argv, "--num-shards", "2"]) == 0
+        first = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert (first["status"], first["shard_index"], first["num_shards"], first["committed"]) == (
+            "ran",
+            1,
+            2,
+            False,
+        )
+        assert first["result"]["own_shards"] == ["shard-00001.tar", "shard-00003.tar"] and len(drawn) == 4 + 3
+        assert first["result"]["missing_shards"] == ["shard-00000.tar", "shard-00002.tar"]
+        assert not store.is_committed(key)
+
+        monkeypatch.delenv("JOB_COMPLETION_INDEX")
+        assert job_run.main([*argv, "--shard-index", "0", "--num-shards", "2"]) == 0
+        second = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert second["committed"] is True and second["result"]["images"] == 15 and len(drawn) == 15
+        assert store.is_committed(key) and not store.list_keys(f"{key}/_shards")
+        assert not [k for k in store.list_keys(key) if k.endswith("_inflight.json")]  # leases released
+
+        assert job_run.main([*argv, "--shard-index", "1", "--num-shards", "2"]) == 0  # committed: skipped
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "skipped"
+        for bad, message in [
+            (["--shard-index", "2", "--num-shards", "2"], "--shard-index 2: expected 0 to 1"),
+            (["--shard-index", "1"], "needs --num-shards"),
+        ]:
+            assert job_run.main([*argv, *bad]) == 2
+            assert message in capsys.readouterr().err
+        prompts = ["--phase", "prompts", "--skill", "counting", "--num-shards", "2", "--config", config]
+        assert job_run.main(prompts) == 2
+        assert "--num-shards: only --phase images" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -181,3 +183,15 @@ def test_bad_eval_flags_fail_before_any_job_naming_the_flag(tiny_config, capsys,
 
     assert controller.main([*flags, "--config", str(tiny_config())]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("section", "key"), [("images", "nsfw_checker"), ("train", "vae_model")])
+def test_a_missing_local_model_folder_of_a_phase_is_named_before_any_job(tiny_config, tmp_path, section, key):
+    from jobs import submit as controller
+
+    config = tiny_config(**{section: {key: "./no-such-model"}})
+    missing = str((Path.cwd() / "no-such-model").resolve())
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):
+        assert controller.main(["--phase", "all", "--dry-run", "--config", str(config)]) == 2
+    assert f"{section}.{key}: local model folder {missing} not found" in out.getvalue()

@@ -1,4 +1,6 @@
-"""The images phase's shards: several per skill, each saved as it completes, reused by a rerun.
+"""The images phase's shards: several per skill, each saved as it completes, reused by a rerun;
+drawn by several processes (``images.num_jobs``), the last to finish committing; the filters
+(blank images, an NSFW checker) and their counts.
 
 The generator is replaced by a fake that paints each prompt's image from its seed (what the shards
 do with images does not depend on how they are drawn; tests/test_kill_anywhere.py runs the real
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,292 @@ def test_shard_size_is_part_of_the_output_key(tiny_config, tmp_path):
 def images_job_key(config, **images) -> str:
     cfg = load_config(config(**{**OVERRIDES, "images": {**OVERRIDES["images"], **images}}))
     return build_plan(cfg, load_skills(cfg.skills_dir, cfg.skills)).job("images", SKILL).key
+
+
+# -- several processes per skill (images.num_jobs) ------------------------------------------------
+
+
+def killed_at(monkeypatch, ctx: JobContext, point: str, nth: int, *args) -> None:
+    """Run the job (``args``: its process index and count) and kill it at the ``nth`` ``point``."""
+    reached = []
+
+    def fault_point(name):
+        reached.append(name)
+        if reached.count(point) == nth:
+            raise Killed(name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(images_phase, "fault_point", fault_point)
+        with pytest.raises(Killed):
+            generate_images(ctx, SKILL, *args)
+    assert not ctx.store.is_committed(ctx.job.key)
+
+
+def saved_names(ctx: JobContext) -> list[str]:
+    return [k.rsplit("/", 1)[1] for k in ctx.store.list_keys(f"{ctx.job.key}/{SAVED_SHARDS}")]
+
+
+def test_two_processes_commit_what_one_process_commits(tiny_config, tmp_path, drawn):
+    one = images_job(tiny_config, tmp_path / "one")
+    generate_images(one, SKILL)
+    reference = committed_bytes(one)
+
+    ctx = images_job(tiny_config, tmp_path / "two", num_jobs=2)
+    assert ctx.job.key == one.job.key  # num_jobs is execution only
+    drawn.clear()
+    first = generate_images(ctx, SKILL, 0, 2)  # shards 0 and 2: saved, then shards 1 and 3 missing
+    assert first["committed"] is False and first["missing_shards"] == [SHARDS[1], SHARDS[3]]
+    assert first["own_shards"] == [SHARDS[0], SHARDS[2]] and first["drawn"] == len(drawn) == 8
+    assert not ctx.store.is_committed(ctx.job.key)
+    assert saved_names(ctx) == [f"{n}{ext}" for n in (SHARDS[0], SHARDS[2]) for ext in ("", ".json")]
+
+    second = generate_images(ctx, SKILL, 1, 2)  # shards 1 and 3, then every shard is saved: commits
+    assert second["committed"] is True
+    assert (second["images"], second["drawn"], second["reused"]) == (15, 7, 8) and len(drawn) == 15
+    assert committed_bytes(ctx) == reference  # bit-identical to the one-process run
+    assert saved_names(ctx) == []
+    assert sorted(drawn) == sorted(json.loads(r)["seed"] for r in reference["images.jsonl"].splitlines())
+
+
+def test_a_killed_process_leaves_no_partial_shard_and_its_rerun_draws_only_what_is_missing(
+    tiny_config, tmp_path, monkeypatch, drawn
+):
+    one = images_job(tiny_config, tmp_path / "one")
+    generate_images(one, SKILL)
+    reference = committed_bytes(one)
+
+    ctx = images_job(tiny_config, tmp_path / "two", num_jobs=2)
+    drawn.clear()
+    # Process 0 killed in its second shard (shard 2: batches of 3 and 1), after its first batch.
+    killed_at(monkeypatch, ctx, "images.after_batch", 3, 0, 2)
+    assert len(drawn) == 4 + 3
+    assert saved_names(ctx) == [SHARDS[0], f"{SHARDS[0]}.json"]  # nothing of shard 2 is visible
+    other = generate_images(ctx, SKILL, 1, 2)
+    assert other["committed"] is False and other["missing_shards"] == [SHARDS[2]]
+    drawn.clear()
+    rerun = generate_images(ctx, SKILL, 0, 2)  # shard 0 reused, shard 2 drawn, then the commit
+    assert rerun["committed"] is True and (rerun["drawn"], rerun["reused"]) == (4, 11) and len(drawn) == 4
+    assert committed_bytes(ctx) == reference
+    assert saved_names(ctx) == []
+
+
+def test_processes_that_finish_together_commit_once(tiny_config, tmp_path, monkeypatch, drawn):
+    import threading
+
+    from selma_core.storage.base import ArtifactStore
+
+    monkeypatch.setenv("SELMA_LEASE_POLL_S", "0.02")
+    one = images_job(tiny_config, tmp_path / "one")
+    generate_images(one, SKILL)
+    reference = committed_bytes(one)
+
+    contexts = [images_job(tiny_config, tmp_path / "two", num_jobs=2) for _ in range(2)]
+    killed_after_shard(monkeypatch, contexts[0], 4)  # every shard saved, nothing committed
+    commit = ArtifactStore.commit_dir
+    commits = []
+
+    def slow_commit(store, *args, **kwargs):  # the other process looks while this one commits
+        commits.append(args[1])
+        time.sleep(0.3)
+        return commit(store, *args, **kwargs)
+
+    monkeypatch.setattr(ArtifactStore, "commit_dir", slow_commit)
+    drawn.clear()
+    results: dict[int, dict] = {}
+    start = threading.Barrier(2)
+
+    def process(index: int) -> None:
+        start.wait()
+        results[index] = generate_images(contexts[index], SKILL, index, 2)
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(r["committed"] for r in results.values()) == [False, True]
+    (waiter,) = [r for r in results.values() if not r["committed"]]
+    assert waiter["committed_by"] == "another process" and waiter["drawn"] == 0
+    assert commits == [contexts[0].job.key] and not drawn
+    assert committed_bytes(contexts[0]) == reference
+    assert saved_names(contexts[0]) == []
+
+
+def test_a_process_index_out_of_range_is_a_config_error(tiny_config, tmp_path):
+    from selma_core.errors import ConfigError
+
+    ctx = images_job(tiny_config, tmp_path / "store", num_jobs=2)
+    with pytest.raises(ConfigError, match="shard index 2 of 2"):
+        generate_images(ctx, SKILL, 2, 2)
+    with pytest.raises(ValueError, match="num_jobs"):
+        images_phase.ImagesConfig(num_jobs=0)
+
+
+# -- filters ------------------------------------------------------------------------------------
+
+
+def tiny_safety_checker(folder: Path, images: list) -> list[bool]:
+    """A random ``StableDiffusionSafetyChecker`` (tiny CLIP vision tower) saved in ``folder`` with its
+    image processor, its concepts and threshold set so that it flags some of ``images`` and not
+    others (with a margin: it rounds its scores); which ones, by its own verdicts."""
+    import numpy as np
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        projection_dim=32,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    ).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt").pixel_values
+        embeds = checker.visual_projection(checker.vision_model(pixels)[1])
+        concept = embeds[0] - embeds[1]  # a direction along which the images differ
+        cos = torch.nn.functional.cosine_similarity(embeds, concept[None]).tolist()
+        # The threshold in the widest gap between two scores (the checker rounds to 3 decimals).
+        ranked = sorted(cos)
+        gap, threshold = max(
+            (high - low, (high + low) / 2) for low, high in zip(ranked[1:-2], ranked[2:-1], strict=True)
+        )
+        assert gap > 0.01, ranked
+        checker.concept_embeds.copy_(concept.expand_as(checker.concept_embeds))
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(10.0)  # never "special care"
+    checker.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with torch.no_grad():  # what the checker itself says, for all the images at once
+        _, verdicts = checker(clip_input=pixels, images=[np.zeros((32, 32, 3))] * len(images))
+    assert any(verdicts) and not all(verdicts)
+    return verdicts
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_filters_drop_blank_and_flagged_images_and_count_them(tiny_config, tmp_path, monkeypatch, drawn):
+    from PIL import Image
+
+    from selma_core.phases.images import prompt_seed
+    from selma_core.phases.prompts import read_prompts
+
+    plain = images_job(tiny_config, tmp_path / "plain")
+    prompts = read_prompts(plain.fetch("prompts", SKILL) / "prompts.jsonl")
+    seeds = {
+        r["id"]: prompt_seed(plain.config.images.seed, r["id"]) for r in prompts if r["split"] == "train"
+    }
+    blank = set(list(seeds)[3::5])  # 3 of the 15: a flat grey, or noise of a std below 2
+    noise = images_phase.draw_images
+
+    def draw(pipe, texts, batch_seeds, cfg, device):
+        images = noise(pipe, texts, batch_seeds, cfg, device)
+        by_seed = {seed: key for key, seed in seeds.items()}
+        return [
+            (
+                Image.new("RGB", (16, 16), (90, 90, 90))
+                if i % 2
+                else Image.effect_noise((16, 16), 1).convert("RGB")
+            )
+            if by_seed[seed] in blank
+            else image
+            for i, (seed, image) in enumerate(zip(batch_seeds, images, strict=True))
+        ]
+
+    monkeypatch.setattr(images_phase, "draw_images", draw)
+    kept = [key for key in seeds if key not in blank]
+    painted = [Image.frombytes("RGB", (16, 16), random.Random(seeds[k]).randbytes(16 * 16 * 3)) for k in kept]
+    flags = tiny_safety_checker(tmp_path / "checker", painted)
+    flagged = {key for key, flag in zip(kept, flags, strict=True) if flag}
+
+    ctx = images_job(
+        tiny_config,
+        tmp_path / "store",
+        num_jobs=2,
+        filter_uniform=True,
+        nsfw_checker=str(tmp_path / "checker"),
+    )
+    assert ctx.job.key != plain.job.key  # the filters are part of the output's key
+    generate_images(ctx, SKILL, 0, 2)
+    dropped = {}
+    for key in ctx.store.list_keys(f"{ctx.job.key}/{SAVED_SHARDS}"):  # shards 0 and 2's records
+        if key.endswith(".json"):
+            record = ctx.store.read_json(key)
+            assert record["filtered"] == {
+                reason: sum(1 for why in record["dropped"].values() if why == reason)
+                for reason in ("uniform", "nsfw")
+            }
+            assert record["samples"] == 4 - len(record["dropped"])
+            dropped.update(record["dropped"])
+    result = generate_images(ctx, SKILL, 1, 2)
+    expected = {"uniform": len(blank), "nsfw": len(flagged)}
+    assert result["filtered"] == expected and result["images"] == 15 - len(blank) - len(flagged)
+    assert ("images.filtered.uniform", len(blank)) in ctx.run.metrics[-1][0].items()
+    assert ctx.run.metrics[-1][0]["images.filtered.nsfw"] == len(flagged)
+
+    fetched = ctx.store.fetch_dir(ctx.job.key, tmp_path / "fetch")
+    index = json.loads((fetched / "shards.json").read_text())
+    assert index["filtered"] == expected and index["prompts"] == 15 and index["samples"] == result["images"]
+    reasons = {key: why for shard in index["shards"] for key, why in shard["dropped"].items()}
+    assert reasons == {**dict.fromkeys(blank, "uniform"), **dict.fromkeys(flagged, "nsfw")}
+    assert {k: v for k, v in reasons.items() if k in dropped} == dropped
+    dataset = read_image_dataset(fetched)  # the sample counts agree with the tars
+    assert sorted(meta["id"] for meta, _ in dataset) == sorted(set(seeds) - blank - flagged)
+    rows = [json.loads(line) for line in (fetched / "images.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [meta["id"] for meta, _ in dataset]
+
+
+def test_every_image_filtered_out_is_an_input_error(tiny_config, tmp_path, drawn):
+    ctx = images_job(tiny_config, tmp_path / "store", filter_uniform=True, uniform_threshold=255)
+    with pytest.raises(InputError, match=r"every one of the 15 images was filtered out \(uniform: 15\)"):
+        generate_images(ctx, SKILL)
+    assert not ctx.store.is_committed(ctx.job.key)
+
+
+def test_guidance_left_null_is_the_models_usual_one():
+    """SELMA's 7.5 for SD 1.x/2.x, 5.0 for SDXL (a pipeline with a second text encoder); a
+    configured value is used as is."""
+    from types import SimpleNamespace
+
+    from selma_core.phases.images import SamplingConfig, draw_images
+
+    class Recorder:
+        def __init__(self, sdxl: bool) -> None:
+            if sdxl:
+                self.text_encoder_2 = object()
+            self.calls: list[dict] = []
+
+        def __call__(self, prompts, **kwargs):
+            self.calls.append(kwargs)
+            return SimpleNamespace(images=[None] * len(prompts))
+
+    for sdxl, config, expected in [
+        (False, SamplingConfig(), 7.5),
+        (True, SamplingConfig(), 5.0),
+        (True, SamplingConfig(guidance_scale=9.0), 9.0),
+        (False, SamplingConfig(guidance_scale=0.0), 0.0),
+    ]:
+        pipe = Recorder(sdxl)
+        draw_images(pipe, ["a cat"], [1], config, "cpu")
+        assert pipe.calls[0]["guidance_scale"] == expected
+    with pytest.raises(
+        ValueError, match=r"guidance_scale: expected 0 to 50.0 or null \(the model's usual\), got -1"
+    ):
+        SamplingConfig(guidance_scale=-1)

@@ -182,3 +182,45 @@ def test_validation_images_are_logged_and_do_not_change_the_expert(
 
 
 PROMPT_TRAIN = "two red apples on a table"
+
+
+def test_sdxl_encodes_in_float32_under_fp16_unless_an_fp16_safe_vae_is_given(model_cache):
+    """SDXL's VAE overflows in float16: it encodes in float32 (its latents cast to the training
+    dtype); with train.vae_model the given VAE runs in float16 like the rest."""
+    pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
+    upcast = ExpertTrainer(pipe, config(mixed_precision="fp16"), "cpu")
+    assert upcast.vae_dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    assert pipe.unet.dtype == torch.float16
+    pixels = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    assert upcast._encode_image(pixels, flipped=False).dtype == torch.float16
+
+    pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
+    safe = ExpertTrainer(
+        pipe, config(mixed_precision="fp16", vae_model="madebyollin/sdxl-vae-fp16-fix"), "cpu"
+    )
+    assert safe.vae_dtype == torch.float16 and pipe.vae.dtype == torch.float16
+    sd = ExpertTrainer(
+        load_diffusion_pipeline("random:tiny-sd", model_cache), config(mixed_precision="fp16"), "cpu"
+    )
+    assert sd.vae_dtype == torch.float16  # SD 1.x/2.x's VAE is fine in float16
+
+
+def test_a_named_vae_replaces_the_base_models_and_keys_its_latents(
+    tmp_path, model_cache, dataset, monkeypatch
+):
+    from selma_core.latent_cache import CACHE_PREFIX
+    from selma_core.models.loading import load_vae
+    from selma_core.phases import images
+    from selma_core.phases.train import train_expert
+
+    vae = load_vae("random:tiny-sdxl", model_cache)  # a pipeline folder: its vae/
+    assert type(vae).__name__ == "AutoencoderKL"
+    monkeypatch.setattr(images, "read_image_dataset", lambda folder: dataset)
+    store = LocalArtifactStore(tmp_path / "store")
+    for key, vae_model in (("a", None), ("b", "random:tiny-sdxl")):
+        cfg = config(steps=1, vae_model=vae_model)
+        train_expert(
+            train_job_context(store, key, cfg, model_cache, tmp_path / "scratch", tmp_path), "counting"
+        )
+    entries = {k.split("/")[2] for k in store.list_keys(CACHE_PREFIX)}
+    assert len(entries) == 2  # one latent cache entry per VAE
