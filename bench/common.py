@@ -6,6 +6,8 @@ the GPU machine has no MLflow, boto3 or Kubernetes client (../shared/gpu/README.
 
 from __future__ import annotations
 
+import argparse
+import gc
 import io
 import json
 import os
@@ -140,3 +142,68 @@ def emit(record: dict, out: str | None) -> None:
 
 def ratio(project: float, reference: float) -> float:
     return round(project / reference, 3) if reference > 0 else float("nan")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, what: str, default_compile: str) -> None:
+    """The flags both throughput benchmarks take."""
+    parser.add_argument(
+        "--arch", choices=ARCH_CHOICES, default="tiny", help="model architecture (default: tiny)"
+    )
+    parser.add_argument(
+        "--batch", type=int, help=f"{what} per step (default: 16 on a GPU, 4 for sdxl, 4 on CPU)"
+    )
+    parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "blocks", "full"),
+        help=f"project's torch.compile of the UNet (default: {default_compile} on a GPU, off on CPU)",
+    )
+    parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    parser.add_argument("--work-dir", help="model cache and compile caches (default: a temporary folder)")
+    parser.add_argument("--out", help="append the JSON result to this file")
+
+
+def apply_defaults(args: argparse.Namespace, device: str, default_compile: str) -> None:
+    gpu = device.startswith("cuda")
+    if args.batch is None:
+        args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
+    if args.compile is None:
+        args.compile = default_compile if gpu else "off"
+
+
+def report(record: dict, project: dict | None, reference: dict | None, out: str | None) -> dict:
+    """Both recipes' figures into ``record`` (rates to 3 decimals, times to 2), the ratio when both
+    ran; emitted as the last line."""
+    for prefix, figures in (("project", project), ("reference", reference)):
+        if figures is None:
+            continue
+        for name, value in figures.items():
+            if name == "peak_gib":
+                record["peak_gib" if prefix == "project" else "reference_peak_gib"] = value
+            elif isinstance(value, float):
+                record[f"{prefix}_{name}"] = round(
+                    value, 3 if name.endswith("per_s") or name == "step_s" else 2
+                )
+            elif name not in ("gpu",):
+                record[f"{prefix}_{name}"] = value
+    if project and reference:
+        record["speedup"] = ratio(project["img_per_s"], reference["img_per_s"])
+    emit(record, out)
+    return record
+
+
+def run_recipes(only: str, device: str, reference, project) -> tuple[dict | None, dict | None]:
+    """(project's figures, reference's figures): the recipes ``--only`` selects, the reference first
+    (its memory freed before the project's runs), each one's figures on stderr as it ends."""
+    results: dict[str, dict | None] = {"reference": None, "project": None}
+    for name, recipe in (("reference", reference), ("project", project)):
+        if only in ("both", name):
+            results[name] = recipe()
+            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+            gc.collect()  # the recipe's models, held in reference cycles (peft, dynamo) until now
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+    return results["project"], results["reference"]

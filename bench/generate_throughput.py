@@ -21,50 +21,35 @@ $OUT/generate_throughput.jsonl when $OUT is set).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from common import (
-    ARCH_CHOICES,
     PROMPTS,
     Timer,
+    add_common_arguments,
+    apply_defaults,
     architecture_resolution,
     device_description,
-    emit,
     load_pipeline,
     peak_gib,
-    ratio,
+    report,
     reset_peak,
     resolve_device,
+    run_recipes,
 )
+
+DEFAULT_COMPILE = "full"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--arch", choices=ARCH_CHOICES, default="tiny", help="model architecture (default: tiny)"
-    )
-    parser.add_argument(
-        "--batch", type=int, help="prompts per call (default: 16 on a GPU, 4 for sdxl, 4 on CPU)"
-    )
+    add_common_arguments(parser, "prompts", DEFAULT_COMPILE)
     parser.add_argument("--batches", type=int, help="timed batches (default: 3 on a GPU, 2 on CPU)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
-    parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
-    parser.add_argument(
-        "--compile",
-        choices=("off", "blocks", "full"),
-        help="project's torch.compile (default: full on GPU, off on CPU)",
-    )
-    parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    parser.add_argument("--work-dir", help="model cache and compile caches (default: a temporary folder)")
-    parser.add_argument("--out", help="append the JSON result to this file")
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def prompts_for(batch: int, index: int) -> list[str]:
@@ -147,12 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
-    if args.batch is None:
-        args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
+    apply_defaults(args, device, DEFAULT_COMPILE)
     if args.batches is None:
         args.batches = 3 if gpu else 2
-    if args.compile is None:
-        args.compile = "full" if gpu else "off"
     args.resolution = args.resolution or architecture_resolution(args.arch, work / "models")
     record: dict = {
         "bench": "generate_throughput",
@@ -166,32 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "torch": torch.__version__,
     }
-    reference = project = None
-    if args.only in ("both", "reference"):
-        reference = reference_recipe(args, device, work)
-        print(json.dumps({"reference": reference}), file=sys.stderr, flush=True)
-        if gpu:
-            torch.cuda.empty_cache()
-    if args.only in ("both", "project"):
-        project = project_recipe(args, device, work)
-        print(json.dumps({"project": project}), file=sys.stderr, flush=True)
-    if project:
-        record.update(
-            project_img_per_s=round(project["img_per_s"], 3),
-            project_dtype=project["dtype"],
-            peak_gib=project["peak_gib"],
-            project_warmup_s=round(project["warmup_s"], 2),
-        )
-    if reference:
-        record.update(
-            reference_img_per_s=round(reference["img_per_s"], 3),
-            reference_peak_gib=reference["peak_gib"],
-            reference_warmup_s=round(reference["warmup_s"], 2),
-        )
-    if project and reference:
-        record["speedup"] = ratio(project["img_per_s"], reference["img_per_s"])
-    emit(record, args.out)
-    return record
+    project, reference = run_recipes(
+        args.only,
+        device,
+        lambda: reference_recipe(args, device, work),
+        lambda: project_recipe(args, device, work),
+    )
+    return report(record, project, reference, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ run() {  # run LIMIT_S NAME SCRIPT ARGS...
   echo "exit $?"; tail -n 1 "$OUT/$name.out"
 }
 
-run 200 train-sd15-blocks bench/train_throughput.py --arch sd15 --compile blocks
-run 120 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full
-run 200 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks
-run 150 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --only project --no-restart-check
+# Limits add up to 530 s: under the 600 s a device call may run, machine start and pip aside.
+run 170 train-sd15-blocks bench/train_throughput.py --arch sd15 --compile blocks --restart-timeout 60
+run 140 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full
+run 220 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --restart-timeout 60

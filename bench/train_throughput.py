@@ -35,69 +35,54 @@ import time
 from pathlib import Path
 
 from common import (
-    ARCH_CHOICES,
     Timer,
+    add_common_arguments,
+    apply_defaults,
     architecture_resolution,
     device_description,
-    emit,
     load_pipeline,
     native_resolution,
     peak_gib,
-    ratio,
+    report,
     reset_peak,
     resolve_device,
+    run_recipes,
     synchronize,
     synthetic_dataset,
 )
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LEARNING_RATE = 1e-4  # small: random weights in half precision must not diverge in a benchmark
+DEFAULT_COMPILE = "blocks"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument(
-        "--arch", choices=ARCH_CHOICES, default="tiny", help="model architecture (default: tiny)"
-    )
-    parser.add_argument(
-        "--batch", type=int, help="images per step (default: 16 on a GPU, 4 for sdxl, 4 on CPU)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, "images", DEFAULT_COMPILE)
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default: 20 on a GPU, 6 on CPU)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, at least 1 (default: 3)")
+    parser.add_argument(
+        "--restart-timeout", type=float, default=300, help="seconds for the compiled restart (default: 300)"
+    )
     parser.add_argument(
         "--rank", type=int, help="LoRA rank = alpha (default: 128, SELMA's; 8 for tiny models)"
     )
-    parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
     parser.add_argument("--images", type=int, default=64, help="synthetic dataset size (default: 64)")
-    parser.add_argument(
-        "--compile",
-        choices=("off", "blocks", "full"),
-        help="project's torch.compile (default: blocks on GPU, off on CPU)",
-    )
-    parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    parser.add_argument(
-        "--work-dir", help="model cache, store and compile caches (default: a temporary folder)"
-    )
     parser.add_argument(
         "--no-restart-check", action="store_true", help="skip the restart-from-cache measurement"
     )
-    parser.add_argument("--out", help="append the JSON result to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--warmup and --steps: expected at least 1 (the first step compiles)")
+    return args
 
 
 def defaults(args: argparse.Namespace, device: str) -> argparse.Namespace:
-    gpu = device.startswith("cuda")
-    if args.batch is None:
-        args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
+    apply_defaults(args, device, DEFAULT_COMPILE)
     if args.steps is None:
-        args.steps = 20 if gpu else 6
+        args.steps = 20 if device.startswith("cuda") else 6
     if args.rank is None:
         args.rank = 8 if args.arch.startswith("tiny") else 128
-    if args.compile is None:
-        args.compile = "blocks" if gpu else "off"
     return args
 
 
@@ -237,10 +222,10 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=str(work))
     compile_cache = None
     if args.compile != "off":
-        shapes = {"batch": cfg.batch_size, "resolution": cfg.resolution or trainer.native_resolution()}
-        digest = speed.compile_cache_digest(pipe.unet, args.compile, device, trainer.dtype, shapes)
+        signature = trainer.compile_signature()
+        digest = speed.compile_cache_digest(pipe.unet, args.compile, device, trainer.dtype, signature)
         compile_cache = speed.StoreCompileCache(LocalArtifactStore(work / "store"), digest, work / "scratch")
-        compile_cache.load()
+        compile_cache.load()  # timed apart: load_s
     times: dict[int, float] = {}
     warmups: list[float] = []
 
@@ -270,6 +255,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "compiled_modules": trainer.compiled_modules,
         "compile_cache_loaded": bool(compile_cache and compile_cache.loaded),
+        "compile_cache_load_s": compile_cache.load_s if compile_cache else 0.0,
         "gpu": gpu,
     }
 
@@ -307,11 +293,20 @@ def restart_from_store(args, work: Path) -> dict:
     ]
     if args.resolution:
         command += ["--resolution", str(args.resolution)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, check=False, timeout=args.restart_timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": [f"the restart took over {args.restart_timeout} s"]}
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"warmup_s": record["project_warmup_s"], "cache_loaded": record["compile_cache_loaded"]}
+    return {
+        "warmup_s": record["project_warmup_s"],
+        "cache_load_s": record.get("project_compile_cache_load_s"),
+        "cache_loaded": record["project_compile_cache_loaded"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -341,42 +336,23 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "torch": torch.__version__,
     }
-    reference = project = None
-    if args.only in ("both", "reference"):
-        reference = reference_recipe(args, device, work, dataset)
-        print(json.dumps({"reference": reference}), file=sys.stderr, flush=True)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    if args.only in ("both", "project"):
-        project = project_recipe(args, device, work, dataset)
-        print(json.dumps({"project": project}), file=sys.stderr, flush=True)
-    if project:
-        record.update(
-            project_img_per_s=round(project["img_per_s"], 3),
-            project_step_s=round(project["step_s"], 4),
-            project_dtype=project["dtype"],
-            peak_gib=project["peak_gib"],
-            project_warmup_s=round(project["warmup_s"], 2),
-            project_encode_s=round(project["encode_s"], 2),
-            compile_cache_loaded=project["compile_cache_loaded"],
-        )
-    if reference:
-        record.update(
-            reference_img_per_s=round(reference["img_per_s"], 3),
-            reference_step_s=round(reference["step_s"], 4),
-            reference_peak_gib=reference["peak_gib"],
-            reference_warmup_s=round(reference["warmup_s"], 2),
-        )
-    if project and reference:
-        record["speedup"] = ratio(project["img_per_s"], reference["img_per_s"])
-    if project and args.compile != "off" and not args.no_restart_check:
-        restart = restart_from_store(args, work)
-        record["compile_restart_warmup_s"] = restart.get("warmup_s")
-        record["compile_restart_cache_loaded"] = restart.get("cache_loaded")
-        if "error" in restart:
-            record["compile_restart_error"] = restart["error"]
-    emit(record, args.out)
-    return record
+    project, reference = run_recipes(
+        args.only,
+        device,
+        lambda: reference_recipe(args, device, work, dataset),
+        lambda: project_recipe(args, device, work, dataset),
+    )
+    if not (project and args.compile != "off" and not args.no_restart_check):
+        return report(record, project, reference, args.out)
+    # Printed before the restart is measured too: a time limit hit there loses nothing measured.
+    report(record, project, reference, args.out)
+    restart = restart_from_store(args, work)
+    record["compile_restart_warmup_s"] = restart.get("warmup_s")
+    record["compile_restart_cache_load_s"] = restart.get("cache_load_s")
+    record["compile_restart_cache_loaded"] = restart.get("cache_loaded")
+    if "error" in restart:
+        record["compile_restart_error"] = restart["error"]
+    return report(record, project, reference, args.out)
 
 
 if __name__ == "__main__":

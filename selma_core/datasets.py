@@ -648,18 +648,6 @@ def read_external_dataset(
     return read(files, caption_column, max_samples, images)
 
 
-def dataset_digest(pairs: list[Pair]) -> str:
-    """SHA-256 of a dataset's contents: its samples' (id, caption, image SHA-256), sorted; the same
-    data gives the same digest whatever its order, place or layout."""
-    entries = sorted(
-        [str(meta.get("id")), meta.get("prompt"), hashlib.sha256(image).hexdigest()] for meta, image in pairs
-    )
-    digest = hashlib.sha256()
-    for entry in entries:
-        digest.update(json.dumps(entry, ensure_ascii=True).encode() + b"\n")
-    return digest.hexdigest()
-
-
 # -- the held-out split ---------------------------------------------------------------------------
 
 

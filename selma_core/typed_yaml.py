@@ -154,13 +154,23 @@ def execution_only(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"affects_output": False})
 
 
+def hashed_unless_default(default: Any) -> Any:
+    """A setting added after outputs were made without it, whose default does what was done before
+    (a filter that is off): left out of output hashes while at that default, so upgrading keeps every
+    committed output's key; any other value is hashed like any setting."""
+    return dataclasses.field(default=default, metadata={"hashed_unless_default": True})
+
+
 def output_dict(obj: Any) -> Any:
-    """``to_dict`` without execution-only fields: what determines an output."""
+    """``to_dict`` without execution-only fields (nor ``hashed_unless_default`` ones at their
+    default): what determines an output."""
     if dataclasses.is_dataclass(obj):
         return {
             f.name: output_dict(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if f.init and f.metadata.get("affects_output", True)
+            if f.init
+            and f.metadata.get("affects_output", True)
+            and not (f.metadata.get("hashed_unless_default") and getattr(obj, f.name) == f.default)
         }
     if isinstance(obj, (list, tuple)):
         return [output_dict(v) for v in obj]

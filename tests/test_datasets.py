@@ -17,7 +17,6 @@ from conftest import REPO, S3_BUCKET
 
 from selma_core.config import StorageConfig, load_config
 from selma_core.datasets import (
-    dataset_digest,
     expand_braces,
     heldout_prompts,
     heldout_records,
@@ -273,18 +272,6 @@ def test_hashes_are_remembered_but_a_change_after_listing_is_caught(tmp_path, mo
     (root / "images" / "05.png").write_bytes(image_bytes((9, 9, 9), size=20))
     with pytest.raises(InputError, match=r"05.png: changed since the dataset was listed"):
         read_external_dataset(str(root), tmp_path / "scratch", listing=listing)
-
-
-def test_dataset_digest(tmp_path):
-    pairs = read_external_dataset(str(make_imagefolder(tmp_path / "a")), tmp_path / "s")
-    digest = dataset_digest(pairs)
-    assert digest == dataset_digest(list(reversed(pairs)))  # the contents, not the order
-    edited = [({**pairs[0][0], "prompt": "x"}, pairs[0][1]), *pairs[1:]]
-    assert dataset_digest(edited) != digest
-    assert dataset_digest([(pairs[0][0], b"other"), *pairs[1:]]) != digest
-
-
-# -- the held-out split ----------------------------------------------------------------------------
 
 
 def pairs_of(captions: list[str]) -> list[tuple[dict, bytes]]:

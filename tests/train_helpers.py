@@ -30,17 +30,18 @@ class RecordingRun:
         self.metrics.append((step, dict(metrics)))
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        """As MLflow does: a file under ``artifact_path``; a folder's contents under it."""
         local_path = Path(local_path)
-        where = f"{artifact_path}/{local_path.name}" if artifact_path else local_path.name
-        files = [local_path]
         if local_path.is_dir():
-            files = sorted(p for p in local_path.rglob("*") if p.is_file())
-        for path in files:
-            rel = f"{where}/{path.relative_to(local_path)}" if local_path.is_dir() else where
-            self.artifacts.append(rel)
+            files = {str(p.relative_to(local_path)): p for p in sorted(local_path.rglob("*")) if p.is_file()}
+        else:
+            files = {local_path.name: local_path}
+        for rel, path in files.items():
+            where = f"{artifact_path}/{rel}" if artifact_path else rel
+            self.artifacts.append(where)
             if self.artifacts_dir is not None:  # the caller may delete its files once this returns
-                (self.artifacts_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, self.artifacts_dir / rel)
+                (self.artifacts_dir / where).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, self.artifacts_dir / where)
 
     def series(self, name: str) -> list[tuple[int | None, float]]:
         """(step, value) of every logged value of metric ``name``."""

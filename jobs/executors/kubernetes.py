@@ -599,16 +599,32 @@ class KubernetesExecutor(Executor):
         if index is None and job and job["spec"].get("completionMode") == "Indexed":
             index = 0
         pod = self._pod(name, index)
+        chosen = None
+        if pod is not None:
+            chosen = self._read_pod(pod, self.log_dir / f"{handle.job.name}.log")
+        return self._final_status(handle, state, exit_code, error, chosen)
+
+    @staticmethod
+    def _final_status(
+        handle: JobHandle,
+        state: JobState,
+        exit_code: int | None,
+        error: str | None,
+        pod: tuple[int | None, dict | None, Path | None] | None,
+    ) -> JobStatus:
+        """The job's final status from the pod that speaks for it (exit code, result, saved log);
+        kept on the handle, so it is computed once."""
         result = None
         if pod is not None:
-            code, result, path = self._read_pod(pod, self.log_dir / f"{handle.job.name}.log")
+            code, result, path = pod
             if exit_code is None:
                 exit_code = code
             if path is not None:
                 handle.log = str(path)
+            result = result or None
         if state == JobState.SUCCEEDED:
             exit_code = 0
-        elif exit_code is None:
+        elif exit_code is None or exit_code == 0:
             exit_code = 1
         if error and (result is None or not result.get("error")):
             result = {**(result or {}), "error": error}
@@ -666,23 +682,7 @@ class KubernetesExecutor(Executor):
                 error = f"none of the {processes} pods of Job {name} committed the output of {handle.job.id}"
         if chosen is None:
             chosen = next((p for p in pods if p[0] not in (0, None)), pods[0] if pods else None)
-        result = None
-        if chosen is not None:
-            code, result, path = chosen
-            if exit_code is None:
-                exit_code = code
-            if path is not None:
-                handle.log = str(path)
-            result = result or None
-        if state == JobState.SUCCEEDED:
-            exit_code = 0
-        elif exit_code is None or exit_code == 0:
-            exit_code = 1
-        if error and (result is None or not result.get("error")):
-            result = {**(result or {}), "error": error}
-        final = JobStatus(state, exit_code, result)
-        handle.extra["final"] = final
-        return final
+        return self._final_status(handle, state, exit_code, error, chosen)
 
     def _follow(self, handle: JobHandle) -> None:
         """Stream the running pod's log to the controller's stderr, prefixed by the job."""

@@ -97,8 +97,11 @@ def compile_cache_dir(cache_dir: str | Path) -> Path:
     return path
 
 
-def compile_cache_digest(unet, mode: str, device: str, dtype: Any, shapes: dict[str, Any]) -> str:
-    """What a compiled artifact depends on, hashed: a cache entry is only ever loaded where it fits."""
+def compile_cache_digest(unet, mode: str, device: str, dtype: Any, signature: dict[str, Any]) -> str:
+    """What a compiled artifact depends on, hashed: a cache entry is only ever loaded where it fits.
+
+    ``signature``: what the caller's graphs depend on besides the UNet's config and dtype (input
+    shapes, adapters, layout, autocast: ``ExpertTrainer.compile_signature``)."""
     import torch
 
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
@@ -109,7 +112,7 @@ def compile_cache_digest(unet, mode: str, device: str, dtype: Any, shapes: dict[
         "mode": mode,
         "dtype": str(dtype),
         "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-        "shapes": shapes,
+        "signature": signature,
         "python": sys.version_info[:2],
     }
     blob = json.dumps(data, sort_keys=True, default=str).encode()
@@ -119,8 +122,8 @@ def compile_cache_digest(unet, mode: str, device: str, dtype: Any, shapes: dict[
 class StoreCompileCache:
     """Torch's portable compile artifacts ("mega-cache") kept in the artifact store.
 
-    ``load`` before the first compiled call, ``save`` once the first steps have compiled everything;
-    a damaged or incompatible entry is reported and ignored (the job compiles as if cold)."""
+    ``load`` before the first compiled call, ``save`` once the first steps have compiled; a damaged
+    or incompatible entry is reported and ignored (the job compiles as if cold)."""
 
     def __init__(self, store, digest: str, scratch_dir: str | Path) -> None:
         self.store, self.digest = store, digest
@@ -128,10 +131,20 @@ class StoreCompileCache:
         self.scratch = Path(scratch_dir)
         self.loaded = False
         self.saved = False
+        self.load_s = 0.0  # downloading and installing the entry
+        self._misses_at_load = 0
+
+    @staticmethod
+    def _graph_misses() -> int:
+        """Graphs inductor has compiled in this process (its FX graph cache had none for them)."""
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_miss"]
 
     def load(self) -> bool:
         import torch
 
+        started = time.monotonic()
         try:
             if not self.store.exists(self.key):
                 return False
@@ -144,14 +157,17 @@ class StoreCompileCache:
         except Exception as e:  # a cache never fails a job
             print(f"warning: compile cache {self.store.url(self.key)} not used: {e}", file=sys.stderr)
             return False
+        finally:
+            self.load_s = time.monotonic() - started
         self.loaded = True
+        self._misses_at_load = self._graph_misses()
         return True
 
     def save(self) -> bool:
-        """Save what this process compiled (nothing when everything came from the loaded entry)."""
+        """Save what this process has compiled; nothing when everything came from the loaded entry."""
         import torch
 
-        if self.saved or self.loaded:
+        if self.saved or (self.loaded and self._graph_misses() == self._misses_at_load):
             return False
         try:
             artifacts = torch.compiler.save_cache_artifacts()
@@ -168,19 +184,6 @@ class StoreCompileCache:
             return False
         self.saved = True
         return True
-
-
-class WarmupTimer:
-    """Seconds until the first ``steps`` calls are done: what compilation (cold or cached) costs."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.warmup_s: float | None = None
-
-    def done(self) -> float:
-        if self.warmup_s is None:
-            self.warmup_s = time.monotonic() - self.started
-        return self.warmup_s
 
 
 def prepare_for_inference(

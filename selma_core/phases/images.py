@@ -43,7 +43,7 @@ from typing import Literal
 from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.storage.base import sha256_file
-from selma_core.typed_yaml import execution_only
+from selma_core.typed_yaml import execution_only, hashed_unless_default
 
 # The first shard; an output of fewer than shard_size images (or one written before shards, without
 # shards.json) has only this one.
@@ -117,12 +117,12 @@ class ImagesConfig(SamplingConfig):
     num_jobs: int = execution_only(1)
     # Drop blank or near-uniform images (a collapsed sample, a safety checker's black square): those
     # whose every colour channel has a pixel standard deviation (0-255 scale) below uniform_threshold.
-    filter_uniform: bool = False
-    uniform_threshold: float = 2.0
+    filter_uniform: bool = hashed_unless_default(False)
+    uniform_threshold: float = hashed_unless_default(2.0)
     # Drop the images a StableDiffusionSafetyChecker flags: a hub id or a folder holding the checker
     # and its CLIP image processor (preprocessor_config.json), e.g.
     # CompVis/stable-diffusion-safety-checker. None: no NSFW check.
-    nsfw_checker: str | None = None
+    nsfw_checker: str | None = hashed_unless_default(None)
     # Speed (selma_core.models.speed), on CUDA: channels_last UNet and VAE and fused QKV projections;
     # torch.compile of the UNet ("blocks": each repeated block, a short warm-up; "full": the whole
     # UNet, fastest once compiled), its kernels cached under cache_dir. Same images up to rounding.

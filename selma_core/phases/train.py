@@ -65,7 +65,7 @@ from typing import Literal
 from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.phases.images import MAX_IMAGE_SIDE, open_image
-from selma_core.typed_yaml import execution_only
+from selma_core.typed_yaml import execution_only, hashed_unless_default
 
 # Optimizer steps per expert: far above any real run (SELMA: 5,000), a bound on a typo.
 MAX_STEPS = 1_000_000
@@ -92,7 +92,7 @@ class TrainConfig:
     # SDXL's own VAE overflows in float16: with mixed_precision fp16 it encodes in float32, unless an
     # fp16-safe VAE is named here (hub id or local folder, e.g. madebyollin/sdxl-vae-fp16-fix),
     # which then replaces the base model's VAE for training (its latents, so part of the output).
-    vae_model: str | None = None
+    vae_model: str | None = hashed_unless_default(None)
     # Compute dtype of the frozen weights: "auto" is bfloat16 on CUDA, float32 on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
@@ -237,7 +237,8 @@ class ExpertTrainer:
             module.requires_grad_(False)
             module.to(device, dtype=self.dtype)
         self.vae_dtype = self.dtype
-        if self.sdxl and self.dtype == torch.float16 and pipe.vae.config.force_upcast and not cfg.vae_model:
+        # The VAE's own config says whether it is fp16-safe (sdxl-vae-fp16-fix: force_upcast false).
+        if self.sdxl and self.dtype == torch.float16 and pipe.vae.config.force_upcast:
             self.vae_dtype = torch.float32  # SDXL's VAE gives inf/NaN latents in float16
             pipe.vae.to(dtype=torch.float32)
         pipe.unet.to(device, dtype=self.dtype)
@@ -367,6 +368,40 @@ class ExpertTrainer:
                 latent_cache.save(spec, encoded, extra)
         return encoded
 
+    def _place_encoded(self, encoded) -> None:
+        """On CUDA, the dataset's encoder outputs (read by every micro-batch) on the GPU when they
+        take at most a quarter of its free memory (SD 1.x at 512 px: about 180 KB an image), else in
+        pinned CPU memory, gathered there and uploaded without waiting."""
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return
+        tensors = [*encoded.latents.values(), *encoded.text.values()]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        if size <= free // 4:
+            move = lambda t: t.to(self.device)  # noqa: E731
+        else:
+            print(
+                f"train: encoded dataset ({size / 2**30:.1f} GiB) kept in pinned CPU memory", file=sys.stderr
+            )
+            move = lambda t: t.pin_memory()  # noqa: E731
+        encoded.latents = {f: move(t) for f, t in encoded.latents.items()}
+        encoded.text = {name: move(t) for name, t in encoded.text.items()}
+
+    def compile_signature(self) -> dict:
+        """What the compiled graphs depend on beyond the UNet's config, dtype and input shapes (for
+        the compile cache's digest): the LoRA, checkpointing, memory layout and autocast."""
+        cfg = self.cfg
+        return {
+            "lora": [cfg.rank, cfg.alpha, sorted(cfg.target_modules)],
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "channels_last": self.channels_last,
+            "autocast": type(self._autocast()).__name__,
+            "batch": cfg.batch_size,
+            "resolution": cfg.resolution or self.native_resolution(),
+        }
+
     def _check_encoded(self, encoded, n_images: int, resolution: int) -> str | None:
         """Why cached tensors cannot be this model's (None: they can)."""
         side = resolution // self.pipe.vae_scale_factor
@@ -419,7 +454,10 @@ class ExpertTrainer:
             if flip is not None:
                 mask = self._upload(flip, where).view(-1, 1, 1, 1)
                 params = torch.where(mask, encoded.latents[True][self._upload(idx, where)], params)
-            text = {name: t[self._upload(idx, t.device)].to(self.device) for name, t in encoded.text.items()}
+            text = {
+                name: self._upload(t[self._upload(idx, t.device)], self.device)
+                for name, t in encoded.text.items()
+            }
         else:  # each distinct image (and orientation) and prompt encoded once, alone
             images: dict[tuple[int, bool], object] = {}
             prompts: dict[int, dict] = {}
@@ -431,7 +469,7 @@ class ExpertTrainer:
             params = torch.cat([images[i, f] for i, f in zip(rows, flips, strict=True)])
             text = {name: torch.cat([prompts[i][name] for i in rows]) for name in prompts[rows[0]]}
         # One memory layout whichever way the parameters came (the UNet's kernels depend on it).
-        latent_dist = DiagonalGaussianDistribution(params.to(self.device).contiguous())
+        latent_dist = DiagonalGaussianDistribution(self._upload(params, self.device).contiguous())
         if tuple(latent_dist.mean.shape) != tuple(posterior.shape):
             raise InputError(
                 f"VAE latents {tuple(latent_dist.mean.shape)} != expected {tuple(posterior.shape)} "
@@ -590,9 +628,7 @@ class ExpertTrainer:
         encoded = None
         if cfg.cache_latents:
             encoded = self._encode_dataset(dataset, pixels_u8, texts, resolution, latent_cache)
-            if self.device.startswith("cuda"):  # read by every micro-batch: kept on the GPU
-                encoded.latents = {f: t.to(self.device) for f, t in encoded.latents.items()}
-                encoded.text = {name: t.to(self.device) for name, t in encoded.text.items()}
+            self._place_encoded(encoded)
         generator = torch.Generator().manual_seed(cfg.seed)
         history: list[tuple[int, float]] = []
         self.resumed_from_step, self.resumed_elapsed_s = 0, 0.0
@@ -640,21 +676,29 @@ class ExpertTrainer:
             except torch.OutOfMemoryError as e:
                 raise ConfigError(self._out_of_memory_message(resolution, e)) from e
             # The step's global batch: gradients and loss summed over every process's micro-batches.
-            step_loss = distributed.all_reduce_sum(float(local_loss))
-            if not math.isfinite(step_loss):
-                # Deterministic for the seed: a retry would diverge again, so this is a config error.
+            distributed.all_reduce_gradients(self.params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            # One read from the device per step (each read waits for the GPU): loss and norm together.
+            local, norm = torch.stack([local_loss, grad_norm.to(local_loss.device, torch.float64)]).tolist()
+            step_loss = distributed.all_reduce_sum(local)
+            if not (math.isfinite(step_loss) and math.isfinite(norm)):
+                # Checked before the update, so no checkpoint ever holds what a non-finite gradient
+                # made of the weights. Deterministic for the seed: a retry would diverge again.
                 kept = (
                     f"the last good checkpoint, step {last_checkpoint}, is kept at "
                     f"{checkpoints.key(last_checkpoint)}"
                     if last_checkpoint is not None and checkpoints is not None
                     else "no checkpoint was saved before it"
                 )
+                what = (
+                    f"loss became {step_loss}"
+                    if not math.isfinite(step_loss)
+                    else f"gradient norm became {norm}"
+                )
                 raise ConfigError(
-                    f"loss became {step_loss} at step {step}; training stopped, {kept}. Lower "
+                    f"{what} at step {step}; training stopped, {kept}. Lower "
                     f"train.learning_rate ({cfg.learning_rate}) or use mixed_precision: no"
                 )
-            distributed.all_reduce_gradients(self.params)
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if step == self.resumed_from_step + 1 and on_warmup and rank == 0:
@@ -666,6 +710,7 @@ class ExpertTrainer:
                 rate = (step - interval[1]) * images_per_step / max(now - interval[0], 1e-9)
                 metrics = {
                     "train.loss": step_loss,
+                    "train.grad_norm": norm,  # before clipping
                     "train.lr": self.optimizer.param_groups[0]["lr"],
                     "train.images_per_s": rate,
                 }
@@ -688,16 +733,17 @@ class ExpertTrainer:
 
     def _out_of_memory_message(self, resolution: int, error: Exception) -> str:
         cfg = self.cfg
-        half = max(cfg.batch_size // 2, 1)
-        hints = [
-            f"lower train.batch_size to {half} and raise train.gradient_accumulation to "
-            f"{cfg.gradient_accumulation * cfg.batch_size // half} (the same "
-            f"{cfg.batch_size * cfg.gradient_accumulation} images per step)"
-        ]
+        per_step = cfg.batch_size * cfg.gradient_accumulation
+        hints = []
+        if cfg.batch_size > 1:
+            smaller = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1
+            hints.append(
+                f"lower train.batch_size to {smaller} and raise train.gradient_accumulation to "
+                f"{per_step // smaller} (the same {per_step} images per step)"
+            )
         if not cfg.gradient_checkpointing:
             hints.append("set train.gradient_checkpointing: true (less memory, about a third slower)")
-        if cfg.resolution is None or cfg.resolution > 512:
-            hints.append(f"or train at a lower train.resolution (now {resolution} px)")
+        hints.append(f"train at a lower train.resolution (now {resolution} px)")
         return (
             f"CUDA out of memory at train.batch_size {cfg.batch_size} ({resolution} px, LoRA rank "
             f"{cfg.rank}, {str(self.dtype).removeprefix('torch.')}): " + "; or ".join(hints) + f". ({error})"
@@ -714,8 +760,13 @@ class ExpertTrainer:
         eager = contextlib.nullcontext()
         if self.compiled_modules:
             eager = torch.compiler.set_stance("force_eager")
-        with torch.no_grad(), eager:
-            return draw_images(self.pipe, prompts, seeds, sampling, self.device)
+        if self.vae_dtype != self.dtype:  # SDXL under fp16: its pipeline upcasts the VAE to decode
+            self.pipe.vae.to(dtype=self.dtype)
+        try:
+            with torch.no_grad(), eager:
+                return draw_images(self.pipe, prompts, seeds, sampling, self.device)
+        finally:
+            self.pipe.vae.to(dtype=self.vae_dtype)
 
     def save(self, path) -> None:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -779,11 +830,12 @@ def train_expert(ctx, skill_name: str) -> dict:
     if cfg.compile != "off" and cfg.compile_cache:
         from selma_core.models import speed
 
-        shapes = {"batch": cfg.batch_size, "resolution": cfg.resolution or trainer.native_resolution()}
-        digest = speed.compile_cache_digest(pipe.unet, cfg.compile, device, trainer.dtype, shapes)
+        signature = trainer.compile_signature()
+        digest = speed.compile_cache_digest(pipe.unet, cfg.compile, device, trainer.dtype, signature)
         compile_cache = speed.StoreCompileCache(ctx.store, digest, ctx.scratch_dir)
         if compile_cache.load():
             print(f"train: compiled kernels from {ctx.store.url(compile_cache.key)}", file=sys.stderr)
+            ctx.run.log_metrics({"train.compile_cache_load_s": compile_cache.load_s})
 
     def on_warmup(seconds: float) -> None:
         # The first step compiles (cold, or from the cache): what compile costs this job.
@@ -791,7 +843,10 @@ def train_expert(ctx, skill_name: str) -> dict:
         if compile_cache is not None and ctx.commits:
             compile_cache.save()
 
-    validation = _ValidationImages(ctx, skill_name, trainer, dataset) if cfg.validation_every else None
+    # Rank 0 alone draws and logs them (reading a dataset skill's held-out captions once).
+    validation = None
+    if cfg.validation_every and cfg.validation_every <= cfg.steps and rank == 0:
+        validation = _ValidationImages(ctx, skill_name, trainer, dataset)
     history = trainer.train(
         dataset,
         on_log=lambda step, metrics: ctx.run.log_metrics(metrics, step),
@@ -869,7 +924,8 @@ class _ValidationImages:
             for i, (prompt, image) in enumerate(zip(self.prompts, images, strict=True)):
                 image.convert("RGB").save(folder / f"{i:02d}.jpg", quality=90)
                 (folder / f"{i:02d}.txt").write_text(prompt + "\n", encoding="utf-8")
-            self.ctx.run.log_artifact(folder, "validation")
+            # MLflow logs a folder's contents under artifact_path: one folder per step.
+            self.ctx.run.log_artifact(folder, f"validation/{folder.name}")
 
 
 def _validation_prompts(ctx, skill_name: str, dataset, count: int) -> list[str]:

@@ -69,15 +69,18 @@ def test_compiled_kernels_in_the_store_spare_a_restarted_job_the_compile(tmp_pat
 
 def test_the_compile_cache_digest_changes_with_what_compiled_kernels_depend_on(model_cache):
     unet = load_diffusion_pipeline("random:tiny-sd", model_cache).unet
-    shapes = {"batch": 16, "resolution": 512}
+    shapes = {"batch": 16, "resolution": 512, "lora": [128, 128.0, ["to_q"]]}
     digest = speed.compile_cache_digest(unet, "blocks", "cpu", "torch.bfloat16", shapes)
     assert digest == speed.compile_cache_digest(unet, "blocks", "cpu", "torch.bfloat16", dict(shapes))
     others = [
         speed.compile_cache_digest(unet, "full", "cpu", "torch.bfloat16", shapes),
         speed.compile_cache_digest(unet, "blocks", "cpu", "torch.float16", shapes),
         speed.compile_cache_digest(unet, "blocks", "cpu", "torch.bfloat16", {**shapes, "batch": 8}),
+        speed.compile_cache_digest(
+            unet, "blocks", "cpu", "torch.bfloat16", {**shapes, "lora": [64, 64.0, ["to_q"]]}
+        ),
     ]
-    assert len({digest, *others}) == 4
+    assert len({digest, *others}) == 5
 
 
 def test_regional_compilation_compiles_each_repeated_block(model_cache):

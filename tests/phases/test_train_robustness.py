@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,7 +125,9 @@ def test_each_log_interval_tracks_loss_learning_rate_and_throughput(model_cache,
     )
     assert [step for step, _ in logged] == [2, 4] and [s for s, _ in history] == [2, 4]
     for (_, metrics), (_, loss) in zip(logged, history, strict=True):
-        assert set(metrics) == {"train.loss", "train.lr", "train.images_per_s"}  # no GPU memory on CPU
+        # No GPU memory on CPU.
+        assert set(metrics) == {"train.loss", "train.lr", "train.images_per_s", "train.grad_norm"}
+        assert metrics["train.grad_norm"] > 0
         assert metrics["train.loss"] == loss and metrics["train.lr"] == 1e-2
         assert metrics["train.images_per_s"] > 0
     assert len(warmups) == 1 and warmups[0] > 0
@@ -195,6 +198,7 @@ def test_sdxl_encodes_in_float32_under_fp16_unless_an_fp16_safe_vae_is_given(mod
     assert upcast._encode_image(pixels, flipped=False).dtype == torch.float16
 
     pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
+    pipe.vae.register_to_config(force_upcast=False)  # as madebyollin/sdxl-vae-fp16-fix says of itself
     safe = ExpertTrainer(
         pipe, config(mixed_precision="fp16", vae_model="madebyollin/sdxl-vae-fp16-fix"), "cpu"
     )
@@ -224,3 +228,29 @@ def test_a_named_vae_replaces_the_base_models_and_keys_its_latents(
         )
     entries = {k.split("/")[2] for k in store.list_keys(CACHE_PREFIX)}
     assert len(entries) == 2  # one latent cache entry per VAE
+
+
+def test_sdxl_validation_under_fp16_decodes_with_its_upcast_vae(model_cache):
+    """The VAE kept in float32 for encoding goes back to float16 for the pipeline (which upcasts it
+    itself to decode) and returns to float32 for training."""
+    from selma_core.phases.images import SamplingConfig
+
+    pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
+    expert = ExpertTrainer(pipe, config(mixed_precision="fp16"), "cpu")
+    sampling = SamplingConfig(num_inference_steps=2, height=32, width=32)
+    images = expert.draw_validation(["a red cube", "two cats"], [1, 2], sampling)
+    assert [image.size for image in images] == [(32, 32), (32, 32)]
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
+
+
+def test_the_out_of_memory_advice_keeps_the_images_per_step():
+    expert = SimpleNamespace(dtype=torch.bfloat16)
+    for batch, accumulation, advice in [
+        (16, 4, "lower train.batch_size to 8 and raise train.gradient_accumulation to 8 (the same 64"),
+        (5, 2, "lower train.batch_size to 1 and raise train.gradient_accumulation to 10 (the same 10"),
+    ]:
+        expert.cfg = config(batch_size=batch, gradient_accumulation=accumulation)
+        assert advice in ExpertTrainer._out_of_memory_message(expert, 512, RuntimeError("oom"))
+    expert.cfg = config(batch_size=1, gradient_checkpointing=True)
+    message = ExpertTrainer._out_of_memory_message(expert, 1024, RuntimeError("oom"))
+    assert "train.batch_size to" not in message and "lower train.resolution (now 1024 px)" in message
