@@ -92,7 +92,7 @@ def load_diffusion_pipeline(
     if revision:
         kwargs["revision"] = revision
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype  # diffusers 0.42 deprecates torch_dtype for dtype
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

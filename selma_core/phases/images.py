@@ -63,6 +63,7 @@ MAX_INFERENCE_STEPS = 1000
 # Classifier-free guidance when the config leaves it null: SELMA's (SD 1.x/2.x) and SDXL's usual.
 DEFAULT_GUIDANCE, SDXL_GUIDANCE = 7.5, 5.0
 MAX_GUIDANCE = 50.0
+MAX_IMAGES_PER_PROMPT = 64
 
 
 @dataclass
@@ -123,6 +124,9 @@ class ImagesConfig(SamplingConfig):
     # and its CLIP image processor (preprocessor_config.json), e.g.
     # CompVis/stable-diffusion-safety-checker. None: no NSFW check.
     nsfw_checker: str | None = hashed_unless_default(None)
+    # Images drawn per prompt (SELMA: one), each its own sample with its own seed: the prompt's id,
+    # then <id>-1, <id>-2, ...
+    images_per_prompt: int = hashed_unless_default(1)
     # Speed (selma_core.models.speed), on CUDA: channels_last UNet and VAE and fused QKV projections;
     # torch.compile of the UNet ("blocks": each repeated block, a short warm-up; "full": the whole
     # UNet, fastest once compiled), its kernels cached under cache_dir. Same images up to rounding.
@@ -135,6 +139,10 @@ class ImagesConfig(SamplingConfig):
             raise ValueError(f"jpeg_quality: expected 1 to 100, got {self.jpeg_quality}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size: expected >= 1, got {self.shard_size}")
+        if not 1 <= self.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+            raise ValueError(
+                f"images_per_prompt: expected 1 to {MAX_IMAGES_PER_PROMPT}, got {self.images_per_prompt}"
+            )
         if self.num_jobs < 1:
             raise ValueError(f"num_jobs: expected >= 1, got {self.num_jobs}")
         if not 0 <= self.uniform_threshold <= 255:
@@ -158,6 +166,12 @@ def torch_dtype(name: str, device: str):
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, name)
+
+
+def image_ids(prompt_id: str, count: int) -> list[str]:
+    """The samples of one prompt: its id (so one image per prompt keeps the ids it always had), then
+    ``<id>-1``, ``<id>-2``, ..."""
+    return [prompt_id] + [f"{prompt_id}-{k}" for k in range(1, count)]
 
 
 def prompt_seed(base_seed: int, prompt_id: str) -> int:
@@ -367,8 +381,9 @@ def generate_images(
     generator = ctx.config.generator
     # Each sample's metadata; shard boundaries depend on shard_size only, never on batch_size.
     samples = [
-        {"id": r["id"], "prompt": r["text"], "seed": prompt_seed(cfg.seed, r["id"]), "model": generator}
+        {"id": sample_id, "prompt": r["text"], "seed": prompt_seed(cfg.seed, sample_id), "model": generator}
         for r in records
+        for sample_id in image_ids(r["id"], cfg.images_per_prompt)
     ]
     shards = [samples[first : first + cfg.shard_size] for first in range(0, len(samples), cfg.shard_size)]
     saved = f"{ctx.job.key}/{SAVED_SHARDS}"

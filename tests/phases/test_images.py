@@ -23,7 +23,7 @@ from phases.test_prompts import RecordingRun
 from selma_core.config import load_config
 from selma_core.context import JobContext
 from selma_core.errors import InputError
-from selma_core.phases.images import SAVED_SHARDS, generate_images, read_image_dataset
+from selma_core.phases.images import SAVED_SHARDS, ImagesConfig, generate_images, read_image_dataset
 from selma_core.phases.prompts import generate_prompts
 from selma_core.plan import build_plan
 from selma_core.skills import load_skills
@@ -474,3 +474,27 @@ def test_guidance_left_null_is_the_models_usual_one():
         ValueError, match=r"guidance_scale: expected 0 to 50.0 or null \(the model's usual\), got -1"
     ):
         SamplingConfig(guidance_scale=-1)
+
+
+def test_several_images_per_prompt_are_samples_with_their_own_seeds(tiny_config, tmp_path, drawn):
+    """``images_per_prompt`` 2: each prompt's first image keeps the id (and seed) it has with one
+    image per prompt, the second is ``<id>-1`` with its own seed; a new output key, while the
+    default leaves the key as it was."""
+    one = images_job(tiny_config, tmp_path / "one")
+    two = images_job(tiny_config, tmp_path / "two", images_per_prompt=2)
+    assert one.job.key == images_job(tiny_config, tmp_path / "one", images_per_prompt=1).job.key
+    assert two.job.key != one.job.key
+    generate_images(one, SKILL)
+    seeds_one = list(drawn)
+    drawn.clear()
+    result = generate_images(two, SKILL)
+    assert result["images"] == 30 and len(drawn) == 30 and len(set(drawn)) == 30
+    dataset = read_image_dataset(two.store.fetch_dir(two.job.key, tmp_path / "fetched"))
+    ids = [meta["id"] for meta, _ in dataset]
+    first = read_image_dataset(one.store.fetch_dir(one.job.key, tmp_path / "fetched-one"))
+    assert ids[0::2] == [meta["id"] for meta, _ in first]
+    assert ids[1::2] == [f"{meta['id']}-1" for meta, _ in first]
+    assert [meta["prompt"] for meta, _ in dataset][0::2] == [meta["prompt"] for meta, _ in dataset][1::2]
+    assert drawn[0::2] == seeds_one  # the first image of each prompt is the one-image run's
+    with pytest.raises(ValueError, match="images_per_prompt: expected 1 to 64, got 0"):
+        ImagesConfig(images_per_prompt=0)
