@@ -182,9 +182,8 @@ def report(record: dict, project: dict | None, reference: dict | None, out: str 
             if name == "peak_gib":
                 record["peak_gib" if prefix == "project" else "reference_peak_gib"] = value
             elif isinstance(value, float):
-                record[f"{prefix}_{name}"] = round(
-                    value, 3 if name.endswith("per_s") or name == "step_s" else 2
-                )
+                digits = 4 if name.endswith("loss") else 3 if name.endswith(("per_s", "step_s")) else 2
+                record[f"{prefix}_{name}"] = round(value, digits)
             elif name not in ("gpu",):
                 record[f"{prefix}_{name}"] = value
     if project and reference:
