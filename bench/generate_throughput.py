@@ -109,9 +109,7 @@ def project_recipe(args, device: str, work: Path) -> dict:
         batch_size=args.batch,
     )
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
-    if args.compile != "off":
-        speed.compile_cache_dir(work)
-    compiled = speed.prepare_for_inference(pipe, device, compile=args.compile)
+    compiled = speed.prepare_for_inference(pipe, device, compile=args.compile, cache_dir=work)
 
     def draw(prompts: list[str]) -> list:
         seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]

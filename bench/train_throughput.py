@@ -199,7 +199,6 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     AdamW, SDPA, compile), its compiled artifacts loaded from / saved to a local store."""
     import torch
 
-    from selma_core.models import speed
     from selma_core.phases.train import ExpertTrainer, TrainConfig
     from selma_core.storage import LocalArtifactStore
 
@@ -220,11 +219,8 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     )
     torch.manual_seed(0)
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=str(work))
-    compile_cache = None
-    if args.compile != "off":
-        signature = trainer.compile_signature()
-        digest = speed.compile_cache_digest(pipe.unet, args.compile, device, trainer.dtype, signature)
-        compile_cache = speed.StoreCompileCache(LocalArtifactStore(work / "store"), digest, work / "scratch")
+    compile_cache = trainer.store_compile_cache(LocalArtifactStore(work / "store"), work / "scratch")
+    if compile_cache is not None:
         compile_cache.load()  # timed apart: load_s
     times: dict[int, float] = {}
     warmups: list[float] = []

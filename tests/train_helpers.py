@@ -14,6 +14,13 @@ from selma_core.phases.evaluate import EvalConfig
 from selma_core.phases.train import TrainConfig
 
 
+def tiny_train_config(**overrides) -> TrainConfig:
+    """A few steps of a rank-2 LoRA on a random test model: two micro-batches of two images a step,
+    every step logged; ``overrides`` on top."""
+    settings = dict(rank=2, alpha=4, batch_size=2, gradient_accumulation=2, learning_rate=1e-2, log_every=1)
+    return TrainConfig(**{**settings, **overrides})
+
+
 class RecordingRun:
     """The job's tracking run, as the train phase uses it: what it logged, in order."""
 

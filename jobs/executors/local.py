@@ -54,17 +54,15 @@ class LocalExecutor(Executor):
         log_dir: str | Path,
         max_parallel: int = 1,
         project_root: str | Path | None = None,
-        images_jobs: int | None = None,
+        images_jobs: int = 1,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.project_root = Path(project_root or Path(__file__).resolve().parents[2])
         # Jobs running side by side share the CPU cores: each gets its share of threads, since
         # oversubscribed OpenMP pools spin against each other (seen: 7 s instead of 0.06 s a step).
         self.threads_per_job = str(max(1, (os.cpu_count() or 1) // max_parallel))
-        # Processes per images job (make_executor passes images.num_jobs); None: images.num_jobs of
-        # the config file the job's command names.
+        # Processes per images job: images.num_jobs (make_executor passes it).
         self.images_jobs = images_jobs
-        self._num_jobs: dict[str, int] = {}
 
     def _command(self, command: list[str]) -> list[str]:
         # The job runs with this interpreter (the active virtual environment).
@@ -74,21 +72,7 @@ class LocalExecutor(Executor):
         """How many processes run ``job``: ``images.num_jobs`` for an images job, else 1."""
         if job.phase != "images" or "--shard-index" in command or "--num-shards" in command:
             return 1
-        if self.images_jobs is not None:
-            return max(1, self.images_jobs)
-        try:
-            config = command[command.index("--config") + 1]
-        except (ValueError, IndexError):
-            return 1
-        if config not in self._num_jobs:
-            from selma_core.config import load_config
-            from selma_core.errors import SelmaError
-
-            try:
-                self._num_jobs[config] = load_config(config).images.num_jobs
-            except (SelmaError, OSError, ValueError):  # the job itself reports what is wrong
-                self._num_jobs[config] = 1
-        return self._num_jobs[config]
+        return max(1, self.images_jobs)
 
     def _start(
         self, command: list[str], log_path: Path, env: dict[str, str], threads: str

@@ -59,11 +59,13 @@ def to_channels_last(*modules) -> None:
             module.to(memory_format=torch.channels_last)
 
 
-def compile_unet(unet, mode: CompileMode, dynamic: bool = False) -> int:
+def compile_unet(unet, mode: CompileMode, dynamic: bool = False, cache_dir: str | Path | None = None) -> int:
     """Compile the UNet in place; how many modules were compiled (0 for "off").
 
     "blocks" compiles each repeated block (``REPEATED_BLOCKS``), "full" the whole UNet. ``dynamic``
     False: one graph per input shape, the fastest kernels (a training job has one shape).
+    ``cache_dir``: inductor's on-disk caches go there (``compile_cache_dir``), so they outlive the
+    process; None leaves them where they are.
     """
     import torch
 
@@ -71,6 +73,8 @@ def compile_unet(unet, mode: CompileMode, dynamic: bool = False) -> int:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "off":
         return 0
+    if cache_dir is not None:
+        compile_cache_dir(cache_dir)
     # Many blocks of one class, each a module instance: the default limit (8 graphs per code
     # object) would fall back to eager after the eighth shape or instance.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -187,18 +191,23 @@ class StoreCompileCache:
 
 
 def prepare_for_inference(
-    pipe, device: str, channels_last: bool = True, compile: CompileMode = "off", fuse_qkv: bool = True
+    pipe,
+    device: str,
+    channels_last: bool = True,
+    compile: CompileMode = "off",
+    fuse_qkv: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> int:
     """A pipeline set up for fast sampling; how many modules were compiled.
 
     SDPA attention; on CUDA (on CPU they are slower and change rounding): channels_last UNet and VAE,
     and each attention's query/key/value projections fused into one matmul (``fuse_qkv``; not with
     LoRA adapters loaded, whose layers wrap the separate projections); the UNet compiled as
-    ``compile`` says."""
+    ``compile`` says (its kernels cached under ``cache_dir``, see ``compile_unet``)."""
     use_sdpa(pipe.unet)
     if device.startswith("cuda"):
         if channels_last:
             to_channels_last(pipe.unet, pipe.vae)
         if fuse_qkv and not getattr(pipe.unet, "peft_config", None) and hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
-    return compile_unet(pipe.unet, compile)
+    return compile_unet(pipe.unet, compile, cache_dir=cache_dir)

@@ -285,9 +285,9 @@ class _Drawer:
             allow_pickle=config.allow_pickle_checkpoints,
         ).to(self.device)
         if getattr(self.pipe, "unet", None) is not None:  # transformer-based pipelines (SD3) have none
-            if self.cfg.compile != "off":
-                speed.compile_cache_dir(config.cache_dir)  # compiled kernels outlive the process
-            speed.prepare_for_inference(self.pipe, self.device, self.cfg.channels_last, self.cfg.compile)
+            speed.prepare_for_inference(
+                self.pipe, self.device, self.cfg.channels_last, self.cfg.compile, cache_dir=config.cache_dir
+            )
         if self.cfg.nsfw_checker is not None:
             self.checker = load_nsfw_checker(
                 self.cfg.nsfw_checker,

@@ -273,9 +273,9 @@ class ExpertTrainer:
             speed.to_channels_last(pipe.unet, pipe.vae)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
-        if cfg.compile != "off" and cfg.compile_cache and cache_dir is not None:
-            speed.compile_cache_dir(cache_dir)  # inductor's on-disk caches outlive this process
-        self.compiled_modules = speed.compile_unet(pipe.unet, cfg.compile)
+        # Inductor's on-disk caches under cache_dir outlive this process.
+        kernels = cache_dir if cfg.compile_cache else None
+        self.compiled_modules = speed.compile_unet(pipe.unet, cfg.compile, cache_dir=kernels)
 
     def _frozen_modules(self) -> list:
         modules = [self.pipe.vae, self.pipe.text_encoder]
@@ -379,15 +379,30 @@ class ExpertTrainer:
         tensors = [*encoded.latents.values(), *encoded.text.values()]
         size = sum(t.numel() * t.element_size() for t in tensors)
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        if size <= free // 4:
-            move = lambda t: t.to(self.device)  # noqa: E731
-        else:
+        on_gpu = size <= free // 4
+        if not on_gpu:
             print(
                 f"train: encoded dataset ({size / 2**30:.1f} GiB) kept in pinned CPU memory", file=sys.stderr
             )
-            move = lambda t: t.pin_memory()  # noqa: E731
+
+        def move(tensor):
+            return tensor.to(self.device) if on_gpu else tensor.pin_memory()
+
         encoded.latents = {f: move(t) for f, t in encoded.latents.items()}
         encoded.text = {name: move(t) for name, t in encoded.text.items()}
+
+    def store_compile_cache(self, store, scratch_dir):
+        """The store entry of this trainer's compiled kernels (``speed.StoreCompileCache``, keyed by
+        everything they depend on); None when nothing is compiled or ``compile_cache`` is off."""
+        from selma_core.models import speed
+
+        if self.cfg.compile == "off" or not self.cfg.compile_cache:
+            return None
+        unet = self.pipe.unet
+        digest = speed.compile_cache_digest(
+            unet, self.cfg.compile, self.device, self.dtype, self.compile_signature()
+        )
+        return speed.StoreCompileCache(store, digest, scratch_dir)
 
     def compile_signature(self) -> dict:
         """What the compiled graphs depend on beyond the UNet's config, dtype and input shapes (for
@@ -826,16 +841,10 @@ def train_expert(ctx, skill_name: str) -> dict:
         vae_dtype=str(trainer.vae_dtype) if trainer.vae_dtype != trainer.dtype else None,
     )
     start = time.monotonic()
-    compile_cache = None
-    if cfg.compile != "off" and cfg.compile_cache:
-        from selma_core.models import speed
-
-        signature = trainer.compile_signature()
-        digest = speed.compile_cache_digest(pipe.unet, cfg.compile, device, trainer.dtype, signature)
-        compile_cache = speed.StoreCompileCache(ctx.store, digest, ctx.scratch_dir)
-        if compile_cache.load():
-            print(f"train: compiled kernels from {ctx.store.url(compile_cache.key)}", file=sys.stderr)
-            ctx.run.log_metrics({"train.compile_cache_load_s": compile_cache.load_s})
+    compile_cache = trainer.store_compile_cache(ctx.store, ctx.scratch_dir)
+    if compile_cache is not None and compile_cache.load():
+        print(f"train: compiled kernels from {ctx.store.url(compile_cache.key)}", file=sys.stderr)
+        ctx.run.log_metrics({"train.compile_cache_load_s": compile_cache.load_s})
 
     def on_warmup(seconds: float) -> None:
         # The first step compiles (cold, or from the cache): what compile costs this job.

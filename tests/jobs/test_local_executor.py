@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 import time
 
+from jobs.executors import make_executor
 from jobs.executors.base import JobState
 from jobs.executors.local import LocalExecutor, last_json_line
+from selma_core.config import load_config
 from selma_core.plan import JobSpec
 
 JOB = JobSpec("prompts", "counting", "prompts/counting/x", ())
@@ -95,8 +97,9 @@ def test_an_images_job_runs_as_images_num_jobs_processes(tiny_config, tmp_path, 
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    config = str(tiny_config(images={"num_jobs": 3}))
-    executor = LocalExecutor(tmp_path / "logs", max_parallel=1)  # reads images.num_jobs from the config
+    config = str(tiny_config(images={"num_jobs": 3}, executor={"max_parallel": 1}))
+    # As the controller makes it: images.num_jobs from the config.
+    executor = make_executor(load_config(config), "local", str(tmp_path / "logs"))
     command = ["python", "-c", WORKER, "--config", config]
     described = executor.describe(IMAGES, command).splitlines()
     assert len(described) == 3 and "--shard-index 2 --num-shards 3 --config" in described[2]

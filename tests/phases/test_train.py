@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from train_helpers import tiny_train_config
 
 from selma_core.lora import load_adapter
 from selma_core.models.loading import load_diffusion_pipeline
@@ -29,16 +30,7 @@ def tiny_dataset(model_cache, spec: str = "random:tiny-sd") -> list[tuple[dict, 
 
 
 def train(model_cache, spec: str, steps: int = 3, **overrides):
-    cfg = TrainConfig(
-        rank=2,
-        alpha=4,
-        steps=steps,
-        batch_size=2,
-        gradient_accumulation=2,
-        learning_rate=1e-2,
-        log_every=1,
-        **overrides,
-    )
+    cfg = tiny_train_config(steps=steps, **overrides)
     torch.manual_seed(0)
     trainer = ExpertTrainer(load_diffusion_pipeline(spec, model_cache), cfg, "cpu")
     history = trainer.train(tiny_dataset(model_cache, spec))

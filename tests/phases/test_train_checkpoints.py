@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import RecordingRun, train_job_context
+from train_helpers import RecordingRun, tiny_train_config, train_job_context
 
 from selma_core import checkpoints as checkpoints_module
 from selma_core.checkpoints import CheckpointStore
@@ -45,18 +45,8 @@ def kill_at(monkeypatch, point: str, nth: int) -> None:
 
 
 def config(**overrides) -> TrainConfig:
-    settings = dict(
-        rank=2,
-        alpha=4,
-        steps=STEPS,
-        batch_size=2,
-        gradient_accumulation=2,
-        learning_rate=1e-2,
-        log_every=1,
-        random_flip=True,  # one more draw per micro-batch that must resume in step
-        checkpoint_every=1,
-    )
-    return TrainConfig(**{**settings, **overrides})
+    # random_flip: one more draw per micro-batch that must resume in step.
+    return tiny_train_config(**{"steps": STEPS, "random_flip": True, "checkpoint_every": 1, **overrides})
 
 
 def run(model_cache, dataset, cfg: TrainConfig, checkpoints=None):

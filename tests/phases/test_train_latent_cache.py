@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import train_job_context
+from train_helpers import tiny_train_config, train_job_context
 
 from selma_core import checkpoints as checkpoints_module
 from selma_core.checkpoints import CheckpointStore
@@ -58,18 +58,7 @@ def encoder_calls(monkeypatch):
 
 
 def config(**overrides) -> TrainConfig:
-    settings = dict(
-        rank=2,
-        alpha=4,
-        steps=2,
-        batch_size=2,
-        gradient_accumulation=2,
-        learning_rate=1e-2,
-        log_every=1,
-        random_flip=True,
-        checkpoint_every=None,
-    )
-    return TrainConfig(**{**settings, **overrides})
+    return tiny_train_config(**{"steps": 2, "random_flip": True, "checkpoint_every": None, **overrides})
 
 
 def train(model_cache, dataset, cfg: TrainConfig, spec: str = SD, latent_cache=None, checkpoints=None):

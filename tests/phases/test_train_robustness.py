@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import RecordingRun, train_job_context
+from train_helpers import RecordingRun, tiny_train_config, train_job_context
 
 from selma_core.checkpoints import CheckpointStore
 from selma_core.errors import ConfigError, InputError
@@ -34,18 +34,7 @@ def dataset(model_cache):
 
 
 def config(**overrides) -> TrainConfig:
-    settings = dict(
-        rank=2,
-        alpha=4,
-        steps=3,
-        batch_size=2,
-        gradient_accumulation=2,
-        learning_rate=1e-2,
-        log_every=1,
-        checkpoint_every=None,
-        validation_every=None,
-    )
-    return TrainConfig(**{**settings, **overrides})
+    return tiny_train_config(**{"steps": 3, "checkpoint_every": None, "validation_every": None, **overrides})
 
 
 def trainer(model_cache, cfg: TrainConfig) -> ExpertTrainer:
