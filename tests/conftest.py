@@ -51,6 +51,11 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"{url}: server did not come up in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+# MLflow 3's server starts its job runner (seven huey consumer processes, about 3 s of CPU each to
+# import MLflow) unless told not to; selma uses none of its jobs, and CI has two cores.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def stop(process: subprocess.Popen) -> None:
     """Stop a server and its workers (each fixture starts its server in a new process group)."""
     import signal
@@ -122,7 +127,7 @@ def mlflow_server(tmp_path_factory, moto_s3):
     port = free_port()
     root = tmp_path_factory.mktemp("mlflow-server")
     log = root / "server.log"
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": moto_s3}
+    env = {**os.environ, **MLFLOW_SERVER_ENV, "MLFLOW_S3_ENDPOINT_URL": moto_s3}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import BIN, REPO, S3_BUCKET, free_port, stop, wait_for_http, write_config
+from conftest import BIN, MLFLOW_SERVER_ENV, REPO, S3_BUCKET, free_port, stop, wait_for_http, write_config
 
 pytestmark = pytest.mark.slow  # two 30 s outages, real servers
 
@@ -216,7 +216,11 @@ def servers(tmp_path_factory):
         for name, command in commands.items():
             with open(root / f"{name}.log", "wb") as out:
                 processes[name] = subprocess.Popen(
-                    command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **MLFLOW_SERVER_ENV},
+                    start_new_session=True,
                 )
         yield SimpleNamespace(
             root=root,

@@ -295,6 +295,12 @@ class LazyPipeline:
                 torch_dtype(cfg.eval.dtype, self.device),
                 allow_pickle=cfg.allow_pickle_checkpoints,
             ).to(self.device)
+            if getattr(self._pipe, "unet", None) is not None:
+                from selma_core.models import speed
+
+                # SDPA, and channels_last on CUDA, as the images phase draws. No fused QKV
+                # projections: each variant's LoRA adapters wrap the separate ones.
+                speed.prepare_for_inference(self._pipe, self.device, fuse_qkv=False)
         return self._pipe
 
 

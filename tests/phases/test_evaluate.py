@@ -203,3 +203,30 @@ def test_every_image_text_metric_runs_through_the_phase(tiny_config, tmp_path):
         assert 0.0 <= scores["vqascore"] <= 1.0
         assert all(isinstance(scores[m], float) for m in ("pickscore", "image_reward"))
     assert results["metrics"]["image_reward"]["model"].startswith("random:tiny-image-reward")
+
+
+def test_eval_pipeline_attends_through_sdpa_even_when_saved_with_another_processor(tiny_config, model_cache):
+    """Evaluation draws as the images phase does: a model that comes with the classic attention
+    processor is switched to SDPA (``speed.prepare_for_inference``) when the eval job loads it."""
+    from types import SimpleNamespace
+
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from selma_core.models.loading import load_diffusion_pipeline
+    from selma_core.phases.evaluate import LazyPipeline
+
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    pipe.unet.set_attn_processor(AttnProcessor())
+    loads = []
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        return pipe
+
+    cfg = load_config(tiny_config())
+    lazy = LazyPipeline(SimpleNamespace(config=cfg), "cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("selma_core.models.loading.load_diffusion_pipeline", load)
+        assert lazy.get() is pipe and lazy.get() is pipe
+    assert len(loads) == 1
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}
