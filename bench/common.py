@@ -83,7 +83,7 @@ def synchronize(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: str) -> None:
@@ -91,14 +91,14 @@ def reset_peak(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_gib(device: str) -> float | None:
     import torch
 
     if device.startswith("cuda"):
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return None  # CPU: no per-recipe peak to read
 
 
@@ -106,7 +106,7 @@ def device_description(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 

@@ -108,7 +108,8 @@ def compile_cache_digest(unet, mode: str, device: str, dtype: Any, signature: di
     shapes, adapters, layout, autocast: ``ExpertTrainer.compile_signature``)."""
     import torch
 
-    gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu"
     data = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -200,12 +201,17 @@ def prepare_for_inference(
 ) -> int:
     """A pipeline set up for fast sampling; how many modules were compiled.
 
-    SDPA attention; on CUDA (on CPU they are slower and change rounding): channels_last UNet and VAE,
+    SDPA attention; on CUDA (on CPU they are slower and change rounding): cuDNN's autotuner
+    (``cudnn.benchmark``), channels_last UNet and VAE,
     and each attention's query/key/value projections fused into one matmul (``fuse_qkv``; not with
     LoRA adapters loaded, whose layers wrap the separate projections); the UNet compiled as
     ``compile`` says (its kernels cached under ``cache_dir``, see ``compile_unet``)."""
     use_sdpa(pipe.unet)
     if device.startswith("cuda"):
+        import torch
+
+        # A job draws batches of one shape: let cuDNN pick its fastest convolutions once.
+        torch.backends.cudnn.benchmark = True
         if channels_last:
             to_channels_last(pipe.unet, pipe.vae)
         if fuse_qkv and not getattr(pipe.unet, "peft_config", None) and hasattr(pipe, "fuse_qkv_projections"):

@@ -186,10 +186,21 @@ def guidance_scale(cfg: SamplingConfig, pipe) -> float:
     return SDXL_GUIDANCE if hasattr(pipe, "text_encoder_2") else DEFAULT_GUIDANCE
 
 
-def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig, device: str) -> list:
-    """PIL images for ``prompts``, one per prompt, each from its own seeded generator."""
+def draw_images(
+    pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig, device: str, pad_to: int | None = None
+) -> list:
+    """PIL images for ``prompts``, one per prompt, each from its own seeded generator.
+
+    ``pad_to``: a shorter batch is padded to that many prompts (repeating the last one; the extra
+    images are dropped), so a UNet compiled for one batch shape never compiles again for a job's
+    last, smaller batch (minutes, for the whole UNet). Each image has its own generator, so the
+    padding does not change the others."""
     import torch
 
+    count = len(prompts)
+    if pad_to is not None and 0 < count < pad_to:
+        prompts = list(prompts) + [prompts[-1]] * (pad_to - count)
+        seeds = list(seeds) + [seeds[-1]] * (pad_to - count)
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     result = pipe(
         prompts,
@@ -199,7 +210,7 @@ def draw_images(pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig,
         width=cfg.width,
         generator=generators,
     )
-    return result.images
+    return result.images[:count]
 
 
 # -- filters --------------------------------------------------------------------------------------
@@ -323,9 +334,10 @@ class _Drawer:
             for first in range(0, len(shard), cfg.batch_size):
                 batch = shard[first : first + cfg.batch_size]
                 texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
-                images = [
-                    image.convert("RGB") for image in draw_images(self.pipe, texts, seeds, cfg, self.device)
-                ]
+                # A compiled UNet keeps one batch shape: the last batch is padded to it.
+                pad_to = cfg.batch_size if cfg.compile != "off" else None
+                drawn = draw_images(self.pipe, texts, seeds, cfg, self.device, pad_to=pad_to)
+                images = [image.convert("RGB") for image in drawn]
                 for meta, image, reason in zip(batch, images, self.verdicts(images), strict=True):
                     if reason is not None:
                         dropped[meta["id"]] = reason

@@ -46,9 +46,15 @@ loss history so far under ``<key>/_checkpoints/step-NNNNNNNN/`` (safetensors + J
 keeps the newest ``checkpoints_keep``. A job killed mid-training resumes, on every process, from the
 newest checkpoint that verifies (a damaged one is skipped, with a warning, for the one before) and
 commits, on CPU, bit for bit the adapter and loss curve of an uninterrupted run; its MLflow run gets
-the curve so far, then goes on at the next step. No grad scaler to save: the LoRA trains in float32
-(``mixed_precision`` only casts the frozen weights). The checkpoints are deleted once the adapter is
-committed; a kill in between leaves them as garbage (the job is committed: a rerun is skipped).
+the curve so far, then goes on at the next step. Under ``mixed_precision: fp16`` the checkpoint also
+holds the loss scaler's state. The checkpoints are deleted once the adapter is committed; a kill in
+between leaves them as garbage (the job is committed: a rerun is skipped).
+
+Precision: the LoRA's factors and AdamW train in float32 whatever ``mixed_precision`` says, which
+sets the frozen weights' dtype. The noise schedule's arithmetic (the noisy latents and the target)
+is float32 too: in bfloat16 the first timesteps' noise levels round to none at all. Under fp16 the
+loss is scaled (``torch.amp.GradScaler``) so the gradients flowing back through the fp16 UNet do
+not underflow; a step whose gradients overflow is skipped and the scale lowered, as AMP does.
 """
 
 from __future__ import annotations
@@ -257,6 +263,10 @@ class ExpertTrainer:
         for p in self.params:
             p.data = p.data.float()
         cuda = device.startswith("cuda")
+        # fp16 gradients of a mean-squared loss over a whole batch underflow without a loss scale.
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.dtype == torch.float16)
+        self.steps_skipped = 0  # fp16 steps whose gradients overflowed (the scaler skipped them)
+        self._time_ids_on_device: dict = {}
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.learning_rate,
@@ -326,10 +336,15 @@ class ExpertTrainer:
         prompt_embeds = text["prompt_embeds"]
         if not self.sdxl:
             return prompt_embeds, None
-        time_ids = torch.tensor([self._time_ids(resolution)] * len(prompt_embeds))
+        # The same every micro-batch: made on the device once (a copy from ordinary host memory
+        # would wait for the GPU each time).
+        shape = (resolution, len(prompt_embeds), prompt_embeds.dtype)
+        if shape not in self._time_ids_on_device:
+            time_ids = torch.tensor([self._time_ids(resolution)] * len(prompt_embeds))
+            self._time_ids_on_device[shape] = time_ids.to(self.device, prompt_embeds.dtype)
         return prompt_embeds, {
             "text_embeds": text["pooled_prompt_embeds"],
-            "time_ids": time_ids.to(self.device, prompt_embeds.dtype),
+            "time_ids": self._time_ids_on_device[shape],
         }
 
     def _encode_dataset(self, dataset, pixels_u8, texts: list[str], resolution: int, latent_cache=None):
@@ -484,19 +499,22 @@ class ExpertTrainer:
             params = torch.cat([images[i, f] for i, f in zip(rows, flips, strict=True)])
             text = {name: torch.cat([prompts[i][name] for i in rows]) for name in prompts[rows[0]]}
         # One memory layout whichever way the parameters came (the UNet's kernels depend on it).
-        latent_dist = DiagonalGaussianDistribution(self._upload(params, self.device).contiguous())
+        # The noise schedule's arithmetic in float32 (see the module docstring); the UNet's input in
+        # the weights' dtype. On CPU in float32 every cast is a no-op.
+        params = self._upload(params, self.device).float().contiguous()
+        latent_dist = DiagonalGaussianDistribution(params)
         if tuple(latent_dist.mean.shape) != tuple(posterior.shape):
             raise InputError(
                 f"VAE latents {tuple(latent_dist.mean.shape)} != expected {tuple(posterior.shape)} "
                 f"at resolution {resolution}"
             )
         with torch.no_grad():
-            sample = latent_dist.mean + latent_dist.std * self._upload(posterior, self.device)
+            sample = latent_dist.mean + latent_dist.std * self._upload(posterior, self.device).float()
             latents = sample * self.pipe.vae.config.scaling_factor
         hidden, added = self._conditioning(text, resolution)
-        noise = self._upload(noise, self.device).to(latents.dtype)
+        noise = self._upload(noise, self.device).float()
         timesteps = self._upload(timesteps, self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -507,8 +525,8 @@ class ExpertTrainer:
             pred = self.pipe.unet(
                 noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added
             ).sample
-        loss = F.mse_loss(pred.float(), target.float()) / cfg.gradient_accumulation
-        loss.backward()
+        loss = F.mse_loss(pred.float(), target) / cfg.gradient_accumulation
+        self.scaler.scale(loss).backward()  # unscaled unless fp16
         return loss.detach().double()
 
     def _autocast(self):
@@ -553,6 +571,8 @@ class ExpertTrainer:
             "optimizer": optimizer_meta,
             "rng": rng_meta,
         }
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict()
         return TrainState(step, {"lora": lora, "optimizer": optimizer_tensors, "rng": rng_tensors}, meta)
 
     def check_state(self, state) -> None:
@@ -567,6 +587,8 @@ class ExpertTrainer:
         if not 0 < state.step < self.cfg.steps:
             raise ValueError(f"step {state.step} is not within 1..{self.cfg.steps - 1}")
         missing = {"history", "elapsed_s", "optimizer", "rng"} - set(meta)
+        if self.scaler.is_enabled():
+            missing |= {"grad_scaler"} - set(meta)
         missing |= {"generator", "torch_cpu"} - set(state.tensors["rng"])
         if missing:
             raise ValueError(f"it lacks {', '.join(sorted(missing))}")
@@ -591,6 +613,8 @@ class ExpertTrainer:
         meta = state.meta
         self.optimizer.load_state_dict(join_optimizer_state(state.tensors["optimizer"], meta["optimizer"]))
         restore_rng(generator, self.device, state.tensors["rng"], meta["rng"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(meta["grad_scaler"])
 
     def train(
         self,
@@ -669,7 +693,7 @@ class ExpertTrainer:
         interval = (started, self.resumed_from_step)  # (time, step) at the last log
         cuda = self.device.startswith("cuda")
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
         images_per_step = cfg.batch_size * cfg.gradient_accumulation
         unet = self.pipe.unet
         unet.train()
@@ -692,11 +716,17 @@ class ExpertTrainer:
                 raise ConfigError(self._out_of_memory_message(resolution, e)) from e
             # The step's global batch: gradients and loss summed over every process's micro-batches.
             distributed.all_reduce_gradients(self.params)
+            self.scaler.unscale_(self.optimizer)  # clipping and the norm see the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             # One read from the device per step (each read waits for the GPU): loss and norm together.
             local, norm = torch.stack([local_loss, grad_norm.to(local_loss.device, torch.float64)]).tolist()
             step_loss = distributed.all_reduce_sum(local)
-            if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            # Under fp16 an overflowing gradient is the loss scale's doing, not divergence: the scaler
+            # skips the update and halves the scale. Only a scale driven below 1 means divergence.
+            overflow = self.scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(norm)
+            if overflow and self.scaler.get_scale() >= 2.0:
+                self.steps_skipped += 1
+            elif not (math.isfinite(step_loss) and math.isfinite(norm)):
                 # Checked before the update, so no checkpoint ever holds what a non-finite gradient
                 # made of the weights. Deterministic for the seed: a retry would diverge again.
                 kept = (
@@ -714,7 +744,8 @@ class ExpertTrainer:
                     f"{what} at step {step}; training stopped, {kept}. Lower "
                     f"train.learning_rate ({cfg.learning_rate}) or use mixed_precision: no"
                 )
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 gradients overflowed
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             if step == self.resumed_from_step + 1 and on_warmup and rank == 0:
                 on_warmup(time.monotonic() - started)
@@ -730,7 +761,10 @@ class ExpertTrainer:
                     "train.images_per_s": rate,
                 }
                 if cuda:
-                    metrics["train.gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    metrics["train.gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.scaler.is_enabled():
+                    metrics["train.loss_scale"] = self.scaler.get_scale()
+                    metrics["train.steps_skipped"] = self.steps_skipped
                 interval = (now, step)
                 if on_log:
                     on_log(step, metrics)

@@ -113,7 +113,7 @@ def test_images_processes_draw_their_shards_and_the_last_commits(tiny_config, mo
 
     drawn = []
 
-    def draw(pipe, prompts, seeds, cfg, device):
+    def draw(pipe, prompts, seeds, cfg, device, pad_to=None):
         drawn.extend(seeds)
         return [Image.frombytes("RGB", (16, 16), random.Random(s).randbytes(768)) for s in seeds]
 

@@ -54,7 +54,7 @@ def drawn(monkeypatch) -> list[int]:
         def to(self, device):
             return self
 
-    def draw(pipe, prompts, prompt_seeds, cfg, device):
+    def draw(pipe, prompts, prompt_seeds, cfg, device, pad_to=None):
         seeds.extend(prompt_seeds)
         return [
             Image.frombytes("RGB", (16, 16), random.Random(s).randbytes(16 * 16 * 3)) for s in prompt_seeds
@@ -380,7 +380,7 @@ def test_filters_drop_blank_and_flagged_images_and_count_them(tiny_config, tmp_p
     blank = set(list(seeds)[3::5])  # 3 of the 15: a flat grey, or noise of a std below 2
     noise = images_phase.draw_images
 
-    def draw(pipe, texts, batch_seeds, cfg, device):
+    def draw(pipe, texts, batch_seeds, cfg, device, pad_to=None):
         images = noise(pipe, texts, batch_seeds, cfg, device)
         by_seed = {seed: key for key, seed in seeds.items()}
         return [
@@ -498,3 +498,40 @@ def test_several_images_per_prompt_are_samples_with_their_own_seeds(tiny_config,
     assert drawn[0::2] == seeds_one  # the first image of each prompt is the one-image run's
     with pytest.raises(ValueError, match="images_per_prompt: expected 1 to 64, got 0"):
         ImagesConfig(images_per_prompt=0)
+
+
+def test_a_compiled_generator_draws_every_batch_at_one_shape(tiny_config, tmp_path, monkeypatch, drawn):
+    """With compile on, each shard's last, shorter batch is padded to batch_size (a compiled UNet
+    would otherwise compile again for it); eager drawing pads nothing."""
+    calls = []
+    fake = images_phase.draw_images  # the drawn fixture's
+
+    def recording(pipe, prompts, seeds, cfg, device, pad_to=None):
+        calls.append((len(prompts), pad_to))
+        return fake(pipe, prompts, seeds, cfg, device)
+
+    monkeypatch.setattr(images_phase, "draw_images", recording)
+    generate_images(images_job(tiny_config, tmp_path / "compiled", compile="blocks"), SKILL)
+    assert calls == [(3, 3), (1, 3)] * 3 + [(3, 3)]  # shards of 4, 4, 4 and 3 in batches of 3
+    calls.clear()
+    generate_images(images_job(tiny_config, tmp_path / "eager"), SKILL)
+    assert len(calls) == 7 and {pad for _, pad in calls} == {None}
+
+
+def test_padding_a_batch_draws_the_padded_shape_and_the_same_images(model_cache):
+    import numpy as np
+
+    from selma_core.models.loading import load_diffusion_pipeline
+
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    cfg = ImagesConfig(num_inference_steps=2, height=32, width=32)
+    batches = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    prompts, seeds = ["one red apple", "two cats", "a dog left of a car"], [1, 2, 3]
+    padded = images_phase.draw_images(pipe, prompts, seeds, cfg, "cpu", pad_to=5)
+    assert len(padded) == 3 and set(batches) == {10}  # classifier-free guidance doubles the batch
+    batches.clear()
+    plain = images_phase.draw_images(pipe, prompts, seeds, cfg, "cpu")
+    assert set(batches) == {6}
+    for a, b in zip(padded, plain, strict=True):  # each image from its own generator
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

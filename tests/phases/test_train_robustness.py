@@ -243,3 +243,66 @@ def test_the_out_of_memory_advice_keeps_the_images_per_step():
     expert.cfg = config(batch_size=1, gradient_checkpointing=True)
     message = ExpertTrainer._out_of_memory_message(expert, 1024, RuntimeError("oom"))
     assert "train.batch_size to" not in message and "lower train.resolution (now 1024 px)" in message
+
+
+# -- precision ------------------------------------------------------------------------------------
+
+
+def test_fp16_scales_the_loss_skips_overflowing_steps_and_checkpoints_the_scale(model_cache, dataset):
+    """Under fp16 the loss is scaled (fp16 gradients of a batch mean underflow otherwise). A scale
+    so large the gradients overflow skips those updates and halves the scale, as AMP does; training
+    goes on, and the scale is part of the checkpoint a resumed run restores."""
+    assert not trainer(model_cache, config()).scaler.is_enabled()  # float32: nothing to scale
+    expert = trainer(model_cache, config(mixed_precision="fp16"))  # 3 steps
+    assert expert.scaler.is_enabled()
+    expert.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 overflows at 65504
+    before = [p.detach().clone() for p in expert.params]
+    logged = []
+    expert.train(dataset, on_log=lambda step, metrics: logged.append(metrics))
+    assert expert.steps_skipped == 3 and expert.scaler.get_scale() == 2.0**37
+    assert all(torch.equal(a, b) for a, b in zip(before, expert.params, strict=True))  # no update
+    assert [m["train.steps_skipped"] for m in logged] == [1, 2, 3]
+    assert [m["train.loss_scale"] for m in logged] == [2.0**39, 2.0**38, 2.0**37]
+    assert math.isfinite(logged[-1]["train.loss"]) and not math.isfinite(logged[-1]["train.grad_norm"])
+
+    # At the default scale the same model trains: every step updates the LoRA.
+    learning = trainer(model_cache, config(mixed_precision="fp16", steps=2))
+    before = [p.detach().clone() for p in learning.params]
+    learning.train(dataset)
+    assert learning.steps_skipped == 0
+    assert not any(torch.equal(a, b) for a, b in zip(before, learning.params, strict=True))
+
+    state = expert.checkpoint_state(1, torch.Generator(), [], 0.0)
+    assert state.meta["grad_scaler"]["scale"] == 2.0**37
+    resumed = trainer(model_cache, config(mixed_precision="fp16"))
+    resumed.check_state(state)
+    resumed.restore_state(state, torch.Generator())
+    assert resumed.scaler.get_scale() == 2.0**37
+    del state.meta["grad_scaler"]
+    with pytest.raises(ValueError, match="it lacks grad_scaler"):
+        resumed.check_state(state)
+
+
+def test_noisy_latents_are_computed_in_float32_before_the_unet_sees_them(model_cache, dataset):
+    """In bfloat16 the first timesteps' signal level (sqrt of alphas_cumprod, 0.9996 at t=0) rounds to
+    1 and their noise to none: the schedule's arithmetic is float32, only the UNet's input is bf16."""
+    expert = trainer(model_cache, config(mixed_precision="bf16", batch_size=2))
+    _, pixels = _decode_images(dataset, 32, 0.0)
+    texts = [meta["prompt"] for meta, _ in dataset]
+    seen = []
+    expert.pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    channels, side = expert.pipe.vae.config.latent_channels, 32 // expert.pipe.vae_scale_factor
+    noise = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
+    posterior = torch.zeros(2, channels, side, side, dtype=torch.bfloat16)  # latents: the mean
+    draws = (torch.tensor([0, 1]), None, posterior, noise, torch.zeros(2, dtype=torch.long))
+    expert._micro_batch(draws, pixels, texts, 32)
+
+    alpha = expert.noise_scheduler.alphas_cumprod[0].item()
+    assert torch.tensor(alpha**0.5, dtype=torch.bfloat16).item() == 1.0  # bf16 would drop the noise
+    params = torch.cat([expert._encode_image(pixels[i : i + 1], False) for i in (0, 1)])
+    mean = params[:, :channels].float()
+    latents = mean * expert.pipe.vae.config.scaling_factor
+    expected = alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.allclose(seen[0].float(), expected, atol=2e-2)
+    assert (seen[0].float() - latents).abs().max() > 2e-2  # the noise is there
