@@ -573,6 +573,7 @@ class ExpertTrainer:
         }
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict()
+            meta["steps_skipped"] = self.steps_skipped
         return TrainState(step, {"lora": lora, "optimizer": optimizer_tensors, "rng": rng_tensors}, meta)
 
     def check_state(self, state) -> None:
@@ -615,6 +616,7 @@ class ExpertTrainer:
         restore_rng(generator, self.device, state.tensors["rng"], meta["rng"])
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(meta["grad_scaler"])
+            self.steps_skipped = meta.get("steps_skipped", 0)
 
     def train(
         self,
@@ -722,7 +724,7 @@ class ExpertTrainer:
             local, norm = torch.stack([local_loss, grad_norm.to(local_loss.device, torch.float64)]).tolist()
             step_loss = distributed.all_reduce_sum(local)
             # Under fp16 an overflowing gradient is the loss scale's doing, not divergence: the scaler
-            # skips the update and halves the scale. Only a scale driven below 1 means divergence.
+            # skips the update and halves the scale. Only a scale driven below 2 means divergence.
             overflow = self.scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(norm)
             if overflow and self.scaler.get_scale() >= 2.0:
                 self.steps_skipped += 1

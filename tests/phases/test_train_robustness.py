@@ -277,7 +277,7 @@ def test_fp16_scales_the_loss_skips_overflowing_steps_and_checkpoints_the_scale(
     resumed = trainer(model_cache, config(mixed_precision="fp16"))
     resumed.check_state(state)
     resumed.restore_state(state, torch.Generator())
-    assert resumed.scaler.get_scale() == 2.0**37
+    assert resumed.scaler.get_scale() == 2.0**37 and resumed.steps_skipped == 3
     del state.meta["grad_scaler"]
     with pytest.raises(ValueError, match="it lacks grad_scaler"):
         resumed.check_state(state)
