@@ -330,12 +330,12 @@ class _Drawer:
         self._load()
         cfg = self.cfg
         dropped: dict[str, str] = {}
+        # A compiled UNet keeps one batch shape: the last batch is padded to it.
+        pad_to = cfg.batch_size if cfg.compile != "off" else None
         with tarfile.open(path, "w") as tar:
             for first in range(0, len(shard), cfg.batch_size):
                 batch = shard[first : first + cfg.batch_size]
                 texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
-                # A compiled UNet keeps one batch shape: the last batch is padded to it.
-                pad_to = cfg.batch_size if cfg.compile != "off" else None
                 drawn = draw_images(self.pipe, texts, seeds, cfg, self.device, pad_to=pad_to)
                 images = [image.convert("RGB") for image in drawn]
                 for meta, image, reason in zip(batch, images, self.verdicts(images), strict=True):
@@ -457,14 +457,21 @@ def _assemble(ctx, drawer: _Drawer, shards: list[list[dict]], saved: str, out: P
             shutil.move(path, out / name)
             shard_records.append(record)
             continue
-        record = _reuse_saved_shard(ctx.store, saved, saved_keys, name, shard, out / name)
-        if record is not None:
-            reused += len(shard)
-            drawer.progress.update(len(shard))
-        else:
-            record = drawer.draw_and_save(shard, out / name, saved if ctx.commits else None)
+        save_to = saved if ctx.commits else None
+        record, was_saved = _saved_or_drawn(ctx, drawer, saved, saved_keys, shard, out / name, save_to)
+        reused += len(shard) if was_saved else 0
         shard_records.append(record)
     return shard_records, reused
+
+
+def _saved_or_drawn(ctx, drawer: _Drawer, saved: str, saved_keys: set, shard, path: Path, save_to):
+    """The shard named ``path.name`` at ``path``: the saved one when it checks out, else drawn (and
+    saved under ``save_to``; None: not saved). Its record, and whether it was the saved one."""
+    record = _reuse_saved_shard(ctx.store, saved, saved_keys, path.name, shard, path)
+    if record is not None:
+        drawer.progress.update(len(shard))
+        return record, True
+    return drawer.draw_and_save(shard, path, save_to), False
 
 
 def _write_output(out: Path, cfg: ImagesConfig, shards, shard_records, skill_name: str):
@@ -561,14 +568,10 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
         for index in mine:
             if committed_by_another():
                 break
-            name = shard_name(index)
-            record = _reuse_saved_shard(store, saved, saved_keys, name, shards[index], work / name)
-            if record is not None:
-                reused += len(shards[index])
-                progress.update(len(shards[index]))
-            else:
-                record = drawer.draw_and_save(shards[index], work / name, saved)
-            local[index] = (work / name, record)
+            path = work / shard_name(index)
+            record, was_saved = _saved_or_drawn(ctx, drawer, saved, saved_keys, shards[index], path, saved)
+            reused += len(shards[index]) if was_saved else 0
+            local[index] = (path, record)
         progress.close()
         if committed_by_another():
             print(f"{where}: the output was committed by another process", file=sys.stderr)
