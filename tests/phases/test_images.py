@@ -316,28 +316,12 @@ def tiny_safety_checker(folder: Path, images: list) -> list[bool]:
     import numpy as np
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPImageProcessor
 
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    )
-    text = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=1,
-        projection_dim=32,
-        vocab_size=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    from selma_core.models.random_models import _text_config, _tiny_clip_vision
+
+    # The tiny CLIP's configs (the checker builds only the vision tower; the text one is required).
+    vision, text = _tiny_clip_vision(), _text_config(64)
     torch.manual_seed(0)
     checker = StableDiffusionSafetyChecker(
         CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
