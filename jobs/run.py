@@ -360,15 +360,12 @@ def _run_job(
     try:
         run.log_params({phase: to_dict(cfg.phase_config(phase)), "base_model": cfg.base_model})
         ctx = JobContext(cfg, skills, plan, job, store, run, commits=True)
-        if workers > 1:
-            from selma_core.faults import fault_point
-            from selma_core.phases.images import generate_images
-
-            fault_point("job.start")  # as run_phase does
+        options = {}
+        if workers > 1:  # one of an images job's processes
             # A forced run replaces the output committed before it, not one its other processes commit.
-            result = generate_images(ctx, skill, worker, workers, replace_before=started if force else None)
-        else:
-            result = run_phase(phase, ctx, skill, shard)
+            replace_before = started if force else None
+            options = {"shard_index": worker, "num_shards": workers, "replace_before": replace_before}
+        result = run_phase(phase, ctx, skill, shard, **options)
         if result.get("committed", True):
             run.set_tags({TAG_OUTPUT: store.url(job.key)})
         run.log_dict({"job": job.id, "output": store.url(job.key), "result": result}, "job_result.json")

@@ -22,11 +22,13 @@ _ENTRIES = {
 }
 
 
-def run_phase(phase: str, ctx: Any, skill: str | None, shard: int | None = None) -> dict:
-    """Run one phase's entry function (imported on use: a job loads only what its phase needs)."""
+def run_phase(phase: str, ctx: Any, skill: str | None, shard: int | None = None, **options: Any) -> dict:
+    """Run one phase's entry function (imported on use: a job loads only what its phase needs).
+
+    ``options`` go to the entry function as keywords (the images phase's process index and count)."""
     fault_point("job.start")
     if shard is not None:  # one of a phase's parallel jobs
         module, name = _ENTRIES[f"{phase}-candidate"]
-        return getattr(importlib.import_module(module), name)(ctx, shard)
+        return getattr(importlib.import_module(module), name)(ctx, shard, **options)
     module, name = _ENTRIES[phase]
-    return getattr(importlib.import_module(module), name)(ctx, skill)
+    return getattr(importlib.import_module(module), name)(ctx, skill, **options)
