@@ -532,8 +532,8 @@ class ExpertTrainer:
     def _autocast(self):
         """bf16 autocast on CUDA: the LoRA's own matmuls (fp32 weights) run on bf16 tensor cores,
         16 times the fp32 rate on an H100 (at rank 128 they are a good share of the attention's
-        projections). Not for fp16 (its gradients would underflow without a loss scaler) nor on the
-        CPU (where runs are the bit-for-bit reference)."""
+        projections). Not under fp16 (its frozen weights are fp16 already; the loss scaler guards its
+        gradients) nor on the CPU (where runs are the bit-for-bit reference)."""
         import torch
 
         if self.device.startswith("cuda") and self.dtype == torch.bfloat16:
