@@ -50,6 +50,29 @@ def job_command(job: JobSpec, config_path: str, force: bool = False) -> list[str
     return command + ["--config", config_path]
 
 
+def image_process_command(command: list[str], count: int, index: int | None = None) -> list[str]:
+    """``command`` as one of the ``count`` processes of an images job: ``--num-shards count`` (and
+    ``--shard-index index``; None: jobs.run reads ``$JOB_COMPLETION_INDEX``), before ``--config``."""
+    flags = ["--num-shards", str(count)]
+    if index is not None:
+        flags = ["--shard-index", str(index), *flags]
+    at = command.index("--config") if "--config" in command else len(command)
+    return [*command[:at], *flags, *command[at:]]
+
+
+def speaking_process(results: list[dict]) -> int | None:
+    """Which of an images job's processes, all ended well, speaks for the job (by the result each
+    printed last): the one that committed the output (or found the job skipped), else one that found
+    it committed by another; None when none did (the job failed)."""
+    for i, result in enumerate(results):
+        if result.get("committed") or result.get("status") == "skipped":
+            return i
+    for i, result in enumerate(results):
+        if (result.get("result") or {}).get("committed_by"):
+            return i
+    return None
+
+
 class Executor(ABC):
     name: str
     # Where jobs read the pipeline's frozen config (None: the snapshot the controller wrote locally).

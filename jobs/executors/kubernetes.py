@@ -26,7 +26,7 @@ from pathlib import Path
 
 import urllib3
 
-from jobs.executors.base import Executor, JobHandle, JobState, JobStatus
+from jobs.executors.base import Executor, JobHandle, JobState, JobStatus, speaking_process
 from jobs.executors.kubernetes_manifests import (
     ANNOTATION_PROCESSES,
     CONTAINER,
@@ -675,8 +675,8 @@ class KubernetesExecutor(Executor):
                 pods.append((code, result or {}, path))
         chosen = None
         if state == JobState.SUCCEEDED:
-            chosen = next((p for p in pods if p[1].get("committed") or p[1].get("status") == "skipped"), None)
-            chosen = chosen or next((p for p in pods if (p[1].get("result") or {}).get("committed_by")), None)
+            speaker = speaking_process([result for _, result, _ in pods])
+            chosen = pods[speaker] if speaker is not None else None
             if chosen is None:
                 state, exit_code = JobState.FAILED, 1
                 error = f"none of the {processes} pods of Job {name} committed the output of {handle.job.id}"

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from jobs.executors.base import image_process_command
 from selma_core.config import KubernetesConfig, PipelineConfig, PodResources, stable_hash
 from selma_core.errors import ConfigError
 from selma_core.plan import JobSpec
@@ -227,13 +228,6 @@ def image_processes(cfg: PipelineConfig, jobs: list[JobSpec]) -> int:
     return cfg.images.num_jobs if len(jobs) == 1 and jobs[0].phase == "images" else 1
 
 
-def _with_num_shards(command: list[str], processes: int) -> list[str]:
-    """``command`` for the pods of an Indexed images Job: each draws the shards of its completion
-    index (``$JOB_COMPLETION_INDEX``, read by jobs.run) out of ``processes``."""
-    at = command.index("--config") if "--config" in command else len(command)
-    return [*command[:at], "--num-shards", str(processes), *command[at:]]
-
-
 def render_job(
     cfg: PipelineConfig,
     jobs: list[JobSpec],
@@ -255,7 +249,8 @@ def render_job(
     if phase == "train" and (gpus > 1 or nodes > 1):
         command = _torchrun(command, gpus, nodes, name)
     if processes > 1:
-        command = _with_num_shards(command, processes)
+        # Each pod draws the shards of its completion index ($JOB_COMPLETION_INDEX, read by jobs.run).
+        command = image_process_command(command, processes)
     labels = job_labels(info.pipeline, first)
     if k8s.queue:
         labels[KUEUE_QUEUE_LABEL] = k8s.queue

@@ -16,7 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.executors.base import Executor, JobHandle, JobState, JobStatus
+from jobs.executors.base import (
+    Executor,
+    JobHandle,
+    JobState,
+    JobStatus,
+    image_process_command,
+    speaking_process,
+)
 from selma_core.plan import JobSpec
 
 
@@ -37,13 +44,6 @@ def last_json_line(path: str) -> dict | None:
             except json.JSONDecodeError:
                 continue
     return None
-
-
-def worker_command(command: list[str], index: int, count: int) -> list[str]:
-    """``command`` as process ``index`` of ``count`` of an images job (its flags before ``--config``)."""
-    flags = ["--shard-index", str(index), "--num-shards", str(count)]
-    at = command.index("--config") if "--config" in command else len(command)
-    return [*command[:at], *flags, *command[at:]]
 
 
 class LocalExecutor(Executor):
@@ -111,7 +111,8 @@ class LocalExecutor(Executor):
         # The job's share of the cores, split between its processes.
         threads = str(max(1, int(self.threads_per_job) // count))
         processes = [
-            self._start(worker_command(command, i, count), log, env, threads) for i, log in enumerate(logs)
+            self._start(image_process_command(command, count, i), log, env, threads)
+            for i, log in enumerate(logs)
         ]
         return JobHandle(job=job, ref=processes, log=str(logs[0]), extra={"logs": [str(p) for p in logs]})
 
@@ -138,14 +139,10 @@ class LocalExecutor(Executor):
         if failed:
             handle.log = logs[failed[0]]
             return JobStatus(JobState.FAILED, codes[failed[0]], results[failed[0]] or None)
-        for i, result in enumerate(results):
-            if result.get("committed") or result.get("status") == "skipped":
-                handle.log = logs[i]
-                return JobStatus(JobState.SUCCEEDED, 0, result)
-        for i, result in enumerate(results):
-            if (result.get("result") or {}).get("committed_by"):
-                handle.log = logs[i]
-                return JobStatus(JobState.SUCCEEDED, 0, result)
+        speaker = speaking_process(results)
+        if speaker is not None:
+            handle.log = logs[speaker]
+            return JobStatus(JobState.SUCCEEDED, 0, results[speaker])
         missing = sorted({s for r in results for s in (r.get("result") or {}).get("missing_shards", [])})
         error = (
             f"none of the {len(codes)} processes of {handle.job.id} committed its output"
@@ -172,7 +169,8 @@ class LocalExecutor(Executor):
         count = self.processes(job, command)
         if count == 1:
             return f"{job.id}: {shlex.join(self._command(command))}  > {self.log_dir / (job.name + '.log')}"
-        return "\n".join(
-            f"{job.id} [{i}/{count}]: {shlex.join(self._command(worker_command(command, i, count)))}  > {log}"
-            for i, log in enumerate(self._log_paths(job, count))
-        )
+        lines = []
+        for i, log in enumerate(self._log_paths(job, count)):
+            process = shlex.join(self._command(image_process_command(command, count, i)))
+            lines.append(f"{job.id} [{i}/{count}]: {process}  > {log}")
+        return "\n".join(lines)
