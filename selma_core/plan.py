@@ -26,6 +26,8 @@ from selma_core.typed_yaml import output_dict
 
 PHASES = ("prompts", "images", "train", "merge-search", "merge", "eval")
 PER_SKILL_PHASES = ("prompts", "images", "train")
+# The phases a skill that names an external dataset has no job for: its data replaces their outputs.
+DATASET_REPLACES = ("prompts", "images")
 # Bump when an output's format changes, so old outputs are not mistaken for new ones.
 FORMAT_VERSION = 2  # 2: experts also in kohya keys; the merged adapter under adapter/
 
@@ -82,7 +84,7 @@ class Plan:
         else:
             job_id = f"{phase}:{skill}" if phase in PER_SKILL_PHASES else phase
         if job_id not in self.jobs:
-            if skill in self.datasets and phase in ("prompts", "images"):
+            if skill in self.datasets and phase in DATASET_REPLACES:
                 raise NoSuchJob(self.dataset_note(skill, phase))
             raise NoSuchJob(f"no job {job_id!r} in this pipeline; jobs: {', '.join(self.jobs)}")
         return self.jobs[job_id]
@@ -108,14 +110,14 @@ class Plan:
 
     def unselectable(self, phase: str, skills: list[str] | None = None) -> list[str]:
         """The dataset skills among ``skills`` (None: every skill) that have no ``phase`` job."""
-        if phase not in ("prompts", "images"):
+        if phase not in DATASET_REPLACES:
             return []
         return [s for s in self.datasets if not skills or s in skills]
 
 
 def missing_input_message(job_id: str, dep_id: str, plan: Plan | None = None) -> str:
     phase, _, skill = dep_id.split("#")[0].partition(":")
-    if plan is not None and skill in plan.datasets and phase in ("prompts", "images"):
+    if plan is not None and skill in plan.datasets and phase in DATASET_REPLACES:
         return (
             f"{job_id} needs the output of {dep_id}, which does not exist: {plan.dataset_note(skill, phase)}"
         )
