@@ -162,6 +162,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str, default_com
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--work-dir", help="model cache and compile caches (default: a temporary folder)")
     parser.add_argument("--out", help="append the JSON result to this file")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed ones, N more of the project's steps under torch.profiler: where their "
+        "time goes, kernel by kernel, in the JSON and in a table beside it (default: 0, none)",
+    )
 
 
 def apply_defaults(args: argparse.Namespace, device: str, default_compile: str) -> None:
@@ -170,6 +178,83 @@ def apply_defaults(args: argparse.Namespace, device: str, default_compile: str) 
         args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
     if args.compile is None:
         args.compile = default_compile if gpu else "off"
+
+
+# Kernel families by name, first match wins (names as cuDNN, cuBLAS, flash attention and inductor
+# give them): a rough split of a step's device time, for finding what to speed up next.
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "matmul")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, marks in KERNEL_FAMILIES:
+        if any(mark in lowered for mark in marks):
+            return family
+    return "other"
+
+
+class StepProfiler:
+    """torch.profiler over a few of the project's steps, run after the timed ones (profiling slows
+    what it watches). ``stop`` returns, per step: the device's busy time (on a GPU, the kernels' time),
+    the share of the unprofiled step it left the device idle (waiting for the CPU), the busy time's
+    split by kernel family and the heaviest kernels (on CPU: operators). The full table is written
+    beside the JSON lines ($OUT on the GPU machine) or in ``work``."""
+
+    def __init__(self, device: str, bench: str, arch: str, work: Path) -> None:
+        import torch
+
+        folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else work
+        self.device, self.path = device, folder / f"{bench}-{arch}-profile.txt"
+        self.gpu = device.startswith("cuda")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.gpu:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.profiler.start()
+
+    def stop(self, steps: int, step_s: float) -> dict:
+        """The figures for ``steps`` profiled steps; ``step_s``: one step's time, unprofiled."""
+        from torch.autograd import DeviceType
+
+        synchronize(self.device)
+        self.profiler.stop()
+        events = self.profiler.key_averages()
+        if self.gpu:
+            timed = [
+                (e.key, e.self_device_time_total)
+                for e in events
+                if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+            ]
+        else:
+            timed = [(e.key, e.self_cpu_time_total) for e in events]
+        timed = sorted(((k, us) for k, us in timed if us > 0), key=lambda item: -item[1])
+        total_us = sum(us for _, us in timed) or 1.0
+        families: dict[str, float] = {}
+        for key, us in timed:
+            family = kernel_family(key) if self.gpu else "cpu operators"
+            families[family] = families.get(family, 0.0) + us
+        sort_by = "self_cuda_time_total" if self.gpu else "self_cpu_time_total"
+        self.path.write_text(f"{steps} profiled steps\n{events.table(sort_by=sort_by, row_limit=60)}")
+        busy_ms = total_us / 1000 / steps
+        return {
+            "profile_steps": steps,
+            "profile_busy_ms_per_step": busy_ms,
+            "profile_idle_share": round(max(0.0, 1 - busy_ms / 1000 / step_s), 3),
+            "profile_families": {f: round(us / total_us, 3) for f, us in sorted(families.items())},
+            "profile_top": [
+                {"name": key[:80], "ms": round(us / 1000 / steps, 3), "share": round(us / total_us, 3)}
+                for key, us in timed[:8]
+            ],
+            "profile_table": str(self.path),
+        }
 
 
 def report(record: dict, project: dict | None, reference: dict | None, out: str | None) -> dict:

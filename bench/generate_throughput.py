@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import (
     PROMPTS,
+    StepProfiler,
     Timer,
     add_common_arguments,
     apply_defaults,
@@ -56,8 +57,9 @@ def prompts_for(batch: int, index: int) -> list[str]:
     return [f"{PROMPTS[(index * batch + i) % len(PROMPTS)]}, view {index * batch + i}" for i in range(batch)]
 
 
-def measure(draw, args, device: str) -> dict:
-    """One untimed warm-up batch, then ``args.batches`` timed ones."""
+def measure(draw, args, device: str, profiler: StepProfiler | None = None) -> dict:
+    """One untimed warm-up batch, then ``args.batches`` timed ones; then, with ``profiler``,
+    ``args.profile`` profiled ones."""
     reset_peak(device)
     timer = Timer(device)
     timer.start()
@@ -68,12 +70,18 @@ def measure(draw, args, device: str) -> dict:
         images = draw(prompts_for(args.batch, index))
         assert len(images) == args.batch
     elapsed = timer.stop()
-    return {
+    result = {
         "img_per_s": args.batch * args.batches / elapsed,
         "batch_s": elapsed / args.batches,
         "warmup_s": warmup_s,
         "peak_gib": peak_gib(device),
     }
+    if profiler is not None:
+        profiler.start()
+        for index in range(args.batches + 1, args.batches + 1 + args.profile):
+            draw(prompts_for(args.batch, index))
+        result.update(profiler.stop(args.profile, result["batch_s"]))
+    return result
 
 
 def reference_recipe(args, device: str, work: Path) -> dict:
@@ -115,7 +123,8 @@ def project_recipe(args, device: str, work: Path) -> dict:
         seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]
         return draw_images(pipe, prompts, seeds, cfg, device)
 
-    result = measure(draw, args, device)
+    profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
+    result = measure(draw, args, device, profiler)
     result["compiled_modules"] = compiled
     result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
     return result

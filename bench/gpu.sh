@@ -1,13 +1,15 @@
 #!/bin/bash
-# Every GPU measurement of issue 8 in one device call (../shared/gpu/README.md: one session has 15
-# minutes in all, machine start included). From the project root, once on the dev machine:
+# Every GPU measurement of issue 8 (../shared/gpu/README.md: one session has 15 minutes of device
+# time in all, machine start included; one call runs at most 600 s). From the project root, once on
+# the dev machine:
 #   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
-# then run with the device tool, carrying .whl:
-#   bash bench/gpu.sh                        # all three measurements
-#   bash bench/gpu.sh train-sd15-full        # only the named ones
-#   LIMIT_S=255 bash bench/gpu.sh train-sd15-full   # one measurement, given more time
-# Results: one JSON line per measurement on stdout and in $OUT/*.jsonl; logs in $OUT/*.log.
-# Each measurement has its own time limit, so one that hangs (a cold compile) leaves the others.
+# then two device calls, carrying .whl, the second at once (so the machine is still warm):
+#   bash bench/gpu.sh train-sd15-full                           # timeout_s 345
+#   bash bench/gpu.sh generate-sd15-full train-sdxl-blocks      # timeout_s 420
+# With no names it runs all three (over 600 s: too long for one call). LIMIT_S=N overrides each
+# measurement's limit. Results: one JSON line per measurement on stdout and in $OUT/*.jsonl, each
+# with a profile of the project's steps after the timed ones ($OUT/*-profile.txt); logs in
+# $OUT/*.log. Each measurement has its own time limit, so one that hangs leaves the others.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 export OUT PYTHONUNBUFFERED=1
@@ -31,11 +33,13 @@ run() {  # run LIMIT_S NAME SCRIPT ARGS...
   echo "exit $?"; tail -n 1 "$OUT/$name.out"
 }
 
-# Limits add up to 580 s: under the 600 s a device call may run (call it with timeout_s 600). A
-# measurement cut short still leaves each recipe's figures, printed as it ends, in $OUT/NAME.log.
+# Times on an H100 (2026-11-26, bench/RESULTS.md): SD 1.x training ~245 s before its restart (a
+# cold compile of the whole UNet takes 177 s; the restart, not yet measured, has 80 s); generation
+# ~140 s; SDXL training ~230 s, its restart included. A measurement cut short still leaves each recipe's figures, printed as it ends,
+# in $OUT/NAME.log, and the JSON line is printed before the restart is measured.
 # SD 1.x compiles the whole UNet: one graph, where its blocks are 21 distinct shapes compiled one
-# after another (over 150 s cold on an H100). SDXL compiles its blocks: 16 graphs, about 120 s cold,
-# where the whole UNet took over 5 minutes.
-run 195 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --restart-timeout 70
-run 140 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full
-run 245 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --restart-timeout 60
+# after another (still compiling after 150 s). SDXL compiles its blocks: 16 graphs, 121 s cold,
+# where the whole UNet took over 5 minutes (on an H200).
+run 330 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --profile 2 --restart-timeout 80
+run 155 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full --profile 1
+run 250 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --restart-timeout 60

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from common import (
+    StepProfiler,
     Timer,
     add_common_arguments,
     apply_defaults,
@@ -207,7 +208,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     cfg = TrainConfig(
         rank=args.rank,
         alpha=float(args.rank),
-        steps=args.warmup + args.steps,
+        steps=args.warmup + args.steps + args.profile,
         batch_size=args.batch,
         gradient_accumulation=1,
         learning_rate=LEARNING_RATE,
@@ -225,10 +226,17 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     times: dict[int, float] = {}
     warmups: list[float] = []
     save_s: list[float] = []
+    first, last = args.warmup, args.warmup + args.steps
+    profiler = StepProfiler(device, "train_throughput", args.arch, work) if args.profile else None
+    profile: dict = {}
 
     def on_log(step: int, metrics: dict) -> None:
         synchronize(device)
         times[step] = time.perf_counter()
+        if profiler is not None and step == last:  # the steps after the timed ones
+            profiler.start()
+        elif profiler is not None and step == last + args.profile:
+            profile.update(profiler.stop(args.profile, (times[last] - times[first]) / args.steps))
 
     def on_warmup(seconds: float) -> None:
         warmups.append(seconds)
@@ -239,8 +247,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
 
     reset_peak(device)
     started = time.perf_counter()
-    history = trainer.train(dataset, on_log=on_log, on_warmup=on_warmup)
-    first, last = args.warmup, args.warmup + args.steps
+    history = dict(trainer.train(dataset, on_log=on_log, on_warmup=on_warmup))
     elapsed = times[last] - times[first]
     saved_s = sum(save_s)
     encode_s = times[1] - started - warmups[0] - saved_s  # decoding and encoding the dataset, once
@@ -251,13 +258,14 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         "first_step_s": warmups[0],
         "encode_s": encode_s,
         "peak_gib": peak_gib(device),
-        "final_loss": history[-1][1],
+        "final_loss": history[last],
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "compiled_modules": trainer.compiled_modules,
         "compile_cache_loaded": bool(compile_cache and compile_cache.loaded),
         "compile_cache_load_s": compile_cache.load_s if compile_cache else 0.0,
         "compile_cache_save_s": saved_s,
         "gpu": gpu,
+        **profile,
     }
 
 

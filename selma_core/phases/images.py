@@ -128,10 +128,13 @@ class ImagesConfig(SamplingConfig):
     # then <id>-1, <id>-2, ...
     images_per_prompt: int = hashed_unless_default(1)
     # Speed (selma_core.models.speed), on CUDA: channels_last UNet and VAE and fused QKV projections;
-    # torch.compile of the UNet ("blocks": each repeated block, a short warm-up; "full": the whole
-    # UNet, fastest once compiled), its kernels cached under cache_dir. Same images up to rounding.
+    # torch.compile of the UNet ("blocks": each repeated block; "full": the whole UNet, one graph:
+    # for SD 1.x about a minute on an H100, then the fastest). Same images up to rounding. Compiled
+    # kernels are kept under cache_dir and, with compile_cache, in the store (cache/compile/): every
+    # later images job drawing with the same generator and shapes, on any node, loads them.
     channels_last: bool = execution_only(True)
     compile: Literal["off", "blocks", "full"] = execution_only("off")
+    compile_cache: bool = execution_only(True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -278,6 +281,8 @@ class _Drawer:
         self.checker: NsfwChecker | None = None
         self.device = ""
         self.drawn = 0
+        self.compile_cache = None  # speed.StoreCompileCache, when the UNet is compiled
+        self.warmup_s: float | None = None  # the first batch's time: what compiling cost this job
 
     def _load(self) -> None:
         from selma_core.models import speed
@@ -296,9 +301,11 @@ class _Drawer:
             allow_pickle=config.allow_pickle_checkpoints,
         ).to(self.device)
         if getattr(self.pipe, "unet", None) is not None:  # transformer-based pipelines (SD3) have none
-            speed.prepare_for_inference(
+            compiled = speed.prepare_for_inference(
                 self.pipe, self.device, self.cfg.channels_last, self.cfg.compile, cache_dir=config.cache_dir
             )
+            if compiled and self.cfg.compile_cache:
+                self._load_compile_cache(dtype)
         if self.cfg.nsfw_checker is not None:
             self.checker = load_nsfw_checker(
                 self.cfg.nsfw_checker,
@@ -307,6 +314,52 @@ class _Drawer:
                 dtype,
                 allow_pickle=config.allow_pickle_checkpoints,
             )
+
+    def _load_compile_cache(self, dtype) -> None:
+        """The compiled kernels of an earlier job with this generator and these shapes, from the store
+        (``speed.StoreCompileCache``), before the first batch compiles."""
+        from selma_core.models import speed
+
+        cfg, pipe = self.cfg, self.pipe
+        signature = {  # what the compiled graphs depend on beyond the UNet's config and dtype
+            "phase": "images",
+            "batch": cfg.batch_size,
+            "guidance": guidance_scale(cfg, pipe) > 1,  # classifier-free guidance doubles the batch
+            "height": cfg.height,
+            "width": cfg.width,
+            "channels_last": cfg.channels_last,
+            # Fused QKV projections or not: their attention processors say.
+            "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
+        }
+        digest = speed.compile_cache_digest(pipe.unet, cfg.compile, self.device, dtype, signature)
+        cache = self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
+        if cache.load():
+            print(f"images: compiled kernels from {self.ctx.store.url(cache.key)}", file=sys.stderr)
+            self.ctx.run.log_metrics({"images.compile_cache_load_s": cache.load_s})
+
+    def _after_first_batch(self, seconds: float) -> None:
+        """Once the first batch is drawn (with compile: compiled): its time is logged and what this job
+        compiled is saved to the store for the next jobs."""
+        self.warmup_s = seconds
+        self.ctx.run.log_metrics({"images.warmup_s": seconds})
+        if self.compile_cache is not None and self.ctx.commits:
+            self.compile_cache.save()
+
+    def compile_report(self) -> dict:
+        """How compiling went, for the job's result: nothing when the UNet was not compiled."""
+        if self.compile_cache is None:
+            return {}
+        from torch._dynamo.utils import counters
+
+        return {
+            "compile": {
+                "mode": self.cfg.compile,
+                "warmup_s": round(self.warmup_s or 0.0, 3),
+                "cache_loaded": self.compile_cache.loaded,
+                "cache_saved": self.compile_cache.saved,
+                "graphs_compiled": counters["inductor"]["fxgraph_cache_miss"],
+            }
+        }
 
     def verdicts(self, images: list) -> list[str | None]:
         """Why each image is dropped (a reason of ``FILTER_REASONS``), None for a kept one. The
@@ -336,7 +389,10 @@ class _Drawer:
             for first in range(0, len(shard), cfg.batch_size):
                 batch = shard[first : first + cfg.batch_size]
                 texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
+                started = time.monotonic()
                 drawn = draw_images(self.pipe, texts, seeds, cfg, self.device, pad_to=pad_to)
+                if self.warmup_s is None:
+                    self._after_first_batch(time.monotonic() - started)
                 images = [image.convert("RGB") for image in drawn]
                 for meta, image, reason in zip(batch, images, self.verdicts(images), strict=True):
                     if reason is not None:
@@ -442,7 +498,7 @@ def _finished(ctx, skill_name, shards, drawer, reused, kept, filtered, start, **
     if filtered:
         result["prompts"] = sum(len(shard) for shard in shards)
         result["filtered"] = filtered
-    return {**result, **extra}
+    return {**result, **drawer.compile_report(), **extra}
 
 
 def _assemble(ctx, drawer: _Drawer, shards: list[list[dict]], saved: str, out: Path, local=None):
@@ -552,6 +608,7 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
             "generator": ctx.config.generator,
             "wall_s": round(elapsed, 3),
             **share,
+            **drawer.compile_report(),
             "committed": False,
             **why,
         }

@@ -45,10 +45,44 @@ def assert_speedup_is_the_ratio(record: dict) -> None:
     assert record["speedup"] == pytest.approx(ratio, abs=2e-3)
 
 
+def assert_profiled(record: dict, tmp_path: Path, steps: int) -> None:
+    """The profile of the steps after the timed ones: in the JSON, and as a table beside it."""
+    assert record["project_profile_steps"] == steps
+    assert record["project_profile_busy_ms_per_step"] > 0
+    assert 0 <= record["project_profile_idle_share"] <= 1
+    assert record["project_profile_families"] == {"cpu operators": 1.0}  # kernel families: GPU only
+    top = record["project_profile_top"]
+    assert 0 < len(top) <= 8 and all(t["ms"] > 0 for t in top)
+    assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+    assert any("conv" in t["name"] for t in top)  # the UNet's work, not the harness's
+    table = Path(record["project_profile_table"])
+    assert table.parent == tmp_path and f"{steps} profiled steps" in table.read_text()
+
+
+def test_kernel_families_of_real_kernel_names():
+    sys.path.insert(0, str(BENCH))
+    from common import kernel_family
+
+    names = {
+        "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_kernel0": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)": "attention",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT": "matmul",
+        "triton_red_fused_native_group_norm_silu_12": "inductor fused",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
+    }
+    assert {name: kernel_family(name) for name in names} == names
+
+
 @pytest.mark.slow
 def test_train_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     record = run(
-        "train_throughput.py", tmp_path, "--batch", "2", "--steps", "2", "--warmup", "1", "--images", "4"
+        "train_throughput.py",
+        tmp_path,
+        *("--batch", "2", "--steps", "2", "--warmup", "1", "--images", "4", "--profile", "2"),
     )
     assert set(record) >= REQUIRED and record["bench"] == "train_throughput"
     assert record["arch"] == "tiny" and record["batch"] == 2 and record["device"].startswith("cpu")
@@ -56,12 +90,18 @@ def test_train_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     assert_speedup_is_the_ratio(record)
     assert record["peak_gib"] is None  # no per-recipe peak on CPU
     assert record["project_dtype"] == "float32" and record["compile"] == "off"
+    assert_profiled(record, tmp_path, steps=2)
 
 
 @pytest.mark.slow
 def test_generate_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
-    record = run("generate_throughput.py", tmp_path, "--batch", "2", "--batches", "1", "--steps", "2")
+    record = run(
+        "generate_throughput.py",
+        tmp_path,
+        *("--batch", "2", "--batches", "1", "--steps", "2", "--profile", "1"),
+    )
     assert set(record) >= REQUIRED and record["bench"] == "generate_throughput"
     assert record["arch"] == "tiny" and record["steps"] == 2 and record["guidance"] == 7.5
     assert record["project_img_per_s"] > 0 and record["reference_img_per_s"] > 0
     assert_speedup_is_the_ratio(record)
+    assert_profiled(record, tmp_path, steps=1)

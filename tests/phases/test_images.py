@@ -10,12 +10,16 @@ pipeline), so these tests take a second or two.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import selma_core.models.loading
 import selma_core.phases.images as images_phase
@@ -519,3 +523,45 @@ def test_padding_a_batch_draws_the_padded_shape_and_the_same_images(model_cache)
     assert set(batches) == {6}
     for a, b in zip(padded, plain, strict=True):  # each image from its own generator
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def images_job_on_a_fresh_node(config: Path, skill: str, inductor: Path) -> dict:
+    """``jobs.run --phase images`` in a new process on an empty inductor cache (a pod on a fresh
+    node); its result."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.run", "--phase", "images", "--skill", skill, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["result"]
+
+
+@pytest.mark.slow
+def test_compiled_kernels_in_the_store_spare_the_next_images_job_its_compile(tiny_config, tmp_path):
+    """Two skills' images jobs with one generator, each on a fresh node: the first compiles the UNet
+    and saves the kernels to the store, the second loads them and compiles nothing."""
+    skills = [SKILL, "spatial"]
+    images = {**OVERRIDES["images"], "compile": "full"}
+    config = tiny_config(**{**OVERRIDES, "skills": skills, "images": images})
+    cfg = load_config(config)
+    loaded = load_skills(cfg.skills_dir, cfg.skills)
+    plan = build_plan(cfg, loaded)
+    store = LocalArtifactStore(tmp_path / "store")  # the config's
+    for skill in skills:
+        job = plan.job("prompts", skill)
+        generate_prompts(JobContext(cfg, loaded, plan, job, store, RecordingRun()), skill)
+    first = images_job_on_a_fresh_node(config, SKILL, tmp_path / "inductor-1")
+    assert first["images"] == 15 and first["compile"]["mode"] == "full"
+    assert first["compile"]["cache_loaded"] is False and first["compile"]["cache_saved"] is True
+    assert first["compile"]["graphs_compiled"] >= 1
+    assert len(store.list_keys("cache/compile")) == 1
+
+    second = images_job_on_a_fresh_node(config, "spatial", tmp_path / "inductor-2")
+    assert second["images"] == 15
+    assert second["compile"]["cache_loaded"] is True and second["compile"]["cache_saved"] is False
+    assert second["compile"]["graphs_compiled"] == 0
