@@ -26,7 +26,10 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +142,20 @@ class StoreCompileCache:
         self.load_s = 0.0  # downloading and installing the entry
         self._misses_at_load = 0
 
+    @contextmanager
+    def _local_file(self) -> Iterator[Path]:
+        """A file of this process's own in the scratch folder, removed afterwards: the processes of
+        one job on a node (torchrun's ranks, an images job's processes) share that folder and load
+        and save the same entry at the same time."""
+        folder = self.scratch / "compile-cache"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f"{self.digest}-", suffix=".bin", dir=folder)
+        os.close(handle)
+        try:
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
     @staticmethod
     def _graph_misses() -> int:
         """Graphs inductor has compiled in this process (its FX graph cache had none for them)."""
@@ -153,11 +170,11 @@ class StoreCompileCache:
         try:
             if not self.store.exists(self.key):
                 return False
-            local = self.scratch / "compile-cache" / f"{self.digest}.bin"
-            local.parent.mkdir(parents=True, exist_ok=True)
-            self.store.download_file(self.key, local)
+            with self._local_file() as local:
+                self.store.download_file(self.key, local)
+                blob = local.read_bytes()
             # None (torch logs why) when the bytes are not its artifacts: a damaged entry.
-            if torch.compiler.load_cache_artifacts(local.read_bytes()) is None:
+            if torch.compiler.load_cache_artifacts(blob) is None:
                 raise ValueError("damaged (its checksum does not match)")
         except Exception as e:  # a cache never fails a job
             print(f"warning: compile cache {self.store.url(self.key)} not used: {e}", file=sys.stderr)
@@ -179,11 +196,9 @@ class StoreCompileCache:
             if not artifacts:
                 return False
             blob, _info = artifacts
-            local = self.scratch / "compile-cache" / f"{self.digest}.bin.new"
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(blob)
-            self.store.upload_file(local, self.key)
-            local.unlink(missing_ok=True)
+            with self._local_file() as local:
+                local.write_bytes(blob)
+                self.store.upload_file(local, self.key)
         except Exception as e:
             print(f"warning: compile cache not saved to {self.store.url(self.key)}: {e}", file=sys.stderr)
             return False

@@ -91,3 +91,23 @@ def test_regional_compilation_compiles_each_repeated_block(model_cache):
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
     with pytest.raises(ValueError, match="compile: expected one of off, blocks, full, got 'fast'"):
         speed.compile_unet(unet, "fast")
+
+
+def test_processes_sharing_a_scratch_folder_load_the_entry_through_files_of_their_own(tmp_path, capsys):
+    """torchrun's ranks, or an images job's processes, on one node share the scratch folder and load
+    the same entry at the same time: each downloads it to a file of its own, removed afterwards."""
+    downloads: list[Path] = []
+
+    class SecondLoadMidway(LocalArtifactStore):
+        def download_file(self, key: str, local_path: Path) -> None:
+            downloads.append(Path(local_path))
+            if len(downloads) == 1:  # another process loads while this one downloads
+                assert speed.StoreCompileCache(self, "shared", tmp_path / "scratch").load() is False
+            super().download_file(key, local_path)
+
+    store = SecondLoadMidway(tmp_path / "store")
+    store.write_bytes(f"{speed.COMPILE_CACHE_PREFIX}/shared.bin", b"not torch's artifacts")
+    assert speed.StoreCompileCache(store, "shared", tmp_path / "scratch").load() is False
+    assert len(downloads) == 2 and downloads[0] != downloads[1]
+    assert list((tmp_path / "scratch" / "compile-cache").iterdir()) == []
+    assert capsys.readouterr().err.count("not used: damaged") == 2  # each found the bytes not torch's
