@@ -144,7 +144,7 @@ def ratio(project: float, reference: float) -> float:
     return round(project / reference, 3) if reference > 0 else float("nan")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, what: str, default_compile: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """The flags both throughput benchmarks take."""
     parser.add_argument(
         "--arch", choices=ARCH_CHOICES, default="tiny", help="model architecture (default: tiny)"
@@ -155,8 +155,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str, default_com
     parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
     parser.add_argument(
         "--compile",
-        choices=("off", "blocks", "full"),
-        help=f"project's torch.compile of the UNet (default: {default_compile} on a GPU, off on CPU)",
+        choices=("auto", "off", "blocks", "full"),
+        default="auto",
+        help="project's torch.compile of the UNet, as the config's compile setting (default: auto, "
+        "the project's default: full for SD 1.x/2.x and blocks for SDXL on a GPU, off on CPU)",
     )
     parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
@@ -172,12 +174,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str, default_com
     )
 
 
-def apply_defaults(args: argparse.Namespace, device: str, default_compile: str) -> None:
+def apply_defaults(args: argparse.Namespace, device: str) -> None:
     gpu = device.startswith("cuda")
     if args.batch is None:
         args.batch = (4 if args.arch == "sdxl" else 16) if gpu else 4
-    if args.compile is None:
-        args.compile = default_compile if gpu else "off"
 
 
 # Kernel families by name, first match wins (names as cuDNN, cuBLAS, flash attention and inductor

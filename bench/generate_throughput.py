@@ -11,7 +11,7 @@ conversion included:
 - **project**: the images phase's way (``selma_core.phases.images.draw_images``: one seeded
   generator per prompt, so an image does not depend on its batch) on a pipeline prepared by
   ``selma_core.models.speed.prepare_for_inference``: SDPA, channels_last, fused QKV projections and
-  ``--compile`` (off / blocks / full).
+  ``--compile`` (auto / off / blocks / full, as the config says).
 
 Throughput is images per second over ``--batches`` batches after one untimed warm-up batch (which
 compiles); the last line printed is one JSON object (also appended to
@@ -41,12 +41,10 @@ from common import (
     run_recipes,
 )
 
-DEFAULT_COMPILE = "full"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, "prompts", DEFAULT_COMPILE)
+    add_common_arguments(parser, "prompts")
     parser.add_argument("--batches", type=int, help="timed batches (default: 3 on a GPU, 2 on CPU)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
@@ -117,7 +115,8 @@ def project_recipe(args, device: str, work: Path) -> dict:
         batch_size=args.batch,
     )
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
-    compiled = speed.prepare_for_inference(pipe, device, compile=args.compile, cache_dir=work)
+    mode = speed.resolve_compile(args.compile, pipe.unet, device)
+    compiled = speed.prepare_for_inference(pipe, device, compile=mode, cache_dir=work)
 
     def draw(prompts: list[str]) -> list:
         seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]
@@ -125,6 +124,7 @@ def project_recipe(args, device: str, work: Path) -> dict:
 
     profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
+    result["compile_mode"] = mode
     result["compiled_modules"] = compiled
     result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
     return result
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
-    apply_defaults(args, device, DEFAULT_COMPILE)
+    apply_defaults(args, device)
     if args.batches is None:
         args.batches = 3 if gpu else 2
     args.resolution = args.resolution or architecture_resolution(args.arch, work / "models")

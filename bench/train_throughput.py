@@ -14,9 +14,9 @@ the same architecture, batch (one micro-batch per optimizer step), resolution an
   autocast or scaler.
 - **project**: ``selma_core.phases.train.ExpertTrainer`` as the train phase runs it: encoder outputs
   computed once (``cache_latents``), bf16 frozen weights, channels_last, fused AdamW, SDPA, and
-  ``--compile`` (off / blocks / full). With compile, a second process then restarts on a fresh
-  inductor cache directory with the compiled artifacts from the store, as a preempted job on another
-  node would, and its warm-up is reported too.
+  ``--compile`` (auto / off / blocks / full, as the config says). With compile, a second process
+  then restarts on a fresh inductor cache directory with the compiled artifacts from the store, as
+  a preempted job on another node would, and its warm-up is reported too.
 
 Throughput is images per second over ``--steps`` optimizer steps after ``--warmup`` steps, the device
 synchronized at both ends. The last line printed is one JSON object (also appended to
@@ -54,12 +54,11 @@ from common import (
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LEARNING_RATE = 1e-4  # small: random weights in half precision must not diverge in a benchmark
-DEFAULT_COMPILE = "blocks"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, "images", DEFAULT_COMPILE)
+    add_common_arguments(parser, "images")
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default: 20 on a GPU, 6 on CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, at least 1 (default: 3)")
     parser.add_argument(
@@ -79,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def defaults(args: argparse.Namespace, device: str) -> argparse.Namespace:
-    apply_defaults(args, device, DEFAULT_COMPILE)
+    apply_defaults(args, device)
     if args.steps is None:
         args.steps = 20 if device.startswith("cuda") else 6
     if args.rank is None:
@@ -260,6 +259,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         "peak_gib": peak_gib(device),
         "final_loss": history[last],
         "dtype": str(trainer.dtype).removeprefix("torch."),
+        "compile_mode": trainer.compile_mode,
         "compiled_modules": trainer.compiled_modules,
         "compile_cache_loaded": bool(compile_cache and compile_cache.loaded),
         "compile_cache_load_s": compile_cache.load_s if compile_cache else 0.0,
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: reference_recipe(args, device, work, dataset),
         lambda: project_recipe(args, device, work, dataset),
     )
-    if not (project and args.compile != "off" and not args.no_restart_check):
+    if not (project and project["compile_mode"] != "off" and not args.no_restart_check):
         return report(record, project, reference, args.out)
     # Printed before the restart is measured too: a time limit hit there loses nothing measured.
     report(record, project, reference, args.out)

@@ -129,11 +129,13 @@ class ImagesConfig(SamplingConfig):
     images_per_prompt: int = hashed_unless_default(1)
     # Speed (selma_core.models.speed), on CUDA: channels_last UNet and VAE and fused QKV projections;
     # torch.compile of the UNet ("blocks": each repeated block; "full": the whole UNet, one graph:
-    # for SD 1.x about a minute on an H100, then the fastest). Same images up to rounding. Compiled
-    # kernels are kept under cache_dir and, with compile_cache, in the store (cache/compile/): every
-    # later images job drawing with the same generator and shapes, on any node, loads them.
+    # for SD 1.x about a minute on an H100, then the fastest; "auto": full for SD 1.x/2.x and blocks
+    # for SDXL on CUDA, off on the CPU, see speed.resolve_compile). Same images up to rounding.
+    # Compiled kernels are kept under cache_dir and, with compile_cache, in the store
+    # (cache/compile/): every later images job drawing with the same generator and shapes, on any
+    # node, loads them.
     channels_last: bool = execution_only(True)
-    compile: Literal["off", "blocks", "full"] = execution_only("off")
+    compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
 
     def __post_init__(self) -> None:
@@ -281,6 +283,7 @@ class _Drawer:
         self.checker: NsfwChecker | None = None
         self.device = ""
         self.drawn = 0
+        self.compile_mode = "off"  # cfg.compile resolved for the generator (speed.resolve_compile)
         self.compile_cache = None  # speed.StoreCompileCache, when the UNet is compiled
         self.warmup_s: float | None = None  # the first batch's time: what compiling cost this job
 
@@ -300,9 +303,11 @@ class _Drawer:
             dtype,
             allow_pickle=config.allow_pickle_checkpoints,
         ).to(self.device)
-        if getattr(self.pipe, "unet", None) is not None:  # transformer-based pipelines (SD3) have none
+        unet = getattr(self.pipe, "unet", None)
+        self.compile_mode = speed.resolve_compile(self.cfg.compile, unet, self.device)
+        if unet is not None:  # transformer-based pipelines (SD3) have none
             compiled = speed.prepare_for_inference(
-                self.pipe, self.device, self.cfg.channels_last, self.cfg.compile, cache_dir=config.cache_dir
+                self.pipe, self.device, self.cfg.channels_last, self.compile_mode, cache_dir=config.cache_dir
             )
             if compiled and self.cfg.compile_cache:
                 self._load_compile_cache(dtype)
@@ -331,7 +336,7 @@ class _Drawer:
             # Fused QKV projections or not: their attention processors say.
             "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
         }
-        digest = speed.compile_cache_digest(pipe.unet, cfg.compile, self.device, dtype, signature)
+        digest = speed.compile_cache_digest(pipe.unet, self.compile_mode, self.device, dtype, signature)
         cache = self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
         if cache.load():
             print(f"images: compiled kernels from {self.ctx.store.url(cache.key)}", file=sys.stderr)
@@ -353,7 +358,7 @@ class _Drawer:
 
         return {
             "compile": {
-                "mode": self.cfg.compile,
+                "mode": self.compile_mode,
                 "warmup_s": round(self.warmup_s or 0.0, 3),
                 "cache_loaded": self.compile_cache.loaded,
                 "cache_saved": self.compile_cache.saved,
@@ -384,7 +389,7 @@ class _Drawer:
         cfg = self.cfg
         dropped: dict[str, str] = {}
         # A compiled UNet keeps one batch shape: the last batch is padded to it.
-        pad_to = cfg.batch_size if cfg.compile != "off" else None
+        pad_to = cfg.batch_size if self.compile_mode != "off" else None
         with tarfile.open(path, "w") as tar:
             for first in range(0, len(shard), cfg.batch_size):
                 batch = shard[first : first + cfg.batch_size]

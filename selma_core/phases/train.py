@@ -125,9 +125,10 @@ class TrainConfig:
     # torch.compile of the UNet: "blocks" compiles each transformer and ResNet block (one graph per
     # distinct block shape: SDXL's 16 compile in about 2 minutes on an H100, where its whole UNet
     # takes over 5), "full" the whole UNet as one graph (SD 1.x: about 3 minutes, where its 21 block
-    # shapes take longer), "off" eager. Compiled kernels are cached under cache_dir and in the
+    # shapes take longer), "off" eager; "auto": full for SD 1.x/2.x and blocks for SDXL on CUDA, off
+    # on the CPU (speed.resolve_compile). Compiled kernels are cached under cache_dir and in the
     # store (cache/compile/), so a restarted job on another node loads them instead of compiling.
-    compile: Literal["off", "blocks", "full"] = execution_only("off")
+    compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
     # Recompute activations in the backward pass: far less GPU memory for about a third more time.
     gradient_checkpointing: bool = execution_only(False)
@@ -286,7 +287,8 @@ class ExpertTrainer:
             pipe.unet.enable_gradient_checkpointing()
         # Inductor's on-disk caches under cache_dir outlive this process.
         kernels = cache_dir if cfg.compile_cache else None
-        self.compiled_modules = speed.compile_unet(pipe.unet, cfg.compile, cache_dir=kernels)
+        self.compile_mode = speed.resolve_compile(cfg.compile, pipe.unet, device)
+        self.compiled_modules = speed.compile_unet(pipe.unet, self.compile_mode, cache_dir=kernels)
 
     def _frozen_modules(self) -> list:
         modules = [self.pipe.vae, self.pipe.text_encoder]
@@ -412,11 +414,11 @@ class ExpertTrainer:
         everything they depend on); None when nothing is compiled or ``compile_cache`` is off."""
         from selma_core.models import speed
 
-        if self.cfg.compile == "off" or not self.cfg.compile_cache:
+        if self.compile_mode == "off" or not self.cfg.compile_cache:
             return None
         unet = self.pipe.unet
         digest = speed.compile_cache_digest(
-            unet, self.cfg.compile, self.device, self.dtype, self.compile_signature()
+            unet, self.compile_mode, self.device, self.dtype, self.compile_signature()
         )
         return speed.StoreCompileCache(store, digest, scratch_dir)
 

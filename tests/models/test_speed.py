@@ -111,3 +111,22 @@ def test_processes_sharing_a_scratch_folder_load_the_entry_through_files_of_thei
     assert len(downloads) == 2 and downloads[0] != downloads[1]
     assert list((tmp_path / "scratch" / "compile-cache").iterdir()) == []
     assert capsys.readouterr().err.count("not used: damaged") == 2  # each found the bytes not torch's
+
+
+def test_auto_compiles_a_small_unet_whole_and_a_large_one_by_blocks_on_cuda_only():
+    """SD 1.x (860 M parameters) whole, SDXL (2.6 B) by blocks; the real architectures, built on the
+    meta device (shapes, no memory); nothing compiled on the CPU or without a UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from selma_core.models.architectures import unet_config
+
+    with torch.device("meta"):
+        sd15, sdxl = (UNet2DConditionModel(**unet_config(arch)) for arch in ("sd15", "sdxl"))
+    assert speed.resolve_compile("auto", sd15, "cuda") == "full"
+    assert speed.resolve_compile("auto", sdxl, "cuda:1") == "blocks"
+    assert speed.resolve_compile("auto", sdxl, "cpu") == "off"
+    assert speed.resolve_compile("auto", None, "cuda") == "off"  # a pipeline without a UNet (SD3)
+    assert [speed.resolve_compile(m, sdxl, "cpu") for m in speed.COMPILE_MODES] == list(speed.COMPILE_MODES)
+    with pytest.raises(ValueError, match="compile: expected one of auto, off, blocks, full, got 'fast'"):
+        speed.resolve_compile("fast", sd15, "cuda")
