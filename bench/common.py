@@ -181,12 +181,14 @@ def apply_defaults(args: argparse.Namespace, device: str) -> None:
 
 
 # Kernel families by name, first match wins (names as cuDNN, cuBLAS, flash attention and inductor
-# give them): a rough split of a step's device time, for finding what to speed up next.
+# give them): a rough split of a step's device time, for finding what to speed up next. Inductor's
+# come first: its names list the ops it fused (triton_poi_fused_convolution_backward_3 is
+# elementwise work around a convolution, not one).
 KERNEL_FAMILIES = (
+    ("inductor fused", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
     ("matmul", ("gemm", "nvjet", "cutlass", "matmul")),
-    ("inductor fused", ("triton_",)),
 )
 
 
@@ -199,11 +201,12 @@ def kernel_family(name: str) -> str:
 
 
 class StepProfiler:
-    """torch.profiler over a few of the project's steps, run after the timed ones (profiling slows
-    what it watches). ``stop`` returns, per step: the device's busy time (on a GPU, the kernels' time),
-    the share of the unprofiled step it left the device idle (waiting for the CPU), the busy time's
-    split by kernel family and the heaviest kernels (on CPU: operators). The full table is written
-    beside the JSON lines ($OUT on the GPU machine) or in ``work``."""
+    """torch.profiler over a few of the project's steps (a training step, or a generation batch: its
+    denoising steps and VAE decoding), run after the timed ones (profiling slows what it watches).
+    ``stop`` returns, per step: the device's busy time (on a GPU, the kernels' time), the share of
+    the unprofiled step it left the device idle (waiting for the CPU), the busy time's split by
+    kernel family and the heaviest kernels (on CPU: operators). The full table is written beside
+    the JSON lines ($OUT on the GPU machine) or in ``work``."""
 
     def __init__(self, device: str, bench: str, arch: str, work: Path) -> None:
         import torch

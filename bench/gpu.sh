@@ -4,7 +4,7 @@
 # the dev machine:
 #   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
 # then two device calls, carrying .whl, the second at once (so the machine is still warm):
-#   bash bench/gpu.sh train-sd15-full                           # timeout_s 345
+#   bash bench/gpu.sh train-sd15-full                           # timeout_s 360
 #   bash bench/gpu.sh generate-sd15-full train-sdxl-blocks      # timeout_s 420
 # With no names it runs all three (over 600 s: too long for one call). LIMIT_S=N overrides each
 # measurement's limit. Results: one JSON line per measurement on stdout and in $OUT/*.jsonl, each
@@ -35,11 +35,12 @@ run() {  # run LIMIT_S NAME SCRIPT ARGS...
 
 # Times on an H100 (2026-11-26, bench/RESULTS.md): SD 1.x training ~245 s before its restart (a
 # cold compile of the whole UNet takes 177 s; the restart, not yet measured, has 80 s); generation
-# ~140 s; SDXL training ~230 s, its restart included. A measurement cut short still leaves each recipe's figures, printed as it ends,
-# in $OUT/NAME.log, and the JSON line is printed before the restart is measured.
+# ~140 s; SDXL training ~230 s, its restart included. The profiles add a few seconds to each. A
+# measurement cut short still leaves each recipe's figures, printed as it ends, in $OUT/NAME.log,
+# and the JSON line is printed before the restart is measured.
 # SD 1.x compiles the whole UNet: one graph, where its blocks are 21 distinct shapes compiled one
 # after another (still compiling after 150 s). SDXL compiles its blocks: 16 graphs, 121 s cold,
 # where the whole UNet took over 5 minutes (on an H200).
-run 330 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --profile 2 --restart-timeout 80
+run 345 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --profile 2 --restart-timeout 80
 run 155 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full --profile 1
 run 250 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --restart-timeout 60

@@ -351,17 +351,19 @@ class _Drawer:
             self.compile_cache.save()
 
     def compile_report(self) -> dict:
-        """How compiling went, for the job's result: nothing when the UNet was not compiled."""
-        if self.compile_cache is None:
+        """How compiling went, for the job's result: nothing when the UNet was not compiled (or no
+        model was loaded); the cache's fields False without ``compile_cache``."""
+        if self.compile_mode == "off" or self.pipe is None:
             return {}
         from torch._dynamo.utils import counters
 
+        cache = self.compile_cache
         return {
             "compile": {
                 "mode": self.compile_mode,
                 "warmup_s": round(self.warmup_s or 0.0, 3),
-                "cache_loaded": self.compile_cache.loaded,
-                "cache_saved": self.compile_cache.saved,
+                "cache_loaded": bool(cache and cache.loaded),
+                "cache_saved": bool(cache and cache.saved),
                 "graphs_compiled": counters["inductor"]["fxgraph_cache_miss"],
             }
         }

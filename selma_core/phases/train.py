@@ -124,10 +124,11 @@ class TrainConfig:
     fused_optimizer: bool = execution_only(True)
     # torch.compile of the UNet: "blocks" compiles each transformer and ResNet block (one graph per
     # distinct block shape: SDXL's 16 compile in about 2 minutes on an H100, where its whole UNet
-    # takes over 5), "full" the whole UNet as one graph (SD 1.x: about 3 minutes, where its 21 block
-    # shapes take longer), "off" eager; "auto": full for SD 1.x/2.x and blocks for SDXL on CUDA, off
-    # on the CPU (speed.resolve_compile). Compiled kernels are cached under cache_dir and in the
-    # store (cache/compile/), so a restarted job on another node loads them instead of compiling.
+    # took over 5 on an H200), "full" the whole UNet as one graph (SD 1.x: about 3 minutes on an
+    # H100; its 21 block shapes were not done within 2.5), "off" eager; "auto": full for SD 1.x/2.x
+    # and blocks for SDXL on CUDA, off on the CPU (speed.resolve_compile). Compiled kernels are
+    # cached under cache_dir and in the store (cache/compile/), so a restarted job on another node
+    # loads them instead of compiling.
     compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
     # Recompute activations in the backward pass: far less GPU memory for about a third more time.

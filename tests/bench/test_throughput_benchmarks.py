@@ -72,6 +72,8 @@ def test_kernel_families_of_real_kernel_names():
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
         "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT": "matmul",
         "triton_red_fused_native_group_norm_silu_12": "inductor fused",
+        "triton_per_fused_convolution_backward_3": "inductor fused",  # around a convolution, not one
+        "triton_poi_fused__scaled_dot_product_attention_0": "inductor fused",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
     }
     assert {name: kernel_family(name) for name in names} == names

@@ -127,6 +127,7 @@ def test_auto_compiles_a_small_unet_whole_and_a_large_one_by_blocks_on_cuda_only
     assert speed.resolve_compile("auto", sdxl, "cuda:1") == "blocks"
     assert speed.resolve_compile("auto", sdxl, "cpu") == "off"
     assert speed.resolve_compile("auto", None, "cuda") == "off"  # a pipeline without a UNet (SD3)
+    assert speed.resolve_compile("full", None, "cuda") == "off"
     assert [speed.resolve_compile(m, sdxl, "cpu") for m in speed.COMPILE_MODES] == list(speed.COMPILE_MODES)
     with pytest.raises(ValueError, match="compile: expected one of auto, off, blocks, full, got 'fast'"):
         speed.resolve_compile("fast", sd15, "cuda")

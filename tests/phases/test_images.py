@@ -27,6 +27,7 @@ from phases.test_prompts import RecordingRun
 from selma_core.config import load_config
 from selma_core.context import JobContext
 from selma_core.errors import InputError
+from selma_core.models import speed
 from selma_core.phases.images import SAVED_SHARDS, ImagesConfig, generate_images, read_image_dataset
 from selma_core.phases.prompts import generate_prompts
 from selma_core.plan import build_plan
@@ -499,11 +500,16 @@ def test_a_compiled_generator_draws_every_batch_at_one_shape(tiny_config, tmp_pa
         return fake(pipe, prompts, seeds, cfg, device)
 
     monkeypatch.setattr(images_phase, "draw_images", recording)
-    generate_images(images_job(tiny_config, tmp_path / "compiled", compile="blocks"), SKILL)
+    # The fake generator has a UNet that compiling leaves as it is.
+    fake_pipeline = selma_core.models.loading.load_diffusion_pipeline()
+    monkeypatch.setattr(type(fake_pipeline), "unet", object(), raising=False)
+    monkeypatch.setattr(speed, "prepare_for_inference", lambda *args, **kwargs: 0)
+    result = generate_images(images_job(tiny_config, tmp_path / "compiled", compile="blocks"), SKILL)
     assert calls == [(3, 3), (1, 3)] * 3 + [(3, 3)]  # shards of 4, 4, 4 and 3 in batches of 3
+    assert result["compile"]["mode"] == "blocks" and result["compile"]["cache_loaded"] is False
     calls.clear()
-    generate_images(images_job(tiny_config, tmp_path / "eager"), SKILL)
-    assert len(calls) == 7 and {pad for _, pad in calls} == {None}
+    result = generate_images(images_job(tiny_config, tmp_path / "eager"), SKILL)  # auto: off on the CPU
+    assert len(calls) == 7 and {pad for _, pad in calls} == {None} and "compile" not in result
 
 
 def test_padding_a_batch_draws_the_padded_shape_and_the_same_images(model_cache):
