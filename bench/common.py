@@ -19,6 +19,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selma_core.models.speed import COMPILE_SETTINGS  # noqa: E402  (stdlib only at import)
+
 ARCH_CHOICES = ("tiny", "tiny-sdxl", "sd15", "sd2", "sdxl")
 PROMPTS = (
     "three red apples on a wooden table",
@@ -155,7 +157,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--resolution", type=int, help="pixels (default: the architecture's native size)")
     parser.add_argument(
         "--compile",
-        choices=("auto", "off", "blocks", "full"),
+        choices=COMPILE_SETTINGS,
         default="auto",
         help="project's torch.compile of the UNet, as the config's compile setting (default: auto, "
         "the project's default: full for SD 1.x/2.x and blocks for SDXL on a GPU, off on CPU)",

@@ -232,6 +232,19 @@ class StoreCompileCache:
         self.saved = True
         return True
 
+    def load_for_job(self, ctx, phase: str) -> bool:
+        """``load`` in a job (``ctx``: its ``JobContext``): an entry loaded is said on stderr and
+        logged to the job's run as ``<phase>.compile_cache_load_s``."""
+        if not self.load():
+            return False
+        print(f"{phase}: compiled kernels from {self.store.url(self.key)}", file=sys.stderr)
+        ctx.run.log_metrics({f"{phase}.compile_cache_load_s": self.load_s})
+        return True
+
+    def save_for_job(self, ctx) -> bool:
+        """``save`` in a job, from a process that commits (not torchrun's ranks above 0)."""
+        return self.save() if ctx.commits else False
+
 
 def prepare_for_inference(
     pipe,

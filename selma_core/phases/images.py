@@ -337,18 +337,16 @@ class _Drawer:
             "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
         }
         digest = speed.compile_cache_digest(pipe.unet, self.compile_mode, self.device, dtype, signature)
-        cache = self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
-        if cache.load():
-            print(f"images: compiled kernels from {self.ctx.store.url(cache.key)}", file=sys.stderr)
-            self.ctx.run.log_metrics({"images.compile_cache_load_s": cache.load_s})
+        self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
+        self.compile_cache.load_for_job(self.ctx, "images")
 
     def _after_first_batch(self, seconds: float) -> None:
         """Once the first batch is drawn (with compile: compiled): its time is logged and what this job
         compiled is saved to the store for the next jobs."""
         self.warmup_s = seconds
         self.ctx.run.log_metrics({"images.warmup_s": seconds})
-        if self.compile_cache is not None and self.ctx.commits:
-            self.compile_cache.save()
+        if self.compile_cache is not None:
+            self.compile_cache.save_for_job(self.ctx)
 
     def compile_report(self) -> dict:
         """How compiling went, for the job's result: nothing when the UNet was not compiled (or no

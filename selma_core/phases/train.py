@@ -882,15 +882,14 @@ def train_expert(ctx, skill_name: str) -> dict:
     )
     start = time.monotonic()
     compile_cache = trainer.store_compile_cache(ctx.store, ctx.scratch_dir)
-    if compile_cache is not None and compile_cache.load():
-        print(f"train: compiled kernels from {ctx.store.url(compile_cache.key)}", file=sys.stderr)
-        ctx.run.log_metrics({"train.compile_cache_load_s": compile_cache.load_s})
+    if compile_cache is not None:
+        compile_cache.load_for_job(ctx, "train")
 
     def on_warmup(seconds: float) -> None:
         # The first step compiles (cold, or from the cache): what compile costs this job.
         ctx.run.log_metrics({"train.warmup_s": seconds})
-        if compile_cache is not None and ctx.commits:
-            compile_cache.save()
+        if compile_cache is not None:
+            compile_cache.save_for_job(ctx)
 
     # Rank 0 alone draws and logs them (reading a dataset skill's held-out captions once).
     validation = None
