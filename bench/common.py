@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selma_core.models.attention import ATTENTION_SETTINGS  # noqa: E402  (stdlib only at import)
 from selma_core.models.speed import COMPILE_SETTINGS  # noqa: E402  (stdlib only at import)
 
 ARCH_CHOICES = ("tiny", "tiny-sdxl", "sd15", "sd2", "sdxl")
@@ -161,6 +162,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         default="auto",
         help="project's torch.compile of the UNet, as the config's compile setting (default: auto, "
         "the project's default: full for SD 1.x/2.x and blocks for SDXL on a GPU, off on CPU)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_SETTINGS,
+        default="auto",
+        help="project's attention kernel, as the config's attention setting (default: auto, the "
+        "project's default: the fastest measured on this GPU for the model's shapes, on CPU PyTorch's own)",
     )
     parser.add_argument("--only", choices=("both", "project", "reference"), default="both")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")

@@ -105,6 +105,7 @@ def reference_recipe(args, device: str, work: Path) -> dict:
 
 def project_recipe(args, device: str, work: Path) -> dict:
     from selma_core.models import speed
+    from selma_core.models.attention import resolve_attention, sdpa_backend
     from selma_core.phases.images import ImagesConfig, draw_images, prompt_seed, torch_dtype
 
     cfg = ImagesConfig(
@@ -117,14 +118,27 @@ def project_recipe(args, device: str, work: Path) -> dict:
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
     mode = speed.resolve_compile(args.compile, pipe.unet, device)
     compiled = speed.prepare_for_inference(pipe, device, compile=mode, cache_dir=work)
+    side = args.resolution // pipe.vae_scale_factor
+    attention = resolve_attention(  # as the images phase does
+        args.attention,
+        pipe.unet,
+        device,
+        batch=args.batch * (2 if args.guidance > 1 else 1),
+        size=(side, side),
+        text_len=pipe.tokenizer.model_max_length,
+        backward=False,
+    )
 
     def draw(prompts: list[str]) -> list:
         seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]
-        return draw_images(pipe, prompts, seeds, cfg, device)
+        with sdpa_backend(attention.backend):
+            return draw_images(pipe, prompts, seeds, cfg, device)
 
     profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
     result["compile_mode"] = mode
+    result["attention"] = attention.backend
+    result["attention_measured_ms"] = attention.measured_ms
     result["compiled_modules"] = compiled
     result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
     return result
@@ -153,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "guidance": args.guidance,
         "batches": args.batches,
         "compile": args.compile,
+        "attention_setting": args.attention,
         "torch": torch.__version__,
     }
     project, reference = run_recipes(

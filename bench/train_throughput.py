@@ -212,14 +212,17 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         gradient_accumulation=1,
         learning_rate=LEARNING_RATE,
         resolution=args.resolution,
-        log_every=1,
+        log_every=max(args.steps, 10),  # as in the train phase: the loss read every few steps
         checkpoint_every=None,
         validation_every=None,
         compile=args.compile,
+        attention=args.attention,
     )
     torch.manual_seed(0)
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=str(work))
-    compile_cache = trainer.store_compile_cache(LocalArtifactStore(work / "store"), work / "scratch")
+    store = LocalArtifactStore(work / "store")
+    trainer.choose_attention(store)  # as the train phase does: measured once, kept in the store
+    compile_cache = trainer.store_compile_cache(store, work / "scratch")
     if compile_cache is not None:
         compile_cache.load()  # timed apart: load_s
     times: dict[int, float] = {}
@@ -229,7 +232,9 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     profiler = StepProfiler(device, "train_throughput", args.arch, work) if args.profile else None
     profile: dict = {}
 
-    def on_log(step: int, metrics: dict) -> None:
+    def on_step(step: int) -> None:
+        if step not in (1, first, last, last + args.profile):
+            return  # not waiting for the device: the steps between queue up as in a real job
         synchronize(device)
         times[step] = time.perf_counter()
         if profiler is not None and step == last:  # the steps after the timed ones
@@ -246,7 +251,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
 
     reset_peak(device)
     started = time.perf_counter()
-    history = dict(trainer.train(dataset, on_log=on_log, on_warmup=on_warmup))
+    history = dict(trainer.train(dataset, on_step=on_step, on_warmup=on_warmup))
     elapsed = times[last] - times[first]
     saved_s = sum(save_s)
     encode_s = times[1] - started - warmups[0] - saved_s  # decoding and encoding the dataset, once
@@ -257,9 +262,11 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         "first_step_s": warmups[0],
         "encode_s": encode_s,
         "peak_gib": peak_gib(device),
-        "final_loss": history[last],
+        "final_loss": history[max(history)],
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "compile_mode": trainer.compile_mode,
+        "attention": trainer.attention.backend,
+        "attention_measured_ms": trainer.attention.measured_ms,
         "compiled_modules": trainer.compiled_modules,
         "compile_cache_loaded": bool(compile_cache and compile_cache.loaded),
         "compile_cache_load_s": compile_cache.load_s if compile_cache else 0.0,
@@ -294,6 +301,8 @@ def restart_from_store(args, work: Path) -> dict:
         str(args.images),
         "--compile",
         args.compile,
+        "--attention",
+        args.attention,
         "--device",
         args.device,
         "--work-dir",
@@ -343,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "compile": args.compile,
+        "attention_setting": args.attention,
         "torch": torch.__version__,
     }
     project, reference = run_recipes(

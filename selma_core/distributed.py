@@ -116,16 +116,16 @@ def all_reduce_gradients(params) -> None:
         offset += n
 
 
-def all_reduce_sum(value: float) -> float:
-    """A Python number summed over all processes (in float64)."""
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Python numbers, each summed over all processes (in float64), in one collective."""
     import torch
     import torch.distributed as dist
 
-    if not _initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_group_device())
+    if not _initialized() or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_group_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
+    return t.tolist()
 
 
 def broadcast_tensors(tensors, src: int = 0) -> None:

@@ -26,12 +26,16 @@ class RecordingRun:
 
     def __init__(self, artifacts_dir: Path | None = None) -> None:
         self.params: dict = {}
+        self.tags: dict = {}
         self.metrics: list[tuple[int | None, dict]] = []
         self.artifacts_dir = artifacts_dir
         self.artifacts: list[str] = []  # "artifact_path/name" of every logged file
 
     def log_params(self, params: dict) -> None:
         self.params.update(params)
+
+    def set_tags(self, tags: dict) -> None:
+        self.tags.update(tags)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.metrics.append((step, dict(metrics)))

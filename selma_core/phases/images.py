@@ -137,6 +137,9 @@ class ImagesConfig(SamplingConfig):
     channels_last: bool = execution_only(True)
     compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
+    # The attention kernel (selma_core.models.attention), as train.attention: "auto" measures the
+    # candidates on this generator's shapes on CUDA once per GPU type and keeps the fastest.
+    attention: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = execution_only("auto")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -285,6 +288,7 @@ class _Drawer:
         self.drawn = 0
         self.compile_mode = "off"  # cfg.compile resolved for the generator (speed.resolve_compile)
         self.compile_cache = None  # speed.StoreCompileCache, when the UNet is compiled
+        self.attention = "default"  # the attention kernel batches are drawn under (cfg.attention resolved)
         self.warmup_s: float | None = None  # the first batch's time: what compiling cost this job
 
     def _load(self) -> None:
@@ -309,6 +313,7 @@ class _Drawer:
             compiled = speed.prepare_for_inference(
                 self.pipe, self.device, self.cfg.channels_last, self.compile_mode, cache_dir=config.cache_dir
             )
+            self.attention = self._choose_attention()
             if compiled and self.cfg.compile_cache:
                 self._load_compile_cache(dtype)
         if self.cfg.nsfw_checker is not None:
@@ -319,6 +324,28 @@ class _Drawer:
                 dtype,
                 allow_pickle=config.allow_pickle_checkpoints,
             )
+
+    def _choose_attention(self) -> str:
+        """``cfg.attention`` resolved for this generator's batches (measured once per GPU type and
+        model with "auto" on CUDA, the measurement kept in the store)."""
+        from selma_core.models.attention import resolve_attention
+
+        cfg, pipe = self.cfg, self.pipe
+        scale = pipe.vae_scale_factor
+        native = pipe.unet.config.sample_size * scale
+        size = ((cfg.height or native) // scale, (cfg.width or native) // scale)
+        choice = resolve_attention(
+            cfg.attention,
+            pipe.unet,
+            self.device,
+            batch=cfg.batch_size * (2 if guidance_scale(cfg, pipe) > 1 else 1),  # guidance doubles it
+            size=size,
+            text_len=getattr(pipe.tokenizer, "model_max_length", 77),
+            backward=False,
+            store=self.ctx.store,
+        )
+        self.ctx.run.set_tags({"images.attention_kernel": choice.backend})
+        return choice.backend
 
     def _load_compile_cache(self, dtype) -> None:
         """The compiled kernels of an earlier job with this generator and these shapes, from the store
@@ -335,6 +362,7 @@ class _Drawer:
             "channels_last": cfg.channels_last,
             # Fused QKV projections or not: their attention processors say.
             "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
+            "attention_kernel": self.attention,
         }
         digest = speed.compile_cache_digest(pipe.unet, self.compile_mode, self.device, dtype, signature)
         self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
@@ -385,6 +413,8 @@ class _Drawer:
 
     def draw_shard(self, shard: list[dict], path: Path) -> dict[str, str]:
         """Draw ``shard``'s images into the tar ``path``; the images dropped (id -> reason)."""
+        from selma_core.models.attention import sdpa_backend
+
         self._load()
         cfg = self.cfg
         dropped: dict[str, str] = {}
@@ -395,7 +425,8 @@ class _Drawer:
                 batch = shard[first : first + cfg.batch_size]
                 texts, seeds = [m["prompt"] for m in batch], [m["seed"] for m in batch]
                 started = time.monotonic()
-                drawn = draw_images(self.pipe, texts, seeds, cfg, self.device, pad_to=pad_to)
+                with sdpa_backend(self.attention):
+                    drawn = draw_images(self.pipe, texts, seeds, cfg, self.device, pad_to=pad_to)
                 if self.warmup_s is None:
                     self._after_first_batch(time.monotonic() - started)
                 images = [image.convert("RGB") for image in drawn]

@@ -131,6 +131,11 @@ class TrainConfig:
     # loads them instead of compiling.
     compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
+    # The attention kernel (selma_core.models.attention): "default" is PyTorch's own choice; "flash",
+    # "efficient", "cudnn", "math" put that one first; "auto" measures them on this model's shapes
+    # on CUDA once per GPU type (the choice kept in the store: cache/attention/) and takes one only
+    # when faster than PyTorch's own; on the CPU it is "default".
+    attention: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = execution_only("auto")
     # Recompute activations in the backward pass: far less GPU memory for about a third more time.
     gradient_checkpointing: bool = execution_only(False)
     # Images of a dataset that cannot be decoded are skipped and counted; above this share of the
@@ -290,6 +295,33 @@ class ExpertTrainer:
         kernels = cache_dir if cfg.compile_cache else None
         self.compile_mode = speed.resolve_compile(cfg.compile, pipe.unet, device)
         self.compiled_modules = speed.compile_unet(pipe.unet, self.compile_mode, cache_dir=kernels)
+        self.attention = None  # an attention.AttentionChoice, once choose_attention has run
+
+    def choose_attention(self, store=None):
+        """The attention kernel training runs under: ``cfg.attention`` resolved, measured at most once
+        (``selma_core.models.attention.resolve_attention``; ``store`` keeps the measurement for every
+        later job). ``train`` calls it when nothing did before."""
+        from selma_core.models.attention import resolve_attention
+
+        if self.attention is None:
+            side = (self.cfg.resolution or self.native_resolution()) // self.pipe.vae_scale_factor
+            self.attention = resolve_attention(
+                self.cfg.attention,
+                self.pipe.unet,
+                self.device,
+                batch=self.cfg.batch_size,
+                size=(side, side),
+                text_len=self.pipe.tokenizer.model_max_length,
+                backward=True,
+                store=store,
+            )
+            if self.attention.measured_ms and not self.attention.from_store:
+                print(
+                    f"train: attention kernel {self.attention.backend} (measured, ms per forward "
+                    f"and backward: {self.attention.measured_ms})",
+                    file=sys.stderr,
+                )
+        return self.attention
 
     def _frozen_modules(self) -> list:
         modules = [self.pipe.vae, self.pipe.text_encoder]
@@ -417,6 +449,7 @@ class ExpertTrainer:
 
         if self.compile_mode == "off" or not self.cfg.compile_cache:
             return None
+        self.choose_attention(store)  # the graphs depend on it; the store keeps the measurement
         unet = self.pipe.unet
         digest = speed.compile_cache_digest(
             unet, self.compile_mode, self.device, self.dtype, self.compile_signature()
@@ -425,13 +458,14 @@ class ExpertTrainer:
 
     def compile_signature(self) -> dict:
         """What the compiled graphs depend on beyond the UNet's config, dtype and input shapes (for
-        the compile cache's digest): the LoRA, checkpointing, memory layout and autocast."""
+        the compile cache's digest): the LoRA, checkpointing, memory layout, autocast and attention kernel."""
         cfg = self.cfg
         return {
             "lora": [cfg.rank, cfg.alpha, sorted(cfg.target_modules)],
             "gradient_checkpointing": cfg.gradient_checkpointing,
             "channels_last": self.channels_last,
             "autocast": type(self._autocast()).__name__,
+            "attention": self.choose_attention().backend,
             "batch": cfg.batch_size,
             "resolution": cfg.resolution or self.native_resolution(),
         }
@@ -630,6 +664,7 @@ class ExpertTrainer:
         latent_cache=None,
         on_validate=None,
         on_warmup=None,
+        on_step=None,
     ) -> list[tuple[int, float]]:
         """Train; the loss history.
 
@@ -644,8 +679,15 @@ class ExpertTrainer:
         Callbacks, on rank 0: ``on_log(step, metrics)`` every ``log_every`` steps (``train.loss``,
         ``train.lr``, ``train.images_per_s`` over the interval, ``train.gpu_memory_gib`` on CUDA);
         ``on_validate(step)`` every ``validation_every`` steps; ``on_warmup(seconds)`` once the first
-        step is done (with ``compile``: how long compiling took).
+        step is done (with ``compile``: how long compiling took); ``on_step(step)`` after every
+        step, without waiting for the device (its work may still be queued).
         """
+        from selma_core.models.attention import sdpa_backend
+
+        with sdpa_backend(self.choose_attention().backend):
+            return self._train(dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step)
+
+    def _train(self, dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step) -> list:
         import torch
         from tqdm import tqdm
 
@@ -704,6 +746,11 @@ class ExpertTrainer:
         unet = self.pipe.unet
         unet.train()
         steps = range(self.resumed_from_step + 1, cfg.steps + 1)
+        first = self.resumed_from_step + 1
+        # Each step's loss and gradient norm stay on the device until a step that needs them: see
+        # _settle. Under fp16 every step needs them before its update (the loss scale's verdict).
+        pending: list[tuple[int, object, object]] = []
+        fp16 = self.scaler.is_enabled()
         for step in tqdm(
             steps,
             desc="train",
@@ -724,39 +771,20 @@ class ExpertTrainer:
             distributed.all_reduce_gradients(self.params)
             self.scaler.unscale_(self.optimizer)  # clipping and the norm see the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            # One read from the device per step (each read waits for the GPU): loss and norm together.
-            local, norm = torch.stack([local_loss, grad_norm.to(local_loss.device, torch.float64)]).tolist()
-            step_loss = distributed.all_reduce_sum(local)
-            # Under fp16 an overflowing gradient is the loss scale's doing, not divergence: the scaler
-            # skips the update and halves the scale. Only a scale driven below 2 means divergence.
-            overflow = self.scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(norm)
-            if overflow and self.scaler.get_scale() >= 2.0:
-                self.steps_skipped += 1
-            elif not (math.isfinite(step_loss) and math.isfinite(norm)):
-                # Checked before the update, so no checkpoint ever holds what a non-finite gradient
-                # made of the weights. Deterministic for the seed: a retry would diverge again.
-                kept = (
-                    f"the last good checkpoint, step {last_checkpoint}, is kept at "
-                    f"{checkpoints.key(last_checkpoint)}"
-                    if last_checkpoint is not None and checkpoints is not None
-                    else "no checkpoint was saved before it"
-                )
-                what = (
-                    f"loss became {step_loss}"
-                    if not math.isfinite(step_loss)
-                    else f"gradient norm became {norm}"
-                )
-                raise ConfigError(
-                    f"{what} at step {step}; training stopped, {kept}. Lower "
-                    f"train.learning_rate ({cfg.learning_rate}) or use mixed_precision: no"
-                )
+            pending.append((step, local_loss, grad_norm))
+            settled: dict[int, tuple[float, float]] = {}
+            if fp16:  # checked before the update: an overflow skips it, divergence stops the job
+                settled = self._settle(pending, last_checkpoint, checkpoints)
             self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 gradients overflowed
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            if step == self.resumed_from_step + 1 and on_warmup and rank == 0:
+            if not fp16 and self._settle_due(step, first):
+                settled = self._settle(pending, last_checkpoint, checkpoints)
+            if step == first and on_warmup and rank == 0:
                 on_warmup(time.monotonic() - started)
             fault_point("train.after_step")
             if step % cfg.log_every == 0 or step == cfg.steps:
+                step_loss, norm = settled[step]
                 history.append((step, step_loss))
                 now = time.monotonic()
                 rate = (step - interval[1]) * images_per_step / max(now - interval[0], 1e-9)
@@ -783,8 +811,65 @@ class ExpertTrainer:
                 unet.eval()
                 on_validate(step)
                 unet.train()
+            if on_step and rank == 0:
+                on_step(step)
         unet.eval()
         return history
+
+    def _settle_due(self, step: int, first: int) -> bool:
+        """Whether ``step`` reads the pending losses from the device: the first step (its time is the
+        warm-up's), the last, and every log, checkpoint and validation step (the same on every
+        process, as the read is a collective)."""
+        cfg = self.cfg
+        return (
+            step in (first, cfg.steps)
+            or step % cfg.log_every == 0
+            or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            or bool(cfg.validation_every and step % cfg.validation_every == 0)
+        )
+
+    def _settle(self, pending: list, last_checkpoint: int | None, checkpoints) -> dict:
+        """The pending steps' global losses and gradient norms, ``{step: (loss, norm)}``, read from the
+        device at once; ``pending`` is emptied.
+
+        Each read waits for the GPU to finish everything queued; one read per step would leave it
+        idle while the CPU launches the next step. So steps in between only queue work, and the read
+        comes at a step that needs the numbers (``_settle_due``). A non-finite loss or norm stops
+        training, naming the first such step: its update has changed the weights in memory only, as
+        no checkpoint is saved before the read that covers every step up to it has passed. Under
+        fp16 (read every step, before the update) an overflowing gradient is the loss scale's doing,
+        not divergence: the scaler skips the update and halves the scale; only a scale driven below
+        2 means divergence."""
+        import torch
+
+        from selma_core import distributed
+
+        steps = [s for s, _, _ in pending]
+        pairs = torch.stack(
+            [torch.stack([loss, norm.to(loss.device, torch.float64)]) for _, loss, norm in pending]
+        ).tolist()
+        pending.clear()
+        losses = distributed.all_reduce_sum([loss for loss, _ in pairs])
+        settled = {}
+        for at, loss, (_, norm) in zip(steps, losses, pairs, strict=True):
+            overflow = self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(norm)
+            if overflow and self.scaler.get_scale() >= 2.0:
+                self.steps_skipped += 1
+            elif not (math.isfinite(loss) and math.isfinite(norm)):
+                # Deterministic for the seed: a retry would diverge again.
+                kept = (
+                    f"the last good checkpoint, step {last_checkpoint}, is kept at "
+                    f"{checkpoints.key(last_checkpoint)}"
+                    if last_checkpoint is not None and checkpoints is not None
+                    else "no checkpoint was saved before it"
+                )
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
+                raise ConfigError(
+                    f"{what} at step {at}; training stopped, {kept}. Lower "
+                    f"train.learning_rate ({self.cfg.learning_rate}) or use mixed_precision: no"
+                )
+            settled[at] = (loss, norm)
+        return settled
 
     def _out_of_memory_message(self, resolution: int, error: Exception) -> str:
         cfg = self.cfg
@@ -881,6 +966,8 @@ def train_expert(ctx, skill_name: str) -> dict:
         vae_dtype=str(trainer.vae_dtype) if trainer.vae_dtype != trainer.dtype else None,
     )
     start = time.monotonic()
+    # Measured once per GPU type and model (on CUDA, with attention: auto), then read from the store.
+    ctx.run.set_tags({"train.attention_kernel": trainer.choose_attention(ctx.store).backend})
     compile_cache = trainer.store_compile_cache(ctx.store, ctx.scratch_dir)
     if compile_cache is not None:
         compile_cache.load_for_job(ctx, "train")
@@ -926,6 +1013,7 @@ def train_expert(ctx, skill_name: str) -> dict:
         **summary,
         "resumed_from_step": trainer.resumed_from_step,
         "latent_cache": trainer.latent_cache_use,
+        "attention_kernel": trainer.attention.backend,
     }
     if rank != 0:  # every process holds the same weights; rank 0 saves and commits them
         return result

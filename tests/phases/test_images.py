@@ -504,6 +504,7 @@ def test_a_compiled_generator_draws_every_batch_at_one_shape(tiny_config, tmp_pa
     fake_pipeline = selma_core.models.loading.load_diffusion_pipeline()
     monkeypatch.setattr(type(fake_pipeline), "unet", object(), raising=False)
     monkeypatch.setattr(speed, "prepare_for_inference", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(images_phase._Drawer, "_choose_attention", lambda self: "default")  # no real UNet
     result = generate_images(images_job(tiny_config, tmp_path / "compiled", compile="blocks"), SKILL)
     assert calls == [(3, 3), (1, 3)] * 3 + [(3, 3)]  # shards of 4, 4, 4 and 3 in batches of 3
     assert result["compile"]["mode"] == "blocks" and result["compile"]["cache_loaded"] is False
@@ -571,3 +572,25 @@ def test_compiled_kernels_in_the_store_spare_the_next_images_job_its_compile(tin
     assert second["images"] == 15
     assert second["compile"]["cache_loaded"] is True and second["compile"]["cache_saved"] is False
     assert second["compile"]["graphs_compiled"] == 0
+
+
+def test_batches_are_drawn_under_the_configured_attention_kernel(tiny_config, tmp_path, monkeypatch):
+    """The real tiny generator: every batch drawn with the configured kernel first, the choice tagged
+    on the job's run; PyTorch's order returns afterwards."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    firsts = []
+    real = images_phase.draw_images
+
+    def recording(*args, **kwargs):
+        firsts.append(torch._C._get_sdp_priority_order()[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images_phase, "draw_images", recording)
+    before = torch._C._get_sdp_priority_order()
+    ctx = images_job(tiny_config, tmp_path, attention="math")
+    generate_images(ctx, SKILL)
+    assert len(firsts) == 7 and set(firsts) == {int(SDPBackend.MATH)}
+    assert {"images.attention_kernel": "math"} in ctx.run.tags
+    assert torch._C._get_sdp_priority_order() == before

@@ -106,3 +106,26 @@ def test_an_empty_image_set_is_an_input_error(tmp_path):
         pass
     with pytest.raises(InputError, match="the image set is empty"):
         read_image_dataset(tmp_path)
+
+
+def test_training_runs_under_the_configured_attention_kernel(model_cache, monkeypatch):
+    """Every micro-batch runs with the configured kernel first (CUDA's dispatch follows that order);
+    the compile cache's digest covers it; PyTorch's order returns afterwards."""
+    from torch.nn.attention import SDPBackend
+
+    firsts = []
+    real = ExpertTrainer._micro_batch
+
+    def recording(self, *args, **kwargs):
+        firsts.append(torch._C._get_sdp_priority_order()[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExpertTrainer, "_micro_batch", recording)
+    before = torch._C._get_sdp_priority_order()
+    trainer, _ = train(model_cache, "random:tiny-sd", steps=2, attention="math")
+    assert set(firsts) == {int(SDPBackend.MATH)} and len(firsts) == 4
+    assert trainer.attention.backend == "math" and trainer.compile_signature()["attention"] == "math"
+    assert torch._C._get_sdp_priority_order() == before
+    firsts.clear()
+    trainer, _ = train(model_cache, "random:tiny-sd", steps=1)  # auto: PyTorch's own on the CPU
+    assert trainer.attention.backend == "default" and set(firsts) == {before[0]}

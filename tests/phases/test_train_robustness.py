@@ -91,6 +91,47 @@ def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert [state.step for state in [checkpoints.resume(expert.check_state)]] == [2]
 
 
+def test_losses_are_read_from_the_device_only_at_steps_that_need_them(model_cache, dataset, monkeypatch):
+    """Each read waits for the GPU: the trainer reads at the first step, log and checkpoint steps and
+    the last, not every step; the history is the one every step's reads would give."""
+    reads = []
+    real = ExpertTrainer._settle
+
+    def recording(self, pending, *args):
+        reads.append([step for step, _, _ in pending])
+        return real(self, pending, *args)
+
+    monkeypatch.setattr(ExpertTrainer, "_settle", recording)
+    history = trainer(model_cache, config(steps=10, log_every=4, checkpoint_every=6)).train(dataset)
+    assert reads == [[1], [2, 3, 4], [5, 6], [7, 8], [9, 10]]
+    monkeypatch.setattr(ExpertTrainer, "_settle", real)
+    every_step = trainer(model_cache, config(steps=10, log_every=1)).train(dataset)
+    assert history == [(step, loss) for step, loss in every_step if step in (4, 8, 10)]
+
+
+def test_a_loss_diverging_between_reads_names_its_step_and_no_later_checkpoint_is_saved(
+    tmp_path, model_cache, dataset, monkeypatch
+):
+    store = LocalArtifactStore(tmp_path / "store")
+    checkpoints = CheckpointStore(store, "experts/counting/x", tmp_path / "scratch", keep=5)
+    expert = trainer(model_cache, config(steps=8, log_every=8, checkpoint_every=2))
+    real = ExpertTrainer._micro_batch
+    calls = []
+
+    def diverge_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * math.nan if len(calls) == 5 else loss  # step 3's first micro-batch only
+
+    monkeypatch.setattr(ExpertTrainer, "_micro_batch", diverge_at_step_3)
+    with pytest.raises(ConfigError) as raised:
+        expert.train(dataset, checkpoints=checkpoints)
+    # Read at step 4 (a checkpoint step): step 3 named, step 4's checkpoint never saved.
+    kept = f"the last good checkpoint, step 2, is kept at {checkpoints.key(2)}"
+    assert f"loss became nan at step 3; training stopped, {kept}" in str(raised.value)
+    assert checkpoints.resume(expert.check_state).step == 2
+
+
 def test_cuda_out_of_memory_names_the_batch_size_and_what_to_change(model_cache, dataset, monkeypatch):
     expert = trainer(model_cache, config(batch_size=2, gradient_accumulation=2))
 
