@@ -103,6 +103,21 @@ def reference_recipe(args, device: str, work: Path) -> dict:
     return measure(draw, args, device)
 
 
+def vae_decode_ms(pipe, batch: int, side: int, device: str) -> float:
+    """Milliseconds the VAE takes to decode one batch's latents (part of ``batch_s``): what compiling or
+    speeding up the decoder could save."""
+    import torch
+
+    vae = pipe.vae
+    latents = torch.randn(batch, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype)
+    timer = Timer(device)
+    with torch.no_grad():
+        vae.decode(latents)  # warm-up: cuDNN's autotuner picks its convolutions
+        timer.start()
+        vae.decode(latents)
+    return timer.stop() * 1e3
+
+
 def project_recipe(args, device: str, work: Path) -> dict:
     from selma_core.models import speed
     from selma_core.models.attention import resolve_attention, sdpa_backend
@@ -136,6 +151,7 @@ def project_recipe(args, device: str, work: Path) -> dict:
 
     profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
+    result["vae_decode_ms"] = vae_decode_ms(pipe, args.batch, side, device)
     result["compile_mode"] = mode
     result["attention"] = attention.backend
     result["attention_measured_ms"] = attention.measured_ms

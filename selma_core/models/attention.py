@@ -45,8 +45,9 @@ _BACKENDS = {
 # What "auto" tries on a GPU. Not math: it holds every score in memory and never wins at these
 # sequence lengths (4,096 tokens at 512 px).
 GPU_CANDIDATES = ("flash", "efficient", "cudnn")
-# A backend replaces PyTorch's choice only when at least this much faster over all the shapes.
-MIN_GAIN = 0.03
+# A backend replaces PyTorch's choice only when at least this much faster over all the shapes
+# (timings of one kernel jitter by a percent or two).
+MIN_GAIN = 0.05
 ATTENTION_CACHE_PREFIX = "cache/attention"
 
 
@@ -68,15 +69,25 @@ class AttentionShape:
 class AttentionChoice:
     """The backend the work runs under (``"default"``: PyTorch's own priority), and for ``auto`` what
     was measured: each candidate's time in milliseconds over one forward's attention calls (None:
-    it could not run them, or computed something else), and why a candidate was left out."""
+    left out, ``excluded`` says why)."""
 
     backend: str
     measured_ms: dict[str, float | None] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     from_store: bool = False
+    # Each shape's time per call, by backend: {"8x4096x4096x40": {"default": 1.2, "cudnn": 0.9}}.
+    per_shape_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # The shapes each backend cannot run (PyTorch's next kernel runs them).
+    unsupported: dict[str, list[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "measured_ms": self.measured_ms, "excluded": self.excluded}
+        return {
+            "backend": self.backend,
+            "measured_ms": self.measured_ms,
+            "excluded": self.excluded,
+            "per_shape_ms": self.per_shape_ms,
+            "unsupported": self.unsupported,
+        }
 
 
 def backend_enum(name: str):
@@ -218,38 +229,51 @@ def choose_backend(
     repeats: int = 5,
 ) -> AttentionChoice:
     """The fastest of PyTorch's choice and ``candidates`` for ``shapes`` (call counts as weights) at
-    ``batch``; a candidate wins only ``MIN_GAIN`` ahead of PyTorch's choice. A candidate that cannot
-    run a shape, or computes other numbers than PyTorch's choice, is left out (``excluded``)."""
+    ``batch``; a candidate wins only ``MIN_GAIN`` ahead of PyTorch's choice.
+
+    A shape a candidate cannot run counts at PyTorch's choice's time (``sdpa_backend`` falls back to
+    PyTorch's order there) and is listed in ``unsupported``; a candidate that runs none of them, or
+    computes other numbers than PyTorch's choice, is left out (``excluded``)."""
     seconds: dict[str, float] = {}
     excluded: dict[str, str] = {}
-    references: dict[AttentionShape, tuple] = {}  # PyTorch's choice's outputs, measured first
+    unsupported: dict[str, list[str]] = {}
+    references: dict[AttentionShape, tuple[float, tuple]] = {}  # PyTorch's choice's, measured first
+    per_shape = {str(shape): dict.fromkeys(("default", *candidates)) for shape in sorted(shapes)}
     for name in ("default", *candidates):
-        total = 0.0
+        total, ran, why = 0.0, 0, ""
         for shape, count in sorted(shapes.items()):
             try:
                 with warnings.catch_warnings(), _only(name):
                     warnings.simplefilter("ignore")  # each backend warns why it cannot run a shape
                     took, outputs = _run(shape, batch, dtype, device, backward, repeats)
             except RuntimeError as e:
-                excluded[name] = f"shape {shape}: {str(e).strip().splitlines()[0]}"
-                break
+                if name == "default":
+                    raise
+                why = f"shape {shape}: {str(e).strip().splitlines()[0]}"
+                unsupported.setdefault(name, []).append(str(shape))
+                total += count * references[shape][0]
+                continue
             if name == "default":
-                references[shape] = outputs
-            elif not _agrees(outputs, references[shape], dtype):
+                references[shape] = (took, outputs)
+            elif not _agrees(outputs, references[shape][1], dtype):
                 excluded[name] = f"shape {shape}: its outputs differ from PyTorch's own choice's"
                 break
+            per_shape[str(shape)][name] = round(took * 1e3, 4)
             total += count * took
+            ran += 1
         else:
-            seconds[name] = total
-        if name == "default" and name not in seconds:
-            break  # nothing to compare with: PyTorch's choice stays
+            if ran:
+                seconds[name] = total
+            else:
+                excluded[name] = f"runs none of the shapes ({why})"
+                unsupported.pop(name, None)
     measured = {
         name: round(seconds[name] * 1e3, 3) if name in seconds else None for name in ("default", *candidates)
     }
-    best = min(seconds, key=seconds.__getitem__, default="default")
+    best = min(seconds, key=seconds.__getitem__)
     if best != "default" and seconds[best] > (1 - MIN_GAIN) * seconds["default"]:
         best = "default"
-    return AttentionChoice(best, measured, excluded)
+    return AttentionChoice(best, measured, excluded, per_shape_ms=per_shape, unsupported=unsupported)
 
 
 def _cache_key(shapes: Counter[AttentionShape], batch: int, dtype, device: str, backward: bool) -> str:
@@ -305,11 +329,20 @@ def resolve_attention(
             if store.exists(key):
                 kept = store.read_json(key)
                 return AttentionChoice(
-                    kept["backend"], kept["measured_ms"], kept["excluded"], from_store=True
+                    kept["backend"],
+                    kept["measured_ms"],
+                    kept["excluded"],
+                    from_store=True,
+                    per_shape_ms=kept["per_shape_ms"],
+                    unsupported=kept["unsupported"],
                 )
         except Exception as e:  # a cache never fails a job
             print(f"warning: attention choice {store.url(key)} not used: {e}", file=sys.stderr)
-    choice = choose_backend(shapes, batch, unet.dtype, device, backward, candidates or GPU_CANDIDATES)
+    try:
+        choice = choose_backend(shapes, batch, unet.dtype, device, backward, candidates or GPU_CANDIDATES)
+    except Exception as e:  # out of memory, say: PyTorch's own choice, as without measuring
+        print(f"warning: attention kernels not measured ({e}); PyTorch's own choice", file=sys.stderr)
+        return AttentionChoice("default")
     if store is not None:
         try:
             store.write_json(key, {**choice.as_dict(), "shapes": {str(s): n for s, n in shapes.items()}})

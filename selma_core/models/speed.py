@@ -4,9 +4,9 @@ Shared by the trainer and the image generator. Each switch changes how fast the 
 runs, never what it computes (beyond float rounding), so the configs mark them execution-only.
 
 - **channels_last**: convolutions in NHWC, the layout cuDNN's tensor-core kernels want.
-- **SDPA**: diffusers' ``AttnProcessor2_0`` (``F.scaled_dot_product_attention``: flash or
-  memory-efficient attention on CUDA); set explicitly so a model saved with another processor
-  (xformers, the slow classic one) does not keep it.
+- **SDPA**: diffusers' ``AttnProcessor2_0`` (``F.scaled_dot_product_attention``); set explicitly so
+  a model saved with another processor (xformers, the slow classic one) does not keep it. Which of
+  PyTorch's kernels computes it: ``selma_core.models.attention``.
 - **compile** ``"blocks"`` (regional compilation): each transformer block and ResNet block of the UNet
   is compiled on its own, one graph per distinct block shape, reused by every block of that shape.
   SDXL's blocks repeat (16 graphs, 121 s cold on an H100, where its whole UNet took over 5 minutes

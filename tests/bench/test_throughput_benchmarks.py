@@ -93,6 +93,7 @@ def test_train_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     assert record["peak_gib"] is None  # no per-recipe peak on CPU
     assert record["project_dtype"] == "float32"
     assert record["compile"] == "auto" and record["project_compile_mode"] == "off"  # auto: off on CPU
+    assert record["attention_setting"] == "auto" and record["project_attention"] == "default"  # on CPU
     assert_profiled(record, tmp_path, steps=2)
 
 
@@ -108,3 +109,20 @@ def test_generate_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     assert record["project_img_per_s"] > 0 and record["reference_img_per_s"] > 0
     assert_speedup_is_the_ratio(record)
     assert_profiled(record, tmp_path, steps=1)
+
+
+def test_attention_benchmark_times_each_kernel_on_each_shape_against_pytorchs_choice(tmp_path):
+    record = run("attention.py", tmp_path, *("--repeats", "1"))
+    assert record["bench"] == "attention" and record["device"].startswith("cpu")
+    assert [(r["arch"], r["mode"]) for r in record["results"]] == [("tiny", "train"), ("tiny", "generate")]
+    train, generate = record["results"]
+    assert generate["batch"] == 2 * train["batch"]  # classifier-free guidance
+    for result in record["results"]:
+        assert set(result["measured_ms"]) == {"default", "flash", "math"}
+        assert set(result["per_shape_ms"]) == set(result["calls"])
+        # Each kernel's total is its shapes' times weighed by their calls.
+        for name, total in result["measured_ms"].items():
+            weighed = sum(result["per_shape_ms"][s][name] * n for s, n in result["calls"].items())
+            assert total == pytest.approx(weighed, rel=1e-2, abs=1e-3)
+        chosen = result["measured_ms"][result["choice"]]
+        assert result["speedup"] == pytest.approx(result["measured_ms"]["default"] / chosen, abs=1e-3)

@@ -594,3 +594,25 @@ def test_batches_are_drawn_under_the_configured_attention_kernel(tiny_config, tm
     assert len(firsts) == 7 and set(firsts) == {int(SDPBackend.MATH)}
     assert {"images.attention_kernel": "math"} in ctx.run.tags
     assert torch._C._get_sdp_priority_order() == before
+
+
+@pytest.mark.parametrize("spec", ["random:tiny-sd", "random:tiny-sdxl"])
+def test_images_are_the_very_pixels_of_diffusers_pil_output(model_cache, spec):
+    """draw_images converts to 8-bit pixels on the device; the bytes are the pipeline's own PIL
+    output's."""
+    import numpy as np
+    import torch
+
+    from selma_core.models.loading import load_diffusion_pipeline
+
+    pipe = load_diffusion_pipeline(spec, model_cache)
+    cfg = ImagesConfig(num_inference_steps=2, height=32, width=32)
+    prompts, seeds = ["one red apple", "two cats left of a dog"], [1, 2]
+    drawn = images_phase.draw_images(pipe, prompts, seeds, cfg, "cpu")
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    guidance = images_phase.guidance_scale(cfg, pipe)
+    pil = pipe(
+        prompts, num_inference_steps=2, guidance_scale=guidance, height=32, width=32, generator=generators
+    )
+    assert [image.mode for image in drawn] == ["RGB", "RGB"]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(drawn, pil.images, strict=True))
