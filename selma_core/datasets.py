@@ -291,12 +291,21 @@ class _HashCache:
             return
         try:  # atomic: concurrent jobs may lose each other's entries (hashed again), never corrupt them
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.entries, f)
-            os.replace(tmp, self.path)
+            _write_atomically(self.path, json.dumps(self.entries).encode(), prefix=".hashes-")
         except OSError:
             pass  # a cache: the next listing hashes again
+
+
+def _write_atomically(path: Path, data: bytes, prefix: str) -> None:
+    """``data`` into ``path`` through a temporary file beside it (``prefix``...``.partial``): a reader
+    sees the old file or the whole new one, and a failure leaves no temporary file behind."""
+    fd, partial = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
 
 
 _S3_STORES: dict[tuple, object] = {}
@@ -452,13 +461,7 @@ class _Files:
             raise self._changed(entry) from e
         if len(data) != entry.size:
             raise self._changed(entry)
-        fd, partial = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".partial", dir=local.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(partial, local)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        _write_atomically(local, data, prefix=f".{local.name}.")
         return data
 
 

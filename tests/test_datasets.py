@@ -274,6 +274,18 @@ def test_hashes_are_remembered_but_a_change_after_listing_is_caught(tmp_path, mo
         read_external_dataset(str(root), tmp_path / "scratch", listing=listing)
 
 
+def test_a_hash_cache_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    """The cache is written through a temporary file beside it; when replacing fails (here its path
+    is a folder) listing still works and nothing half-written stays behind."""
+    root = make_imagefolder(tmp_path / "a")
+    listing = list_dataset(str(root), scratch_dir=tmp_path / "scratch")
+    [cache] = (tmp_path / "scratch" / "datasets").iterdir()
+    cache.unlink()
+    cache.mkdir()  # os.replace onto a folder fails
+    assert list_dataset(str(root), scratch_dir=tmp_path / "scratch").files == listing.files
+    assert [p.name for p in (tmp_path / "scratch" / "datasets").iterdir()] == [cache.name]
+
+
 def pairs_of(captions: list[str]) -> list[tuple[dict, bytes]]:
     return [({"id": f"i{i}", "prompt": c}, str(i).encode()) for i, c in enumerate(captions)]
 
