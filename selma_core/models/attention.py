@@ -49,6 +49,8 @@ GPU_CANDIDATES = ("flash", "efficient", "cudnn")
 # (timings of one kernel jitter by a percent or two).
 MIN_GAIN = 0.05
 ATTENTION_CACHE_PREFIX = "cache/attention"
+# Part of a stored choice's key: raised when what is measured, or how, changes.
+MEASUREMENT_VERSION = 1
 
 
 @dataclass(frozen=True, order=True)
@@ -112,7 +114,12 @@ def sdpa_backend(name: str) -> Iterator[None]:
     first = backend_enum(name)
     others = [b for b in map(backend_enum, _BACKENDS) if b != first]
     others.sort(key=lambda b: torch._C._get_sdp_priority_order().index(int(b)))
-    with sdpa_kernel([first, *others], set_priority=True):
+    # Inductor's on-disk caches key a graph by its code, not by the kernel priority it was traced
+    # under: without the tag a graph traced under another kernel would be a hit, and run that one.
+    with (
+        sdpa_kernel([first, *others], set_priority=True),
+        torch.compiler.config.patch(cache_key_tag=f"sdpa:{name}"),
+    ):
         yield
 
 
@@ -161,7 +168,9 @@ def attention_shapes(unet, size: tuple[int, int], text_len: int) -> Counter[Atte
     class Recording(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if func is F.scaled_dot_product_attention:
-                query, key = args[0], args[1]
+                kwargs = kwargs or {}
+                query = args[0] if args else kwargs["query"]
+                key = args[1] if len(args) > 1 else kwargs["key"]
                 seen[AttentionShape(query.shape[1], query.shape[2], key.shape[2], query.shape[3])] += 1
             return func(*args, **(kwargs or {}))
 
@@ -189,8 +198,10 @@ def _run(shape: AttentionShape, batch: int, dtype, device: str, backward: bool, 
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def tensor(length: int):
-        t = torch.randn(batch, shape.heads, length, shape.head_dim, generator=generator)
-        return t.to(device, dtype).requires_grad_(backward)
+        # (batch, tokens, heads, head) seen as (batch, heads, tokens, head): the strides diffusers'
+        # attention processors give SDPA.
+        t = torch.randn(batch, length, shape.heads, shape.head_dim, generator=generator)
+        return t.to(device, dtype).requires_grad_(backward).transpose(1, 2)
 
     query, key, value = tensor(shape.query_len), tensor(shape.key_len), tensor(shape.key_len)
     grad = torch.randn(query.shape, generator=generator).to(device, dtype) if backward else None
@@ -217,6 +228,20 @@ def _agrees(outputs: tuple, reference: tuple, dtype) -> bool:
 
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     return all(torch.allclose(a, b, atol=tol, rtol=tol) for a, b in zip(outputs, reference, strict=True))
+
+
+def _cannot_run(error: RuntimeError) -> bool:
+    """Whether ``error`` is PyTorch saying the backend has no kernel for the shape (CUDA's and the
+    CPU's wording), where sdpa_backend would fall back to its next backend, unlike out of memory."""
+    text = str(error)
+    return "No available kernel" in text or "No viable backend" in text
+
+
+def _free_memory(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def choose_backend(
@@ -250,6 +275,10 @@ def choose_backend(
                 if name == "default":
                     raise
                 why = f"shape {shape}: {str(e).strip().splitlines()[0]}"
+                if not _cannot_run(e):  # out of memory, a kernel's failure: not to be relied on
+                    excluded[name] = why
+                    _free_memory(device)
+                    break
                 unsupported.setdefault(name, []).append(str(shape))
                 total += count * references[shape][0]
                 continue
@@ -276,12 +305,30 @@ def choose_backend(
     return AttentionChoice(best, measured, excluded, per_shape_ms=per_shape, unsupported=unsupported)
 
 
-def _cache_key(shapes: Counter[AttentionShape], batch: int, dtype, device: str, backward: bool) -> str:
+def _cache_key(
+    shapes: Counter[AttentionShape],
+    batch: int,
+    dtype,
+    device: str,
+    backward: bool,
+    candidates: tuple[str, ...],
+) -> str:
     """The store key of a choice: everything the measurement depends on, hashed."""
     import torch
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     data = {
+        "version": MEASUREMENT_VERSION,
+        "min_gain": MIN_GAIN,
+        "candidates": list(candidates),
+        # PyTorch's own choice depends on which backends the process leaves enabled, and their order.
+        "enabled": [
+            torch._C._get_flash_sdp_enabled(),
+            torch._C._get_mem_efficient_sdp_enabled(),
+            torch._C._get_cudnn_sdp_enabled(),
+            torch._C._get_math_sdp_enabled(),
+        ],
+        "priority": torch._C._get_sdp_priority_order(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
@@ -320,32 +367,52 @@ def resolve_attention(
         return AttentionChoice(setting)
     if unet is None or (candidates is None and not device.startswith("cuda")):
         return AttentionChoice("default")
-    shapes = attention_shapes(unet, size, text_len)
+    candidates = candidates or GPU_CANDIDATES
+    try:
+        shapes = attention_shapes(unet, size, text_len)
+    except Exception as e:  # a model this recording does not know: PyTorch's own choice
+        print(f"warning: attention shapes not recorded ({e}); PyTorch's own kernel choice", file=sys.stderr)
+        return AttentionChoice("default")
     if not shapes:
         return AttentionChoice("default")
-    key = _cache_key(shapes, batch, unet.dtype, device, backward)
-    if store is not None:
-        try:
-            if store.exists(key):
-                kept = store.read_json(key)
-                return AttentionChoice(
-                    kept["backend"],
-                    kept["measured_ms"],
-                    kept["excluded"],
-                    from_store=True,
-                    per_shape_ms=kept["per_shape_ms"],
-                    unsupported=kept["unsupported"],
-                )
-        except Exception as e:  # a cache never fails a job
-            print(f"warning: attention choice {store.url(key)} not used: {e}", file=sys.stderr)
+    key = _cache_key(shapes, batch, unet.dtype, device, backward, candidates)
+    stored = _stored_choice(store, key)
+    if stored is not None:
+        return stored
     try:
-        choice = choose_backend(shapes, batch, unet.dtype, device, backward, candidates or GPU_CANDIDATES)
+        choice = choose_backend(shapes, batch, unet.dtype, device, backward, candidates)
     except Exception as e:  # out of memory, say: PyTorch's own choice, as without measuring
-        print(f"warning: attention kernels not measured ({e}); PyTorch's own choice", file=sys.stderr)
+        print(f"warning: attention kernels not measured ({e}); PyTorch's own kernel choice", file=sys.stderr)
         return AttentionChoice("default")
     if store is not None:
+        # Jobs measuring at once (several images workers): the first one stored wins, so they all
+        # end up with one choice and one compile cache entry.
+        stored = _stored_choice(store, key)
+        if stored is not None:
+            return stored
         try:
             store.write_json(key, {**choice.as_dict(), "shapes": {str(s): n for s, n in shapes.items()}})
         except Exception as e:
             print(f"warning: attention choice not saved to {store.url(key)}: {e}", file=sys.stderr)
     return choice
+
+
+def _stored_choice(store, key: str) -> AttentionChoice | None:
+    """The choice kept at ``key`` (None: none, or unreadable, which is reported)."""
+    if store is None:
+        return None
+    try:
+        if not store.exists(key):
+            return None
+        kept = store.read_json(key)
+        return AttentionChoice(
+            kept["backend"],
+            kept["measured_ms"],
+            kept["excluded"],
+            from_store=True,
+            per_shape_ms=kept["per_shape_ms"],
+            unsupported=kept["unsupported"],
+        )
+    except Exception as e:  # a cache never fails a job
+        print(f"warning: attention choice {store.url(key)} not used: {e}", file=sys.stderr)
+        return None

@@ -301,20 +301,30 @@ class ExpertTrainer:
         """The attention kernel training runs under: ``cfg.attention`` resolved, measured at most once
         (``selma_core.models.attention.resolve_attention``; ``store`` keeps the measurement for every
         later job). ``train`` calls it when nothing did before."""
-        from selma_core.models.attention import resolve_attention
+        from selma_core import distributed
+        from selma_core.models.attention import AttentionChoice, resolve_attention
 
         if self.attention is None:
+            # Rank 0 resolves (and measures, and stores); the others take its kernel: every process
+            # must run, and compile, the same one. A collective: every process calls this.
+            rank, world_size = distributed.rank_and_size()
             side = (self.cfg.resolution or self.native_resolution()) // self.pipe.vae_scale_factor
-            self.attention = resolve_attention(
-                self.cfg.attention,
-                self.pipe.unet,
-                self.device,
-                batch=self.cfg.batch_size,
-                size=(side, side),
-                text_len=self.pipe.tokenizer.model_max_length,
-                backward=True,
-                store=store,
-            )
+            choice = None
+            if rank == 0:
+                choice = resolve_attention(
+                    self.cfg.attention,
+                    self.pipe.unet,
+                    self.device,
+                    batch=self.cfg.batch_size,
+                    size=(side, side),
+                    text_len=self.pipe.tokenizer.model_max_length,
+                    backward=True,
+                    store=store,
+                )
+            if world_size > 1:
+                backend = distributed.broadcast_object(choice.backend if choice else None)
+                choice = choice or AttentionChoice(backend)
+            self.attention = choice
             if self.attention.measured_ms and not self.attention.from_store:
                 print(
                     f"train: attention kernel {self.attention.backend} (measured, ms per forward "

@@ -6,11 +6,15 @@ real SD 1.x and SDXL architectures are recorded on the meta device (shapes, no m
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch.nn.attention import SDPBackend
 
 from selma_core.models import attention
@@ -196,3 +200,39 @@ def test_a_damaged_stored_choice_is_reported_and_measured_again(tmp_path, model_
     assert not choice.from_store and choice.measured_ms["math"] > 0
     assert f"warning: attention choice {store.url(key)} not used" in capsys.readouterr().err
     assert resolve_attention("auto", unet, "cpu", **settings).from_store  # saved again
+
+
+COMPILE_UNDER = """
+import sys
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from selma_core.models.attention import sdpa_backend
+
+attend = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q) * 2)
+with sdpa_backend(sys.argv[1]):
+    attend(torch.randn(1, 2, 8, 4))
+print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+def test_a_graph_compiled_under_one_kernel_is_not_another_kernels_cache_hit(tmp_path):
+    """Inductor's on-disk cache keys a graph by its code: sdpa_backend tags the key with the kernel,
+    so a process under another kernel compiles its own graph instead of running the cached one."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def hits_and_misses(kernel: str) -> list[int]:
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_UNDER, kernel], capture_output=True, text=True, cwd=REPO, env=env
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [int(n) for n in done.stdout.split()]
+
+    assert hits_and_misses("math") == [0, 1]
+    assert hits_and_misses("flash") == [0, 1]  # not math's graph
+    assert hits_and_misses("math") == [1, 0]
+    with sdpa_backend("cudnn"):
+        assert torch.compiler.config.cache_key_tag == "sdpa:cudnn"
+    assert torch.compiler.config.cache_key_tag == ""

@@ -447,8 +447,10 @@ def test_guidance_left_null_is_the_models_usual_one():
             self.calls: list[dict] = []
 
         def __call__(self, prompts, **kwargs):
+            import torch
+
             self.calls.append(kwargs)
-            return SimpleNamespace(images=[None] * len(prompts))
+            return SimpleNamespace(images=torch.zeros(len(prompts), 3, 8, 8))  # output_type "pt"
 
     for sdxl, config, expected in [
         (False, SamplingConfig(), 7.5),

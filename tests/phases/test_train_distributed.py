@@ -21,12 +21,13 @@ from selma_core.phases.train import ExpertTrainer, TrainConfig
 
 from .test_train import tiny_dataset
 
-# (gradient_accumulation, random_flip): an even split (one micro-batch each), an uneven one.
-CASES = [(2, False), (3, True)]
-STEPS = 2
+# (gradient_accumulation, random_flip, log_every): an even split (one micro-batch each), an uneven
+# one whose losses are read from the device (and summed over the processes) two steps at once.
+CASES = [(2, False, 1), (3, True, 3)]
+STEPS = 3
 
 
-def train_case(model_cache, dataset, accumulation: int, flip: bool):
+def train_case(model_cache, dataset, accumulation: int, flip: bool, log_every: int):
     cfg = TrainConfig(
         rank=2,
         alpha=4,
@@ -34,13 +35,13 @@ def train_case(model_cache, dataset, accumulation: int, flip: bool):
         batch_size=2,
         gradient_accumulation=accumulation,
         learning_rate=1e-2,
-        log_every=1,
+        log_every=log_every,
         random_flip=flip,
     )
     torch.manual_seed(cfg.seed)  # the LoRA's init, as train_expert seeds it
     trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
     history = trainer.train(dataset)
-    return [p.detach().clone() for p in trainer.params], history
+    return [p.detach().clone() for p in trainer.params], history, trainer.attention.backend
 
 
 def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir) -> None:
@@ -58,7 +59,12 @@ def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir
     torch.set_num_threads(1)
     assert distributed.init("cpu") == "cpu"
     assert distributed.rank_and_size() == (rank, world_size)
-    results = [train_case(model_cache, dataset, acc, flip) for acc, flip in CASES]
+    # Rank 0's attention kernel is every rank's: each would choose another one here.
+    from selma_core.models import attention
+
+    chosen = "math" if rank == 0 else "flash"
+    attention.resolve_attention = lambda *args, **kwargs: attention.AttentionChoice(chosen)
+    results = [train_case(model_cache, dataset, *case) for case in CASES]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.shutdown()
 
@@ -67,13 +73,14 @@ def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
     import torch.multiprocessing as mp
 
     dataset = tiny_dataset(model_cache)
-    single = [train_case(model_cache, dataset, acc, flip) for acc, flip in CASES]
+    single = [train_case(model_cache, dataset, *case) for case in CASES]
     mp.spawn(_worker, args=(2, free_port(), model_cache, dataset, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for case, (params, history) in enumerate(single):
+    for case, (params, history, _) in enumerate(single):
         assert max(float(p.abs().max()) for p in params) > 0
         for rank_results in ranks:
-            rank_params, rank_history = rank_results[case]
+            rank_params, rank_history, rank_attention = rank_results[case]
+            assert rank_attention == "math"
             assert [s for s, _ in rank_history] == [s for s, _ in history]
             for (_, loss), (_, rank_loss) in zip(history, rank_history, strict=True):
                 assert rank_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)

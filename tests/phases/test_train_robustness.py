@@ -109,9 +109,12 @@ def test_losses_are_read_from_the_device_only_at_steps_that_need_them(model_cach
     assert history == [(step, loss) for step, loss in every_step if step in (4, 8, 10)]
 
 
-def test_a_loss_diverging_between_reads_names_its_step_and_no_later_checkpoint_is_saved(
+def test_gradients_diverging_between_reads_name_their_step_and_no_later_checkpoint_is_saved(
     tmp_path, model_cache, dataset, monkeypatch
 ):
+    """Step 3's gradients turn NaN: its update makes the weights NaN (in memory) and step 4's loss
+    with them. The read at step 4 (a checkpoint step) names step 3, and step 4's checkpoint, which
+    would hold those weights, is never saved: step 2's, finite, is what a rerun resumes."""
     store = LocalArtifactStore(tmp_path / "store")
     checkpoints = CheckpointStore(store, "experts/counting/x", tmp_path / "scratch", keep=5)
     expert = trainer(model_cache, config(steps=8, log_every=8, checkpoint_every=2))
@@ -121,15 +124,19 @@ def test_a_loss_diverging_between_reads_names_its_step_and_no_later_checkpoint_i
     def diverge_at_step_3(self, *args, **kwargs):
         calls.append(1)
         loss = real(self, *args, **kwargs)
-        return loss * math.nan if len(calls) == 5 else loss  # step 3's first micro-batch only
+        if len(calls) == 5:  # step 3's first micro-batch
+            self.params[0].grad.mul_(math.nan)
+        return loss
 
     monkeypatch.setattr(ExpertTrainer, "_micro_batch", diverge_at_step_3)
     with pytest.raises(ConfigError) as raised:
         expert.train(dataset, checkpoints=checkpoints)
-    # Read at step 4 (a checkpoint step): step 3 named, step 4's checkpoint never saved.
+    assert len(calls) == 8  # step 4 ran, on the weights step 3 made NaN
+    assert not torch.isfinite(expert.params[0]).all()
     kept = f"the last good checkpoint, step 2, is kept at {checkpoints.key(2)}"
-    assert f"loss became nan at step 3; training stopped, {kept}" in str(raised.value)
-    assert checkpoints.resume(expert.check_state).step == 2
+    assert f"gradient norm became nan at step 3; training stopped, {kept}" in str(raised.value)
+    state = checkpoints.resume(expert.check_state)
+    assert state.step == 2 and all(torch.isfinite(t).all() for t in state.tensors["lora"].values())
 
 
 def test_cuda_out_of_memory_names_the_batch_size_and_what_to_change(model_cache, dataset, monkeypatch):
