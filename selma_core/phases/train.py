@@ -514,7 +514,7 @@ class ExpertTrainer:
 
     def _micro_batch(self, draws, pixels_u8, texts: list[str], resolution: int, encoded=None):
         """Forward and backward one micro-batch (gradients accumulate); its loss / accumulation, a
-        float64 tensor on the device (read once per step: a read waits for the GPU).
+        float64 tensor left on the device (read only every few steps, see ``_settle``).
 
         The encoders' outputs come from ``encoded`` (the whole dataset's, ``_encode_dataset``) or,
         without it, are computed here, each image and prompt alone as ``_encode_dataset`` does."""
