@@ -5,7 +5,7 @@
 #   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
 # then two device calls, carrying .whl, the second at once (so the machine is still warm):
 #   bash bench/gpu.sh train-sd15-full                                   # timeout_s 360
-#   bash bench/gpu.sh attention generate-sd15-full train-sdxl-blocks    # timeout_s 460
+#   bash bench/gpu.sh attention generate-sd15-full train-sdxl-blocks    # timeout_s 470
 # With no names it runs all four (over 600 s: too long for one call). LIMIT_S=N overrides each
 # measurement's limit. Results: one JSON line per measurement on stdout and in $OUT/*.jsonl, each
 # with a profile of the project's steps after the timed ones ($OUT/*-profile.txt); logs in
@@ -44,7 +44,7 @@ run() {  # run LIMIT_S NAME SCRIPT ARGS...
 # where the whole UNet took over 5 minutes (on an H200).
 # Each attention kernel on SD 1.x's and SDXL's shapes against PyTorch's choice, training and
 # generation: what attention: auto chooses (each throughput run measures and applies it too).
-run 60 attention bench/attention.py --arch sd15 sdxl
+run 45 attention bench/attention.py --arch sd15 sdxl
 run 345 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --profile 2 --restart-timeout 80
 run 155 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full --profile 1
 run 250 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --restart-timeout 60
