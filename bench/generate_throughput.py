@@ -120,8 +120,8 @@ def vae_decode_ms(pipe, batch: int, side: int, device: str) -> float:
 
 def project_recipe(args, device: str, work: Path) -> dict:
     from selma_core.models import speed
-    from selma_core.models.attention import resolve_attention, sdpa_backend
-    from selma_core.phases.images import ImagesConfig, draw_images, prompt_seed, torch_dtype
+    from selma_core.models.attention import sdpa_backend
+    from selma_core.phases.images import ImagesConfig, choose_attention, draw_images, prompt_seed, torch_dtype
 
     cfg = ImagesConfig(
         num_inference_steps=args.steps,
@@ -129,20 +129,12 @@ def project_recipe(args, device: str, work: Path) -> dict:
         height=args.resolution,
         width=args.resolution,
         batch_size=args.batch,
+        attention=args.attention,
     )
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
     mode = speed.resolve_compile(args.compile, pipe.unet, device)
     compiled = speed.prepare_for_inference(pipe, device, compile=mode, cache_dir=work)
-    side = args.resolution // pipe.vae_scale_factor
-    attention = resolve_attention(  # as the images phase does
-        args.attention,
-        pipe.unet,
-        device,
-        batch=args.batch * (2 if args.guidance > 1 else 1),
-        size=(side, side),
-        text_len=pipe.tokenizer.model_max_length,
-        backward=False,
-    )
+    attention = choose_attention(pipe, cfg, device)  # as the images phase does
 
     def draw(prompts: list[str]) -> list:
         seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]
@@ -151,7 +143,9 @@ def project_recipe(args, device: str, work: Path) -> dict:
 
     profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
-    result["vae_decode_ms"] = vae_decode_ms(pipe, args.batch, side, device)
+    result["vae_decode_ms"] = vae_decode_ms(
+        pipe, args.batch, args.resolution // pipe.vae_scale_factor, device
+    )
     result["compile_mode"] = mode
     result["attention"] = attention.backend
     result["attention_measured_ms"] = attention.measured_ms

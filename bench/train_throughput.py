@@ -251,7 +251,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
 
     reset_peak(device)
     started = time.perf_counter()
-    history = dict(trainer.train(dataset, on_step=on_step, on_warmup=on_warmup))
+    history = trainer.train(dataset, on_step=on_step, on_warmup=on_warmup)
     elapsed = times[last] - times[first]
     saved_s = sum(save_s)
     encode_s = times[1] - started - warmups[0] - saved_s  # decoding and encoding the dataset, once
@@ -262,7 +262,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         "first_step_s": warmups[0],
         "encode_s": encode_s,
         "peak_gib": peak_gib(device),
-        "final_loss": history[max(history)],
+        "final_loss": history[-1][1],
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "compile_mode": trainer.compile_mode,
         "attention": trainer.attention.backend,

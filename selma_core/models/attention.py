@@ -22,8 +22,6 @@ work: its backend first, the others after it in PyTorch's order for shapes it ca
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 import warnings
@@ -316,6 +314,8 @@ def _cache_key(
     """The store key of a choice: everything the measurement depends on, hashed."""
     import torch
 
+    from selma_core.models.speed import fingerprint
+
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     data = {
         "version": MEASUREMENT_VERSION,
@@ -329,17 +329,13 @@ def _cache_key(
             torch._C._get_math_sdp_enabled(),
         ],
         "priority": torch._C._get_sdp_priority_order(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu",
         "dtype": str(dtype),
         "batch": batch,
         "backward": backward,
         "shapes": sorted((str(shape), count) for shape, count in shapes.items()),
     }
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
-    return f"{ATTENTION_CACHE_PREFIX}/{digest}.json"
+    return f"{ATTENTION_CACHE_PREFIX}/{fingerprint(device, data)}.json"
 
 
 def resolve_attention(

@@ -136,20 +136,24 @@ def compile_cache_digest(unet, mode: str, device: str, dtype: Any, signature: di
 
     ``signature``: what the caller's graphs depend on besides the UNet's config and dtype (input
     shapes, adapters, layout, autocast: ``ExpertTrainer.compile_signature``)."""
-    import torch
-
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    gpu = torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu"
     data = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": gpu,
         "mode": mode,
         "dtype": str(dtype),
         "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
         "signature": signature,
         "python": sys.version_info[:2],
     }
+    return fingerprint(device, data)
+
+
+def fingerprint(device: str, data: dict[str, Any]) -> str:
+    """``data``, with the torch and CUDA versions and the GPU model ``device`` is, hashed (20 hex
+    digits): the key of a cache entry measured or compiled there, only ever used where it fits."""
+    import torch
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu"
+    data = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu, **data}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 

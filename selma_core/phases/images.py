@@ -228,6 +228,26 @@ def draw_images(
     return [Image.fromarray(image) for image in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
+def choose_attention(pipe, cfg: ImagesConfig, device: str, store=None):
+    """``cfg.attention`` resolved for the batches ``draw_images`` draws with ``pipe`` (a
+    ``selma_core.models.attention.AttentionChoice``): with "auto" on CUDA measured once per GPU type
+    and model, the measurement kept in ``store``."""
+    from selma_core.models.attention import resolve_attention
+
+    scale = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * scale
+    return resolve_attention(
+        cfg.attention,
+        pipe.unet,
+        device,
+        batch=cfg.batch_size * (2 if guidance_scale(cfg, pipe) > 1 else 1),  # guidance doubles it
+        size=((cfg.height or native) // scale, (cfg.width or native) // scale),
+        text_len=getattr(pipe.tokenizer, "model_max_length", 77),
+        backward=False,
+        store=store,
+    )
+
+
 # -- filters --------------------------------------------------------------------------------------
 
 
@@ -333,24 +353,8 @@ class _Drawer:
             )
 
     def _choose_attention(self) -> str:
-        """``cfg.attention`` resolved for this generator's batches (measured once per GPU type and
-        model with "auto" on CUDA, the measurement kept in the store)."""
-        from selma_core.models.attention import resolve_attention
-
-        cfg, pipe = self.cfg, self.pipe
-        scale = pipe.vae_scale_factor
-        native = pipe.unet.config.sample_size * scale
-        size = ((cfg.height or native) // scale, (cfg.width or native) // scale)
-        choice = resolve_attention(
-            cfg.attention,
-            pipe.unet,
-            self.device,
-            batch=cfg.batch_size * (2 if guidance_scale(cfg, pipe) > 1 else 1),  # guidance doubles it
-            size=size,
-            text_len=getattr(pipe.tokenizer, "model_max_length", 77),
-            backward=False,
-            store=self.ctx.store,
-        )
+        """``cfg.attention`` resolved for this generator (``choose_attention``), tagged on the run."""
+        choice = choose_attention(self.pipe, self.cfg, self.device, self.ctx.store)
         self.ctx.run.set_tags({"images.attention_kernel": choice.backend})
         return choice.backend
 
