@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-restart-check", action="store_true", help="skip the restart-from-cache measurement"
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="the project replays each micro-batch as a CUDA graph (train config cuda_graph; GPU only)",
+    )
     args = parser.parse_args(argv)
     if args.warmup < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--warmup and --steps: expected at least 1 (the first step compiles)")
@@ -217,6 +222,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         validation_every=None,
         compile=args.compile,
         attention=args.attention,
+        cuda_graph=args.cuda_graph,
     )
     torch.manual_seed(0)
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=str(work))
@@ -268,6 +274,7 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
         "attention": trainer.attention.backend,
         "attention_measured_ms": trainer.attention.measured_ms,
         "compiled_modules": trainer.compiled_modules,
+        "cuda_graph": trainer.cuda_graph_state,
         "compile_cache_loaded": bool(compile_cache and compile_cache.loaded),
         "compile_cache_load_s": compile_cache.load_s if compile_cache else 0.0,
         "compile_cache_save_s": saved_s,
@@ -311,6 +318,8 @@ def restart_from_store(args, work: Path) -> dict:
     ]
     if args.resolution:
         command += ["--resolution", str(args.resolution)]
+    if args.cuda_graph:
+        command.append("--cuda-graph")
     try:
         done = subprocess.run(
             command, env=env, capture_output=True, text=True, check=False, timeout=args.restart_timeout
@@ -353,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_steps": args.warmup,
         "compile": args.compile,
         "attention_setting": args.attention,
+        "cuda_graph_setting": args.cuda_graph,
         "torch": torch.__version__,
     }
     project, reference = run_recipes(

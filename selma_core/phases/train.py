@@ -136,6 +136,12 @@ class TrainConfig:
     # on CUDA once per GPU type (the choice kept in the store: cache/attention/) and takes one only
     # when faster than PyTorch's own; on the CPU it is "default".
     attention: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = execution_only("auto")
+    # Each micro-batch's forward and backward replayed as a CUDA graph
+    # (selma_core.models.cuda_graph): one launch instead of thousands, so the GPU no longer waits
+    # for Python to launch them (SDXL compiled by blocks left it idle half of each step on an H200,
+    # bench/RESULTS.md). On CUDA only; not with gradient_checkpointing. Off until a GPU run has
+    # measured it.
+    cuda_graph: bool = execution_only(False)
     # Recompute activations in the backward pass: far less GPU memory for about a third more time.
     gradient_checkpointing: bool = execution_only(False)
     # Images of a dataset that cannot be decoded are skipped and counted; above this share of the
@@ -182,6 +188,11 @@ class TrainConfig:
             raise ValueError(f"max_bad_image_share: expected >= 0 and < 1, got {self.max_bad_image_share}")
         if self.resolution is not None and self.resolution > MAX_IMAGE_SIDE:
             raise ValueError(f"resolution: expected at most {MAX_IMAGE_SIDE}, got {self.resolution}")
+        if self.cuda_graph and self.gradient_checkpointing:
+            raise ValueError(
+                "cuda_graph and gradient_checkpointing: choose one (checkpointing's recomputation "
+                "saves and restores the GPU's random state, which a CUDA graph cannot hold)"
+            )
 
 
 def _weight_dtype(cfg: TrainConfig, device: str):
@@ -296,6 +307,11 @@ class ExpertTrainer:
         self.compile_mode = speed.resolve_compile(cfg.compile, pipe.unet, device)
         self.compiled_modules = speed.compile_unet(pipe.unet, self.compile_mode, cache_dir=kernels)
         self.attention = None  # an attention.AttentionChoice, once choose_attention has run
+        # cfg.cuda_graph: how micro-batches ran ("off", or GraphedCall.state after training); tests
+        # on the CPU set graph_backend (a selma_core.models.cuda_graph.GraphBackend) to run it there.
+        self.cuda_graph_state = "off"
+        self.graph_backend = None
+        self._forward_backward_call = self._forward_backward
 
     def choose_attention(self, store=None):
         """The attention kernel training runs under: ``cfg.attention`` resolved, measured at most once
@@ -518,11 +534,16 @@ class ExpertTrainer:
 
         The encoders' outputs come from ``encoded`` (the whole dataset's, ``_encode_dataset``) or,
         without it, are computed here, each image and prompt alone as ``_encode_dataset`` does."""
+        inputs = self._unet_inputs(draws, pixels_u8, texts, resolution, encoded)
+        # Consumed at once (the caller adds it up): with a CUDA graph the next call overwrites it.
+        return self._forward_backward_call(*inputs)
+
+    def _unet_inputs(self, draws, pixels_u8, texts: list[str], resolution: int, encoded=None) -> list:
+        """One micro-batch's tensors for ``_forward_backward``: noisy latents, timesteps, text
+        embeddings, the loss's target and (SDXL) the added conditioning."""
         import torch
-        import torch.nn.functional as F
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        cfg = self.cfg
         idx, flip, posterior, noise, timesteps = draws
         rows = idx.tolist()
         flips = flip.tolist() if flip is not None else [False] * len(rows)
@@ -569,11 +590,21 @@ class ExpertTrainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:  # epsilon (train() checked)
             target = noise
+        extra = [added["text_embeds"], added["time_ids"]] if added else []
+        return [noisy, timesteps, hidden, target, *extra]
+
+    def _forward_backward(self, noisy, timesteps, hidden, target, *added):
+        """The UNet's forward and backward on one micro-batch's tensors (``_unet_inputs``); the loss /
+        accumulation as a float64 device tensor. Tensors in, tensors out, nothing read on the host:
+        what a CUDA graph can replay (``cfg.cuda_graph``)."""
+        import torch.nn.functional as F
+
+        conditioning = {"text_embeds": added[0], "time_ids": added[1]} if added else None
         with self._autocast():
             pred = self.pipe.unet(
-                noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added
+                noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=conditioning
             ).sample
-        loss = F.mse_loss(pred.float(), target) / cfg.gradient_accumulation
+        loss = F.mse_loss(pred.float(), target) / self.cfg.gradient_accumulation
         self.scaler.scale(loss).backward()  # unscaled unless fp16
         return loss.detach().double()
 
@@ -761,6 +792,7 @@ class ExpertTrainer:
         # _settle. Under fp16 every step needs them before its update (the loss scale's verdict).
         pending: list[tuple[int, object, object]] = []
         fp16 = self.scaler.is_enabled()
+        graphed = self._graph_micro_batches() if cfg.cuda_graph else None
         for step in tqdm(
             steps,
             desc="train",
@@ -787,7 +819,8 @@ class ExpertTrainer:
                 settled = self._settle(pending, last_checkpoint, checkpoints)
             self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 gradients overflowed
             self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            # A CUDA graph adds into the gradients where it found them: zeroed in place, never freed.
+            self.optimizer.zero_grad(set_to_none=graphed is None)
             if not fp16 and self._settle_due(step, first):
                 settled = self._settle(pending, last_checkpoint, checkpoints)
             if step == first and on_warmup and rank == 0:
@@ -824,7 +857,25 @@ class ExpertTrainer:
             if on_step and rank == 0:
                 on_step(step)
         unet.eval()
+        if graphed is not None:
+            self.cuda_graph_state = graphed.state
         return history
+
+    def _graph_micro_batches(self):
+        """``cfg.cuda_graph``: ``_forward_backward`` as a ``GraphedCall`` from now on (None on the
+        CPU, unless a test gave a ``graph_backend``), every LoRA gradient allocated first."""
+        import torch
+
+        from selma_core.models.cuda_graph import GraphedCall
+
+        if not (self.device.startswith("cuda") or self.graph_backend is not None):
+            return None
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        graphed = GraphedCall(self._forward_backward, self.device, backend=self.graph_backend)
+        self._forward_backward_call = graphed
+        return graphed
 
     def _settle_due(self, step: int, first: int) -> bool:
         """Whether ``step`` reads the pending losses from the device: the first step (its time is the
@@ -1018,12 +1069,15 @@ def train_expert(ctx, skill_name: str) -> dict:
         "images_skipped": trainer.images_skipped,
     }
     ctx.run.log_metrics({"train.images_skipped": trainer.images_skipped})
+    # "off", "captured", or why the capture failed (training went on without a graph).
+    ctx.run.set_tags({"train.cuda_graph": trainer.cuda_graph_state})
     # Not in expert.json (a resumed run commits what an uninterrupted one does): the steps taken over.
     result = {
         **summary,
         "resumed_from_step": trainer.resumed_from_step,
         "latent_cache": trainer.latent_cache_use,
         "attention_kernel": trainer.attention.backend,
+        "cuda_graph": trainer.cuda_graph_state,
     }
     if rank != 0:  # every process holds the same weights; rank 0 saves and commits them
         return result

@@ -94,6 +94,7 @@ def test_train_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     assert record["project_dtype"] == "float32"
     assert record["compile"] == "auto" and record["project_compile_mode"] == "off"  # auto: off on CPU
     assert record["attention_setting"] == "auto" and record["project_attention"] == "default"  # on CPU
+    assert record["cuda_graph_setting"] is False and record["project_cuda_graph"] == "off"
     assert_profiled(record, tmp_path, steps=2)
 
 

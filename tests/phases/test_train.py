@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from graph_helpers import FailingBackend, ReplayingBackend
 from train_helpers import tiny_train_config
 
 from selma_core.lora import load_adapter
@@ -29,12 +30,19 @@ def tiny_dataset(model_cache, spec: str = "random:tiny-sd") -> list[tuple[dict, 
     return data
 
 
-def train(model_cache, spec: str, steps: int = 3, **overrides):
+def train(model_cache, spec: str, steps: int = 3, graph_backend=None, **overrides):
     cfg = tiny_train_config(steps=steps, **overrides)
     torch.manual_seed(0)
     trainer = ExpertTrainer(load_diffusion_pipeline(spec, model_cache), cfg, "cpu")
+    trainer.graph_backend = graph_backend  # a stand-in for the GPU's CUDA graph (tests/graph_helpers.py)
+    if graph_backend is not None:
+        graph_backend.grads_of = trainer.params
     history = trainer.train(tiny_dataset(model_cache, spec))
     return trainer, history
+
+
+def adapter_tensors(trainer) -> dict:
+    return {name: p.detach().clone() for name, p in zip(trainer.param_names, trainer.params, strict=True)}
 
 
 @pytest.mark.parametrize("spec", ["random:tiny-sd", "random:tiny-sd-v", "random:tiny-sdxl"])
@@ -84,6 +92,39 @@ def test_train_config_validates():
         TrainConfig(rank=0)
     with pytest.raises(ValueError, match="resolution"):
         TrainConfig(resolution=30)
+    with pytest.raises(ValueError, match="cuda_graph and gradient_checkpointing"):
+        TrainConfig(cuda_graph=True, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("spec", ["random:tiny-sd", "random:tiny-sdxl"])
+def test_micro_batches_replayed_as_a_graph_train_the_same_adapter(model_cache, spec):
+    """cuda_graph: from the third micro-batch on, each runs where the GPU would replay its graph: on
+    static buffers its inputs are copied into, adding into gradients that stay allocated, its loss
+    overwritten by the next. The losses and the adapter are exactly the ungraphed run's."""
+    plain, plain_history = train(model_cache, spec)
+    backend = ReplayingBackend()
+    graphed, history = train(model_cache, spec, graph_backend=backend, cuda_graph=True)
+    assert graphed.cuda_graph_state == "captured" and plain.cuda_graph_state == "off"
+    # 3 steps of 2 micro-batches: one compiles, one on the side stream, then capture and 4 replays.
+    assert backend.events == ["side stream", "capture"] + ["replay"] * 4
+    assert history == plain_history
+    for name, tensor in adapter_tensors(plain).items():
+        torch.testing.assert_close(adapter_tensors(graphed)[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_failed_capture_trains_on_without_a_graph(model_cache, capsys):
+    plain, plain_history = train(model_cache, "random:tiny-sd")
+    graphed, history = train(model_cache, "random:tiny-sd", graph_backend=FailingBackend(), cuda_graph=True)
+    assert graphed.cuda_graph_state.startswith("failed: RuntimeError")
+    assert "CUDA graph capture failed" in capsys.readouterr().err
+    assert history == plain_history
+    for name, tensor in adapter_tensors(plain).items():
+        torch.testing.assert_close(adapter_tensors(graphed)[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_cuda_graph_is_off_on_the_cpu(model_cache):
+    trainer, _ = train(model_cache, "random:tiny-sd", steps=1, cuda_graph=True)
+    assert trainer.cuda_graph_state == "off"
 
 
 def test_images_do_not_depend_on_their_batch(model_cache):

@@ -213,6 +213,7 @@ def test_validation_images_are_logged_and_do_not_change_the_expert(
     first = Image.open(tmp_path / "artifacts" / "validated" / steps[0] / "00.jpg").tobytes()
     assert first != Image.open(folder / "00.jpg").tobytes()
     assert run.series("train.images_skipped") == [(None, 0)] and len(run.series("train.warmup_s")) == 1
+    assert run.tags["train.cuda_graph"] == "off"  # cuda_graph is off unless configured, and on the CPU
 
     job("plain")
     adapter = "pytorch_lora_weights.safetensors"
