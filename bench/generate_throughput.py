@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, help="timed batches (default: 3 on a GPU, 2 on CPU)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    parser.add_argument(
+        "--vae-variants",
+        action="store_true",
+        help="after the project's batches, also time its VAE decode in the contiguous layout and with "
+        "the decoder compiled (its compile too): data for the images phase's defaults",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,19 +109,43 @@ def reference_recipe(args, device: str, work: Path) -> dict:
     return measure(draw, args, device)
 
 
-def vae_decode_ms(pipe, batch: int, side: int, device: str) -> float:
+def vae_decode_ms(pipe, batch: int, side: int, device: str, warmups: list | None = None) -> float:
     """Milliseconds the VAE takes to decode one batch's latents (part of ``batch_s``): what compiling or
-    speeding up the decoder could save."""
+    speeding up the decoder could save. ``warmups``: gets the untimed first decode's seconds."""
     import torch
 
     vae = pipe.vae
     latents = torch.randn(batch, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype)
     timer = Timer(device)
     with torch.no_grad():
-        vae.decode(latents)  # warm-up: cuDNN's autotuner picks its convolutions
+        timer.start()
+        vae.decode(latents)  # warm-up: cuDNN's autotuner picks its convolutions (and compiling)
+        if warmups is not None:
+            warmups.append(timer.stop())
         timer.start()
         vae.decode(latents)
     return timer.stop() * 1e3
+
+
+def vae_decode_variants(pipe, batch: int, side: int, device: str) -> dict:
+    """The VAE decode two other ways than the project's (channels_last, eager): in the contiguous
+    layout, eager (no layout copies around its group norms, which take contiguous tensors), and
+    channels_last with the decoder compiled (inductor's group norms take either), with that compile's
+    time. Run last: it leaves the decoder compiled."""
+    import torch
+
+    vae = pipe.vae
+    vae.to(memory_format=torch.contiguous_format)
+    contiguous = vae_decode_ms(pipe, batch, side, device)
+    vae.to(memory_format=torch.channels_last)
+    vae.decoder.compile()
+    warmups: list[float] = []
+    compiled = vae_decode_ms(pipe, batch, side, device, warmups)
+    return {
+        "vae_decode_contiguous_ms": contiguous,
+        "vae_decode_compiled_ms": compiled,
+        "vae_decode_compile_s": warmups[0],
+    }
 
 
 def project_recipe(args, device: str, work: Path) -> dict:
@@ -143,9 +173,10 @@ def project_recipe(args, device: str, work: Path) -> dict:
 
     profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
-    result["vae_decode_ms"] = vae_decode_ms(
-        pipe, args.batch, args.resolution // pipe.vae_scale_factor, device
-    )
+    side = args.resolution // pipe.vae_scale_factor
+    result["vae_decode_ms"] = vae_decode_ms(pipe, args.batch, side, device)
+    if args.vae_variants:
+        result.update(vae_decode_variants(pipe, args.batch, side, device))
     result["compile_mode"] = mode
     result["attention"] = attention.backend
     result["attention_measured_ms"] = attention.measured_ms

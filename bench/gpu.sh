@@ -3,16 +3,19 @@
 # time in all, machine start included; one call runs at most 600 s). From the project root, once on
 # the dev machine:
 #   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
-# then two device calls, carrying .whl, the second at once (so the machine is still warm):
-#   bash bench/gpu.sh train-sd15-full                                   # timeout_s 360
-#   bash bench/gpu.sh attention generate-sd15-full train-sdxl-blocks    # timeout_s 470
-# With no names it runs all four (over 600 s: too long for one call). LIMIT_S=N overrides each
-# measurement's limit. Results: one JSON line per measurement on stdout and in $OUT/*.jsonl, each
-# with a profile of the project's steps after the timed ones ($OUT/*-profile.txt); logs in
-# $OUT/*.log. Each measurement has its own time limit, so one that hangs leaves the others.
+# then two device calls, carrying .whl, the second at once (the machine stays warm only 30 s):
+#   bash bench/gpu.sh train-sd15-full train-sd15-full-graph                         # timeout_s 330
+#   bash bench/gpu.sh generate-sd15-full train-sdxl-blocks train-sdxl-blocks-graph  # timeout_s 470
+# With no names it runs them all (over 600 s: too long for one call); `attention` (per-shape
+# kernel times, about 60 s) runs only when named. LIMIT_S=N overrides each measurement's limit.
+# Results: one JSON line per measurement on stdout and in $OUT/<bench>.jsonl, each with a profile
+# of the project's steps after the timed ones ($OUT/<bench>-<arch>-profile.txt); every
+# measurement's output in $OUT/log.txt (a call returns at most 8 files). Each measurement has its
+# own time limit, so one that hangs leaves the others.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 export OUT PYTHONUNBUFFERED=1
+LOG=$OUT/log.txt
 # The GPU machine has no diffusers: without the wheel every measurement would fail on import.
 if ! python3 -c "import diffusers" 2>/dev/null; then
   ls .whl/*.whl >/dev/null 2>&1 || { echo "no diffusers and no .whl/: run ../shared/gpu/fetch-wheels.sh and carry .whl"; exit 1; }
@@ -20,31 +23,35 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import diffusers, peft, torch, transformers; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 WORK=/tmp/selma-bench; mkdir -p "$WORK"
 ONLY="$*"
 
-run() {  # run LIMIT_S NAME SCRIPT ARGS...
-  local limit=$1 name=$2; shift 2
+run() {  # run LIMIT_S NAME WORK_SUBDIR SCRIPT ARGS...: measurements sharing WORK_SUBDIR share caches
+  local limit=$1 name=$2 dir=$3; shift 3
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  if [ -z "$ONLY" ] && [ "$name" = attention ]; then return; fi
   limit=${LIMIT_S:-$limit}
-  echo "== $name (limit ${limit}s)"
-  timeout "$limit" python3 "$@" --work-dir "$WORK/$name" >"$OUT/$name.out" 2>"$OUT/$name.log"
-  echo "exit $?"; tail -n 1 "$OUT/$name.out"
+  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" python3 "$@" --work-dir "$WORK/$dir" >"$WORK/$name.out" 2>>"$LOG"
+  echo "exit $?" | tee -a "$LOG"
+  cat "$WORK/$name.out" >>"$LOG"
+  tail -n 1 "$WORK/$name.out"
 }
 
-# Times on an H100 (2026-11-26, bench/RESULTS.md): SD 1.x training ~245 s before its restart (a
-# cold compile of the whole UNet takes 177 s; the restart, not yet measured, has 80 s); generation
-# ~140 s; SDXL training ~230 s, its restart included; the attention kernels ~20 s. The profiles and
-# attention: auto's measurement (about a second) add a few seconds to each. A
-# measurement cut short still leaves each recipe's figures, printed as it ends, in $OUT/NAME.log,
-# and the JSON line is printed before the restart is measured.
-# SD 1.x compiles the whole UNet: one graph, where its blocks are 21 distinct shapes compiled one
-# after another (still compiling after 150 s). SDXL compiles its blocks: 16 graphs, 121 s cold,
-# where the whole UNet took over 5 minutes (on an H200).
-# Each attention kernel on SD 1.x's and SDXL's shapes against PyTorch's choice, training and
-# generation: what attention: auto chooses (each throughput run measures and applies it too).
-run 45 attention bench/attention.py --arch sd15 sdxl
-run 345 train-sd15-full bench/train_throughput.py --arch sd15 --compile full --profile 2 --restart-timeout 80
-run 155 generate-sd15-full bench/generate_throughput.py --arch sd15 --compile full --profile 1
-run 250 train-sdxl-blocks bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --restart-timeout 60
+# Times on an H200 (2026-11-27, bench/RESULTS.md): SD 1.x training ~185 s (a cold compile of the
+# whole UNet takes 145 s); generation ~110 s; SDXL training ~140 s (its 16 block graphs compile in
+# 93 s); each with its profile. The restarts from the store were measured then (SD 1.x 28 s, SDXL
+# 23 s) and are not measured again. A measurement's `-graph` twin runs the project with
+# `--cuda-graph` (each micro-batch replayed as a CUDA graph: the GPU sat idle 51% of each SDXL
+# step, 8% of each SD 1.x one, waiting for Python to launch kernels), in the same work folder, so
+# its compile comes from the first one's cache (about 25-30 s); the reference runs again in each
+# (about 20 s) so each line has its own ratio. Generation also times the VAE decode in the
+# contiguous layout and compiled (`--vae-variants`, about 40 s more): its 259 ms a batch included
+# 122 ms of layout copies around eager group norms.
+run 75 attention attention bench/attention.py --arch sd15 sdxl
+run 240 train-sd15-full train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check
+run 120 train-sd15-full-graph train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check --cuda-graph
+run 190 generate-sd15-full generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --vae-variants
+run 180 train-sdxl-blocks train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --no-restart-check
+run 100 train-sdxl-blocks-graph train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 3 --images 32 --profile 2 --no-restart-check --cuda-graph

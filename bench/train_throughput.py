@@ -16,7 +16,8 @@ the same architecture, batch (one micro-batch per optimizer step), resolution an
   computed once (``cache_latents``), bf16 frozen weights, channels_last, fused AdamW, SDPA, and
   ``--compile`` (auto / off / blocks / full, as the config says). With compile, a second process
   then restarts on a fresh inductor cache directory with the compiled artifacts from the store, as
-  a preempted job on another node would, and its warm-up is reported too.
+  a preempted job on another node would, and its warm-up is reported too. ``--cuda-graph``: each
+  micro-batch replayed as a CUDA graph (the train config's ``cuda_graph``).
 
 Throughput is images per second over ``--steps`` optimizer steps after ``--warmup`` steps, the device
 synchronized at both ends. The last line printed is one JSON object (also appended to
@@ -235,7 +236,8 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     warmups: list[float] = []
     save_s: list[float] = []
     first, last = args.warmup, args.warmup + args.steps
-    profiler = StepProfiler(device, "train_throughput", args.arch, work) if args.profile else None
+    name = "train_throughput-graph" if args.cuda_graph else "train_throughput"  # the profile's file
+    profiler = StepProfiler(device, name, args.arch, work) if args.profile else None
     profile: dict = {}
 
     def on_step(step: int) -> None:
