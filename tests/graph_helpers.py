@@ -15,10 +15,10 @@ class ReplayingBackend:
         self.fn = None
         self.inputs: list = []
         self.output = None
-        # Parameters whose gradients the function adds into: a real graph writes them at the
-        # addresses they had at capture, so every replay checks they are still there.
+        # Parameters the function reads and whose gradients it adds into: a real graph reads and
+        # writes them at the addresses they had at capture, so every replay checks they still are.
         self.grads_of: list = []
-        self._grad_addresses: list[int] = []
+        self._addresses: list[tuple[int, int]] = []
 
     def warm_on_side_stream(self, fn, inputs):
         self.events.append("side stream")
@@ -27,15 +27,14 @@ class ReplayingBackend:
     def capture(self, fn, inputs) -> None:
         self.events.append("capture")  # records, runs nothing
         self.fn, self.inputs = fn, inputs
-        self._grad_addresses = [p.grad.data_ptr() for p in self.grads_of]
+        self._addresses = [(p.data_ptr(), p.grad.data_ptr()) for p in self.grads_of]
 
     def replay(self):
         self.events.append("replay")
-        moved = [
-            p.grad is None or p.grad.data_ptr() != a
-            for p, a in zip(self.grads_of, self._grad_addresses, strict=True)
-        ]
-        assert not any(moved), "a gradient was freed or moved since capture: a graph would write the old one"
+        now = [(p.data_ptr(), p.grad.data_ptr() if p.grad is not None else None) for p in self.grads_of]
+        assert now == self._addresses, (
+            "a parameter or gradient moved since capture: a graph would use the old one"
+        )
         result = self.fn(*self.inputs)
         if self.output is None:
             self.output = result.clone()
@@ -45,8 +44,20 @@ class ReplayingBackend:
 
 
 class FailingBackend(ReplayingBackend):
-    """A capture that meets an operation a graph cannot hold."""
+    """A capture that meets an operation a graph cannot hold, as CUDA reports it: the capture's end
+    raises over the root cause."""
 
     def capture(self, fn, inputs) -> None:
         self.events.append("capture")
-        raise RuntimeError("operation not permitted when stream is capturing")
+        try:
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+
+
+class FailingWarmupBackend(ReplayingBackend):
+    """A run on the capture stream that synchronizes with the host (CUDA's check raises)."""
+
+    def warm_on_side_stream(self, fn, inputs):
+        self.events.append("side stream")
+        raise RuntimeError("called a synchronizing CUDA operation")

@@ -9,11 +9,14 @@ a micro-batch's thousands of launches become one, and the GPU no longer waits fo
 ``GraphedCall`` wraps the function:
 
 1. the first ``warmup`` calls run it as it is: they compile it, and cuDNN picks its kernels;
-2. the next call runs it once more on a side stream, the documented recipe for capture
-   (``torch.cuda.make_graphed_callables`` does the same): lazily made per-stream state, cuBLAS's
-   workspace among it, exists before capture;
+2. the next call runs it on the side stream the graph will be captured on, the documented recipe
+   (``torch.cuda.make_graphed_callables`` does the same): state made lazily per stream, cuBLAS's
+   workspace among it, exists before capture. That call also checks what capture needs: it runs
+   with CUDA's synchronization check set to raise, so an operation that waits for the GPU (a read
+   to the host, a copy from ordinary memory) fails here, with its own traceback;
 3. the next call copies its inputs into static buffers, captures the function on them into a
-   graph, and replays the graph (capturing records the kernels, it runs none of them);
+   graph (recording its kernels, running none of them, and refusing to recompile: a compile inside
+   a capture cannot work) and replays it;
 4. every later call copies its inputs into the static buffers and replays.
 
 Every call's result is the function's: what it returns, and what it writes elsewhere. A graph
@@ -23,16 +26,21 @@ allocated (``optimizer.zero_grad(set_to_none=False)``). The output is the graph'
 overwritten by the next call: use it (or copy it) before calling again. Inputs must keep their
 shapes and dtypes; a call with others runs the function as it is.
 
-A capture that fails (an operation a graph cannot hold: a host synchronization, a CPU tensor) is
-reported once on stderr and the function runs as it is from then on; ``state`` says which way calls
-run. Capturing runs none of the function, so a failed capture leaves nothing half done.
+A function that cannot be captured raises ``CudaGraphError`` naming why. It is not retried without
+a graph: a capture that broke off leaves PyTorch's allocator and current stream in a state that
+later fails far from the cause, and a micro-batch whose backward was cut short has already added
+part of its gradients.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
+
+
+class CudaGraphError(RuntimeError):
+    """The function could not be captured as a CUDA graph; the message says why."""
 
 
 class GraphBackend(Protocol):
@@ -47,55 +55,72 @@ class GraphBackend(Protocol):
 
 
 class CudaGraphBackend:
-    """``torch.cuda.CUDAGraph`` on ``device``."""
+    """``torch.cuda.CUDAGraph`` on ``device``, warmed up and captured on one side stream."""
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self.stream = None
         self.graph = None
         self.output = None
 
     def warm_on_side_stream(self, fn: Callable[..., Any], inputs: list) -> Any:
         import torch
 
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            output = fn(*inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        # Allocated on the side stream, used on the default one from here on.
-        if isinstance(output, torch.Tensor):
-            output.record_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream()
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")  # what would break the capture raises here
+            try:
+                with torch.cuda.stream(self.stream):
+                    output = fn(*inputs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+            current.wait_stream(self.stream)
+            # Allocated on the side stream, used on the current one from here on.
+            if isinstance(output, torch.Tensor):
+                output.record_stream(current)
         return output
 
     def capture(self, fn: Callable[..., Any], inputs: list) -> None:
         import torch
 
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = fn(*inputs)
+        with torch.cuda.device(self.device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph, stream=self.stream):
+                output = fn(*inputs)
         self.graph, self.output = graph, output
 
     def replay(self) -> Any:
-        self.graph.replay()
+        import torch
+
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.output
 
 
 class GraphedCall:
     """``fn(*tensors)``, replayed as a CUDA graph from its ``warmup + 2``-th call on (see the module
-    docstring). ``backend``: ``CudaGraphBackend(device)`` unless given."""
+    docstring). ``backend``: ``CudaGraphBackend(device)`` unless given; ``name``: what ``fn`` is,
+    for errors."""
 
     def __init__(
-        self, fn: Callable[..., Any], device: str, warmup: int = 1, backend: GraphBackend | None = None
+        self,
+        fn: Callable[..., Any],
+        device: str,
+        warmup: int = 1,
+        backend: GraphBackend | None = None,
+        name: str = "the function",
     ) -> None:
         if warmup < 1:
             raise ValueError(f"warmup: expected >= 1 (the first call compiles), got {warmup}")
         self.fn = fn
+        self.name = name
         self.warmup = warmup
         self.backend = backend if backend is not None else CudaGraphBackend(device)
         self.calls = 0
-        # "warming up", "captured" or "failed: <why>": how calls run now.
-        self.state = "warming up"
+        self.state = "warming up"  # then "captured"
         self._static: list = []
         self._signature: list | None = None
 
@@ -105,12 +130,19 @@ class GraphedCall:
 
     def __call__(self, *tensors):
         self.calls += 1
-        if self.state.startswith("failed") or self.calls <= self.warmup:
+        if self.calls <= self.warmup:
             return self.fn(*tensors)
         if self.calls == self.warmup + 1:
-            return self.backend.warm_on_side_stream(self.fn, list(tensors))
+            with _cannot_capture(self.name, "its run on the capture stream"):
+                return self.backend.warm_on_side_stream(self.fn, list(tensors))
         if self.state != "captured":
-            return self._capture(tensors)
+            # Static buffers in the inputs' own layouts (channels_last stays channels_last).
+            self._static = [t.clone() for t in tensors]
+            self._signature = self._describe(tensors)
+            with _cannot_capture(self.name, "its capture"):
+                self.backend.capture(self.fn, self._static)
+            self.state = "captured"
+            return self.backend.replay()
         if self._describe(tensors) != self._signature:
             # A graph replays the shapes it captured; another shape runs as it is.
             return self.fn(*tensors)
@@ -118,19 +150,16 @@ class GraphedCall:
             static.copy_(tensor)
         return self.backend.replay()
 
-    def _capture(self, tensors):
-        # Static buffers in the inputs' own layouts (channels_last stays channels_last).
-        self._static = [t.clone() for t in tensors]
-        self._signature = self._describe(tensors)
-        try:
-            self.backend.capture(self.fn, self._static)
-        except Exception as e:  # an operation a graph cannot hold: run as is from now on
-            self.state = f"failed: {type(e).__name__}: {e}"
-            self._static = []
-            print(
-                f"warning: CUDA graph capture failed, running without a graph: {self.state[8:]}",
-                file=sys.stderr,
-            )
-            return self.fn(*tensors)
-        self.state = "captured"
-        return self.backend.replay()
+
+@contextmanager
+def _cannot_capture(name: str, where: str) -> Iterator[None]:
+    """Any exception inside, as a ``CudaGraphError`` saying where it came and why (the root cause
+    first, where the capture's end raised over it)."""
+    try:
+        yield
+    except CudaGraphError:
+        raise
+    except Exception as error:
+        causes = [error.__context__, error] if error.__context__ is not None else [error]
+        why = "; then ".join(f"{type(e).__name__}: {e}" for e in causes)
+        raise CudaGraphError(f"{name} cannot be replayed as a CUDA graph: {where} failed ({why})") from error

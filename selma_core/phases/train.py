@@ -139,8 +139,8 @@ class TrainConfig:
     # Each micro-batch's forward and backward replayed as a CUDA graph
     # (selma_core.models.cuda_graph): one launch instead of thousands, so the GPU no longer waits
     # for Python to launch them (SDXL compiled by blocks left it idle half of each step on an H200,
-    # bench/RESULTS.md). On CUDA only; not with gradient_checkpointing. Off until a GPU run has
-    # measured it.
+    # bench/RESULTS.md). On CUDA only; not with gradient_checkpointing. A micro-batch that cannot be
+    # captured stops the job naming why. Off until a GPU run has measured it.
     cuda_graph: bool = execution_only(False)
     # Recompute activations in the backward pass: far less GPU memory for about a third more time.
     gradient_checkpointing: bool = execution_only(False)
@@ -724,9 +724,19 @@ class ExpertTrainer:
         step, without waiting for the device (its work may still be queued).
         """
         from selma_core.models.attention import sdpa_backend
+        from selma_core.models.cuda_graph import CudaGraphError, GraphedCall
 
-        with sdpa_backend(self.choose_attention().backend):
-            return self._train(dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step)
+        args = (dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step)
+        try:
+            with sdpa_backend(self.choose_attention().backend):
+                return self._train(*args)
+        except CudaGraphError as e:
+            raise ConfigError(f"train.cuda_graph: {e}. Set train.cuda_graph: false to train without") from e
+        finally:
+            # The graph, its memory pool and its buffers go with the training that used them.
+            if isinstance(self._forward_backward_call, GraphedCall):
+                self.cuda_graph_state = self._forward_backward_call.state
+            self._forward_backward_call = self._forward_backward
 
     def _train(self, dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step) -> list:
         import torch
@@ -857,8 +867,6 @@ class ExpertTrainer:
             if on_step and rank == 0:
                 on_step(step)
         unet.eval()
-        if graphed is not None:
-            self.cuda_graph_state = graphed.state
         return history
 
     def _graph_micro_batches(self):
@@ -873,7 +881,12 @@ class ExpertTrainer:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        graphed = GraphedCall(self._forward_backward, self.device, backend=self.graph_backend)
+        graphed = GraphedCall(
+            self._forward_backward,
+            self.device,
+            backend=self.graph_backend,
+            name="the micro-batch's forward and backward",
+        )
         self._forward_backward_call = graphed
         return graphed
 
