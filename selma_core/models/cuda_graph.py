@@ -155,10 +155,12 @@ class GraphedCall:
 def _cannot_capture(name: str, where: str) -> Iterator[None]:
     """Any exception inside, as a ``CudaGraphError`` saying where it came and why (the root cause
     first, where the capture's end raised over it)."""
+    import torch
+
     try:
         yield
-    except CudaGraphError:
-        raise
+    except (CudaGraphError, torch.OutOfMemoryError):
+        raise  # out of memory: the caller's advice (a smaller batch) is the one that helps
     except Exception as error:
         causes = [error.__context__, error] if error.__context__ is not None else [error]
         why = "; then ".join(f"{type(e).__name__}: {e}" for e in causes)

@@ -69,6 +69,18 @@ def test_a_host_synchronization_fails_on_the_capture_stream_before_any_capture()
     assert backend.events == ["side stream"]
 
 
+def test_running_out_of_memory_while_capturing_stays_an_out_of_memory_error():
+    class OutOfMemoryBackend(ReplayingBackend):
+        def capture(self, fn, inputs) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    graphed = GraphedCall(scaled_sum, "cuda", backend=OutOfMemoryBackend())
+    for _ in range(2):
+        graphed(torch.ones(2, 2), torch.ones(2, 2))
+    with pytest.raises(torch.OutOfMemoryError):
+        graphed(torch.ones(2, 2), torch.ones(2, 2))
+
+
 def test_warmup_must_leave_the_first_call_to_compile():
     with pytest.raises(ValueError, match="warmup: expected >= 1"):
         GraphedCall(scaled_sum, "cuda", warmup=0)
