@@ -56,7 +56,7 @@ class FailingBackend(ReplayingBackend):
 
 
 class FailingWarmupBackend(ReplayingBackend):
-    """A run on the capture stream that synchronizes with the host (CUDA's check raises)."""
+    """A run on the capture stream that fails: the function raised there."""
 
     def warm_on_side_stream(self, fn, inputs):
         self.events.append("side stream")

@@ -11,9 +11,10 @@ a micro-batch's thousands of launches become one, and the GPU no longer waits fo
 1. the first ``warmup`` calls run it as it is: they compile it, and cuDNN picks its kernels;
 2. the next call runs it on the side stream the graph will be captured on, the documented recipe
    (``torch.cuda.make_graphed_callables`` does the same): state made lazily per stream, cuBLAS's
-   workspace among it, exists before capture. That call also checks what capture needs: it runs
-   with CUDA's synchronization check set to raise, so an operation that waits for the GPU (a read
-   to the host, a copy from ordinary memory) fails here, with its own traceback;
+   workspace among it, exists before capture. That call also shows what capture cannot hold: it
+   runs with CUDA's synchronization check set to warn, so an operation that waits for the GPU (a
+   read to the host, a copy from ordinary memory) is reported with where it came from (only
+   reported: the capture is the judge, and its error would otherwise name no source line);
 3. the next call copies its inputs into static buffers, captures the function on them into a
    graph (recording its kernels, running none of them, and refusing to recompile: a compile inside
    a capture cannot work) and replays it;
@@ -71,7 +72,7 @@ class CudaGraphBackend:
             current = torch.cuda.current_stream()
             self.stream.wait_stream(current)
             previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")  # what would break the capture raises here
+            torch.cuda.set_sync_debug_mode("warn")  # what would break the capture, with its source
             try:
                 with torch.cuda.stream(self.stream):
                     output = fn(*inputs)

@@ -60,7 +60,7 @@ def test_a_failed_capture_raises_naming_the_root_cause():
     assert message.index("Cannot copy between CPU and CUDA") < message.index("previous error during capture")
 
 
-def test_a_host_synchronization_fails_on_the_capture_stream_before_any_capture():
+def test_a_failure_on_the_capture_stream_is_reported_before_any_capture():
     backend = FailingWarmupBackend()
     graphed = GraphedCall(scaled_sum, "cuda", backend=backend)
     graphed(torch.ones(2, 2), torch.ones(2, 2))
