@@ -111,9 +111,10 @@ def reference_recipe(args, device: str, work: Path) -> dict:
     return measure(draw, args, device)
 
 
-def vae_decode_ms(pipe, batch: int, side: int, device: str, warmups: list | None = None) -> float:
-    """Milliseconds the VAE takes to decode one batch's latents (part of ``batch_s``): what compiling or
-    speeding up the decoder could save. ``warmups``: gets the untimed first decode's seconds."""
+def vae_decode_times(pipe, batch: int, side: int, device: str) -> tuple[float, float]:
+    """(seconds of the first decode, milliseconds of the next) of one batch's latents: the first
+    warms up (cuDNN's autotuner picks its convolutions; a compiled decoder compiles), the second is
+    the VAE's part of ``batch_s``, what compiling or speeding up the decoder could save."""
     import torch
 
     vae = pipe.vae
@@ -121,12 +122,11 @@ def vae_decode_ms(pipe, batch: int, side: int, device: str, warmups: list | None
     timer = Timer(device)
     with torch.no_grad():
         timer.start()
-        vae.decode(latents)  # warm-up: cuDNN's autotuner picks its convolutions (and compiling)
-        if warmups is not None:
-            warmups.append(timer.stop())
+        vae.decode(latents)
+        first_s = timer.stop()
         timer.start()
         vae.decode(latents)
-    return timer.stop() * 1e3
+    return first_s, timer.stop() * 1e3
 
 
 def vae_decode_variants(pipe, batch: int, side: int, device: str) -> dict:
@@ -138,15 +138,14 @@ def vae_decode_variants(pipe, batch: int, side: int, device: str) -> dict:
 
     vae = pipe.vae
     vae.to(memory_format=torch.contiguous_format)
-    contiguous = vae_decode_ms(pipe, batch, side, device)
+    _, contiguous_ms = vae_decode_times(pipe, batch, side, device)
     vae.to(memory_format=torch.channels_last)
     vae.decoder.compile()
-    warmups: list[float] = []
-    compiled = vae_decode_ms(pipe, batch, side, device, warmups)
+    compile_s, compiled_ms = vae_decode_times(pipe, batch, side, device)
     return {
-        "vae_decode_contiguous_ms": contiguous,
-        "vae_decode_compiled_ms": compiled,
-        "vae_decode_compile_s": warmups[0],
+        "vae_decode_contiguous_ms": contiguous_ms,
+        "vae_decode_compiled_ms": compiled_ms,
+        "vae_decode_compile_s": compile_s,
     }
 
 
@@ -176,7 +175,7 @@ def project_recipe(args, device: str, work: Path) -> dict:
     profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
     side = args.resolution // pipe.vae_scale_factor
-    result["vae_decode_ms"] = vae_decode_ms(pipe, args.batch, side, device)
+    result["vae_decode_ms"] = vae_decode_times(pipe, args.batch, side, device)[1]
     if args.vae_variants:
         # In the log first: a time limit hit while the decoder compiles loses nothing measured.
         print(json.dumps({"project (before the VAE variants)": result}), file=sys.stderr, flush=True)

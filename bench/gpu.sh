@@ -42,8 +42,8 @@ run() {  # run LIMIT_S NAME WORK_SUBDIR SCRIPT ARGS...: measurements sharing WOR
 # Times on an H200 (2026-11-27, bench/RESULTS.md), model building and the reference included:
 # SD 1.x training ~255 s (a cold compile of the whole UNet takes 145 s); SDXL training ~140 s (its
 # 16 block graphs compile in 93 s); generation ~145 s; each with its profile. Expected: ~330 s and
-# ~420 s, with the machine's start about 780 of the session's 900 s. The restarts from the store were measured then (SD 1.x 28 s, SDXL
-# 23 s) and are not measured again. A measurement's `-graph` twin runs the project with
+# ~420 s, with the machine's start about 780 of the session's 900 s. The restarts from the store
+# were measured then (SD 1.x 28 s, SDXL 23 s) and are not measured again. A measurement's `-graph` twin runs the project with
 # `--cuda-graph` (each micro-batch replayed as a CUDA graph: the GPU sat idle 51% of each SDXL
 # step, 8% of each SD 1.x one, waiting for Python to launch kernels), in the same work folder, so
 # its compile comes from the first one's cache (about 25-30 s); the reference runs again in each
