@@ -64,7 +64,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +77,10 @@ from selma_core.typed_yaml import execution_only, hashed_unless_default
 MAX_STEPS = 1_000_000
 # Of train checkpoints (selma_core.checkpoints): one of another format is not resumed from.
 CHECKPOINT_FORMAT = 1
+# SELMA's batches, (images per micro-batch, micro-batches per update) by whether the model is SDXL:
+# 64 images an update for SD 1.x/2.x at 512 px, 32 for SDXL at 1024 px, whose micro-batch of 4
+# holds as many latent pixels as one of 16 at 512.
+SELMA_BATCHES = {False: (16, 4), True: (4, 8)}
 
 
 @dataclass
@@ -86,8 +90,11 @@ class TrainConfig:
     alpha: float = 128.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     steps: int = 5000
-    batch_size: int = 16
-    gradient_accumulation: int = 4
+    # Images per micro-batch and micro-batches per optimizer step (accumulated; the global batch is
+    # their product whatever the number of processes). None: SELMA's for the model (SELMA_BATCHES):
+    # 16 x 4 for SD 1.x/2.x, 4 x 8 for SDXL (resolved_for, once the model is loaded).
+    batch_size: int | None = None
+    gradient_accumulation: int | None = None
     learning_rate: float = 3e-4
     weight_decay: float = 1e-2
     adam_eps: float = 1e-8
@@ -159,8 +166,6 @@ class TrainConfig:
         for name in (
             "rank",
             "steps",
-            "batch_size",
-            "gradient_accumulation",
             "log_every",
             "checkpoints_keep",
             "validation_prompts",
@@ -168,6 +173,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "gradient_accumulation"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected >= 1 or null (SELMA's for the model), got {value}")
         if self.steps > MAX_STEPS:
             raise ValueError(f"steps: expected at most {MAX_STEPS:,} (SELMA: 5,000), got {self.steps:,}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -193,6 +202,18 @@ class TrainConfig:
                 "cuda_graph and gradient_checkpointing: choose one (checkpointing's recomputation "
                 "saves and restores the GPU's random state, which a CUDA graph cannot hold)"
             )
+
+    def resolved_for(self, sdxl: bool) -> TrainConfig:
+        """This config with ``batch_size`` and ``gradient_accumulation`` left null set to SELMA's for
+        the model (``SELMA_BATCHES``; ``sdxl``: whether it is SDXL)."""
+        batch, accumulation = SELMA_BATCHES[sdxl]
+        return replace(
+            self,
+            batch_size=batch if self.batch_size is None else self.batch_size,
+            gradient_accumulation=accumulation
+            if self.gradient_accumulation is None
+            else self.gradient_accumulation,
+        )
 
 
 def _weight_dtype(cfg: TrainConfig, device: str):
@@ -253,8 +274,11 @@ class ExpertTrainer:
 
         from selma_core.models import speed
 
-        self.pipe, self.cfg, self.device = pipe, cfg, device
         self.sdxl = hasattr(pipe, "text_encoder_2")
+        # The batch settings resolved for this model: what the trainer, its checkpoints and the
+        # job's result go by.
+        self.pipe, self.cfg, self.device = pipe, cfg.resolved_for(self.sdxl), device
+        cfg = self.cfg
         self.dtype = _weight_dtype(cfg, device)
         # Training noise follows the model's own schedule and prediction type.
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -1025,7 +1049,14 @@ def train_expert(ctx, skill_name: str) -> dict:
             cfg.vae_model, ctx.config.cache_dir, allow_pickle=ctx.config.allow_pickle_checkpoints
         )
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=ctx.config.cache_dir)
-    ctx.run.log_params({"images": len(dataset)})
+    cfg = trainer.cfg  # batch_size and gradient_accumulation resolved for the model
+    ctx.run.log_params(
+        {
+            "images": len(dataset),
+            "batch_size": cfg.batch_size,
+            "gradient_accumulation": cfg.gradient_accumulation,
+        }
+    )
     checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
     if ctx.commits and ctx.store.is_committed(ctx.job.key):
         checkpoints.clear()  # a forced rerun (--force) starts afresh
@@ -1074,6 +1105,8 @@ def train_expert(ctx, skill_name: str) -> dict:
         "alpha": cfg.alpha,
         "target_modules": cfg.target_modules,
         "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation": cfg.gradient_accumulation,
         "images": len(dataset),
         "final_loss": history[-1][1],
         "wall_s": round(elapsed, 3),

@@ -74,9 +74,135 @@ def test_training_is_deterministic_for_a_seed(tmp_path, model_cache):
         torch.testing.assert_close(ea.delta(module), eb.delta(module), rtol=0, atol=0)
 
 
-def test_v_prediction_models_regress_the_velocity(model_cache):
-    trainer, _ = train(model_cache, "random:tiny-sd-v", steps=1)
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+@pytest.mark.parametrize(
+    ("spec", "batches"), [("random:tiny-sd", (16, 4)), ("random:tiny-sdxl", (4, 8))], ids=["sd", "sdxl"]
+)
+def test_selmas_recipe_is_the_default(model_cache, spec, batches):
+    """A config that sets nothing trains SELMA's way: LoRA rank = alpha = 128, Gaussian init, on the
+    UNet's attention projections alone; AdamW 3e-4 constant, decay 1e-2, eps 1e-8, clipping 1.0;
+    5,000 steps of 16 x 4 (SDXL: 4 x 8) images; no flips."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    cfg = TrainConfig()
+    assert (cfg.rank, cfg.alpha, cfg.steps, cfg.max_grad_norm, cfg.random_flip) == (
+        128,
+        128,
+        5000,
+        1.0,
+        False,
+    )
+    assert cfg.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert (cfg.batch_size, cfg.gradient_accumulation) == (None, None)  # SELMA's for the model
+
+    pipe = load_diffusion_pipeline(spec, model_cache)
+    pipe.unet.set_attn_processor(AttnProcessor())  # a model saved with the slow classic attention
+    trainer = ExpertTrainer(pipe, cfg, "cpu")
+    assert (trainer.cfg.batch_size, trainer.cfg.gradient_accumulation) == batches
+    lora = trainer.lora_config
+    assert (lora.r, lora.lora_alpha, lora.init_lora_weights) == (128, 128, "gaussian")
+    assert set(lora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
+    defaults = trainer.optimizer.defaults
+    assert (defaults["lr"], defaults["weight_decay"], defaults["eps"]) == (3e-4, 1e-2, 1e-8)
+    assert trainer.optimizer.param_groups[0]["params"] == trainer.params
+    # Only the LoRA factors train: every UNet weight, the VAE and every text encoder stay frozen.
+    assert trainer.param_names and all(".lora_A." in n or ".lora_B." in n for n in trainer.param_names)
+    frozen = [pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    assert not any(p.requires_grad for m in frozen if m is not None for p in m.parameters())
+    assert {n for n, p in pipe.unet.named_parameters() if p.requires_grad} == set(trainer.param_names)
+    # Gaussian init: B starts at zero, so the expert starts as the base model.
+    b_factors = [
+        p.detach() for n, p in zip(trainer.param_names, trainer.params, strict=True) if "lora_B" in n
+    ]
+    assert b_factors and all(not b.any() for b in b_factors)
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}  # SDPA
+
+
+def test_a_batch_setting_left_null_takes_selmas_for_the_model():
+    cfg = TrainConfig(batch_size=2)
+    assert (cfg.resolved_for(sdxl=False).batch_size, cfg.resolved_for(sdxl=False).gradient_accumulation) == (
+        2,
+        4,
+    )
+    assert (cfg.resolved_for(sdxl=True).batch_size, cfg.resolved_for(sdxl=True).gradient_accumulation) == (
+        2,
+        8,
+    )
+    assert TrainConfig(gradient_accumulation=3).resolved_for(sdxl=True).batch_size == 4
+    with pytest.raises(ValueError, match="batch_size: expected >= 1 or null"):
+        TrainConfig(batch_size=0)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(model_cache, monkeypatch):
+    """Every step clips its gradients to train.max_grad_norm before the update."""
+    real = torch.nn.utils.clip_grad_norm_
+    norms: list[tuple[float, float]] = []  # (before, after) each step
+
+    def clipping(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = real(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clipping)
+    train(model_cache, "random:tiny-sd", steps=2, max_grad_norm=1e-4)
+    assert len(norms) == 2
+    assert all(before > 1e-4 and after == pytest.approx(1e-4, rel=1e-3) for before, after in norms)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"), [("random:tiny-sd", "epsilon"), ("random:tiny-sd-v", "v_prediction")]
+)
+def test_the_loss_target_follows_the_models_prediction_type(model_cache, monkeypatch, spec, kind):
+    """The UNet regresses the noise for an epsilon model, the velocity for a v-prediction one (SD 2)."""
+    from selma_core.phases.train import _decode_images
+
+    trainer = ExpertTrainer(load_diffusion_pipeline(spec, model_cache), tiny_train_config(), "cpu")
+    assert trainer.noise_scheduler.config.prediction_type == kind
+    seen = {}
+    scheduler = trainer.noise_scheduler
+    real_add_noise, real_velocity = scheduler.add_noise, scheduler.get_velocity
+
+    def add_noise(latents, noise, timesteps):
+        seen["noise"] = noise
+        return real_add_noise(latents, noise, timesteps)
+
+    def get_velocity(latents, noise, timesteps):
+        seen["velocity"] = real_velocity(latents, noise, timesteps)
+        return seen["velocity"]
+
+    monkeypatch.setattr(scheduler, "add_noise", add_noise)
+    monkeypatch.setattr(scheduler, "get_velocity", get_velocity)
+    dataset = tiny_dataset(model_cache, spec)
+    resolution = trainer.native_resolution()
+    _, pixels = _decode_images(dataset, resolution)
+    side = resolution // trainer.pipe.vae_scale_factor
+    draws = trainer._draw(torch.Generator().manual_seed(0), len(dataset), (2, 4, side, side))
+    target = trainer._unet_inputs(draws, pixels, [m["prompt"] for m, _ in dataset], resolution)[3]
+    if kind == "epsilon":
+        assert "velocity" not in seen and torch.equal(target, seen["noise"])
+    else:
+        assert torch.equal(target, seen["velocity"]) and not torch.allclose(target, seen["noise"])
+
+
+def test_sdxl_trains_with_both_text_encoders_and_its_size_and_crop_conditioning(model_cache):
+    """Each SDXL micro-batch: both encoders' hidden states side by side, the second's pooled
+    embedding, and the time ids (original size, crop top-left, target size) of an uncropped image."""
+    pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True
+    )
+    trainer = ExpertTrainer(pipe, tiny_train_config(steps=1), "cpu")
+    trainer.train(tiny_dataset(model_cache, "random:tiny-sdxl"))
+    r = trainer.native_resolution()
+    assert len(seen) == 2  # one step of 2 micro-batches
+    for _args, kwargs in seen:
+        added = kwargs["added_cond_kwargs"]
+        assert added["time_ids"].tolist() == [[r, r, 0, 0, r, r]] * 2
+        assert added["text_embeds"].shape == (2, pipe.text_encoder_2.config.projection_dim)
+        width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+        assert kwargs["encoder_hidden_states"].shape[-1] == width
 
 
 def test_bad_target_modules_are_an_input_error(model_cache):

@@ -208,6 +208,9 @@ def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
     monkeypatch.setattr(checkpoints_module, "fault_point", lambda name: None)
     result, run = job()
     assert result["resumed_from_step"] == 2 and result["steps"] == STEPS
+    # The batch the expert was trained with, whether set or SELMA's for the model.
+    assert (result["batch_size"], result["gradient_accumulation"]) == (2, 2)
+    assert (run.params["batch_size"], run.params["gradient_accumulation"]) == (2, 2)
     folder = store.fetch_dir(KEY, tmp_path / "fetched")
     assert (folder / "loss.json").read_text() == json.dumps(reference[1])
     assert "resumed_from_step" not in json.loads((folder / "expert.json").read_text())
