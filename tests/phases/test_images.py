@@ -138,6 +138,42 @@ def test_shards_saved_as_they_complete_and_reused_after_a_kill(tiny_config, tmp_
     assert ctx.store.list_keys(f"{ctx.job.key}/{SAVED_SHARDS}") == []
 
 
+def test_a_shard_killed_between_its_tar_and_its_record_is_drawn_again_silently(
+    tiny_config, tmp_path, monkeypatch, drawn, capsys
+):
+    """A shard's record is its completion marker: a job killed after saving a shard's tar but before
+    its record draws that shard again on rerun, as in flight (no warning), and commits the very
+    bytes of an uninterrupted run."""
+    unbroken = images_job(tiny_config, tmp_path / "unbroken")
+    generate_images(unbroken, SKILL)
+    reference = committed_bytes(unbroken)
+
+    ctx = images_job(tiny_config, tmp_path / "killed")
+    real = ctx.store.write_json
+
+    def write_json(key, data):
+        if key.endswith("/shard-00001.tar.json"):
+            raise Killed(key)
+        return real(key, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ctx.store, "write_json", write_json)
+        with pytest.raises(Killed):
+            generate_images(ctx, SKILL)
+    saved = f"{ctx.job.key}/{SAVED_SHARDS}"
+    assert [k.rsplit("/", 1)[1] for k in ctx.store.list_keys(saved)] == [
+        "shard-00000.tar",
+        "shard-00000.tar.json",
+        "shard-00001.tar",  # its record never written
+    ]
+    drawn.clear()
+    capsys.readouterr()
+    result = generate_images(ctx, SKILL)
+    assert (result["reused"], result["drawn"]) == (4, 11) and len(drawn) == 11  # shards 1 to 3
+    assert "warning" not in capsys.readouterr().err
+    assert committed_bytes(ctx) == reference
+
+
 def test_a_damaged_saved_shard_is_drawn_again(tiny_config, tmp_path, monkeypatch, drawn, capsys):
     unbroken = images_job(tiny_config, tmp_path / "unbroken")
     generate_images(unbroken, SKILL)
@@ -431,6 +467,58 @@ def test_every_image_filtered_out_is_an_input_error(tiny_config, tmp_path, drawn
     with pytest.raises(InputError, match=r"every one of the 15 images was filtered out \(uniform: 15\)"):
         generate_images(ctx, SKILL)
     assert not ctx.store.is_committed(ctx.job.key)
+
+
+def test_selmas_sampling_is_the_default(model_cache):
+    """A config that sets nothing draws SELMA's way: 50 steps of the model's own scheduler, the
+    model's usual guidance, its native resolution, one image per prompt; fp16 on CUDA, float32 on
+    the CPU."""
+    import torch
+
+    from selma_core.models.loading import load_diffusion_pipeline
+    from selma_core.phases.images import draw_images, torch_dtype
+
+    cfg = ImagesConfig()
+    assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.height, cfg.width) == (50, None, None, None)
+    assert cfg.images_per_prompt == 1
+    assert (
+        torch_dtype(cfg.dtype, "cuda:0") is torch.float16 and torch_dtype(cfg.dtype, "cpu") is torch.float32
+    )
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    scheduler = type(pipe.scheduler)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    (image,) = draw_images(pipe, ["one red apple"], [1], cfg, "cpu")
+    assert image.size == (native, native)
+    assert type(pipe.scheduler) is scheduler and pipe.scheduler.num_inference_steps == 50
+
+
+def test_the_generator_may_be_another_model_than_the_one_trained(tiny_config, tmp_path, monkeypatch):
+    """Weak-to-strong: with generator_model set, the images job loads that model (at its own
+    revision) and every sample's metadata names it."""
+    from PIL import Image
+
+    loaded = []
+
+    class FakePipeline:
+        def to(self, device):
+            return self
+
+    def load(spec, cache_dir, revision=None, *args, **kwargs):
+        loaded.append((spec, revision))
+        return FakePipeline()
+
+    def draw(pipe, prompts, seeds, cfg, device, pad_to=None):
+        return [Image.frombytes("RGB", (8, 8), random.Random(s).randbytes(8 * 8 * 3)) for s in seeds]
+
+    monkeypatch.setattr(selma_core.models.loading, "load_diffusion_pipeline", load)
+    monkeypatch.setattr(images_phase, "draw_images", draw)
+    config = lambda **o: tiny_config(generator_model="random:tiny-sd-v", generator_model_revision="v2", **o)  # noqa: E731
+    ctx = images_job(config, tmp_path / "store")
+    assert ctx.config.base_model != "random:tiny-sd-v"
+    generate_images(ctx, SKILL)
+    assert loaded == [("random:tiny-sd-v", "v2")]
+    samples = [meta for meta, _ in read_image_dataset(ctx.store.fetch_dir(ctx.job.key, tmp_path / "out"))]
+    assert len(samples) == 15 and {m["model"] for m in samples} == {"random:tiny-sd-v"}
 
 
 def test_guidance_left_null_is_the_models_usual_one():
