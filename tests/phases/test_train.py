@@ -13,7 +13,7 @@ from train_helpers import tiny_train_config
 from selma_core.lora import load_adapter
 from selma_core.models.loading import load_diffusion_pipeline
 from selma_core.phases.images import ImagesConfig, draw_images
-from selma_core.phases.train import ExpertTrainer, TrainConfig
+from selma_core.phases.train import ExpertTrainer, TrainConfig, _weight_dtype
 
 PROMPTS = ["two red apples on a table", "a cat to the left of a box", "three cups in a row"]
 
@@ -93,6 +93,8 @@ def test_selmas_recipe_is_the_default(model_cache, spec, batches):
     )
     assert cfg.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert (cfg.batch_size, cfg.gradient_accumulation) == (None, None)  # SELMA's for the model
+    # Frozen weights in bf16 on a GPU; on the CPU float32, the tests' bit-for-bit reference.
+    assert _weight_dtype(cfg, "cuda:0") is torch.bfloat16 and _weight_dtype(cfg, "cpu") is torch.float32
 
     pipe = load_diffusion_pipeline(spec, model_cache)
     pipe.unet.set_attn_processor(AttnProcessor())  # a model saved with the slow classic attention
