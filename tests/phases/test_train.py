@@ -103,6 +103,7 @@ def test_selmas_recipe_is_the_default(model_cache, spec, batches):
     lora = trainer.lora_config
     assert (lora.r, lora.lora_alpha, lora.init_lora_weights) == (128, 128, "gaussian")
     assert set(lora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert type(trainer.optimizer) is torch.optim.AdamW
     defaults = trainer.optimizer.defaults
     assert (defaults["lr"], defaults["weight_decay"], defaults["eps"]) == (3e-4, 1e-2, 1e-8)
     assert trainer.optimizer.param_groups[0]["params"] == trainer.params
@@ -188,23 +189,32 @@ def test_the_loss_target_follows_the_models_prediction_type(model_cache, monkeyp
 
 
 def test_sdxl_trains_with_both_text_encoders_and_its_size_and_crop_conditioning(model_cache):
-    """Each SDXL micro-batch: both encoders' hidden states side by side, the second's pooled
-    embedding, and the time ids (original size, crop top-left, target size) of an uncropped image."""
+    """Each SDXL micro-batch: diffusers' own conditioning of the prompt (both encoders' hidden
+    states side by side, the second's pooled embedding) and the time ids (original size, crop
+    top-left, target size) of an uncropped image."""
     pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
     seen = []
     pipe.unet.register_forward_pre_hook(
         lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True
     )
     trainer = ExpertTrainer(pipe, tiny_train_config(steps=1), "cpu")
-    trainer.train(tiny_dataset(model_cache, "random:tiny-sdxl"))
+    # One prompt for every image: whichever images a micro-batch draws, each row is its conditioning.
+    prompt = PROMPTS[1]
+    trainer.train(
+        [({**meta, "prompt": prompt}, data) for meta, data in tiny_dataset(model_cache, "random:tiny-sdxl")]
+    )
+    hidden, _, pooled, _ = pipe.encode_prompt(
+        prompt=[prompt], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert hidden.shape[-1] == width  # both encoders
     r = trainer.native_resolution()
     assert len(seen) == 2  # one step of 2 micro-batches
     for _args, kwargs in seen:
         added = kwargs["added_cond_kwargs"]
         assert added["time_ids"].tolist() == [[r, r, 0, 0, r, r]] * 2
-        assert added["text_embeds"].shape == (2, pipe.text_encoder_2.config.projection_dim)
-        width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
-        assert kwargs["encoder_hidden_states"].shape[-1] == width
+        torch.testing.assert_close(added["text_embeds"], pooled.expand(2, -1), rtol=0, atol=0)
+        torch.testing.assert_close(kwargs["encoder_hidden_states"], hidden.expand(2, -1, -1), rtol=0, atol=0)
 
 
 def test_bad_target_modules_are_an_input_error(model_cache):

@@ -184,6 +184,23 @@ def test_checkpoint_settings_validate():
     assert TrainConfig().checkpoint_every == 500 and TrainConfig().checkpoints_keep == 2
 
 
+def test_the_train_job_says_which_batch_it_trained_with(tmp_path, model_cache, dataset, monkeypatch):
+    """A batch setting left null is SELMA's for the model (SD 1.x: 4 micro-batches a step): the job's
+    result, expert.json and its MLflow params give the values used."""
+    from selma_core.phases import images
+    from selma_core.phases.train import train_expert
+
+    monkeypatch.setattr(images, "read_image_dataset", lambda folder: dataset)
+    store = LocalArtifactStore(tmp_path / "store")
+    cfg = tiny_train_config(steps=1, gradient_accumulation=None, checkpoint_every=None)
+    ctx = train_job_context(store, KEY, cfg, model_cache, tmp_path / "scratch", tmp_path)
+    result = train_expert(ctx, "counting")
+    assert (result["batch_size"], result["gradient_accumulation"]) == (2, 4)
+    assert (ctx.run.params["batch_size"], ctx.run.params["gradient_accumulation"]) == (2, 4)
+    expert = json.loads(store.read_output_file(KEY, "expert.json"))
+    assert (expert["batch_size"], expert["gradient_accumulation"]) == (2, 4)
+
+
 def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
     tmp_path, model_cache, dataset, reference, monkeypatch
 ):
@@ -208,9 +225,6 @@ def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
     monkeypatch.setattr(checkpoints_module, "fault_point", lambda name: None)
     result, run = job()
     assert result["resumed_from_step"] == 2 and result["steps"] == STEPS
-    # The batch the expert was trained with, whether set or SELMA's for the model.
-    assert (result["batch_size"], result["gradient_accumulation"]) == (2, 2)
-    assert (run.params["batch_size"], run.params["gradient_accumulation"]) == (2, 2)
     folder = store.fetch_dir(KEY, tmp_path / "fetched")
     assert (folder / "loss.json").read_text() == json.dumps(reference[1])
     assert "resumed_from_step" not in json.loads((folder / "expert.json").read_text())
