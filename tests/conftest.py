@@ -229,4 +229,6 @@ def pytest_xdist_auto_num_workers(config) -> int:
     configured = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
     if configured and configured.isdigit():
         return int(configured)
-    return len(os.sched_getaffinity(0)) + 1
+    # The cores this process may run on (Linux); elsewhere (macOS) the machine's.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores + 1

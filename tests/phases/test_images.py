@@ -492,27 +492,20 @@ def test_selmas_sampling_is_the_default(model_cache):
     assert type(pipe.scheduler) is scheduler and pipe.scheduler.num_inference_steps == 50
 
 
-def test_the_generator_may_be_another_model_than_the_one_trained(tiny_config, tmp_path, monkeypatch):
+def test_the_generator_may_be_another_model_than_the_one_trained(tiny_config, tmp_path, monkeypatch, drawn):
     """Weak-to-strong: with generator_model set, the images job loads that model (at its own
     revision) and every sample's metadata names it."""
-    from PIL import Image
-
     loaded = []
-
-    class FakePipeline:
-        def to(self, device):
-            return self
+    fake_load = selma_core.models.loading.load_diffusion_pipeline  # the drawn fixture's
 
     def load(spec, cache_dir, revision=None, *args, **kwargs):
         loaded.append((spec, revision))
-        return FakePipeline()
+        return fake_load(spec, cache_dir, revision, *args, **kwargs)
 
-    def draw(pipe, prompts, seeds, cfg, device, pad_to=None):
-        return [Image.frombytes("RGB", (8, 8), random.Random(s).randbytes(8 * 8 * 3)) for s in seeds]
+    def config(**overrides):
+        return tiny_config(generator_model="random:tiny-sd-v", generator_model_revision="v2", **overrides)
 
     monkeypatch.setattr(selma_core.models.loading, "load_diffusion_pipeline", load)
-    monkeypatch.setattr(images_phase, "draw_images", draw)
-    config = lambda **o: tiny_config(generator_model="random:tiny-sd-v", generator_model_revision="v2", **o)  # noqa: E731
     ctx = images_job(config, tmp_path / "store")
     assert ctx.config.base_model != "random:tiny-sd-v"
     generate_images(ctx, SKILL)
