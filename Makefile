@@ -14,9 +14,8 @@ STAMP := $(VENV)/.selma-installed
 # (the CPU wheel where pip is pointed at one, else PyPI's default build for the platform).
 # Override, e.g. TORCH_SPEC="torch==2.9.1" or a CPU index with PIP_INDEX_URL.
 TORCH_SPEC ?= torch==2.13.0
-# Test files run in parallel, one worker more than the cores (tests/conftest.py), at most 4 (each
-# file in one worker, so a file's module fixtures, such as the kill-anywhere reference run, are
-# built once). PYTEST_ARGS="" runs them one by one.
+# Test files run in parallel on up to 4 cores (each file in one worker, so a file's module fixtures,
+# such as the kill-anywhere reference run, are built once). PYTEST_ARGS="" runs them one by one.
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
 
 .PHONY: demo test lint install clean

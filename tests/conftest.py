@@ -219,16 +219,3 @@ def pytest_collection_modifyitems(config, items):
     workers (pytest-xdist ``--dist loadfile``), and a long file started last would end the run alone."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
-
-
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto`` (make test): one worker more than the cores this process may use. Many tests wait
-    on processes they started (jobs, servers, a simulated outage), and a spare worker computes
-    meanwhile: on 2 cores, 3 workers ran the suite in 807 s against 2 workers' 885 s. xdist's own
-    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still wins, and ``--maxprocesses`` caps the count."""
-    configured = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
-    if configured and configured.isdigit():
-        return int(configured)
-    # The cores this process may run on (Linux); elsewhere (macOS) the machine's.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores + 1
