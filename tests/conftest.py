@@ -216,6 +216,7 @@ def skills_with_a_starved_one(root: Path) -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """Files holding slow tests first (each file's own order kept): ``make test`` spreads files over
-    workers (pytest-xdist ``--dist loadfile``), and a long file started last would end the run alone."""
+    workers in this order (pytest-xdist ``--dist loadfile --no-loadscope-reorder``), and a long file
+    started last would end the run alone."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
