@@ -16,7 +16,8 @@ STAMP := $(VENV)/.selma-installed
 TORCH_SPEC ?= torch==2.13.0
 # The rest at the versions CI tested (constraints.txt); CONSTRAINTS= lets the installer pick the newest.
 CONSTRAINTS ?= constraints.txt
-INSTALL_ARGS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,kubernetes]"
+# TORCH_SPEC again, so that no dependency's requirement swaps the torch just installed for another build.
+INSTALL_ARGS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,kubernetes]" "$(TORCH_SPEC)"
 UV := $(VENV)/bin/uv
 # Test files run in parallel on up to 4 cores (each file in one worker, so a file's module fixtures,
 # such as the kill-anywhere reference run, are built once). PYTEST_ARGS="" runs them one by one.
