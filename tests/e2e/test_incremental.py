@@ -38,30 +38,24 @@ def test_edit_a_skill_add_a_skill_force_a_job(tiny_config, tmp_path):
     assert set(statuses(config).values()) == {"ran"}
     assert set(states(config).values()) == {"done"}
 
-    # Editing one skill's seeds redoes that skill's chain, then merge and eval; nothing else.
+    # Editing one skill's seeds and adding another (in one submission, which spares a second merge
+    # and eval) redoes the edited skill's chain, runs the new one's, then merge and eval; nothing else.
     path = skills / "spatial.yaml"
     path.write_text(
         path.read_text().replace("a red ball to the left of a blue box", "a red ball left of a box")
     )
-    after_edit = statuses(config)
-    redone = {"prompts:spatial", "images:spatial", "train:spatial", "merge", "eval"}
-    assert {j for j, s in after_edit.items() if s == "ran"} == redone
-    assert {j for j, s in after_edit.items() if s == "skipped"} == set(after_edit) - redone
-    table = states(config)
-    assert table["train:spatial"] == "done" and table["train:counting"] == "skipped"
-
-    # Adding a skill trains one new expert and merges again.
     added = tiny_config(
         skills_dir=str(skills), skills=["counting", "spatial", "everyday"], eval={"compare_experts": False}
     )
-    after_add = statuses(added)
-    assert {j for j, s in after_add.items() if s == "ran"} == {
-        "prompts:everyday",
-        "images:everyday",
-        "train:everyday",
-        "merge",
-        "eval",
+    after = statuses(added)
+    redone = {
+        f"{phase}:{skill}" for phase in ("prompts", "images", "train") for skill in ("spatial", "everyday")
     }
+    redone |= {"merge", "eval"}
+    assert {j for j, s in after.items() if s == "ran"} == redone
+    assert {j for j, s in after.items() if s == "skipped"} == set(after) - redone
+    table = states(added)
+    assert table["train:spatial"] == "done" and table["train:counting"] == "skipped"
 
     # --force reruns a finished job and everything downstream of it, on purpose.
     forced = statuses(added, "--force", "train:counting")

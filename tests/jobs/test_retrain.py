@@ -59,7 +59,8 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     from selma_core.config import load_config
     from selma_core.tracking import open_tracker
 
-    config = tiny_config(eval={"compare_experts": False})
+    # One skill: a retrain's gate and summary do not depend on how many experts were merged.
+    config = tiny_config(skills=["counting"], eval={"compare_experts": False})
     summary = tmp_path / "summary.md"
     first = retrain(config, summary)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -76,7 +77,7 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     champion = tracker.model_version(cfg.name, alias="champion")
     strong = {k: "1000" for k in champion.tags if k.startswith("selma.eval.clip_score.")}
     tracker.set_model_version_tags(cfg.name, champion.version, strong)
-    changed = tiny_config(eval={"compare_experts": False}, train={"steps": 4})
+    changed = tiny_config(skills=["counting"], eval={"compare_experts": False}, train={"steps": 4})
     third = retrain(changed, summary)
     assert third.returncode == 3  # refused
     text = summary.read_text()
