@@ -32,14 +32,14 @@ rm -rf "$venv"
 # uv (UV=path, as make test passes; else one on PATH) takes seconds where pip takes about 40 s;
 # pip is the fallback wherever uv is missing or can't reach the index.
 uv="${UV:-$(command -v uv || true)}"
-pip_install() {
+install_checkov() {
     if [ -n "$uv" ] && [ -x "$uv" ] &&
         "$uv" pip install -q --python "$venv/bin/python" "checkov==$CHECKOV_VERSION" >>"$log" 2>&1; then
         return 0
     fi
     "$venv/bin/python" -m pip install -q --no-compile "checkov==$CHECKOV_VERSION" >>"$log" 2>&1
 }
-if "$python" -m venv "$venv" >"$log" 2>&1 && pip_install; then
+if "$python" -m venv "$venv" >"$log" 2>&1 && install_checkov; then
     touch "$stamp"
 fi
 if installed; then
