@@ -197,6 +197,10 @@ class ExecutorConfig:
     max_parallel: int = 2
     # One log file per job here (Kubernetes: each pod's log, saved when its Job ends).
     log_dir: str = "selma-data/logs"
+    # Local executor: fork each job from a process that imported torch, diffusers, transformers, peft
+    # and MLflow once (~13 s a job saved on 2 cores), instead of starting each afresh. Each job is
+    # still a process of its own, with its own environment, log and exit status.
+    fork_server: bool = True
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:

@@ -11,10 +11,11 @@ read in the reference run (the loose files below are read by no downstream phase
 ``merge.json``), and its output is the reference's: the last phase's cases compare the whole final
 store.
 
-Jobs run as ``jobs.run.main(argv)`` in processes forked from one "zygote" that imported torch,
-diffusers and MLflow once (a fresh ``python -m jobs.run`` spends ~5 s importing; the 38 jobs here
-would not fit the CI budget). Each job is a process of its own, killed as a pod would be; nothing
-computed is shared (the zygote imports modules and computes nothing before it forks).
+Jobs run as ``python -m jobs.run`` in processes forked by the local executor's fork server
+(``jobs.executors.fork_server``), which imported torch, diffusers and MLflow once (a fresh process
+spends ~13 s importing on 2 cores; the 38 jobs here would not fit the CI budget). Each job is a
+process of its own, killed as a pod would be; nothing computed is shared (the server imports modules
+and computes nothing before it forks).
 
 Bit-identical on CPU (sha256 of the committed file equals the reference's): prompts.jsonl, the
 image shards, shards.json and images.jsonl, loss.json, the evaluation images, results.md, report.html,
@@ -36,15 +37,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import REPO, write_config
 
+from jobs.executors.fork_server import ForkServer
 from selma_core.storage import LocalArtifactStore
 from selma_core.storage.base import MANIFEST
 
@@ -75,81 +77,6 @@ OVERRIDES = {
 }
 JOB_TIMEOUT_S = 300
 
-# The zygote: imports the heavy modules once, then forks one process per job request (a JSON line
-# on stdin) and answers with the job's exit status (negative: the signal that killed it).
-ZYGOTE = r"""
-import atexit, importlib, json, os, signal, sys, traceback
-import torch, mlflow, jobs.run
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
-for name in sys.argv[1:]:  # what the jobs import: only an optimisation, so a missing one is skipped
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass
-print(json.dumps({"ready": True, "threads": len(os.listdir("/proc/self/task"))}), flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-            os.environ.pop("SELMA_FAULT", None)
-            os.environ.update(request["env"])
-            signal.alarm(request["timeout"])
-            code = jobs.run.main(request["argv"])
-            atexit._run_exitfuncs()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-# Modules the jobs import (found by diffing sys.modules in a job): each costs every job its import.
-PRELOAD = [
-    "peft",
-    "matplotlib.pyplot",
-    "matplotlib.backends.backend_agg",
-    "PIL.JpegImagePlugin",
-    "diffusers.guiders",
-    "git",
-    "mlflow.store.tracking.sqlalchemy_store",
-    "mlflow.store.model_registry.sqlalchemy_store",
-    "mlflow.store.db.utils",
-    "mlflow.pyfunc",
-    "mlflow.diffusers",
-    "mlflow.tracing.export",
-    "mlflow.tracing.processor",
-    "selma_core.tracking.mlflow_tracker",
-    "selma_core.report",
-    "selma_core.context",
-    "selma_core.provenance",
-    "selma_core.phases.prompts",
-    "selma_core.phases.images",
-    "selma_core.phases.train",
-    "selma_core.phases.merge",
-    "selma_core.phases.evaluate",
-    "selma_core.lora",
-    "selma_core.merging",
-    "selma_core.models.loading",
-    "selma_core.metrics.clip_score",
-    "selma_core.metrics.suite",
-    "selma_core.metrics.summary",
-    "selma_core.metrics.eval_sets",
-    "selma_core.metrics.answer_cache",
-    "selma_core.storage.lease",
-    "selma_core.prompting.offline",
-    "selma_core.prompting.dedup",
-    "selma_core.prompting.stats",
-]
-
 
 @dataclass
 class Job:
@@ -165,48 +92,40 @@ class Job:
 
 
 class Zygote:
+    """Runs each job in a process forked by the fork server, one at a time, its log read back."""
+
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.count = 0
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", ZYGOTE, *PRELOAD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            env={
-                **os.environ,
-                # One thread per job: 2 shared cores, and the same reductions in every run.
-                "OMP_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-                # pyarrow's jemalloc (imported by MLflow) would start a background thread.
-                "JE_ARROW_MALLOC_CONF": "background_thread:false",
-            },
-        )
-        ready = json.loads(self.process.stdout.readline())
-        # Forking is safe only from a process with no other thread (none holds a lock then).
-        assert ready == {"ready": True, "threads": 1}, ready
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        self.env = {
+            **{name: value for name, value in os.environ.items() if name != "SELMA_FAULT"},
+            # One thread per job: 2 shared cores, and the same reductions in every run.
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": pythonpath,
+        }
+        self.server = ForkServer(self.env, str(REPO), logs / "fork-server.log")
 
     def run(self, config: Path, phase: str, skill: str | None, fault: str | None = None) -> Job:
         self.count += 1
-        out, err = self.logs / f"{self.count:03d}-{phase}.out", self.logs / f"{self.count:03d}-{phase}.err"
+        log = self.logs / f"{self.count:03d}-{phase}.log"
+        log.write_text("")
         flags = PHASE_ARGV.get(phase, ["--phase", phase])
-        argv = [*flags, "--config", str(config), *(["--skill", skill] if skill else [])]
-        request = {
-            "argv": argv,
-            "env": {"SELMA_FAULT": fault} if fault else {},
-            "stdout": str(out),
-            "stderr": str(err),
-            "timeout": JOB_TIMEOUT_S,
-        }
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        code = json.loads(self.process.stdout.readline())["returncode"]
-        return Job(code, out.read_text(), err.read_text())
+        argv = ["-m", "jobs.run", *flags, "--config", str(config), *(["--skill", skill] if skill else [])]
+        env = {**self.env, **({"SELMA_FAULT": fault} if fault else {})}
+        process = self.server.start(argv, env, str(REPO), str(log))
+        try:
+            code = process.wait(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError(f"{phase} did not end in {JOB_TIMEOUT_S}s; see {log}") from None
+        text = log.read_text()  # stdout and stderr, one log as the local executor keeps it
+        return Job(code, text, text)
 
     def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        self.server.close()
 
 
 @dataclass

@@ -15,7 +15,12 @@ def make_executor(
     if kind == "local":
         from jobs.executors.local import LocalExecutor
 
-        return LocalExecutor(log_dir, cfg.executor.max_parallel, images_jobs=cfg.images.num_jobs)
+        return LocalExecutor(
+            log_dir,
+            cfg.executor.max_parallel,
+            images_jobs=cfg.images.num_jobs,
+            fork_server=cfg.executor.fork_server,
+        )
     if kind == "kubernetes":
         try:
             import kubernetes  # noqa: F401

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,10 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
     assert "| counting |" in stderr and "| spatial |" in stderr  # the results table
 
     cfg = load_config(config_path)
+    # The jobs were forked by the fork server (executor.fork_server's default), started once.
+    servers = list(Path(cfg.executor.log_dir).glob("*/fork-server.log"))
+    assert len(servers) == 1 and "fork server: ready" in servers[0].read_text()
+    assert "fork server is unavailable" not in stderr
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
     store = open_store(cfg.storage)
     run_ids = {j["job"]: j["run_id"] for j in jobs}

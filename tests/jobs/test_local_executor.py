@@ -1,9 +1,12 @@
-"""The local executor: a subprocess per job, its log, its last JSON line, and cancellation."""
+"""The local executor: a process per job (fresh, or forked by the fork server), its log, its last
+JSON line, and cancellation."""
 
 from __future__ import annotations
 
 import sys
 import time
+
+import pytest
 
 from jobs.executors import make_executor
 from jobs.executors.base import JobState
@@ -12,6 +15,12 @@ from selma_core.config import load_config
 from selma_core.plan import JobSpec
 
 JOB = JobSpec("prompts", "counting", "prompts/counting/x", ())
+
+
+@pytest.fixture(params=[False, True], ids=["fresh-process", "fork-server"])
+def fork_server(request) -> dict:
+    """How the executor starts jobs (the fork server importing nothing: these jobs are tiny)."""
+    return {"fork_server": request.param, "preload": False}
 
 
 def wait(executor, handle, timeout=60):
@@ -24,8 +33,8 @@ def wait(executor, handle, timeout=60):
     raise AssertionError("job did not finish")
 
 
-def test_a_job_writes_its_log_and_its_result_is_read(tmp_path):
-    executor = LocalExecutor(tmp_path / "logs")
+def test_a_job_writes_its_log_and_its_result_is_read(tmp_path, fork_server):
+    executor = LocalExecutor(tmp_path / "logs", **fork_server)
     code = 'import json,os; print("working"); print(json.dumps({"status": "ran", "v": os.environ["X"]}))'
     handle = executor.submit(JOB, ["python", "-c", code], {"X": "42"})
     status = wait(executor, handle)
@@ -35,14 +44,14 @@ def test_a_job_writes_its_log_and_its_result_is_read(tmp_path):
     assert "working" in (tmp_path / "logs" / "prompts-counting.log").read_text()
 
 
-def test_exit_codes_are_kept(tmp_path):
-    executor = LocalExecutor(tmp_path / "logs")
+def test_exit_codes_are_kept(tmp_path, fork_server):
+    executor = LocalExecutor(tmp_path / "logs", **fork_server)
     status = wait(executor, executor.submit(JOB, ["python", "-c", "import sys; sys.exit(2)"], {}))
     assert status.state == JobState.FAILED and status.exit_code == 2 and status.result is None
 
 
-def test_cancel_stops_the_job_and_its_children(tmp_path):
-    executor = LocalExecutor(tmp_path / "logs")
+def test_cancel_stops_the_job_and_its_children(tmp_path, fork_server):
+    executor = LocalExecutor(tmp_path / "logs", **fork_server)
     child = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
     code = f"import subprocess, sys, time; {child}; time.sleep(60)"
     handle = executor.submit(JOB, ["python", "-c", code], {})
@@ -65,12 +74,12 @@ def test_describe_shows_the_command_and_log(tmp_path):
     assert line.startswith("prompts:counting: ") and sys.executable in line and "prompts-counting.log" in line
 
 
-def test_parallel_jobs_share_the_cores(tmp_path, monkeypatch):
+def test_parallel_jobs_share_the_cores(tmp_path, monkeypatch, fork_server):
     import os
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    executor = LocalExecutor(tmp_path / "logs", max_parallel=4)
+    executor = LocalExecutor(tmp_path / "logs", max_parallel=4, **fork_server)
     code = 'import json, os; print(json.dumps({"status": "ran", "omp": os.environ["OMP_NUM_THREADS"]}))'
     status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
     assert status.result["omp"] == "2"
@@ -100,6 +109,8 @@ def test_an_images_job_runs_as_images_num_jobs_processes(tiny_config, tmp_path, 
     config = str(tiny_config(images={"num_jobs": 3}, executor={"max_parallel": 1}))
     # As the controller makes it: images.num_jobs from the config.
     executor = make_executor(load_config(config), "local", str(tmp_path / "logs"))
+    assert executor.fork_server  # executor.fork_server's default
+    executor.preload = False  # these jobs are tiny: a server that imports nothing
     command = ["python", "-c", WORKER, "--config", config]
     described = executor.describe(IMAGES, command).splitlines()
     assert len(described) == 3 and "--shard-index 2 --num-shards 3 --config" in described[2]
@@ -116,7 +127,7 @@ def test_an_images_job_runs_as_images_num_jobs_processes(tiny_config, tmp_path, 
         "omp": "2",  # the job's share of the cores, split between its processes
         "committed": True,
     }
-    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    logs = sorted(p.name for p in (tmp_path / "logs").glob("images-*"))
     assert logs == [f"images-counting.{i}-of-3.log" for i in range(3)]
     assert handle.log == str(tmp_path / "logs" / "images-counting.2-of-3.log")
 
@@ -134,8 +145,8 @@ def test_an_images_job_runs_as_images_num_jobs_processes(tiny_config, tmp_path, 
     assert executor.processes(JOB, command) == 1
 
 
-def test_cancel_stops_every_process_of_an_images_job(tmp_path):
-    executor = LocalExecutor(tmp_path / "logs", images_jobs=2)
+def test_cancel_stops_every_process_of_an_images_job(tmp_path, fork_server):
+    executor = LocalExecutor(tmp_path / "logs", images_jobs=2, **fork_server)
     handle = executor.submit(IMAGES, ["python", "-c", "import time; time.sleep(60)", "--config", "x"], {})
     assert len(handle.ref) == 2
     time.sleep(0.3)

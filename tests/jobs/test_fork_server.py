@@ -1,0 +1,190 @@
+"""The fork server: a forked job is a process of its own that ends as ``python`` would, and the server
+holds what jobs import (libraries, not selma's modules) and nothing that makes a fork unsafe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from jobs.executors.base import JobState
+from jobs.executors.fork_server import ForkServer, fork_unsafe_reason, imported_names
+from jobs.executors.local import LocalExecutor
+from selma_core.plan import JobSpec
+
+JOB = JobSpec("prompts", "counting", "prompts/counting/x", ())
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = ForkServer(environment(), str(REPO), tmp_path / "fork-server.log", preload=False)
+    yield server
+    server.close()
+
+
+def run(server: ForkServer, tmp_path: Path, code: str, *args: str, **env: str) -> tuple[int, str]:
+    log = tmp_path / "job.log"
+    log.write_text("")
+    process = server.start(["-c", code, *args], environment(**env), str(tmp_path), str(log))
+    return process.wait(timeout=60), log.read_text()
+
+
+def test_a_forked_job_has_its_own_process_group_environment_directory_and_log(server, tmp_path):
+    code = (
+        "import json, os, sys; print(json.dumps({'group_leader': os.getpgrp() == os.getpid(), "
+        "'server': os.getppid(), 'cwd': os.getcwd(), 'x': os.environ.get('X'), "
+        "'inherited': os.environ.get('ONLY_IN_SERVER'), 'argv': sys.argv})); "
+        "print('to stderr', file=sys.stderr)"
+    )
+    code, log = run(server, tmp_path, code, "a", "b", X="42")
+    assert code == 0
+    report = json.loads(log.splitlines()[0])
+    assert report == {
+        "group_leader": True,  # os.killpg(pid) reaches the job and its children
+        "server": server.process.pid,
+        "cwd": str(tmp_path),
+        "x": "42",
+        "inherited": None,
+        "argv": ["-c", "a", "b"],
+    }
+    assert log.splitlines()[1] == "to stderr"
+
+
+LATE_THREAD = (
+    "import threading, time; threading.Thread(target=lambda: (time.sleep(0.3), print('joined'))).start()"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "in_log"),
+    [
+        ("pass", 0, ""),
+        ("import sys; sys.exit(3)", 3, ""),
+        ("import sys; sys.exit('bye')", 1, "bye"),
+        ("raise ValueError('bad input')", 1, "ValueError: bad input"),
+        ("raise KeyboardInterrupt", -signal.SIGINT, "KeyboardInterrupt"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL, ""),
+        # An interpreter's exit runs atexit handlers and waits for non-daemon threads.
+        ("import atexit; atexit.register(print, 'exit handler ran')", 0, "exit handler ran"),
+        (LATE_THREAD, 0, "joined"),
+    ],
+)
+def test_a_forked_job_ends_as_python_would(server, tmp_path, code, status, in_log):
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == status
+    returncode, log = run(server, tmp_path, code)
+    assert returncode == status
+    assert in_log in log
+
+
+def test_a_module_runs_as_main_as_with_python_m(server, tmp_path):
+    log = tmp_path / "help.log"
+    log.write_text("")
+    process = server.start(["-m", "jobs.run", "--help"], environment(), str(tmp_path), str(log))
+    assert process.wait(timeout=60) == 0
+    assert "usage: python -m jobs.run" in log.read_text()
+
+
+def test_the_server_holds_the_jobs_libraries_but_not_selma(tmp_path):
+    """The real preload (~15 s): libraries come from the server, selma's modules are imported anew by
+    each job, torch's threads are the job's own, and the server forked with a single thread."""
+    server = ForkServer(environment(), str(REPO), tmp_path / "fork-server.log")
+    try:
+        code = (
+            "import json, sys; loaded = set(sys.modules); import torch; "
+            "print(json.dumps({'libraries': sorted(m for m in ('torch', 'diffusers', 'transformers', "
+            "'peft', 'mlflow') if m in loaded), 'selma': sorted(m for m in loaded "
+            "if m.split('.')[0] in ('selma_core', 'jobs')), 'threads': torch.get_num_threads()}))"
+        )
+        returncode, log = run(server, tmp_path, code, OMP_NUM_THREADS="2")
+        assert returncode == 0, log
+        assert json.loads(log.splitlines()[-1]) == {
+            "libraries": ["diffusers", "mlflow", "peft", "torch", "transformers"],
+            "selma": [],
+            "threads": 2,
+        }
+    finally:
+        server.close()
+    assert "fork server: ready in" in (tmp_path / "fork-server.log").read_text()
+
+
+def test_imported_names_include_imports_inside_functions():
+    source = (
+        "import os, json as j\nfrom pathlib import Path\nfrom . import sibling\n"
+        "def f():\n    from diffusers import UNet2DConditionModel\n    import mlflow.pyfunc\n"
+    )
+    assert imported_names(source) == [
+        ("os", None),
+        ("json", None),
+        ("pathlib", "Path"),
+        ("diffusers", "UNet2DConditionModel"),
+        ("mlflow.pyfunc", None),
+    ]
+
+
+def test_a_process_with_another_thread_is_not_fork_safe():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert "threads" in (fork_unsafe_reason() or "")
+    finally:
+        stop.set()
+        thread.join()
+
+
+def wait(executor: LocalExecutor, handle, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = executor.poll(handle)
+        if status.state in (JobState.SUCCEEDED, JobState.FAILED):
+            return status
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def test_a_server_that_would_fork_unsafely_refuses_and_jobs_start_afresh(tmp_path, monkeypatch, capsys):
+    # A sitecustomize (run by every interpreter at start-up) that leaves a thread running.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
+    code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
+    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
+    assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()  # a fresh process
+    assert "the server has 2 threads after importing" in capsys.readouterr().err
+    assert executor.fork_server is False
+    executor.close()
+
+
+def test_a_job_outlives_a_lost_server_and_is_reported_failed(tmp_path, capsys):
+    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
+    handle = executor.submit(JOB, ["python", "-c", "import time; time.sleep(1)"], {})
+    server = executor._server
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    assert executor.poll(handle).state == JobState.RUNNING  # the job goes on without its server
+    status = wait(executor, handle)
+    # Its exit status went with the server: a failure worth a retry, which says why.
+    assert status.state == JobState.FAILED and status.exit_code == 1
+    assert "the fork server ended before the job did" in status.result["error"]
+    # Later jobs start as fresh processes.
+    code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
+    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
+    assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()
+    assert "the fork server has ended" in capsys.readouterr().err
+    executor.close()
