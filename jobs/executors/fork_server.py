@@ -16,8 +16,9 @@ Each job still is a process of its own, as ``python -m jobs.run`` would be:
   import); only other libraries' modules come from the server.
 
 The server computes nothing: it imports, then forks only while it has a single thread and has not
-initialised CUDA (a fork is safe then: no lock is held by another thread, no driver state is
-copied). When that can't be had, it says why and the executor starts fresh processes instead.
+loaded the CUDA driver (a fork is safe then: no lock is held by another thread, no driver state is
+copied; each job initialises CUDA itself). When that can't be had, it says why and the executor
+starts fresh processes instead.
 
 Protocol, JSON lines. Requests on the server's stdin: ``{"args": ["-m", "jobs.run", ...] or
 ["-c", code, ...], "env": {...}, "cwd": ..., "log": ...}``. Replies on its stdout: ``{"ready": true}``
@@ -127,6 +128,11 @@ def fork_unsafe_reason() -> str | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "importing initialised CUDA (a forked process could not use it)"
+    # A check such as torch.cuda.is_available() loads and initialises the driver without torch
+    # counting CUDA as initialised; a process forked after that can't initialise it again.
+    with contextlib.suppress(OSError):
+        if "libcuda.so" in Path("/proc/self/maps").read_text():
+            return "importing loaded the CUDA driver (a forked process could not initialise it)"
     return None
 
 
@@ -153,6 +159,11 @@ def _run_in_child(request: dict, reply_fd: int) -> None:
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if torch is not None and threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))
+        # NumPy's global generator was seeded from the OS as the server imported it: each job draws
+        # its own seed, as a fresh process would (Python's random module reseeds itself at fork).
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            numpy.random.seed()
         flag, target, *args = request["args"]
     except BaseException:  # the job could not be set up (its log may be where this goes)
         traceback.print_exc()
@@ -262,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fork server: ready in {time.monotonic() - started:.1f}s, {len(sys.modules)} modules", flush=True)
     _reply(reply_fd, {"ready": True})
     serve(reply_fd)
-    return 0
+    # Done: skip the teardown of thousands of modules (seconds the executor's close would wait).
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- the executor's side --------------------------------------------------------------------------
@@ -353,6 +366,8 @@ class ForkServer:
                     # allocator) start none: a job sizes its own pools (``_run_in_child``).
                     **{name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
                     "JE_ARROW_MALLOC_CONF": "background_thread:false",
+                    # torch.cuda.is_available() asks NVML instead of initialising the driver.
+                    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
                 },
                 cwd=cwd,
                 start_new_session=True,  # no controlling terminal, for the server and its jobs

@@ -96,27 +96,39 @@ def test_a_module_runs_as_main_as_with_python_m(server, tmp_path):
     assert "usage: python -m jobs.run" in log.read_text()
 
 
-def test_the_server_holds_the_jobs_libraries_but_not_selma(tmp_path):
-    """The real preload (~15 s): libraries come from the server, selma's modules are imported anew by
-    each job, torch's threads are the job's own, and the server forked with a single thread."""
-    server = ForkServer(environment(), str(REPO), tmp_path / "fork-server.log")
-    try:
-        code = (
-            "import json, sys; loaded = set(sys.modules); import torch; "
-            "print(json.dumps({'libraries': sorted(m for m in ('torch', 'diffusers', 'transformers', "
-            "'peft', 'mlflow') if m in loaded), 'selma': sorted(m for m in loaded "
-            "if m.split('.')[0] in ('selma_core', 'jobs')), 'threads': torch.get_num_threads()}))"
-        )
-        returncode, log = run(server, tmp_path, code, OMP_NUM_THREADS="2")
-        assert returncode == 0, log
-        assert json.loads(log.splitlines()[-1]) == {
-            "libraries": ["diffusers", "mlflow", "peft", "torch", "transformers"],
-            "selma": [],
-            "threads": 2,
-        }
-    finally:
-        server.close()
-    assert "fork server: ready in" in (tmp_path / "fork-server.log").read_text()
+@pytest.fixture(scope="module")
+def preloaded(tmp_path_factory):
+    """A server with the real preload (~15 s): what the local executor starts."""
+    logs = tmp_path_factory.mktemp("preloaded")
+    server = ForkServer(environment(), str(REPO), logs / "fork-server.log")
+    yield server
+    server.close()
+    assert "fork server: ready in" in (logs / "fork-server.log").read_text()
+
+
+def test_the_server_holds_the_jobs_libraries_but_not_selma(preloaded, tmp_path):
+    """Libraries come from the server, selma's modules are imported anew by each job (under its own
+    environment), and torch's threads are the job's own."""
+    code = (
+        "import json, sys; loaded = set(sys.modules); import torch; "
+        "print(json.dumps({'libraries': sorted(m for m in ('torch', 'diffusers', 'transformers', "
+        "'peft', 'mlflow') if m in loaded), 'selma': sorted(m for m in loaded "
+        "if m.split('.')[0] in ('selma_core', 'jobs')), 'threads': torch.get_num_threads()}))"
+    )
+    returncode, log = run(preloaded, tmp_path, code, OMP_NUM_THREADS="2")
+    assert returncode == 0, log
+    assert json.loads(log.splitlines()[-1]) == {
+        "libraries": ["diffusers", "mlflow", "peft", "torch", "transformers"],
+        "selma": [],
+        "threads": 2,
+    }
+
+
+def test_each_job_draws_its_own_random_seeds(preloaded, tmp_path):
+    """As fresh processes would: NumPy's and Python's global generators differ from job to job."""
+    code = "import random, numpy; print(random.random(), numpy.random.random())"
+    draws = [run(preloaded, tmp_path, code)[1].split() for _ in range(3)]
+    assert len({python for python, _ in draws}) == 3 and len({numpy for _, numpy in draws}) == 3
 
 
 def test_imported_names_include_imports_inside_functions():
@@ -142,6 +154,23 @@ def test_a_process_with_another_thread_is_not_fork_safe():
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_process_that_loaded_the_cuda_driver_is_not_fork_safe(tmp_path):
+    # What /proc/self/maps shows once a CUDA check has loaded the driver: a file of that name mapped.
+    # (In a process of its own: this one has threads, which fork_unsafe_reason names first.)
+    driver = tmp_path / "libcuda.so.1"
+    driver.write_bytes(b"\0" * 4096)
+    code = (
+        "import mmap, sys; from jobs.executors.fork_server import fork_unsafe_reason as why; "
+        "before = why(); f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+        "print(before); print(why())"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(driver)], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.splitlines() == [
+        "None",
+        "importing loaded the CUDA driver (a forked process could not initialise it)",
+    ], done.stderr
 
 
 def wait(executor: LocalExecutor, handle, timeout: float = 60):
