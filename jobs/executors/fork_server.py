@@ -103,10 +103,8 @@ def preload() -> None:
     such as MLflow's settings, holds as it does in a job), every library module their code names,
     and ``IMPORTED_AT_RUN_TIME``; then forget selma's own modules."""
     _import("jobs.run")
-    for package in ("selma_core",):
-        root = importlib.import_module(package)
-        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
-            _import(info.name)
+    for info in pkgutil.walk_packages(importlib.import_module("selma_core").__path__, "selma_core."):
+        _import(info.name)
     sources = [*(PROJECT_ROOT / "selma_core").rglob("*.py"), PROJECT_ROOT / "jobs" / "run.py"]
     for path in sources:
         for module, name in imported_names(path.read_text()):

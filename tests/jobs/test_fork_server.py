@@ -9,18 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-from jobs.executors.base import JobState
 from jobs.executors.fork_server import ForkServer, fork_unsafe_reason, imported_names
-from jobs.executors.local import LocalExecutor
-from selma_core.plan import JobSpec
-
-JOB = JobSpec("prompts", "counting", "prompts/counting/x", ())
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -171,49 +165,3 @@ def test_a_process_that_loaded_the_cuda_driver_is_not_fork_safe(tmp_path):
         "None",
         "importing loaded the CUDA driver (a forked process could not initialise it)",
     ], done.stderr
-
-
-def wait(executor: LocalExecutor, handle, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = executor.poll(handle)
-        if status.state in (JobState.SUCCEEDED, JobState.FAILED):
-            return status
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
-
-
-def test_a_server_that_would_fork_unsafely_refuses_and_jobs_start_afresh(tmp_path, monkeypatch, capsys):
-    # A sitecustomize (run by every interpreter at start-up) that leaves a thread running.
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
-    code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
-    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
-    assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()  # a fresh process
-    assert "the server has 2 threads after importing" in capsys.readouterr().err
-    assert executor.fork_server is False
-    executor.close()
-
-
-def test_a_job_outlives_a_lost_server_and_is_reported_failed(tmp_path, capsys):
-    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
-    handle = executor.submit(JOB, ["python", "-c", "import time; time.sleep(1)"], {})
-    server = executor._server
-    os.kill(server.process.pid, signal.SIGKILL)
-    server.process.wait()
-    assert executor.poll(handle).state == JobState.RUNNING  # the job goes on without its server
-    status = wait(executor, handle)
-    # Its exit status went with the server: a failure worth a retry, which says why.
-    assert status.state == JobState.FAILED and status.exit_code == 1
-    assert "the fork server ended before the job did" in status.result["error"]
-    # Later jobs start as fresh processes.
-    code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
-    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
-    assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()
-    assert "the fork server has ended" in capsys.readouterr().err
-    executor.close()

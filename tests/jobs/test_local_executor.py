@@ -3,6 +3,8 @@ JSON line, and cancellation."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -75,7 +77,6 @@ def test_describe_shows_the_command_and_log(tmp_path):
 
 
 def test_parallel_jobs_share_the_cores(tmp_path, monkeypatch, fork_server):
-    import os
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -102,8 +103,6 @@ WORKER = (
 
 
 def test_an_images_job_runs_as_images_num_jobs_processes(tiny_config, tmp_path, monkeypatch):
-    import os
-
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     config = str(tiny_config(images={"num_jobs": 3}, executor={"max_parallel": 1}))
@@ -153,3 +152,42 @@ def test_cancel_stops_every_process_of_an_images_job(tmp_path, fork_server):
     executor.cancel(handle)
     assert all(process.poll() is not None for process in handle.ref)
     assert executor.poll(handle).state == JobState.FAILED
+
+
+# -- the fork server: when it refuses, or ends before its jobs do ------------------------------------
+
+
+def test_a_server_that_would_fork_unsafely_refuses_and_jobs_start_afresh(tmp_path, monkeypatch, capsys):
+    # A sitecustomize (run by every interpreter at start-up) that leaves a thread running.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
+    code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
+    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
+    assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()  # a fresh process
+    assert "the server has 2 threads after importing" in capsys.readouterr().err
+    assert executor.fork_server is False
+    executor.close()
+
+
+def test_a_job_outlives_a_lost_server_and_is_reported_failed(tmp_path, capsys):
+    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
+    handle = executor.submit(JOB, ["python", "-c", "import time; time.sleep(1)"], {})
+    server = executor._server
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    assert executor.poll(handle).state == JobState.RUNNING  # the job goes on without its server
+    status = wait(executor, handle)
+    # Its exit status went with the server: a failure worth a retry, which says why.
+    assert status.state == JobState.FAILED and status.exit_code == 1
+    assert "the fork server ended before the job did" in status.result["error"]
+    # Later jobs start as fresh processes.
+    code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
+    status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
+    assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()
+    assert "the fork server has ended" in capsys.readouterr().err
+    executor.close()
