@@ -130,3 +130,20 @@ def test_attention_benchmark_times_each_kernel_on_each_shape_against_pytorchs_ch
             assert total == pytest.approx(weighed, rel=1e-2, abs=1e-3)
         chosen = result["measured_ms"][result["choice"]]
         assert result["speedup"] == pytest.approx(result["measured_ms"]["default"] / chosen, abs=1e-3)
+
+
+def test_the_fork_server_check_forks_jobs_that_compute_on_the_device(tmp_path):
+    """bench/fork_server_cuda.py, on the CPU (a server that imports nothing: the check's logic)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fork_server_cuda.py"), "--device", "cpu", "--no-preload"]
+        + ["--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ok"] is True and report["device"] == "cpu" and report["ready_s"] >= 0
+    assert [job["exit"] for job in report["jobs"]] == [0, 0]
+    assert all(job["log"].strip().endswith(" cpu") for job in report["jobs"])
