@@ -10,20 +10,24 @@ Each job still is a process of its own, as ``python -m jobs.run`` would be:
   controlling terminal (Ctrl-C reaches the controller only, which cancels jobs itself);
 - its own log (stdout and stderr), environment, working directory and ``sys.argv``;
 - it runs ``jobs.run`` as ``__main__`` and ends as an interpreter ends (threads joined, ``atexit``
-  handlers run, streams flushed; only the teardown of modules is skipped), with its exit status
-  reported to the executor (negative: the signal that killed it);
+  handlers run, streams flushed; the teardown of modules, and the finalising of objects still alive
+  then, is skipped), with its exit status reported to the executor (negative: the signal that
+  killed it);
 - selma's own modules are imported afresh in each job (they read the job's environment as they
-  import); only other libraries' modules come from the server.
+  import); only other libraries' modules come from the server (the executor forks only jobs whose
+  environment is the server's, but for thread counts, which each job sets for itself).
+Its command line is the server's, though: ``ps`` shows ``python -m jobs.executors.fork_server``.
 
 The server computes nothing: it imports, then forks only while it has a single thread and has not
 loaded the CUDA driver (a fork is safe then: no lock is held by another thread, no driver state is
 copied; each job initialises CUDA itself). When that can't be had, it says why and the executor
 starts fresh processes instead.
 
-Protocol, JSON lines. Requests on the server's stdin: ``{"args": ["-m", "jobs.run", ...] or
-["-c", code, ...], "env": {...}, "cwd": ..., "log": ...}``. Replies on its stdout: ``{"ready": true}``
-(or ``{"ready": false, "why": ...}``) once, ``{"pid": P}`` for each request, and
-``{"pid": P, "returncode": C}`` when P ends. The server exits when its stdin closes (the executor
+Protocol, JSON lines. Requests on the server's stdin: ``{"id": I, "args": ["-m", "jobs.run", ...]
+or ["-c", code, ...], "env": {...}, "cwd": ..., "log": ...}``. Replies on its stdout:
+``{"ready": true}`` (or ``{"ready": false, "why": ...}``) once, ``{"id": I, "pid": P}`` for each
+request, and ``{"id": I, "returncode": C}`` when job I ends (ids, not pids, name jobs: the system may
+give a later job an ended one's pid). The server exits when its stdin closes (the executor
 closed, or died: running jobs go on, as jobs started by ``subprocess`` would).
 """
 
@@ -46,6 +50,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from pathlib import Path
 
@@ -167,23 +172,27 @@ def _run_in_child(request: dict, reply_fd: int) -> None:
         traceback.print_exc()
         os._exit(70)
     # What `python -m target args` or `python -c target args` does.
+    interrupted = False
     try:
         if flag == "-m":
             sys.argv = [target, *args]  # runpy sets argv[0] to the module's file
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             sys.argv = ["-c", *args]
-            exec(compile(target, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            sys.path[0] = ""  # as with -c: the working directory
+            main = types.ModuleType("__main__")  # a module of its own, as pickle expects to find
+            sys.modules["__main__"] = main
+            exec(compile(target, "<string>", "exec"), main.__dict__)
         code = 0
     except SystemExit as e:
         code = _exit_code(e)
     except KeyboardInterrupt:
         sys.excepthook(*sys.exc_info())
-        code = -1  # as Python does: end by the signal itself, after the exit handlers
+        code, interrupted = 1, True
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
-    _exit(code)
+    _exit(code, interrupted)
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -195,24 +204,34 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _exit(code: int) -> None:
-    """End the job's process as the interpreter ends, but for tearing down its modules: wait for its
+def _exit(code: int, interrupted: bool) -> None:
+    """End the job's process as the interpreter ends, but for tearing down its modules and what they
+    hold (objects still alive are not finalised; C-level exit handlers don't run): wait for its
     threads, run its exit handlers, flush its streams. (Tearing down the thousands of modules the
-    server imported takes ~3 s; the process's memory goes with it anyway.)"""
-    try:
-        threading._shutdown()  # as multiprocessing's processes do: join non-daemon threads
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-    finally:
-        if code == -1:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        os._exit(code & 0xFF)
+    server imported takes ~3 s; the process's memory goes with it anyway.) An uncaught Ctrl-C ends
+    it by SIGINT, as Python does."""
+    steps = (
+        threading._shutdown,  # join non-daemon threads, as multiprocessing's processes do
+        atexit._run_exitfuncs,
+        sys.stdout.flush,
+        sys.stderr.flush,
+    )
+    for step in steps:  # each on its own: one that fails (an interrupt while joining) skips none
+        try:
+            step()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                print(f"Exception ignored in {step.__name__}:", file=sys.stderr)
+                traceback.print_exc()
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
 
 
-def _reap(reply_fd: int) -> None:
+def _reap(reply_fd: int, jobs: dict[int, int]) -> None:
+    """Report every ended job (``jobs``: pid -> request id, the job's name for the executor: a pid
+    may be reused by a later job)."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -220,7 +239,7 @@ def _reap(reply_fd: int) -> None:
             return
         if pid == 0:
             return
-        _reply(reply_fd, {"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+        _reply(reply_fd, {"id": jobs.pop(pid, None), "returncode": os.waitstatus_to_exitcode(status)})
 
 
 def _reply(reply_fd: int, message: dict) -> None:
@@ -230,9 +249,10 @@ def _reply(reply_fd: int, message: dict) -> None:
 def serve(reply_fd: int) -> None:
     """Fork a process per request until stdin closes, reporting each pid and, later, its exit."""
     pending = b""
+    jobs: dict[int, int] = {}
     while True:
         readable, _, _ = select.select([0], [], [], REAP_EVERY_S)
-        _reap(reply_fd)
+        _reap(reply_fd, jobs)
         if not readable:
             continue
         chunk = os.read(0, 1 << 16)
@@ -247,7 +267,8 @@ def serve(reply_fd: int) -> None:
                 _run_in_child(request, reply_fd)  # never returns: it ends with os._exit
             with contextlib.suppress(OSError):  # its own group before the executor can signal it
                 os.setpgid(pid, pid)
-            _reply(reply_fd, {"pid": pid})
+            jobs[pid] = request["id"]
+            _reply(reply_fd, {"id": request["id"], "pid": pid})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,42 +305,48 @@ class ForkServerUnavailable(RuntimeError):
 
 
 class _Replies:
-    """What the server has said: the ready line and pids in order, exit statuses by pid."""
+    """What the server has said: the ready line and started jobs in order, exit statuses by job id."""
 
     def __init__(self) -> None:
-        self.pids: queue.Queue[int | dict | None] = queue.Queue()
+        self.started: queue.Queue[dict | None] = queue.Queue()
         self.returncodes: dict[int, int] = {}
         self.ended = False
         self.changed = threading.Condition()
 
     def read(self, stream) -> None:
+        try:
+            self._read(stream)
+        finally:  # whatever ended the reading, nobody waits on the server any more
+            with self.changed:
+                self.ended = True
+                self.changed.notify_all()
+            self.started.put(None)
+
+    def _read(self, stream) -> None:
         for line in stream:
             message = json.loads(line)
             if "returncode" in message:
                 with self.changed:
-                    self.returncodes[message["pid"]] = message["returncode"]
+                    self.returncodes[message["id"]] = message["returncode"]
                     self.changed.notify_all()
-            else:  # {"pid": P} after a request, or the ready line
-                self.pids.put(message.get("pid", message))
-        with self.changed:
-            self.ended = True
-            self.changed.notify_all()
-        self.pids.put(None)
+            else:  # {"id": I, "pid": P} for a request, or the ready line
+                self.started.put(message)
 
 
 class ForkedProcess:
     """A job forked by the server: the part of ``subprocess.Popen`` the local executor uses."""
 
-    def __init__(self, server: ForkServer, pid: int) -> None:
+    def __init__(self, server: ForkServer, pid: int, job_id: int) -> None:
         self.server = server
         self.pid = pid
+        self.job_id = job_id
         self.returncode: int | None = None
         # The server ended before this job did: its exit status can't be known.
         self.lost = False
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode, self.lost = self.server.returncode(self.pid)
+            self.returncode, self.lost = self.server.returncode(self.job_id, self.pid)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -371,7 +398,8 @@ class ForkServer:
                 start_new_session=True,  # no controlling terminal, for the server and its jobs
             )
         self.log = log
-        self._lock = threading.Lock()  # one request at a time: its pid is the next pid reply
+        self._lock = threading.Lock()  # one request at a time: the next job started is its
+        self._next_id = 0
         self._replies = _Replies()
         # The reader holds the replies, not this object, so that an executor dropped without
         # close() lets this object be collected: its finalizer closes stdin and the server ends.
@@ -380,12 +408,12 @@ class ForkServer:
         ).start()
         weakref.finalize(self, ForkServer._close_stdin, self.process)
         try:
-            ready = self._replies.pids.get(timeout=self.READY_TIMEOUT_S)
+            ready = self._replies.started.get(timeout=self.READY_TIMEOUT_S)
         except queue.Empty:
             ready = {"why": f"not ready after {self.READY_TIMEOUT_S:.0f}s"}
-        if not isinstance(ready, dict) or not ready.get("ready"):
+        if ready is None or not ready.get("ready"):
             self.close()
-            why = ready.get("why") if isinstance(ready, dict) else "it ended while importing"
+            why = ready.get("why") if ready is not None else "it ended while importing"
             raise ForkServerUnavailable(f"the fork server is unavailable: {why} (see {log})")
 
     def start(self, args: list[str], env: dict[str, str], cwd: str, log: str) -> ForkedProcess:
@@ -393,25 +421,27 @@ class ForkServer:
         with self._lock:
             if self._replies.ended or self.process.poll() is not None:
                 raise ForkServerUnavailable(f"the fork server has ended (see {self.log})")
-            request = {"args": args, "env": env, "cwd": cwd, "log": log}
+            self._next_id += 1
+            request = {"id": self._next_id, "args": args, "env": env, "cwd": cwd, "log": log}
             try:
                 self.process.stdin.write((json.dumps(request) + "\n").encode())
                 self.process.stdin.flush()
             except OSError as e:
                 raise ForkServerUnavailable(f"the fork server has ended (see {self.log}): {e}") from e
-            pid = self._replies.pids.get()
-        if pid is None:
+            started = self._replies.started.get()
+        if started is None:
             raise ForkServerUnavailable(f"the fork server ended while starting a job (see {self.log})")
-        return ForkedProcess(self, int(pid))
+        assert started["id"] == request["id"], (started, request["id"])
+        return ForkedProcess(self, int(started["pid"]), request["id"])
 
-    def returncode(self, pid: int) -> tuple[int | None, bool]:
-        """``(exit status or None while running, lost)``. A job the server can no longer report on
-        (it ended first) counts as failed once it is gone, with exit status 1: a failure worth a
-        retry, which finds the output committed if the job did commit it."""
+    def returncode(self, job_id: int, pid: int) -> tuple[int | None, bool]:
+        """``(exit status or None while running, lost)`` of job ``job_id``, process ``pid``. A job
+        the server can no longer report on (it ended first) counts as failed once it is gone, with
+        exit status 1: a failure worth a retry, which finds the output committed if the job did."""
         replies = self._replies
         with replies.changed:
-            if pid in replies.returncodes:
-                return replies.returncodes[pid], False
+            if job_id in replies.returncodes:
+                return replies.returncodes[job_id], False
             if not replies.ended:
                 return None, False
         return (1, True) if _gone(pid) else (None, False)

@@ -34,6 +34,13 @@ from selma_core.plan import JobSpec
 
 # Process: what _start returns (a fresh process, or one forked by the fork server).
 Process = subprocess.Popen | ForkedProcess
+# Set by each forked job itself; any other variable that differs from the server's means the
+# libraries in the server loaded under another environment than the job's.
+PER_JOB_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _shared(environment: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environment.items() if name not in PER_JOB_VARIABLES}
 
 
 def last_json_line(path: str) -> dict | None:
@@ -79,6 +86,7 @@ class LocalExecutor(Executor):
         self.fork_server = fork_server and sys.platform == "linux"
         self.preload = preload
         self._server: ForkServer | None = None
+        self._server_environment: dict[str, str] = {}
         self._server_lock = threading.Lock()
 
     def _command(self, command: list[str]) -> list[str]:
@@ -122,16 +130,20 @@ class LocalExecutor(Executor):
             )
 
     def _fork_server(self, environment: dict[str, str]) -> ForkServer | None:
-        """The fork server, started at the first job with that job's environment; None when off."""
+        """The fork server, started at the first job with that job's environment; None when off, or
+        for a job whose environment is not the server's (a fresh process reads its own)."""
         with self._server_lock:
             if self.fork_server and self._server is None:
                 try:
                     self._server = ForkServer(
                         environment, os.getcwd(), self.log_dir / "fork-server.log", preload=self.preload
                     )
+                    self._server_environment = _shared(environment)
                 except ForkServerUnavailable as e:
                     self._give_up_forking(str(e))
-            return self._server if self.fork_server else None
+            if not self.fork_server or _shared(environment) != self._server_environment:
+                return None
+            return self._server
 
     def _give_up_forking(self, why: str) -> None:
         print(f"warning: {why}; jobs start as fresh processes from now on", file=sys.stderr, flush=True)
@@ -165,7 +177,7 @@ class LocalExecutor(Executor):
         if code is None:
             return JobStatus(JobState.RUNNING)
         state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
-        result = _lost_result(handle) if _lost(process) else last_json_line(handle.log)
+        result = _lost_result(handle.job, handle.log) if _lost(process) else last_json_line(handle.log)
         return JobStatus(state, code, result)
 
     def _poll_processes(self, handle: JobHandle) -> JobStatus:
@@ -177,7 +189,7 @@ class LocalExecutor(Executor):
             return JobStatus(JobState.RUNNING)
         logs = handle.extra["logs"]
         results = [
-            (_lost_result(handle) if _lost(process) else last_json_line(log)) or {}
+            (_lost_result(handle.job, log) if _lost(process) else last_json_line(log)) or {}
             for process, log in zip(handle.ref, logs, strict=True)
         ]
         failed = [i for i, code in enumerate(codes) if code != 0]
@@ -231,10 +243,10 @@ def _lost(process: Process) -> bool:
     return isinstance(process, ForkedProcess) and process.lost
 
 
-def _lost_result(handle: JobHandle) -> dict:
+def _lost_result(job: JobSpec, log: str) -> dict:
     """The result of a job whose exit status was lost with the fork server (its log says more)."""
     return {
-        "job": handle.job.id,
+        "job": job.id,
         "status": "failed",
-        "error": f"the fork server ended before the job did, so its exit status is unknown; see {handle.log}",
+        "error": f"the fork server ended before the job did, so its exit status is unknown; see {log}",
     }

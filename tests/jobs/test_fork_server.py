@@ -61,6 +61,12 @@ LATE_THREAD = (
 )
 
 
+INTERRUPTED_EXIT = (
+    "import atexit, threading, _thread, time; atexit.register(print, 'atexit ran'); "
+    "threading.Thread(target=lambda: (time.sleep(0.2), _thread.interrupt_main(), time.sleep(0.2))).start()"
+)
+
+
 @pytest.mark.parametrize(
     ("code", "status", "in_log"),
     [
@@ -73,6 +79,11 @@ LATE_THREAD = (
         # An interpreter's exit runs atexit handlers and waits for non-daemon threads.
         ("import atexit; atexit.register(print, 'exit handler ran')", 0, "exit handler ran"),
         (LATE_THREAD, 0, "joined"),
+        # Ctrl-C while the exit waits for a thread: reported, and the exit handlers still run.
+        (INTERRUPTED_EXIT, 0, "atexit ran"),
+        ("import sys; sys.exit(-1)", 255, ""),
+        # -c code runs in a __main__ module of its own, where pickle finds its classes.
+        ("import pickle\nclass A: pass\nprint(len(pickle.dumps(A())) > 0)", 0, "True"),
     ],
 )
 def test_a_forked_job_ends_as_python_would(server, tmp_path, code, status, in_log):

@@ -12,6 +12,7 @@ import pytest
 
 from jobs.executors import make_executor
 from jobs.executors.base import JobState
+from jobs.executors.fork_server import ForkedProcess
 from jobs.executors.local import LocalExecutor, last_json_line
 from selma_core.config import load_config
 from selma_core.plan import JobSpec
@@ -39,6 +40,7 @@ def test_a_job_writes_its_log_and_its_result_is_read(tmp_path, fork_server):
     executor = LocalExecutor(tmp_path / "logs", **fork_server)
     code = 'import json,os; print("working"); print(json.dumps({"status": "ran", "v": os.environ["X"]}))'
     handle = executor.submit(JOB, ["python", "-c", code], {"X": "42"})
+    assert isinstance(handle.ref, ForkedProcess) == fork_server["fork_server"]
     status = wait(executor, handle)
     assert status.state == JobState.SUCCEEDED and status.exit_code == 0
     assert status.result == {"status": "ran", "v": "42"}
@@ -57,6 +59,7 @@ def test_cancel_stops_the_job_and_its_children(tmp_path, fork_server):
     child = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
     code = f"import subprocess, sys, time; {child}; time.sleep(60)"
     handle = executor.submit(JOB, ["python", "-c", code], {})
+    assert isinstance(handle.ref, ForkedProcess) == fork_server["fork_server"]
     time.sleep(0.5)
     start = time.monotonic()
     executor.cancel(handle)
@@ -148,6 +151,7 @@ def test_cancel_stops_every_process_of_an_images_job(tmp_path, fork_server):
     executor = LocalExecutor(tmp_path / "logs", images_jobs=2, **fork_server)
     handle = executor.submit(IMAGES, ["python", "-c", "import time; time.sleep(60)", "--config", "x"], {})
     assert len(handle.ref) == 2
+    assert all(isinstance(process, ForkedProcess) == fork_server["fork_server"] for process in handle.ref)
     time.sleep(0.3)
     executor.cancel(handle)
     assert all(process.poll() is not None for process in handle.ref)
@@ -176,7 +180,7 @@ def test_a_server_that_would_fork_unsafely_refuses_and_jobs_start_afresh(tmp_pat
 
 def test_a_job_outlives_a_lost_server_and_is_reported_failed(tmp_path, capsys):
     executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
-    handle = executor.submit(JOB, ["python", "-c", "import time; time.sleep(1)"], {})
+    handle = executor.submit(JOB, ["python", "-c", "import time; time.sleep(3)"], {})
     server = executor._server
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait()
@@ -190,4 +194,17 @@ def test_a_job_outlives_a_lost_server_and_is_reported_failed(tmp_path, capsys):
     status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))
     assert status.state == JobState.SUCCEEDED and status.result["ppid"] == os.getpid()
     assert "the fork server has ended" in capsys.readouterr().err
+    executor.close()
+
+
+def test_a_job_whose_environment_is_not_the_servers_starts_afresh(tmp_path):
+    """Libraries in the server read the first job's environment as they loaded; a job with another
+    (but for its thread counts, which it sets itself) is a fresh process, which reads its own."""
+    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
+    code = 'import json, os; print(json.dumps({"status": "ran", "x": os.environ["X"]}))'
+    first = executor.submit(JOB, ["python", "-c", code], {"X": "1"})
+    same = executor.submit(JOB, ["python", "-c", code], {"X": "1", "OMP_NUM_THREADS": "3"})
+    other = executor.submit(JOB, ["python", "-c", code], {"X": "2"})
+    assert [isinstance(h.ref, ForkedProcess) for h in (first, same, other)] == [True, True, False]
+    assert [wait(executor, h).result["x"] for h in (first, same, other)] == ["1", "1", "2"]
     executor.close()
