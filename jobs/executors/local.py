@@ -4,7 +4,7 @@ With ``fork_server`` (``executor.fork_server``, the default), job processes are 
 process that has imported the jobs' libraries once (``jobs.executors.fork_server``), instead of
 starting afresh: the same command, environment, log and exit status, without ~13 s of imports each.
 
-An images job with ``images.num_jobs`` N > 1 is N subprocesses, ``--shard-index I --num-shards N``
+An images job with ``images.num_jobs`` N > 1 is N processes, ``--shard-index I --num-shards N``
 each, with a log each (``images-<skill>.I-of-N.log``): the job runs until all N have ended, and
 succeeded if all did and one of them committed the output (or found it committed).
 """
