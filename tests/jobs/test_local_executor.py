@@ -202,9 +202,10 @@ def test_a_job_whose_environment_is_not_the_servers_starts_afresh(tmp_path):
     (but for its thread counts, which it sets itself) is a fresh process, which reads its own."""
     executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
     code = 'import json, os; print(json.dumps({"status": "ran", "x": os.environ["X"]}))'
-    first = executor.submit(JOB, ["python", "-c", code], {"X": "1"})
-    same = executor.submit(JOB, ["python", "-c", code], {"X": "1", "OMP_NUM_THREADS": "3"})
-    other = executor.submit(JOB, ["python", "-c", code], {"X": "2"})
+    first, same, other = (JobSpec("prompts", skill, f"prompts/{skill}/x", ()) for skill in ("a", "b", "c"))
+    first = executor.submit(first, ["python", "-c", code], {"X": "1"})
+    same = executor.submit(same, ["python", "-c", code], {"X": "1", "OMP_NUM_THREADS": "3"})
+    other = executor.submit(other, ["python", "-c", code], {"X": "2"})  # (each job its own log)
     assert [isinstance(h.ref, ForkedProcess) for h in (first, same, other)] == [True, True, False]
     assert [wait(executor, h).result["x"] for h in (first, same, other)] == ["1", "1", "2"]
     executor.close()
