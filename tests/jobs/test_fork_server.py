@@ -63,7 +63,7 @@ LATE_THREAD = (
 
 INTERRUPTED_EXIT = (
     "import atexit, threading, _thread, time; atexit.register(print, 'atexit ran'); "
-    "threading.Thread(target=lambda: (time.sleep(0.2), _thread.interrupt_main(), time.sleep(0.2))).start()"
+    "threading.Thread(target=lambda: (time.sleep(1), _thread.interrupt_main(), time.sleep(0.2))).start()"
 )
 
 
