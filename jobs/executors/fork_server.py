@@ -74,6 +74,9 @@ IMPORTED_AT_RUN_TIME = (
     "peft",
     "safetensors.torch",
 )
+# Thread counts each forked job applies itself (torch's pools, from $OMP_NUM_THREADS: see
+# _run_in_child); the server loads its libraries with these, and OpenBLAS's, at one thread.
+SET_BY_EACH_JOB = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # How often the server reaps ended jobs while it waits for requests.
 REAP_EVERY_S = 0.05
 
@@ -389,7 +392,7 @@ class ForkServer:
                     "PYTHONUNBUFFERED": "1",
                     # Libraries that would start a thread pool as they load (OpenMP, BLAS, pyarrow's
                     # allocator) start none: a job sizes its own pools (``_run_in_child``).
-                    **{name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+                    **{name: "1" for name in (*SET_BY_EACH_JOB, "OPENBLAS_NUM_THREADS")},
                     "JE_ARROW_MALLOC_CONF": "background_thread:false",
                     # torch.cuda.is_available() asks NVML instead of initialising the driver.
                     "PYTORCH_NVML_BASED_CUDA_CHECK": "1",

@@ -29,18 +29,17 @@ from jobs.executors.base import (
     image_process_command,
     speaking_process,
 )
-from jobs.executors.fork_server import ForkedProcess, ForkServer, ForkServerUnavailable
+from jobs.executors.fork_server import SET_BY_EACH_JOB, ForkedProcess, ForkServer, ForkServerUnavailable
 from selma_core.plan import JobSpec
 
 # Process: what _start returns (a fresh process, or one forked by the fork server).
 Process = subprocess.Popen | ForkedProcess
-# Set by each forked job itself; any other variable that differs from the server's means the
-# libraries in the server loaded under another environment than the job's.
-PER_JOB_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _shared(environment: dict[str, str]) -> dict[str, str]:
-    return {name: value for name, value in environment.items() if name not in PER_JOB_VARIABLES}
+    """``environment`` but for what each forked job sets itself: where this differs from the
+    server's, the libraries in the server loaded under another environment than the job's."""
+    return {name: value for name, value in environment.items() if name not in SET_BY_EACH_JOB}
 
 
 def last_json_line(path: str) -> dict | None:
