@@ -11,7 +11,8 @@ conversion included:
 - **project**: the images phase's way (``selma_core.phases.images.draw_images``: one seeded
   generator per prompt, so an image does not depend on its batch) on a pipeline prepared by
   ``selma_core.models.speed.prepare_for_inference``: SDPA, channels_last, fused QKV projections and
-  ``--compile`` (auto / off / blocks / full, as the config says).
+  ``--compile`` (auto / off / blocks / full, as the config says); with ``--cuda-graph`` the compiled
+  UNet's graphs replayed as CUDA graphs (the images config's ``cuda_graph``).
 
 Throughput is images per second over ``--batches`` batches after one untimed warm-up batch (which
 compiles); the last line printed is one JSON object (also appended to
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, help="timed batches (default: 3 on a GPU, 2 on CPU)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="the project replays the compiled UNet's graphs as CUDA graphs (images config cuda_graph; "
+        "GPU only)",
+    )
     parser.add_argument(
         "--vae-variants",
         action="store_true",
@@ -164,7 +171,9 @@ def project_recipe(args, device: str, work: Path) -> dict:
     )
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
     mode = speed.resolve_compile(args.compile, pipe.unet, device)
-    compiled = speed.prepare_for_inference(pipe, device, compile=mode, cache_dir=work)
+    # As the images phase decides (its _Drawer.cuda_graph): compiled, on CUDA, with guidance.
+    graphs = args.cuda_graph and mode != "off" and device.startswith("cuda") and args.guidance > 1
+    compiled = speed.prepare_for_inference(pipe, device, compile=mode, cache_dir=work, cuda_graphs=graphs)
     attention = choose_attention(pipe, cfg, device)  # as the images phase does
 
     def draw(prompts: list[str]) -> list:
@@ -172,7 +181,8 @@ def project_recipe(args, device: str, work: Path) -> dict:
         with sdpa_backend(attention.backend):
             return draw_images(pipe, prompts, seeds, cfg, device)
 
-    profiler = StepProfiler(device, "generate_throughput", args.arch, work) if args.profile else None
+    name = "generate_throughput-graph" if args.cuda_graph else "generate_throughput"  # the profile's file
+    profiler = StepProfiler(device, name, args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
     side = args.resolution // pipe.vae_scale_factor
     result["vae_decode_ms"] = vae_decode_times(pipe, args.batch, side, device)[1]
@@ -184,6 +194,8 @@ def project_recipe(args, device: str, work: Path) -> dict:
     result["attention"] = attention.backend
     result["attention_measured_ms"] = attention.measured_ms
     result["compiled_modules"] = compiled
+    result["cuda_graph"] = graphs
+    result["cuda_graph_skips"] = speed.cuda_graph_skips()  # graphs run without one, though asked
     result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
     return result
 
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batches": args.batches,
         "compile": args.compile,
         "attention_setting": args.attention,
+        "cuda_graph_setting": args.cuda_graph,
         "torch": torch.__version__,
     }
     project, reference = run_recipes(

@@ -13,6 +13,11 @@ runs, never what it computes (beyond float rounding), so the configs mark them e
   on an H200); SD 1.x's hardly do (21 graphs, not done within 150 s). ``"full"`` compiles the whole
   UNet as one graph: the fastest steps; 177 s cold for SD 1.x on an H100. ``"auto"``
   (``resolve_compile``) picks between them by the UNet's size.
+- **CUDA graphs** (inference only, ``cuda_graphs``): the compiled UNet in inductor's
+  "reduce-overhead" mode, each compiled graph recorded once as a CUDA graph and replayed at every
+  later call, so the GPU does not wait for Python to launch its kernels one by one (it sat idle 8%
+  of each SD 1.x generation batch on an H200, ``bench/RESULTS.md``). Training graphs its
+  micro-batches itself (``selma_core.models.cuda_graph``).
 - **compile cache**: inductor's on-disk caches live under ``<cache_dir>/torch-compile`` (a volume on
   Kubernetes when ``cache_volume_claim`` is set), and the compiled artifacts are also saved to the
   store (``cache/compile/<digest>``, torch's portable "mega-cache") once the first steps have compiled,
@@ -89,13 +94,21 @@ def resolve_compile(setting: str, unet, device: str) -> CompileMode:
     return "full" if parameters < FULL_COMPILE_MAX_PARAMETERS else "blocks"
 
 
-def compile_unet(unet, mode: CompileMode, dynamic: bool = False, cache_dir: str | Path | None = None) -> int:
+def compile_unet(
+    unet,
+    mode: CompileMode,
+    dynamic: bool = False,
+    cache_dir: str | Path | None = None,
+    cuda_graphs: bool = False,
+) -> int:
     """Compile the UNet in place; how many modules were compiled (0 for "off").
 
     "blocks" compiles each repeated block (``REPEATED_BLOCKS``), "full" the whole UNet. ``dynamic``
     False: one graph per input shape, the fastest kernels (a training job has one shape).
     ``cache_dir``: inductor's on-disk caches go there (``compile_cache_dir``), so they outlive the
-    process; None leaves them where they are.
+    process; None leaves them where they are. ``cuda_graphs``: inductor's "reduce-overhead" mode,
+    each compiled graph replayed as a CUDA graph (for inference: a graph's outputs are overwritten
+    by its next replay, and ``torch.compile`` copies the inputs into the graph's own buffers).
     """
     import torch
 
@@ -108,15 +121,26 @@ def compile_unet(unet, mode: CompileMode, dynamic: bool = False, cache_dir: str 
     # Many blocks of one class, each a module instance: the default limit (8 graphs per code
     # object) would fall back to eager after the eighth shape or instance.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    options: dict[str, Any] = {"dynamic": dynamic}
+    if cuda_graphs:
+        options["mode"] = "reduce-overhead"
     if mode == "full":
-        unet.compile(dynamic=dynamic)
+        unet.compile(**options)
         return 1
     count = 0
     for module in unet.modules():
         if type(module).__name__ in REPEATED_BLOCKS:
-            module.compile(dynamic=dynamic)
+            module.compile(**options)
             count += 1
     return count
+
+
+def cuda_graph_skips() -> int:
+    """Compiled graphs inductor ran without a CUDA graph in this process, though asked to (it logs
+    why: an input on the CPU, a mutated input, ...): 0 when every graph replays as one."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def compile_cache_dir(cache_dir: str | Path) -> Path:
@@ -257,6 +281,7 @@ def prepare_for_inference(
     compile: CompileMode = "off",
     fuse_qkv: bool = True,
     cache_dir: str | Path | None = None,
+    cuda_graphs: bool = False,
 ) -> int:
     """A pipeline set up for fast sampling; how many modules were compiled.
 
@@ -264,7 +289,8 @@ def prepare_for_inference(
     (``cudnn.benchmark``), channels_last UNet and VAE,
     and each attention's query/key/value projections fused into one matmul (``fuse_qkv``; not with
     LoRA adapters loaded, whose layers wrap the separate projections); the UNet compiled as
-    ``compile`` says (its kernels cached under ``cache_dir``, see ``compile_unet``)."""
+    ``compile`` says (its kernels cached under ``cache_dir``, see ``compile_unet``), its graphs
+    replayed as CUDA graphs with ``cuda_graphs`` (on CUDA only: there are none on the CPU)."""
     use_sdpa(pipe.unet)
     if device.startswith("cuda"):
         import torch
@@ -275,4 +301,5 @@ def prepare_for_inference(
             to_channels_last(pipe.unet, pipe.vae)
         if fuse_qkv and not getattr(pipe.unet, "peft_config", None) and hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
-    return compile_unet(pipe.unet, compile, cache_dir=cache_dir)
+    graphs = cuda_graphs and device.startswith("cuda")
+    return compile_unet(pipe.unet, compile, cache_dir=cache_dir, cuda_graphs=graphs)

@@ -137,6 +137,11 @@ class ImagesConfig(SamplingConfig):
     channels_last: bool = execution_only(True)
     compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
+    # The compiled UNet's graphs replayed as CUDA graphs (inductor's "reduce-overhead" mode): one
+    # launch a denoising step instead of hundreds, where the GPU otherwise waits for Python (8% of
+    # each SD 1.x batch on an H200, bench/RESULTS.md). CUDA only, with compile on; the same images.
+    # Off until a GPU run has measured it (bench/generate_throughput.py --cuda-graph).
+    cuda_graph: bool = execution_only(False)
     # The attention kernel (selma_core.models.attention), as train.attention: "auto" measures the
     # candidates on this generator's shapes on CUDA once per GPU type and keeps the fastest.
     attention: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = execution_only("auto")
@@ -155,6 +160,11 @@ class ImagesConfig(SamplingConfig):
             raise ValueError(f"num_jobs: expected >= 1, got {self.num_jobs}")
         if not 0 <= self.uniform_threshold <= 255:
             raise ValueError(f"uniform_threshold: expected 0 to 255, got {self.uniform_threshold}")
+        if self.cuda_graph and self.compile == "off":
+            raise ValueError(
+                "cuda_graph: the UNet's graphs are replayed as CUDA graphs once compiled; "
+                "set compile to auto, blocks or full, or cuda_graph to false"
+            )
         if self.nsfw_checker is not None and not self.nsfw_checker.strip():
             raise ValueError("nsfw_checker: expected a model id or folder, or null (no NSFW check)")
 
@@ -318,6 +328,15 @@ class _Drawer:
         self.attention = "default"  # the attention kernel batches are drawn under (cfg.attention resolved)
         self.warmup_s: float | None = None  # the first batch's time: what compiling cost this job
 
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether the compiled UNet replays its graphs as CUDA graphs: ``cfg.cuda_graph`` on CUDA,
+        with classifier-free guidance. Without guidance the pipeline hands the UNet's output itself
+        to the scheduler, and a multistep one (PNDM, DPM-Solver) keeps it for later steps, where the
+        next replay would have overwritten it (PyTorch stops the job there)."""
+        wanted = self.cfg.cuda_graph and self.compile_mode != "off" and self.device.startswith("cuda")
+        return wanted and guidance_scale(self.cfg, self.pipe) > 1
+
     def _load(self) -> None:
         from selma_core.models import speed
         from selma_core.models.loading import load_diffusion_pipeline, resolve_device
@@ -336,9 +355,17 @@ class _Drawer:
         ).to(self.device)
         unet = getattr(self.pipe, "unet", None)
         self.compile_mode = speed.resolve_compile(self.cfg.compile, unet, self.device)
+        unguided = guidance_scale(self.cfg, self.pipe) <= 1
+        if self.cfg.cuda_graph and self.device.startswith("cuda") and unguided:
+            print("warning: images.cuda_graph ignored: no guidance (guidance_scale <= 1)", file=sys.stderr)
         if unet is not None:  # transformer-based pipelines (SD3) have none
             compiled = speed.prepare_for_inference(
-                self.pipe, self.device, self.cfg.channels_last, self.compile_mode, cache_dir=config.cache_dir
+                self.pipe,
+                self.device,
+                self.cfg.channels_last,
+                self.compile_mode,
+                cache_dir=config.cache_dir,
+                cuda_graphs=self.cuda_graph,
             )
             self.attention = self._choose_attention()
             if compiled and self.cfg.compile_cache:
@@ -374,6 +401,7 @@ class _Drawer:
             # Fused QKV projections or not: their attention processors say.
             "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
             "attention_kernel": self.attention,
+            "cuda_graph": self.cuda_graph,  # inductor's config differs, so do its graphs
         }
         digest = speed.compile_cache_digest(pipe.unet, self.compile_mode, self.device, dtype, signature)
         self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
@@ -384,6 +412,12 @@ class _Drawer:
         compiled is saved to the store for the next jobs."""
         self.warmup_s = seconds
         self.ctx.run.log_metrics({"images.warmup_s": seconds})
+        if self.cuda_graph:  # the first batch recorded the graphs, or said why not (in the log)
+            from selma_core.models import speed
+
+            skips = speed.cuda_graph_skips()
+            replayed = f"{skips} graphs not replayed" if skips else "replayed"
+            self.ctx.run.set_tags({"images.cuda_graph": replayed})
         if self.compile_cache is not None:
             self.compile_cache.save_for_job(self.ctx)
 
@@ -394,6 +428,8 @@ class _Drawer:
             return {}
         from torch._dynamo.utils import counters
 
+        from selma_core.models import speed
+
         cache = self.compile_cache
         return {
             "compile": {
@@ -402,6 +438,8 @@ class _Drawer:
                 "cache_loaded": bool(cache and cache.loaded),
                 "cache_saved": bool(cache and cache.saved),
                 "graphs_compiled": counters["inductor"]["fxgraph_cache_miss"],
+                "cuda_graph": self.cuda_graph,
+                "cuda_graph_skips": speed.cuda_graph_skips(),
             }
         }
 

@@ -103,13 +103,27 @@ def test_generate_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     record = run(
         "generate_throughput.py",
         tmp_path,
-        *("--batch", "2", "--batches", "1", "--steps", "2", "--profile", "1", "--vae-variants"),
+        *(
+            "--batch",
+            "2",
+            "--batches",
+            "1",
+            "--steps",
+            "2",
+            "--profile",
+            "1",
+            "--vae-variants",
+            "--cuda-graph",
+        ),
     )
     assert set(record) >= REQUIRED and record["bench"] == "generate_throughput"
     assert record["arch"] == "tiny" and record["steps"] == 2 and record["guidance"] == 7.5
     assert record["project_img_per_s"] > 0 and record["reference_img_per_s"] > 0
     assert_speedup_is_the_ratio(record)
     assert_profiled(record, tmp_path, steps=1)
+    # Asked for, but the CPU has no CUDA graphs (nor compile, under "auto").
+    assert record["cuda_graph_setting"] is True and record["project_cuda_graph"] is False
+    assert record["project_cuda_graph_skips"] == 0
     # The VAE decode three ways; compiling the decoder took a while (inductor on the CPU).
     assert all(record[f"project_vae_decode{way}_ms"] > 0 for way in ("", "_contiguous", "_compiled"))
     assert record["project_vae_decode_compile_s"] > record["project_vae_decode_compiled_ms"] / 1e3

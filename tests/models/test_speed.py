@@ -93,6 +93,32 @@ def test_regional_compilation_compiles_each_repeated_block(model_cache):
         speed.compile_unet(unet, "fast")
 
 
+def test_cuda_graphs_compile_in_reduce_overhead_mode_and_only_on_cuda(model_cache, monkeypatch):
+    """cuda_graphs: every compiled module in inductor's "reduce-overhead" mode (its graphs replayed
+    as CUDA graphs), whole or block by block; ``prepare_for_inference`` asks for it on CUDA alone."""
+    import torch
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs))
+    )
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    graphs = {"dynamic": False, "mode": "reduce-overhead"}
+    assert speed.compile_unet(pipe.unet, "full", cuda_graphs=True) == 1
+    assert calls == [("UNet2DConditionModel", graphs)]
+    calls.clear()
+    count = speed.compile_unet(pipe.unet, "blocks", cuda_graphs=True)
+    assert len(calls) == count > 1 and all(kwargs == graphs for _, kwargs in calls)
+    assert {name for name, _ in calls} == set(speed.REPEATED_BLOCKS)
+    calls.clear()
+    speed.compile_unet(pipe.unet, "full")
+    assert calls == [("UNet2DConditionModel", {"dynamic": False})]
+    calls.clear()
+    speed.prepare_for_inference(pipe, "cpu", compile="full", cuda_graphs=True)  # no CUDA graphs there
+    assert calls == [("UNet2DConditionModel", {"dynamic": False})]
+    assert speed.cuda_graph_skips() == 0
+
+
 def test_processes_sharing_a_scratch_folder_load_the_entry_through_files_of_their_own(tmp_path, capsys):
     """torchrun's ranks, or an images job's processes, on one node share the scratch folder and load
     the same entry at the same time: each downloads it to a file of its own, removed afterwards."""

@@ -596,6 +596,30 @@ def test_a_compiled_generator_draws_every_batch_at_one_shape(tiny_config, tmp_pa
     assert len(calls) == 7 and {pad for _, pad in calls} == {None} and "compile" not in result
 
 
+def test_cuda_graphs_are_replayed_only_compiled_on_cuda_and_with_guidance():
+    """images.cuda_graph: the compiled UNet's graphs replayed as CUDA graphs on CUDA alone, and only
+    with classifier-free guidance (without it, a multistep scheduler keeps the UNet's output itself
+    for later steps, which the next replay would overwrite); never without compile."""
+
+    class Pipeline:  # what the decision reads of a generator: no text_encoder_2, so not SDXL
+        pass
+
+    def replays(device: str = "cuda:0", mode: str = "full", **settings) -> bool:
+        drawer = images_phase._Drawer(None, ImagesConfig(**{"cuda_graph": True, **settings}), None)
+        drawer.device, drawer.compile_mode, drawer.pipe = device, mode, Pipeline()
+        return drawer.cuda_graph
+
+    assert replays() and replays(mode="blocks") and replays(guidance_scale=1.5)
+    assert not replays(device="cpu")
+    assert not replays(mode="off")  # compile "auto" resolved to off
+    assert not replays(guidance_scale=1.0) and not replays(guidance_scale=0.0)
+    assert not replays(cuda_graph=False)
+    with pytest.raises(
+        ValueError, match="cuda_graph: the UNet's graphs are replayed as CUDA graphs once compiled"
+    ):
+        ImagesConfig(cuda_graph=True, compile="off")
+
+
 def test_padding_a_batch_draws_the_padded_shape_and_the_same_images(model_cache):
     import numpy as np
 
@@ -649,6 +673,7 @@ def test_compiled_kernels_in_the_store_spare_the_next_images_job_its_compile(tin
     assert first["images"] == 15 and first["compile"]["mode"] == "full"
     assert first["compile"]["cache_loaded"] is False and first["compile"]["cache_saved"] is True
     assert first["compile"]["graphs_compiled"] >= 1
+    assert first["compile"]["cuda_graph"] is False and first["compile"]["cuda_graph_skips"] == 0  # CPU
     assert len(store.list_keys("cache/compile")) == 1
 
     second = images_job_on_a_fresh_node(config, "spatial", tmp_path / "inductor-2")
