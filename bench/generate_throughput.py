@@ -12,7 +12,8 @@ conversion included:
   generator per prompt, so an image does not depend on its batch) on a pipeline prepared by
   ``selma_core.models.speed.prepare_for_inference``: SDPA, channels_last, fused QKV projections and
   ``--compile`` (auto / off / blocks / full, as the config says); with ``--cuda-graph`` the compiled
-  UNet's graphs replayed as CUDA graphs (the images config's ``cuda_graph``).
+  UNet's graphs replayed as CUDA graphs (the images config's ``cuda_graph``), with
+  ``--compile-vae`` the VAE's decoder compiled too (``compile_vae``).
 
 Throughput is images per second over ``--batches`` batches after one untimed warm-up batch (which
 compiles); the last line printed is one JSON object (also appended to
@@ -58,12 +59,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "GPU only)",
     )
     parser.add_argument(
+        "--compile-vae",
+        action="store_true",
+        help="the project compiles the VAE's decoder too, with --compile on (images config compile_vae)",
+    )
+    parser.add_argument(
         "--vae-variants",
         action="store_true",
         help="after the project's batches, also time its VAE decode in the contiguous layout and with "
         "the decoder compiled (its compile too): data for the images phase's defaults",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vae_variants and args.compile_vae:
+        parser.error("--vae-variants times the eager decoder against a compiled one: not with --compile-vae")
+    return args
 
 
 def prompts_for(batch: int, index: int) -> list[str]:
@@ -173,7 +182,9 @@ def project_recipe(args, device: str, work: Path) -> dict:
     mode = speed.resolve_compile(args.compile, pipe.unet, device)
     # As the images phase decides (its _Drawer.cuda_graph): compiled, on CUDA, with guidance.
     graphs = args.cuda_graph and mode != "off" and device.startswith("cuda") and args.guidance > 1
-    compiled = speed.prepare_for_inference(pipe, device, compile=mode, cache_dir=work, cuda_graphs=graphs)
+    compiled = speed.prepare_for_inference(
+        pipe, device, compile=mode, cache_dir=work, cuda_graphs=graphs, compile_vae=args.compile_vae
+    )
     attention = choose_attention(pipe, cfg, device)  # as the images phase does
 
     def draw(prompts: list[str]) -> list:
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "attention_setting": args.attention,
         "cuda_graph_setting": args.cuda_graph,
+        "compile_vae_setting": args.compile_vae,
         "torch": torch.__version__,
     }
     project, reference = run_recipes(

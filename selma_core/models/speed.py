@@ -282,6 +282,7 @@ def prepare_for_inference(
     fuse_qkv: bool = True,
     cache_dir: str | Path | None = None,
     cuda_graphs: bool = False,
+    compile_vae: bool = False,
 ) -> int:
     """A pipeline set up for fast sampling; how many modules were compiled.
 
@@ -290,7 +291,10 @@ def prepare_for_inference(
     and each attention's query/key/value projections fused into one matmul (``fuse_qkv``; not with
     LoRA adapters loaded, whose layers wrap the separate projections); the UNet compiled as
     ``compile`` says (its kernels cached under ``cache_dir``, see ``compile_unet``), its graphs
-    replayed as CUDA graphs with ``cuda_graphs`` (on CUDA only: there are none on the CPU)."""
+    replayed as CUDA graphs with ``cuda_graphs`` (on CUDA only: there are none on the CPU); with
+    ``compile_vae`` and ``compile`` on, the VAE's decoder compiled too (once a batch, with
+    inductor's own group norms, which take channels_last tensors without the layout copies eager
+    ones need)."""
     use_sdpa(pipe.unet)
     if device.startswith("cuda"):
         import torch
@@ -302,4 +306,8 @@ def prepare_for_inference(
         if fuse_qkv and not getattr(pipe.unet, "peft_config", None) and hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
     graphs = cuda_graphs and device.startswith("cuda")
-    return compile_unet(pipe.unet, compile, cache_dir=cache_dir, cuda_graphs=graphs)
+    compiled = compile_unet(pipe.unet, compile, cache_dir=cache_dir, cuda_graphs=graphs)
+    if compiled and compile_vae and getattr(pipe, "vae", None) is not None:
+        pipe.vae.decoder.compile(dynamic=False)
+        compiled += 1
+    return compiled

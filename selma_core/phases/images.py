@@ -142,6 +142,10 @@ class ImagesConfig(SamplingConfig):
     # each SD 1.x batch on an H200, bench/RESULTS.md). CUDA only, with compile on; the same images.
     # Off until a GPU run has measured it (bench/generate_throughput.py --cuda-graph).
     cuda_graph: bool = execution_only(False)
+    # With compile on, the VAE's decoder compiled too: eager, its group norms cost layout copies on
+    # channels_last tensors (122 ms of each 259 ms SD 1.x decode of 16 images on an H200). Off
+    # until a GPU run has measured it (bench/generate_throughput.py --compile-vae).
+    compile_vae: bool = execution_only(False)
     # The attention kernel (selma_core.models.attention), as train.attention: "auto" measures the
     # candidates on this generator's shapes on CUDA once per GPU type and keeps the fastest.
     attention: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = execution_only("auto")
@@ -366,6 +370,7 @@ class _Drawer:
                 self.compile_mode,
                 cache_dir=config.cache_dir,
                 cuda_graphs=self.cuda_graph,
+                compile_vae=self.cfg.compile_vae,
             )
             self.attention = self._choose_attention()
             if compiled and self.cfg.compile_cache:
@@ -402,7 +407,10 @@ class _Drawer:
             "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
             "attention_kernel": self.attention,
             "cuda_graph": self.cuda_graph,  # inductor's config differs, so do its graphs
+            "compile_vae": cfg.compile_vae,
         }
+        if cfg.compile_vae:  # its graph is in the same entry
+            signature["vae"] = {k: v for k, v in dict(pipe.vae.config).items() if not k.startswith("_")}
         digest = speed.compile_cache_digest(pipe.unet, self.compile_mode, self.device, dtype, signature)
         self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
         self.compile_cache.load_for_job(self.ctx, "images")
@@ -440,6 +448,7 @@ class _Drawer:
                 "graphs_compiled": counters["inductor"]["fxgraph_cache_miss"],
                 "cuda_graph": self.cuda_graph,
                 "cuda_graph_skips": speed.cuda_graph_skips(),
+                "vae_compiled": self.cfg.compile_vae,
             }
         }
 

@@ -129,6 +129,18 @@ def test_generate_benchmark_measures_both_recipes_on_a_tiny_model(tmp_path):
     assert record["project_vae_decode_compile_s"] > record["project_vae_decode_compiled_ms"] / 1e3
 
 
+def test_the_vae_variants_and_a_compiled_vae_are_not_asked_together(capsys):
+    """The variants time the eager decoder against a compiled one: with the decoder already compiled
+    there would be no eager one to time."""
+    sys.path.insert(0, str(BENCH))
+    from generate_throughput import parse_args
+
+    assert parse_args(["--compile-vae"]).compile_vae and parse_args(["--vae-variants"]).vae_variants
+    with pytest.raises(SystemExit):
+        parse_args(["--compile-vae", "--vae-variants"])
+    assert "not with --compile-vae" in capsys.readouterr().err
+
+
 def test_attention_benchmark_times_each_kernel_on_each_shape_against_pytorchs_choice(tmp_path):
     record = run("attention.py", tmp_path, *("--repeats", "1"))
     assert record["bench"] == "attention" and record["device"].startswith("cpu")

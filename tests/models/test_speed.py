@@ -119,6 +119,19 @@ def test_cuda_graphs_compile_in_reduce_overhead_mode_and_only_on_cuda(model_cach
     assert speed.cuda_graph_skips() == 0
 
 
+def test_the_vae_decoder_is_compiled_with_the_unet_when_asked(model_cache, monkeypatch):
+    import torch
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(type(self).__name__))
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    assert speed.prepare_for_inference(pipe, "cpu", compile="full", compile_vae=True) == 2
+    assert calls == ["UNet2DConditionModel", "Decoder"]
+    calls.clear()
+    assert speed.prepare_for_inference(pipe, "cpu", compile="off", compile_vae=True) == 0  # nothing compiled
+    assert speed.prepare_for_inference(pipe, "cpu", compile="full") == 1 and calls == ["UNet2DConditionModel"]
+
+
 def test_processes_sharing_a_scratch_folder_load_the_entry_through_files_of_their_own(tmp_path, capsys):
     """torchrun's ranks, or an images job's processes, on one node share the scratch folder and load
     the same entry at the same time: each downloads it to a file of its own, removed afterwards."""

@@ -658,9 +658,10 @@ def images_job_on_a_fresh_node(config: Path, skill: str, inductor: Path) -> dict
 @pytest.mark.slow
 def test_compiled_kernels_in_the_store_spare_the_next_images_job_its_compile(tiny_config, tmp_path):
     """Two skills' images jobs with one generator, each on a fresh node: the first compiles the UNet
-    and saves the kernels to the store, the second loads them and compiles nothing."""
+    and the VAE's decoder and saves the kernels to the store, the second loads them and compiles
+    nothing."""
     skills = [SKILL, "spatial"]
-    images = {**OVERRIDES["images"], "compile": "full"}
+    images = {**OVERRIDES["images"], "compile": "full", "compile_vae": True}
     config = tiny_config(**{**OVERRIDES, "skills": skills, "images": images})
     cfg = load_config(config)
     loaded = load_skills(cfg.skills_dir, cfg.skills)
@@ -672,8 +673,9 @@ def test_compiled_kernels_in_the_store_spare_the_next_images_job_its_compile(tin
     first = images_job_on_a_fresh_node(config, SKILL, tmp_path / "inductor-1")
     assert first["images"] == 15 and first["compile"]["mode"] == "full"
     assert first["compile"]["cache_loaded"] is False and first["compile"]["cache_saved"] is True
-    assert first["compile"]["graphs_compiled"] >= 1
+    assert first["compile"]["graphs_compiled"] >= 2  # the UNet's and the decoder's
     assert first["compile"]["cuda_graph"] is False and first["compile"]["cuda_graph_skips"] == 0  # CPU
+    assert first["compile"]["vae_compiled"] is True
     assert len(store.list_keys("cache/compile")) == 1
 
     second = images_job_on_a_fresh_node(config, "spatial", tmp_path / "inductor-2")
