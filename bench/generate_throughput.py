@@ -168,7 +168,14 @@ def vae_decode_variants(pipe, batch: int, side: int, device: str) -> dict:
 def project_recipe(args, device: str, work: Path) -> dict:
     from selma_core.models import speed
     from selma_core.models.attention import sdpa_backend
-    from selma_core.phases.images import ImagesConfig, choose_attention, draw_images, prompt_seed, torch_dtype
+    from selma_core.phases.images import (
+        ImagesConfig,
+        choose_attention,
+        classifier_free_guidance,
+        draw_images,
+        prompt_seed,
+        torch_dtype,
+    )
 
     cfg = ImagesConfig(
         num_inference_steps=args.steps,
@@ -180,10 +187,11 @@ def project_recipe(args, device: str, work: Path) -> dict:
     )
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
     mode = speed.resolve_compile(args.compile, pipe.unet, device)
-    # As the images phase decides (its _Drawer.cuda_graph): compiled, on CUDA, with guidance.
-    graphs = args.cuda_graph and mode != "off" and device.startswith("cuda") and args.guidance > 1
+    # As the images phase decides (its _Drawer.cuda_graph): on CUDA, compiled whole, with guidance.
+    graph = args.cuda_graph and device.startswith("cuda") and mode == "full"
+    graph = graph and classifier_free_guidance(cfg, pipe)
     compiled = speed.prepare_for_inference(
-        pipe, device, compile=mode, cache_dir=work, cuda_graphs=graphs, compile_vae=args.compile_vae
+        pipe, device, compile=mode, cache_dir=work, cuda_graph=graph, compile_vae=args.compile_vae
     )
     attention = choose_attention(pipe, cfg, device)  # as the images phase does
 
@@ -192,7 +200,7 @@ def project_recipe(args, device: str, work: Path) -> dict:
         with sdpa_backend(attention.backend):
             return draw_images(pipe, prompts, seeds, cfg, device)
 
-    name = "generate_throughput-graph" if args.cuda_graph else "generate_throughput"  # the profile's file
+    name = "generate_throughput-graph" if graph else "generate_throughput"  # the profile's file
     profiler = StepProfiler(device, name, args.arch, work) if args.profile else None
     result = measure(draw, args, device, profiler)
     side = args.resolution // pipe.vae_scale_factor
@@ -205,8 +213,9 @@ def project_recipe(args, device: str, work: Path) -> dict:
     result["attention"] = attention.backend
     result["attention_measured_ms"] = attention.measured_ms
     result["compiled_modules"] = compiled
-    result["cuda_graph"] = graphs
+    result["cuda_graph"] = graph
     result["cuda_graph_skips"] = speed.cuda_graph_skips()  # graphs run without one, though asked
+    result["vae_compiled"] = bool(args.compile_vae and compiled)
     result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
     return result
 

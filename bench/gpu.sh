@@ -4,8 +4,8 @@
 # the dev machine:
 #   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
 # then two device calls, carrying .whl, the second at once (the machine stays warm only 30 s):
-#   bash bench/gpu.sh fork-server-cuda train-sd15-full train-sd15-full-graph                 # timeout_s 420
-#   bash bench/gpu.sh train-sdxl-blocks-graph generate-sd15-full generate-sd15-full-graph-vae  # timeout_s 450
+#   bash bench/gpu.sh fork-server-cuda train-sd15-full-graph train-sdxl-blocks-graph  # timeout_s 480
+#   bash bench/gpu.sh generate-sd15-full generate-sd15-full-graph-vae                  # timeout_s 330
 # With no names it runs them all (over 600 s: too long for one call); `attention` (per-shape
 # kernel times, about 60 s) runs only when named. LIMIT_S=N overrides each measurement's limit.
 # Results: one JSON line per measurement on stdout and in $OUT/<bench>.jsonl, each with a profile
@@ -44,25 +44,24 @@ run() {  # run LIMIT_S NAME WORK_SUBDIR SCRIPT ARGS...: measurements sharing WOR
 # 16 block graphs compile in 93 s); generation ~145 s; each with its profile. The restarts from
 # the store were measured then (SD 1.x 28 s, SDXL 23 s) and are not measured again.
 # A measurement's `-graph` twin runs the project with `--cuda-graph`: in training each micro-batch
-# replayed as a CUDA graph, in generation the compiled UNet's graphs (the GPU sat idle 51% of each
-# SDXL training step, 8% of each SD 1.x one and of each generation batch, waiting for Python to
-# launch kernels). A twin run after its plain measurement shares its work folder, so its kernels
-# come from the first one's caches (training: ~75 s in all; generation: ~100 s, its graphs lowered
-# again as the CUDA-graph mode is part of their cache key); the reference runs again in each (about
-# 20 s) so each line has its own ratio. SDXL's plain figure (2.34x) is not measured again: its
-# twin runs alone and compiles cold (~140 s). Generation's twin also compiles the VAE's decoder
-# (`--compile-vae`: its eager decode, 259 ms a batch, included 122 ms of layout copies around
-# group norms); each line's `project_vae_decode_ms` is its decode alone, so the two changes'
-# shares of the difference can be told apart. Expected: ~350 s (with the fork-server check) and
-# ~385 s, with the machine's start about 830 of the session's 900 s. `--vae-variants` (the eager
-# decode in the contiguous layout, and compiled, in the plain run: about 40 s more) is left out
-# for time.
+# replayed as a CUDA graph, in generation the compiled UNet (the GPU sat idle 51% of each SDXL
+# training step, 8% of each SD 1.x one and of each generation batch, waiting for Python to launch
+# kernels). The training twins run alone, compiling cold (their plain figures, 2.99x and 2.34x,
+# were measured then; each line has its own reference, so its ratio is this run's). Generation's
+# twin runs after its plain measurement, in its work folder: its kernels come from the first one's
+# caches (its graph is lowered again: the CUDA-graph mode is part of the cache key), and it also
+# compiles the VAE's decoder (`--compile-vae`: the eager decode, 259 ms a batch, included 122 ms
+# of layout copies around group norms); each line's `project_vae_decode_ms` is its decode alone,
+# so the two changes' shares of the difference can be told apart. Expected: ~415 s (with the
+# fork-server check) and ~275 s, with the machine's start about 780 of the session's 900 s.
+# `--vae-variants` (the eager decode in the contiguous layout, and compiled: about 40 s more) is
+# left out for time.
 run 75 attention attention bench/attention.py --arch sd15 sdxl
 # Not a speed: whether jobs forked by the local executor's fork server can use CUDA (about 20 s).
-run 90 fork-server-cuda fork-server bench/fork_server_cuda.py
+run 60 fork-server-cuda fork-server bench/fork_server_cuda.py
 run 260 train-sd15-full train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check
-run 100 train-sd15-full-graph train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check --cuda-graph
+run 270 train-sd15-full-graph train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check --cuda-graph
 run 170 train-sdxl-blocks train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --no-restart-check
-run 180 train-sdxl-blocks-graph train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 3 --images 32 --profile 2 --no-restart-check --cuda-graph
+run 170 train-sdxl-blocks-graph train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 3 --images 32 --profile 2 --no-restart-check --cuda-graph
 run 170 generate-sd15-full generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1
 run 150 generate-sd15-full-graph-vae generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --cuda-graph --compile-vae

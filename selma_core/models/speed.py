@@ -13,11 +13,14 @@ runs, never what it computes (beyond float rounding), so the configs mark them e
   on an H200); SD 1.x's hardly do (21 graphs, not done within 150 s). ``"full"`` compiles the whole
   UNet as one graph: the fastest steps; 177 s cold for SD 1.x on an H100. ``"auto"``
   (``resolve_compile``) picks between them by the UNet's size.
-- **CUDA graphs** (inference only, ``cuda_graphs``): the compiled UNet in inductor's
-  "reduce-overhead" mode, each compiled graph recorded once as a CUDA graph and replayed at every
-  later call, so the GPU does not wait for Python to launch its kernels one by one (it sat idle 8%
-  of each SD 1.x generation batch on an H200, ``bench/RESULTS.md``). Training graphs its
-  micro-batches itself (``selma_core.models.cuda_graph``).
+- **CUDA graph** (inference only, ``cuda_graph``): the whole compiled UNet in inductor's
+  "reduce-overhead" mode, its graph recorded once as a CUDA graph and replayed at every later call,
+  so the GPU does not wait for Python to launch its kernels one by one (it sat idle 8% of each
+  SD 1.x generation batch on an H200, ``bench/RESULTS.md``). Not with "blocks": without a backward
+  pass to wait for, every call of a compiled block starts a new generation of CUDA graph trees,
+  which frees the previous block's outputs while the UNet still holds them (its residuals and skip
+  connections; pytorch/pytorch#152887). Training graphs its micro-batches itself
+  (``selma_core.models.cuda_graph``).
 - **compile cache**: inductor's on-disk caches live under ``<cache_dir>/torch-compile`` (a volume on
   Kubernetes when ``cache_volume_claim`` is set), and the compiled artifacts are also saved to the
   store (``cache/compile/<digest>``, torch's portable "mega-cache") once the first steps have compiled,
@@ -99,21 +102,24 @@ def compile_unet(
     mode: CompileMode,
     dynamic: bool = False,
     cache_dir: str | Path | None = None,
-    cuda_graphs: bool = False,
+    cuda_graph: bool = False,
 ) -> int:
     """Compile the UNet in place; how many modules were compiled (0 for "off").
 
     "blocks" compiles each repeated block (``REPEATED_BLOCKS``), "full" the whole UNet. ``dynamic``
     False: one graph per input shape, the fastest kernels (a training job has one shape).
     ``cache_dir``: inductor's on-disk caches go there (``compile_cache_dir``), so they outlive the
-    process; None leaves them where they are. ``cuda_graphs``: inductor's "reduce-overhead" mode,
-    each compiled graph replayed as a CUDA graph (for inference: a graph's outputs are overwritten
-    by its next replay, and ``torch.compile`` copies the inputs into the graph's own buffers).
+    process; None leaves them where they are. ``cuda_graph``: inductor's "reduce-overhead" mode,
+    the UNet's graph replayed as a CUDA graph, "full" only (see the module docstring); for inference:
+    its outputs are overwritten by its next replay, and ``torch.compile`` copies the inputs into the
+    graph's own buffers.
     """
     import torch
 
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if cuda_graph and mode != "full":
+        raise ValueError(f"cuda_graph: the whole UNet must be compiled (compile: full), got compile: {mode}")
     if mode == "off":
         return 0
     if cache_dir is not None:
@@ -122,7 +128,7 @@ def compile_unet(
     # object) would fall back to eager after the eighth shape or instance.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     options: dict[str, Any] = {"dynamic": dynamic}
-    if cuda_graphs:
+    if cuda_graph:
         options["mode"] = "reduce-overhead"
     if mode == "full":
         unet.compile(**options)
@@ -281,7 +287,7 @@ def prepare_for_inference(
     compile: CompileMode = "off",
     fuse_qkv: bool = True,
     cache_dir: str | Path | None = None,
-    cuda_graphs: bool = False,
+    cuda_graph: bool = False,
     compile_vae: bool = False,
 ) -> int:
     """A pipeline set up for fast sampling; how many modules were compiled.
@@ -291,7 +297,7 @@ def prepare_for_inference(
     and each attention's query/key/value projections fused into one matmul (``fuse_qkv``; not with
     LoRA adapters loaded, whose layers wrap the separate projections); the UNet compiled as
     ``compile`` says (its kernels cached under ``cache_dir``, see ``compile_unet``), its graphs
-    replayed as CUDA graphs with ``cuda_graphs`` (on CUDA only: there are none on the CPU); with
+    replayed as a CUDA graph with ``cuda_graph`` (on CUDA only: there are none on the CPU); with
     ``compile_vae`` and ``compile`` on, the VAE's decoder compiled too (once a batch, with
     inductor's own group norms, which take channels_last tensors without the layout copies eager
     ones need)."""
@@ -305,8 +311,8 @@ def prepare_for_inference(
             to_channels_last(pipe.unet, pipe.vae)
         if fuse_qkv and not getattr(pipe.unet, "peft_config", None) and hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
-    graphs = cuda_graphs and device.startswith("cuda")
-    compiled = compile_unet(pipe.unet, compile, cache_dir=cache_dir, cuda_graphs=graphs)
+    graph = cuda_graph and device.startswith("cuda")
+    compiled = compile_unet(pipe.unet, compile, cache_dir=cache_dir, cuda_graph=graph)
     if compiled and compile_vae and getattr(pipe, "vae", None) is not None:
         pipe.vae.decoder.compile(dynamic=False)
         compiled += 1

@@ -137,10 +137,12 @@ class ImagesConfig(SamplingConfig):
     channels_last: bool = execution_only(True)
     compile: Literal["auto", "off", "blocks", "full"] = execution_only("auto")
     compile_cache: bool = execution_only(True)
-    # The compiled UNet's graphs replayed as CUDA graphs (inductor's "reduce-overhead" mode): one
-    # launch a denoising step instead of hundreds, where the GPU otherwise waits for Python (8% of
-    # each SD 1.x batch on an H200, bench/RESULTS.md). CUDA only, with compile on; the same images.
-    # Off until a GPU run has measured it (bench/generate_throughput.py --cuda-graph).
+    # The compiled UNet replayed as a CUDA graph (inductor's "reduce-overhead" mode): one launch a
+    # denoising step instead of hundreds, where the GPU otherwise waits for Python (8% of each
+    # SD 1.x batch on an H200, bench/RESULTS.md). The same images. CUDA only, with the whole UNet
+    # compiled (compile: full, or auto where that means full) and classifier-free guidance; else
+    # the job warns and draws without. Off until a GPU run has measured it
+    # (bench/generate_throughput.py --cuda-graph).
     cuda_graph: bool = execution_only(False)
     # With compile on, the VAE's decoder compiled too: eager, its group norms cost layout copies on
     # channels_last tensors (122 ms of each 259 ms SD 1.x decode of 16 images on an H200). Off
@@ -164,11 +166,13 @@ class ImagesConfig(SamplingConfig):
             raise ValueError(f"num_jobs: expected >= 1, got {self.num_jobs}")
         if not 0 <= self.uniform_threshold <= 255:
             raise ValueError(f"uniform_threshold: expected 0 to 255, got {self.uniform_threshold}")
-        if self.cuda_graph and self.compile == "off":
+        if self.cuda_graph and self.compile in ("off", "blocks"):
             raise ValueError(
-                "cuda_graph: the UNet's graphs are replayed as CUDA graphs once compiled; "
-                "set compile to auto, blocks or full, or cuda_graph to false"
+                f"cuda_graph: the whole UNet is replayed as a CUDA graph once compiled; got compile: "
+                f"{self.compile} (set compile to full or auto, or cuda_graph to false)"
             )
+        if self.compile_vae and self.compile == "off":
+            raise ValueError("compile_vae: the decoder is compiled with the UNet; got compile: off")
         if self.nsfw_checker is not None and not self.nsfw_checker.strip():
             raise ValueError("nsfw_checker: expected a model id or folder, or null (no NSFW check)")
 
@@ -206,6 +210,14 @@ def guidance_scale(cfg: SamplingConfig, pipe) -> float:
     if cfg.guidance_scale is not None:
         return cfg.guidance_scale
     return SDXL_GUIDANCE if hasattr(pipe, "text_encoder_2") else DEFAULT_GUIDANCE
+
+
+def classifier_free_guidance(cfg: SamplingConfig, pipe) -> bool:
+    """Whether the pipeline guides (draws each batch twice, with and without the prompts): a
+    guidance above 1 and a UNet not distilled to take the guidance as an input (LCM's
+    ``time_cond_proj_dim``), as diffusers' SD and SDXL pipelines decide."""
+    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+    return guidance_scale(cfg, pipe) > 1 and getattr(unet_config, "time_cond_proj_dim", None) is None
 
 
 def draw_images(
@@ -254,7 +266,7 @@ def choose_attention(pipe, cfg: ImagesConfig, device: str, store=None):
         cfg.attention,
         pipe.unet,
         device,
-        batch=cfg.batch_size * (2 if guidance_scale(cfg, pipe) > 1 else 1),  # guidance doubles it
+        batch=cfg.batch_size * (2 if classifier_free_guidance(cfg, pipe) else 1),  # guidance doubles it
         size=((cfg.height or native) // scale, (cfg.width or native) // scale),
         text_len=getattr(pipe.tokenizer, "model_max_length", 77),
         backward=False,
@@ -331,15 +343,26 @@ class _Drawer:
         self.compile_cache = None  # speed.StoreCompileCache, when the UNet is compiled
         self.attention = "default"  # the attention kernel batches are drawn under (cfg.attention resolved)
         self.warmup_s: float | None = None  # the first batch's time: what compiling cost this job
+        self.vae_compiled = False  # cfg.compile_vae, where the UNet was compiled too
 
     @property
     def cuda_graph(self) -> bool:
-        """Whether the compiled UNet replays its graphs as CUDA graphs: ``cfg.cuda_graph`` on CUDA,
-        with classifier-free guidance. Without guidance the pipeline hands the UNet's output itself
-        to the scheduler, and a multistep one (PNDM, DPM-Solver) keeps it for later steps, where the
-        next replay would have overwritten it (PyTorch stops the job there)."""
-        wanted = self.cfg.cuda_graph and self.compile_mode != "off" and self.device.startswith("cuda")
-        return wanted and guidance_scale(self.cfg, self.pipe) > 1
+        """Whether the compiled UNet is replayed as a CUDA graph: ``cfg.cuda_graph`` on CUDA, unless
+        ``_cuda_graph_refusal`` says why not."""
+        wanted = self.cfg.cuda_graph and self.device.startswith("cuda")
+        return wanted and self._cuda_graph_refusal() is None
+
+    def _cuda_graph_refusal(self) -> str | None:
+        """Why this generator cannot be replayed as a CUDA graph; None when it can."""
+        if self.compile_mode != "full":
+            # By blocks, each block's call starts a new generation of CUDA graph trees, which frees
+            # the previous block's outputs while the UNet still holds them (speed's docstring).
+            return f"the whole UNet must be compiled, and compile resolved to {self.compile_mode}"
+        if not classifier_free_guidance(self.cfg, self.pipe):
+            # The pipeline then hands the UNet's output itself to the scheduler, and a multistep one
+            # (PNDM, DPM-Solver) keeps it for later steps, where the next replay overwrites it.
+            return "there is no classifier-free guidance (guidance_scale <= 1, or a guidance-distilled UNet)"
+        return None
 
     def _load(self) -> None:
         from selma_core.models import speed
@@ -359,9 +382,13 @@ class _Drawer:
         ).to(self.device)
         unet = getattr(self.pipe, "unet", None)
         self.compile_mode = speed.resolve_compile(self.cfg.compile, unet, self.device)
-        unguided = guidance_scale(self.cfg, self.pipe) <= 1
-        if self.cfg.cuda_graph and self.device.startswith("cuda") and unguided:
-            print("warning: images.cuda_graph ignored: no guidance (guidance_scale <= 1)", file=sys.stderr)
+        if (
+            self.cfg.cuda_graph
+            and self.device.startswith("cuda")
+            and unet is not None
+            and not self.cuda_graph
+        ):
+            print(f"warning: images.cuda_graph ignored: {self._cuda_graph_refusal()}", file=sys.stderr)
         if unet is not None:  # transformer-based pipelines (SD3) have none
             compiled = speed.prepare_for_inference(
                 self.pipe,
@@ -369,9 +396,11 @@ class _Drawer:
                 self.cfg.channels_last,
                 self.compile_mode,
                 cache_dir=config.cache_dir,
-                cuda_graphs=self.cuda_graph,
+                cuda_graph=self.cuda_graph,
                 compile_vae=self.cfg.compile_vae,
             )
+            has_vae = getattr(self.pipe, "vae", None) is not None
+            self.vae_compiled = bool(self.cfg.compile_vae and compiled and has_vae)
             self.attention = self._choose_attention()
             if compiled and self.cfg.compile_cache:
                 self._load_compile_cache(dtype)
@@ -399,17 +428,18 @@ class _Drawer:
         signature = {  # what the compiled graphs depend on beyond the UNet's config and dtype
             "phase": "images",
             "batch": cfg.batch_size,
-            "guidance": guidance_scale(cfg, pipe) > 1,  # classifier-free guidance doubles the batch
+            "guidance": classifier_free_guidance(cfg, pipe),  # it doubles the batch
             "height": cfg.height,
             "width": cfg.width,
             "channels_last": cfg.channels_last,
             # Fused QKV projections or not: their attention processors say.
             "attention": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
             "attention_kernel": self.attention,
-            "cuda_graph": self.cuda_graph,  # inductor's config differs, so do its graphs
-            "compile_vae": cfg.compile_vae,
         }
-        if cfg.compile_vae:  # its graph is in the same entry
+        # Keys only when on, so that the entries saved before they existed keep their digests.
+        if self.cuda_graph:
+            signature["cuda_graph"] = True  # inductor's config differs, so do its graphs
+        if self.vae_compiled:  # the decoder's graph is in the same entry
             signature["vae"] = {k: v for k, v in dict(pipe.vae.config).items() if not k.startswith("_")}
         digest = speed.compile_cache_digest(pipe.unet, self.compile_mode, self.device, dtype, signature)
         self.compile_cache = speed.StoreCompileCache(self.ctx.store, digest, self.ctx.scratch_dir)
@@ -448,7 +478,7 @@ class _Drawer:
                 "graphs_compiled": counters["inductor"]["fxgraph_cache_miss"],
                 "cuda_graph": self.cuda_graph,
                 "cuda_graph_skips": speed.cuda_graph_skips(),
-                "vae_compiled": self.cfg.compile_vae,
+                "vae_compiled": self.vae_compiled,
             }
         }
 

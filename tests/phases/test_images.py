@@ -596,28 +596,36 @@ def test_a_compiled_generator_draws_every_batch_at_one_shape(tiny_config, tmp_pa
     assert len(calls) == 7 and {pad for _, pad in calls} == {None} and "compile" not in result
 
 
-def test_cuda_graphs_are_replayed_only_compiled_on_cuda_and_with_guidance():
-    """images.cuda_graph: the compiled UNet's graphs replayed as CUDA graphs on CUDA alone, and only
-    with classifier-free guidance (without it, a multistep scheduler keeps the UNet's output itself
-    for later steps, which the next replay would overwrite); never without compile."""
+def test_a_cuda_graph_is_replayed_only_for_a_whole_compiled_unet_on_cuda_with_guidance():
+    """images.cuda_graph: the UNet replayed as a CUDA graph on CUDA alone, compiled whole (by
+    blocks, each block's call would free the previous one's outputs), and with classifier-free
+    guidance (without it a multistep scheduler keeps the UNet's output itself for later steps,
+    which the next replay would overwrite): else the reason why not."""
+    from types import SimpleNamespace
 
-    class Pipeline:  # what the decision reads of a generator: no text_encoder_2, so not SDXL
-        pass
-
-    def replays(device: str = "cuda:0", mode: str = "full", **settings) -> bool:
+    def drawer(device: str = "cuda:0", mode: str = "full", time_cond_proj_dim=None, **settings):
         drawer = images_phase._Drawer(None, ImagesConfig(**{"cuda_graph": True, **settings}), None)
-        drawer.device, drawer.compile_mode, drawer.pipe = device, mode, Pipeline()
-        return drawer.cuda_graph
+        # What the decision reads of a generator: its UNet's config (no text_encoder_2: not SDXL).
+        unet = SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=time_cond_proj_dim))
+        drawer.device, drawer.compile_mode, drawer.pipe = device, mode, SimpleNamespace(unet=unet)
+        return drawer
 
-    assert replays() and replays(mode="blocks") and replays(guidance_scale=1.5)
-    assert not replays(device="cpu")
-    assert not replays(mode="off")  # compile "auto" resolved to off
-    assert not replays(guidance_scale=1.0) and not replays(guidance_scale=0.0)
-    assert not replays(cuda_graph=False)
+    assert drawer().cuda_graph and drawer(guidance_scale=1.5).cuda_graph
+    assert not drawer(device="cpu").cuda_graph and not drawer(cuda_graph=False).cuda_graph
+    assert drawer(mode="blocks")._cuda_graph_refusal() == (
+        "the whole UNet must be compiled, and compile resolved to blocks"  # auto, for SDXL
+    )
+    assert not drawer(mode="blocks").cuda_graph and not drawer(mode="off").cuda_graph
+    unguided = "there is no classifier-free guidance (guidance_scale <= 1, or a guidance-distilled UNet)"
+    for refused in (drawer(guidance_scale=1.0), drawer(guidance_scale=0.0), drawer(time_cond_proj_dim=256)):
+        assert not refused.cuda_graph and refused._cuda_graph_refusal() == unguided
+    for compile in ("off", "blocks"):
+        with pytest.raises(ValueError, match=f"cuda_graph: the whole UNet .*got compile: {compile} "):
+            ImagesConfig(cuda_graph=True, compile=compile)
     with pytest.raises(
-        ValueError, match="cuda_graph: the UNet's graphs are replayed as CUDA graphs once compiled"
+        ValueError, match="compile_vae: the decoder is compiled with the UNet; got compile: off"
     ):
-        ImagesConfig(cuda_graph=True, compile="off")
+        ImagesConfig(compile_vae=True, compile="off")
 
 
 def test_padding_a_batch_draws_the_padded_shape_and_the_same_images(model_cache):
