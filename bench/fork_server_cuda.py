@@ -3,8 +3,10 @@
 The server imports what jobs import and refuses to fork once the CUDA driver is loaded (a forked
 process could not initialise it again); each job initialises CUDA itself. CI has no GPU, so this runs
 with the GPU measurements (bench/gpu.sh fork-server-cuda): it starts the server as the executor does,
-forks two jobs that each run a matmul on the device, and prints one JSON line: whether the server
-was ready (or why not), how long it took to import, and each job's exit status and time.
+forks two jobs that each run a matmul on the device, the second placed on one GPU as the executor
+places jobs (``CUDA_VISIBLE_DEVICES``, read by the driver after the fork), and prints one JSON line:
+whether the server was ready (or why not), how long it took to import, and each job's exit status,
+time and output (its result, and the GPUs it saw).
 
     python bench/fork_server_cuda.py [--device cuda] [--work-dir DIR]
 """
@@ -22,10 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.executors.fork_server import ForkServer, ForkServerUnavailable  # noqa: E402
+from jobs.executors.local import visible_gpus  # noqa: E402
 
 JOB = (
     "import sys, torch; device = sys.argv[1]; x = torch.randn(256, 256, device=device); "
-    "print(float((x @ x).abs().sum()), torch.cuda.get_device_name() if device == 'cuda' else device)"
+    "print(float((x @ x).abs().sum()), torch.cuda.get_device_name() if device == 'cuda' else device, "
+    "'sees', torch.cuda.device_count(), 'GPUs')"
 )
 
 
@@ -46,17 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**report, "ok": False, "why": str(e)}))
         return 1
     report["ready_s"] = round(time.monotonic() - started, 1)
+    gpus = visible_gpus() if args.device.startswith("cuda") else []
     jobs = []
     try:
         for i in range(2):  # two jobs of one server: each initialises the device itself
             log = work / f"job-{i}.log"
             log.write_text("")
             started = time.monotonic()
-            process = server.start(["-c", JOB, args.device], env, os.getcwd(), str(log))
+            placed = gpus[-1] if i == 1 and gpus else None
+            job_env = env if placed is None else {**env, "CUDA_VISIBLE_DEVICES": placed}
+            process = server.start(["-c", JOB, args.device], job_env, os.getcwd(), str(log))
             code = process.wait(timeout=300)
-            jobs.append(
-                {"exit": code, "seconds": round(time.monotonic() - started, 2), "log": log.read_text()[-400:]}
-            )
+            seconds = round(time.monotonic() - started, 2)
+            jobs.append({"exit": code, "seconds": seconds, "gpu": placed, "log": log.read_text()[-400:]})
     finally:
         server.close()
     ok = all(job["exit"] == 0 for job in jobs)

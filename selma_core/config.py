@@ -201,11 +201,20 @@ class ExecutorConfig:
     # and MLflow once (~13 s a job saved on 2 cores), instead of starting each afresh. Each job is
     # still a process of its own, with its own environment, log and exit status.
     fork_server: bool = True
+    # Local executor: the GPUs jobs are placed on. Each process of a GPU phase (images, train,
+    # merge-search, eval; prompts with a transformers LLM) sees one of them (CUDA_VISIBLE_DEVICES),
+    # the one running the fewest processes, so side-by-side jobs and an images job's processes
+    # spread over the GPUs. null: every GPU of this machine (CUDA_VISIBLE_DEVICES's where it is set,
+    # else nvidia-smi's); []: none placed, each job sees what the controller sees.
+    gpus: list[int] | None = None
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel: expected >= 1, got {self.max_parallel}")
+        gpus = self.gpus or []
+        if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
+            raise ValueError(f"gpus: expected distinct GPU indices (>= 0), got {self.gpus}")
 
 
 @dataclass

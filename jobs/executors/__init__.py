@@ -13,13 +13,18 @@ def make_executor(
     cfg: PipelineConfig, kind: str, log_dir: str, follow_logs: bool = False, echo=None
 ) -> Executor:
     if kind == "local":
-        from jobs.executors.local import LocalExecutor
+        from jobs.executors.local import GPU_PHASES, LocalExecutor
 
+        gpus = cfg.executor.gpus
+        # An LLM in the prompts job itself wants a GPU; an API or a server elsewhere does not.
+        llm_here = {"prompts"} if cfg.prompts.backend == "transformers" else set()
         return LocalExecutor(
             log_dir,
             cfg.executor.max_parallel,
             images_jobs=cfg.images.num_jobs,
             fork_server=cfg.executor.fork_server,
+            gpus=None if gpus is None else [str(gpu) for gpu in gpus],
+            gpu_phases=GPU_PHASES | llm_here,
         )
     if kind == "kubernetes":
         try:

@@ -77,6 +77,10 @@ IMPORTED_AT_RUN_TIME = (
 # Thread counts each forked job applies itself (torch's pools, from $OMP_NUM_THREADS: see
 # _run_in_child); the server loads its libraries with these, and OpenBLAS's, at one thread.
 SET_BY_EACH_JOB = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# What else may differ between a job's environment and the server's: the GPU a job sees, read by the
+# CUDA driver when the job first uses it, after the fork (the server never initialises CUDA:
+# fork_unsafe_reason), and by PyTorch's device count, which it does not keep before then.
+READ_AFTER_THE_FORK = ("CUDA_VISIBLE_DEVICES",)
 # How often the server reaps ended jobs while it waits for requests.
 REAP_EVERY_S = 0.05
 

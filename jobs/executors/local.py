@@ -7,6 +7,11 @@ starting afresh: the same command, environment, log and exit status, without ~13
 An images job with ``images.num_jobs`` N > 1 is N processes, ``--shard-index I --num-shards N``
 each, with a log each (``images-<skill>.I-of-N.log``): the job runs until all N have ended, and
 succeeded if all did and one of them committed the output (or found it committed).
+
+On a machine with several GPUs, each process of a GPU phase (``GPU_PHASES``) sees one of them
+(``CUDA_VISIBLE_DEVICES``): the one running the fewest of this executor's processes
+(``GpuPlacement``), so that side-by-side jobs and an images job's processes spread over the GPUs
+instead of all drawing on the first.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from jobs.executors.base import (
@@ -29,17 +36,81 @@ from jobs.executors.base import (
     image_process_command,
     speaking_process,
 )
-from jobs.executors.fork_server import SET_BY_EACH_JOB, ForkedProcess, ForkServer, ForkServerUnavailable
+from jobs.executors.fork_server import (
+    READ_AFTER_THE_FORK,
+    SET_BY_EACH_JOB,
+    ForkedProcess,
+    ForkServer,
+    ForkServerUnavailable,
+)
 from selma_core.plan import JobSpec
+
+# The phases whose jobs use a GPU where there is one (their Kubernetes Job templates ask for one);
+# prompts too when its LLM runs in the job (make_executor adds it).
+GPU_PHASES = frozenset({"images", "train", "merge-search", "eval"})
 
 # Process: what _start returns (a fresh process, or one forked by the fork server).
 Process = subprocess.Popen | ForkedProcess
 
 
 def _shared(environment: dict[str, str]) -> dict[str, str]:
-    """``environment`` but for what each forked job sets itself: where this differs from the
-    server's, the libraries in the server loaded under another environment than the job's."""
-    return {name: value for name, value in environment.items() if name not in SET_BY_EACH_JOB}
+    """``environment`` but for what each forked job sets or reads itself after the fork: where this
+    differs from the server's, the libraries in the server loaded under another environment than
+    the job's."""
+    per_job = (*SET_BY_EACH_JOB, *READ_AFTER_THE_FORK)
+    return {name: value for name, value in environment.items() if name not in per_job}
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: the entries of ``CUDA_VISIBLE_DEVICES`` where it is set (up to
+    the first negative one, where CUDA stops reading), else the indices ``nvidia-smi`` lists; none
+    without it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = []
+        for entry in (e.strip() for e in visible.split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            gpus.append(entry)
+        return gpus
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    try:
+        listed = subprocess.run(
+            [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listed.returncode != 0:  # no driver, say
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
+
+
+class GpuPlacement:
+    """Which GPU each new process of a GPU job sees: the one running the fewest processes now (the
+    first listed, on a tie). More processes than GPUs share them; none are held back."""
+
+    def __init__(self, gpus: Iterable[str]) -> None:
+        self.running: dict[str, int] = dict.fromkeys(gpus, 0)
+        self._lock = threading.Lock()
+
+    def take(self) -> str | None:
+        """A GPU for a new process (None on a machine without GPUs)."""
+        with self._lock:
+            if not self.running:
+                return None
+            gpu = min(self.running, key=self.running.__getitem__)  # dicts keep the listed order
+            self.running[gpu] += 1
+            return gpu
+
+    def give_back(self, gpus: Iterable[str]) -> None:
+        with self._lock:
+            for gpu in gpus:
+                self.running[gpu] -= 1
 
 
 def last_json_line(path: str) -> dict | None:
@@ -72,6 +143,8 @@ class LocalExecutor(Executor):
         images_jobs: int = 1,
         fork_server: bool = False,
         preload: bool = True,
+        gpus: Iterable[str] | None = None,
+        gpu_phases: Iterable[str] = GPU_PHASES,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.project_root = Path(project_root or Path(__file__).resolve().parents[2])
@@ -87,6 +160,10 @@ class LocalExecutor(Executor):
         self._server: ForkServer | None = None
         self._server_environment: dict[str, str] = {}
         self._server_lock = threading.Lock()
+        # The GPUs jobs are placed on (None: this machine's, visible_gpus); none: jobs see what this
+        # process sees.
+        self.gpus = GpuPlacement(visible_gpus() if gpus is None else gpus)
+        self.gpu_phases = frozenset(gpu_phases)
 
     def _command(self, command: list[str]) -> list[str]:
         # The job runs with this interpreter (the active virtual environment).
@@ -153,31 +230,54 @@ class LocalExecutor(Executor):
             return [self.log_dir / f"{job.name}.log"]
         return [self.log_dir / f"{job.name}.{i}-of-{count}.log" for i in range(count)]
 
+    def _on_gpu(self, job: JobSpec, env: dict[str, str], placed: list[str]) -> dict[str, str]:
+        """``env`` for a new process of ``job``: seeing one GPU, added to ``placed``, for a GPU phase
+        on a machine with GPUs."""
+        gpu = self.gpus.take() if job.phase in self.gpu_phases else None
+        if gpu is None:
+            return env
+        placed.append(gpu)
+        return {**env, "CUDA_VISIBLE_DEVICES": gpu}
+
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         count = self.processes(job, command)
         logs = self._log_paths(job, count)
-        if count == 1:
-            process = self._start(command, logs[0], env, self.threads_per_job)
-            return JobHandle(job=job, ref=process, log=str(logs[0]))
-        # The job's share of the cores, split between its processes.
-        threads = str(max(1, int(self.threads_per_job) // count))
-        processes = [
-            self._start(image_process_command(command, count, i), log, env, threads)
-            for i, log in enumerate(logs)
-        ]
-        return JobHandle(job=job, ref=processes, log=str(logs[0]), extra={"logs": [str(p) for p in logs]})
+        gpus: list[str] = []  # given back when the job has ended (_ended)
+        try:
+            if count == 1:
+                process = self._start(command, logs[0], self._on_gpu(job, env, gpus), self.threads_per_job)
+                return JobHandle(job=job, ref=process, log=str(logs[0]), extra={"gpus": gpus})
+            # The job's share of the cores, split between its processes.
+            threads = str(max(1, int(self.threads_per_job) // count))
+            processes = [
+                self._start(
+                    image_process_command(command, count, i), log, self._on_gpu(job, env, gpus), threads
+                )
+                for i, log in enumerate(logs)
+            ]
+        except BaseException:
+            self.gpus.give_back(gpus)
+            raise
+        extra = {"logs": [str(p) for p in logs], "gpus": gpus}
+        return JobHandle(job=job, ref=processes, log=str(logs[0]), extra=extra)
+
+    def _ended(self, handle: JobHandle, status: JobStatus) -> JobStatus:
+        """``status``, once the job's GPUs are given back if it has ended (once only)."""
+        if status.state in (JobState.SUCCEEDED, JobState.FAILED):
+            self.gpus.give_back(handle.extra.pop("gpus", []))
+        return status
 
     def poll(self, handle: JobHandle) -> JobStatus:
         if isinstance(handle.ref, list):
-            return self._poll_processes(handle)
+            return self._ended(handle, self._poll_processes(handle))
         process: Process = handle.ref
         code = process.poll()
         if code is None:
             return JobStatus(JobState.RUNNING)
         state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
         result = _lost_result(handle.job, handle.log) if _lost(process) else last_json_line(handle.log)
-        return JobStatus(state, code, result)
+        return self._ended(handle, JobStatus(state, code, result))
 
     def _poll_processes(self, handle: JobHandle) -> JobStatus:
         """The processes of an images job: running while any runs (a failed one's siblings finish and
@@ -220,6 +320,7 @@ class LocalExecutor(Executor):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        self.gpus.give_back(handle.extra.pop("gpus", []))
 
     def close(self) -> None:
         with self._server_lock:

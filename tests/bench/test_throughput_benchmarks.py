@@ -172,4 +172,5 @@ def test_the_fork_server_check_forks_jobs_that_compute_on_the_device(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ok"] is True and report["device"] == "cpu" and report["ready_s"] >= 0
     assert [job["exit"] for job in report["jobs"]] == [0, 0]
-    assert all(job["log"].strip().endswith(" cpu") for job in report["jobs"])
+    assert all(job["log"].strip().endswith(" cpu sees 0 GPUs") for job in report["jobs"])
+    assert [job["gpu"] for job in report["jobs"]] == [None, None]  # none to place a job on

@@ -15,6 +15,7 @@ from jobs.executors.base import JobState
 from jobs.executors.fork_server import ForkedProcess
 from jobs.executors.local import LocalExecutor, last_json_line
 from selma_core.config import load_config
+from selma_core.errors import ConfigError
 from selma_core.plan import JobSpec
 
 JOB = JobSpec("prompts", "counting", "prompts/counting/x", ())
@@ -156,6 +157,97 @@ def test_cancel_stops_every_process_of_an_images_job(tmp_path, fork_server):
     executor.cancel(handle)
     assert all(process.poll() is not None for process in handle.ref)
     assert executor.poll(handle).state == JobState.FAILED
+
+
+# -- GPUs: each process of a GPU phase sees one, the least busy ---------------------------------------
+
+TRAIN = JobSpec("train", "counting", "train/counting/x", ())
+# A job that reports the GPUs it sees once $GO exists (so that jobs run side by side until then).
+SEES = (
+    "import json, os, pathlib, time\n"
+    "while not pathlib.Path(os.environ['GO']).exists(): time.sleep(0.02)\n"
+    "print(json.dumps({'status': 'ran', 'gpus': os.environ.get('CUDA_VISIBLE_DEVICES')}))"
+)
+
+
+def test_gpu_jobs_spread_over_the_gpus_and_give_them_back_when_they_end(tmp_path, monkeypatch, fork_server):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    executor = LocalExecutor(tmp_path / "logs", max_parallel=4, gpus=["0", "1"], **fork_server)
+    go = tmp_path / "go"
+    env = {"GO": str(go)}
+    first, second, third = (
+        executor.submit(JobSpec("train", skill, f"train/{skill}/x", ()), ["python", "-c", SEES], env)
+        for skill in ("counting", "spatial", "everyday")
+    )
+    prompts = executor.submit(JOB, ["python", "-c", SEES], env)  # not a GPU phase
+    # A job seeing another GPU than the server's environment names is still forked.
+    assert all(isinstance(h.ref, ForkedProcess) == fork_server["fork_server"] for h in (first, second, third))
+    assert executor.gpus.running == {"0": 2, "1": 1}
+    go.touch()
+    seen = [wait(executor, handle).result["gpus"] for handle in (first, second, third, prompts)]
+    assert seen == ["0", "1", "0", None]
+    assert executor.gpus.running == {"0": 0, "1": 0}
+    executor.poll(first)  # polled again after its end: nothing given back twice
+    assert executor.gpus.running == {"0": 0, "1": 0}
+
+    # A cancelled job gives its GPU back too; the next one takes the least busy again.
+    go.unlink()
+    cancelled = executor.submit(TRAIN, ["python", "-c", SEES], env)
+    running = executor.submit(TRAIN, ["python", "-c", SEES], env)
+    executor.cancel(cancelled)
+    assert executor.gpus.running == {"0": 0, "1": 1}
+    go.touch()
+    assert wait(executor, running).result["gpus"] == "1"
+    assert wait(executor, executor.submit(TRAIN, ["python", "-c", SEES], env)).result["gpus"] == "0"
+
+
+def test_an_images_jobs_processes_each_see_a_gpu_of_their_own(tmp_path, fork_server):
+    executor = LocalExecutor(tmp_path / "logs", images_jobs=2, gpus=["3", "5"], **fork_server)
+    code = (
+        "import json, os, sys; a = sys.argv; i = int(a[a.index('--shard-index') + 1]); "
+        "gpus = os.environ['CUDA_VISIBLE_DEVICES']; "
+        "print(json.dumps({'status': 'ran', 'gpus': gpus, 'committed': i == 1}))"
+    )
+    handle = executor.submit(IMAGES, ["python", "-c", code, "--config", "x"], {})
+    assert wait(executor, handle).result["gpus"] == "5"
+    assert last_json_line(handle.extra["logs"][0])["gpus"] == "3"
+    assert executor.gpus.running == {"3": 0, "5": 0}
+
+
+def test_the_machines_gpus_are_found_where_cuda_would_find_them(tmp_path, monkeypatch):
+    """CUDA_VISIBLE_DEVICES where set (up to a negative entry, where CUDA stops reading), else
+    nvidia-smi's list; none without it. The config's executor.gpus, when given, instead."""
+    from jobs.executors.local import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8e3f,-1,4")
+    assert visible_gpus() == ["2", "GPU-8e3f"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    monkeypatch.setenv("PATH", str(fake))
+    assert visible_gpus() == []  # no nvidia-smi
+    (fake / "nvidia-smi").write_text('#!/bin/sh\n[ "$1" = --query-gpu=index ] && printf "0\\n1\\n"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    assert visible_gpus() == ["0", "1"]
+    assert LocalExecutor(tmp_path / "logs").gpus.running == {"0": 0, "1": 0}
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    assert visible_gpus() == []
+
+
+def test_the_configs_gpus_and_gpu_phases_reach_the_executor(tiny_config, tmp_path):
+    config = load_config(tiny_config(executor={"gpus": [1, 0]}))
+    executor = make_executor(config, "local", str(tmp_path / "logs"))
+    assert executor.gpus.running == {"1": 0, "0": 0} and "prompts" not in executor.gpu_phases
+    assert executor.gpu_phases == {"images", "train", "merge-search", "eval"}
+    config = load_config(tiny_config(executor={"gpus": []}, prompts={"backend": "transformers"}))
+    executor = make_executor(config, "local", str(tmp_path / "logs"))
+    assert executor.gpus.running == {} and "prompts" in executor.gpu_phases
+    with pytest.raises(
+        ConfigError, match=r"executor: gpus: expected distinct GPU indices \(>= 0\), got \[0, 0\]"
+    ):
+        load_config(tiny_config(executor={"gpus": [0, 0]}))
 
 
 # -- the fork server: when it refuses, or ends before its jobs do ------------------------------------
