@@ -4,9 +4,10 @@ The server imports what jobs import and refuses to fork once the CUDA driver is 
 process could not initialise it again); each job initialises CUDA itself. CI has no GPU, so this runs
 with the GPU measurements (bench/gpu.sh fork-server-cuda): it starts the server as the executor does,
 forks two jobs that each run a matmul on the device, the second placed on one GPU as the executor
-places jobs (``CUDA_VISIBLE_DEVICES``, read by the driver after the fork), and prints one JSON line:
-whether the server was ready (or why not), how long it took to import, and each job's exit status,
-time and output (its result, and the GPUs it saw).
+places jobs (``CUDA_VISIBLE_DEVICES``: read when the job first uses CUDA, after the fork, so it
+must see exactly that one), then a third that is shown no GPU (it must see none), and prints one
+JSON line: whether the server was ready (or why not), how long it took to import, and each job's
+exit status, time, output (its result, and how many GPUs it saw) and whether it saw what it should.
 
     python bench/fork_server_cuda.py [--device cuda] [--work-dir DIR]
 """
@@ -51,21 +52,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report["ready_s"] = round(time.monotonic() - started, 1)
     gpus = visible_gpus() if args.device.startswith("cuda") else []
+    # (device, CUDA_VISIBLE_DEVICES or None to keep the server's, how many GPUs it must see or None)
+    plan = [(args.device, None, None), (args.device, None, None)]  # each initialises the device itself
+    if gpus:
+        plan[1:] = [(args.device, gpus[-1], 1), ("cpu", "", 0)]  # one GPU placed; none shown
     jobs = []
     try:
-        for i in range(2):  # two jobs of one server: each initialises the device itself
+        for i, (device, placed, expected) in enumerate(plan):
             log = work / f"job-{i}.log"
             log.write_text("")
             started = time.monotonic()
-            placed = gpus[-1] if i == 1 and gpus else None
             job_env = env if placed is None else {**env, "CUDA_VISIBLE_DEVICES": placed}
-            process = server.start(["-c", JOB, args.device], job_env, os.getcwd(), str(log))
+            process = server.start(["-c", JOB, device], job_env, os.getcwd(), str(log))
             code = process.wait(timeout=300)
-            seconds = round(time.monotonic() - started, 2)
-            jobs.append({"exit": code, "seconds": seconds, "gpu": placed, "log": log.read_text()[-400:]})
+            output = log.read_text()
+            saw = expected is None or output.rstrip().endswith(f"sees {expected} GPUs")
+            jobs.append(
+                {
+                    "exit": code,
+                    "seconds": round(time.monotonic() - started, 2),
+                    "gpu": placed,
+                    "saw_what_it_should": saw,
+                    "log": output[-400:],
+                }
+            )
     finally:
         server.close()
-    ok = all(job["exit"] == 0 for job in jobs)
+    ok = all(job["exit"] == 0 and job["saw_what_it_should"] for job in jobs)
     print(json.dumps({**report, "ok": ok, "jobs": jobs}))
     return 0 if ok else 1
 

@@ -204,8 +204,10 @@ class ExecutorConfig:
     # Local executor: the GPUs jobs are placed on. Each process of a GPU phase (images, train,
     # merge-search, eval; prompts with a transformers LLM) sees one of them (CUDA_VISIBLE_DEVICES),
     # the one running the fewest processes, so side-by-side jobs and an images job's processes
-    # spread over the GPUs. null: every GPU of this machine (CUDA_VISIBLE_DEVICES's where it is set,
-    # else nvidia-smi's); []: none placed, each job sees what the controller sees.
+    # spread over the GPUs. null: every GPU the controller sees (CUDA_VISIBLE_DEVICES's where it is
+    # set, else nvidia-smi's); a list: those of them, by position (0: the first, as nvidia-smi
+    # numbers them, or the first of CUDA_VISIBLE_DEVICES); []: none placed, each job sees what the
+    # controller sees (so too with device naming one GPU, cuda:1).
     gpus: list[int] | None = None
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 

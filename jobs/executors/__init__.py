@@ -9,13 +9,33 @@ from selma_core.errors import ConfigError
 __all__ = ["Executor", "JobHandle", "JobState", "JobStatus", "job_command", "make_executor"]
 
 
+def _placed_gpus(cfg: PipelineConfig) -> list[str] | None:
+    """The GPUs the local executor places jobs on, as ``CUDA_VISIBLE_DEVICES`` names them (None: all
+    of this machine's, found at the first GPU job): ``executor.gpus`` are positions among the GPUs
+    this process sees. None placed when ``device`` names one GPU (``cuda:1``): a job so pinned must
+    see them all."""
+    if cfg.device not in ("auto", "cuda"):
+        return []
+    if cfg.executor.gpus is None:
+        return None
+    from jobs.executors.local import visible_gpus
+
+    visible = visible_gpus()
+    beyond = [position for position in cfg.executor.gpus if position >= len(visible)]
+    if beyond:
+        raise ConfigError(
+            f"executor.gpus: {beyond[0]} is not a GPU of this machine, which shows {len(visible)}"
+            + (f" ({', '.join(f'{i}: {gpu}' for i, gpu in enumerate(visible))})" if visible else "")
+        )
+    return [visible[position] for position in cfg.executor.gpus]
+
+
 def make_executor(
     cfg: PipelineConfig, kind: str, log_dir: str, follow_logs: bool = False, echo=None
 ) -> Executor:
     if kind == "local":
         from jobs.executors.local import GPU_PHASES, LocalExecutor
 
-        gpus = cfg.executor.gpus
         # An LLM in the prompts job itself wants a GPU; an API or a server elsewhere does not.
         llm_here = {"prompts"} if cfg.prompts.backend == "transformers" else set()
         return LocalExecutor(
@@ -23,7 +43,7 @@ def make_executor(
             cfg.executor.max_parallel,
             images_jobs=cfg.images.num_jobs,
             fork_server=cfg.executor.fork_server,
-            gpus=None if gpus is None else [str(gpu) for gpu in gpus],
+            gpus=_placed_gpus(cfg),
             gpu_phases=GPU_PHASES | llm_here,
         )
     if kind == "kubernetes":

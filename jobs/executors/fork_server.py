@@ -15,7 +15,8 @@ Each job still is a process of its own, as ``python -m jobs.run`` would be:
   killed it);
 - selma's own modules are imported afresh in each job (they read the job's environment as they
   import); only other libraries' modules come from the server (the executor forks only jobs whose
-  environment is the server's, but for thread counts, which each job sets for itself).
+  environment is the server's, but for thread counts, which each job sets for itself, and the GPU
+  it sees, which CUDA reads when the job first uses it).
 Its command line is the server's, though: ``ps`` shows ``python -m jobs.executors.fork_server``.
 
 The server computes nothing: it imports, then forks only while it has a single thread and has not

@@ -62,9 +62,10 @@ def _shared(environment: dict[str, str]) -> dict[str, str]:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use: the entries of ``CUDA_VISIBLE_DEVICES`` where it is set (up to
-    the first negative one, where CUDA stops reading), else the indices ``nvidia-smi`` lists; none
-    without it."""
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them: its entries where it
+    is set (up to the first negative one, where CUDA stops reading), else the UUIDs of the GPUs
+    ``nvidia-smi`` lists, in its order (UUIDs, since CUDA numbers GPUs in another order than
+    ``nvidia-smi`` unless told otherwise); none without it."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         gpus = []
@@ -76,41 +77,72 @@ def visible_gpus() -> list[str]:
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi is None:
         return []
+    why = None
     try:
         listed = subprocess.run(
-            [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"],
+            [nvidia_smi, "--query-gpu=uuid", "--format=csv,noheader"],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=15,
         )
-    except (OSError, subprocess.TimeoutExpired):
+        if listed.returncode != 0:  # no driver, say
+            said = (listed.stderr or listed.stdout).strip().splitlines()
+            why = said[-1] if said else f"exit status {listed.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    if why is not None:
+        print(
+            f"warning: nvidia-smi could not list the GPUs ({why}): jobs are not placed on GPUs",
+            file=sys.stderr,
+        )
         return []
-    if listed.returncode != 0:  # no driver, say
-        return []
-    return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip().startswith("GPU-")]
 
 
 class GpuPlacement:
     """Which GPU each new process of a GPU job sees: the one running the fewest processes now (the
-    first listed, on a tie). More processes than GPUs share them; none are held back."""
+    first listed, on a tie). More processes than GPUs share them; none are held back. ``gpus``: as
+    ``CUDA_VISIBLE_DEVICES`` names them; None: ``visible_gpus()``, found at the first ``take``."""
 
-    def __init__(self, gpus: Iterable[str]) -> None:
-        self.running: dict[str, int] = dict.fromkeys(gpus, 0)
+    def __init__(self, gpus: Iterable[str] | None = None) -> None:
+        self._gpus = None if gpus is None else list(gpus)
+        self._running: dict[str, int] | None = None
         self._lock = threading.Lock()
+
+    def _counts(self) -> dict[str, int]:
+        if self._running is None:
+            gpus = visible_gpus() if self._gpus is None else self._gpus
+            self._running = dict.fromkeys(gpus, 0)
+            if len(gpus) > 1:
+                print(
+                    f"local executor: GPU jobs are spread over {len(gpus)} GPUs: {', '.join(gpus)}",
+                    file=sys.stderr,
+                )
+        return self._running
+
+    @property
+    def running(self) -> dict[str, int]:
+        """How many processes each GPU runs, in the listed order."""
+        with self._lock:
+            return dict(self._counts())
 
     def take(self) -> str | None:
         """A GPU for a new process (None on a machine without GPUs)."""
         with self._lock:
-            if not self.running:
+            running = self._counts()
+            if not running:
                 return None
-            gpu = min(self.running, key=self.running.__getitem__)  # dicts keep the listed order
-            self.running[gpu] += 1
+            gpu = min(running, key=running.__getitem__)  # the first of the least busy: dicts keep order
+            running[gpu] += 1
             return gpu
 
     def give_back(self, gpus: Iterable[str]) -> None:
         with self._lock:
+            running = self._counts()
             for gpu in gpus:
-                self.running[gpu] -= 1
+                if running.get(gpu, 0) < 1:
+                    raise ValueError(f"GPU {gpu} given back but not taken")  # a bug: never silently
+                running[gpu] -= 1
 
 
 def last_json_line(path: str) -> dict | None:
@@ -230,60 +262,64 @@ class LocalExecutor(Executor):
             return [self.log_dir / f"{job.name}.log"]
         return [self.log_dir / f"{job.name}.{i}-of-{count}.log" for i in range(count)]
 
-    def _on_gpu(self, job: JobSpec, env: dict[str, str], placed: list[str]) -> dict[str, str]:
-        """``env`` for a new process of ``job``: seeing one GPU, added to ``placed``, for a GPU phase
-        on a machine with GPUs."""
+    def _on_gpu(self, job: JobSpec, env: dict[str, str], placed: dict[int, str]) -> dict[str, str]:
+        """``env`` for the next process of ``job``: seeing one GPU, noted in ``placed`` under the
+        process's index, for a GPU phase on a machine with GPUs."""
         gpu = self.gpus.take() if job.phase in self.gpu_phases else None
         if gpu is None:
             return env
-        placed.append(gpu)
+        placed[len(placed)] = gpu
         return {**env, "CUDA_VISIBLE_DEVICES": gpu}
 
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         count = self.processes(job, command)
         logs = self._log_paths(job, count)
-        gpus: list[str] = []  # given back when the job has ended (_ended)
-        try:
-            if count == 1:
-                process = self._start(command, logs[0], self._on_gpu(job, env, gpus), self.threads_per_job)
-                return JobHandle(job=job, ref=process, log=str(logs[0]), extra={"gpus": gpus})
-            # The job's share of the cores, split between its processes.
+        # Process index -> its GPU, given back as each process ends (_give_back_ended).
+        gpus: dict[int, str] = {}
+        processes: list[Process] = []
+        threads = self.threads_per_job
+        if count > 1:  # the job's share of the cores, split between its processes
             threads = str(max(1, int(self.threads_per_job) // count))
-            processes = [
-                self._start(
-                    image_process_command(command, count, i), log, self._on_gpu(job, env, gpus), threads
-                )
-                for i, log in enumerate(logs)
-            ]
+        try:
+            for i, log in enumerate(logs):
+                process_command = command if count == 1 else image_process_command(command, count, i)
+                processes.append(self._start(process_command, log, self._on_gpu(job, env, gpus), threads))
         except BaseException:
-            self.gpus.give_back(gpus)
+            # Neither a job half started nor a GPU counted for a process that is not watched.
+            for process in processes:
+                _kill(process)
+            self.gpus.give_back(gpus.values())
             raise
+        if count == 1:
+            return JobHandle(job=job, ref=processes[0], log=str(logs[0]), extra={"gpus": gpus})
         extra = {"logs": [str(p) for p in logs], "gpus": gpus}
         return JobHandle(job=job, ref=processes, log=str(logs[0]), extra=extra)
 
-    def _ended(self, handle: JobHandle, status: JobStatus) -> JobStatus:
-        """``status``, once the job's GPUs are given back if it has ended (once only)."""
-        if status.state in (JobState.SUCCEEDED, JobState.FAILED):
-            self.gpus.give_back(handle.extra.pop("gpus", []))
-        return status
+    def _give_back_ended(self, handle: JobHandle, codes: list[int | None]) -> None:
+        """The GPUs of the job's processes that have ended (``codes``: each one's exit status, None
+        while it runs), each given back once."""
+        gpus: dict[int, str] = handle.extra.get("gpus", {})
+        self.gpus.give_back([gpus.pop(i) for i, code in enumerate(codes) if code is not None and i in gpus])
 
     def poll(self, handle: JobHandle) -> JobStatus:
         if isinstance(handle.ref, list):
-            return self._ended(handle, self._poll_processes(handle))
+            return self._poll_processes(handle)
         process: Process = handle.ref
         code = process.poll()
+        self._give_back_ended(handle, [code])
         if code is None:
             return JobStatus(JobState.RUNNING)
         state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
         result = _lost_result(handle.job, handle.log) if _lost(process) else last_json_line(handle.log)
-        return self._ended(handle, JobStatus(state, code, result))
+        return JobStatus(state, code, result)
 
     def _poll_processes(self, handle: JobHandle) -> JobStatus:
         """The processes of an images job: running while any runs (a failed one's siblings finish and
         save their shards, for the rerun); failed if one failed (its log named), or if none of them
         committed the output nor found it committed; else the committing process's result."""
         codes = [process.poll() for process in handle.ref]
+        self._give_back_ended(handle, codes)  # a process that has ended frees its GPU for others
         if any(code is None for code in codes):
             return JobStatus(JobState.RUNNING)
         logs = handle.extra["logs"]
@@ -317,10 +353,8 @@ class LocalExecutor(Executor):
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.gpus.give_back(handle.extra.pop("gpus", []))
+                _kill(process)
+        self._give_back_ended(handle, [process.poll() for process in processes])
 
     def close(self) -> None:
         with self._server_lock:
@@ -337,6 +371,13 @@ class LocalExecutor(Executor):
             process = shlex.join(self._command(image_process_command(command, count, i)))
             lines.append(f"{job.id} [{i}/{count}]: {process}  > {log}")
         return "\n".join(lines)
+
+
+def _kill(process: Process) -> None:
+    """Kill a job's process group, and wait for the process."""
+    with contextlib.suppress(ProcessLookupError):  # ended in between
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _lost(process: Process) -> bool:

@@ -6,6 +6,7 @@ These check that the scripts run and report what they measured, never how fast a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,5 +173,6 @@ def test_the_fork_server_check_forks_jobs_that_compute_on_the_device(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ok"] is True and report["device"] == "cpu" and report["ready_s"] >= 0
     assert [job["exit"] for job in report["jobs"]] == [0, 0]
-    assert all(job["log"].strip().endswith(" cpu sees 0 GPUs") for job in report["jobs"])
-    assert [job["gpu"] for job in report["jobs"]] == [None, None]  # none to place a job on
+    # A CUDA build of torch counts the machine's GPUs even for a job on the CPU.
+    assert all(re.search(r" cpu sees \d+ GPUs$", job["log"].strip()) for job in report["jobs"])
+    assert [job["gpu"] for job in report["jobs"]] == [None, None]  # on the CPU: none placed

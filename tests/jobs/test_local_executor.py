@@ -182,7 +182,7 @@ def test_gpu_jobs_spread_over_the_gpus_and_give_them_back_when_they_end(tmp_path
     prompts = executor.submit(JOB, ["python", "-c", SEES], env)  # not a GPU phase
     # A job seeing another GPU than the server's environment names is still forked.
     assert all(isinstance(h.ref, ForkedProcess) == fork_server["fork_server"] for h in (first, second, third))
-    assert executor.gpus.running == {"0": 2, "1": 1}
+    assert list(executor.gpus.running.items()) == [("0", 2), ("1", 1)]
     go.touch()
     seen = [wait(executor, handle).result["gpus"] for handle in (first, second, third, prompts)]
     assert seen == ["0", "1", "0", None]
@@ -196,6 +196,7 @@ def test_gpu_jobs_spread_over_the_gpus_and_give_them_back_when_they_end(tmp_path
     running = executor.submit(TRAIN, ["python", "-c", SEES], env)
     executor.cancel(cancelled)
     assert executor.gpus.running == {"0": 0, "1": 1}
+    assert executor.poll(cancelled).state == JobState.FAILED and executor.gpus.running == {"0": 0, "1": 1}
     go.touch()
     assert wait(executor, running).result["gpus"] == "1"
     assert wait(executor, executor.submit(TRAIN, ["python", "-c", SEES], env)).result["gpus"] == "0"
@@ -214,9 +215,9 @@ def test_an_images_jobs_processes_each_see_a_gpu_of_their_own(tmp_path, fork_ser
     assert executor.gpus.running == {"3": 0, "5": 0}
 
 
-def test_the_machines_gpus_are_found_where_cuda_would_find_them(tmp_path, monkeypatch):
-    """CUDA_VISIBLE_DEVICES where set (up to a negative entry, where CUDA stops reading), else
-    nvidia-smi's list; none without it. The config's executor.gpus, when given, instead."""
+def test_the_machines_gpus_are_found_where_cuda_would_find_them(tmp_path, monkeypatch, capsys):
+    """CUDA_VISIBLE_DEVICES where set (up to a negative entry, where CUDA stops reading), else the
+    UUIDs nvidia-smi lists (CUDA's own numbering may differ from nvidia-smi's); none without it."""
     from jobs.executors.local import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8e3f,-1,4")
@@ -228,26 +229,63 @@ def test_the_machines_gpus_are_found_where_cuda_would_find_them(tmp_path, monkey
     fake.mkdir()
     monkeypatch.setenv("PATH", str(fake))
     assert visible_gpus() == []  # no nvidia-smi
-    (fake / "nvidia-smi").write_text('#!/bin/sh\n[ "$1" = --query-gpu=index ] && printf "0\\n1\\n"\n')
+    (fake / "nvidia-smi").write_text(
+        '#!/bin/sh\n[ "$1" = --query-gpu=uuid ] && printf "GPU-aa\\nGPU-bb\\n"\n'
+    )
     (fake / "nvidia-smi").chmod(0o755)
-    assert visible_gpus() == ["0", "1"]
-    assert LocalExecutor(tmp_path / "logs").gpus.running == {"0": 0, "1": 0}
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    assert visible_gpus() == ["GPU-aa", "GPU-bb"]
+    executor = LocalExecutor(tmp_path / "logs")
+    assert executor.gpus.running == {"GPU-aa": 0, "GPU-bb": 0}  # found when first asked
+    assert "GPU jobs are spread over 2 GPUs: GPU-aa, GPU-bb" in capsys.readouterr().err
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver' >&2; exit 9\n")
     assert visible_gpus() == []
+    assert "nvidia-smi could not list the GPUs (NVIDIA-SMI has failed: no driver)" in capsys.readouterr().err
 
 
-def test_the_configs_gpus_and_gpu_phases_reach_the_executor(tiny_config, tmp_path):
-    config = load_config(tiny_config(executor={"gpus": [1, 0]}))
+def test_the_configs_gpus_are_positions_among_the_gpus_the_controller_sees(
+    tiny_config, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # the controller is shown three GPUs
+    config = load_config(tiny_config(executor={"gpus": [2, 0]}))
     executor = make_executor(config, "local", str(tmp_path / "logs"))
-    assert executor.gpus.running == {"1": 0, "0": 0} and "prompts" not in executor.gpu_phases
+    assert list(executor.gpus.running) == ["7", "4"] and "prompts" not in executor.gpu_phases
     assert executor.gpu_phases == {"images", "train", "merge-search", "eval"}
+    assert make_executor(load_config(tiny_config()), "local", str(tmp_path)).gpus.running == {
+        "4": 0,
+        "6": 0,
+        "7": 0,
+    }
+    with pytest.raises(
+        ConfigError, match=r"executor.gpus: 3 is not a GPU of this machine, which shows 3 \(0: 4, "
+    ):
+        make_executor(load_config(tiny_config(executor={"gpus": [0, 3]})), "local", str(tmp_path))
+    # None placed: asked for, or with a device that names one GPU (a job pinned to cuda:1 must see it).
     config = load_config(tiny_config(executor={"gpus": []}, prompts={"backend": "transformers"}))
     executor = make_executor(config, "local", str(tmp_path / "logs"))
     assert executor.gpus.running == {} and "prompts" in executor.gpu_phases
-    with pytest.raises(
-        ConfigError, match=r"executor: gpus: expected distinct GPU indices \(>= 0\), got \[0, 0\]"
-    ):
+    assert make_executor(load_config(tiny_config(device="cuda:1")), "local", str(tmp_path)).gpus.running == {}
+    with pytest.raises(ConfigError, match=r"gpus: expected distinct GPU indices \(>= 0\), got \[0, 0\]"):
         load_config(tiny_config(executor={"gpus": [0, 0]}))
+
+
+def test_a_job_that_fails_to_start_leaves_no_process_running_and_no_gpu_taken(tmp_path, monkeypatch):
+    executor = LocalExecutor(tmp_path / "logs", images_jobs=3, gpus=["0", "1"])
+    started = []
+    real = executor._start
+
+    def second_fails(command, log, env, threads):
+        if started:
+            raise OSError("no more processes")
+        started.append(real(command, log, env, threads))
+        return started[-1]
+
+    monkeypatch.setattr(executor, "_start", second_fails)
+    with pytest.raises(OSError, match="no more processes"):
+        executor.submit(IMAGES, ["python", "-c", "import time; time.sleep(60)", "--config", "x"], {})
+    assert started[0].poll() is not None  # killed, not left running unwatched
+    assert executor.gpus.running == {"0": 0, "1": 0}
+    with pytest.raises(ValueError, match="GPU 0 given back but not taken"):
+        executor.gpus.give_back(["0"])
 
 
 # -- the fork server: when it refuses, or ends before its jobs do ------------------------------------
