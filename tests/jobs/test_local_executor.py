@@ -203,13 +203,20 @@ def test_gpu_jobs_spread_over_the_gpus_and_give_them_back_when_they_end(tmp_path
 
 
 def test_an_images_jobs_processes_each_see_a_gpu_of_their_own(tmp_path, fork_server):
+    """Each process on a GPU of its own, given back as that process ends (its siblings may run on)."""
     executor = LocalExecutor(tmp_path / "logs", images_jobs=2, gpus=["3", "5"], **fork_server)
+    go = tmp_path / "go"
     code = (
-        "import json, os, sys; a = sys.argv; i = int(a[a.index('--shard-index') + 1]); "
-        "gpus = os.environ['CUDA_VISIBLE_DEVICES']; "
+        "import json, os, pathlib, sys, time; a = sys.argv; i = int(a[a.index('--shard-index') + 1])\n"
+        "while i == 1 and not pathlib.Path(os.environ['GO']).exists(): time.sleep(0.02)\n"
+        "gpus = os.environ['CUDA_VISIBLE_DEVICES']\n"
         "print(json.dumps({'status': 'ran', 'gpus': gpus, 'committed': i == 1}))"
     )
-    handle = executor.submit(IMAGES, ["python", "-c", code, "--config", "x"], {})
+    handle = executor.submit(IMAGES, ["python", "-c", code, "--config", "x"], {"GO": str(go)})
+    handle.ref[0].wait()
+    assert executor.poll(handle).state == JobState.RUNNING
+    assert executor.gpus.running == {"3": 0, "5": 1}  # the first process's GPU is free again
+    go.touch()
     assert wait(executor, handle).result["gpus"] == "5"
     assert last_json_line(handle.extra["logs"][0])["gpus"] == "3"
     assert executor.gpus.running == {"3": 0, "5": 0}
