@@ -54,8 +54,8 @@ run() {  # run LIMIT_S NAME WORK_SUBDIR SCRIPT ARGS...: measurements sharing WOR
 # of layout copies around group norms); each line's `project_vae_decode_ms` is its decode alone,
 # so the two changes' shares of the difference can be told apart. Expected: ~415 s (with the
 # fork-server check) and ~275 s, with the machine's start about 780 of the session's 900 s.
-# `--vae-variants` (the eager decode in the contiguous layout, and compiled: about 40 s more) is
-# left out for time.
+# The plain one also times the eager decode in the contiguous layout (`--vae-contiguous`, a few
+# seconds): the other way to spare those copies.
 run 75 attention attention bench/attention.py --arch sd15 sdxl
 # Not a speed: whether jobs forked by the local executor's fork server can use CUDA (about 20 s).
 run 60 fork-server-cuda fork-server bench/fork_server_cuda.py
@@ -63,5 +63,5 @@ run 260 train-sd15-full train-sd15 bench/train_throughput.py --arch sd15 --compi
 run 270 train-sd15-full-graph train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check --cuda-graph
 run 170 train-sdxl-blocks train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --no-restart-check
 run 170 train-sdxl-blocks-graph train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 3 --images 32 --profile 2 --no-restart-check --cuda-graph
-run 170 generate-sd15-full generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1
+run 170 generate-sd15-full generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --vae-contiguous
 run 150 generate-sd15-full-graph-vae generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --cuda-graph --compile-vae
