@@ -192,9 +192,9 @@ class LocalExecutor(Executor):
         self._server: ForkServer | None = None
         self._server_environment: dict[str, str] = {}
         self._server_lock = threading.Lock()
-        # The GPUs jobs are placed on (None: this machine's, visible_gpus); none: jobs see what this
-        # process sees.
-        self.gpus = GpuPlacement(visible_gpus() if gpus is None else gpus)
+        # The GPUs jobs are placed on (None: this machine's, found at the first GPU job); none: jobs
+        # see what this process sees.
+        self.gpus = GpuPlacement(gpus)
         self.gpu_phases = frozenset(gpu_phases)
 
     def _command(self, command: list[str]) -> list[str]:
@@ -262,13 +262,15 @@ class LocalExecutor(Executor):
             return [self.log_dir / f"{job.name}.log"]
         return [self.log_dir / f"{job.name}.{i}-of-{count}.log" for i in range(count)]
 
-    def _on_gpu(self, job: JobSpec, env: dict[str, str], placed: dict[int, str]) -> dict[str, str]:
-        """``env`` for the next process of ``job``: seeing one GPU, noted in ``placed`` under the
-        process's index, for a GPU phase on a machine with GPUs."""
+    def _on_gpu(
+        self, job: JobSpec, env: dict[str, str], placed: dict[int, str], index: int
+    ) -> dict[str, str]:
+        """``env`` for process ``index`` of ``job``: seeing one GPU, noted in ``placed``, for a GPU
+        phase on a machine with GPUs."""
         gpu = self.gpus.take() if job.phase in self.gpu_phases else None
         if gpu is None:
             return env
-        placed[len(placed)] = gpu
+        placed[index] = gpu
         return {**env, "CUDA_VISIBLE_DEVICES": gpu}
 
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
@@ -284,7 +286,7 @@ class LocalExecutor(Executor):
         try:
             for i, log in enumerate(logs):
                 process_command = command if count == 1 else image_process_command(command, count, i)
-                processes.append(self._start(process_command, log, self._on_gpu(job, env, gpus), threads))
+                processes.append(self._start(process_command, log, self._on_gpu(job, env, gpus, i), threads))
         except BaseException:
             # Neither a job half started nor a GPU counted for a process that is not watched.
             for process in processes:

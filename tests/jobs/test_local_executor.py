@@ -236,12 +236,12 @@ def test_the_machines_gpus_are_found_where_cuda_would_find_them(tmp_path, monkey
     fake.mkdir()
     monkeypatch.setenv("PATH", str(fake))
     assert visible_gpus() == []  # no nvidia-smi
+    executor = LocalExecutor(tmp_path / "logs")  # looks for GPUs at its first GPU job, not before
     (fake / "nvidia-smi").write_text(
         '#!/bin/sh\n[ "$1" = --query-gpu=uuid ] && printf "GPU-aa\\nGPU-bb\\n"\n'
     )
     (fake / "nvidia-smi").chmod(0o755)
     assert visible_gpus() == ["GPU-aa", "GPU-bb"]
-    executor = LocalExecutor(tmp_path / "logs")
     assert executor.gpus.running == {"GPU-aa": 0, "GPU-bb": 0}  # found when first asked
     assert "GPU jobs are spread over 2 GPUs: GPU-aa, GPU-bb" in capsys.readouterr().err
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver' >&2; exit 9\n")
