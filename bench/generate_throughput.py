@@ -163,9 +163,9 @@ def project_recipe(args, device: str, work: Path) -> dict:
     from selma_core.phases.images import (
         ImagesConfig,
         choose_attention,
-        classifier_free_guidance,
         draw_images,
         prompt_seed,
+        replays_cuda_graph,
         torch_dtype,
     )
 
@@ -176,12 +176,11 @@ def project_recipe(args, device: str, work: Path) -> dict:
         width=args.resolution,
         batch_size=args.batch,
         attention=args.attention,
+        cuda_graph=args.cuda_graph,
     )
     pipe = load_pipeline(args.arch, device, torch_dtype(cfg.dtype, device), work / "models")
     mode = speed.resolve_compile(args.compile, pipe.unet, device)
-    # As the images phase decides (its _Drawer.cuda_graph): on CUDA, compiled whole, with guidance.
-    graph = args.cuda_graph and device.startswith("cuda") and mode == "full"
-    graph = graph and classifier_free_guidance(cfg, pipe)
+    graph = replays_cuda_graph(cfg, pipe, mode, device)  # as the images phase decides
     compiled = speed.prepare_for_inference(
         pipe, device, compile=mode, cache_dir=work, cuda_graph=graph, compile_vae=args.compile_vae
     )
@@ -205,7 +204,7 @@ def project_recipe(args, device: str, work: Path) -> dict:
     result["compiled_modules"] = compiled
     result["cuda_graph"] = graph
     result["cuda_graph_skips"] = speed.cuda_graph_skips()  # graphs run without one, though asked
-    result["vae_compiled"] = bool(args.compile_vae and compiled)
+    result["vae_compiled"] = speed.vae_compiled(pipe)
     result["dtype"] = str(torch_dtype(cfg.dtype, device)).removeprefix("torch.")
     return result
 

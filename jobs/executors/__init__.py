@@ -36,8 +36,7 @@ def make_executor(
     if kind == "local":
         from jobs.executors.local import GPU_PHASES, LocalExecutor
 
-        # An LLM in the prompts job itself wants a GPU; an API or a server elsewhere does not.
-        llm_here = {"prompts"} if cfg.prompts.backend == "transformers" else set()
+        llm_here = {"prompts"} if cfg.prompts.needs_gpu else set()
         return LocalExecutor(
             log_dir,
             cfg.executor.max_parallel,

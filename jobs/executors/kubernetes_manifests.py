@@ -176,8 +176,7 @@ def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[di
     requests = dict(container.get("resources", {}).get("requests", limits))
     override = cfg.executor.kubernetes.resources.get(phase, PodResources())
     gpus = int(limits.get(GPU, 0))
-    # An LLM in the job itself needs a GPU; an API or in-cluster server does not.
-    if phase == "prompts" and cfg.prompts.backend == "transformers":
+    if phase == "prompts" and cfg.prompts.needs_gpu:
         gpus = max(gpus, 1)
     if phase == "train":
         gpus = max(gpus, cfg.executor.kubernetes.train_gpus) if gpus else gpus

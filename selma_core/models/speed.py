@@ -141,6 +141,12 @@ def compile_unet(
     return count
 
 
+def vae_compiled(pipe) -> bool:
+    """Whether the pipeline's VAE decoder is compiled (``prepare_for_inference``'s ``compile_vae``)."""
+    vae = getattr(pipe, "vae", None)
+    return vae is not None and getattr(vae.decoder, "_compiled_call_impl", None) is not None
+
+
 def cuda_graph_skips() -> int:
     """Compiled graphs inductor ran without a CUDA graph in this process, though asked to (it logs
     why: an input on the CPU, a mutated input, ...): 0 when every graph replays as one."""

@@ -220,6 +220,27 @@ def classifier_free_guidance(cfg: SamplingConfig, pipe) -> bool:
     return guidance_scale(cfg, pipe) > 1 and getattr(unet_config, "time_cond_proj_dim", None) is None
 
 
+def cuda_graph_refusal(cfg: ImagesConfig, pipe, compile_mode: str) -> str | None:
+    """Why ``pipe``'s UNet, compiled as ``compile_mode`` says, cannot be replayed as a CUDA graph;
+    None when it can."""
+    if compile_mode != "full":
+        # By blocks, each block's call starts a new generation of CUDA graph trees, which frees the
+        # previous block's outputs while the UNet still holds them (speed's docstring).
+        return f"the whole UNet must be compiled, and compile resolved to {compile_mode}"
+    if not classifier_free_guidance(cfg, pipe):
+        # The pipeline then hands the UNet's output itself to the scheduler, and a multistep one
+        # (PNDM, DPM-Solver) keeps it for later steps, where the next replay overwrites it.
+        return "there is no classifier-free guidance (guidance_scale <= 1, or a guidance-distilled UNet)"
+    return None
+
+
+def replays_cuda_graph(cfg: ImagesConfig, pipe, compile_mode: str, device: str) -> bool:
+    """Whether the images phase replays ``pipe``'s compiled UNet as a CUDA graph: ``cfg.cuda_graph``
+    on CUDA, unless ``cuda_graph_refusal`` says why not."""
+    wanted = cfg.cuda_graph and device.startswith("cuda")
+    return wanted and cuda_graph_refusal(cfg, pipe, compile_mode) is None
+
+
 def draw_images(
     pipe, prompts: list[str], seeds: list[int], cfg: SamplingConfig, device: str, pad_to: int | None = None
 ) -> list:
@@ -343,26 +364,17 @@ class _Drawer:
         self.compile_cache = None  # speed.StoreCompileCache, when the UNet is compiled
         self.attention = "default"  # the attention kernel batches are drawn under (cfg.attention resolved)
         self.warmup_s: float | None = None  # the first batch's time: what compiling cost this job
-        self.vae_compiled = False  # cfg.compile_vae, where the UNet was compiled too
 
     @property
     def cuda_graph(self) -> bool:
-        """Whether the compiled UNet is replayed as a CUDA graph: ``cfg.cuda_graph`` on CUDA, unless
-        ``_cuda_graph_refusal`` says why not."""
-        wanted = self.cfg.cuda_graph and self.device.startswith("cuda")
-        return wanted and self._cuda_graph_refusal() is None
+        """Whether the compiled UNet is replayed as a CUDA graph (``replays_cuda_graph``)."""
+        return replays_cuda_graph(self.cfg, self.pipe, self.compile_mode, self.device)
 
-    def _cuda_graph_refusal(self) -> str | None:
-        """Why this generator cannot be replayed as a CUDA graph; None when it can."""
-        if self.compile_mode != "full":
-            # By blocks, each block's call starts a new generation of CUDA graph trees, which frees
-            # the previous block's outputs while the UNet still holds them (speed's docstring).
-            return f"the whole UNet must be compiled, and compile resolved to {self.compile_mode}"
-        if not classifier_free_guidance(self.cfg, self.pipe):
-            # The pipeline then hands the UNet's output itself to the scheduler, and a multistep one
-            # (PNDM, DPM-Solver) keeps it for later steps, where the next replay overwrites it.
-            return "there is no classifier-free guidance (guidance_scale <= 1, or a guidance-distilled UNet)"
-        return None
+    @property
+    def vae_compiled(self) -> bool:
+        from selma_core.models import speed
+
+        return self.pipe is not None and speed.vae_compiled(self.pipe)
 
     def _load(self) -> None:
         from selma_core.models import speed
@@ -388,7 +400,8 @@ class _Drawer:
             and unet is not None
             and not self.cuda_graph
         ):
-            print(f"warning: images.cuda_graph ignored: {self._cuda_graph_refusal()}", file=sys.stderr)
+            why = cuda_graph_refusal(self.cfg, self.pipe, self.compile_mode)
+            print(f"warning: images.cuda_graph ignored: {why}", file=sys.stderr)
         if unet is not None:  # transformer-based pipelines (SD3) have none
             compiled = speed.prepare_for_inference(
                 self.pipe,
@@ -399,8 +412,6 @@ class _Drawer:
                 cuda_graph=self.cuda_graph,
                 compile_vae=self.cfg.compile_vae,
             )
-            has_vae = getattr(self.pipe, "vae", None) is not None
-            self.vae_compiled = bool(self.cfg.compile_vae and compiled and has_vae)
             self.attention = self._choose_attention()
             if compiled and self.cfg.compile_cache:
                 self._load_compile_cache(dtype)

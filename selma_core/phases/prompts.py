@@ -97,6 +97,12 @@ class PromptsConfig:
     max_useless_requests: int = execution_only(10)
     seed: int = 0
 
+    @property
+    def needs_gpu(self) -> bool:
+        """Whether the prompts job wants a GPU: an LLM in the job itself does, an API or a server
+        elsewhere does not."""
+        return self.backend == "transformers"
+
     def __post_init__(self) -> None:
         if self.num_prompts is not None and self.num_prompts < 2:
             raise ValueError(

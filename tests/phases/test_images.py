@@ -612,13 +612,17 @@ def test_a_cuda_graph_is_replayed_only_for_a_whole_compiled_unet_on_cuda_with_gu
 
     assert drawer().cuda_graph and drawer(guidance_scale=1.5).cuda_graph
     assert not drawer(device="cpu").cuda_graph and not drawer(cuda_graph=False).cuda_graph
-    assert drawer(mode="blocks")._cuda_graph_refusal() == (
+
+    def refusal(drawer) -> str | None:
+        return images_phase.cuda_graph_refusal(drawer.cfg, drawer.pipe, drawer.compile_mode)
+
+    assert refusal(drawer(mode="blocks")) == (
         "the whole UNet must be compiled, and compile resolved to blocks"  # auto, for SDXL
     )
     assert not drawer(mode="blocks").cuda_graph and not drawer(mode="off").cuda_graph
     unguided = "there is no classifier-free guidance (guidance_scale <= 1, or a guidance-distilled UNet)"
     for refused in (drawer(guidance_scale=1.0), drawer(guidance_scale=0.0), drawer(time_cond_proj_dim=256)):
-        assert not refused.cuda_graph and refused._cuda_graph_refusal() == unguided
+        assert not refused.cuda_graph and refusal(refused) == unguided
     for compile in ("off", "blocks"):
         with pytest.raises(ValueError, match=f"cuda_graph: the whole UNet .*got compile: {compile} "):
             ImagesConfig(cuda_graph=True, compile=compile)
