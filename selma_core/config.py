@@ -209,11 +209,17 @@ class ExecutorConfig:
     # numbers them, or the first of CUDA_VISIBLE_DEVICES); []: none placed, each job sees what the
     # controller sees (so too with device naming one GPU, cuda:1).
     gpus: list[int] | None = None
+    # Local executor: GPUs one train job trains its expert on, data parallel (torchrun, one process
+    # a GPU; the same global batch as on one). The Kubernetes executor's is kubernetes.train_gpus.
+    # Without GPUs, that many CPU processes.
+    train_gpus: int = 1
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel: expected >= 1, got {self.max_parallel}")
+        if self.train_gpus < 1:
+            raise ValueError(f"train_gpus: expected >= 1, got {self.train_gpus}")
         gpus = self.gpus or []
         if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
             raise ValueError(f"gpus: expected distinct GPU indices (>= 0), got {self.gpus}")

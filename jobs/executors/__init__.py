@@ -37,6 +37,11 @@ def make_executor(
         from jobs.executors.local import GPU_PHASES, LocalExecutor
 
         llm_here = {"prompts"} if cfg.prompts.needs_gpu else set()
+        if cfg.executor.train_gpus > 1 and cfg.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(
+                f"executor.train_gpus: {cfg.executor.train_gpus} processes cannot all train on "
+                f"device {cfg.device}; set device: auto (or cuda), and executor.gpus to choose the GPUs"
+            )
         return LocalExecutor(
             log_dir,
             cfg.executor.max_parallel,
@@ -44,6 +49,7 @@ def make_executor(
             fork_server=cfg.executor.fork_server,
             gpus=_placed_gpus(cfg),
             gpu_phases=GPU_PHASES | llm_here,
+            train_gpus=cfg.executor.train_gpus,
         )
     if kind == "kubernetes":
         try:

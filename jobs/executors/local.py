@@ -12,6 +12,11 @@ On a machine with several GPUs, each process of a GPU phase (``GPU_PHASES``) see
 (``CUDA_VISIBLE_DEVICES``): the one running the fewest of this executor's processes
 (``GpuPlacement``), so that side-by-side jobs and an images job's processes spread over the GPUs
 instead of all drawing on the first.
+
+A train job with ``executor.train_gpus`` N > 1 trains its expert data-parallel on N GPUs, as a
+Kubernetes pod with ``train_gpus`` does: one process, ``jobs.run ... --nproc-per-node N``, which
+starts torchrun and its N ranks, shown the N least busy GPUs. On a machine without GPUs the N ranks
+train on the CPU (gloo).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from jobs.executors.fork_server import (
     ForkServer,
     ForkServerUnavailable,
 )
+from selma_core.errors import ConfigError
 from selma_core.plan import JobSpec
 
 # The phases whose jobs use a GPU where there is one (their Kubernetes Job templates ask for one);
@@ -126,15 +132,23 @@ class GpuPlacement:
         with self._lock:
             return dict(self._counts())
 
-    def take(self) -> str | None:
-        """A GPU for a new process (None on a machine without GPUs)."""
+    def take(self, count: int = 1) -> list[str]:
+        """``count`` distinct GPUs for a new process, the least busy (none on a machine without
+        GPUs). More than the machine has is a ``ConfigError``."""
         with self._lock:
             running = self._counts()
             if not running:
-                return None
-            gpu = min(running, key=running.__getitem__)  # the first of the least busy: dicts keep order
-            running[gpu] += 1
-            return gpu
+                return []
+            if count > len(running):
+                raise ConfigError(
+                    f"executor.train_gpus: {count}, but this machine shows {len(running)} GPU(s) "
+                    f"({', '.join(running)})"
+                )
+            # The least busy first, the first listed on a tie (sorted is stable; dicts keep order).
+            gpus = sorted(running, key=running.__getitem__)[:count]
+            for gpu in gpus:
+                running[gpu] += 1
+            return gpus
 
     def give_back(self, gpus: Iterable[str]) -> None:
         with self._lock:
@@ -177,6 +191,7 @@ class LocalExecutor(Executor):
         preload: bool = True,
         gpus: Iterable[str] | None = None,
         gpu_phases: Iterable[str] = GPU_PHASES,
+        train_gpus: int = 1,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.project_root = Path(project_root or Path(__file__).resolve().parents[2])
@@ -196,6 +211,8 @@ class LocalExecutor(Executor):
         # see what this process sees.
         self.gpus = GpuPlacement(gpus)
         self.gpu_phases = frozenset(gpu_phases)
+        # GPUs (torchrun processes) per train job: executor.train_gpus.
+        self.train_gpus = train_gpus
 
     def _command(self, command: list[str]) -> list[str]:
         # The job runs with this interpreter (the active virtual environment).
@@ -263,35 +280,48 @@ class LocalExecutor(Executor):
         return [self.log_dir / f"{job.name}.{i}-of-{count}.log" for i in range(count)]
 
     def _on_gpu(
-        self, job: JobSpec, env: dict[str, str], placed: dict[int, str], index: int
+        self, job: JobSpec, env: dict[str, str], placed: dict[int, list[str]], index: int
     ) -> dict[str, str]:
-        """``env`` for process ``index`` of ``job``: seeing one GPU, noted in ``placed``, for a GPU
-        phase on a machine with GPUs."""
-        gpu = self.gpus.take() if job.phase in self.gpu_phases else None
-        if gpu is None:
+        """``env`` for process ``index`` of ``job``: seeing its GPUs (one, or ``train_gpus`` for a
+        train job), noted in ``placed``, for a GPU phase on a machine with GPUs."""
+        count = self.train_gpus if job.phase == "train" else 1
+        gpus = self.gpus.take(count) if job.phase in self.gpu_phases else []
+        if not gpus:
             return env
-        placed[index] = gpu
-        return {**env, "CUDA_VISIBLE_DEVICES": gpu}
+        placed[index] = gpus
+        return {**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+
+    def _launched(self, job: JobSpec, command: list[str]) -> list[str]:
+        """``command``, for a train job with ``train_gpus`` > 1, launching its ranks itself."""
+        if (
+            job.phase != "train"
+            or self.train_gpus == 1
+            or any(a.startswith("--nproc-per-node") for a in command)
+        ):
+            return command
+        return [*command, f"--nproc-per-node={self.train_gpus}"]
 
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         count = self.processes(job, command)
         logs = self._log_paths(job, count)
-        # Process index -> its GPU, given back as each process ends (_give_back_ended).
-        gpus: dict[int, str] = {}
+        # Process index -> its GPUs, given back as each process ends (_give_back_ended).
+        gpus: dict[int, list[str]] = {}
         processes: list[Process] = []
         threads = self.threads_per_job
         if count > 1:  # the job's share of the cores, split between its processes
             threads = str(max(1, int(self.threads_per_job) // count))
         try:
             for i, log in enumerate(logs):
-                process_command = command if count == 1 else image_process_command(command, count, i)
+                process_command = (
+                    self._launched(job, command) if count == 1 else image_process_command(command, count, i)
+                )
                 processes.append(self._start(process_command, log, self._on_gpu(job, env, gpus, i), threads))
         except BaseException:
             # Neither a job half started nor a GPU counted for a process that is not watched.
             for process in processes:
                 _kill(process)
-            self.gpus.give_back(gpus.values())
+            self.gpus.give_back(gpu for placed in gpus.values() for gpu in placed)
             raise
         if count == 1:
             return JobHandle(job=job, ref=processes[0], log=str(logs[0]), extra={"gpus": gpus})
@@ -301,8 +331,9 @@ class LocalExecutor(Executor):
     def _give_back_ended(self, handle: JobHandle, codes: list[int | None]) -> None:
         """The GPUs of the job's processes that have ended (``codes``: each one's exit status, None
         while it runs), each given back once."""
-        gpus: dict[int, str] = handle.extra.get("gpus", {})
-        self.gpus.give_back([gpus.pop(i) for i, code in enumerate(codes) if code is not None and i in gpus])
+        gpus: dict[int, list[str]] = handle.extra.get("gpus", {})
+        ended = [i for i, code in enumerate(codes) if code is not None and i in gpus]
+        self.gpus.give_back([gpu for i in ended for gpu in gpus.pop(i)])
 
     def poll(self, handle: JobHandle) -> JobStatus:
         if isinstance(handle.ref, list):
@@ -367,7 +398,8 @@ class LocalExecutor(Executor):
     def describe(self, job: JobSpec, command: list[str]) -> str:
         count = self.processes(job, command)
         if count == 1:
-            return f"{job.id}: {shlex.join(self._command(command))}  > {self.log_dir / (job.name + '.log')}"
+            launched = self._command(self._launched(job, command))
+            return f"{job.id}: {shlex.join(launched)}  > {self.log_dir / (job.name + '.log')}"
         lines = []
         for i, log in enumerate(self._log_paths(job, count)):
             process = shlex.join(self._command(image_process_command(command, count, i)))

@@ -275,6 +275,64 @@ def test_the_configs_gpus_are_positions_among_the_gpus_the_controller_sees(
         load_config(tiny_config(executor={"gpus": [0, 0]}))
 
 
+# A stand-in for jobs.run that reports its flags and GPUs once $GO exists.
+LAUNCHED = (
+    "import json, os, pathlib, sys, time\n"
+    "while not pathlib.Path(os.environ['GO']).exists(): time.sleep(0.02)\n"
+    "gpus = os.environ.get('CUDA_VISIBLE_DEVICES')\n"
+    "print(json.dumps({'status': 'ran', 'argv': sys.argv[1:], 'gpus': gpus}))"
+)
+
+
+def test_a_train_job_with_train_gpus_launches_its_ranks_on_the_least_busy_gpus(tmp_path, monkeypatch):
+    """executor.train_gpus: the train job is one process that starts torchrun's ranks itself
+    (``--nproc-per-node``, as a Kubernetes pod does), shown that many GPUs; other phases see one."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    executor = LocalExecutor(tmp_path / "logs", max_parallel=2, gpus=["0", "1", "2"], train_gpus=2)
+    go = tmp_path / "go"
+    env = {"GO": str(go)}
+    command = ["python", "-c", LAUNCHED, "--phase", "train"]
+    evaluation = executor.submit(JobSpec("eval", None, "eval/x", ()), ["python", "-c", LAUNCHED], env)
+    train = executor.submit(TRAIN, command, env)
+    assert executor.gpus.running == {"0": 1, "1": 1, "2": 1}
+    assert "--nproc-per-node=2" in executor.describe(TRAIN, command)
+    go.touch()
+    assert wait(executor, evaluation).result["gpus"] == "0"
+    result = wait(executor, train).result
+    assert result["gpus"] == "1,2" and result["argv"] == ["--phase", "train", "--nproc-per-node=2"]
+    assert executor.gpus.running == {"0": 0, "1": 0, "2": 0}
+
+    # More GPUs than the machine has: a config error naming them, nothing started or taken.
+    greedy = LocalExecutor(tmp_path / "logs", gpus=["0", "1"], train_gpus=3)
+    with pytest.raises(
+        ConfigError, match=r"executor.train_gpus: 3, but this machine shows 2 GPU\(s\) \(0, 1\)"
+    ):
+        greedy.submit(TRAIN, command, env)
+    assert greedy.gpus.running == {"0": 0, "1": 0}
+    # No GPUs: the ranks train on the CPU.
+    cpu = LocalExecutor(tmp_path / "logs", gpus=[], train_gpus=2)
+    assert wait(cpu, cpu.submit(TRAIN, command, env)).result == {
+        "status": "ran",
+        "argv": ["--phase", "train", "--nproc-per-node=2"],
+        "gpus": None,
+    }
+
+
+def test_train_gpus_is_checked_against_the_device(tiny_config, tmp_path):
+    assert (
+        make_executor(load_config(tiny_config(executor={"train_gpus": 2})), "local", str(tmp_path)).train_gpus
+        == 2
+    )
+    with pytest.raises(
+        ConfigError, match="executor.train_gpus: 2 processes cannot all train on device cuda:1"
+    ):
+        make_executor(
+            load_config(tiny_config(device="cuda:1", executor={"train_gpus": 2})), "local", str(tmp_path)
+        )
+    with pytest.raises(ConfigError, match="train_gpus: expected >= 1, got 0"):
+        load_config(tiny_config(executor={"train_gpus": 0}))
+
+
 def test_a_job_that_fails_to_start_leaves_no_process_running_and_no_gpu_taken(tmp_path, monkeypatch):
     executor = LocalExecutor(tmp_path / "logs", images_jobs=3, gpus=["0", "1"])
     started = []
