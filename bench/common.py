@@ -12,7 +12,9 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         help="after the timed ones, N more of the project's steps under torch.profiler: where their "
         "time goes, kernel by kernel, in the JSON and in a table beside it (default: 0, none)",
     )
+    parser.add_argument(
+        "--no-restart-check",
+        action="store_true",
+        help="with --compile, skip the restart measurement (a new process loading the compiled kernels "
+        "from the store into an empty inductor cache, as a job on a fresh node does)",
+    )
+    parser.add_argument(
+        "--restart-timeout", type=float, default=300, help="seconds for the compiled restart (default: 300)"
+    )
 
 
 def apply_defaults(args: argparse.Namespace, device: str) -> None:
@@ -288,6 +299,48 @@ def report(record: dict, project: dict | None, reference: dict | None, out: str 
         record["speedup"] = ratio(project["img_per_s"], reference["img_per_s"])
     emit(record, out)
     return record
+
+
+def report_with_restart(
+    record: dict,
+    project: dict | None,
+    reference: dict | None,
+    args: argparse.Namespace,
+    script: str,
+    restart_flags: list[str],
+) -> dict:
+    """``report``, and when the project compiled (and not ``--no-restart-check``) again with the
+    restart measured: ``script`` (the benchmark's own) run anew on the same work folder with
+    ``restart_flags`` (the project alone, briefly) and an empty inductor cache, loading the compiled
+    kernels from the store. ``compile_restart_warmup_s`` is its warm-up."""
+    if not (project and project["compile_mode"] != "off" and not args.no_restart_check):
+        return report(record, project, reference, args.out)
+    # Printed before the restart is measured too: a time limit hit there loses nothing measured.
+    report(record, project, reference, args.out)
+    work = Path(args.work_dir)
+    fresh = Path(tempfile.mkdtemp(prefix="inductor-fresh-", dir=work))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(fresh), "TRITON_CACHE_DIR": str(fresh / "triton")}
+    env.pop("OUT", None)
+    common = ["--only", "project", "--arch", args.arch, "--batch", str(args.batch), "--compile", args.compile]
+    common += ["--attention", args.attention, "--device", args.device, "--work-dir", str(work)]
+    command = [sys.executable, script, *common, *restart_flags, "--no-restart-check"]
+    try:
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, check=False, timeout=args.restart_timeout
+        )
+        if done.returncode != 0:
+            error = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        else:
+            restarted = json.loads(done.stdout.strip().splitlines()[-1])
+            record["compile_restart_warmup_s"] = restarted["project_warmup_s"]
+            record["compile_restart_cache_load_s"] = restarted.get("project_compile_cache_load_s")
+            record["compile_restart_cache_loaded"] = restarted["project_compile_cache_loaded"]
+            error = None
+    except subprocess.TimeoutExpired:
+        error = [f"the restart took over {args.restart_timeout} s"]
+    if error is not None:
+        record["compile_restart_error"] = error
+    return report(record, project, reference, args.out)
 
 
 def run_recipes(only: str, device: str, reference, project) -> tuple[dict | None, dict | None]:

@@ -27,10 +27,7 @@ $OUT/train_throughput.jsonl when $OUT is set).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +42,7 @@ from common import (
     load_pipeline,
     native_resolution,
     peak_gib,
-    report,
+    report_with_restart,
     reset_peak,
     resolve_device,
     run_recipes,
@@ -63,15 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default: 20 on a GPU, 6 on CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, at least 1 (default: 3)")
     parser.add_argument(
-        "--restart-timeout", type=float, default=300, help="seconds for the compiled restart (default: 300)"
-    )
-    parser.add_argument(
         "--rank", type=int, help="LoRA rank = alpha (default: 128, SELMA's; 8 for tiny models)"
     )
     parser.add_argument("--images", type=int, default=64, help="synthetic dataset size (default: 64)")
-    parser.add_argument(
-        "--no-restart-check", action="store_true", help="skip the restart-from-cache measurement"
-    )
     parser.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -196,7 +187,7 @@ def reference_recipe(args, device: str, work: Path, dataset) -> dict:
 def _pixels(dataset, resolution: int):
     from selma_core.phases.train import _decode_images
 
-    _, pixels_u8 = _decode_images(dataset, resolution)
+    pixels_u8 = _decode_images(dataset, resolution).pixels
     return pixels_u8.float().div(127.5).sub(1.0)
 
 
@@ -285,63 +276,11 @@ def project_recipe(args, device: str, work: Path, dataset) -> dict:
     }
 
 
-def restart_from_store(args, work: Path) -> dict:
-    """The project's warm-up when a job restarts on a fresh node: a new process, an empty inductor
-    cache directory, the compiled artifacts from the store."""
-    fresh = Path(tempfile.mkdtemp(prefix="inductor-fresh-", dir=work))
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(fresh), "TRITON_CACHE_DIR": str(fresh / "triton")}
-    env.pop("OUT", None)
-    command = [
-        sys.executable,
-        __file__,
-        "--only",
-        "project",
-        "--arch",
-        args.arch,
-        "--batch",
-        str(args.batch),
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--rank",
-        str(args.rank),
-        "--images",
-        str(args.images),
-        "--compile",
-        args.compile,
-        "--attention",
-        args.attention,
-        "--device",
-        args.device,
-        "--work-dir",
-        str(work),
-        "--no-restart-check",
-    ]
-    if args.resolution:
-        command += ["--resolution", str(args.resolution)]
-    if args.cuda_graph:
-        command.append("--cuda-graph")
-    try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, check=False, timeout=args.restart_timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": [f"the restart took over {args.restart_timeout} s"]}
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
-    record = json.loads(done.stdout.strip().splitlines()[-1])
-    return {
-        "warmup_s": record["project_warmup_s"],
-        "cache_load_s": record.get("project_compile_cache_load_s"),
-        "cache_loaded": record["project_compile_cache_loaded"],
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="selma-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
+    args.work_dir = str(work)  # the restart's too
     # Inductor's caches for this run: cold unless --work-dir is reused.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     import torch
@@ -373,17 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: reference_recipe(args, device, work, dataset),
         lambda: project_recipe(args, device, work, dataset),
     )
-    if not (project and project["compile_mode"] != "off" and not args.no_restart_check):
-        return report(record, project, reference, args.out)
-    # Printed before the restart is measured too: a time limit hit there loses nothing measured.
-    report(record, project, reference, args.out)
-    restart = restart_from_store(args, work)
-    record["compile_restart_warmup_s"] = restart.get("warmup_s")
-    record["compile_restart_cache_load_s"] = restart.get("cache_load_s")
-    record["compile_restart_cache_loaded"] = restart.get("cache_loaded")
-    if "error" in restart:
-        record["compile_restart_error"] = restart["error"]
-    return report(record, project, reference, args.out)
+    restart = ["--steps", "2", "--warmup", "1", "--rank", str(args.rank), "--images", str(args.images)]
+    restart += ["--resolution", str(resolution)] + ["--cuda-graph"] * args.cuda_graph
+    return report_with_restart(record, project, reference, args, __file__, restart)
 
 
 if __name__ == "__main__":

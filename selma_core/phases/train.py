@@ -2,8 +2,8 @@
 
 Recipe, one skill per job:
 1. Read the skill's committed images (a WebDataset-layout tar) and decode them to ``resolution``
-   (default: the model's native size), centre-cropped; ``random_flip`` is off by default because it
-   turns "left of" into "right of".
+   (default: SELMA's, 512 px for SD 1.x/2.x, 1024 for SDXL), centre-cropped; ``random_flip`` is
+   off by default because it turns "left of" into "right of".
 2. Load the base model; freeze the VAE, text encoder(s) and UNet; add a peft LoRA (``rank``,
    ``alpha``, Gaussian init) on ``target_modules`` of the UNet's attention (SELMA: to_q, to_k, to_v,
    to_out.0). Only the LoRA factors train.
@@ -18,19 +18,23 @@ Recipe, one skill per job:
 Several processes (data parallel): ``torchrun --nproc-per-node=N -m jobs.run --phase train ...``
 (and ``--nnodes``/``--node-rank`` across nodes) trains one expert on W = N x nodes processes, one GPU
 each. The global batch does not depend on W: a step is always ``gradient_accumulation``
-micro-batches of ``batch_size`` images; process r computes the micro-batches m with m % W == r and
-the gradients are summed over all processes (one all-reduce per step) before clipping and the
-AdamW step, so every process applies the same update to the same weights, the update one process
-would apply. That needs every process to draw the same random numbers in the same order: all of a
-micro-batch's draws (image indices, flip mask, the VAE posterior's sample, the diffusion noise,
-the timesteps) come from one generator seeded with ``seed``, in that order, and a process draws
-(and discards) the numbers of the micro-batches it does not compute. The VAE posterior is sampled
-explicitly as ``mean + std * randn`` (the same draw, dtype and math as diffusers'
-``latent_dist.sample(generator)``), so one process gives bit for bit what it gave before; with W
-processes only the summation order of gradients and losses changes (float rounding). Any
-``gradient_accumulation`` works; when it is not a multiple of W some processes idle part of each
-step (a process with no micro-batch adds zeros), so choose a multiple of W for the speed-up. The
-logged loss is the global one. Rank 0 alone commits the adapter and tracks the run (``jobs.run``).
+micro-batches of ``batch_size`` images. Each micro-batch is cut into P equal parts, P = W /
+gcd(``gradient_accumulation``, W) (``micro_batch_parts``: 1 when W divides the accumulation, 2 for
+SELMA's 16 x 4 on 8 GPUs, so that each process computes 8 images a step). Process r computes the
+parts j (numbered micro-batch by micro-batch) with j % W == r, each part's loss weighted by its
+share of the step, and the gradients are summed over all processes (one all-reduce per step)
+before clipping and the AdamW step, so every process applies the same update to the same weights,
+the update one process would apply. That needs every process to draw the same random numbers in
+the same order: all of a micro-batch's draws (image indices, flip mask, the VAE posterior's
+sample, the diffusion noise, the timesteps) come from one generator seeded with ``seed``, in that
+order, and a process draws (and discards) the numbers of the parts it does not compute. The VAE
+posterior is sampled explicitly as ``mean + std * randn`` (the same draw, dtype and math as
+diffusers' ``latent_dist.sample(generator)``), so one process gives bit for bit what it gave
+before; with W processes only float rounding changes (how losses and gradients are summed). Any
+``gradient_accumulation`` works; where ``batch_size`` cannot be cut into P parts (16 images on 3
+or 6 processes with an accumulation of 4), micro-batches stay whole and some processes idle part
+of each step (a process with nothing to compute adds zeros): the job warns. The logged loss is
+the global one. Rank 0 alone commits the adapter and tracks the run (``jobs.run``).
 
 Encoder outputs (``train.cache_latents``, on by default; ``selma_core.latent_cache``): the frozen VAE
 and text encoder(s) run once per dataset, before the first step, each image and prompt alone (a batch
@@ -66,7 +70,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
@@ -81,6 +85,29 @@ CHECKPOINT_FORMAT = 1
 # 64 images an update for SD 1.x/2.x at 512 px, 32 for SDXL at 1024 px, whose micro-batch of 4
 # holds as many latent pixels as one of 16 at 512.
 SELMA_BATCHES = {False: (16, 4), True: (4, 8)}
+# SELMA's training resolution for SD 1.x and 2.x (SD 2.1 included, native 768: 16 images at 768 px
+# hold 2.25 times the pixels of its recipe's batch); SDXL trains at its native 1024.
+SELMA_SD_RESOLUTION = 512
+
+
+def micro_batch_parts(batch_size: int, accumulation: int, world_size: int) -> int:
+    """Into how many equal parts each micro-batch is cut so that each of ``world_size`` processes
+    computes the same share of every step: ``world_size / gcd(accumulation, world_size)``, or 1
+    (whole micro-batches, some processes idle part of each step) where ``batch_size`` does not
+    divide by it."""
+    parts = world_size // math.gcd(accumulation, world_size)
+    return parts if batch_size % parts == 0 else 1
+
+
+def part_of_draws(draws: tuple, part: int, parts: int) -> tuple:
+    """Part ``part`` of ``parts`` of one micro-batch's random draws (``ExpertTrainer._draw``): its
+    rows, in order."""
+    if parts == 1:
+        return draws
+    idx, flip, posterior, noise, timesteps = draws
+    size = len(idx) // parts
+    rows = slice(part * size, (part + 1) * size)
+    return idx[rows], None if flip is None else flip[rows], posterior[rows], noise[rows], timesteps[rows]
 
 
 @dataclass
@@ -99,7 +126,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    # Training resolution in pixels; None: the model's native size.
+    # Training resolution in pixels; None: SELMA's, 512 for SD 1.x/2.x, SDXL's native 1024.
     resolution: int | None = None
     random_flip: bool = False
     # SDXL's own VAE overflows in float16: with mixed_precision fp16 it encodes in float32, unless an
@@ -224,9 +251,35 @@ def _weight_dtype(cfg: TrainConfig, device: str):
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
 
 
-def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int, max_bad_share: float = 0.0):
-    """(the dataset's usable samples, their uint8 tensor (N, 3, R, R)): each image resized so its
-    short side is R, centre-cropped.
+class ImageCrop(NamedTuple):
+    """Where a training image's pixels come from (SDXL's size and crop conditioning): its size before
+    resizing, and the top-left corner of its centre crop in the resized image, as it is and mirrored
+    (``random_flip``: the same crop seen from the other side)."""
+
+    original_height: int
+    original_width: int
+    top: int
+    left: int
+    left_mirrored: int
+
+    def sdxl_time_ids(self, resolution: int, flipped: bool = False) -> list[int]:
+        """SDXL's micro-conditioning, as diffusers' SDXL training computes it: (original size, crop
+        top-left, target size), each (height, width)."""
+        left = self.left_mirrored if flipped else self.left
+        return [self.original_height, self.original_width, self.top, left, resolution, resolution]
+
+
+class DecodedImages(NamedTuple):
+    samples: list  # the usable (meta, bytes) samples
+    pixels: object  # their uint8 tensor (N, 3, R, R)
+    crops: list[ImageCrop]
+
+
+def _decode_images(
+    dataset: list[tuple[dict, bytes]], resolution: int, max_bad_share: float = 0.0
+) -> DecodedImages:
+    """The dataset's usable samples and their pixels: each image resized so its short side is R,
+    centre-cropped; where each crop came from (``ImageCrop``).
 
     An image that cannot be decoded (or is too small, too large, a decompression bomb) is skipped and
     reported; when more than ``max_bad_share`` of the dataset is skipped the job fails with an
@@ -236,7 +289,7 @@ def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int, max_bad_s
     import torch
     from PIL import Image
 
-    arrays, kept, bad = [], [], []
+    arrays, kept, bad, crops = [], [], [], []
     for sample in dataset:
         meta, jpeg = sample
         try:
@@ -247,8 +300,10 @@ def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int, max_bad_s
             continue
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        original = image.height, image.width
         image = image.resize(size, Image.BICUBIC)
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        crops.append(ImageCrop(*original, top, left, image.width - resolution - left))
         image = image.crop((left, top, left + resolution, top + resolution))
         arrays.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
         kept.append(sample)
@@ -261,7 +316,7 @@ def _decode_images(dataset: list[tuple[dict, bytes]], resolution: int, max_bad_s
                 f"({max_bad_share:.1%}): {listed}"
             )
         print(f"train: skipped {len(bad)} of {len(dataset)} image(s): {listed}", file=sys.stderr)
-    return kept, torch.from_numpy(np.stack(arrays))
+    return DecodedImages(kept, torch.from_numpy(np.stack(arrays)), crops)
 
 
 class ExpertTrainer:
@@ -309,7 +364,7 @@ class ExpertTrainer:
         # fp16 gradients of a mean-squared loss over a whole batch underflow without a loss scale.
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.dtype == torch.float16)
         self.steps_skipped = 0  # fp16 steps whose gradients overflowed (the scaler skipped them)
-        self._time_ids_on_device: dict = {}
+        self._time_ids: dict = {}  # SDXL: by orientation, every image's time ids on the device
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.learning_rate,
@@ -336,6 +391,9 @@ class ExpertTrainer:
         self.cuda_graph_state = "off"
         self.graph_backend = None
         self._forward_backward_call = self._forward_backward
+        self._parts = 1  # parts_per_micro_batch(), set for each training
+        # What training is doing ("encoding", "training", "validation"): out-of-memory advice for it.
+        self._doing = "training"
 
     def choose_attention(self, store=None):
         """The attention kernel training runs under: ``cfg.attention`` resolved, measured at most once
@@ -348,14 +406,14 @@ class ExpertTrainer:
             # Rank 0 resolves (and measures, and stores); the others take its kernel: every process
             # must run, and compile, the same one. A collective: every process calls this.
             rank, world_size = distributed.rank_and_size()
-            side = (self.cfg.resolution or self.native_resolution()) // self.pipe.vae_scale_factor
+            side = self.training_resolution() // self.pipe.vae_scale_factor
             choice = None
             if rank == 0:
                 choice = resolve_attention(
                     self.cfg.attention,
                     self.pipe.unet,
                     self.device,
-                    batch=self.cfg.batch_size,
+                    batch=self.rows_per_part(),
                     size=(side, side),
                     text_len=self.pipe.tokenizer.model_max_length,
                     backward=True,
@@ -381,6 +439,14 @@ class ExpertTrainer:
 
     def native_resolution(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def training_resolution(self) -> int:
+        """``cfg.resolution``, or SELMA's: 512 px for SD 1.x/2.x (SD 2.1's native 768 too), SDXL's
+        native 1024 (a smaller random test model: its own)."""
+        if self.cfg.resolution is not None:
+            return self.cfg.resolution
+        native = self.native_resolution()
+        return native if self.sdxl else min(native, SELMA_SD_RESOLUTION)
 
     def _encode_text(self, text: str) -> dict:
         """One prompt's text-encoder outputs, encoded alone (a batch of one): ``prompt_embeds`` and,
@@ -411,26 +477,33 @@ class ExpertTrainer:
             params = params.to(self.dtype)
         return params.contiguous()
 
-    @staticmethod
-    def _time_ids(resolution: int) -> list[int]:
-        # SDXL's micro-conditioning: (original size, crop top-left, target size).
-        return [resolution, resolution, 0, 0, resolution, resolution]
+    def _place_time_ids(self, crops: list[ImageCrop], resolution: int) -> None:
+        """SDXL: every image's time ids (``ImageCrop.sdxl_time_ids``), as it is and mirrored, on the
+        device once; each micro-batch gathers its rows there (a copy from ordinary host memory
+        would wait for the GPU every time)."""
+        import torch
 
-    def _conditioning(self, text: dict, resolution: int) -> tuple:
+        self._time_ids = {
+            flipped: torch.tensor([crop.sdxl_time_ids(resolution, flipped) for crop in crops]).to(self.device)
+            for flipped in (False, True)
+        }
+
+    def _conditioning(self, text: dict, idx, flip) -> tuple:
+        """The UNet's text conditioning for the images ``idx`` (flipped where ``flip``): the prompts'
+        hidden states and, for SDXL, the pooled embedding and each image's own time ids."""
         import torch
 
         prompt_embeds = text["prompt_embeds"]
         if not self.sdxl:
             return prompt_embeds, None
-        # The same every micro-batch: made on the device once (a copy from ordinary host memory
-        # would wait for the GPU each time).
-        shape = (resolution, len(prompt_embeds), prompt_embeds.dtype)
-        if shape not in self._time_ids_on_device:
-            time_ids = torch.tensor([self._time_ids(resolution)] * len(prompt_embeds))
-            self._time_ids_on_device[shape] = time_ids.to(self.device, prompt_embeds.dtype)
+        rows = self._upload(idx, self.device)
+        time_ids = self._time_ids[False][rows]
+        if flip is not None:
+            mirrored = self._time_ids[True][rows]
+            time_ids = torch.where(self._upload(flip, self.device).view(-1, 1), mirrored, time_ids)
         return prompt_embeds, {
             "text_embeds": text["pooled_prompt_embeds"],
-            "time_ids": self._time_ids_on_device[shape],
+            "time_ids": time_ids.to(prompt_embeds.dtype),
         }
 
     def _encode_dataset(self, dataset, pixels_u8, texts: list[str], resolution: int, latent_cache=None):
@@ -465,7 +538,9 @@ class ExpertTrainer:
         if latent_cache is not None:
             self.latent_cache_use = "hit" if cached and not missing else "computed"
             if self.latent_cache_use == "computed":
-                extra = {"sdxl_time_ids": self._time_ids(resolution)} if self.sdxl else {}
+                extra = {}
+                if self.sdxl:  # for whoever reads the entry: which crop each image's latents are of
+                    extra["sdxl_time_ids"] = dict(zip(ids, self._time_ids[False].tolist(), strict=True))
                 latent_cache.save(spec, encoded, extra)
         return encoded
 
@@ -516,9 +591,22 @@ class ExpertTrainer:
             "channels_last": self.channels_last,
             "autocast": type(self._autocast()).__name__,
             "attention": self.choose_attention().backend,
-            "batch": cfg.batch_size,
-            "resolution": cfg.resolution or self.native_resolution(),
+            "batch": self.rows_per_part(),
+            "resolution": self.training_resolution(),
         }
+
+    def parts_per_micro_batch(self) -> int:
+        """Into how many parts each micro-batch is cut between this job's processes
+        (``micro_batch_parts``)."""
+        from selma_core import distributed
+
+        _, world_size = distributed.rank_and_size()
+        return micro_batch_parts(self.cfg.batch_size, self.cfg.gradient_accumulation, world_size)
+
+    def rows_per_part(self) -> int:
+        """Images per UNet call in this process: ``batch_size``, or its share when micro-batches are
+        cut between processes."""
+        return self.cfg.batch_size // self.parts_per_micro_batch()
 
     def _check_encoded(self, encoded, n_images: int, resolution: int) -> str | None:
         """Why cached tensors cannot be this model's (None: they can)."""
@@ -604,7 +692,7 @@ class ExpertTrainer:
         with torch.no_grad():
             sample = latent_dist.mean + latent_dist.std * self._upload(posterior, self.device).float()
             latents = sample * self.pipe.vae.config.scaling_factor
-        hidden, added = self._conditioning(text, resolution)
+        hidden, added = self._conditioning(text, idx, flip)
         noise = self._upload(noise, self.device).float()
         timesteps = self._upload(timesteps, self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.dtype)
@@ -628,7 +716,9 @@ class ExpertTrainer:
             pred = self.pipe.unet(
                 noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=conditioning
             ).sample
-        loss = F.mse_loss(pred.float(), target) / self.cfg.gradient_accumulation
+        # The part's mean weighted by its share of the step: summed over every part of every
+        # micro-batch, the step's mean loss (and its gradient) whatever the number of processes.
+        loss = F.mse_loss(pred.float(), target) / (self.cfg.gradient_accumulation * self._parts)
         self.scaler.scale(loss).backward()  # unscaled unless fp16
         return loss.detach().double()
 
@@ -747,13 +837,20 @@ class ExpertTrainer:
         step is done (with ``compile``: how long compiling took); ``on_step(step)`` after every
         step, without waiting for the device (its work may still be queued).
         """
+        import torch
+
         from selma_core.models.attention import sdpa_backend
         from selma_core.models.cuda_graph import CudaGraphError, GraphedCall
 
         args = (dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step)
+        self._doing = "encoding"
         try:
             with sdpa_backend(self.choose_attention().backend):
                 return self._train(*args)
+        except torch.OutOfMemoryError as e:
+            # Not retried (exit 2): the same settings run out of memory again.
+            resolution = self.training_resolution()
+            raise ConfigError(self._out_of_memory_message(resolution, e)) from e
         except CudaGraphError as e:
             raise ConfigError(f"train.cuda_graph: {e}. Set train.cuda_graph: false to train without") from e
         finally:
@@ -773,15 +870,20 @@ class ExpertTrainer:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v")
         rank, world_size = distributed.rank_and_size()
-        if world_size > 1 and cfg.gradient_accumulation % world_size:
+        self._parts = parts = self.parts_per_micro_batch()
+        if (cfg.gradient_accumulation * parts) % world_size:
             print(
-                f"train: gradient_accumulation {cfg.gradient_accumulation} is not a multiple of the "
-                f"{world_size} processes; some processes idle part of every step",
+                f"train: {cfg.gradient_accumulation} micro-batches of {cfg.batch_size} images cannot be "
+                f"shared evenly by {world_size} processes; some processes idle part of every step. "
+                f"Choose a gradient_accumulation that {world_size} divides, or a batch_size that "
+                f"{world_size // math.gcd(cfg.gradient_accumulation, world_size)} divides",
                 file=sys.stderr,
             )
-        resolution = cfg.resolution or self.native_resolution()
-        usable, pixels_u8 = _decode_images(dataset, resolution, cfg.max_bad_image_share)
+        resolution = self.training_resolution()
+        usable, pixels_u8, crops = _decode_images(dataset, resolution, cfg.max_bad_image_share)
         self.images_skipped = len(dataset) - len(usable)
+        if self.sdxl:
+            self._place_time_ids(crops, resolution)
         dataset = usable
         texts = [meta["prompt"] for meta, _ in dataset]
         side = resolution // self.pipe.vae_scale_factor
@@ -791,6 +893,10 @@ class ExpertTrainer:
         if cfg.cache_latents:
             encoded = self._encode_dataset(dataset, pixels_u8, texts, resolution, latent_cache)
             self._place_encoded(encoded)
+            # Micro-batches read the encoded tensors alone: the pixels (SDXL: 3 MB an image, in every
+            # process) go.
+            pixels_u8 = None
+        self._doing = "training"
         generator = torch.Generator().manual_seed(cfg.seed)
         history: list[tuple[int, float]] = []
         self.resumed_from_step, self.resumed_elapsed_s = 0, 0.0
@@ -836,13 +942,12 @@ class ExpertTrainer:
             total=cfg.steps,
         ):
             local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-            try:
-                for micro in range(cfg.gradient_accumulation):
-                    draws = self._draw(generator, len(dataset), latent_shape)
-                    if micro % world_size == rank:
-                        local_loss += self._micro_batch(draws, pixels_u8, texts, resolution, encoded)
-            except torch.OutOfMemoryError as e:
-                raise ConfigError(self._out_of_memory_message(resolution, e)) from e
+            for micro in range(cfg.gradient_accumulation):
+                draws = self._draw(generator, len(dataset), latent_shape)
+                for part in range(parts):
+                    if (micro * parts + part) % world_size == rank:
+                        share = part_of_draws(draws, part, parts)
+                        local_loss += self._micro_batch(share, pixels_u8, texts, resolution, encoded)
             # The step's global batch: gradients and loss summed over every process's micro-batches.
             distributed.all_reduce_gradients(self.params)
             self.scaler.unscale_(self.optimizer)  # clipping and the norm see the true gradients
@@ -886,7 +991,9 @@ class ExpertTrainer:
                 last_checkpoint = step
             if on_validate and rank == 0 and cfg.validation_every and step % cfg.validation_every == 0:
                 unet.eval()
+                self._doing = "validation"
                 on_validate(step)
+                self._doing = "training"
                 unet.train()
             if on_step and rank == 0:
                 on_step(step)
@@ -964,13 +1071,30 @@ class ExpertTrainer:
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
                 raise ConfigError(
                     f"{what} at step {at}; training stopped, {kept}. Lower "
-                    f"train.learning_rate ({self.cfg.learning_rate}) or use mixed_precision: no"
+                    f"train.learning_rate ({self.cfg.learning_rate}) or use mixed_precision: no (a new "
+                    "expert, trained from step 0)"
                 )
             settled[at] = (loss, norm)
         return settled
 
     def _out_of_memory_message(self, resolution: int, error: Exception) -> str:
+        """What ran out of GPU memory, and what to change: advice for what training was doing."""
         cfg = self.cfg
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self._doing == "encoding":
+            hints = [f"train at a lower train.resolution (now {resolution} px)"]
+            if self.sdxl and cfg.vae_model is None:
+                hints.insert(0, "name an fp16-safe VAE in train.vae_model (madebyollin/sdxl-vae-fp16-fix)")
+            return (
+                f"CUDA out of memory encoding the dataset's images and prompts ({resolution} px, one "
+                f"at a time, {dtype}): " + "; or ".join(hints) + f". ({error})"
+            )
+        if self._doing == "validation":
+            return (
+                f"CUDA out of memory drawing {cfg.validation_prompts} validation image(s) at "
+                f"{resolution} px: lower train.validation_prompts or set train.validation_every: null "
+                f"(no validation images). ({error})"
+            )
         per_step = cfg.batch_size * cfg.gradient_accumulation
         hints = []
         if cfg.batch_size > 1:
@@ -982,9 +1106,11 @@ class ExpertTrainer:
         if not cfg.gradient_checkpointing:
             hints.append("set train.gradient_checkpointing: true (less memory, about a third slower)")
         hints.append(f"train at a lower train.resolution (now {resolution} px)")
+        rows = cfg.batch_size // self._parts
+        shared = f", {rows} of them in each process" if rows != cfg.batch_size else ""
         return (
-            f"CUDA out of memory at train.batch_size {cfg.batch_size} ({resolution} px, LoRA rank "
-            f"{cfg.rank}, {str(self.dtype).removeprefix('torch.')}): " + "; or ".join(hints) + f". ({error})"
+            f"CUDA out of memory at train.batch_size {cfg.batch_size}{shared} ({resolution} px, LoRA "
+            f"rank {cfg.rank}, {dtype}): " + "; or ".join(hints) + f". ({error})"
         )
 
     def draw_validation(self, prompts: list[str], seeds: list[int], sampling) -> list:
@@ -1055,6 +1181,7 @@ def train_expert(ctx, skill_name: str) -> dict:
             "images": len(dataset),
             "batch_size": cfg.batch_size,
             "gradient_accumulation": cfg.gradient_accumulation,
+            "resolution": trainer.training_resolution(),
         }
     )
     checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
@@ -1107,6 +1234,7 @@ def train_expert(ctx, skill_name: str) -> dict:
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "gradient_accumulation": cfg.gradient_accumulation,
+        "resolution": trainer.training_resolution(),
         "images": len(dataset),
         "final_loss": history[-1][1],
         "wall_s": round(elapsed, 3),
@@ -1151,7 +1279,7 @@ class _ValidationImages:
         self.ctx, self.trainer = ctx, trainer
         self.prompts = _validation_prompts(ctx, skill_name, dataset, cfg.validation_prompts)
         self.seeds = [prompt_seed(cfg.seed, f"validation-{i}") for i in range(len(self.prompts))]
-        side = cfg.resolution or trainer.native_resolution()
+        side = trainer.training_resolution()
         self.sampling = SamplingConfig(
             num_inference_steps=cfg.validation_inference_steps,
             guidance_scale=ctx.config.eval.guidance_scale,

@@ -141,6 +141,88 @@ def test_a_contiguous_vae_and_a_compiled_vae_are_not_asked_together(capsys):
     assert "not with --compile-vae" in capsys.readouterr().err
 
 
+# A stand-in for a benchmark script run as the restart: its result last, after other output.
+RESTARTED = """import json, sys
+print("noise")
+if "--fail" in sys.argv:
+    sys.exit("restart: out of luck")
+print(json.dumps({"project_warmup_s": 1.5, "project_compile_cache_load_s": 0.25,
+                  "project_compile_cache_loaded": True}))
+"""
+
+
+def test_a_compiled_project_is_measured_again_restarting_from_the_store(tmp_path, monkeypatch, capsys):
+    """Both throughput benchmarks: with the project compiled, the script runs again as a job on a
+    fresh node would (the project alone, an empty inductor cache, the same work folder and its
+    store), and its warm-up is reported; a failed restart is reported, not fatal."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    from common import report_with_restart
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "warm"))
+    script = tmp_path / "bench.py"
+    script.write_text(RESTARTED)
+    args = argparse.Namespace(
+        arch="tiny", batch=2, compile="full", attention="auto", device="cpu", work_dir=str(tmp_path)
+    )
+    args.no_restart_check, args.restart_timeout, args.out = False, 60, None
+    project, reference = {"img_per_s": 3.0, "compile_mode": "full"}, {"img_per_s": 2.0}
+    record = report_with_restart({"bench": "b"}, project, reference, args, str(script), ["--steps", "2"])
+    assert record["speedup"] == 1.5 and record["compile_restart_warmup_s"] == 1.5
+    assert record["compile_restart_cache_load_s"] == 0.25 and record["compile_restart_cache_loaded"] is True
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line) for line in lines[-2:]] == [
+        {k: v for k, v in record.items() if "restart" not in k},
+        record,
+    ]
+
+    failed = report_with_restart({"bench": "b"}, project, reference, args, str(script), ["--fail"])
+    assert (
+        failed["compile_restart_error"] == ["restart: out of luck"]
+        and "compile_restart_warmup_s" not in failed
+    )
+    eager = report_with_restart(
+        {"bench": "b"}, {**project, "compile_mode": "off"}, reference, args, str(script), []
+    )
+    assert not any("restart" in key for key in eager)
+    args.no_restart_check = True
+    assert not any(
+        "restart" in key for key in report_with_restart({}, project, reference, args, str(script), [])
+    )
+
+
+def test_the_restart_runs_the_project_alone_on_an_empty_inductor_cache(tmp_path, monkeypatch):
+    import argparse
+    import subprocess as sp
+
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    seen = {}
+
+    def run(command, env, **kwargs):
+        seen.update(command=command, inductor=env["TORCHINDUCTOR_CACHE_DIR"])
+        out = json.dumps({"project_warmup_s": 1.0, "project_compile_cache_loaded": True})
+        return sp.CompletedProcess(command, 0, out + "\n", "")
+
+    monkeypatch.setattr(common.subprocess, "run", run)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "warm"))
+    args = argparse.Namespace(
+        arch="sd15", batch=16, compile="full", attention="cudnn", device="cuda", work_dir=str(tmp_path)
+    )
+    args.no_restart_check, args.restart_timeout, args.out = False, 60, None
+    common.report_with_restart({}, {"compile_mode": "full"}, None, args, "bench.py", ["--steps", "25"])
+    assert seen["command"][1:] == [
+        "bench.py",
+        *("--only", "project", "--arch", "sd15", "--batch", "16", "--compile", "full"),
+        *("--attention", "cudnn", "--device", "cuda", "--work-dir", str(tmp_path)),
+        *("--steps", "25", "--no-restart-check"),
+    ]
+    fresh = Path(seen["inductor"])
+    assert fresh.parent == tmp_path and fresh.name.startswith("inductor-fresh-") and not any(fresh.iterdir())
+
+
 def test_attention_benchmark_times_each_kernel_on_each_shape_against_pytorchs_choice(tmp_path):
     record = run("attention.py", tmp_path, *("--repeats", "1"))
     assert record["bench"] == "attention" and record["device"].startswith("cpu")

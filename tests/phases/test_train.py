@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from graph_helpers import FailingBackend, ReplayingBackend
+from PIL import Image
 from train_helpers import tiny_train_config
 
 from selma_core.lora import load_adapter
@@ -120,6 +121,23 @@ def test_selmas_recipe_is_the_default(model_cache, spec, batches):
     assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}  # SDPA
 
 
+@pytest.mark.parametrize(
+    ("spec", "native", "selmas"),
+    [("random:tiny-sd-v", 768, 512), ("random:tiny-sd", 512, 512), ("random:tiny-sdxl", 1024, 1024)],
+    ids=["sd2.1", "sd1", "sdxl"],
+)
+def test_selmas_resolution_is_512_px_for_sd_and_native_for_sdxl(model_cache, spec, native, selmas):
+    """SD 2.1 (768 px native) trains at 512 like SD 1.x, as SELMA trains SD 2; SDXL at its own 1024."""
+    from dataclasses import replace
+
+    pipe = load_diffusion_pipeline(spec, model_cache)
+    pipe.unet.register_to_config(sample_size=native // pipe.vae_scale_factor)  # a full-size config
+    trainer = ExpertTrainer(pipe, tiny_train_config(), "cpu")
+    assert trainer.native_resolution() == native and trainer.training_resolution() == selmas
+    trainer.cfg = replace(trainer.cfg, resolution=640)
+    assert trainer.training_resolution() == 640
+
+
 def test_a_batch_setting_left_null_takes_selmas_for_the_model():
     cfg = TrainConfig(batch_size=2)
     assert (cfg.resolved_for(sdxl=False).batch_size, cfg.resolved_for(sdxl=False).gradient_accumulation) == (
@@ -178,7 +196,7 @@ def test_the_loss_target_follows_the_models_prediction_type(model_cache, monkeyp
     monkeypatch.setattr(scheduler, "get_velocity", get_velocity)
     dataset = tiny_dataset(model_cache, spec)
     resolution = trainer.native_resolution()
-    _, pixels = _decode_images(dataset, resolution)
+    pixels = _decode_images(dataset, resolution).pixels
     side = resolution // trainer.pipe.vae_scale_factor
     draws = trainer._draw(torch.Generator().manual_seed(0), len(dataset), (2, 4, side, side))
     target = trainer._unet_inputs(draws, pixels, [m["prompt"] for m, _ in dataset], resolution)[3]
@@ -188,33 +206,56 @@ def test_the_loss_target_follows_the_models_prediction_type(model_cache, monkeyp
         assert torch.equal(target, seen["velocity"]) and not torch.allclose(target, seen["noise"])
 
 
-def test_sdxl_trains_with_both_text_encoders_and_its_size_and_crop_conditioning(model_cache):
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_sdxl_trains_with_both_text_encoders_and_each_images_size_and_crop_conditioning(model_cache):
     """Each SDXL micro-batch: diffusers' own conditioning of the prompt (both encoders' hidden
-    states side by side, the second's pooled embedding) and the time ids (original size, crop
-    top-left, target size) of an uncropped image."""
+    states side by side, the second's pooled embedding) and each image's own time ids (its size
+    before resizing, its crop's top-left corner, mirrored with the image, the target size), as
+    diffusers' SDXL training computes them: a smaller image (weak-to-strong) is not passed off as a
+    native one, nor a wide one as uncropped."""
     pipe = load_diffusion_pipeline("random:tiny-sdxl", model_cache)
     seen = []
     pipe.unet.register_forward_pre_hook(
         lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True
     )
-    trainer = ExpertTrainer(pipe, tiny_train_config(steps=1), "cpu")
+    trainer = ExpertTrainer(pipe, tiny_train_config(steps=3, random_flip=True), "cpu")
+    r = trainer.native_resolution()
+    assert r == 32
+    # (width, height) -> (original height, width, crop top, left, left when mirrored) at 32 px.
+    sizes = {(32, 32): [32, 32, 0, 0, 0], (24, 24): [24, 24, 0, 0, 0], (32, 45): [45, 32, 6, 0, 0]}
+    sizes[(49, 32)] = [32, 49, 0, 8, 9]
     # One prompt for every image: whichever images a micro-batch draws, each row is its conditioning.
     prompt = PROMPTS[1]
-    trainer.train(
-        [({**meta, "prompt": prompt}, data) for meta, data in tiny_dataset(model_cache, "random:tiny-sdxl")]
-    )
+    dataset = [({"id": f"s-{i}", "prompt": prompt}, jpeg(*size, i)) for i, size in enumerate(sizes)]
+    draws = []
+    real_draw = trainer._draw
+    trainer._draw = lambda *args: draws.append(real_draw(*args)) or draws[-1]
+    trainer.train(dataset)
     hidden, _, pooled, _ = pipe.encode_prompt(
         prompt=[prompt], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
     )
     width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert hidden.shape[-1] == width  # both encoders
-    r = trainer.native_resolution()
-    assert len(seen) == 2  # one step of 2 micro-batches
-    for _args, kwargs in seen:
+    assert len(seen) == len(draws) == 6  # three steps of 2 micro-batches
+    expected_rows = list(sizes.values())
+    flipped_any = False
+    for (_args, kwargs), (idx, flip, *_) in zip(seen, draws, strict=True):
         added = kwargs["added_cond_kwargs"]
-        assert added["time_ids"].tolist() == [[r, r, 0, 0, r, r]] * 2
+        expected = []
+        for i, f in zip(idx.tolist(), flip.tolist(), strict=True):
+            height, width, top, left, mirrored = expected_rows[i]
+            expected.append([height, width, top, mirrored if f else left, r, r])
+            flipped_any |= f and left != mirrored
+        assert added["time_ids"].tolist() == expected
         torch.testing.assert_close(added["text_embeds"], pooled.expand(2, -1), rtol=0, atol=0)
         torch.testing.assert_close(kwargs["encoder_hidden_states"], hidden.expand(2, -1, -1), rtol=0, atol=0)
+    assert flipped_any  # the seed draws the wide image mirrored
 
 
 def test_bad_target_modules_are_an_input_error(model_cache):

@@ -11,20 +11,28 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import BIN, REPO, free_port
 
 from selma_core.models.loading import load_diffusion_pipeline
-from selma_core.phases.train import ExpertTrainer, TrainConfig
+from selma_core.phases.train import ExpertTrainer, TrainConfig, micro_batch_parts
 
 from .test_train import tiny_dataset
 
-# (gradient_accumulation, random_flip, log_every): an even split (one micro-batch each), an uneven
-# one whose losses are read from the device (and summed over the processes) two steps at once.
-CASES = [(2, False, 1), (3, True, 3)]
+# (gradient_accumulation, random_flip, log_every) with 2 images a micro-batch, on two processes:
+# - 2: one whole micro-batch each;
+# - 1: each micro-batch cut in two, one image each (SELMA's 16 x 4 on 8 GPUs, in small);
+# - 3: three micro-batches cut in six parts, three each, the losses read from the device (and summed
+#   over the processes) two steps at once.
+CASES = [(2, False, 1), (1, False, 1), (3, True, 3)]
+# Images per UNet call in each of the two processes, a step.
+ROWS_PER_RANK = {2: [2], 1: [1], 3: [1, 1, 1]}
 STEPS = 3
+# The train job's MLflow runs (the controller's own run of the submission is tagged with the phase too).
+JOB_RUNS = "tags.`selma.phase` = 'train' and tags.`selma.skill` = 'counting'"
 
 
 def train_case(model_cache, dataset, accumulation: int, flip: bool, log_every: int):
@@ -40,8 +48,10 @@ def train_case(model_cache, dataset, accumulation: int, flip: bool, log_every: i
     )
     torch.manual_seed(cfg.seed)  # the LoRA's init, as train_expert seeds it
     trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+    rows: list[int] = []  # images in each UNet call
+    trainer.pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
     history = trainer.train(dataset)
-    return [p.detach().clone() for p in trainer.params], history, trainer.attention.backend
+    return [p.detach().clone() for p in trainer.params], history, trainer.attention.backend, rows
 
 
 def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir) -> None:
@@ -76,11 +86,14 @@ def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
     single = [train_case(model_cache, dataset, *case) for case in CASES]
     mp.spawn(_worker, args=(2, free_port(), model_cache, dataset, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for case, (params, history, _) in enumerate(single):
+    for case, (params, history, _, rows) in enumerate(single):
+        accumulation = CASES[case][0]
+        assert rows == [2] * accumulation * STEPS
         assert max(float(p.abs().max()) for p in params) > 0
         for rank_results in ranks:
-            rank_params, rank_history, rank_attention = rank_results[case]
+            rank_params, rank_history, rank_attention, rank_rows = rank_results[case]
             assert rank_attention == "math"
+            assert rank_rows == ROWS_PER_RANK[accumulation] * STEPS  # an equal share, every step
             assert [s for s, _ in rank_history] == [s for s, _ in history]
             for (_, loss), (_, rank_loss) in zip(history, rank_history, strict=True):
                 assert rank_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
@@ -89,6 +102,26 @@ def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
         # Both ranks applied the very same updates: identical weights, bit for bit.
         for p, q in zip(ranks[0][case][0], ranks[1][case][0], strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("batch", "accumulation", "world_size", "parts"),
+    [
+        (16, 4, 1, 1),
+        (16, 4, 2, 1),  # two whole micro-batches each
+        (16, 4, 8, 2),  # SELMA's SD 1.x batch on 8 GPUs: 8 images a process
+        (16, 4, 16, 4),
+        (4, 8, 8, 1),  # SELMA's SDXL batch on 8 GPUs: one micro-batch each
+        (4, 8, 16, 2),
+        (16, 4, 3, 1),  # 16 does not divide by 3: whole micro-batches, some processes idle
+        (16, 4, 6, 1),
+        (12, 4, 6, 3),
+    ],
+)
+def test_micro_batches_are_cut_so_every_process_has_an_equal_share(batch, accumulation, world_size, parts):
+    assert micro_batch_parts(batch, accumulation, world_size) == parts
+    if parts > 1:
+        assert (accumulation * parts) % world_size == 0 and batch % parts == 0
 
 
 def run_job(*args: str, env: dict | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
@@ -122,7 +155,11 @@ def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
     from mlflow import MlflowClient
 
     config = str(
-        tiny_config(skills=["counting"], train={"steps": 2, "batch_size": 2, "gradient_accumulation": 2})
+        tiny_config(
+            skills=["counting"],
+            train={"steps": 2, "batch_size": 2, "gradient_accumulation": 2},
+            executor={"train_gpus": 2, "fork_server": False},
+        )
     )
     from jobs.run import run_job as run_in_process
 
@@ -130,16 +167,24 @@ def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
         assert run_in_process(phase, "counting", config)["status"] == "ran"
 
     env = {"SELMA_DIST_TIMEOUT_S": "120"}
-    # As a Kubernetes pod runs it: jobs.run starts torchrun itself.
-    ran = run_job(
-        "--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node", "2", env=env
+    # The local executor with executor.train_gpus: 2 runs the job as a Kubernetes pod with
+    # train_gpus does: jobs.run --nproc-per-node=2, which starts torchrun itself.
+    submitted = subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--phase", "train", "--skill", "counting", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, **env},
     )
-    assert ran.returncode == 0, ran.stderr[-5000:]
-    results = json_lines(ran.stdout)
-    assert len(results) == 1, ran.stdout
+    assert submitted.returncode == 0, submitted.stderr[-5000:]
+    (job,) = json.loads(submitted.stdout.strip().splitlines()[-1])["jobs"]
+    log = Path(job["log"]).read_text()
+    results = json_lines(log)
+    assert len(results) == 1, log[-5000:]  # rank 0 alone reports
     result = results[0]
     assert result["status"] == "ran" and result["result"]["processes"] == 2
-    assert ran.stdout.strip().splitlines()[-1] == json.dumps(result, default=str)
+    assert job["run_id"] == result["run_id"] and job["output"] == result["output"]
 
     # One commit: one attempt folder under the key, its manifest naming rank 0's run.
     key_dir = tmp_path / "store" / result["output"].split("/store/", 1)[1]
@@ -153,7 +198,7 @@ def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
     # One MLflow run for the train job, finished, with the global loss logged.
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("selma-test")
-    runs = client.search_runs([experiment.experiment_id], "tags.`selma.phase` = 'train'")
+    runs = client.search_runs([experiment.experiment_id], JOB_RUNS)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(result["run_id"], "FINISHED")]
     assert len(client.get_metric_history(result["run_id"], "train.loss")) >= 1
 
@@ -163,7 +208,7 @@ def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
     assert json_lines(again.stdout) == [
         {"job": "train:counting", "status": "skipped", "output": result["output"]}
     ]
-    assert len(client.search_runs([experiment.experiment_id], "tags.`selma.phase` = 'train'")) == 1
+    assert len(client.search_runs([experiment.experiment_id], JOB_RUNS)) == 1
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

@@ -48,7 +48,7 @@ def with_garbage(dataset, count: int) -> list:
 
 
 def test_undecodable_images_are_skipped_and_counted_up_to_the_allowed_share(dataset, capsys):
-    kept, pixels = _decode_images(with_garbage(dataset, 1), 16, max_bad_share=0.25)
+    kept, pixels, _ = _decode_images(with_garbage(dataset, 1), 16, max_bad_share=0.25)
     assert [meta["id"] for meta, _ in kept] == ["s-0", "s-1", "s-2"] and pixels.shape == (3, 3, 16, 16)
     assert "skipped 1 of 4 image(s): image 'bad-0' cannot be decoded" in capsys.readouterr().err
     too_many = r"2 of 5 image\(s\) cannot be used, more than train.max_bad_image_share \(25.0%\)"
@@ -281,8 +281,34 @@ def test_sdxl_validation_under_fp16_decodes_with_its_upcast_vae(model_cache):
     assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
 
 
+def test_out_of_memory_while_encoding_or_drawing_validation_images_says_what_to_change(
+    model_cache, dataset, monkeypatch
+):
+    """Not only the micro-batches: encoding the dataset and drawing validation images can run out of
+    memory too (SDXL's validation: several images at 1024 px). Each is a config error (exit 2, not
+    retried) with its own advice."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    expert = trainer(model_cache, config())
+    monkeypatch.setattr(expert, "_encode_image", out_of_memory)
+    with pytest.raises(ConfigError) as raised:
+        expert.train(dataset)
+    message = str(raised.value)
+    assert message.startswith("CUDA out of memory encoding the dataset's images and prompts (32 px")
+    assert "lower train.resolution (now 32 px)" in message and "Tried to allocate 1.00 GiB" in message
+
+    expert = trainer(model_cache, config(validation_every=2))
+    with pytest.raises(ConfigError) as raised:
+        expert.train(dataset, on_validate=out_of_memory)
+    message = str(raised.value)
+    assert message.startswith("CUDA out of memory drawing 4 validation image(s) at 32 px")
+    assert "lower train.validation_prompts or set train.validation_every: null" in message
+
+
 def test_the_out_of_memory_advice_keeps_the_images_per_step():
-    expert = SimpleNamespace(dtype=torch.bfloat16)
+    expert = SimpleNamespace(dtype=torch.bfloat16, _doing="training", _parts=1)
     for batch, accumulation, advice in [
         (16, 4, "lower train.batch_size to 8 and raise train.gradient_accumulation to 8 (the same 64"),
         (5, 2, "lower train.batch_size to 1 and raise train.gradient_accumulation to 10 (the same 10"),
@@ -292,6 +318,10 @@ def test_the_out_of_memory_advice_keeps_the_images_per_step():
     expert.cfg = config(batch_size=1, gradient_checkpointing=True)
     message = ExpertTrainer._out_of_memory_message(expert, 1024, RuntimeError("oom"))
     assert "train.batch_size to" not in message and "lower train.resolution (now 1024 px)" in message
+    # SELMA's 16 x 4 on 8 GPUs: each micro-batch is cut in two, 8 images in each process.
+    expert.cfg, expert._parts = config(batch_size=16, gradient_accumulation=4), 2
+    message = ExpertTrainer._out_of_memory_message(expert, 512, RuntimeError("oom"))
+    assert message.startswith("CUDA out of memory at train.batch_size 16, 8 of them in each process (512 px")
 
 
 # -- precision ------------------------------------------------------------------------------------
@@ -336,7 +366,7 @@ def test_noisy_latents_are_computed_in_float32_before_the_unet_sees_them(model_c
     """In bfloat16 the first timesteps' signal level (sqrt of alphas_cumprod, 0.9996 at t=0) rounds to
     1 and their noise to none: the schedule's arithmetic is float32, only the UNet's input is bf16."""
     expert = trainer(model_cache, config(mixed_precision="bf16", batch_size=2))
-    _, pixels = _decode_images(dataset, 32, 0.0)
+    pixels = _decode_images(dataset, 32, 0.0).pixels
     texts = [meta["prompt"] for meta, _ in dataset]
     seen = []
     expert.pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
