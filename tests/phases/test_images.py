@@ -273,6 +273,17 @@ def test_two_processes_commit_what_one_process_commits(tiny_config, tmp_path, dr
     assert sorted(drawn) == sorted(json.loads(r)["seed"] for r in reference["images.jsonl"].splitlines())
 
 
+def test_more_processes_than_shards_warn_that_some_have_nothing_to_draw(tiny_config, tmp_path, drawn, capsys):
+    ctx = images_job(tiny_config, tmp_path, num_jobs=5)  # 15 images in 4 shards
+    idle = generate_images(ctx, SKILL, 4, 5)
+    assert idle["own_shards"] == [] and idle["drawn"] == 0 and drawn == []
+    warning = capsys.readouterr().err
+    assert "15 image(s) make 4 shard(s) of images.shard_size 4, fewer than the 5 processes" in warning
+    assert "1 process(es) have nothing to draw. Lower images.num_jobs" in warning
+    generate_images(ctx, SKILL, 0, 4)
+    assert "nothing to draw" not in capsys.readouterr().err
+
+
 def test_a_killed_process_leaves_no_partial_shard_and_its_rerun_draws_only_what_is_missing(
     tiny_config, tmp_path, monkeypatch, drawn
 ):
