@@ -18,6 +18,11 @@ conversion included:
 Throughput is images per second over ``--batches`` batches after one untimed warm-up batch (which
 compiles); the last line printed is one JSON object (also appended to
 $OUT/generate_throughput.jsonl when $OUT is set).
+
+With ``--compile`` the project keeps its compiled kernels in a store compile cache, as the images
+phase does (loaded before the warm-up batch, saved after it); then, unless ``--no-restart-check``,
+a restart is measured: a new process with an empty inductor cache (a job on a fresh node) loads
+them from the store and draws its first batch (``compile_restart_warmup_s``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
@@ -37,7 +43,7 @@ from common import (
     device_description,
     load_pipeline,
     peak_gib,
-    report,
+    report_with_restart,
     reset_peak,
     resolve_device,
     run_recipes,
@@ -77,14 +83,17 @@ def prompts_for(batch: int, index: int) -> list[str]:
     return [f"{PROMPTS[(index * batch + i) % len(PROMPTS)]}, view {index * batch + i}" for i in range(batch)]
 
 
-def measure(draw, args, device: str, profiler: StepProfiler | None = None) -> dict:
+def measure(draw, args, device: str, profiler: StepProfiler | None = None, after_warmup=None) -> dict:
     """One untimed warm-up batch, then ``args.batches`` timed ones; then, with ``profiler``,
-    ``args.profile`` profiled ones."""
+    ``args.profile`` profiled ones. ``after_warmup()`` runs between the warm-up and the timed
+    batches, untimed."""
     reset_peak(device)
     timer = Timer(device)
     timer.start()
     draw(prompts_for(args.batch, 0))
     warmup_s = timer.stop()
+    if after_warmup is not None:
+        after_warmup()
     timer.start()
     for index in range(1, args.batches + 1):
         images = draw(prompts_for(args.batch, index))
@@ -163,11 +172,13 @@ def project_recipe(args, device: str, work: Path) -> dict:
     from selma_core.phases.images import (
         ImagesConfig,
         choose_attention,
+        compile_cache_digest,
         draw_images,
         prompt_seed,
         replays_cuda_graph,
         torch_dtype,
     )
+    from selma_core.storage import LocalArtifactStore
 
     cfg = ImagesConfig(
         num_inference_steps=args.steps,
@@ -185,6 +196,19 @@ def project_recipe(args, device: str, work: Path) -> dict:
         pipe, device, compile=mode, cache_dir=work, cuda_graph=graph, compile_vae=args.compile_vae
     )
     attention = choose_attention(pipe, cfg, device)  # as the images phase does
+    compile_cache = None  # as the images phase keeps its kernels: loaded now, saved after a batch
+    save_s: list[float] = []
+    if compiled:
+        dtype = torch_dtype(cfg.dtype, device)
+        digest = compile_cache_digest(cfg, pipe, mode, device, dtype, attention.backend, graph)
+        compile_cache = speed.StoreCompileCache(LocalArtifactStore(work / "store"), digest, work / "scratch")
+        compile_cache.load()
+
+    def save_compiled() -> None:
+        if compile_cache is not None:
+            started = time.perf_counter()
+            compile_cache.save()
+            save_s.append(time.perf_counter() - started)
 
     def draw(prompts: list[str]) -> list:
         seeds = [prompt_seed(cfg.seed, prompt) for prompt in prompts]
@@ -193,7 +217,10 @@ def project_recipe(args, device: str, work: Path) -> dict:
 
     name = "generate_throughput-graph" if graph else "generate_throughput"  # the profile's file
     profiler = StepProfiler(device, name, args.arch, work) if args.profile else None
-    result = measure(draw, args, device, profiler)
+    result = measure(draw, args, device, profiler, after_warmup=save_compiled)
+    result["compile_cache_loaded"] = bool(compile_cache and compile_cache.loaded)
+    result["compile_cache_load_s"] = compile_cache.load_s if compile_cache else 0.0
+    result["compile_cache_save_s"] = round(sum(save_s), 3)
     side = args.resolution // pipe.vae_scale_factor
     result["vae_decode_ms"] = vae_decode_times(pipe, args.batch, side, device)[1]
     if args.vae_contiguous:
@@ -213,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="selma-bench-generate-"))
     work.mkdir(parents=True, exist_ok=True)
+    args.work_dir = str(work)  # the restart's too
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     import torch
 
@@ -243,7 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: reference_recipe(args, device, work),
         lambda: project_recipe(args, device, work),
     )
-    return report(record, project, reference, args.out)
+    restart = ["--batches", "1", "--steps", str(args.steps), "--guidance", str(args.guidance)]
+    restart += ["--resolution", str(args.resolution)]
+    restart += ["--cuda-graph"] * args.cuda_graph + ["--compile-vae"] * args.compile_vae
+    return report_with_restart(record, project, reference, args, __file__, restart)
 
 
 if __name__ == "__main__":

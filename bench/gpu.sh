@@ -5,7 +5,7 @@
 #   ../shared/gpu/fetch-wheels.sh            # diffusers wheel into .whl/ (the GPU image lacks it)
 # then two device calls, carrying .whl, the second at once (the machine stays warm only 30 s):
 #   bash bench/gpu.sh fork-server-cuda train-sd15-full-graph train-sdxl-blocks-graph  # timeout_s 480
-#   bash bench/gpu.sh generate-sd15-full generate-sd15-full-graph-vae                  # timeout_s 330
+#   bash bench/gpu.sh generate-sd15-full generate-sd15-full-graph-vae                  # timeout_s 380
 # With no names it runs them all (over 600 s: too long for one call); `attention` (per-shape
 # kernel times, about 60 s) runs only when named. LIMIT_S=N overrides each measurement's limit.
 # Results: one JSON line per measurement on stdout and in $OUT/<bench>.jsonl, each with a profile
@@ -52,8 +52,11 @@ run() {  # run LIMIT_S NAME WORK_SUBDIR SCRIPT ARGS...: measurements sharing WOR
 # caches (its graph is lowered again: the CUDA-graph mode is part of the cache key), and it also
 # compiles the VAE's decoder (`--compile-vae`: the eager decode, 259 ms a batch, included 122 ms
 # of layout copies around group norms); each line's `project_vae_decode_ms` is its decode alone,
-# so the two changes' shares of the difference can be told apart. Expected: ~415 s (with the
-# fork-server check) and ~275 s, with the machine's start about 780 of the session's 900 s.
+# so the two changes' shares of the difference can be told apart. The twin then restarts from the
+# store (a new process, an empty inductor cache: a job on a fresh node) and draws one batch, its
+# warm-up `compile_restart_warmup_s` (generation's was not measured yet; about 45 s). Expected:
+# ~415 s (with the fork-server check) and ~320 s, with the machine's start about 825 of the
+# session's 900 s.
 # The plain one also times the eager decode in the contiguous layout (`--vae-contiguous`, a few
 # seconds): the other way to spare those copies.
 run 75 attention attention bench/attention.py --arch sd15 sdxl
@@ -63,5 +66,5 @@ run 260 train-sd15-full train-sd15 bench/train_throughput.py --arch sd15 --compi
 run 270 train-sd15-full-graph train-sd15 bench/train_throughput.py --arch sd15 --compile full --profile 2 --no-restart-check --cuda-graph
 run 170 train-sdxl-blocks train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 2 --images 32 --profile 2 --no-restart-check
 run 170 train-sdxl-blocks-graph train-sdxl bench/train_throughput.py --arch sdxl --compile blocks --steps 12 --warmup 3 --images 32 --profile 2 --no-restart-check --cuda-graph
-run 170 generate-sd15-full generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --vae-contiguous
-run 150 generate-sd15-full-graph-vae generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --cuda-graph --compile-vae
+run 170 generate-sd15-full generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --vae-contiguous --no-restart-check
+run 200 generate-sd15-full-graph-vae generate-sd15 bench/generate_throughput.py --arch sd15 --compile full --profile 1 --cuda-graph --compile-vae
