@@ -195,13 +195,16 @@ def project_recipe(args, device: str, work: Path) -> dict:
     compiled = speed.prepare_for_inference(
         pipe, device, compile=mode, cache_dir=work, cuda_graph=graph, compile_vae=args.compile_vae
     )
-    attention = choose_attention(pipe, cfg, device)  # as the images phase does
+    store = LocalArtifactStore(work / "store")
+    # As the images phase does: measured once, kept in the store (a restart takes the same kernel,
+    # so its compiled graphs' key is the same).
+    attention = choose_attention(pipe, cfg, device, store)
     compile_cache = None  # as the images phase keeps its kernels: loaded now, saved after a batch
     save_s: list[float] = []
     if compiled:
         dtype = torch_dtype(cfg.dtype, device)
         digest = compile_cache_digest(cfg, pipe, mode, device, dtype, attention.backend, graph)
-        compile_cache = speed.StoreCompileCache(LocalArtifactStore(work / "store"), digest, work / "scratch")
+        compile_cache = speed.StoreCompileCache(store, digest, work / "scratch")
         compile_cache.load()
 
     def save_compiled() -> None:

@@ -8,7 +8,9 @@
 #   bash bench/gpu.sh generate-sd15-full generate-sd15-full-graph-vae                  # timeout_s 380
 # With no names it runs them all (over 600 s: too long for one call); `attention` (per-shape
 # kernel times, about 60 s) runs only when named. LIMIT_S=N overrides each measurement's limit.
-# Results: one JSON line per measurement on stdout and in $OUT/<bench>.jsonl, each with a profile
+# Results: one JSON line per measurement on stdout and in $OUT/<bench>.jsonl (in the .jsonl a
+# measurement that restarts from the store has two: the first written before the restart, so that
+# a time limit there loses nothing; the last is complete), each with a profile
 # of the project's steps after the timed ones ($OUT/<bench>-<arch>-profile.txt); every
 # measurement's output in $OUT/log.txt (a call returns at most 8 files). Each measurement has its
 # own time limit, so one that hangs leaves the others.

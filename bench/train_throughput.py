@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resolution = args.resolution or architecture_resolution(args.arch, work / "models")
+    args.resolution = resolution  # both recipes' (the project's default would be SELMA's 512 for sd2)
     dataset = synthetic_dataset(args.images, resolution)
     record: dict = {
         "bench": "train_throughput",

@@ -30,6 +30,36 @@ def _placed_gpus(cfg: PipelineConfig) -> list[str] | None:
     return [visible[position] for position in cfg.executor.gpus]
 
 
+def _gpus_for_data_parallel_training(cfg: PipelineConfig, placed: list[str] | None) -> list[str] | None:
+    """``placed`` (the GPUs jobs are placed on; None: the machine's, found now) checked against
+    ``executor.train_gpus`` before any job runs, not when the first train job starts hours later."""
+    import sys
+
+    from jobs.executors.local import visible_gpus
+
+    count = cfg.executor.train_gpus
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(
+            f"executor.train_gpus: {count} processes cannot all train on device {cfg.device}; set "
+            "device: auto (or cuda), and executor.gpus to choose the GPUs"
+        )
+    gpus = visible_gpus() if placed is None else placed
+    if not gpus:  # the ranks train on the CPU
+        return placed
+    if count > len(gpus):
+        raise ConfigError(
+            f"executor.train_gpus: {count}, but jobs are placed on {len(gpus)} GPU(s) ({', '.join(gpus)})"
+        )
+    if cfg.executor.max_parallel * count > len(gpus):
+        print(
+            f"warning: up to {cfg.executor.max_parallel} train jobs (executor.max_parallel) of "
+            f"{count} GPUs each (executor.train_gpus) share {len(gpus)} GPU(s): GPUs run several "
+            "ranks at once when they overlap",
+            file=sys.stderr,
+        )
+    return gpus
+
+
 def make_executor(
     cfg: PipelineConfig, kind: str, log_dir: str, follow_logs: bool = False, echo=None
 ) -> Executor:
@@ -37,17 +67,15 @@ def make_executor(
         from jobs.executors.local import GPU_PHASES, LocalExecutor
 
         llm_here = {"prompts"} if cfg.prompts.needs_gpu else set()
-        if cfg.executor.train_gpus > 1 and cfg.device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(
-                f"executor.train_gpus: {cfg.executor.train_gpus} processes cannot all train on "
-                f"device {cfg.device}; set device: auto (or cuda), and executor.gpus to choose the GPUs"
-            )
+        gpus = _placed_gpus(cfg)
+        if cfg.executor.train_gpus > 1:
+            gpus = _gpus_for_data_parallel_training(cfg, gpus)
         return LocalExecutor(
             log_dir,
             cfg.executor.max_parallel,
             images_jobs=cfg.images.num_jobs,
             fork_server=cfg.executor.fork_server,
-            gpus=_placed_gpus(cfg),
+            gpus=gpus,
             gpu_phases=GPU_PHASES | llm_here,
             train_gpus=cfg.executor.train_gpus,
         )

@@ -309,8 +309,9 @@ class LocalExecutor(Executor):
         gpus: dict[int, list[str]] = {}
         processes: list[Process] = []
         threads = self.threads_per_job
-        if count > 1:  # the job's share of the cores, split between its processes
-            threads = str(max(1, int(self.threads_per_job) // count))
+        ranks = self.train_gpus if job.phase == "train" else 1  # torchrun's processes
+        if count * ranks > 1:  # the job's share of the cores, split between its processes
+            threads = str(max(1, int(self.threads_per_job) // (count * ranks)))
         try:
             for i, log in enumerate(logs):
                 process_command = (

@@ -496,6 +496,8 @@ class ExpertTrainer:
         prompt_embeds = text["prompt_embeds"]
         if not self.sdxl:
             return prompt_embeds, None
+        if not self._time_ids:
+            raise RuntimeError("SDXL time ids are placed by train() (_place_time_ids) before any micro-batch")
         rows = self._upload(idx, self.device)
         time_ids = self._time_ids[False][rows]
         if flip is not None:
@@ -759,6 +761,7 @@ class ExpertTrainer:
         meta = {
             "format": CHECKPOINT_FORMAT,
             "config": output_dict(self.cfg),
+            "resolution": self.training_resolution(),  # resolution null has meant other sizes
             "history": history,
             "elapsed_s": elapsed_s,
             "optimizer": optimizer_meta,
@@ -778,6 +781,12 @@ class ExpertTrainer:
             raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         if meta.get("config") != json.loads(json.dumps(output_dict(self.cfg))):
             raise ValueError("written with other train settings")
+        # Written before checkpoints said: null then meant the model's native size.
+        trained_at = meta.get("resolution", self.native_resolution())
+        if trained_at != self.training_resolution():
+            raise ValueError(
+                f"trained at {trained_at} px, this run trains at {self.training_resolution()} px"
+            )
         if not 0 < state.step < self.cfg.steps:
             raise ValueError(f"step {state.step} is not within 1..{self.cfg.steps - 1}")
         missing = {"history", "elapsed_s", "optimizer", "rng"} - set(meta)
@@ -1083,7 +1092,7 @@ class ExpertTrainer:
         dtype = str(self.dtype).removeprefix("torch.")
         if self._doing == "encoding":
             hints = [f"train at a lower train.resolution (now {resolution} px)"]
-            if self.sdxl and cfg.vae_model is None:
+            if self.vae_dtype != self.dtype and cfg.vae_model is None:  # SDXL's VAE upcast under fp16
                 hints.insert(0, "name an fp16-safe VAE in train.vae_model (madebyollin/sdxl-vae-fp16-fix)")
             return (
                 f"CUDA out of memory encoding the dataset's images and prompts ({resolution} px, one "

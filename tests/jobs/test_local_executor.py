@@ -318,17 +318,32 @@ def test_a_train_job_with_train_gpus_launches_its_ranks_on_the_least_busy_gpus(t
     }
 
 
-def test_train_gpus_is_checked_against_the_device(tiny_config, tmp_path):
-    assert (
-        make_executor(load_config(tiny_config(executor={"train_gpus": 2})), "local", str(tmp_path)).train_gpus
-        == 2
-    )
+def test_train_gpus_is_checked_against_the_machine_before_any_job_runs(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    """Not when the first train job starts, hours into the pipeline."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # the controller is shown two GPUs
+
+    def executor(**settings):
+        config = load_config(tiny_config(**settings))
+        return make_executor(config, "local", str(tmp_path))
+
+    pair = executor(executor={"train_gpus": 2, "max_parallel": 1})
+    assert pair.train_gpus == 2 and list(pair.gpus.running) == ["4", "6"]
+    assert "warning" not in capsys.readouterr().err
+    executor(executor={"train_gpus": 2, "max_parallel": 2})
+    assert "up to 2 train jobs (executor.max_parallel) of 2 GPUs each" in capsys.readouterr().err
+    with pytest.raises(
+        ConfigError, match=r"executor.train_gpus: 3, but jobs are placed on 2 GPU\(s\) \(4, 6\)"
+    ):
+        executor(executor={"train_gpus": 3})
+    with pytest.raises(ConfigError, match=r"train_gpus: 2, but jobs are placed on 1 GPU\(s\) \(6\)"):
+        executor(executor={"train_gpus": 2, "gpus": [1]})
     with pytest.raises(
         ConfigError, match="executor.train_gpus: 2 processes cannot all train on device cuda:1"
     ):
-        make_executor(
-            load_config(tiny_config(device="cuda:1", executor={"train_gpus": 2})), "local", str(tmp_path)
-        )
+        executor(device="cuda:1", executor={"train_gpus": 2})
+    assert executor(device="cpu", executor={"train_gpus": 4}).gpus.running == {}  # ranks on the CPU
     with pytest.raises(ConfigError, match="train_gpus: expected >= 1, got 0"):
         load_config(tiny_config(executor={"train_gpus": 0}))
 

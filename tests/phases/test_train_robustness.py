@@ -362,6 +362,23 @@ def test_fp16_scales_the_loss_skips_overflowing_steps_and_checkpoints_the_scale(
         resumed.check_state(state)
 
 
+def test_a_checkpoint_trained_at_another_resolution_is_not_resumed(model_cache):
+    """resolution null meant the model's native size before it meant SELMA's 512 px (SD 2.1: 768):
+    a checkpoint says what it was trained at, and one written before it said counts as native."""
+    expert = trainer(model_cache, config())
+    state = expert.checkpoint_state(1, torch.Generator(), [], 0.0)
+    assert state.meta["resolution"] == 32
+    expert.check_state(state)
+    state.meta["resolution"] = 768
+    with pytest.raises(ValueError, match="trained at 768 px, this run trains at 32 px"):
+        expert.check_state(state)
+    del state.meta["resolution"]
+    expert.check_state(state)  # the tiny model's native 32 px
+    expert.pipe.unet.register_to_config(sample_size=384)  # as SD 2.1: native 768, trained at 512
+    with pytest.raises(ValueError, match="trained at 768 px, this run trains at 512 px"):
+        expert.check_state(state)
+
+
 def test_noisy_latents_are_computed_in_float32_before_the_unet_sees_them(model_cache, dataset):
     """In bfloat16 the first timesteps' signal level (sqrt of alphas_cumprod, 0.9996 at t=0) rounds to
     1 and their noise to none: the schedule's arithmetic is float32, only the UNet's input is bf16."""
