@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ CASES = [(2, False, 1), (1, False, 1), (3, True, 3)]
 # Images per UNet call in each of the two processes, a step.
 ROWS_PER_RANK = {2: [2], 1: [1], 3: [1, 1, 1]}
 STEPS = 3
-# The train job's MLflow runs (the controller's own run of the submission is tagged with the phase too).
+# The train job's MLflow runs.
 JOB_RUNS = "tags.`selma.phase` = 'train' and tags.`selma.skill` = 'counting'"
 
 
@@ -155,11 +154,7 @@ def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
     from mlflow import MlflowClient
 
     config = str(
-        tiny_config(
-            skills=["counting"],
-            train={"steps": 2, "batch_size": 2, "gradient_accumulation": 2},
-            executor={"train_gpus": 2, "fork_server": False},
-        )
+        tiny_config(skills=["counting"], train={"steps": 2, "batch_size": 2, "gradient_accumulation": 2})
     )
     from jobs.run import run_job as run_in_process
 
@@ -167,24 +162,17 @@ def test_torchrun_train_job_is_one_job(tmp_path, tiny_config):
         assert run_in_process(phase, "counting", config)["status"] == "ran"
 
     env = {"SELMA_DIST_TIMEOUT_S": "120"}
-    # The local executor with executor.train_gpus: 2 runs the job as a Kubernetes pod with
-    # train_gpus does: jobs.run --nproc-per-node=2, which starts torchrun itself.
-    submitted = subprocess.run(
-        [sys.executable, "-m", "jobs.submit", "--phase", "train", "--skill", "counting", "--config", config],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, **env},
+    # As a Kubernetes pod with train_gpus, and the local executor with executor.train_gpus
+    # (tests/jobs/test_local_executor.py), run it: jobs.run starts torchrun itself.
+    ran = run_job(
+        "--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node=2", env=env
     )
-    assert submitted.returncode == 0, submitted.stderr[-5000:]
-    (job,) = json.loads(submitted.stdout.strip().splitlines()[-1])["jobs"]
-    log = Path(job["log"]).read_text()
-    results = json_lines(log)
-    assert len(results) == 1, log[-5000:]  # rank 0 alone reports
+    assert ran.returncode == 0, ran.stderr[-5000:]
+    results = json_lines(ran.stdout)
+    assert len(results) == 1, ran.stdout
     result = results[0]
     assert result["status"] == "ran" and result["result"]["processes"] == 2
-    assert job["run_id"] == result["run_id"] and job["output"] == result["output"]
+    assert ran.stdout.strip().splitlines()[-1] == json.dumps(result, default=str)
 
     # One commit: one attempt folder under the key, its manifest naming rank 0's run.
     key_dir = tmp_path / "store" / result["output"].split("/store/", 1)[1]
