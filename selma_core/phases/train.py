@@ -852,7 +852,7 @@ class ExpertTrainer:
         from selma_core.models.cuda_graph import CudaGraphError, GraphedCall
 
         args = (dataset, on_log, checkpoints, latent_cache, on_validate, on_warmup, on_step)
-        self._doing = "encoding"
+        self._doing = "training"  # measuring attention kernels at the training batch's shapes first
         try:
             with sdpa_backend(self.choose_attention().backend):
                 return self._train(*args)
@@ -884,8 +884,8 @@ class ExpertTrainer:
             print(
                 f"train: {cfg.gradient_accumulation} micro-batches of {cfg.batch_size} images cannot be "
                 f"shared evenly by {world_size} processes; some processes idle part of every step. "
-                f"Choose a gradient_accumulation that {world_size} divides, or a batch_size that "
-                f"{world_size // math.gcd(cfg.gradient_accumulation, world_size)} divides",
+                f"Choose a gradient_accumulation that is a multiple of {world_size}, or a batch_size "
+                f"that is a multiple of {world_size // math.gcd(cfg.gradient_accumulation, world_size)}",
                 file=sys.stderr,
             )
         resolution = self.training_resolution()
@@ -900,6 +900,7 @@ class ExpertTrainer:
         self.latent_cache_use = "off"
         encoded = None
         if cfg.cache_latents:
+            self._doing = "encoding"
             encoded = self._encode_dataset(dataset, pixels_u8, texts, resolution, latent_cache)
             self._place_encoded(encoded)
             # Micro-batches read the encoded tensors alone: the pixels (SDXL: 3 MB an image, in every

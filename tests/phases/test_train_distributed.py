@@ -21,25 +21,26 @@ from selma_core.phases.train import ExpertTrainer, TrainConfig, micro_batch_part
 
 from .test_train import tiny_dataset
 
-# (gradient_accumulation, random_flip, log_every) with 2 images a micro-batch, on two processes:
-# - 2: one whole micro-batch each;
-# - 1: each micro-batch cut in two, one image each (SELMA's 16 x 4 on 8 GPUs, in small);
-# - 3: three micro-batches cut in six parts, three each, the losses read from the device (and summed
-#   over the processes) two steps at once.
-CASES = [(2, False, 1), (1, False, 1), (3, True, 3)]
-# Images per UNet call in each of the two processes, a step.
-ROWS_PER_RANK = {2: [2], 1: [1], 3: [1, 1, 1]}
+# (batch_size, gradient_accumulation, random_flip, log_every), on two processes:
+# - 2 x 2: one whole micro-batch each;
+# - 2 x 1: each micro-batch cut in two, one image each (SELMA's 16 x 4 on 8 GPUs, in small);
+# - 2 x 3: three micro-batches cut in six parts, three each, the losses read from the device (and
+#   summed over the processes) two steps at once;
+# - 1 x 1: one image cannot be cut in two: the second process idles, adding zeros.
+CASES = [(2, 2, False, 1), (2, 1, False, 1), (2, 3, True, 3), (1, 1, False, 1)]
+# Images in each UNet call of each of the two processes, a step, by case.
+ROWS_PER_RANK = [([2], [2]), ([1], [1]), ([1, 1, 1], [1, 1, 1]), ([1], [])]
 STEPS = 3
 # The train job's MLflow runs.
 JOB_RUNS = "tags.`selma.phase` = 'train' and tags.`selma.skill` = 'counting'"
 
 
-def train_case(model_cache, dataset, accumulation: int, flip: bool, log_every: int):
+def train_case(model_cache, dataset, batch: int, accumulation: int, flip: bool, log_every: int):
     cfg = TrainConfig(
         rank=2,
         alpha=4,
         steps=STEPS,
-        batch_size=2,
+        batch_size=batch,
         gradient_accumulation=accumulation,
         learning_rate=1e-2,
         log_every=log_every,
@@ -86,13 +87,13 @@ def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
     mp.spawn(_worker, args=(2, free_port(), model_cache, dataset, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for case, (params, history, _, rows) in enumerate(single):
-        accumulation = CASES[case][0]
-        assert rows == [2] * accumulation * STEPS
+        batch, accumulation = CASES[case][:2]
+        assert rows == [batch] * accumulation * STEPS
         assert max(float(p.abs().max()) for p in params) > 0
-        for rank_results in ranks:
+        for rank, rank_results in enumerate(ranks):
             rank_params, rank_history, rank_attention, rank_rows = rank_results[case]
             assert rank_attention == "math"
-            assert rank_rows == ROWS_PER_RANK[accumulation] * STEPS  # an equal share, every step
+            assert rank_rows == ROWS_PER_RANK[case][rank] * STEPS  # its share, every step
             assert [s for s, _ in rank_history] == [s for s, _ in history]
             for (_, loss), (_, rank_loss) in zip(history, rank_history, strict=True):
                 assert rank_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
