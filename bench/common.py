@@ -187,8 +187,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--no-restart-check",
         action="store_true",
-        help="with --compile, skip the restart measurement (a new process loading the compiled kernels "
-        "from the store into an empty inductor cache, as a job on a fresh node does)",
+        help="when the project compiles, skip the restart measurement (a new process loading the "
+        "compiled kernels from the store into an empty inductor cache, as a job on a fresh node does)",
     )
     parser.add_argument(
         "--restart-timeout", type=float, default=300, help="seconds for the compiled restart (default: 300)"

@@ -19,10 +19,11 @@ Throughput is images per second over ``--batches`` batches after one untimed war
 compiles); the last line printed is one JSON object (also appended to
 $OUT/generate_throughput.jsonl when $OUT is set).
 
-With ``--compile`` the project keeps its compiled kernels in a store compile cache, as the images
-phase does (loaded before the warm-up batch, saved after it); then, unless ``--no-restart-check``,
-a restart is measured: a new process with an empty inductor cache (a job on a fresh node) loads
-them from the store and draws its first batch (``compile_restart_warmup_s``).
+When the project compiles (``--compile``, or ``auto`` on a GPU) it keeps its compiled kernels in a
+store compile cache, as the images phase does (loaded before the warm-up batch, saved after it);
+then, unless ``--no-restart-check``, a restart is measured: a new process with an empty inductor
+cache (a job on a fresh node) loads them from the store and draws its first batch
+(``compile_restart_warmup_s``).
 """
 
 from __future__ import annotations

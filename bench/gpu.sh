@@ -43,8 +43,9 @@ run() {  # run LIMIT_S NAME WORK_SUBDIR SCRIPT ARGS...: measurements sharing WOR
 
 # Times on an H200 (2026-11-27, bench/RESULTS.md), model building and the reference included:
 # SD 1.x training ~255 s (a cold compile of the whole UNet takes 145 s); SDXL training ~140 s (its
-# 16 block graphs compile in 93 s); generation ~145 s; each with its profile. The restarts from
-# the store were measured then (SD 1.x 28 s, SDXL 23 s) and are not measured again.
+# 16 block graphs compile in 93 s); generation ~145 s; each with its profile. The training restarts
+# from the store were measured then (SD 1.x 28 s, SDXL 23 s) and are not measured again (every
+# training measurement passes --no-restart-check); generation's is measured below.
 # A measurement's `-graph` twin runs the project with `--cuda-graph`: in training each micro-batch
 # replayed as a CUDA graph, in generation the compiled UNet (the GPU sat idle 51% of each SDXL
 # training step, 8% of each SD 1.x one and of each generation batch, waiting for Python to launch

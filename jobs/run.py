@@ -30,7 +30,8 @@ line (their errors go to stderr). Any other phase with ``WORLD_SIZE`` > 1 is a c
 (exit 2). A rank that fails exits non-zero; torchrun then stops the others (SIGTERM, rank 0 ends its
 MLflow run as failed when it can) and itself exits 1 (torchrun reports any worker failure as 1,
 whatever the worker's code); launched as ``python -m jobs.run ... --nproc-per-node N`` (what the
-Kubernetes executor runs), jobs.run starts torchrun itself and exits with rank 0's exit code.
+Kubernetes executor runs, and the local one with ``executor.train_gpus`` > 1), jobs.run starts
+torchrun itself and exits with rank 0's exit code.
 A rank that hangs without exiting is bounded by the process group's timeout
 (``SELMA_DIST_TIMEOUT_S``, default 1800 s; see ``selma_core.distributed``).
 """

@@ -202,12 +202,13 @@ class ExecutorConfig:
     # still a process of its own, with its own environment, log and exit status.
     fork_server: bool = True
     # Local executor: the GPUs jobs are placed on. Each process of a GPU phase (images, train,
-    # merge-search, eval; prompts with a transformers LLM) sees one of them (CUDA_VISIBLE_DEVICES),
-    # the one running the fewest processes, so side-by-side jobs and an images job's processes
-    # spread over the GPUs. null: every GPU the controller sees (CUDA_VISIBLE_DEVICES's where it is
-    # set, else nvidia-smi's); a list: those of them, by position (0: the first, as nvidia-smi
-    # numbers them, or the first of CUDA_VISIBLE_DEVICES); []: none placed, each job sees what the
-    # controller sees (so too with device naming one GPU, cuda:1).
+    # merge-search, eval; prompts with a transformers LLM) sees one of them (CUDA_VISIBLE_DEVICES;
+    # a train job, train_gpus of them), the one running the fewest processes, so side-by-side jobs
+    # and an images job's processes spread over the GPUs. null: every GPU the controller sees
+    # (CUDA_VISIBLE_DEVICES's where it is set, else nvidia-smi's); a list: those of them, by
+    # position (0: the first, as nvidia-smi numbers them, or the first of CUDA_VISIBLE_DEVICES);
+    # []: none placed, each job sees what the controller sees (so too with device naming one GPU,
+    # cuda:1).
     gpus: list[int] | None = None
     # Local executor: GPUs one train job trains its expert on, data parallel (torchrun, one process
     # a GPU; the same global batch as on one). The Kubernetes executor's is kubernetes.train_gpus.

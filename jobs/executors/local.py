@@ -9,7 +9,8 @@ each, with a log each (``images-<skill>.I-of-N.log``): the job runs until all N 
 succeeded if all did and one of them committed the output (or found it committed).
 
 On a machine with several GPUs, each process of a GPU phase (``GPU_PHASES``) sees one of them
-(``CUDA_VISIBLE_DEVICES``): the one running the fewest of this executor's processes
+(``CUDA_VISIBLE_DEVICES``; a train job with ``train_gpus`` N, the N least busy): the one running
+the fewest of this executor's processes
 (``GpuPlacement``), so that side-by-side jobs and an images job's processes spread over the GPUs
 instead of all drawing on the first.
 

@@ -11,7 +11,7 @@ Recipe, one skill per job (``docs/images.md`` tells the whole story):
    near-uniform: every channel's pixel standard deviation below ``uniform_threshold``) and
    ``nsfw_checker`` (flagged by a ``StableDiffusionSafetyChecker``). The counts go into the shard's
    record, ``shards.json`` and the MLflow metrics ``images.filtered.<reason>``.
-5. Write WebDataset-layout tar shards (``<key>.jpg`` + ``<key>.json``) of ``shard_size`` prompts
+5. Write WebDataset-layout tar shards (``<key>.jpg`` + ``<key>.json``) of ``shard_size`` images
    (``shard-00000.tar``, ``shard-00001.tar``, ...; the prompts' order, whatever the batch size).
    Each shard is saved to the store as soon as it is complete (``<key>/_shards/``: the tar, then
    its record: size, SHA-256, dropped images), so a killed job's rerun checks and reuses the saved

@@ -9,7 +9,8 @@ Recipe, one skill per job:
    to_out.0). Only the LoRA factors train.
 3. Standard latent-diffusion loss: noise the VAE latents at a random timestep and regress the UNet's
    output on the scheduler's target (``epsilon`` or ``v_prediction``, from the model's own config).
-   SDXL gets its pooled text embedding and size/crop time ids. AdamW, gradient accumulation,
+   SDXL gets its pooled text embedding and each image's own size/crop time ids (``ImageCrop``).
+   AdamW, gradient accumulation,
    clipping at ``max_grad_norm``. A non-finite loss stops the job.
 4. Commit the adapter exactly as ``pipeline.save_lora_weights`` writes it (``load_lora_weights``
    reads it back), the same in kohya/A1111 keys (``kohya/``), ``expert.json`` (settings, final
@@ -48,7 +49,8 @@ Checkpoints (``selma_core.checkpoints``): every ``checkpoint_every`` steps rank 
 AdamW's state, every RNG state (the one generator above is also the data order), the step and the
 loss history so far under ``<key>/_checkpoints/step-NNNNNNNN/`` (safetensors + JSON, no pickle) and
 keeps the newest ``checkpoints_keep``. A job killed mid-training resumes, on every process, from the
-newest checkpoint that verifies (a damaged one is skipped, with a warning, for the one before) and
+newest checkpoint that verifies (a damaged one, or one trained at another resolution, is skipped,
+with a warning, for the one before) and
 commits, on CPU, bit for bit the adapter and loss curve of an uninterrupted run; its MLflow run gets
 the curve so far, then goes on at the next step. Under ``mixed_precision: fp16`` the checkpoint also
 holds the loss scaler's state. The checkpoints are deleted once the adapter is committed; a kill in
