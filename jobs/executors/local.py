@@ -10,9 +10,8 @@ succeeded if all did and one of them committed the output (or found it committed
 
 On a machine with several GPUs, each process of a GPU phase (``GPU_PHASES``) sees one of them
 (``CUDA_VISIBLE_DEVICES``; a train job with ``train_gpus`` N, the N least busy): the one running
-the fewest of this executor's processes
-(``GpuPlacement``), so that side-by-side jobs and an images job's processes spread over the GPUs
-instead of all drawing on the first.
+the fewest of this executor's processes (``GpuPlacement``), so that side-by-side jobs and an images
+job's processes spread over the GPUs instead of all drawing on the first.
 
 A train job with ``executor.train_gpus`` N > 1 trains its expert data-parallel on N GPUs, as a
 Kubernetes pod with ``train_gpus`` does: one process, ``jobs.run ... --nproc-per-node N``, which
@@ -292,19 +291,21 @@ class LocalExecutor(Executor):
         placed[index] = gpus
         return {**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
-    def _launched(self, job: JobSpec, command: list[str]) -> list[str]:
-        """``command``, for a train job with ``train_gpus`` > 1, launching its ranks itself."""
-        if (
-            job.phase != "train"
-            or self.train_gpus == 1
-            or any(a.startswith("--nproc-per-node") for a in command)
-        ):
-            return command
-        return [*command, f"--nproc-per-node={self.train_gpus}"]
+    def _process_commands(self, job: JobSpec, command: list[str]) -> list[list[str]]:
+        """Each of ``job``'s processes' commands: an images job's shares (``processes``), or the one
+        command, launching its ranks itself for a train job with ``train_gpus`` > 1."""
+        count = self.processes(job, command)
+        if count > 1:
+            return [image_process_command(command, count, i) for i in range(count)]
+        launches = any(a.startswith("--nproc-per-node") for a in command)
+        if job.phase != "train" or self.train_gpus == 1 or launches:
+            return [command]
+        return [[*command, f"--nproc-per-node={self.train_gpus}"]]
 
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        count = self.processes(job, command)
+        commands = self._process_commands(job, command)
+        count = len(commands)
         logs = self._log_paths(job, count)
         # Process index -> its GPUs, given back as each process ends (_give_back_ended).
         gpus: dict[int, list[str]] = {}
@@ -314,10 +315,7 @@ class LocalExecutor(Executor):
         if count * ranks > 1:  # the job's share of the cores, split between its processes
             threads = str(max(1, int(self.threads_per_job) // (count * ranks)))
         try:
-            for i, log in enumerate(logs):
-                process_command = (
-                    self._launched(job, command) if count == 1 else image_process_command(command, count, i)
-                )
+            for i, (process_command, log) in enumerate(zip(commands, logs, strict=True)):
                 processes.append(self._start(process_command, log, self._on_gpu(job, env, gpus, i), threads))
         except BaseException:
             # Neither a job half started nor a GPU counted for a process that is not watched.
@@ -398,14 +396,12 @@ class LocalExecutor(Executor):
                 self._server = None
 
     def describe(self, job: JobSpec, command: list[str]) -> str:
-        count = self.processes(job, command)
-        if count == 1:
-            launched = self._command(self._launched(job, command))
-            return f"{job.id}: {shlex.join(launched)}  > {self.log_dir / (job.name + '.log')}"
+        commands = self._process_commands(job, command)
+        count = len(commands)
         lines = []
-        for i, log in enumerate(self._log_paths(job, count)):
-            process = shlex.join(self._command(image_process_command(command, count, i)))
-            lines.append(f"{job.id} [{i}/{count}]: {process}  > {log}")
+        for i, (process_command, log) in enumerate(zip(commands, self._log_paths(job, count), strict=True)):
+            where = f" [{i}/{count}]" if count > 1 else ""
+            lines.append(f"{job.id}{where}: {shlex.join(self._command(process_command))}  > {log}")
         return "\n".join(lines)
 
 
