@@ -128,6 +128,61 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds in every process (one collective): where all must take one path."""
+    if not _initialized():
+        return flag
+    import torch.distributed as dist
+
+    return all_reduce_sum([1.0 if flag else 0.0])[0] == dist.get_world_size()
+
+
+def all_gather_object(obj) -> list:
+    """Every process's ``obj`` (picklable, small), by rank; ``[obj]`` without a process group."""
+    import torch.distributed as dist
+
+    if not _initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# Bytes a collective of assemble_rows moves at once: its buffer on the GPU under NCCL.
+ASSEMBLE_CHUNK_BYTES = 256 * 2**20
+
+
+def assemble_rows(rows: list[int], values, total: int):
+    """One CPU tensor of ``total`` rows, each computed by one process: this process computed
+    ``values[k]`` as row ``rows[k]`` (``values`` None when it computed none); every row must be
+    some process's, and only one's. Without a process group: ``values``, rows ``0 .. total - 1``.
+
+    The rows travel as their bytes (a sum of one process's bytes and every other's zeros, in
+    chunks), so every process gets exactly the bits their process computed, in any dtype.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not _initialized():
+        if rows != list(range(total)):
+            raise ValueError(f"one process must compute every row, 0 .. {total - 1}")
+        return values
+    # A process that computed no row learns the rows' shape and dtype from one that did.
+    described = all_gather_object(None if values is None else (tuple(values.shape[1:]), str(values.dtype)))
+    shape, dtype = next(d for d in described if d is not None)
+    full = torch.zeros((total, *shape), dtype=getattr(torch, dtype.removeprefix("torch.")))
+    if values is not None:
+        full[rows] = values.to("cpu", full.dtype)
+    flat = full.view(-1).view(torch.uint8)
+    device = _group_device()
+    for start in range(0, flat.numel(), ASSEMBLE_CHUNK_BYTES):
+        chunk = flat[start : start + ASSEMBLE_CHUNK_BYTES]
+        buffer = chunk.to(device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        chunk.copy_(buffer)
+    return full
+
+
 def broadcast_tensors(tensors, src: int = 0) -> None:
     """Overwrite every process's tensors with rank ``src``'s, in place."""
     import torch.distributed as dist

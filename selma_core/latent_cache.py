@@ -19,7 +19,10 @@ half-written entry is never visible), as::
                                                                   concatenated) and, for SDXL,
                                                                   ``<id>/pooled_prompt_embeds``
                           /<attempt>/cache.json                   format, what the digest hashed, the
-                                                                  sample ids in order, SDXL's time ids
+                                                                  usable samples' ids in order and
+                                                                  where each one's crop came from;
+                                                                  the skipped images and why; SDXL's
+                                                                  time ids
 
 Safetensors and JSON only, no pickle. The posterior's parameters, not a sampled latent, are cached:
 training still draws ``mean + std * randn`` with its own generator at every step (diffusers'
@@ -28,10 +31,13 @@ is encoded alone (a batch of one), with the cache and without it (``ExpertTraine
 do not depend on which images share a batch: the adapter is the same, bit for bit on CPU.
 
 The digest hashes a format version, the dataset's content (every sample's id, prompt and JPEG
-SHA-256, in order: equal to hashing the images output's key and more, since images drawn again
-under the same key with other bytes get another entry), the base model id and revision (the VAE and
-text encoders), the training resolution and the compute dtype. Reruns, resumed jobs and every expert
-trained on the same images with the same model find the same entry.
+SHA-256, in order, undecodable images included: equal to hashing the images output's key and more,
+since images drawn again under the same key with other bytes get another entry), the base model id
+and revision (the VAE and text encoders), the training resolution and the compute dtype. Reruns,
+resumed jobs and every expert trained on the same images with the same model find the same entry.
+The entry also says which images could not be used and why, and where each usable image's crop came
+from, so a job that finds it decodes no image at all: the tensors, the skipped images and SDXL's
+crop conditioning are all in it.
 
 Reading fetches the entry with ``fetch_dir`` (every file's size and SHA-256 checked against the
 manifest); a damaged entry (a file missing, truncated or altered; a corrupt manifest; tensors that
@@ -52,7 +58,8 @@ from typing import Any
 
 from selma_core.errors import InputError
 
-FORMAT_VERSION = 1
+# 2: the digest hashes every sample, undecodable ones too; the entry lists the skipped ones and the crops.
+FORMAT_VERSION = 2
 CACHE_PREFIX = "cache/latents"
 LATENT_FILES = {False: "latents.safetensors", True: "latents-flipped.safetensors"}
 TEXT_FILE = "text.safetensors"
@@ -80,9 +87,13 @@ def dataset_digest(dataset: list[tuple[dict, bytes]]) -> str:
 
 @dataclass
 class Encoded:
-    """One dataset's encoder outputs, stacked in dataset order (on CPU)."""
+    """One dataset's encoder outputs, stacked in dataset order (on CPU): its usable samples'."""
 
-    ids: list[str]
+    ids: list[str]  # the usable samples' ids, in dataset order
+    # Per usable sample: where its crop came from (the trainer's ImageCrop, as integers).
+    crops: list[tuple[int, ...]] = field(default_factory=list)
+    # The samples that could not be used: id -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
     # flipped (False / True) -> (N, 2 * latent channels, h, w): the VAE posterior's parameters
     latents: dict[bool, Any] = field(default_factory=dict)
     # "prompt_embeds" (N, L, D) and, for SDXL, "pooled_prompt_embeds" (N, P)
@@ -128,8 +139,9 @@ class LatentCache:
         return f"{CACHE_PREFIX}/{digest[:32]}"
 
     def load(self, spec: dict, ids: list[str]) -> Encoded | None:
-        """The committed entry, every file verified; None when there is none or it is unusable (a
-        warning names what is wrong: the damaged object's URL, for a file that fails its check)."""
+        """The committed entry of the dataset whose samples' ids are ``ids``, every file verified;
+        None when there is none or it is unusable (a warning names what is wrong: the damaged
+        object's URL, for a file that fails its check)."""
         key = self.key(spec)
         if not self.store.is_committed(key):
             return None
@@ -170,13 +182,21 @@ def write_entry(folder: Path, spec: dict, encoded: Encoded, extra: dict) -> None
     for name, tensor in encoded.text.items():
         text.update({f"{i}/{name}": row for i, row in zip(encoded.ids, rows(tensor), strict=True)})
     save_file(text, str(folder / TEXT_FILE))
-    index = {**extra, "spec": spec, "ids": encoded.ids, "flipped": sorted(encoded.latents)}
+    index = {
+        **extra,
+        "spec": spec,
+        "ids": encoded.ids,
+        "crops": [list(crop) for crop in encoded.crops],
+        "skipped": encoded.skipped,
+        "flipped": sorted(encoded.latents),
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
 
 
 def read_entry(folder: Path, spec: dict, ids: list[str]) -> Encoded:
-    """An entry's files read back and stacked in ``ids`` order; ``ValueError`` when they are not
-    this dataset's (another spec, other ids, a tensor missing or of another shape or dtype)."""
+    """An entry's files read back and stacked in dataset order; ``ValueError`` when they are not
+    the dataset's whose samples' ids are ``ids`` (another spec, other ids, a tensor missing or of
+    another shape or dtype)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -187,8 +207,19 @@ def read_entry(folder: Path, spec: dict, ids: list[str]) -> Encoded:
     index = json.loads(index_path.read_text())
     if not isinstance(index, dict) or index.get("spec") != spec:
         raise ValueError(f"{INDEX_FILE} was written for another dataset, model or format")
-    if index.get("ids") != ids:
+    skipped, crops = index.get("skipped"), index.get("crops")
+    if not isinstance(skipped, dict) or not all(isinstance(v, str) for v in skipped.values()):
+        raise ValueError(f"{INDEX_FILE}: expected the skipped images, id -> why")
+    usable = [i for i in ids if i not in skipped]
+    if index.get("ids") != usable or len(usable) + len(skipped) != len(ids) or not usable:
         raise ValueError(f"{INDEX_FILE} lists other sample ids than the dataset's")
+    if (
+        not isinstance(crops, list)
+        or len(crops) != len(usable)
+        or not all(isinstance(c, list) and len(c) == 5 and all(isinstance(v, int) for v in c) for c in crops)
+    ):
+        raise ValueError(f"{INDEX_FILE}: expected a crop (5 integers) per usable sample")
+    ids = usable
 
     def load(name: str) -> dict:
         try:
@@ -204,7 +235,7 @@ def read_entry(folder: Path, spec: dict, ids: list[str]) -> Encoded:
             raise ValueError(f"{what}: its tensors differ in shape or dtype")
         return torch.stack([tensors[n] for n in names])
 
-    encoded = Encoded(ids)
+    encoded = Encoded(ids, [tuple(c) for c in crops], dict(skipped))
     for flipped in index.get("flipped", []):
         if flipped not in LATENT_FILES:
             raise ValueError(f"{INDEX_FILE}: unknown orientation {flipped!r}")

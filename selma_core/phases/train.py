@@ -41,8 +41,10 @@ Encoder outputs (``train.cache_latents``, on by default; ``selma_core.latent_cac
 and text encoder(s) run once per dataset, before the first step, each image and prompt alone (a batch
 of one); the VAE posterior's parameters (both orientations with ``random_flip``) and the prompts'
 embeddings are committed under ``cache/latents/<digest>`` and reused by reruns, resumed jobs and every
-expert trained on the same images with the same base model, resolution and dtype. A damaged entry is
-reported and computed again. Without the cache each micro-batch's distinct images and prompts are
+expert trained on the same images with the same base model, resolution and dtype; with each image's
+crop and the undecodable images, so a job that finds the entry decodes no image. A damaged entry is
+reported and computed again. Several processes share the decoding and encoding (each 1/W of the
+images). Without the cache each micro-batch's distinct images and prompts are
 encoded, also alone, so the adapter is the same (bit for bit on CPU) with the cache and without.
 
 Checkpoints (``selma_core.checkpoints``): every ``checkpoint_every`` steps rank 0 commits the LoRA,
@@ -277,28 +279,31 @@ class DecodedImages(NamedTuple):
     crops: list[ImageCrop]
 
 
-def _decode_images(
-    dataset: list[tuple[dict, bytes]], resolution: int, max_bad_share: float = 0.0
-) -> DecodedImages:
-    """The dataset's usable samples and their pixels: each image resized so its short side is R,
-    centre-cropped; where each crop came from (``ImageCrop``).
+class DecodedShare(NamedTuple):
+    """Some of a dataset's images, decoded (``_decode_share``)."""
 
-    An image that cannot be decoded (or is too small, too large, a decompression bomb) is skipped and
-    reported; when more than ``max_bad_share`` of the dataset is skipped the job fails with an
-    ``InputError`` naming them.
-    """
+    positions: list[int]  # the usable images' positions in the dataset, ascending
+    pixels: object  # their uint8 tensor (N, 3, R, R); None when there are none
+    crops: list[ImageCrop]
+    skipped: dict[int, str]  # position -> why the image cannot be used
+
+
+def _decode_share(dataset: list[tuple[dict, bytes]], resolution: int, positions) -> DecodedShare:
+    """The images at ``positions``: each resized so its short side is R, centre-cropped, and where
+    its crop came from (``ImageCrop``). One that cannot be decoded (or is too small, too large, a
+    decompression bomb) is skipped, with why."""
     import numpy as np
     import torch
     from PIL import Image
 
-    arrays, kept, bad, crops = [], [], [], []
-    for sample in dataset:
-        meta, jpeg = sample
+    arrays, kept, crops, skipped = [], [], [], {}
+    for position in positions:
+        meta, jpeg = dataset[position]
         try:
             # Its size is checked from the header before any pixel is decoded (decompression bombs).
             image = open_image(jpeg, str(meta.get("id")))
         except InputError as e:
-            bad.append(str(e))
+            skipped[position] = str(e)
             continue
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -308,17 +313,54 @@ def _decode_images(
         crops.append(ImageCrop(*original, top, left, image.width - resolution - left))
         image = image.crop((left, top, left + resolution, top + resolution))
         arrays.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
-        kept.append(sample)
-    if bad:
-        share = len(bad) / len(dataset)
-        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        if share > max_bad_share or not kept:
-            raise InputError(
-                f"{len(bad)} of {len(dataset)} image(s) cannot be used, more than train.max_bad_image_share "
-                f"({max_bad_share:.1%}): {listed}"
-            )
-        print(f"train: skipped {len(bad)} of {len(dataset)} image(s): {listed}", file=sys.stderr)
-    return DecodedImages(kept, torch.from_numpy(np.stack(arrays)), crops)
+        kept.append(position)
+    pixels = torch.from_numpy(np.stack(arrays)) if arrays else None
+    return DecodedShare(kept, pixels, crops, skipped)
+
+
+class SharedDecode(NamedTuple):
+    """A dataset's images, decoded by a job's processes together: each process decoded those at the
+    positions p with p % W == its rank, and the processes exchanged what they found."""
+
+    positions: list[int]  # every usable image's position in the dataset, ascending
+    crops: list[tuple[int, ...]]  # each usable image's ImageCrop, by row (positions' order)
+    skipped: dict[int, str]  # position -> why the image cannot be used, ascending
+    mine_rows: list[int]  # the rows (usable images) this process decoded, ascending
+    mine_pixels: object  # their uint8 pixels, in mine_rows' order; None when there are none
+
+
+def _cat_rows(tensors: list):
+    """``tensors`` (each a few rows) as one CPU tensor; None when there are none."""
+    import torch
+
+    return torch.cat([t.cpu() for t in tensors]) if tensors else None
+
+
+def _check_skipped(reasons: list[str], total: int, max_bad_share: float) -> None:
+    """Report the images that cannot be used (``reasons``, of ``total``); an ``InputError`` naming
+    them when they are more than ``max_bad_share`` of the dataset, or all of it."""
+    if not reasons:
+        return
+    listed = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    if len(reasons) / total > max_bad_share or len(reasons) == total:
+        raise InputError(
+            f"{len(reasons)} of {total} image(s) cannot be used, more than train.max_bad_image_share "
+            f"({max_bad_share:.1%}): {listed}"
+        )
+    print(f"train: skipped {len(reasons)} of {total} image(s): {listed}", file=sys.stderr)
+
+
+def _decode_images(
+    dataset: list[tuple[dict, bytes]], resolution: int, max_bad_share: float = 0.0
+) -> DecodedImages:
+    """The dataset's usable samples, their pixels and crops (``_decode_share``, every image).
+
+    Images that cannot be used are skipped and reported; when they are more than ``max_bad_share``
+    of the dataset the job fails with an ``InputError`` naming them.
+    """
+    decoded = _decode_share(dataset, resolution, range(len(dataset)))
+    _check_skipped(list(decoded.skipped.values()), len(dataset), max_bad_share)
+    return DecodedImages([dataset[p] for p in decoded.positions], decoded.pixels, decoded.crops)
 
 
 class ExpertTrainer:
@@ -510,43 +552,107 @@ class ExpertTrainer:
             "time_ids": time_ids.to(prompt_embeds.dtype),
         }
 
-    def _encode_dataset(self, dataset, pixels_u8, texts: list[str], resolution: int, latent_cache=None):
-        """Every image's posterior parameters (both orientations with ``random_flip``) and every
-        prompt's embeddings: from ``latent_cache`` (a ``selma_core.latent_cache.LatentCache``) when
-        it holds them and they verify, else computed and committed there. Sets ``latent_cache_use``:
-        "hit", "computed" or "memory" (no store cache given)."""
-        import torch
+    def _encode_dataset(self, dataset, resolution: int, latent_cache=None) -> tuple[list, object]:
+        """The dataset's usable samples and their encoder outputs (an ``Encoded``): every image's
+        posterior parameters (both orientations with ``random_flip``), every prompt's embeddings,
+        every image's crop. From ``latent_cache`` (a ``selma_core.latent_cache.LatentCache``) when it
+        holds them all and they verify: then no image is decoded. Else the images are decoded and
+        encoded (reusing what the entry holds: a run with ``random_flip`` adds the flipped images to
+        an entry without them) and the entry committed. Sets ``latent_cache_use``: "hit",
+        "computed" or "memory" (no store cache given).
 
+        Under torchrun the processes share the work: each decodes and encodes the images (and their
+        prompts) at the positions p with p % W == its rank, and every process gets every row.
+        """
+        from selma_core import distributed
         from selma_core.latent_cache import Encoded, sample_ids
 
         ids = sample_ids(dataset)
         orientations = [False, True] if self.cfg.random_flip else [False]
         spec = latent_cache.spec(dataset, resolution, str(self.dtype)) if latent_cache else None
-        encoded = latent_cache.load(spec, ids) if latent_cache else None
-        if encoded is not None:
-            problem = self._check_encoded(encoded, len(dataset), resolution)
+        entry = latent_cache.load(spec, ids) if latent_cache else None
+        if entry is not None:
+            problem = self._check_encoded(entry, len(entry.ids), resolution)
             if problem:
                 latent_cache.warn(latent_cache.key(spec), problem)
-                encoded = None
-        cached = encoded is not None
-        encoded = encoded or Encoded(ids)
-        if not encoded.text:
-            rows = [self._encode_text(text) for text in texts]
-            encoded.text = {name: torch.cat([r[name] for r in rows]).cpu() for name in rows[0]}
-        missing = [flipped for flipped in orientations if flipped not in encoded.latents]
-        for flipped in missing:
-            encoded.latents[flipped] = torch.cat(
-                [self._encode_image(pixels_u8[i : i + 1], flipped).cpu() for i in range(len(dataset))]
-            )
+                entry = None
+        # Every process takes the same path (the collectives below): the entry serves if it serves all.
+        if distributed.all_true(entry is not None and all(f in entry.latents for f in orientations)):
+            skipped = [entry.skipped[i] for i in ids if i in entry.skipped]
+            _check_skipped(skipped, len(ids), self.cfg.max_bad_image_share)
+            self.latent_cache_use = "hit"
+            return [sample for sample, i in zip(dataset, ids, strict=True) if i not in entry.skipped], entry
+
+        decoded = self._decode_shared(dataset, resolution)
+        usable = [ids[p] for p in decoded.positions]
+        if entry is not None and entry.ids != usable:  # its images decode otherwise here: not this entry
+            entry = None
+        encoded = Encoded(usable, decoded.crops, {ids[p]: why for p, why in decoded.skipped.items()})
+        if distributed.all_true(entry is not None):
+            encoded.text, encoded.latents = entry.text, dict(entry.latents)
+        else:
+            encoded.text = self._encode_texts_shared(dataset, decoded)
+        for flipped in orientations:
+            if flipped not in encoded.latents:
+                encoded.latents[flipped] = self._encode_images_shared(decoded, flipped)
         self.latent_cache_use = "memory"
         if latent_cache is not None:
-            self.latent_cache_use = "hit" if cached and not missing else "computed"
-            if self.latent_cache_use == "computed":
-                extra = {}
-                if self.sdxl:  # for whoever reads the entry: which crop each image's latents are of
-                    extra["sdxl_time_ids"] = dict(zip(ids, self._time_ids[False].tolist(), strict=True))
-                latent_cache.save(spec, encoded, extra)
-        return encoded
+            self.latent_cache_use = "computed"
+            extra = {}
+            if self.sdxl:  # for whoever reads the entry: which crop each image's latents are of
+                time_ids = [ImageCrop(*crop).sdxl_time_ids(resolution) for crop in encoded.crops]
+                extra["sdxl_time_ids"] = dict(zip(usable, time_ids, strict=True))
+            latent_cache.save(spec, encoded, extra)
+        return [dataset[p] for p in decoded.positions], encoded
+
+    def _decode_shared(self, dataset, resolution: int) -> SharedDecode:
+        """The dataset's images decoded by this job's processes together (``SharedDecode``); the
+        undecodable ones reported, or an ``InputError`` in every process when there are too many."""
+        from selma_core import distributed
+
+        rank, world_size = distributed.rank_and_size()
+        mine = _decode_share(dataset, resolution, range(rank, len(dataset), world_size))
+        crops, skipped = {}, {}
+        for positions, share_crops, share_skipped in distributed.all_gather_object(
+            (mine.positions, mine.crops, mine.skipped)
+        ):
+            crops.update(zip(positions, share_crops, strict=True))
+            skipped.update(share_skipped)
+        skipped = dict(sorted(skipped.items()))
+        _check_skipped(list(skipped.values()), len(dataset), self.cfg.max_bad_image_share)
+        positions = sorted(crops)
+        mine_rows = [row for row, p in enumerate(positions) if p % world_size == rank]
+        return SharedDecode(positions, [tuple(crops[p]) for p in positions], skipped, mine_rows, mine.pixels)
+
+    def _encode_texts_shared(self, dataset, decoded: SharedDecode) -> dict:
+        """Every usable sample's prompt embeddings (``_encode_text``), each process encoding its rows."""
+        from selma_core import distributed
+
+        rows = [self._encode_text(dataset[decoded.positions[row]][0]["prompt"]) for row in decoded.mine_rows]
+        # A process with no row learns the names from one with some.
+        names = next(n for n in distributed.all_gather_object(sorted(rows[0]) if rows else None) if n)
+        return {
+            name: distributed.assemble_rows(
+                decoded.mine_rows, _cat_rows([r[name] for r in rows]), len(decoded.positions)
+            )
+            for name in names
+        }
+
+    def _encode_images_shared(self, decoded: SharedDecode, flipped: bool):
+        """Every usable image's posterior parameters (``_encode_image``), each process encoding its
+        rows (a progress bar on rank 0, for its share)."""
+        from tqdm import tqdm
+
+        from selma_core import distributed
+
+        mine = tqdm(
+            range(len(decoded.mine_rows)),
+            desc="encode" + (" flipped" if flipped else ""),
+            unit="image",
+            disable=not distributed.is_main(),
+        )
+        latents = _cat_rows([self._encode_image(decoded.mine_pixels[k : k + 1], flipped) for k in mine])
+        return distributed.assemble_rows(decoded.mine_rows, latents, len(decoded.positions))
 
     def _place_encoded(self, encoded) -> None:
         """On CUDA, the dataset's encoder outputs (read by every micro-batch) on the GPU when they
@@ -891,7 +997,17 @@ class ExpertTrainer:
                 file=sys.stderr,
             )
         resolution = self.training_resolution()
-        usable, pixels_u8, crops = _decode_images(dataset, resolution, cfg.max_bad_image_share)
+        self.latent_cache_use = "off"
+        encoded, pixels_u8 = None, None
+        if cfg.cache_latents:
+            # Micro-batches read the encoded tensors alone: no process keeps the pixels (SDXL: 3 MB
+            # an image), and none decodes any where the cache has them.
+            self._doing = "encoding"
+            usable, encoded = self._encode_dataset(dataset, resolution, latent_cache)
+            crops = [ImageCrop(*crop) for crop in encoded.crops]
+            self._place_encoded(encoded)
+        else:
+            usable, pixels_u8, crops = _decode_images(dataset, resolution, cfg.max_bad_image_share)
         self.images_skipped = len(dataset) - len(usable)
         if self.sdxl:
             self._place_time_ids(crops, resolution)
@@ -899,15 +1015,6 @@ class ExpertTrainer:
         texts = [meta["prompt"] for meta, _ in dataset]
         side = resolution // self.pipe.vae_scale_factor
         latent_shape = (cfg.batch_size, self.pipe.vae.config.latent_channels, side, side)
-        self.latent_cache_use = "off"
-        encoded = None
-        if cfg.cache_latents:
-            self._doing = "encoding"
-            encoded = self._encode_dataset(dataset, pixels_u8, texts, resolution, latent_cache)
-            self._place_encoded(encoded)
-            # Micro-batches read the encoded tensors alone: the pixels (SDXL: 3 MB an image, in every
-            # process) go.
-            pixels_u8 = None
         self._doing = "training"
         generator = torch.Generator().manual_seed(cfg.seed)
         history: list[tuple[int, float]] = []

@@ -1,7 +1,8 @@
 """Data-parallel expert training (torchrun, gloo on CPU): the same update as one process, one job.
 
-Exactness: two processes that split a step's micro-batches between them end with the LoRA weights
-(and losses) one process gets, to float rounding. End to end: ``torchrun --nproc-per-node=2 -m
+Exactness: two processes that split a step's micro-batches between them, and the encoding of the
+dataset's images and prompts, end with the LoRA weights (and losses) one process gets, to float
+rounding. End to end: ``torchrun --nproc-per-node=2 -m
 jobs.run --phase train`` is one job (one commit, one MLflow run, one result line).
 """
 
@@ -21,21 +22,36 @@ from selma_core.phases.train import ExpertTrainer, TrainConfig, micro_batch_part
 
 from .test_train import tiny_dataset
 
-# (batch_size, gradient_accumulation, random_flip, log_every), on two processes:
+# (batch_size, gradient_accumulation, random_flip, log_every, images), on two processes:
 # - 2 x 2: one whole micro-batch each;
 # - 2 x 1: each micro-batch cut in two, one image each (SELMA's 16 x 4 on 8 GPUs, in small);
 # - 2 x 3: three micro-batches cut in six parts, three each, the losses read from the device (and
-#   summed over the processes) two steps at once;
-# - 1 x 1: one image cannot be cut in two: the second process idles, adding zeros.
-CASES = [(2, 2, False, 1), (2, 1, False, 1), (2, 3, True, 3), (1, 1, False, 1)]
+#   summed over the processes) two steps at once; the second of four images cannot be decoded, so
+#   the second process finds it and encodes one image (both orientations) of the three;
+# - 1 x 1, a dataset of one image: it cannot be cut in two, and the second process idles, adding
+#   zeros; it has no image to encode either.
+CASES = [
+    (2, 2, False, 1, "all"),
+    (2, 1, False, 1, "all"),
+    (2, 3, True, 3, "one broken"),
+    (1, 1, False, 1, "one"),
+]
 # Images in each UNet call of each of the two processes, a step, by case.
 ROWS_PER_RANK = [([2], [2]), ([1], [1]), ([1, 1, 1], [1, 1, 1]), ([1], [])]
+# Prompts and images each of the two processes encodes (each image once per orientation), by case.
+ENCODED_PER_RANK = [((2, 2), (1, 1)), ((2, 2), (1, 1)), ((2, 4), (1, 2)), ((1, 1), (0, 0))]
+BROKEN = ({"id": "broken", "prompt": "an image that cannot be decoded"}, b"\xff\xd8 not a jpeg")
 STEPS = 3
 # The train job's MLflow runs.
 JOB_RUNS = "tags.`selma.phase` = 'train' and tags.`selma.skill` = 'counting'"
 
 
-def train_case(model_cache, dataset, batch: int, accumulation: int, flip: bool, log_every: int):
+def case_dataset(dataset, images: str) -> list:
+    return {"all": dataset, "one broken": [dataset[0], BROKEN, *dataset[1:]], "one": dataset[:1]}[images]
+
+
+def train_case(model_cache, dataset, batch: int, accumulation: int, flip: bool, log_every: int, images: str):
+    dataset = case_dataset(dataset, images)
     cfg = TrainConfig(
         rank=2,
         alpha=4,
@@ -45,13 +61,33 @@ def train_case(model_cache, dataset, batch: int, accumulation: int, flip: bool, 
         learning_rate=1e-2,
         log_every=log_every,
         random_flip=flip,
+        max_bad_image_share=0.5,
     )
     torch.manual_seed(cfg.seed)  # the LoRA's init, as train_expert seeds it
     trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
     rows: list[int] = []  # images in each UNet call
     trainer.pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    encoded = {"text": 0, "image": 0}  # prompts and images this process encoded
+
+    def counted(name: str, encode):
+        def wrapper(*args):
+            encoded[name] += 1
+            return encode(*args)
+
+        return wrapper
+
+    trainer._encode_text = counted("text", trainer._encode_text)
+    trainer._encode_image = counted("image", trainer._encode_image)
     history = trainer.train(dataset)
-    return [p.detach().clone() for p in trainer.params], history, trainer.attention.backend, rows
+    skipped = trainer.images_skipped
+    return (
+        [p.detach().clone() for p in trainer.params],
+        history,
+        trainer.attention.backend,
+        rows,
+        encoded,
+        skipped,
+    )
 
 
 def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir) -> None:
@@ -79,6 +115,8 @@ def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir
     distributed.shutdown()
 
 
+# One thread, as each process has: the thread count alone changes float rounding.
+@pytest.mark.usefixtures("one_torch_thread")
 def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
     import torch.multiprocessing as mp
 
@@ -86,14 +124,20 @@ def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
     single = [train_case(model_cache, dataset, *case) for case in CASES]
     mp.spawn(_worker, args=(2, free_port(), model_cache, dataset, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for case, (params, history, _, rows) in enumerate(single):
-        batch, accumulation = CASES[case][:2]
+    for case, (params, history, _, rows, encoded, skipped) in enumerate(single):
+        batch, accumulation, flip, _, images = CASES[case]
         assert rows == [batch] * accumulation * STEPS
         assert max(float(p.abs().max()) for p in params) > 0
+        usable = len(case_dataset(dataset, images)) - skipped
+        assert encoded == {"text": usable, "image": usable * (1 + flip)}
         for rank, rank_results in enumerate(ranks):
-            rank_params, rank_history, rank_attention, rank_rows = rank_results[case]
+            rank_params, rank_history, rank_attention, rank_rows, rank_encoded, rank_skipped = rank_results[
+                case
+            ]
             assert rank_attention == "math"
             assert rank_rows == ROWS_PER_RANK[case][rank] * STEPS  # its share, every step
+            assert (rank_encoded["text"], rank_encoded["image"]) == ENCODED_PER_RANK[case][rank]
+            assert rank_skipped == skipped == (images == "one broken")
             assert [s for s, _ in rank_history] == [s for s, _ in history]
             for (_, loss), (_, rank_loss) in zip(history, rank_history, strict=True):
                 assert rank_loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
