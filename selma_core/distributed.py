@@ -163,13 +163,20 @@ def assemble_rows(rows: list[int], values, total: int):
     import torch
     import torch.distributed as dist
 
+    if (0 if values is None else len(values)) != len(rows):
+        raise ValueError(f"{len(rows)} rows named, {0 if values is None else len(values)} given")
     if not _initialized():
         if rows != list(range(total)):
             raise ValueError(f"one process must compute every row, 0 .. {total - 1}")
         return values
     # A process that computed no row learns the rows' shape and dtype from one that did.
-    described = all_gather_object(None if values is None else (tuple(values.shape[1:]), str(values.dtype)))
-    shape, dtype = next(d for d in described if d is not None)
+    described = all_gather_object(
+        (sorted(rows), None if values is None else (tuple(values.shape[1:]), str(values.dtype)))
+    )
+    # Checked in every process alike (all raise or none): a row summed twice would be garbage.
+    if sorted(r for named, _ in described for r in named) != list(range(total)):
+        raise ValueError(f"the processes' rows are not 0 .. {total - 1}, each computed once")
+    shape, dtype = next(d for _, d in described if d is not None)
     full = torch.zeros((total, *shape), dtype=getattr(torch, dtype.removeprefix("torch.")))
     if values is not None:
         full[rows] = values.to("cpu", full.dtype)
@@ -180,6 +187,9 @@ def assemble_rows(rows: list[int], values, total: int):
         buffer = chunk.to(device)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         chunk.copy_(buffer)
+        del buffer
+    if device.type == "cuda":  # the buffers' cached blocks would count as used memory after this
+        torch.cuda.empty_cache()
     return full
 
 

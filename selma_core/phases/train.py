@@ -2,8 +2,9 @@
 
 Recipe, one skill per job:
 1. Read the skill's committed images (a WebDataset-layout tar) and decode them to ``resolution``
-   (default: SELMA's, 512 px for SD 1.x/2.x, 1024 for SDXL), centre-cropped; ``random_flip`` is
-   off by default because it turns "left of" into "right of".
+   (default: SELMA's, 512 px for SD 1.x/2.x, 1024 for SDXL), centre-cropped (not where the latent
+   cache below holds their encodings already); ``random_flip`` is off by default because it turns
+   "left of" into "right of".
 2. Load the base model; freeze the VAE, text encoder(s) and UNet; add a peft LoRA (``rank``,
    ``alpha``, Gaussian init) on ``target_modules`` of the UNet's attention (SELMA: to_q, to_k, to_v,
    to_out.0). Only the LoRA factors train.
@@ -593,7 +594,9 @@ class ExpertTrainer:
         else:
             encoded.text = self._encode_texts_shared(dataset, decoded)
         for flipped in orientations:
-            if flipped not in encoded.latents:
+            # Agreed orientation by orientation: another job may have added one to the entry
+            # between two processes' reads of it.
+            if not distributed.all_true(flipped in encoded.latents):
                 encoded.latents[flipped] = self._encode_images_shared(decoded, flipped)
         self.latent_cache_use = "memory"
         if latent_cache is not None:
@@ -1306,7 +1309,7 @@ def train_expert(ctx, skill_name: str) -> dict:
     checkpoints = CheckpointStore(ctx.store, ctx.job.key, ctx.scratch_dir, cfg.checkpoints_keep)
     if ctx.commits and ctx.store.is_committed(ctx.job.key):
         checkpoints.clear()  # a forced rerun (--force) starts afresh
-    # Rank 0 commits the cache; the other ranks read it, or compute the same tensors themselves.
+    # Rank 0 commits the cache; every rank reads it, or computes its share of the tensors (1/W).
     latent_cache = LatentCache(
         ctx.store,
         ctx.scratch_dir,

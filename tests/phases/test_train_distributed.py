@@ -8,6 +8,7 @@ jobs.run --phase train`` is one job (one commit, one MLflow run, one result line
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -46,6 +47,22 @@ STEPS = 3
 JOB_RUNS = "tags.`selma.phase` = 'train' and tags.`selma.skill` = 'counting'"
 
 
+def count_encoding(trainer) -> dict:
+    """What ``trainer`` will encode: prompts ("text") and images ("image"), counted."""
+    encoded = {"text": 0, "image": 0}
+
+    def counted(name: str, encode):
+        def wrapper(*args):
+            encoded[name] += 1
+            return encode(*args)
+
+        return wrapper
+
+    trainer._encode_text = counted("text", trainer._encode_text)
+    trainer._encode_image = counted("image", trainer._encode_image)
+    return encoded
+
+
 def case_dataset(dataset, images: str) -> list:
     return {"all": dataset, "one broken": [dataset[0], BROKEN, *dataset[1:]], "one": dataset[:1]}[images]
 
@@ -67,17 +84,7 @@ def train_case(model_cache, dataset, batch: int, accumulation: int, flip: bool, 
     trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
     rows: list[int] = []  # images in each UNet call
     trainer.pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
-    encoded = {"text": 0, "image": 0}  # prompts and images this process encoded
-
-    def counted(name: str, encode):
-        def wrapper(*args):
-            encoded[name] += 1
-            return encode(*args)
-
-        return wrapper
-
-    trainer._encode_text = counted("text", trainer._encode_text)
-    trainer._encode_image = counted("image", trainer._encode_image)
+    encoded = count_encoding(trainer)
     history = trainer.train(dataset)
     skipped = trainer.images_skipped
     return (
@@ -90,8 +97,9 @@ def train_case(model_cache, dataset, batch: int, accumulation: int, flip: bool, 
     )
 
 
-def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir) -> None:
-    """One torchrun-like process: its environment as torchrun sets it, then the trainer."""
+def _worker(rank: int, world_size: int, port: int, model_cache, datasets: dict, out_dir) -> None:
+    """One torchrun-like process: its environment as torchrun sets it, then the trainer: CASES on
+    ``datasets["cases"]``, then CACHE_RUNS on ``datasets["cache"]`` (a store in ``out_dir``)."""
     from selma_core import distributed
 
     os.environ.update(
@@ -110,20 +118,33 @@ def _worker(rank: int, world_size: int, port: int, model_cache, dataset, out_dir
 
     chosen = "math" if rank == 0 else "flash"
     attention.resolve_attention = lambda *args, **kwargs: attention.AttentionChoice(chosen)
-    results = [train_case(model_cache, dataset, *case) for case in CASES]
+    results = {"cases": [train_case(model_cache, datasets["cases"], *case) for case in CASES]}
+    store, scratch = os.path.join(out_dir, "store"), os.path.join(out_dir, f"scratch{rank}")
+    results["cache"] = cache_runs(model_cache, datasets["cache"], store, scratch, rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.shutdown()
 
 
-# One thread, as each process has: the thread count alone changes float rounding.
-@pytest.mark.usefixtures("one_torch_thread")
-def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, model_cache) -> tuple[dict, list, object]:
+    """Both tests' runs on two processes, started once: the datasets, each rank's results, and the
+    folder of their store."""
     import torch.multiprocessing as mp
 
+    out_dir = tmp_path_factory.mktemp("two-processes")
     dataset = tiny_dataset(model_cache)
+    datasets = {"cases": dataset, "cache": odd_sizes(dataset)}
+    mp.spawn(_worker, args=(2, free_port(), model_cache, datasets, str(out_dir)), nprocs=2, join=True)
+    return datasets, [torch.load(out_dir / f"rank{r}.pt") for r in range(2)], out_dir
+
+
+# One thread, as each process has: the thread count alone changes float rounding.
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_processes_give_the_single_process_update(model_cache, two_processes):
+    datasets, results, _ = two_processes
+    dataset = datasets["cases"]
     single = [train_case(model_cache, dataset, *case) for case in CASES]
-    mp.spawn(_worker, args=(2, free_port(), model_cache, dataset, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [r["cases"] for r in results]
     for case, (params, history, _, rows, encoded, skipped) in enumerate(single):
         batch, accumulation, flip, _, images = CASES[case]
         assert rows == [batch] * accumulation * STEPS
@@ -146,6 +167,111 @@ def test_two_processes_give_the_single_process_update(tmp_path, model_cache):
         # Both ranks applied the very same updates: identical weights, bit for bit.
         for p, q in zip(ranks[0][case][0], ranks[1][case][0], strict=True):
             assert torch.equal(p, q)
+
+
+# The latent cache with two processes, run after run on one store (rank 0 commits): (random_flip,
+# rank 1 finds no entry, what each rank finds, (prompts, images, images decoded) each encodes).
+CACHE_RUNS = [
+    (False, False, "computed", [(2, 2, 2), (1, 1, 1)]),  # rank 0 takes images 0 and 2, rank 1 image 1
+    (False, False, "hit", [(0, 0, 0), (0, 0, 0)]),  # nothing decoded, nothing encoded
+    (True, False, "computed", [(0, 2, 2), (0, 1, 1)]),  # the flipped images added; prompts reused
+    (False, True, "computed", [(2, 2, 2), (1, 1, 1)]),  # the processes disagree: both compute
+]
+
+
+def odd_sizes(dataset) -> list:
+    """The dataset's images at three other sizes: crops at other offsets, one not centred."""
+    from PIL import Image
+
+    resized = []
+    for (meta, jpeg), size in zip(dataset, [(49, 32), (32, 45), (40, 40)], strict=True):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpeg)).resize(size).save(buf, format="JPEG")
+        resized.append((meta, buf.getvalue()))
+    return resized
+
+
+def cache_runs(model_cache, dataset, store_dir, scratch, rank: int) -> list:
+    """CACHE_RUNS in this process: by run, what it found, what it encoded, its LoRA weights."""
+    from selma_core.latent_cache import LatentCache
+    from selma_core.phases import train as train_module
+    from selma_core.storage import LocalArtifactStore
+
+    cache = LatentCache(LocalArtifactStore(store_dir), scratch, "random:tiny-sd", None, commit=rank == 0)
+    load, open_image = cache.load, train_module.open_image
+    results = []
+    for flip, rank_1_blind, _, _ in CACHE_RUNS:
+        cfg = TrainConfig(rank=2, alpha=4, steps=2, batch_size=2, gradient_accumulation=2, random_flip=flip)
+        torch.manual_seed(cfg.seed)
+        trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+        encoded = count_encoding(trainer)
+        encoded["decoded"] = 0
+
+        def decoding(*args, encoded=encoded):
+            encoded["decoded"] += 1
+            return open_image(*args)
+
+        train_module.open_image = decoding
+        cache.load = (lambda spec, ids: None) if rank_1_blind and rank == 1 else load
+        trainer.train(dataset, latent_cache=cache)
+        params = [p.detach().clone() for p in trainer.params]
+        results.append(
+            (trainer.latent_cache_use, (encoded["text"], encoded["image"], encoded["decoded"]), params)
+        )
+    train_module.open_image = open_image
+    return results
+
+
+def entry_tensors(store_dir, scratch) -> tuple[dict, dict]:
+    """The store's one latent cache entry: its index and its tensors, by file and name."""
+    from safetensors.torch import load_file
+
+    from selma_core.latent_cache import CACHE_PREFIX, INDEX_FILE
+    from selma_core.storage import LocalArtifactStore
+
+    store = LocalArtifactStore(store_dir)
+    (key,) = {k.rsplit("/", 1)[0] for k in store.list_keys(CACHE_PREFIX) if k.endswith("/_manifest.json")}
+    folder = store.fetch_dir(key, scratch)
+    index = json.loads((folder / INDEX_FILE).read_text())
+    return index, {p.name: load_file(str(p)) for p in folder.glob("*.safetensors")}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_processes_share_the_latent_cache_work_and_agree_on_the_entry(
+    tmp_path, model_cache, two_processes
+):
+    """Each process decodes and encodes its share of the images (of three sizes); the entry rank 0
+    commits holds, bit for bit, the tensors and crops one process computes; both then find it and
+    decode nothing, add the flipped images by shares, and compute it all again when one of them
+    finds no entry."""
+    from selma_core.phases.train import _decode_images
+
+    datasets, results, out_dir = two_processes
+    dataset = datasets["cache"]
+    single = cache_runs(model_cache, dataset, tmp_path / "single", tmp_path / "single-scratch", 0)
+    single_index, single_tensors = entry_tensors(tmp_path / "single", tmp_path / "single-fetched")
+    ranks = [r["cache"] for r in results]
+    for run, (_, _, use, encoded) in enumerate(CACHE_RUNS):
+        for rank in range(2):
+            assert ranks[rank][run][:2] == (use, encoded[rank]), (run, rank)
+            # Both processes hold the very same weights, those one process trains, to float rounding.
+            for p, q in zip(ranks[0][run][2], ranks[rank][run][2], strict=True):
+                assert torch.equal(p, q)
+            for p, q in zip(single[run][2], ranks[rank][run][2], strict=True):
+                torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
+    # The same data and settings, whether computed, read from the entry or computed again.
+    for run in (1, 3):
+        assert all(torch.equal(p, q) for p, q in zip(ranks[0][0][2], ranks[0][run][2], strict=True))
+
+    index, tensors = entry_tensors(out_dir / "store", tmp_path / "fetched")
+    crops = [list(crop) for crop in _decode_images(dataset, 32).crops]
+    assert crops == [[32, 49, 0, 8, 9], [45, 32, 6, 0, 0], [40, 40, 0, 0, 0]]  # (h, w, top, left, mirrored)
+    assert index["crops"] == single_index["crops"] == crops
+    # The last run recommitted what it computed: the unflipped latents and the prompts.
+    assert sorted(tensors) == ["latents.safetensors", "text.safetensors"]
+    for name, named in tensors.items():
+        for key, tensor in named.items():
+            assert torch.equal(tensor, single_tensors[name][key]), (name, key)
 
 
 @pytest.mark.parametrize(
