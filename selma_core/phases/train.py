@@ -598,6 +598,9 @@ class ExpertTrainer:
             # between two processes' reads of it.
             if not distributed.all_true(flipped in encoded.latents):
                 encoded.latents[flipped] = self._encode_images_shared(decoded, flipped)
+        if entry is not None:  # this process's entry (not every one's): recommitted with what it held
+            for flipped, latents in entry.latents.items():
+                encoded.latents.setdefault(flipped, latents)
         self.latent_cache_use = "memory"
         if latent_cache is not None:
             self.latent_cache_use = "computed"
@@ -1007,6 +1010,8 @@ class ExpertTrainer:
             # an image), and none decodes any where the cache has them.
             self._doing = "encoding"
             usable, encoded = self._encode_dataset(dataset, resolution, latent_cache)
+            # Only the orientations training reads are kept (an entry may hold both).
+            encoded.latents = {f: t for f, t in encoded.latents.items() if cfg.random_flip or not f}
             crops = [ImageCrop(*crop) for crop in encoded.crops]
             self._place_encoded(encoded)
         else:

@@ -267,8 +267,9 @@ def test_two_processes_share_the_latent_cache_work_and_agree_on_the_entry(
     crops = [list(crop) for crop in _decode_images(dataset, 32).crops]
     assert crops == [[32, 49, 0, 8, 9], [45, 32, 6, 0, 0], [40, 40, 0, 0, 0]]  # (h, w, top, left, mirrored)
     assert index["crops"] == single_index["crops"] == crops
-    # The last run recommitted what it computed: the unflipped latents and the prompts.
-    assert sorted(tensors) == ["latents.safetensors", "text.safetensors"]
+    # The last run recomputed the unflipped latents and the prompts; rank 0 recommitted them with
+    # the flipped latents its entry held.
+    assert sorted(tensors) == ["latents-flipped.safetensors", "latents.safetensors", "text.safetensors"]
     for name, named in tensors.items():
         for key, tensor in named.items():
             assert torch.equal(tensor, single_tensors[name][key]), (name, key)
