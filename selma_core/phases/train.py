@@ -324,7 +324,7 @@ class SharedDecode(NamedTuple):
     positions p with p % W == its rank, and the processes exchanged what they found."""
 
     positions: list[int]  # every usable image's position in the dataset, ascending
-    crops: list[tuple[int, ...]]  # each usable image's ImageCrop, by row (positions' order)
+    crops: list[ImageCrop]  # each usable image's, by row (positions' order)
     skipped: dict[int, str]  # position -> why the image cannot be used, ascending
     mine_rows: list[int]  # the rows (usable images) this process decoded, ascending
     mine_pixels: object  # their uint8 pixels, in mine_rows' order; None when there are none
@@ -493,6 +493,10 @@ class ExpertTrainer:
         native = self.native_resolution()
         return native if self.sdxl else min(native, SELMA_SD_RESOLUTION)
 
+    def _text_names(self) -> list[str]:
+        """The text encoders' outputs training reads (``_encode_text``'s keys)."""
+        return ["prompt_embeds", "pooled_prompt_embeds"] if self.sdxl else ["prompt_embeds"]
+
     def _encode_text(self, text: str) -> dict:
         """One prompt's text-encoder outputs, encoded alone (a batch of one): ``prompt_embeds`` and,
         for SDXL, ``pooled_prompt_embeds``, each with a leading dimension of 1."""
@@ -628,20 +632,18 @@ class ExpertTrainer:
         _check_skipped(list(skipped.values()), len(dataset), self.cfg.max_bad_image_share)
         positions = sorted(crops)
         mine_rows = [row for row, p in enumerate(positions) if p % world_size == rank]
-        return SharedDecode(positions, [tuple(crops[p]) for p in positions], skipped, mine_rows, mine.pixels)
+        return SharedDecode(positions, [crops[p] for p in positions], skipped, mine_rows, mine.pixels)
 
     def _encode_texts_shared(self, dataset, decoded: SharedDecode) -> dict:
         """Every usable sample's prompt embeddings (``_encode_text``), each process encoding its rows."""
         from selma_core import distributed
 
         rows = [self._encode_text(dataset[decoded.positions[row]][0]["prompt"]) for row in decoded.mine_rows]
-        # A process with no row learns the names from one with some.
-        names = next(n for n in distributed.all_gather_object(sorted(rows[0]) if rows else None) if n)
         return {
             name: distributed.assemble_rows(
                 decoded.mine_rows, _cat_rows([r[name] for r in rows]), len(decoded.positions)
             )
-            for name in names
+            for name in self._text_names()
         }
 
     def _encode_images_shared(self, decoded: SharedDecode, flipped: bool):
@@ -731,7 +733,7 @@ class ExpertTrainer:
         for params in encoded.latents.values():
             if tuple(params.shape) != expected or params.dtype != self.dtype:
                 return f"latents {tuple(params.shape)} {params.dtype}, expected {expected} {self.dtype}"
-        names = {"prompt_embeds", "pooled_prompt_embeds"} if self.sdxl else {"prompt_embeds"}
+        names = set(self._text_names())
         if set(encoded.text) != names or any(len(t) != n_images for t in encoded.text.values()):
             return f"text embeddings {sorted(encoded.text)}, expected {sorted(names)} per sample"
         return None
