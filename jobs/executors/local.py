@@ -284,12 +284,15 @@ class LocalExecutor(Executor):
     ) -> dict[str, str]:
         """``env`` for process ``index`` of ``job``: seeing its GPUs (one, or ``train_gpus`` for a
         train job), noted in ``placed``, for a GPU phase on a machine with GPUs."""
-        count = self.train_gpus if job.phase == "train" else 1
-        gpus = self.gpus.take(count) if job.phase in self.gpu_phases else []
+        gpus = self.gpus.take(self._ranks(job)) if job.phase in self.gpu_phases else []
         if not gpus:
             return env
         placed[index] = gpus
         return {**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+
+    def _ranks(self, job: JobSpec) -> int:
+        """The ranks (torchrun's processes, one GPU each) each of ``job``'s processes runs."""
+        return self.train_gpus if job.phase == "train" else 1
 
     def _process_commands(self, job: JobSpec, command: list[str]) -> list[list[str]]:
         """Each of ``job``'s processes' commands: an images job's shares (``processes``), or the one
@@ -311,7 +314,7 @@ class LocalExecutor(Executor):
         gpus: dict[int, list[str]] = {}
         processes: list[Process] = []
         threads = self.threads_per_job
-        ranks = self.train_gpus if job.phase == "train" else 1  # torchrun's processes
+        ranks = self._ranks(job)
         if count * ranks > 1:  # the job's share of the cores, split between its processes
             threads = str(max(1, int(self.threads_per_job) // (count * ranks)))
         try:
