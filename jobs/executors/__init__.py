@@ -35,7 +35,7 @@ def _gpus_for_data_parallel_training(cfg: PipelineConfig, placed: list[str] | No
     ``executor.train_gpus`` before any job runs, not when the first train job starts hours later."""
     import sys
 
-    from jobs.executors.local import visible_gpus
+    from jobs.executors.local import too_few_gpus, visible_gpus
 
     count = cfg.executor.train_gpus
     if cfg.device not in ("auto", "cuda", "cpu"):
@@ -47,9 +47,7 @@ def _gpus_for_data_parallel_training(cfg: PipelineConfig, placed: list[str] | No
     if not gpus:  # the ranks train on the CPU
         return placed
     if count > len(gpus):
-        raise ConfigError(
-            f"executor.train_gpus: {count}, but jobs are placed on {len(gpus)} GPU(s) ({', '.join(gpus)})"
-        )
+        raise too_few_gpus(count, gpus)
     if cfg.executor.max_parallel * count > len(gpus):
         print(
             f"warning: up to {cfg.executor.max_parallel} train jobs (executor.max_parallel) of "

@@ -105,6 +105,15 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in listed.stdout.splitlines() if line.strip().startswith("GPU-")]
 
 
+def too_few_gpus(count: int, gpus: list[str]) -> ConfigError:
+    """The error for train jobs of ``count`` GPUs each (``executor.train_gpus``) when jobs are placed
+    on fewer, said alike whether the controller finds it before any job runs or an executor at a
+    job's start."""
+    return ConfigError(
+        f"executor.train_gpus: {count}, but jobs are placed on {len(gpus)} GPU(s) ({', '.join(gpus)})"
+    )
+
+
 class GpuPlacement:
     """Which GPU each new process of a GPU job sees: the one running the fewest processes now (the
     first listed, on a tie). More processes than GPUs share them; none are held back. ``gpus``: as
@@ -140,10 +149,7 @@ class GpuPlacement:
             if not running:
                 return []
             if count > len(running):
-                raise ConfigError(
-                    f"executor.train_gpus: {count}, but this machine shows {len(running)} GPU(s) "
-                    f"({', '.join(running)})"
-                )
+                raise too_few_gpus(count, list(running))
             # The least busy first, the first listed on a tie (sorted is stable; dicts keep order).
             gpus = sorted(running, key=running.__getitem__)[:count]
             for gpu in gpus:

@@ -305,7 +305,7 @@ def test_a_train_job_with_train_gpus_launches_its_ranks_on_the_least_busy_gpus(t
     # More GPUs than the machine has: a config error naming them, nothing started or taken.
     greedy = LocalExecutor(tmp_path / "logs", gpus=["0", "1"], train_gpus=3)
     with pytest.raises(
-        ConfigError, match=r"executor.train_gpus: 3, but this machine shows 2 GPU\(s\) \(0, 1\)"
+        ConfigError, match=r"executor.train_gpus: 3, but jobs are placed on 2 GPU\(s\) \(0, 1\)"
     ):
         greedy.submit(TRAIN, command, env)
     assert greedy.gpus.running == {"0": 0, "1": 0}
