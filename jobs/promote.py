@@ -5,14 +5,17 @@
 Compares the candidate (``--version``, else the version with alias ``candidate``) with the current
 ``champion`` on the evaluation scores tagged on each version: promoted only if its mean score is
 not worse and no skill regresses by more than ``promote.max_skill_regression``. Promotion moves
-``champion`` to the candidate and ``previous`` to the old champion. Prints the comparison table;
-the last line is one JSON object. Exit code: 0 promoted (or the candidate already is the champion),
-3 refused, 2 invalid input, 1 a service failed (worth a retry).
+``champion`` to the candidate and ``previous`` to the old champion. Every verdict is tagged on the
+candidate (``selma.promotion.verdict``, and ``selma.promotion.judged``: what it was judged on), so
+that ``--unless-judged`` (what ``jobs.retrain`` runs) judges a version only once for the same scores,
+champion and gate. Prints the comparison table; the last line is one JSON object. Exit code: 0
+promoted (or nothing new to judge), 3 refused, 2 invalid input, 1 a service failed (worth a retry).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 
@@ -21,13 +24,44 @@ from selma_core.errors import ConfigError, SelmaError
 # Distinct from 1 (a service failed, worth a retry) and 2 (invalid input): the gate said no.
 EXIT_REFUSED = 3
 
+# Tags on the judged version: the verdict, and a digest of all it rests on (the scores of both
+# versions, the champion's version, the gate), so a rerun with nothing new does not judge again.
+VERDICT_TAG, JUDGED_TAG = "selma.promotion.verdict", "selma.promotion.judged"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="pipeline config YAML (its registered model)")
     parser.add_argument("--version", help="the version to consider (default: the one aliased 'candidate')")
     parser.add_argument("--max-skill-regression", type=float, help="override promote.max_skill_regression")
+    parser.add_argument(
+        "--unless-judged",
+        action="store_true",
+        help="exit 0 without judging when there is nothing new to judge: the candidate was judged "
+        "before on the same scores, against the same champion, with the same gate (or the config "
+        "registers no merged model, merge.method adapters). What jobs.retrain runs",
+    )
     return parser
+
+
+def unchanged(name: str, candidate: str | None, champion: str | None, reason: str) -> dict:
+    """The outcome when there is nothing to judge (exit 0, no alias moved)."""
+    print(f"{name}: nothing to promote: {reason}")
+    return {
+        "model": name,
+        "candidate": candidate,
+        "champion": champion,
+        "promoted": False,
+        "reasons": [reason],
+        "rows": [],
+        "unchanged": True,
+    }
+
+
+def judgement_digest(candidate: dict, champion: dict | None, champion_version: str | None, gate: dict) -> str:
+    """What a verdict rests on, as a short digest."""
+    basis = {"candidate": candidate, "champion": champion, "champion_version": champion_version, "gate": gate}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def promote(args: argparse.Namespace) -> dict:
@@ -36,10 +70,13 @@ def promote(args: argparse.Namespace) -> dict:
     from selma_core.tracking import open_tracker
 
     cfg = load_config(args.config)
-    if cfg.merge.method == "adapters":
-        raise ConfigError("merge.method adapters registers no merged model, so there is nothing to promote")
-    tracker = open_tracker(cfg.tracking)
     name = cfg.registered_model_name
+    if cfg.merge.method == "adapters":
+        why = "merge.method adapters registers no merged model, so there is nothing to promote"
+        if args.unless_judged:
+            return unchanged(name, None, None, why)
+        raise ConfigError(why)
+    tracker = open_tracker(cfg.tracking)
     candidate = (
         tracker.model_version(name, version=args.version)
         if args.version
@@ -51,16 +88,9 @@ def promote(args: argparse.Namespace) -> dict:
     champion = tracker.model_version(name, alias="champion")
     if champion is not None and champion.version == candidate.version:
         # Nothing new was trained (a rerun that skipped everything): not a failure, nothing to do.
-        print(f"{name}: v{candidate.version} is already the champion; nothing to promote")
-        return {
-            "model": name,
-            "candidate": candidate.version,
-            "champion": champion.version,
-            "promoted": False,
-            "reasons": ["already the champion"],
-            "rows": [],
-            "unchanged": True,
-        }
+        return unchanged(
+            name, candidate.version, champion.version, f"v{candidate.version} is already the champion"
+        )
     from selma_core.phases.evaluate import SETTINGS_TAG
 
     settings = (candidate.tags.get(SETTINGS_TAG), champion.tags.get(SETTINGS_TAG) if champion else None)
@@ -75,11 +105,23 @@ def promote(args: argparse.Namespace) -> dict:
     limit = (
         cfg.promote.max_skill_regression if args.max_skill_regression is None else args.max_skill_regression
     )
-    decision = decide(
-        scores_from_tags(candidate.tags, metric),
-        scores_from_tags(champion.tags, metric) if champion else None,
-        limit,
+    candidate_scores = scores_from_tags(candidate.tags, metric)
+    champion_scores = scores_from_tags(champion.tags, metric) if champion else None
+    champion_version = champion.version if champion else None
+    digest = judgement_digest(
+        candidate_scores, champion_scores, champion_version, {"metric": metric, "max_skill_regression": limit}
     )
+    if args.unless_judged and candidate.tags.get(JUDGED_TAG) == digest:
+        verdict = candidate.tags.get(VERDICT_TAG, "judged")
+        against = f"champion v{champion_version}" if champion else "no champion"
+        return unchanged(
+            name,
+            candidate.version,
+            champion_version,
+            f"v{candidate.version} was {verdict} before, on the same scores, against {against}, "
+            "with the same gate",
+        )
+    decision = decide(candidate_scores, champion_scores, limit)
     print(
         f"{name}: candidate v{candidate.version} vs champion "
         + (f"v{champion.version}" if champion else "(none)")
@@ -96,6 +138,8 @@ def promote(args: argparse.Namespace) -> dict:
         )
     else:
         print("refused: " + "; ".join(decision.reasons))
+    verdict = "promoted" if decision.promote else "refused"
+    tracker.set_model_version_tags(name, candidate.version, {VERDICT_TAG: verdict, JUDGED_TAG: digest})
     return {
         "model": name,
         "candidate": candidate.version,

@@ -4,9 +4,12 @@
 
 What CI runs (``.github/workflows/retrain.yml``), and what a person can run by hand: 1. ``python -m
 jobs.submit --phase all`` (work whose output exists is skipped, so only what changed is redone);
-2. ``python -m jobs.promote``; 3. a Markdown report (the jobs, the comparison table, the verdict)
-appended to ``--summary`` or ``$GITHUB_STEP_SUMMARY``. Exit code: the pipeline's when it fails,
-else the promotion's (0 promoted or nothing new, 3 refused).
+2. ``python -m jobs.promote --unless-judged``: the candidate is judged unless it was judged before
+on the same scores, champion and gate (so a candidate whose first run stopped before its gate, say
+at a failed eval, is judged by the rerun that completes it, and an unchanged rerun judges nothing);
+3. a Markdown report (the jobs, the comparison table, the verdict) appended to ``--summary`` or
+``$GITHUB_STEP_SUMMARY``. Exit code: the pipeline's when it fails, else the promotion's (0 promoted
+or nothing new, 3 refused); 130 when interrupted (SIGTERM too), after stopping the running step.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from jobs.signals import Terminated, terminate_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +39,23 @@ def _run(module: str, args: list[str]) -> tuple[int, dict]:
     )
     last = "{}"
     assert process.stdout is not None
-    for line in process.stdout:
-        sys.stdout.write(line)
-        if line.startswith("{"):
-            last = line
-    code = process.wait()
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            if line.startswith("{"):
+                last = line
+        code = process.wait()
+    except KeyboardInterrupt as e:
+        # The step (a controller with running jobs) cancels its own work when interrupted, and
+        # we wait for it, rather than leave it running without us. Ctrl-C in a terminal reached it
+        # too (the whole process group gets it); SIGTERM was ours alone: passed on. A second
+        # interrupt stops the wait.
+        if isinstance(e, Terminated):
+            process.terminate()
+        for line in process.stdout:  # what it says as it stops, its last JSON line included
+            sys.stdout.write(line)
+        process.wait()
+        raise
     try:
         return code, json.loads(last)
     except json.JSONDecodeError:
@@ -73,17 +90,18 @@ def report(config: str, pipeline: dict, promotion: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate_as_interrupt()
     submit_args = ["--phase", "all", "--config", args.config]
     if args.backend:
         submit_args += ["--backend", args.backend]
-    code, pipeline = _run("jobs.submit", submit_args)
-    promotion = None
-    merge = next((j for j in pipeline.get("jobs", []) if j.get("job") == "merge"), {})
-    if code == 0 and merge.get("status") == "skipped":
-        # No new merged model: whatever the registry holds was judged before.
-        promotion = {"unchanged": True, "candidate": None, "reasons": ["nothing new: the merge was skipped"]}
-    elif code == 0:
-        code, promotion = _run("jobs.promote", ["--config", args.config])
+    try:
+        code, pipeline = _run("jobs.submit", submit_args)
+        promotion = None
+        if code == 0:
+            code, promotion = _run("jobs.promote", ["--config", args.config, "--unless-judged"])
+    except KeyboardInterrupt:
+        print("interrupted: retraining stopped", file=sys.stderr)
+        return 130
     summary = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
     text = report(args.config, pipeline, promotion)
     if summary:

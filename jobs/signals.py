@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from collections.abc import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise ``KeyboardInterrupt``. Unlike Ctrl-C in a terminal,
+    which reaches the whole foreground process group, it was sent to this process alone."""
 
 
 def terminate_as_interrupt() -> None:
-    """Raise ``KeyboardInterrupt`` on SIGTERM: ``finally`` blocks close MLflow runs as FAILED and
-    remove staging folders; a controller cancels its running jobs."""
+    """Raise ``Terminated`` (a ``KeyboardInterrupt``) on SIGTERM: ``finally`` blocks close MLflow
+    runs as FAILED and remove staging folders; a controller cancels its running jobs."""
 
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM ignored inside: for cleanup that must finish once begun (cancelling every
+    running job after the first interrupt), which a second one would otherwise cut short, leaving
+    jobs running unwatched. Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -105,11 +105,20 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     register(11.0, 13.0, 9.0)
     code, out, _ = promote(config)
     assert code == 3 and out["reasons"] == ["skill b drops by 1.000 (more than max_skill_regression 0.5)"]
-    code, out, _ = promote(config, "--max-skill-regression", "2")  # a looser gate lets it through
+    # What jobs.retrain runs: judged before, on the same scores, champion and gate: nothing new.
+    code, out, text = promote(config, "--unless-judged")
+    assert code == 0 and out["unchanged"] and not out["promoted"]
+    assert "was refused before, on the same scores, against champion v" in out["reasons"][0]
+    # A looser gate is something new to judge: it lets the candidate through.
+    code, out, _ = promote(config, "--max-skill-regression", "2", "--unless-judged")
     assert code == 0 and out["promoted"]
     v3 = out["candidate"]
     assert tracker.model_version(name, alias="champion").version == v3
     assert tracker.model_version(name, alias="previous").version == v1
+    verdict = tracker.model_version(name, version=v3).tags
+    assert verdict["selma.promotion.verdict"] == "promoted" and verdict["selma.promotion.judged"]
+    code, out, _ = promote(config, "--unless-judged")
+    assert code == 0 and out["unchanged"] and out["reasons"] == [f"v{v3} is already the champion"]
 
     code, out, _ = promote(config, "--version", "99")
     assert code == 2 and "has no version 99" in out["error"]

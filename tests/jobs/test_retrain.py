@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO
@@ -66,15 +67,20 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "**Promoted** v1 to champion." in summary.read_text()
 
-    again = retrain(config, summary)  # nothing changed: everything skipped, nothing new to promote
-    assert again.returncode == 0
-    assert "Nothing new to promote: nothing new: the merge was skipped." in summary.read_text()
-    assert "| train:counting | skipped |" in summary.read_text()
-
-    # A champion that scores far higher (as if it had been trained longer): the next candidate loses.
+    # As if the first run had stopped before its gate (a failed eval, an MLflow outage at the
+    # promotion): the rerun finds every job done, and still judges the candidate nobody judged.
     cfg = load_config(config)
     tracker = open_tracker(cfg.tracking)
     champion = tracker.model_version(cfg.name, alias="champion")
+    tracker.client.delete_registered_model_alias(cfg.name, "champion")
+    for tag in ("selma.promotion.verdict", "selma.promotion.judged"):
+        tracker.client.delete_model_version_tag(cfg.name, champion.version, tag)
+    again = retrain(config, summary)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    text = summary.read_text()
+    assert text.count("**Promoted** v1 to champion.") == 2 and "| train:counting | skipped |" in text
+
+    # A champion that scores far higher (as if it had been trained longer): the next candidate loses.
     strong = {k: "1000" for k in champion.tags if k.startswith("selma.eval.clip_score.")}
     tracker.set_model_version_tags(cfg.name, champion.version, strong)
     changed = tiny_config(skills=["counting"], eval={"compare_experts": False}, train={"steps": 4})
@@ -83,3 +89,54 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     text = summary.read_text()
     assert "**Refused** v2: " in text and "below the champion's 1000.000" in text
     assert tracker.model_version(cfg.name, alias="champion").version == champion.version
+
+    unchanged = retrain(changed, summary)  # nothing changed since: nothing new to judge, CI stays green
+    assert unchanged.returncode == 0, unchanged.stdout[-3000:] + unchanged.stderr[-3000:]
+    assert "Nothing new to promote: v2 was refused before, on the same scores, against champion v1" in (
+        summary.read_text()
+    )
+
+
+def test_sigterm_stops_the_pipeline_and_its_running_job(tiny_config, tmp_path):
+    """SIGTERM to jobs.retrain (a CI runner cancelling): its pipeline's controller is told, cancels
+    its running job, and nothing is left running."""
+    import os
+    import signal
+    import socket
+
+    llm = socket.create_server(("127.0.0.1", 0))  # an LLM endpoint that takes requests, never answers
+    llm.settimeout(120)
+    openai = {
+        "base_url": f"http://127.0.0.1:{llm.getsockname()[1]}/v1",
+        "model": "fake-llm",
+        "api_key_env": "",
+        "max_retries": 0,
+    }
+    config = tiny_config(
+        skills=["counting"],
+        executor={"fork_server": False},
+        prompts={"backend": "openai", "concurrency": 1, "openai": openai},
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.retrain", "--config", str(config), "--summary", str(tmp_path / "s.md")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    connection, _ = llm.accept()  # the prompts job waits for the LLM
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out[-3000:] + err[-3000:]
+    assert '"error": "interrupted"' in out and "interrupted: retraining stopped" in err
+    connection.settimeout(60)
+    while connection.recv(65536):  # the request, then the end of the connection: the job ended
+        pass
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(config) in cmdline.read_text():
+                left.append(cmdline.parent.name)
+        except OSError:
+            continue  # ended while we looked
+    assert left == [] or left == [str(os.getpid())], left
