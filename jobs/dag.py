@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from jobs.executors.base import Executor, JobHandle, JobState
+from jobs.signals import interrupts_ignored
 from selma_core.plan import JobSpec
 
 
@@ -26,7 +27,9 @@ class JobOutcome:
     blocked_by: str | None = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Every job's phase, skill (null for merge and eval), status and id; other fields when set."""
+        always = ("phase", "skill", "status", "job")
+        return {k: v for k, v in asdict(self).items() if k in always or v is not None}
 
 
 def run_dag(
@@ -40,17 +43,18 @@ def run_dag(
     poll_interval: float = 0.5,
     heartbeat_s: float = 30.0,
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    ended: dict[str, JobOutcome] | None = None,
 ) -> list[JobOutcome]:
     """Run ``jobs`` (dependency order) and return one outcome per job, in the same order.
 
     A job starts when every dependency in ``jobs`` succeeded or was skipped; a job whose output is
     already committed is skipped without starting; a failed job blocks its dependents while
     independent jobs (other skills) go on. Ctrl-C, SIGTERM or any error cancels running jobs and
-    re-raises.
+    re-raises; ``ended``, when given, holds by then the outcome of every job that had ended.
     """
     selected = {j.id for j in jobs}
     checked: set[str] = set()  # jobs whose "already committed?" look-up was done (once each)
-    outcomes: dict[str, JobOutcome] = {}
+    outcomes: dict[str, JobOutcome] = {} if ended is None else ended
     running: dict[str, tuple[JobHandle, float, str]] = {}  # job id -> (handle, start, slot)
     pending = list(jobs)
     total = len(jobs)
@@ -127,12 +131,13 @@ def run_dag(
             if running:
                 time.sleep(poll_interval)
     except BaseException:
-        # Ctrl-C, SIGTERM or an error of the controller itself: no job is left running unwatched.
-        for job_id, (handle, _, _) in running.items():
-            echo(f"cancelling {job_id}")
-            try:
-                executor.cancel(handle)
-            except Exception as e:  # one failed cancel must not leave the others running
-                echo(f"could not cancel {job_id}: {e}")
+        # Ctrl-C, SIGTERM or an error of the controller itself: no job is left running unwatched,
+        # not even when the interrupt comes again while the jobs clean up.
+        if running:
+            echo(f"cancelling {', '.join(running)} (further interrupts are ignored until they have stopped)")
+            with interrupts_ignored():
+                errors = executor.cancel_all([handle for handle, _, _ in running.values()])
+            for job_id, error in errors.items():
+                echo(f"could not cancel {job_id}: {error}")
         raise
     return [outcomes[j.id] for j in jobs]

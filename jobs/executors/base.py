@@ -87,6 +87,18 @@ class Executor(ABC):
     @abstractmethod
     def cancel(self, handle: JobHandle) -> None: ...
 
+    def cancel_all(self, handles: list[JobHandle]) -> dict[str, Exception]:
+        """Cancel every job of ``handles``; the errors of those that could not be, by job id (one
+        failed cancel must not leave the others running). Executors whose cancel waits override it
+        to stop all jobs at once rather than one after another."""
+        errors: dict[str, Exception] = {}
+        for handle in handles:
+            try:
+                self.cancel(handle)
+            except Exception as e:
+                errors[handle.job.id] = e
+        return errors
+
     @abstractmethod
     def describe(self, job: JobSpec, command: list[str]) -> str:
         """What ``--dry-run`` prints for this job (a command line, a manifest)."""

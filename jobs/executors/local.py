@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,6 +58,10 @@ GPU_PHASES = frozenset({"images", "train", "merge-search", "eval"})
 
 # Process: what _start returns (a fresh process, or one forked by the fork server).
 Process = subprocess.Popen | ForkedProcess
+
+# How long cancelled jobs get, all together, to clean up after SIGTERM (close their MLflow runs,
+# remove staging folders) before SIGKILL.
+CANCEL_GRACE_S = 20.0
 
 
 def _shared(environment: dict[str, str]) -> dict[str, str]:
@@ -386,17 +391,25 @@ class LocalExecutor(Executor):
         return JobStatus(JobState.FAILED, 1, {"job": handle.job.id, "status": "failed", "error": error})
 
     def cancel(self, handle: JobHandle) -> None:
-        processes: list[Process] = handle.ref if isinstance(handle.ref, list) else [handle.ref]
-        running = [process for process in processes if process.poll() is None]
+        self.cancel_all([handle])
+
+    def cancel_all(self, handles: list[JobHandle]) -> dict[str, Exception]:
+        """SIGTERM to every process of every job first, then one grace period for all of them
+        (``CANCEL_GRACE_S``) to clean up, then SIGKILL for those still running."""
+        processes = {handle.job.id: _processes(handle) for handle in handles}
+        running = [process for group in processes.values() for process in group if process.poll() is None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):  # ended in between
                 os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + CANCEL_GRACE_S
         for process in running:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _kill(process)
-        self._give_back_ended(handle, [process.poll() for process in processes])
+        for handle in handles:
+            self._give_back_ended(handle, [process.poll() for process in processes[handle.job.id]])
+        return {}
 
     def close(self) -> None:
         with self._server_lock:
@@ -412,6 +425,11 @@ class LocalExecutor(Executor):
             where = f" [{i}/{count}]" if count > 1 else ""
             lines.append(f"{job.id}{where}: {shlex.join(self._command(process_command))}  > {log}")
         return "\n".join(lines)
+
+
+def _processes(handle: JobHandle) -> list[Process]:
+    """A job's processes (an images job with ``images.num_jobs`` has several)."""
+    return handle.ref if isinstance(handle.ref, list) else [handle.ref]
 
 
 def _kill(process: Process) -> None:

@@ -97,15 +97,34 @@ def test_a_failure_blocks_its_dependents_and_nothing_else():
     assert "train:a" not in executor.started
 
 
-def test_interrupt_cancels_running_jobs():
+def test_interrupt_cancels_running_jobs_and_keeps_the_ended_ones_outcomes():
     class Interrupting(ScriptedExecutor):
         def poll(self, handle):
-            raise KeyboardInterrupt
+            if handle.job.phase == "images":
+                raise KeyboardInterrupt
+            return super().poll(handle)
 
     executor = Interrupting()
+    ended: dict = {}
     with pytest.raises(KeyboardInterrupt):
-        run(pipeline(), executor)
-    assert executor.cancelled == executor.started and executor.cancelled
+        run_dag(pipeline(), executor, lambda j: [], {}, 2, lambda j: False, lambda j: "", 0, ended=ended)
+    assert executor.cancelled == ["images:a", "images:b"]
+    assert {job: outcome.status for job, outcome in ended.items()} == {"prompts:a": "ran", "prompts:b": "ran"}
+
+
+def test_every_outcome_names_its_skill_even_without_one():
+    outcomes = run(pipeline(), ScriptedExecutor())
+    assert outcomes[-1].to_dict() == {
+        "phase": "eval",
+        "skill": None,
+        "status": "ran",
+        "job": "eval",
+        "output": "store/e",
+        "log": "/logs/eval.log",
+        "exit_code": 0,
+        "run_id": "r-eval",
+        "duration_s": outcomes[-1].duration_s,
+    }
 
 
 def test_a_heartbeat_names_the_running_jobs():
@@ -148,5 +167,7 @@ def test_force_reaches_everything_downstream():
     assert forced_jobs(plan, ["eval"], {"eval"}) == {"eval"}
     with pytest.raises(Exception, match="would leave eval built from the old outputs"):
         forced_jobs(plan, ["merge"], {"merge"})  # eval, downstream, was not selected
+    with pytest.raises(Exception, match="--force prompts:a names prompts:a, which this command does not run"):
+        forced_jobs(plan, ["prompts:a"], {"train:a", "train:b", "merge", "eval"})
     with pytest.raises(Exception, match="--force colour: no such job"):
         forced_jobs(plan, ["colour"], everything)

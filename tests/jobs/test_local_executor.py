@@ -68,6 +68,75 @@ def test_cancel_stops_the_job_and_its_children(tmp_path, fork_server):
     assert executor.poll(handle).state == JobState.FAILED
 
 
+# A job that cleans up on SIGTERM as jobs.run does, but only once every job of the test has been
+# told to stop: cancelling one job after another (waiting for each) would never finish its cleanup.
+CLEANS_UP_AFTER_ALL_ARE_TOLD = """
+import os, pathlib, signal, sys, time
+folder, me, count = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def stop(*_):
+    (folder / f"told-{me}").touch()
+    deadline = time.monotonic() + 15
+    while len(list(folder.glob("told-*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if len(list(folder.glob("told-*"))) == count:
+        (folder / f"cleaned-{me}").touch()
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+(folder / f"started-{me}").touch()
+time.sleep(60)
+"""
+
+
+def test_a_second_interrupt_does_not_cut_cancelling_short(tmp_path, fork_server):
+    """Ctrl-C: every running job is told to stop at once and waited for, and a second Ctrl-C while
+    they clean up changes nothing: no job is left running unwatched."""
+    import threading
+
+    from jobs.dag import run_dag
+
+    skills = ("a", "b", "c")
+    jobs = [JobSpec("prompts", skill, f"prompts/{skill}/x", ()) for skill in skills]
+    executor = LocalExecutor(tmp_path / "logs", max_parallel=3, **fork_server)
+    folder = tmp_path / "marks"
+    folder.mkdir()
+
+    def interrupt_twice() -> None:
+        while len(list(folder.glob("started-*"))) < len(skills):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        while not list(folder.glob("told-*")):  # cancelling has begun
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_twice, daemon=True)
+    interrupter.start()
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_dag(
+            jobs,
+            executor,
+            lambda job: [
+                "python",
+                "-c",
+                CLEANS_UP_AFTER_ALL_ARE_TOLD,
+                str(folder),
+                job.skill,
+                str(len(skills)),
+            ],
+            {},
+            max_parallel=3,
+            is_committed=lambda job: False,
+            output_url=lambda job: "",
+            echo=lines.append,
+        )
+    interrupter.join(timeout=10)
+    executor.close()
+    assert not interrupter.is_alive()  # the second interrupt was sent, during the cancelling
+    assert sorted(path.name for path in folder.glob("cleaned-*")) == [f"cleaned-{s}" for s in skills]
+    assert "cancelling prompts:a, prompts:b, prompts:c (further interrupts are ignored" in "\n".join(lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was before
+
+
 def test_last_json_line_skips_noise(tmp_path):
     log = tmp_path / "x.log"
     log.write_text('{"status": "old"}\nnoise\n{broken\n{"status": "ran"}\n\ntrailing text\n')
