@@ -31,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cancel_pipeline(config_path: str, backend: str | None = None) -> list[str]:
     """Delete the pipeline's Jobs and Services; returns what was deleted, as ``kind/name``."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    from jobs.executors.kubernetes import UNREACHABLE, _api_error, api_client
-    from jobs.executors.kubernetes_manifests import LABEL_PIPELINE
+    from jobs.executors import require_kubernetes_client
     from selma_core.config import load_config
 
     cfg = load_config(config_path)
@@ -44,6 +40,13 @@ def cancel_pipeline(config_path: str, backend: str | None = None) -> list[str]:
             f"{config_path}: executor.kind is {cfg.executor.kind}: local jobs stop with their controller "
             "(Ctrl-C or SIGTERM to jobs.submit); pass --backend kubernetes for a pipeline on a cluster"
         )
+    require_kubernetes_client()
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from jobs.executors.kubernetes import UNREACHABLE, _api_error, api_client
+    from jobs.executors.kubernetes_manifests import LABEL_PIPELINE
+
     namespace = cfg.executor.kubernetes.namespace
     selector = f"{LABEL_PIPELINE}={cfg.name}"
     api = api_client(cfg)
@@ -60,7 +63,8 @@ def cancel_pipeline(config_path: str, backend: str | None = None) -> list[str]:
             for item in listing["items"]:
                 name = item["metadata"]["name"]
                 try:
-                    delete(name, namespace, propagation_policy="Background")
+                    # The API answers a delete with a Status or the deleted object: left unread.
+                    delete(name, namespace, propagation_policy="Background", _preload_content=False)
                     deleted.append(f"{kind}/{name}")
                 except ApiException as e:
                     if e.status != 404:  # already gone is what we want

@@ -58,6 +58,16 @@ def _gpus_for_data_parallel_training(cfg: PipelineConfig, placed: list[str] | No
     return gpus
 
 
+def require_kubernetes_client() -> None:
+    """A clear error, not a traceback, where the optional kubernetes client is not installed."""
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            "the Kubernetes executor needs the kubernetes client: pip install 'selma[kubernetes]'"
+        ) from e
+
+
 def make_executor(
     cfg: PipelineConfig, kind: str, log_dir: str, follow_logs: bool = False, echo=None
 ) -> Executor:
@@ -78,12 +88,7 @@ def make_executor(
             train_gpus=cfg.executor.train_gpus,
         )
     if kind == "kubernetes":
-        try:
-            import kubernetes  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(
-                "the Kubernetes executor needs the kubernetes client: pip install 'selma[kubernetes]'"
-            ) from e
+        require_kubernetes_client()
         from jobs.executors.kubernetes import KubernetesExecutor
 
         return KubernetesExecutor(cfg, log_dir, follow_logs=follow_logs, **({"echo": echo} if echo else {}))

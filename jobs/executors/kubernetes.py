@@ -389,8 +389,9 @@ class KubernetesExecutor(Executor):
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _create(self, manifest: dict) -> str:
-        """Create the Job and return its uid; on 409 adopt a running one, or replace a finished one."""
+    def _create(self, manifest: dict) -> tuple[str, bool]:
+        """Create the Job; on 409 adopt a running one, or replace a finished one. Its uid, and
+        whether it was adopted (started by another controller) rather than created."""
         from kubernetes.client.exceptions import ApiException
 
         name = manifest["metadata"]["name"]
@@ -404,7 +405,7 @@ class KubernetesExecutor(Executor):
                     manifest,
                     _preload_content=False,
                 )
-                return json.loads(created.data)["metadata"]["uid"]
+                return json.loads(created.data)["metadata"]["uid"], False
             except ApiException as e:
                 if e.status != 409:
                     raise _api_error(f"create Job {name}", self._batch, e) from e
@@ -426,12 +427,66 @@ class KubernetesExecutor(Executor):
             deleting = job.get("metadata", {}).get("deletionTimestamp")
             if not finished and not deleting:
                 self.echo(f"Job {name} is already running: following it instead of starting it again")
-                return job["metadata"]["uid"]
+                return job["metadata"]["uid"], True
             if not deleting:
                 # Finished, but the DAG wants this work done (its output is missing, or --force).
                 self._delete(name)
             time.sleep(1)  # wait for the old Job to be gone
         raise EndpointError(f"Kubernetes API: Job {name} still exists after deleting it for 60 s")
+
+    def _create_service(self, service: dict, uid: str) -> None:
+        """Create the Service owned by the Job ``uid``. One of the same name owned by another Job (an
+        earlier Job of this name, replaced, whose Service the garbage collector has not removed
+        yet) is replaced: the collector would remove it later, leaving the new Job's pods unable
+        to find each other."""
+        from kubernetes.client.exceptions import ApiException
+
+        name = service["metadata"]["name"]
+        for _ in range(60):
+            try:
+                self._call(
+                    f"create Service {name}",
+                    self._core,
+                    self._core.create_namespaced_service,
+                    self.namespace,
+                    service,
+                )
+                return
+            except ApiException as e:
+                if e.status != 409:
+                    raise _api_error(f"create Service {name}", self._core, e) from e
+            try:
+                existing = json.loads(
+                    self._call(
+                        f"read Service {name}",
+                        self._core,
+                        self._core.read_namespaced_service,
+                        name,
+                        self.namespace,
+                        _preload_content=False,
+                    ).data
+                )
+            except ApiException as e:
+                if e.status == 404:
+                    continue  # deleted in between: create again
+                raise _api_error(f"read Service {name}", self._core, e) from e
+            owners = {ref.get("uid") for ref in existing.get("metadata", {}).get("ownerReferences") or []}
+            if uid in owners:
+                return  # this Job's already (an adopted Job's, or created by a retried request)
+            try:
+                self._call(
+                    f"delete Service {name}",
+                    self._core,
+                    self._core.delete_namespaced_service,
+                    name,
+                    self.namespace,
+                    _preload_content=False,  # the API answers with the Service or a Status: unread
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise _api_error(f"delete Service {name}", self._core, e) from e
+            time.sleep(0.5)
+        raise EndpointError(f"Kubernetes API: Service {name} still belongs to another Job after 60 tries")
 
     def _delete(self, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -455,30 +510,29 @@ class KubernetesExecutor(Executor):
     def submit_batch(
         self, jobs: list[JobSpec], commands: list[list[str]], env: dict[str, str]
     ) -> list[JobHandle]:
-        from kubernetes.client.exceptions import ApiException
 
         self._connect()
         self._ensure_config_map()
         documents = self.manifests(jobs, commands[0], env)
         job_manifest = documents[0]
         name = job_manifest["metadata"]["name"]
-        uid = self._create(job_manifest)
-        for service in documents[1:]:
-            # Owned by its Job: deleted with it (TTL, Ctrl-C, jobs.cancel) by the garbage collector.
-            service["metadata"]["ownerReferences"] = [
-                {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid}
-            ]
-            try:
-                self._call(
-                    f"create Service {name}",
-                    self._core,
-                    self._core.create_namespaced_service,
-                    self.namespace,
-                    service,
-                )
-            except ApiException as e:
-                if e.status != 409:
-                    raise _api_error(f"create Service {name}", self._core, e) from e
+        uid, adopted = self._create(job_manifest)
+        try:
+            for service in documents[1:]:
+                # Owned by its Job: deleted with it (TTL, Ctrl-C, jobs.cancel) by the garbage collector.
+                service["metadata"]["ownerReferences"] = [
+                    {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid}
+                ]
+                self._create_service(service, uid)
+        except BaseException:
+            # The Job's handle never reaches the DAG, so nothing would cancel it: a multi-node
+            # training Job holding GPUs, unwatched, until its deadline. One we started goes now.
+            if not adopted:
+                try:
+                    self._delete(name)
+                except Exception as e:
+                    self.echo(f"could not delete Job {name}: {e}; run python -m jobs.cancel to retry")
+            raise
         hint = f"kubectl -n {self.namespace} logs job/{name}"
         indexed = len(jobs) > 1
         return [

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from fake_kube import FakeKubeAPI
 
 from jobs.dag import run_dag
@@ -19,6 +20,7 @@ from jobs.executors import job_command
 from jobs.executors.kubernetes import KubernetesExecutor
 from jobs.submit import submit
 from selma_core.config import load_config
+from selma_core.errors import ConfigError
 from selma_core.plan import build_plan
 from selma_core.skills import load_skills
 from tests.conftest import S3_BUCKET, write_config
@@ -276,6 +278,58 @@ def test_interrupt_and_jobs_cancel_delete_the_pipelines_jobs(cluster, k8s_config
     assert len(cluster.jobs()) == 1
     assert cancel_main(["--config", str(config)]) == 0
     assert cluster.jobs() == []
+
+
+def multi_node_training(config: Path) -> Path:
+    """``config`` with train jobs on two nodes (an Indexed Job and a headless Service each)."""
+    data = yaml.safe_load(config.read_text())
+    data["executor"]["kubernetes"].update(train_gpus=1, train_nodes=2)
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def test_a_multi_node_train_jobs_service_replaces_a_stale_one_and_a_refused_one_ends_the_job(
+    cluster, k8s_config, tmp_path, monkeypatch
+):
+    from kubernetes.client.exceptions import ApiException
+
+    from jobs.cancel import main as cancel_main
+
+    config = multi_node_training(k8s_config())
+    executor, plan = executor_and_plan(config, tmp_path)
+    job = plan.job("train", "counting")
+    command = job_command(job, executor.job_config_path)
+    name = executor.manifests([job], command, {})[0]["metadata"]["name"]
+    try:
+        # The Service of an earlier Job of this name, not yet garbage-collected: replaced by one
+        # that the new Job owns (else the collector would remove it under the new Job's pods).
+        stale = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": "an-earlier-job"}
+        cluster.create(
+            "services",
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "ownerReferences": [stale]},
+                "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": name}},
+            },
+        )
+        handle = executor.submit(job, command, {})
+        [service] = cluster.objects("services", "selma")
+        assert service["metadata"]["ownerReferences"][0]["uid"] == handle.extra["uid"]
+        assert cancel_main(["--config", str(config)]) == 0  # the Job and its Service go
+        assert cluster.jobs() == [] and cluster.objects("services", "selma") == []
+
+        # Creating the Service refused (RBAC without services): the Job just created is deleted,
+        # not left holding its GPUs with no controller watching it.
+        def refused(*args, **kwargs):
+            raise ApiException(status=403, reason="Forbidden")
+
+        monkeypatch.setattr(executor._core, "create_namespaced_service", refused)
+        with pytest.raises(ConfigError, match=f"create Service {name}"):
+            executor.submit(job, command, {})
+        assert cluster.jobs() == []
+    finally:
+        executor.close()
 
 
 def test_local_store_is_refused_before_anything_is_submitted(cluster, tmp_path, model_cache):
