@@ -57,8 +57,6 @@ from selma_core.plan import PER_SKILL_PHASES, PHASES
 ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
 # Where the in-flight leases of an images job's processes live, under its output key.
 WORKERS = "_workers"
-# The MLflow tag of an images process: "I/N".
-TAG_WORKER = "selma.worker"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +282,7 @@ def _run_job(
         TAG_PHASE,
         TAG_PIPELINE,
         TAG_SKILL,
+        TAG_WORKER,
         open_tracker,
     )
     from selma_core.typed_yaml import to_dict

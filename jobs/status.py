@@ -5,8 +5,9 @@
 Reads only MLflow (the pipeline's parent run and its job runs) and the store, so it works for any
 executor and from any machine that reaches them. Without ``--pipeline``, the newest pipeline run of
 the config's experiment. States: pending, running, done, skipped (its output was already
-committed), failed, not run (a dependency failed, or the pipeline stopped first). The last line
-printed is one JSON object.
+committed), failed, not run (a dependency failed, or the pipeline stopped first). An images job of
+several processes (``images.num_jobs``) is running while any of them is, failed if any failed, done
+when all are. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,20 +32,33 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+def job_state(runs: list, finished: bool) -> str:
+    """A job's state from its runs (one per process, the newest attempt of each), in a pipeline
+    that has ``finished`` or not."""
+    states = {run.status for run in runs}
+    if "RUNNING" in states and not finished:
+        return "running"
+    if states == {"FINISHED"}:
+        return "done"
+    return "failed"  # a process failed, or the pipeline ended without it closing its run (killed)
+
+
 def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     from selma_core.config import load_config
     from selma_core.plan import build_plan
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
     from selma_core.tracking import open_tracker
-    from selma_core.tracking.base import TAG_JOBS
+    from selma_core.tracking.base import TAG_FORCED, TAG_JOBS, TAG_WORKER
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
     store = open_store(cfg.storage)
     tracker = open_tracker(cfg.tracking)
-    runs = tracker.pipeline_runs(cfg.name, max_results=1000 if pipeline else 1)
-    parent = next((r for r in runs if not pipeline or r.run_id == pipeline), None)
+    if pipeline:
+        parent = tracker.pipeline_run(cfg.name, pipeline)
+    else:
+        parent = next(iter(tracker.pipeline_runs(cfg.name, max_results=1)), None)
     if parent is None:
         raise ConfigError(
             f"no pipeline run {pipeline + ' ' if pipeline else ''}in experiment {cfg.name!r} "
@@ -55,7 +69,12 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     if snapshot.is_file():  # the config as that run saw it: the config file may have changed since
         cfg = load_config(snapshot)
         plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
-    children = {r.name: r for r in reversed(tracker.child_runs(cfg.name, parent.run_id))}  # newest wins
+    forced = set(parent.tags.get(TAG_FORCED, "").split(","))
+    # Per job, per process (an images job's are tagged "I/N"): its newest run, a retry's over the
+    # failed attempt before it.
+    newest: dict[str, dict[str, object]] = {}
+    for run in reversed(tracker.child_runs(cfg.name, parent.run_id)):  # oldest first
+        newest.setdefault(run.name, {})[run.tags.get(TAG_WORKER, "")] = run
     finished = parent.status != "RUNNING"
     rows = []
     for job_id in job_ids:
@@ -65,28 +84,28 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
             why = "skill now uses an external dataset" if skill in plan.datasets else "config changed"
             rows.append({"job": job_id, "state": f"unknown ({why})"})
             continue
-        run = children.get(job.name)
+        runs = [newest[job.name][worker] for worker in sorted(newest.get(job.name, {}))]
         committed = store.is_committed(job.key)
-        if run is not None:
-            state = {"RUNNING": "running", "FINISHED": "done"}.get(run.status, "failed")
-            if run.status == "RUNNING" and finished:
-                state = "failed"  # the pipeline ended without the job closing its run (killed)
-        elif committed:
+        if runs:
+            state = job_state(runs, finished)
+        elif committed and job.id not in forced:
             state = "skipped"
-        else:
+        else:  # a forced job never started (blocked) is not skipped, though an old output exists
             state = "not run" if finished else "pending"
-        rows.append(
-            {
-                "job": job.id,
-                "phase": job.phase,
-                "skill": job.skill,
-                "state": state,
-                "start": _when(run.start_ms) if run else "-",
-                "end": _when(run.end_ms) if run else "-",
-                "output": store.url(job.key) if committed else "-",
-                "run_id": run.run_id if run else None,
-            }
-        )
+        ends = [run.end_ms for run in runs]
+        row = {
+            "job": job.id,
+            "phase": job.phase,
+            "skill": job.skill,
+            "state": state,
+            "start": _when(min(run.start_ms for run in runs)) if runs else "-",
+            "end": _when(max(ends)) if runs and all(ends) else "-",
+            "output": store.url(job.key) if committed else "-",
+            "run_id": runs[0].run_id if runs else None,
+        }
+        if len(runs) > 1:
+            row["run_ids"] = [run.run_id for run in runs]
+        rows.append(row)
     return {
         "pipeline": parent.run_id,
         "status": parent.status.lower(),

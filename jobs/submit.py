@@ -30,7 +30,7 @@ from jobs.run import ENV_PARENT_RUN
 from jobs.signals import terminate_as_interrupt
 from selma_core.errors import ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
-from selma_core.tracking.base import TAG_JOBS
+from selma_core.tracking.base import TAG_FORCED, TAG_JOBS
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -118,6 +118,7 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
         if not named:
             raise ConfigError(f"--force {spec}: no such job; jobs: {', '.join(plan.jobs)}")
         forced |= named
+    named_all = set(forced)
     changed = True
     while changed:  # downstream outputs were made from the old ones: they are redone too
         changed = False
@@ -125,6 +126,12 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
             if job.id not in forced and forced.intersection(job.deps):
                 forced.add(job.id)
                 changed = True
+    named_outside = sorted(named_all - selected)
+    if named_outside:
+        raise ConfigError(
+            f"--force {' '.join(specs)} names {', '.join(named_outside)}, which this command does not "
+            "run; select them too (e.g. --phase all)"
+        )
     outside = sorted(forced - selected)
     if outside:
         # Their inputs would change under them while they stay "committed": run them too.
@@ -246,7 +253,15 @@ def _print_results(store, plan) -> None:
     _echo(f"Report: {store.url(job.key)}/{attempt}/report.html (figures/ beside it)")
 
 
+def write_config_snapshot(cfg, path: Path) -> None:
+    """The resolved config (command-line overrides applied) where the jobs read it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
+    """Run the selected jobs; the exit code and every job's outcome. An interrupt or error while
+    jobs run is re-raised with the outcomes of the jobs that had ended as its ``outcomes``."""
     from selma_core.config import load_config
     from selma_core.plan import build_plan, missing_input_message
     from selma_core.provenance import git_commit
@@ -302,6 +317,8 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             executor.check_reachable()
         except ConfigError as e:
             _echo(f"warning: {e}")
+        if executor.job_config_path is None:  # the printed commands read it: they run as shown
+            write_config_snapshot(cfg, config_snapshot)
         print(executor.dry_run(selected, command_for))
         return 0, [JobOutcome(j.phase, j.skill, "planned", job=j.id) for j in selected]
     executor.check_reachable()
@@ -315,8 +332,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
                 raise InputError(missing_input_message(job.id, dep, plan))
 
     # Jobs read a frozen copy of the resolved config: editing the YAML mid-run changes nothing.
-    log_dir.mkdir(parents=True, exist_ok=True)
-    config_snapshot.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_config_snapshot(cfg, config_snapshot)
     commit = git_commit()
     parent = tracker.start_pipeline_run(
         cfg.name,
@@ -327,6 +343,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             TAG_PHASE: args.phase,
             # Which jobs this invocation covers (jobs.status reads it while the pipeline runs).
             TAG_JOBS: ",".join(j.id for j in selected),
+            TAG_FORCED: ",".join(sorted(forced)),
             "selma.log_dir": str(log_dir),
         },
         params={"config": cfg.to_dict()},
@@ -336,6 +353,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     executor.begin(parent, commit)
     _echo(f"pipeline {cfg.name}: {len(selected)} jobs on the {executor.name} executor; logs in {log_dir}")
     outcomes: list[JobOutcome] = []
+    ended: dict[str, JobOutcome] = {}
     try:
         outcomes = run_dag(
             selected,
@@ -346,10 +364,15 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             lambda job: job.id not in forced and store.is_committed(job.key),
             lambda job: store.url(job.key),
             echo=_echo,
+            ended=ended,
         )
+    except BaseException as e:
+        outcomes = list(ended.values())
+        e.outcomes = outcomes  # type: ignore[attr-defined]  # for the last JSON line
+        raise
     finally:
         executor.close()
-        ok = bool(outcomes) and all(o.status in ("ran", "skipped") for o in outcomes)
+        ok = len(outcomes) == len(selected) and all(o.status in ("ran", "skipped") for o in outcomes)
         tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
     for outcome in outcomes:
         if outcome.status == "failed":
@@ -361,6 +384,11 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         _echo(f"  browse it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
     _echo(f"Logs: {log_dir}")
     return (0 if ok else 1), outcomes
+
+
+def _ended(error: BaseException) -> list[dict]:
+    """The jobs that had ended when ``error`` stopped the pipeline (none if it stopped before)."""
+    return [outcome.to_dict() for outcome in getattr(error, "outcomes", [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,15 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         code, outcomes = submit(args)
     except SelmaError as e:
         _echo(f"error: {e}")
-        print(json.dumps({"jobs": [], "error": str(e)}))
+        print(json.dumps({"jobs": _ended(e), "error": str(e)}))
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _echo("interrupted: running jobs were cancelled")
-        print(json.dumps({"jobs": [], "error": "interrupted"}))
+        print(json.dumps({"jobs": _ended(e), "error": "interrupted"}))
         return 130
     except Exception as e:  # a bug or an unforeseen failure: the traceback, and still the JSON line
         traceback.print_exc()
-        print(json.dumps({"jobs": [], "error": repr(e)}))
+        print(json.dumps({"jobs": _ended(e), "error": repr(e)}))
         return 1
     print(json.dumps({"jobs": [o.to_dict() for o in outcomes]}))
     return code

@@ -18,6 +18,9 @@ TAG_GIT_COMMIT = "selma.git_commit"
 TAG_PIPELINE = "selma.pipeline"
 TAG_OUTPUT = "selma.output"
 TAG_JOBS = "selma.jobs"
+# A pipeline's jobs that --force reran (a pipeline run's tag), and an images process's "I/N".
+TAG_FORCED = "selma.forced"
+TAG_WORKER = "selma.worker"
 
 
 class JobRun(ABC):
@@ -122,6 +125,10 @@ class Tracker(ABC):
     @abstractmethod
     def pipeline_runs(self, experiment: str, max_results: int = 20) -> list[RunRecord]:
         """The experiment's pipeline (parent) runs, newest first."""
+
+    @abstractmethod
+    def pipeline_run(self, experiment: str, run_id: str) -> RunRecord | None:
+        """The experiment's pipeline run ``run_id``, however old; None when there is none."""
 
     @abstractmethod
     def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]: ...

@@ -574,6 +574,28 @@ class MlflowTracker(Tracker):
             :max_results
         ]
 
+    def pipeline_run(self, experiment: str, run_id: str) -> RunRecord | None:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(experiment)
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        record = RunRecord(
+            run.info.run_id,
+            run.info.run_name or "",
+            run.info.status,
+            run.info.start_time,
+            run.info.end_time,
+            dict(run.data.tags),
+        )
+        in_experiment = found is not None and run.info.experiment_id == found.experiment_id
+        is_pipeline = "mlflow.parentRunId" not in record.tags and record.name.startswith("pipeline")
+        return record if in_experiment and is_pipeline else None
+
     def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]:
         return self._records(experiment, f"tags.mlflow.parentRunId = '{parent_run_id}'", 1000)
 

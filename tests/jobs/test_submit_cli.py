@@ -63,6 +63,8 @@ def test_dry_run_prints_the_job_commands_and_submits_nothing(tiny_config, tmp_pa
     lines = [line for line in result.stdout.splitlines() if "jobs.run" in line]
     assert len(lines) == 8
     assert "train:counting:" in result.stdout and "--phase train --skill counting --config" in result.stdout
+    snapshot = Path(lines[0].split("--config ")[1].split()[0])  # the commands run as printed
+    assert snapshot.is_file() and "counting" in snapshot.read_text()
     assert [j["status"] for j in last_json(result.stdout)["jobs"]] == ["planned"] * 8
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
 

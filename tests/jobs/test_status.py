@@ -1,0 +1,80 @@
+"""jobs.status on runs recorded in a real MLflow (SQLite) and outputs in a real local store: the
+states of jobs of several processes, of forced jobs that never started, and an old pipeline by id."""
+
+from __future__ import annotations
+
+import time
+
+from jobs.status import pipeline_status
+from selma_core.config import load_config
+from selma_core.plan import build_plan
+from selma_core.skills import load_skills
+from selma_core.storage import open_store
+from selma_core.tracking import open_tracker
+from selma_core.tracking.base import TAG_FORCED, TAG_JOBS, TAG_WORKER
+
+
+def commit(store, key: str, tmp_path) -> None:
+    folder = tmp_path / "out" / key.replace("/", "_")
+    folder.mkdir(parents=True)
+    (folder / "done.txt").write_text("done")
+    store.commit_dir(folder, key)
+
+
+def job_run(tracker, cfg, parent: str, name: str, status: str, worker: str | None = None) -> None:
+    run = tracker.start_job_run(cfg.name, parent, name, {TAG_WORKER: worker} if worker else {})
+    if status != "RUNNING":
+        tracker.client.set_terminated(run.run_id, status)
+    time.sleep(0.01)  # runs are ordered by their start, in milliseconds
+
+
+def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
+    config = tiny_config(skills=["counting", "spatial"])
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    store, tracker = open_store(cfg.storage), open_tracker(cfg.tracking)
+    for job in ("prompts:counting", "prompts:spatial", "images:counting", "images:spatial"):
+        commit(store, plan.jobs[job].key, tmp_path)
+    old = tracker.start_pipeline_run(cfg.name, {TAG_JOBS: "prompts:counting"}, {}, name="pipeline-prompts")
+    tracker.end_pipeline_run(old, True, {"jobs": []})
+    for _ in range(3):  # newer pipelines push the old one out of any "newest N" search
+        newer = tracker.start_pipeline_run(
+            cfg.name, {TAG_JOBS: "prompts:counting"}, {}, name="pipeline-prompts"
+        )
+        tracker.end_pipeline_run(newer, True, {"jobs": []})
+
+    jobs = ["images:counting", "images:spatial", "train:counting", "train:spatial", "merge"]
+    tags = {TAG_JOBS: ",".join(jobs), TAG_FORCED: "images:spatial,train:spatial,merge"}
+    parent = tracker.start_pipeline_run(cfg.name, tags, {}, name="pipeline-all")
+    name = {job: plan.jobs[job].name for job in jobs}
+    # images:counting: two processes; process 1's first attempt failed, its retry finished; process
+    # 0 is still running.
+    job_run(tracker, cfg, parent, name["images:counting"], "FINISHED", "0/2")  # an earlier attempt
+    job_run(tracker, cfg, parent, name["images:counting"], "FAILED", "1/2")
+    job_run(tracker, cfg, parent, name["images:counting"], "RUNNING", "0/2")
+    job_run(tracker, cfg, parent, name["images:counting"], "FINISHED", "1/2")
+    # images:spatial (forced): one process failed, the other finished after it.
+    job_run(tracker, cfg, parent, name["images:spatial"], "FAILED", "0/2")
+    job_run(tracker, cfg, parent, name["images:spatial"], "FINISHED", "1/2")
+
+    running = {row["job"]: row for row in pipeline_status(str(config))["jobs"]}
+    assert running["images:counting"]["state"] == "running"
+    assert len(running["images:counting"]["run_ids"]) == 2 and running["images:counting"]["end"] == "-"
+    assert running["images:spatial"]["state"] == "failed"
+    assert running["train:counting"]["state"] == "pending"
+    assert running["train:spatial"]["state"] == "pending"
+
+    tracker.end_pipeline_run(parent, False, {"jobs": []})
+    commit(store, plan.jobs["train:spatial"].key, tmp_path)  # an old output of a job forced to rerun
+    ended = {row["job"]: row["state"] for row in pipeline_status(str(config))["jobs"]}
+    assert ended == {
+        "images:counting": "failed",  # the pipeline ended with process 0's run open: killed
+        "images:spatial": "failed",
+        "train:counting": "not run",
+        "train:spatial": "not run",  # forced, blocked: its old output is not this pipeline's doing
+        "merge": "not run",
+    }
+
+    # An old pipeline, by its id, whatever came after it.
+    assert pipeline_status(str(config), old)["pipeline"] == old
+    assert [row["job"] for row in pipeline_status(str(config), old)["jobs"]] == ["prompts:counting"]
