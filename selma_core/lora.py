@@ -21,6 +21,9 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 _DOWN = ".lora.down.weight"
 _UP = ".lora.up.weight"
+# diffusers' save_lora_weights after convert_state_dict_to_diffusers renames the attention
+# projections' factors only; any other module keeps peft's names. Both spellings are read.
+_SPELLINGS = ((_DOWN, _UP), (".lora_A.weight", ".lora_B.weight"))
 
 
 @dataclass
@@ -158,7 +161,8 @@ def load_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
 
 
 def _lora_layers(file: Path, tensors: dict) -> dict[str, LoraLayer]:
-    """(down, up) pairs by module, checked: diffusers' keys, matching ranks."""
+    """(down, up) pairs by module, checked: diffusers' keys (or peft's, which diffusers writes for
+    modules other than the attention projections), matching ranks, Linear layers' 2-D factors."""
     import torch
 
     layers: dict[str, LoraLayer] = {}
@@ -167,19 +171,35 @@ def _lora_layers(file: Path, tensors: dict) -> dict[str, LoraLayer]:
             raise InputError(
                 f"LoRA adapter {file}: expected tensors by name, got {key!r}: {type(tensor).__name__}"
             )
-        if key.endswith(_DOWN):
-            module = key[: -len(_DOWN)]
-            up = tensors.get(module + _UP)
-            if up is None:
-                raise InputError(f"LoRA adapter {file}: {key} has no matching {module + _UP}")
-            if tensor.dim() < 2 or up.dim() < 2 or tensor.shape[0] != up.shape[1]:
-                raise InputError(
-                    f"LoRA adapter {file}: {module}: down {tuple(tensor.shape)} and up {tuple(up.shape)} "
-                    "do not match; expected down (rank, in) and up (out, rank) of one rank"
-                )
-            layers[module] = LoraLayer(down=tensor, up=up)
-        elif not key.endswith(_UP):
+        spelling = next(((d, u) for d, u in _SPELLINGS if key.endswith(d) or key.endswith(u)), None)
+        if spelling is None:
             raise InputError(f"LoRA adapter {file}: unexpected tensor {key!r} (not diffusers' LoRA format)")
+        down_suffix, up_suffix = spelling
+        if not key.endswith(down_suffix):
+            continue  # an up factor: read with its down factor
+        module = key[: -len(down_suffix)]
+        up = tensors.get(module + up_suffix)
+        if up is None:
+            raise InputError(f"LoRA adapter {file}: {key} has no matching {module + up_suffix}")
+        if tensor.dim() != 2 or up.dim() != 2:
+            raise InputError(
+                f"LoRA adapter {file}: {module}: down {tuple(tensor.shape)} and up {tuple(up.shape)}: "
+                "only LoRA layers of Linear modules (2-D factors) are supported"
+            )
+        if tensor.shape[0] != up.shape[1]:
+            raise InputError(
+                f"LoRA adapter {file}: {module}: down {tuple(tensor.shape)} and up {tuple(up.shape)} "
+                "do not match; expected down (rank, in) and up (out, rank) of one rank"
+            )
+        if module in layers:
+            raise InputError(f"LoRA adapter {file}: {module} has LoRA factors under two spellings")
+        layers[module] = LoraLayer(down=tensor, up=up)
+    for key in tensors:  # an up factor without its down factor
+        down_suffix, up_suffix = next((d, u) for d, u in _SPELLINGS if key.endswith(d) or key.endswith(u))
+        if key.endswith(up_suffix) and key[: -len(up_suffix)] not in layers:
+            raise InputError(
+                f"LoRA adapter {file}: {key} has no matching {key[: -len(up_suffix)] + down_suffix}"
+            )
     if not layers:
         raise InputError(f"LoRA adapter {file}: no LoRA layers in it")
     return layers

@@ -399,6 +399,7 @@ class ExpertTrainer:
             pipe.unet.add_adapter(self.lora_config)
         except ValueError as e:
             raise InputError(f"train.target_modules {cfg.target_modules}: {e}") from e
+        refuse_non_linear_targets(pipe.unet, cfg.target_modules)
         # LoRA factors train in float32 whatever the frozen weights' dtype.
         named = [(name, p) for name, p in pipe.unet.named_parameters() if p.requires_grad]
         self.param_names = [name for name, _ in named]
@@ -1272,6 +1273,28 @@ class ExpertTrainer:
         metadata = lora_config_dict(self.cfg.rank, self.cfg.alpha, self.cfg.target_modules)
         type(self.pipe).save_lora_weights(
             str(path), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
+
+
+def refuse_non_linear_targets(unet, target_modules: list[str]) -> None:
+    """Before any step: LoRA on a convolution (``proj_in`` of SD 1.x, ``conv1``) trains, but its 4-D
+    factors are not what merging (ΔW = B·A), the kohya export or the merge search compute with."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    convolutions = sorted(
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, LoraLayer) and not isinstance(module.get_base_layer(), torch.nn.Linear)
+    )
+    if convolutions:
+        shown = ", ".join(convolutions[:3]) + (
+            f" and {len(convolutions) - 3} more" if len(convolutions) > 3 else ""
+        )
+        raise InputError(
+            f"train.target_modules {target_modules}: matches modules that are not Linear layers ({shown}); "
+            "name Linear modules only (SELMA's: to_q, to_k, to_v, to_out.0; also e.g. ff.net.2, and proj_in "
+            "or proj_out where the model's config has use_linear_projection)"
         )
 
 

@@ -266,6 +266,38 @@ def test_bad_target_modules_are_an_input_error(model_cache):
         ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
 
 
+def test_an_expert_on_more_than_the_attention_projections_loads_merges_and_exports(tmp_path, model_cache):
+    """diffusers writes the factors of modules other than to_q/k/v/out.0 under peft's names: read
+    both, merge them, export them (kohya), and the merged file loads in diffusers again."""
+    from selma_core.lora import save_adapter
+    from selma_core.merging import merge_experts
+    from selma_core.phases.merge import export_kohya
+
+    trainer, _ = train(model_cache, "random:tiny-sd", steps=1, target_modules=["to_q", "ff.net.2"])
+    trainer.save(tmp_path / "adapter")
+    adapter = load_adapter(tmp_path / "adapter")
+    feed_forward = [m for m in adapter.layers if m.endswith("ff.net.2")]
+    assert len(feed_forward) == 4 and len(adapter.layers) == 12  # to_q of attn1 and attn2
+    merged = merge_experts({"a": adapter, "b": adapter}, [0.5, 0.5])
+    assert all(torch.allclose(merged.delta(m), adapter.delta(m), atol=1e-6) for m in feed_forward)
+    export_kohya(merged, tmp_path / "kohya.safetensors")
+    save_adapter(merged, tmp_path / "merged")
+    pipe = load_diffusion_pipeline("random:tiny-sd", model_cache)
+    pipe.load_lora_weights(str(tmp_path / "merged"))
+    assert (
+        sum(1 for name, m in pipe.unet.named_modules() if name.endswith("ff.net.2") and hasattr(m, "lora_A"))
+        == 4
+    )
+
+
+def test_convolutions_as_lora_targets_are_refused_before_training(model_cache):
+    from selma_core.errors import InputError
+
+    cfg = TrainConfig(rank=2, alpha=2, steps=1, target_modules=["to_q", "proj_in"])  # a Conv2d in SD 1.x
+    with pytest.raises(InputError, match=r"not Linear layers \(down_blocks.0.attentions.0.proj_in"):
+        ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+
+
 def test_train_config_validates():
     with pytest.raises(ValueError, match="rank"):
         TrainConfig(rank=0)
