@@ -182,7 +182,23 @@ class Variant:
 
     name: str
     adapters: list[tuple[Path, float]]
-    identity: str  # the weights, for the image cache: a store key, or a registry version
+    identity: str  # the weights' content, for the image cache
+
+
+def committed_weights(ctx, key: str, output_dir: Path, adapters: list[tuple[Path, float]]) -> str:
+    """What identifies the weights of ``adapters`` (folders of the fetched output ``key``) for the
+    image cache: their files' checksums in the output's manifest, and their weights. Not the key:
+    a forced rerun commits other weights under the same key, whose images must be drawn anew."""
+    from selma_core.lora import WEIGHT_NAME
+
+    files = ctx.store.read_manifest(key)["files"]
+    digest = hashlib.sha256()
+    for folder, weight in adapters:
+        name = (folder / WEIGHT_NAME).relative_to(output_dir).as_posix()
+        if name not in files:
+            raise InputError(f"{ctx.store.url(key)}: no {name} in its manifest")
+        digest.update(f"{name}\0{files[name]['sha256']}\0{weight!r}\n".encode())
+    return f"store-adapter:{digest.hexdigest()}"
 
 
 def resolve_variant(ctx, variant: str) -> Variant:
@@ -190,17 +206,20 @@ def resolve_variant(ctx, variant: str) -> Variant:
         return Variant(variant, [], "base")
     if variant.startswith("expert:"):
         skill = variant.split(":", 1)[1]
-        return Variant(variant, [(ctx.fetch("train", skill), 1.0)], ctx.plan.job("train", skill).key)
+        expert_dir = ctx.fetch("train", skill)
+        adapters = [(expert_dir, 1.0)]
+        key = ctx.plan.job("train", skill).key
+        return Variant(variant, adapters, committed_weights(ctx, key, expert_dir, adapters))
     if variant == "merged":
         merge_dir = ctx.fetch("merge")
         info = json.loads((merge_dir / "merge.json").read_text())
-        key = ctx.plan.job("merge").key
         if info["method"] == "adapters":  # experts side by side, combined with set_adapters
             experts = info["experts"]
-            return Variant(
-                variant, [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in experts], key
-            )
-        return Variant(variant, [(merge_dir / ADAPTER_DIR, 1.0)], key)
+            adapters = [(merge_dir / EXPERTS_DIR / s, experts[s]["weight"]) for s in experts]
+        else:
+            adapters = [(merge_dir / ADAPTER_DIR, 1.0)]
+        key = ctx.plan.job("merge").key
+        return Variant(variant, adapters, committed_weights(ctx, key, merge_dir, adapters))
     name, _, version = variant[len("models:/") :].partition("/")
     # A fresh folder per job: a download that died half-way is never mistaken for a whole one.
     parent = Path(ctx.config.cache_dir) / "registry" / name / version

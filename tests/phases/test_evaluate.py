@@ -230,3 +230,23 @@ def test_eval_pipeline_attends_through_sdpa_even_when_saved_with_another_process
         assert lazy.get() is pipe and lazy.get() is pipe
     assert len(loads) == 1
     assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}
+
+
+def test_cached_eval_images_follow_the_committed_weights_not_the_jobs_key(tiny_config, model_cache, tmp_path):
+    """--force train commits other weights under the same key: the eval image cache must not give
+    back the previous expert's images; the same weights committed again still hit it."""
+    from lora_helpers import trained_like_expert
+
+    from selma_core.context import JobContext
+    from selma_core.phases.evaluate import resolve_variant
+
+    cfg, plan = plan_of(tiny_config())
+    store = open_store(cfg.storage)
+    ctx = JobContext(cfg, {}, plan, plan.job("eval"), store, None)
+    key = plan.job("train", "counting").key
+    identities = []
+    for seed in (1, 2, 1):  # the first expert, a forced rerun's other weights, the first again
+        expert = trained_like_expert(model_cache, seed, 2, 2.0, tmp_path / f"expert-{seed}-{len(identities)}")
+        store.commit_dir(expert, key)
+        identities.append(resolve_variant(ctx, "expert:counting").identity)
+    assert identities[0] != identities[1] and identities[0] == identities[2]
