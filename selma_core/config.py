@@ -297,7 +297,7 @@ class PipelineConfig:
         if self.merge_search.enabled and self.merge.method not in ("linear", "adapters"):
             raise ValueError(
                 f"merge_search scores linear combinations of the experts; merge.method {self.merge.method!r} "
-                "would apply the weights differently (use linear or adapters, or give merge.weights)"
+                "would apply the weights differently (use linear or adapters, or turn merge_search off)"
             )
 
     def phase_config(self, phase: str):

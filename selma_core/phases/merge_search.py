@@ -46,6 +46,16 @@ class MergeSearchConfig:
             raise ValueError(f"max_prompts_per_skill: expected >= 1, got {self.max_prompts_per_skill}")
 
 
+def too_large_a_grid(cfg: MergeSearchConfig, n_experts: int, size: int):
+    from selma_core.errors import ConfigError
+
+    return ConfigError(
+        f"merge_search: a grid of {cfg.grid_points} points for {n_experts} experts has {size} candidates "
+        f"(with SELMA's 1/N), more than max_candidates {cfg.max_candidates}; use strategy: random, fewer "
+        "grid_points, or raise max_candidates"
+    )
+
+
 def candidate_weights(cfg: MergeSearchConfig, n_experts: int) -> list[list[float]]:
     """The weight vectors to try, SELMA's 1/N first; deterministic."""
     uniform = [round(1.0 / n_experts, 6)] * n_experts
@@ -53,17 +63,14 @@ def candidate_weights(cfg: MergeSearchConfig, n_experts: int) -> list[list[float
     if cfg.strategy == "grid":
         step = (cfg.high - cfg.low) / (cfg.grid_points - 1)
         values = [round(cfg.low + i * step, 6) for i in range(cfg.grid_points)]
+        # All zeros is no candidate; 1/N, first, may be off the grid: the count is known after both.
         size = cfg.grid_points**n_experts
-        if size > cfg.max_candidates + 1:
-            from selma_core.errors import ConfigError
-
-            raise ConfigError(
-                f"merge_search: a grid of {cfg.grid_points} points for {n_experts} experts has {size} "
-                "candidates, "
-                f"more than max_candidates {cfg.max_candidates}; use strategy: random, fewer grid_points, "
-                "or raise max_candidates"
-            )
+        if size > cfg.max_candidates + 1:  # too many whatever 1/N does: not enumerated at all
+            raise too_large_a_grid(cfg, n_experts, size)
         pool = [list(v) for v in itertools.product(values, repeat=n_experts) if any(v)]
+        size = len(found) + sum(1 for weights in pool if weights not in found)
+        if size > cfg.max_candidates:
+            raise too_large_a_grid(cfg, n_experts, size)
     else:
         rng = random.Random(cfg.seed)
         pool = [

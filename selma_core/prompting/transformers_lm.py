@@ -26,7 +26,10 @@ class TransformersConfig:
     max_new_tokens: int = 768
     temperature: float = 1.0
     top_p: float = 0.95
-    # Requests sampled together in one generate() call.
+    # Requests sampled together in one generate() call. Execution-only, as a throughput setting,
+    # though not without effect: the sampling seed is per batch and batching changes the rounding,
+    # so another batch size samples other (equally valid) prompts. Like the openai backend's, the
+    # prompts are samples; what the key promises is the settings they were sampled under.
     batch_size: int = execution_only(8)
     # "auto": bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

@@ -19,8 +19,14 @@ def test_grid_candidates_start_with_selmas_uniform_weights():
     assert [0.0, 0.0] not in weights and [1.0, 0.5] in weights and len(weights) == 8  # 3x3 - (0,0)
     from selma_core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="has 9 candidates, more than max_candidates 4"):
+    with pytest.raises(
+        ConfigError, match=r"has 9 candidates \(with SELMA's 1/N\), more than max_candidates 4"
+    ):
         candidate_weights(MergeSearchConfig(grid_points=3, max_candidates=4), 2)
+    # 1/3 is off a grid of 0, 0.5, 1: 26 grid points and 1/N make 27, none dropped silently.
+    assert len(candidate_weights(MergeSearchConfig(grid_points=3, max_candidates=27), 3)) == 27
+    with pytest.raises(ConfigError, match="has 27 candidates .* more than max_candidates 26"):
+        candidate_weights(MergeSearchConfig(grid_points=3, max_candidates=26), 3)
 
 
 def test_random_candidates_are_reproducible_and_in_range():
