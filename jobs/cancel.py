@@ -19,7 +19,12 @@ from selma_core.errors import ConfigError, SelmaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.cancel", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.cancel",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit code: 0 done, 2 invalid configuration, 1 the API server failed. The last line "
+        "printed is one JSON object.",
+    )
     parser.add_argument("--config", required=True, help="the pipeline config YAML it was submitted with")
     parser.add_argument(
         "--backend",

@@ -30,7 +30,12 @@ VERDICT_TAG, JUDGED_TAG = "selma.promotion.verdict", "selma.promotion.judged"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.promote",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit code: 0 promoted (or nothing new to judge), 3 refused, 2 invalid input, 1 a service "
+        "failed (worth a retry). The last line printed is one JSON object.",
+    )
     parser.add_argument("--config", required=True, help="pipeline config YAML (its registered model)")
     parser.add_argument("--version", help="the version to consider (default: the one aliased 'candidate')")
     parser.add_argument("--max-skill-regression", type=float, help="override promote.max_skill_regression")

@@ -25,7 +25,12 @@ from jobs.signals import Terminated, terminate_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.retrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.retrain",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit code: the pipeline's when it fails (see jobs.submit --help), else the gate's: "
+        "0 promoted or nothing new, 3 refused; 130 interrupted.",
+    )
     parser.add_argument("--config", required=True, help="pipeline config YAML")
     parser.add_argument("--backend", choices=("local", "kubernetes"), help="executor (default: the config's)")
     parser.add_argument("--summary", help="append the Markdown report here (default: $GITHUB_STEP_SUMMARY)")

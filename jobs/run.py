@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.run",
         description="Run one SELMA job (one phase, one skill) and commit its output to the store.",
+        epilog="Exit code: 0 done (or already committed), 2 invalid configuration or input (retrying cannot "
+        "help), anything else a failure worth retrying. The last line printed is one JSON object.",
     )
     parser.add_argument("--phase", required=True, choices=PHASES, help="the phase to run")
     parser.add_argument("--skill", help="the skill (required for prompts, images and train)")
@@ -331,7 +333,7 @@ def _run_job(
             if world_size > 1 and not decision:  # a missing input fails every process alike
                 for dep in job.deps:
                     if not store.is_committed(plan.jobs[dep].key):
-                        raise InputError(missing_input_message(job.id, dep))
+                        raise InputError(missing_input_message(job.id, dep, plan, config_path))
         except SelmaError as e:
             if world_size == 1:
                 raise

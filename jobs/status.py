@@ -22,9 +22,19 @@ from selma_core.errors import ConfigError, SelmaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.status",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit code: 0 reported, 2 invalid configuration or no such pipeline, 1 a service failed. The "
+        "last line printed is one JSON object.",
+    )
     parser.add_argument("--config", required=True, help="pipeline config YAML")
-    parser.add_argument("--pipeline", metavar="RUN_ID", help="the pipeline's MLflow run id (default: newest)")
+    parser.add_argument(
+        "--pipeline",
+        metavar="RUN_ID",
+        help="the pipeline's MLflow run id, or the name of its log folder (<name>-<time>-<pid>) "
+        "(default: the newest)",
+    )
     return parser
 
 
@@ -56,7 +66,14 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     store = open_store(cfg.storage)
     tracker = open_tracker(cfg.tracking)
     if pipeline:
-        parent = tracker.pipeline_run(cfg.name, pipeline)
+        parent = tracker.pipeline_run(cfg.name, pipeline) or next(
+            (
+                r
+                for r in tracker.pipeline_runs(cfg.name, 1000)
+                if Path(r.tags.get("selma.log_dir", "")).name == pipeline
+            ),
+            None,
+        )
     else:
         parent = next(iter(tracker.pipeline_runs(cfg.name, max_results=1)), None)
     if parent is None:

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Submit SELMA pipeline jobs: generate prompts, draw images, train one LoRA expert per skill, "
             "merge the experts and evaluate. Finished work (already committed to the store) is skipped."
         ),
-        epilog="Example: python -m jobs.submit --phase all --config configs/demo.yaml",
+        epilog="Example: python -m jobs.submit --phase all --config configs/demo.yaml. Exit code: 0 every "
+        "job ran or was skipped, 1 a job failed (or a service, worth a retry), 2 invalid configuration or "
+        "input, 130 interrupted (Ctrl-C, SIGTERM). The last line printed is one JSON object.",
     )
     parser.add_argument(
         "--phase",
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PHASE[:SKILL]",
         help="rerun these jobs even if their output exists (e.g. prompts:counting, or train for every "
-        "skill), and everything downstream of them",
+        "skill), and everything downstream of them, which --phase must select too (e.g. --phase all)",
     )
     parser.add_argument(
         "--dry-run",
@@ -329,7 +331,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     for job in selected:
         for dep in job.deps:
             if dep not in selected_ids and not store.is_committed(plan.jobs[dep].key):
-                raise InputError(missing_input_message(job.id, dep, plan))
+                raise InputError(missing_input_message(job.id, dep, plan, args.config))
 
     # Jobs read a frozen copy of the resolved config: editing the YAML mid-run changes nothing.
     write_config_snapshot(cfg, config_snapshot)

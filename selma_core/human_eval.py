@@ -96,6 +96,20 @@ def _variant_slug(variant: str) -> str:
     return variant.replace(":", "_")
 
 
+def committed_attempt(eval_dir: Path) -> Path:
+    """``eval_dir`` itself, or, for an eval output's folder in a local store (its ``_manifest.json``
+    beside one folder per commit attempt), the attempt that its manifest says is the committed one."""
+    from selma_core.storage.base import MANIFEST
+
+    if (eval_dir / "results.json").is_file() or not (eval_dir / MANIFEST).is_file():
+        return eval_dir
+    manifest = _read_json(eval_dir / MANIFEST, "eval output manifest")
+    attempt = manifest.get("attempt") if isinstance(manifest, dict) else None
+    if not isinstance(attempt, str) or not (eval_dir / attempt).is_dir():
+        raise InputError(f"eval output {eval_dir}: its {MANIFEST} names no attempt folder beside it")
+    return eval_dir / attempt
+
+
 def _load_rows(eval_dir: Path) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
     """``results.json`` and its ``per_prompt`` rows keyed by (variant, prompt id); duplicates are errors."""
     results_path = eval_dir / "results.json"
@@ -212,7 +226,7 @@ def export_ab_set(
     ratings of another set are recognised. An ``out_dir`` already holding another set's key is an
     ``InputError`` (overwriting it would orphan ratings collected for that set).
     """
-    eval_dir, out_dir = Path(eval_dir), Path(out_dir)
+    eval_dir, out_dir = committed_attempt(Path(eval_dir)), Path(out_dir)
     if variant_a == variant_b:
         raise InputError(f"variants A and B are both {variant_a!r}: nothing to compare")
     if per_skill is not None and (
@@ -822,7 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     source = export.add_mutually_exclusive_group(required=True)
-    source.add_argument("--eval-dir", help="an eval output folder (results.json, images/)")
+    source.add_argument(
+        "--eval-dir",
+        help="an eval output folder (results.json, images/), or its folder in a local store "
+        "(store/eval/<key>: the committed attempt is read)",
+    )
     source.add_argument(
         "--config",
         help="a pipeline config: its eval output is fetched from the store (as `jobs.submit --phase eval` "

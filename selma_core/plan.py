@@ -115,7 +115,7 @@ class Plan:
         return [s for s in self.datasets if not skills or s in skills]
 
 
-def missing_input_message(job_id: str, dep_id: str, plan: Plan | None = None) -> str:
+def missing_input_message(job_id: str, dep_id: str, plan: Plan | None = None, config: str = "CONFIG") -> str:
     phase, _, skill = dep_id.split("#")[0].partition(":")
     if plan is not None and skill in plan.datasets and phase in DATASET_REPLACES:
         return (
@@ -123,7 +123,8 @@ def missing_input_message(job_id: str, dep_id: str, plan: Plan | None = None) ->
         )
     return (
         f"{job_id} needs the output of {dep_id}, which is not in the store yet; run "
-        f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''}` first, or --phase all"
+        f"`python -m jobs.submit --phase {phase}{' --skill ' + skill if skill else ''} --config {config}` "
+        "first, or --phase all"
     )
 
 

@@ -272,8 +272,9 @@ def load_skill(skills_dir: str | Path, name: str) -> Skill:
     path = skills_dir / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in skills_dir.glob("*.yaml")) if skills_dir.is_dir() else []
+        where = "" if known else " (skills_dir, resolved against the config file's folder, may be wrong)"
         raise ConfigError(
-            f"unknown skill {name!r}: no file {path}; known skills: {', '.join(known) or 'none'}"
+            f"unknown skill {name!r}: no file {path}; known skills: {', '.join(known) or 'none'}{where}"
         )
     data = read_yaml(path)
     if "seeds" not in data and data.get("dataset") is None:

@@ -110,6 +110,21 @@ def test_export_pairs_every_shared_prompt_and_records_sides(eval_dir, tmp_path):
     ]
 
 
+def test_export_reads_the_committed_attempt_of_an_eval_output_in_a_local_store(eval_dir, tmp_path):
+    """store/eval/<key>/ holds one folder per commit attempt; its manifest names the committed one."""
+    from selma_core.storage.local import LocalArtifactStore
+
+    store = LocalArtifactStore(tmp_path / "store")
+    store.commit_dir(make_eval(tmp_path / "stale"), "eval/abc")  # an earlier attempt (e.g. --force)
+    manifest = store.commit_dir(eval_dir, "eval/abc")
+    folder = tmp_path / "store" / "eval" / "abc"
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 2
+    out = export_ab_set(folder, "base", "merged", tmp_path / "set", seed=3)
+    source = json.loads(Path(out["key"]).read_text())["source"]
+    assert source["eval_dir"] == str(folder / manifest["attempt"])
+    assert out["set_id"] == export_ab_set(eval_dir, "base", "merged", tmp_path / "direct", seed=3)["set_id"]
+
+
 def test_export_page_is_self_contained_and_blind(eval_dir, tmp_path):
     out = export_ab_set(eval_dir, "expert:counting", "merged", tmp_path / "set")
     page = Path(out["page"]).read_text()

@@ -81,7 +81,7 @@ def test_unknown_skill_lists_the_known_ones():
 
 
 def test_unknown_skill_in_missing_folder(tmp_path):
-    with pytest.raises(ConfigError, match="known skills: none"):
+    with pytest.raises(ConfigError, match=r"known skills: none \(skills_dir, resolved against the config"):
         load_skill(tmp_path / "no-such-folder", "counting")
 
 

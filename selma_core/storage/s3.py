@@ -124,6 +124,17 @@ class S3ArtifactStore(ArtifactStore):
             self.reached = True
             return result
 
+    def _no_credentials(self, e: Exception) -> ConfigError | None:
+        """No (or half) AWS credentials: a configuration error, not an unreachable endpoint."""
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        if not isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return None
+        return ConfigError(
+            f"{self._where()}: {e}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run "
+            "where an instance or pod role provides them)"
+        )
+
     def _classify(self, what: str, key: str, e: Exception) -> Exception:
         """The error to raise for ``e``: FileNotFoundError, ConfigError (exit 2), EndpointError (exit
         1), or ``e`` itself when it is not an S3 error."""
@@ -138,6 +149,9 @@ class S3ArtifactStore(ArtifactStore):
                 return ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}")
             return EndpointError(f"{what} {self.url(key)} failed at {self._where()}: {e}")
         if isinstance(e, (BotoCoreError, Boto3Error)):  # Boto3Error: S3UploadFailedError and the like
+            missing = self._no_credentials(e)
+            if missing is not None:
+                return missing
             cause = e.__cause__ or e.__context__
             if isinstance(cause, ClientError):  # a managed transfer's wrapped refusal
                 inner = self._classify(what, key, cause)
@@ -186,7 +200,7 @@ class S3ArtifactStore(ArtifactStore):
                 raise ConfigError(f"{self._where()}: bucket missing or not accessible: {e}") from e
             raise EndpointError(f"{self._where()}: bucket not accessible: {e}") from e
         except BotoCoreError as e:
-            raise EndpointError(f"cannot reach {self._where()}: {e}") from e
+            raise self._no_credentials(e) or EndpointError(f"cannot reach {self._where()}: {e}") from e
 
     def exists(self, key: str) -> bool:
         try:

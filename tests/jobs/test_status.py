@@ -35,7 +35,11 @@ def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
     store, tracker = open_store(cfg.storage), open_tracker(cfg.tracking)
     for job in ("prompts:counting", "prompts:spatial", "images:counting", "images:spatial"):
         commit(store, plan.jobs[job].key, tmp_path)
-    old = tracker.start_pipeline_run(cfg.name, {TAG_JOBS: "prompts:counting"}, {}, name="pipeline-prompts")
+    old_tags = {
+        TAG_JOBS: "prompts:counting",
+        "selma.log_dir": str(tmp_path / "logs" / "selma-test-20261127-1-2"),
+    }
+    old = tracker.start_pipeline_run(cfg.name, old_tags, {}, name="pipeline-prompts")
     tracker.end_pipeline_run(old, True, {"jobs": []})
     for _ in range(3):  # newer pipelines push the old one out of any "newest N" search
         newer = tracker.start_pipeline_run(
@@ -75,6 +79,7 @@ def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
         "merge": "not run",
     }
 
-    # An old pipeline, by its id, whatever came after it.
+    # An old pipeline, by its id (whatever came after it) or by the name of its log folder.
     assert pipeline_status(str(config), old)["pipeline"] == old
+    assert pipeline_status(str(config), "selma-test-20261127-1-2")["pipeline"] == old
     assert [row["job"] for row in pipeline_status(str(config), old)["jobs"]] == ["prompts:counting"]

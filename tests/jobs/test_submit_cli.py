@@ -70,10 +70,11 @@ def test_dry_run_prints_the_job_commands_and_submits_nothing(tiny_config, tmp_pa
 
 
 def test_a_phase_whose_inputs_are_missing_says_what_to_run_first(tiny_config):
-    result = submit("--phase", "train", "--skill", "counting", "--config", str(tiny_config()))
+    config = tiny_config()
+    result = submit("--phase", "train", "--skill", "counting", "--config", str(config))
     assert result.returncode == 2
     assert "train:counting needs the output of images:counting" in result.stderr
-    assert "--phase images --skill counting" in result.stderr
+    assert f"--phase images --skill counting --config {config}` first" in result.stderr  # as it runs
 
 
 def test_unreachable_s3_endpoint_is_named(tiny_config):
