@@ -212,15 +212,20 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     if cfg.merge_search.enabled:
         from selma_core.phases.merge_search import candidate_weights
 
-        scoring = _models((cfg.base_model, cfg.base_model_revision), (cfg.eval.clip_model, None))
+        metric = cfg.merge_search.metric
+        settings = METRIC_SETTINGS[metric]
+        scoring = _models((cfg.base_model, cfg.base_model_revision), (getattr(cfg.eval, settings[0]), None))
         # A candidate is its weights, scored as eval draws (its sampling settings and seeds) and
-        # scores (CLIPScore); nothing else of the search or of eval's other settings.
+        # with the search's metric (the eval section's model and settings of it); nothing else of the
+        # search or of eval's other settings.
         sampling = {
             name: value
             for name, value in output_dict(cfg.eval).items()
-            if name in {f.name for f in fields(SamplingConfig)} or name == "clip_model"
+            if name in {f.name for f in fields(SamplingConfig)} or name in settings
         }
         sampling["max_prompts_per_skill"] = cfg.merge_search.max_prompts_per_skill
+        if metric != "clip_score":  # CLIPScore's candidates keep the keys they had before the setting
+            sampling["metric"] = metric
         candidates = [
             add(
                 "merge-search",
@@ -246,18 +251,21 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     return Plan(jobs=jobs, datasets=datasets)
 
 
+# The eval settings an image-text metric reads: its model first.
+METRIC_SETTINGS = {
+    "clip_score": ("clip_model",),
+    "pickscore": ("pickscore_model", "pickscore_processor"),
+    "image_reward": ("image_reward_model",),
+    "hps": ("hps_model",),
+    "vqascore": ("vqascore_model", "vqascore_backend"),
+}
+
+
 def eval_models(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
     """The models an evaluation runs: the base model, and each metric's and the VQA model's."""
     ev = cfg.eval
     specs: list[tuple[str, str | None]] = [(cfg.base_model, cfg.base_model_revision)]
-    by_metric = {
-        "clip_score": ev.clip_model,
-        "pickscore": ev.pickscore_model,
-        "image_reward": ev.image_reward_model,
-        "hps": ev.hps_model,
-        "vqascore": ev.vqascore_model,
-    }
-    specs += [(by_metric[m], None) for m in ev.metrics]
+    specs += [(getattr(ev, METRIC_SETTINGS[m][0]), None) for m in ev.metrics]
     if ev.benchmark != "heldout":
         specs.append((ev.vqa_model, None))
     if ev.benchmark == "tifa" and ev.tifa_matcher == "embedding":

@@ -731,24 +731,21 @@ def load_heldout(ctx, skills: list[str], cap: int | None) -> dict[str, list[dict
     return heldout
 
 
-def open_eval_models(ctx):
-    """The base pipeline and the CLIP scorer, on the job's device."""
-    from selma_core.metrics.clip_score import ClipScorer
+def open_eval_models(ctx, metric: str = "clip_score"):
+    """The base pipeline and the image-text ``metric`` (with the eval section's model), on the job's
+    device."""
+    from selma_core.metrics.suite import open_metric
     from selma_core.models.loading import resolve_device
 
-    device = resolve_device(ctx.config.device)
-    scorer = ClipScorer(
-        ctx.config.eval.clip_model,
-        ctx.config.cache_dir,
-        device,
-        allow_pickle=ctx.config.allow_pickle_checkpoints,
-    )
+    cfg = ctx.config
+    device = resolve_device(cfg.device)
+    scorer = open_metric(metric, cfg.eval, cfg.cache_dir, device, cfg.allow_pickle_checkpoints)
     return LazyPipeline(ctx, device).get(), scorer, device
 
 
 def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig, device: str) -> list[dict]:
     """One image per held-out prompt (seeded by prompt id, so every model gets the same noise) and
-    its CLIPScore; a row per prompt."""
+    its ``scorer`` score; a row per prompt."""
     from selma_core.phases.images import draw_images, prompt_seed
 
     rows = []
@@ -759,6 +756,6 @@ def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig
             images = draw_images(pipe, texts, [prompt_seed(cfg.seed, r["id"]) for r in batch], cfg, device)
             for record, score in zip(batch, scorer.score(images, texts), strict=True):
                 rows.append(
-                    {"skill": skill, "prompt_id": record["id"], "prompt": record["text"], "clip_score": score}
+                    {"skill": skill, "prompt_id": record["id"], "prompt": record["text"], "score": score}
                 )
     return rows

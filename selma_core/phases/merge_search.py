@@ -7,7 +7,8 @@ Recipe:
 2. One job per candidate (they run in parallel): the experts are loaded side by side and combined
    with ``set_adapters(names, weights)``, which is exactly the linear merge with those weights;
    images are drawn for every skill's held-out prompts with the eval phase's sampling settings and
-   seeds, and scored with CLIPScore.
+   seeds, and scored with ``metric`` (an image-text metric of the eval phase, with its model from
+   the eval section: CLIPScore by default; best set to what ``promote.metric`` judges by).
 3. A final job gathers every candidate's scores into one table, picks the best mean, commits
    ``search.json`` and logs the table and the best weights. With ``merge.weights`` unset, the merge
    phase then uses the best weights.
@@ -34,6 +35,9 @@ class MergeSearchConfig:
     seed: int = 0
     # Held-out prompts scored per skill for each candidate (None: all); fewer is faster, noisier.
     max_prompts_per_skill: int | None = None
+    # What candidates are scored with: one of eval.metrics' names (clip_score, pickscore,
+    # image_reward, hps, vqascore), its model the eval section's (eval.pickscore_model, ...).
+    metric: str = "clip_score"
 
     def __post_init__(self) -> None:
         if self.grid_points < 2:
@@ -44,6 +48,10 @@ class MergeSearchConfig:
             raise ValueError(f"high: expected more than low ({self.low}), got {self.high}")
         if self.max_prompts_per_skill is not None and self.max_prompts_per_skill < 1:
             raise ValueError(f"max_prompts_per_skill: expected >= 1, got {self.max_prompts_per_skill}")
+        from selma_core.metrics.suite import IMAGE_TEXT_METRICS
+
+        if self.metric not in IMAGE_TEXT_METRICS:
+            raise ValueError(f"metric: unknown {self.metric!r}; known: {', '.join(IMAGE_TEXT_METRICS)}")
 
 
 def too_large_a_grid(cfg: MergeSearchConfig, n_experts: int, size: int):
@@ -86,17 +94,19 @@ def score_candidate(ctx, index: int) -> dict:
     """One candidate: the experts combined with its weights, scored per skill on held-out prompts."""
     from selma_core.phases.evaluate import draw_and_score, load_heldout, loaded_adapters, open_eval_models
 
-    weights = candidate_weights(ctx.config.merge_search, len(ctx.config.skills))[index]
+    search = ctx.config.merge_search
+    weights = candidate_weights(search, len(ctx.config.skills))[index]
     skills = list(ctx.config.skills)
-    heldout = load_heldout(ctx, skills, ctx.config.merge_search.max_prompts_per_skill)
-    pipe, scorer, device = open_eval_models(ctx)
+    heldout = load_heldout(ctx, skills, search.max_prompts_per_skill)
+    pipe, scorer, device = open_eval_models(ctx, search.metric)
     experts = [(ctx.fetch("train", s), w) for s, w in zip(skills, weights, strict=True)]
     with loaded_adapters(pipe, "candidate", experts, ctx.config.allow_pickle_checkpoints):
         rows = draw_and_score(pipe, scorer, heldout, ctx.config.eval, device)
-    per_skill = {s: sum(r["clip_score"] for r in rows if r["skill"] == s) / len(heldout[s]) for s in skills}
+    per_skill = {s: sum(r["score"] for r in rows if r["skill"] == s) / len(heldout[s]) for s in skills}
     result = {
         "index": index,
         "weights": dict(zip(skills, weights, strict=True)),
+        "metric": search.metric,
         "scores": per_skill,
         "mean": sum(per_skill.values()) / len(skills),
     }
@@ -128,12 +138,13 @@ def select_best(ctx, skill_name: str | None = None) -> dict:
             + f" | {c['mean']:.3f} |"
         )
     table = "\n".join(lines)
-    summary = {"best": best, "candidates": candidates, "table": table}
+    metric = candidates[0].get("metric", "clip_score")
+    summary = {"metric": metric, "best": best, "candidates": candidates, "table": table}
     with ctx.output() as out:
         (out / "search.json").write_text(json.dumps(summary, indent=1))
         (out / "search.md").write_text(table + "\n")
     ctx.run.log_params({f"search.best_weight.{s}": w for s, w in best["weights"].items()})
     ctx.run.log_metrics({"search.best_mean": best["mean"], "search.candidates": len(candidates)})
     ctx.run.log_dict(summary, "merge_search.json")
-    print(table)
-    return {"best": best, "candidates": len(candidates)}
+    print(f"merge search, scored with {metric}:\n{table}")
+    return {"metric": metric, "best": best, "candidates": len(candidates)}

@@ -8,6 +8,7 @@ import pytest
 from conftest import submit_all
 
 from selma_core.config import load_config
+from selma_core.errors import ConfigError
 from selma_core.phases.merge_search import MergeSearchConfig, candidate_weights
 from selma_core.plan import build_plan
 from selma_core.skills import load_skills
@@ -17,7 +18,6 @@ def test_grid_candidates_start_with_selmas_uniform_weights():
     weights = candidate_weights(MergeSearchConfig(grid_points=3), 2)
     assert weights[0] == [0.5, 0.5]
     assert [0.0, 0.0] not in weights and [1.0, 0.5] in weights and len(weights) == 8  # 3x3 - (0,0)
-    from selma_core.errors import ConfigError
 
     with pytest.raises(
         ConfigError, match=r"has 9 candidates \(with SELMA's 1/N\), more than max_candidates 4"
@@ -61,11 +61,31 @@ def test_the_plan_runs_candidates_in_parallel_before_the_merge(tiny_config):
     )
 
 
+def test_candidates_are_keyed_by_the_search_metric_and_its_model(tiny_config):
+    def candidate_keys(**search) -> list[str]:
+        cfg = load_config(
+            tiny_config(
+                merge_search={"enabled": True, "grid_points": 2, **search},
+                eval={"pickscore_model": "random:tiny-clip"},
+            )
+        )
+        plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+        return [j.key for j in plan.jobs.values() if j.phase == "merge-search" and j.shard is not None]
+
+    clip = candidate_keys()
+    assert candidate_keys(metric="clip_score") == clip  # the default, as keyed before the setting
+    pick = candidate_keys(metric="pickscore")
+    assert not set(pick) & set(clip)
+    with pytest.raises(ConfigError, match="merge_search: metric: unknown 'dsg'; known: clip_score"):
+        candidate_keys(metric="dsg")
+
+
 @pytest.mark.slow
 def test_a_search_picks_the_best_weights_and_the_merge_uses_them(tiny_config, tmp_path):
+    # Scored with PickScore (a random test model): the metric the search was told to use.
     config = tiny_config(
-        merge_search={"enabled": True, "grid_points": 2, "max_prompts_per_skill": 2},
-        eval={"compare_experts": False},
+        merge_search={"enabled": True, "grid_points": 2, "max_prompts_per_skill": 2, "metric": "pickscore"},
+        eval={"compare_experts": False, "pickscore_model": "random:tiny-clip"},
     )
     summary, _ = submit_all(config)
     jobs = {j["job"]: j["status"] for j in summary["jobs"]}
@@ -78,6 +98,7 @@ def test_a_search_picks_the_best_weights_and_the_merge_uses_them(tiny_config, tm
     store = open_store(cfg.storage)
     search = json.loads(store.read_output_file(plan.job("merge-search").key, "search.json"))
     assert [c["index"] for c in search["candidates"]] == [0, 1, 2, 3]
+    assert search["metric"] == "pickscore" and {c["metric"] for c in search["candidates"]} == {"pickscore"}
     best = max(search["candidates"], key=lambda c: c["mean"])
     assert search["best"] == best and "(best)" in search["table"]
     merge = json.loads(store.read_output_file(plan.job("merge").key, "merge.json"))
