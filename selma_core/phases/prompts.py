@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -42,21 +43,13 @@ from selma_core.typed_yaml import execution_only
 # A record's fields, in the order prompts.jsonl writes them (whatever order a saved wave kept them in).
 RECORD_FIELDS = ("id", "skill", "text", "source", "request_id", "model", "split")
 
-# Phrases that show a line is the model talking about the task, not a prompt.
-_ECHO_MARKERS = (
-    "here are",
-    "here is",
-    "new prompts",
-    "numbered list",
-    "as an ai",
-    "i cannot",
-    "i can't",
-    "rules every prompt",
-    "prompts for",
-    "example prompts",
-    "sure,",
-    "sure!",
-    "certainly",
+# A line that is the model talking about the task, not a prompt: a lead-in ("Sure, here are 20 new
+# prompts:"), a refusal, or words about the request. Whole words only, and lead-ins only at the
+# start: "there is a lamp", "a double exposure, ..." and "as an airplane" are prompts.
+_ECHO = re.compile(
+    r"^\W*(here (is|are)|sure\b|certainly\b|of course\b|i (cannot|can't|can not|am unable)\b)"
+    r"|\b(as an ai|new prompts|numbered list|rules every prompt|example prompts|prompts for)\b",
+    re.IGNORECASE,
 )
 
 
@@ -161,8 +154,7 @@ def rejection_reason(text: str, skill, examples: tuple[str, ...]) -> str | None:
         s in text for s in ("http", "```", "{", "}", "<", ">")
     ):
         return "not_text"
-    lowered = text.lower()
-    if text in examples or any(marker in lowered for marker in _ECHO_MARKERS):
+    if text in examples or _ECHO.search(text):
         return "echo"
     return skill.checks.violation(text)
 

@@ -557,3 +557,42 @@ def test_a_damaged_saved_wave_is_dropped_with_the_later_ones_and_generated_again
     texts = [r["text"] for r in committed_records(ctx, tmp_path / "fetch")]
     assert len(texts) == 40 == stats["accepted"] and len(set(texts)) == 40
     assert all(r["text"] in texts for r in first["records"])
+
+
+# -- what counts as the model talking, not a prompt -------------------------------------------------
+
+SKILLS_DIR = Path(__file__).resolve().parents[2] / "skills"
+
+
+@pytest.mark.parametrize("path", sorted(SKILLS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_seed_prompt_is_a_prompt(path):
+    """long_description asks for "there is"/"there are": neither is the lead-in "here is"."""
+    from selma_core.phases.prompts import rejection_reason
+    from selma_core.skills import load_skill
+
+    skill = load_skill(SKILLS_DIR, path.stem)
+    assert {seed: rejection_reason(seed.strip(), skill, ()) for seed in skill.seeds} == dict.fromkeys(
+        skill.seeds
+    )
+
+
+@pytest.mark.parametrize(
+    "line, echo",
+    [
+        ("Sure, here are 20 new prompts:", True),
+        ("Here are the prompts for the counting skill", True),
+        ("Certainly! Below is a numbered list", True),
+        ("I cannot help with that request.", True),
+        ("As an AI language model, I will write them", True),
+        ("A cat on a sofa, and there is a lamp on the left", False),
+        ("A double exposure, a forest inside a woman's silhouette", False),
+        ("A toy shaped as an airplane on a wooden desk", False),
+        ('A street sign that reads "I cannot stop"', False),
+    ],
+)
+def test_lead_ins_and_refusals_are_echo_and_prompts_that_contain_the_words_are_not(line, echo):
+    from selma_core.phases.prompts import rejection_reason
+    from selma_core.skills import load_skill
+
+    skill = load_skill(SKILLS_DIR, "everyday")
+    assert (rejection_reason(line, skill, ()) == "echo") is echo
