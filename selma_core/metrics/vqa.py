@@ -6,9 +6,12 @@ likely an image shows a text (VQAScore), behind one interface, ``VqaBackend``.
   stripped, one trailing period dropped (``"Yes."`` -> ``"yes"``, as DSG compares ``== "yes"``).
 - ``prob_yes(images, texts)``: VQAScore (Lin et al., *Evaluating Text-to-Visual Generation with
   Image-to-Text Generation*, 2024): the model is asked ``Does this figure show "{text}"? Please
-  answer yes or no.`` (the template of the authors' ``t2v_metrics``) and the score is **P("Yes")**:
-  the raw probability of the first token of ``"Yes"`` at the first answer position, a softmax over
-  the *whole* vocabulary, *not* renormalised over the Yes/No tokens, as the paper defines it.
+  answer yes or no.`` (the template of the authors' ``t2v_metrics``) and the score is **P(yes)**:
+  the raw probability of the first token of the backend's yes answer at the first answer position,
+  a softmax over the *whole* vocabulary, *not* renormalised over the yes/no tokens, as the paper
+  defines it. The answer is spelt as ``t2v_metrics`` spells it per model: ``"yes"`` for the FlanT5
+  models (BLIP-2, InstructBLIP: "instruct-blip uses 'yes' instead of 'Yes'"; T5's vocabulary tells
+  the two apart), ``"Yes"`` for chat VLMs; InstructBLIP's question is prefixed ``Question: ``.
   (``t2v_metrics`` computes exp(-mean cross-entropy) of the tokenized answer, which for T5
   tokenizers also counts the end-of-sequence token, so its numbers can differ slightly.)
 
@@ -86,7 +89,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bump when a built-in prompt template, the answer normalisation or the scoring rule changes.
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
 #: VQAScore's question (t2v_metrics' ``default_question_template``).
 VQASCORE_QUESTION = 'Does this figure show "{text}"? Please answer yes or no.'
 
@@ -326,6 +329,7 @@ class _GenerativeVqa:
     processor_class_name: ClassVar[str]
     DEFAULT_ANSWER_TEMPLATE: ClassVar[str]
     DEFAULT_YES_TEMPLATE: ClassVar[str]
+    DEFAULT_YES_ANSWER: ClassVar[str] = "Yes"
 
     def __init__(
         self,
@@ -341,13 +345,13 @@ class _GenerativeVqa:
         allow_pickle: bool = False,
         answer_template: str | None = None,
         yes_template: str | None = None,
-        yes_answer: str = "Yes",
+        yes_answer: str | None = None,
         progress: bool = True,
     ) -> None:
         """``dtype``: the weights' dtype; ``autocast_dtype``: the compute dtype of ``torch.autocast``
         on CUDA (None: no autocast; ignored on CPU). ``answer_template`` (``{question}``) and
-        ``yes_template`` (``{text}``) replace the class's prompts; ``yes_answer`` is the answer whose
-        first token's probability ``prob_yes`` returns."""
+        ``yes_template`` (``{text}``) replace the class's prompts; ``yes_answer`` (default: the
+        class's) is the answer whose first token's probability ``prob_yes`` returns."""
         import transformers
 
         from selma_core.models.loading import resolve_device
@@ -384,6 +388,7 @@ class _GenerativeVqa:
         )
         if not self.is_encoder_decoder:
             self.tokenizer.padding_side = "left"  # a decoder-only model continues the prompt
+        yes_answer = yes_answer or self.DEFAULT_YES_ANSWER
         yes_ids = self.tokenizer(yes_answer, add_special_tokens=False).input_ids
         if not yes_ids:
             raise ConfigError(f"{self.name}: the tokenizer of {spec!r} encodes {yes_answer!r} to no tokens")
@@ -487,6 +492,7 @@ class Blip2Vqa(_GenerativeVqa):
     processor_class_name = "Blip2Processor"
     DEFAULT_ANSWER_TEMPLATE = "Question: {question} Answer:"
     DEFAULT_YES_TEMPLATE = "Question: " + VQASCORE_QUESTION + " Answer:"
+    DEFAULT_YES_ANSWER = "yes"  # FlanT5 answers in lower case
 
     def __init__(self, spec: str = DEFAULT_MODEL, cache_dir: str | Path = "selma-data/cache", **kwargs: Any):
         super().__init__(spec, cache_dir, **kwargs)
@@ -500,7 +506,8 @@ class InstructBlipVqa(_GenerativeVqa):
     model_class_name = "InstructBlipForConditionalGeneration"
     processor_class_name = "InstructBlipProcessor"
     DEFAULT_ANSWER_TEMPLATE = "Question: {question} Short answer:"
-    DEFAULT_YES_TEMPLATE = VQASCORE_QUESTION
+    DEFAULT_YES_TEMPLATE = "Question: " + VQASCORE_QUESTION  # t2v_metrics' InstructBLIP template
+    DEFAULT_YES_ANSWER = "yes"  # t2v_metrics: "instruct-blip uses 'yes' instead of 'Yes'"
 
     def __init__(self, spec: str = DEFAULT_MODEL, cache_dir: str | Path = "selma-data/cache", **kwargs: Any):
         super().__init__(spec, cache_dir, **kwargs)

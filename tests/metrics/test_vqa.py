@@ -83,6 +83,18 @@ def test_plumbing_prob_yes_is_the_next_token_probability_of_yes(model_cache):
     assert vqa.prob_yes([image], [text])[0] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "cls, spec", [(InstructBlipVqa, "random:tiny-instructblip"), (Blip2Vqa, "random:tiny-blip2")]
+)
+def test_flan_t5_backends_score_the_lower_case_yes_as_t2v_metrics_does(model_cache, cls, spec):
+    """T5's vocabulary has both '▁yes' and '▁Yes'; FlanT5 answers 'yes', and t2v_metrics scores it."""
+    vqa = cls(spec, model_cache, progress=False)
+    assert vqa.yes_answer == "yes" and "|yes=yes|" in vqa.version
+    assert vqa.yes_token_id == vqa.tokenizer("yes", add_special_tokens=False).input_ids[0]
+    assert vqa.yes_template.startswith("Question: Does this figure show")
+    assert cls(spec, model_cache, progress=False, yes_answer="Yes").yes_answer == "Yes"  # still settable
+
+
 class Counting:
     """A VqaBackend that counts the model calls (and pairs) reaching the backend it wraps."""
 
