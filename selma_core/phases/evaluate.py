@@ -583,11 +583,15 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
             for row in rows:
                 row["scores"][name] = per_prompt[row["variant"]].get(row["prompt_id"])
                 row["answers"] = answers[row["variant"]].get(row["prompt_id"], {})
-            info = (
-                MetricInfo(f"DSG ({cfg.dsg_convention})", "item score 0-1")
-                if name == "dsg"
-                else MetricInfo("TIFA", "prompt accuracy 0-1")
-            ).to_dict()
+            if name != "dsg":
+                info = MetricInfo("TIFA", "prompt accuracy 0-1").to_dict()
+            elif cfg.dsg_convention == "selma":
+                # SELMA's figures pool each category's questions; the tables here average items (what
+                # the intervals and paired differences resample), so they say so. The pooled figures
+                # are results.json's benchmark_scores.
+                info = MetricInfo("DSG (selma zeroing, mean of items)", "item score 0-1").to_dict()
+            else:
+                info = MetricInfo(f"DSG ({cfg.dsg_convention})", "item score 0-1").to_dict()
             if name == "dsg":
                 info["convention"] = cfg.dsg_convention
             metrics_info = {name: {**info, "vqa_model": cfg.vqa_model}, **metrics_info}

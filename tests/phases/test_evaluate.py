@@ -138,6 +138,8 @@ def test_dsg1k_scores_with_the_dsg_rule_and_a_rerun_calls_no_model(tiny_config, 
     second = run_eval(benchmark_config(tiny_config, benchmark="dsg1k", dsg_convention="selma"))
     assert second["cache"] == {"images_cached": 8, "images_drawn": 0}
     assert second["benchmark_scores"]["base"]["convention"] == "selma"
+    # The tables average items; SELMA's own (pooled) figures are benchmark_scores: labelled so.
+    assert second["metrics"]["dsg"]["label"] == "DSG (selma zeroing, mean of items)"
     assert [r["scores"]["clip_score"] for r in second["per_prompt"]] == [
         r["scores"]["clip_score"] for r in rows
     ]
