@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.prompting.request import PromptRequest
+from selma_core.prompting.request import PromptRequest, without_cut_line
 from selma_core.typed_yaml import execution_only
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -159,9 +159,15 @@ class OpenAICompatibleBackend:
                         continue
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code in (401, 403):
-                    raise ConfigError(
-                        f"LLM endpoint {url} refused the key from ${self.cfg.api_key_env} ({last})"
+                    unset = (
+                        f"${self.cfg.api_key_env}" if self.cfg.api_key_env else "prompts.openai.api_key_env"
                     )
+                    what = (
+                        f"refused the key from ${self.cfg.api_key_env}"
+                        if self.api_key
+                        else f"wants a key, and none was sent ({unset} is not set)"
+                    )
+                    raise ConfigError(f"LLM endpoint {url} {what} ({last})")
                 if response.status_code not in RETRYABLE_STATUS:
                     # 400/404/422: a wrong model name or URL; the same request would fail again.
                     raise ConfigError(
@@ -190,4 +196,6 @@ class OpenAICompatibleBackend:
             # A malformed usage count is not worth failing a request over.
             with contextlib.suppress(TypeError, ValueError), self._lock:
                 self.tokens_used += int(usage.get("total_tokens") or 0)
+        if choice.get("finish_reason") == "length":
+            return without_cut_line(text or "")
         return text or ""

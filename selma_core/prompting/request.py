@@ -41,6 +41,14 @@ class PromptRequest:
         return "\n\n".join(m["content"] for m in self.messages()) + "\n\n1."
 
 
+def without_cut_line(text: str) -> str:
+    """A reply the token limit cut off, without its last line, whose prompt is unfinished (a reply
+    that ends with a line break ended between lines and is whole)."""
+    if text.endswith("\n"):
+        return text
+    return text.rpartition("\n")[0]
+
+
 def parse_prompt_list(text: str) -> list[str]:
     """Prompts from a numbered list, a bulleted list or a JSON array of strings."""
     lines = [line for line in text.strip().splitlines() if not _FENCE.match(line.strip())]

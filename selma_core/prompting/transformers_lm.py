@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from selma_core.prompting.request import PromptRequest
+from selma_core.prompting.request import PromptRequest, without_cut_line
 from selma_core.typed_yaml import execution_only
 
 
@@ -76,6 +76,8 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
 
     def _text(self, request: PromptRequest) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -108,5 +110,9 @@ class TransformersBackend:
             self.tokens_used += int(inputs["attention_mask"].sum()) + int(
                 (new != self.tokenizer.pad_token_id).sum()
             )
-            replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for row, text in zip(new.tolist(), texts, strict=True):
+                # No end-of-sequence: max_new_tokens cut the reply, and its last prompt is unfinished.
+                ended = not self.eos_ids or any(token in self.eos_ids for token in row)
+                replies.append(text if ended else without_cut_line(text))
         return replies

@@ -115,6 +115,25 @@ def test_tokens_summed_over_requests(server, request_):
     assert llm.tokens_used == 30
 
 
+@pytest.mark.parametrize(
+    "finish_reason, reply", [("length", "1. a\n2. b"), ("stop", "1. a\n2. b\n3. three cats on a")]
+)
+def test_a_reply_cut_by_the_token_limit_loses_its_unfinished_last_line(
+    server, request_, finish_reason, reply
+):
+    choice = {"message": {"role": "assistant", "content": "1. a\n2. b\n3. three cats on a"}}
+    server.set_script([Reply(200, {"choices": [{**choice, "finish_reason": finish_reason}]})])
+    assert backend(server.base_url).complete(request_) == reply
+
+
+def test_without_cut_line():
+    from selma_core.prompting.request import without_cut_line
+
+    assert without_cut_line("1. a\n2. b\n3. c") == "1. a\n2. b"
+    assert without_cut_line("1. a\n2. b\n") == "1. a\n2. b\n"  # cut between lines: all whole
+    assert without_cut_line("1. three cats") == ""
+
+
 def test_null_content_is_an_empty_reply(server, request_):
     server.set_script([chat_reply(None, 3)])
     llm = backend(server.base_url)
@@ -195,6 +214,13 @@ def test_refused_key_is_a_config_error_naming_the_env_var(server, request_, stat
     assert f"HTTP {status}" in str(info.value)
     assert len(server.requests) == 1  # not retried
     assert sleeps == []
+
+
+def test_a_401_without_a_key_says_none_was_sent(server, request_, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    server.set_script([error_reply(401, "missing api key")])
+    with pytest.raises(ConfigError, match=f"wants a key, and none was sent \\(\\${KEY_ENV} is not set\\)"):
+        backend(server.base_url).complete(request_)
 
 
 def test_non_retryable_status_fails_at_once(server, request_):

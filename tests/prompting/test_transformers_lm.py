@@ -35,3 +35,17 @@ def test_sampling_is_seeded(backend):
 def test_the_chat_template_is_used(backend):
     text = backend._text(requests(1)[0])
     assert text.startswith("<|system|>") and text.endswith("<|assistant|>")
+
+
+def test_a_reply_cut_by_max_new_tokens_loses_its_unfinished_last_line(backend):
+    """No end-of-sequence token within max_new_tokens (24 here): the last line is cut off mid-way."""
+    from selma_core.prompting.request import without_cut_line
+
+    assert backend.eos_ids  # the model's generation config names its end-of-sequence token
+    cut = backend.complete_batch(requests(2))
+    eos_ids, backend.eos_ids = backend.eos_ids, set()  # as if every reply had ended
+    try:
+        whole = backend.complete_batch(requests(2))
+    finally:
+        backend.eos_ids = eos_ids
+    assert cut == [without_cut_line(text) for text in whole] and cut != whole
