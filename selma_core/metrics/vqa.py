@@ -52,6 +52,7 @@ its lossless PNG encoding (``image_png_bytes``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -178,14 +179,22 @@ def _snapshot_commit(repo_id: str, revision: str | None) -> str | None:
 
 
 def model_reference(spec: str, path: str, revision: str | None = None) -> str:
-    """What identifies the weights: ``random:NAME#vN``, ``/abs/folder[@revision]`` or ``id@commit``."""
+    """What identifies the weights: ``random:NAME#vN``, ``/abs/folder[@revision]#files`` or
+    ``id@commit``. A local folder's ``files`` is a digest of its files' names, sizes and modification
+    times: weights replaced in place must not be answered for from the cache (hashing gigabytes of
+    weights at every load would cost more than the scores it saves)."""
     from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_model
 
     if is_random_model(spec):
         return f"{spec}#v{RANDOM_MODELS_VERSION}"
     if Path(path).is_dir():
-        folder = str(Path(path).resolve())
-        return f"{folder}@{revision}" if revision else folder
+        folder = Path(path).resolve()
+        digest = hashlib.sha256()
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        reference = f"{folder}@{revision}" if revision else str(folder)
+        return f"{reference}#{digest.hexdigest()[:16]}"
     return f"{spec}@{_snapshot_commit(spec, revision) or revision or 'main'}"
 
 

@@ -228,3 +228,20 @@ def test_online_when_the_hub_cannot_serve_the_model_the_cache_is_tried_then_the_
     assert ChatVlmVqa("selma-test/cached-vlm", tmp_path, progress=False).version.startswith(
         f"selma-test/cached-vlm@{'f' * 40}|"
     )
+
+
+def test_a_local_model_folders_reference_changes_when_its_weights_are_replaced(tmp_path):
+    """The answer cache is keyed by it: weights replaced in place must not reuse old answers."""
+    import os
+
+    from selma_core.metrics.vqa import model_reference
+
+    folder = tmp_path / "my-vqa"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"first weights")
+    first = model_reference(str(folder), str(folder))
+    assert first.startswith(f"{folder.resolve()}#") and model_reference(str(folder), str(folder)) == first
+    (folder / "model.safetensors").write_bytes(b"other weights")  # same size, written later
+    os.utime(folder / "model.safetensors", ns=(1, 10**18))
+    assert model_reference(str(folder), str(folder)) != first
