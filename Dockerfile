@@ -68,10 +68,13 @@ LABEL org.opencontainers.image.title="selma-job" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       io.selma.torch-version="${TORCH_VERSION}"
 
-# Same python3 as the builder's (the venv links to it); nothing else from apt.
+# Same python3 as the builder's (the venv links to it). gcc, libc6-dev and python3-dev: torch.compile
+# (train.compile and images.compile default to auto, which compiles on CUDA) has Triton build its
+# launcher with a C compiler against Python.h at run time; without them every GPU job would fail
+# at its first compiled step.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates gcc libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 selma \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /cache --shell /usr/sbin/nologin selma \

@@ -227,8 +227,10 @@ def validate(cfg, skills) -> None:
             )
     # Dataset skills have no prompts jobs: the prompt backend serves the others only.
     generated = [s for s in skills.values() if s.dataset is None]
-    if generated and cfg.prompts.backend == "openai":
-        OpenAICompatibleBackend(cfg.prompts.openai)  # checks the key variable where one is required
+    if generated and cfg.prompts.backend == "openai" and cfg.executor.kind == "local":
+        # The key variable, where one is required. Jobs on Kubernetes read it from the pods' Secrets
+        # (executor.kubernetes.secrets), which the controller need not hold.
+        OpenAICompatibleBackend(cfg.prompts.openai)
     elif generated and cfg.prompts.backend == "offline":
         for skill in generated:
             if not skill.offline.templates:

@@ -119,7 +119,7 @@ class PodResources:
     cpu: str | None = None
     memory: str | None = None
     gpus: int | None = None
-    # Local scratch for the model cache and fetched artifacts (an emptyDir of this size).
+    # The pod's local disk (requests and limits); the model cache's emptyDir gets it less /tmp's 10Gi.
     ephemeral_storage: str | None = None
     # The Job fails when it has run this long (all retries together).
     active_deadline_seconds: int | None = None
@@ -162,7 +162,8 @@ class KubernetesConfig:
     train_nodes: int = 1
     backoff_limit: int = 2
     ttl_seconds_after_finished: int = 86400
-    # A PersistentVolumeClaim for /cache (model weights), shared by every pod; None: an emptyDir per pod.
+    # A PersistentVolumeClaim for /cache (model weights), shared by every pod, so ReadWriteMany (a
+    # ReadWriteOnce claim holds a second node's pod in ContainerCreating); None: an emptyDir per pod.
     cache_volume_claim: str | None = None
     # Folder of the per-phase Job templates; None: k8s/jobs/ of this checkout or image.
     templates_dir: str | None = None

@@ -130,6 +130,15 @@ def test_job_image_has_the_venv_first_on_path():
     assert any(keyword == "COPY" and "/opt/venv" in args for keyword, args in steps)
 
 
+def test_job_image_can_build_tritons_launcher_for_torch_compile():
+    """compile is auto (on for CUDA) by default, and Triton compiles its launcher with a C compiler
+    against Python.h when a job first runs a compiled step: the runtime stage must install them."""
+    installs = " ".join(args for keyword, args in final_stage(JOB_DOCKERFILE) if keyword == "RUN")
+    assert "apt-get install" in installs
+    for package in ("gcc", "libc6-dev", "python3-dev"):
+        assert f" {package}" in installs, f"the runtime stage installs no {package}"
+
+
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 SECRET_VALUE = re.compile(
     r"AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|-----BEGIN [A-Z ]*PRIVATE KEY-----"

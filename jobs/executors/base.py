@@ -14,7 +14,7 @@ from enum import Enum
 from selma_core.plan import JobSpec
 
 
-class JobState(str, Enum):
+class JobState(str, Enum):  # noqa: UP042 - str() of a member stays "JobState.X", as callers saw it
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

@@ -168,6 +168,11 @@ def job_labels(pipeline: str, job: JobSpec) -> dict[str, str]:
     return labels
 
 
+# A prompts job that runs its LLM in the pod (prompts.backend transformers) is sized like a GPU phase:
+# the default 7B model's ~15 GB of bf16 weights pass through host memory on their way to the GPU.
+LLM_IN_POD = {"cpu": "8", "memory": "48Gi"}
+
+
 def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[dict, int]:
     """The container's resources and its GPU count: the template's, then the config's overrides
     (cpu, memory, ephemeral storage set requests and limits alike; GPUs go in limits)."""
@@ -178,6 +183,8 @@ def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[di
     gpus = int(limits.get(GPU, 0))
     if phase == "prompts" and cfg.prompts.needs_gpu:
         gpus = max(gpus, 1)
+        requests.update(LLM_IN_POD)
+        limits.update(LLM_IN_POD)
     if phase == "train":
         gpus = max(gpus, cfg.executor.kubernetes.train_gpus) if gpus else gpus
     if override.gpus is not None:
@@ -194,6 +201,28 @@ def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[di
         # Extended resources are set in limits (requests default to them); quantities are strings.
         limits[GPU] = str(gpus)
     return {"requests": requests, "limits": limits}, gpus
+
+
+def size_the_cache(pod_spec: dict, ephemeral_storage: str | None, phase: str) -> None:
+    """With ``resources.<phase>.ephemeral_storage``, the cache emptyDir gets what the pod's local
+    disk has beyond /tmp's: the template's 50Gi would otherwise still evict a larger model cache, or
+    a smaller disk would be evicted before the volumes' own limits apply."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    if ephemeral_storage is None:
+        return
+    volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
+    cache, tmp = volumes.get("cache", {}).get("emptyDir"), volumes.get("tmp", {}).get("emptyDir")
+    if cache is None:  # a cache volume claim: not on the pod's disk
+        return
+    total = parse_quantity(ephemeral_storage)
+    reserved = parse_quantity(tmp.get("sizeLimit", "0")) if tmp else 0
+    if total - reserved < 2**30:
+        raise ConfigError(
+            f"executor.kubernetes.resources.{phase}.ephemeral_storage {ephemeral_storage}: expected more "
+            f"than /tmp's {tmp.get('sizeLimit') if tmp else 0} plus 1Gi for the model cache"
+        )
+    cache["sizeLimit"] = str(int(total - reserved))
 
 
 def _container(manifest: dict) -> dict:
@@ -343,6 +372,7 @@ def render_job(
         elif volume["name"] == "cache" and k8s.cache_volume_claim:
             volume.pop("emptyDir", None)
             volume["persistentVolumeClaim"] = {"claimName": k8s.cache_volume_claim}
+    size_the_cache(pod_spec, k8s.resources.get(phase, PodResources()).ephemeral_storage, phase)
     if nodes > 1:
         # The nodes of one torchrun group cannot continue without a peer: any failure ends the Job
         # (after the disruption rule above, so preemption still doesn't count).

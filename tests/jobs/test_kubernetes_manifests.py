@@ -205,9 +205,34 @@ def test_prompts_with_a_local_llm_get_a_gpu(tmp_path):
     documents, _ = render(
         REPO / "configs" / "sdxl.yaml", tmp_path=tmp_path, prompts={"backend": "transformers"}
     )
+    prompts = [job for job in jobs_of(documents) if job["metadata"]["labels"]["selma.io/phase"] == "prompts"]
+    for job in prompts:
+        limits = container(job)["resources"]["limits"]
+        # A 7B model's bf16 weights pass through host memory: a GPU phase's pod, not 8Gi.
+        assert limits[GPU] == "1" and limits["memory"] == "48Gi" and limits["cpu"] == "8"
+    assert prompts
+
+
+def test_ephemeral_storage_sizes_the_cache_volume_too(tmp_path):
+    documents, _ = render(
+        REPO / "configs" / "sdxl.yaml",
+        tmp_path=tmp_path,
+        executor={"kubernetes": {"resources": {"train": {"ephemeral_storage": "200Gi"}}}},
+    )
     for job in jobs_of(documents):
-        if job["metadata"]["labels"]["selma.io/phase"] == "prompts":
-            assert container(job)["resources"]["limits"][GPU] == "1"
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        if job["metadata"]["labels"]["selma.io/phase"] == "train":
+            assert container(job)["resources"]["limits"]["ephemeral-storage"] == "200Gi"
+            assert volumes["cache"]["emptyDir"]["sizeLimit"] == str(190 * 2**30)  # /tmp keeps its 10Gi
+        else:
+            assert volumes["cache"]["emptyDir"]["sizeLimit"] == "50Gi"
+    with pytest.raises(ConfigError, match=r"ephemeral_storage 10Gi: expected more than /tmp's 10Gi plus 1Gi"):
+        render(
+            REPO / "configs" / "sdxl.yaml",
+            tmp_path=tmp_path,
+            executor={"kubernetes": {"resources": {"train": {"ephemeral_storage": "10Gi"}}}},
+        )
 
 
 def test_resources_override_the_template(tmp_path):

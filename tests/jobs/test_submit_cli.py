@@ -198,3 +198,20 @@ def test_a_missing_local_model_folder_of_a_phase_is_named_before_any_job(tiny_co
     with contextlib.redirect_stderr(out):
         assert controller.main(["--phase", "all", "--dry-run", "--config", str(config)]) == 2
     assert f"{section}.{key}: local model folder {missing} not found" in out.getvalue()
+
+
+def test_the_llm_key_is_checked_where_the_jobs_run_locally_only(tiny_config, monkeypatch):
+    """On Kubernetes the prompts pods read the key from their Secrets: the controller need not hold it."""
+    from jobs.submit import validate
+    from selma_core.config import load_config
+    from selma_core.errors import ConfigError
+    from selma_core.skills import load_skills
+
+    monkeypatch.delenv("SELMA_TEST_LLM_KEY", raising=False)
+    openai = {"base_url": "https://api.openai.com/v1", "api_key_env": "SELMA_TEST_LLM_KEY"}
+    cfg = load_config(tiny_config(prompts={"backend": "openai", "openai": openai}))
+    skills = load_skills(cfg.skills_path, cfg.skills)
+    with pytest.raises(ConfigError, match="SELMA_TEST_LLM_KEY is not set"):
+        validate(cfg, skills)
+    cfg.executor.kind = "kubernetes"
+    validate(cfg, skills)
