@@ -208,6 +208,13 @@ def validate(cfg, skills) -> None:
     if local and benchmark_file and "://" not in benchmark_file and not Path(benchmark_file).is_file():
         what = "dsg_annotations" if ev.benchmark == "dsg1k" else "tifa_questions"
         raise ConfigError(f"{cfg.source_path}: eval.{what}: file {benchmark_file} not found")
+    url = (ev.tifa_questions or "").startswith(("http://", "https://"))
+    if ev.benchmark == "tifa" and url and not ev.tifa_questions_sha256:
+        raise ConfigError(
+            f"{cfg.source_path}: eval.tifa_questions is a URL ({ev.tifa_questions}): give "
+            "eval.tifa_questions_sha256 too, so that what is downloaded is checked (and a changed file "
+            "is not scored under the same settings)"
+        )
     if ev.benchmark == "tifa" and not ev.tifa_questions and not ev.tifa_questions_sha256:
         raise ConfigError(
             f"{cfg.source_path}: eval.benchmark tifa needs eval.tifa_questions (a path to "

@@ -9,7 +9,8 @@ images scores nothing again.
 
 Metrics (names as in ``eval.metrics``), each on its published scale:
 
-- ``clip_score``: 100 · max(cos, 0) with a CLIP model (Hessel et al., 2021).
+- ``clip_score``: 100 · max(cos, 0) with a CLIP model: torchmetrics' scale of CLIPScore (Hessel
+  et al., 2021, whose CLIP-S is 2.5 · max(cos, 0) with ViT-B/32: figures differ by that factor).
 - ``pickscore``: PickScore_v1, logit_scale · cos (Kirstain et al., 2023), about 18 to 23.
 - ``image_reward``: ImageReward, the standardised reward (Xu et al., 2023), about -2 to 2.
 - ``hps``: HPS v2 / v2.1, the cosine of the fine-tuned OpenCLIP (Wu et al., 2023), about 0.2 to 0.35.
@@ -51,7 +52,8 @@ class MetricInfo:
 
 
 IMAGE_TEXT_METRICS: dict[str, MetricInfo] = {
-    "clip_score": MetricInfo("CLIPScore", "0-100"),
+    # torchmetrics' scale, 100·max(cos, 0) (Hessel et al.'s CLIP-S is 2.5·max(cos, 0), with ViT-B/32).
+    "clip_score": MetricInfo("CLIPScore", "100·max(cos, 0), torchmetrics' scale, 0-100"),
     "pickscore": MetricInfo("PickScore", "logit scale x cosine (about 18-23)"),
     "image_reward": MetricInfo("ImageReward", "standardised reward (about -2 to 2)"),
     "hps": MetricInfo("HPS v2", "cosine (about 0.2-0.35)"),

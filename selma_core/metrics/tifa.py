@@ -95,7 +95,8 @@ class ExactChoiceMatcher:
         if not hits:
             raise ChoiceMatchError(
                 f"answer {answer!r} is none of the choices {list(choices)} (use the embedding matcher "
-                f"for free-form answers: --matcher embedding)"
+                "for free-form answers: eval.tifa_matcher embedding, or --matcher embedding on the "
+                "command line)"
             )
         raise ChoiceMatchError(f"answer {answer!r} matches several choices {hits} after normalization")
 
@@ -177,7 +178,7 @@ class SentenceEmbedder:
                     f"sentence-embedding model {spec!r}: not in the local Hugging Face cache, and downloads "
                     f"are off (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); download it where there is a "
                     f"network (hf download {spec}) into this machine's cache, or give a local folder "
-                    f"(--embedding-model /path/to/model): {e}"
+                    f"(eval.tifa_embedding_model, or --embedding-model on the command line): {e}"
                 ) from e
             raise model_load_error(spec, e) from e
         self.spec = spec

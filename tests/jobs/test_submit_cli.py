@@ -188,6 +188,18 @@ def test_bad_eval_flags_fail_before_any_job_naming_the_flag(tiny_config, capsys,
     assert message in capsys.readouterr().err
 
 
+def test_a_tifa_question_file_by_url_needs_its_checksum(tiny_config, capsys):
+    from jobs import submit as controller
+
+    url = "https://example.com/tifa_v1.0_question_answers.json"
+    config = tiny_config(eval={"benchmark": "tifa", "tifa_questions": url})
+    assert controller.main(["--phase", "eval", "--config", str(config)]) == 2
+    assert (
+        f"eval.tifa_questions is a URL ({url}): give eval.tifa_questions_sha256 too"
+        in capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(("section", "key"), [("images", "nsfw_checker"), ("train", "vae_model")])
 def test_a_missing_local_model_folder_of_a_phase_is_named_before_any_job(tiny_config, tmp_path, section, key):
     from jobs import submit as controller
