@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.run",
         description="Run one SELMA job (one phase, one skill) and commit its output to the store.",
+        # Whole flag names only: launch_torchrun strips its own flags by name before the job runs
+        # under torchrun, and an abbreviation (--nproc) left in would start torchrun again there.
+        allow_abbrev=False,
         epilog="Exit code: 0 done (or already committed), 2 invalid configuration or input (retrying cannot "
         "help), anything else a failure worth retrying. The last line printed is one JSON object.",
     )

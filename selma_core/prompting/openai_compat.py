@@ -157,6 +157,12 @@ class OpenAICompatibleBackend:
                         if attempt < self.cfg.max_retries:
                             self.sleep(wait)
                         continue
+                    except EndpointError as e:
+                        # JSON without a reply (a gateway's {"error": ...} sent with 200): transient too.
+                        last = str(e)
+                        if attempt < self.cfg.max_retries:
+                            self.sleep(wait)
+                        continue
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code in (401, 403):
                     unset = (

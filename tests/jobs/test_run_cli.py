@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -156,3 +157,11 @@ def test_images_processes_draw_their_shards_and_the_last_commits(tiny_config, mo
         assert "--num-shards: only --phase images" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_flags_are_whole_names_only():
+    """launch_torchrun strips its flags by name; an abbreviation would start torchrun again inside."""
+    from jobs.run import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--phase", "train", "--skill", "a", "--config", "c.yaml", "--nproc", "2"])

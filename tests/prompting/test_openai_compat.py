@@ -237,10 +237,18 @@ def test_non_retryable_status_fails_at_once(server, request_):
     [{"error": "nope"}, {"choices": []}, {"choices": [{"message": {}}]}, {"choices": [{"text": "x"}]}, []],
     ids=["no-choices", "empty-choices", "no-content", "completion-shape", "list"],
 )
-def test_reply_without_choices_is_an_endpoint_error(server, request_, body):
+def test_reply_without_choices_is_retried_then_an_endpoint_error(server, request_, body):
     server.set_script([Reply(200, body)])
-    with pytest.raises(EndpointError, match=r"answered without choices\[0\] text"):
+    with pytest.raises(
+        EndpointError, match=r"failed 4 times; last error: .*answered without choices\[0\] text"
+    ):
         backend(server.base_url).complete(request_)
+    assert len(server.requests) == 4  # a gateway's error sent with 200 may pass: retried like a 5xx
+
+
+def test_reply_without_choices_then_a_reply(server, request_):
+    server.set_script([Reply(200, {"error": "upstream overloaded"}), chat_reply("1. a")])
+    assert backend(server.base_url).complete(request_) == "1. a"
 
 
 def test_200_with_a_non_json_body_is_an_endpoint_error(server, request_):
