@@ -453,6 +453,19 @@ def _log_adapter_model(adapter_dir: Path, base_model: str, model_name: str, revi
         mlflow.diffusers._resolve_base_model_revision = resolve
 
 
+def _record(run) -> RunRecord:
+    """An MLflow run as status reports see it."""
+    info = run.info
+    return RunRecord(
+        info.run_id, info.run_name or "", info.status, info.start_time, info.end_time, dict(run.data.tags)
+    )
+
+
+def _is_pipeline(record: RunRecord) -> bool:
+    """A pipeline's (parent) run: no parent of its own, named pipeline-<phase> by jobs.submit."""
+    return "mlflow.parentRunId" not in record.tags and record.name.startswith("pipeline")
+
+
 class MlflowTracker(Tracker):
     def __init__(
         self,
@@ -556,23 +569,10 @@ class MlflowTracker(Tracker):
             max_results=max_results,
             order_by=["attributes.start_time DESC"],
         )
-        return [
-            RunRecord(
-                r.info.run_id,
-                r.info.run_name or "",
-                r.info.status,
-                r.info.start_time,
-                r.info.end_time,
-                dict(r.data.tags),
-            )
-            for r in runs
-        ]
+        return [_record(r) for r in runs]
 
     def pipeline_runs(self, experiment: str, max_results: int = 20) -> list[RunRecord]:
-        records = self._records(experiment, "", 1000)
-        return [r for r in records if "mlflow.parentRunId" not in r.tags and r.name.startswith("pipeline")][
-            :max_results
-        ]
+        return [r for r in self._records(experiment, "", 1000) if _is_pipeline(r)][:max_results]
 
     def pipeline_run(self, experiment: str, run_id: str) -> RunRecord | None:
         from mlflow.exceptions import MlflowException
@@ -584,17 +584,9 @@ class MlflowTracker(Tracker):
             if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
             raise
-        record = RunRecord(
-            run.info.run_id,
-            run.info.run_name or "",
-            run.info.status,
-            run.info.start_time,
-            run.info.end_time,
-            dict(run.data.tags),
-        )
+        record = _record(run)
         in_experiment = found is not None and run.info.experiment_id == found.experiment_id
-        is_pipeline = "mlflow.parentRunId" not in record.tags and record.name.startswith("pipeline")
-        return record if in_experiment and is_pipeline else None
+        return record if in_experiment and _is_pipeline(record) else None
 
     def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]:
         return self._records(experiment, f"tags.mlflow.parentRunId = '{parent_run_id}'", 1000)
