@@ -246,9 +246,10 @@ def test_cached_eval_images_follow_the_committed_weights_not_the_jobs_key(tiny_c
     store = open_store(cfg.storage)
     ctx = JobContext(cfg, {}, plan, plan.job("eval"), store, None)
     key = plan.job("train", "counting").key
+    first = trained_like_expert(model_cache, 1, 2, 2.0, tmp_path / "first")
+    other = trained_like_expert(model_cache, 2, 2, 2.0, tmp_path / "other")
     identities = []
-    for seed in (1, 2, 1):  # the first expert, a forced rerun's other weights, the first again
-        expert = trained_like_expert(model_cache, seed, 2, 2.0, tmp_path / f"expert-{seed}-{len(identities)}")
+    for expert in (first, other, first):  # the first expert, a forced rerun's other weights, the first again
         store.commit_dir(expert, key)
         identities.append(resolve_variant(ctx, "expert:counting").identity)
     assert identities[0] != identities[1] and identities[0] == identities[2]
