@@ -90,7 +90,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bump when a built-in prompt template, the answer normalisation or the scoring rule changes.
-PROMPT_VERSION = 2
+PROMPT_VERSION = 1
 #: VQAScore's question (t2v_metrics' ``default_question_template``).
 VQASCORE_QUESTION = 'Does this figure show "{text}"? Please answer yes or no.'
 
