@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,10 @@ def test_plumbing_the_converter_cli_turns_upstreams_checkpoint_into_a_folder_wit
     converted = ImageRewardScorer(str(out), tmp_path / "cache", progress=False)
     imgs = images()
     assert converted.score(imgs, TEXTS) == pytest.approx(scorer.score(imgs, TEXTS), abs=1e-6)
-    assert converted.version.startswith(f"{out.resolve()}|dtype=float32")
+    # The folder and a digest of its files (weights replaced in place must not hit the cache).
+    assert re.fullmatch(
+        rf"{re.escape(str(out.resolve()))}#[0-9a-f]{{16}}\|dtype=float32\|.*", converted.version
+    )
     assert sorted(converted.meta["source"]["dropped_keys"]) == [
         "blip.text_encoder.embeddings.position_ids",
         "blip.text_proj.bias",
