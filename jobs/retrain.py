@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.signals import Terminated, terminate_as_interrupt
+from jobs.signals import terminate_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(module: str, args: list[str]) -> tuple[int, dict]:
     """Run a selma command, its output passing through; its exit code and last JSON line."""
+    # A session of its own: Ctrl-C in a terminal reaches this process alone, which passes it on as
+    # SIGTERM, once, whether the interrupt came from a terminal, kill -INT or a CI runner's SIGTERM.
     process = subprocess.Popen(
-        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True, bufsize=1
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
     )
     last = "{}"
     assert process.stdout is not None
@@ -50,13 +56,10 @@ def _run(module: str, args: list[str]) -> tuple[int, dict]:
             if line.startswith("{"):
                 last = line
         code = process.wait()
-    except KeyboardInterrupt as e:
-        # The step (a controller with running jobs) cancels its own work when interrupted, and
-        # we wait for it, rather than leave it running without us. Ctrl-C in a terminal reached it
-        # too (the whole process group gets it); SIGTERM was ours alone: passed on. A second
-        # interrupt stops the wait.
-        if isinstance(e, Terminated):
-            process.terminate()
+    except KeyboardInterrupt:
+        # The step (a controller with running jobs) cancels its own work on SIGTERM, and we wait
+        # for it rather than leave it running without us. A second interrupt stops the wait.
+        process.terminate()
         for line in process.stdout:  # what it says as it stops, its last JSON line included
             sys.stdout.write(line)
         process.wait()

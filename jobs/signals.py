@@ -8,17 +8,12 @@ import threading
 from collections.abc import Iterator
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would raise ``KeyboardInterrupt``. Unlike Ctrl-C in a terminal,
-    which reaches the whole foreground process group, it was sent to this process alone."""
-
-
 def terminate_as_interrupt() -> None:
-    """Raise ``Terminated`` (a ``KeyboardInterrupt``) on SIGTERM: ``finally`` blocks close MLflow
-    runs as FAILED and remove staging folders; a controller cancels its running jobs."""
+    """Raise ``KeyboardInterrupt`` on SIGTERM: ``finally`` blocks close MLflow runs as FAILED and
+    remove staging folders; a controller cancels its running jobs."""
 
     def handler(signum: int, frame: object) -> None:
-        raise Terminated(f"signal {signum}")
+        raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
 

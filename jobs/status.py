@@ -42,15 +42,19 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
-def job_state(runs: list, finished: bool) -> str:
-    """A job's state from its runs (one per process, the newest attempt of each), in a pipeline
-    that has ``finished`` or not."""
+def job_state(runs: list, finished: bool, committed: bool) -> str:
+    """A job's state from its runs (one per process that got as far as opening one, the newest
+    attempt of each), whether its output is ``committed``, in a pipeline that has ``finished`` or not.
+    Done only with its output committed: an images process opens its run once it has claimed work,
+    so one still pending (a pod waiting for a GPU) or dead before that has none."""
     states = {run.status for run in runs}
     if "RUNNING" in states and not finished:
         return "running"
-    if states == {"FINISHED"}:
+    if states != {"FINISHED"}:
+        return "failed"  # a process failed, or the pipeline ended without it closing its run (killed)
+    if committed:
         return "done"
-    return "failed"  # a process failed, or the pipeline ended without it closing its run (killed)
+    return "failed" if finished else "running"  # the other processes: not (yet) started, or dead
 
 
 def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
@@ -104,7 +108,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         runs = [newest[job.name][worker] for worker in sorted(newest.get(job.name, {}))]
         committed = store.is_committed(job.key)
         if runs:
-            state = job_state(runs, finished)
+            state = job_state(runs, finished, committed)
         elif committed and job.id not in forced:
             state = "skipped"
         else:  # a forced job never started (blocked) is not skipped, though an old output exists

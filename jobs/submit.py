@@ -132,7 +132,8 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
     if named_outside:
         raise ConfigError(
             f"--force {' '.join(specs)} names {', '.join(named_outside)}, which this command does not "
-            "run; select them too (e.g. --phase all)"
+            "run (--phase and --skill leave them out); select them too (e.g. --phase all), or force only "
+            f"jobs it runs (e.g. --force {named_outside[0].split(':')[0]}:SKILL)"
         )
     outside = sorted(forced - selected)
     if outside:
@@ -188,15 +189,18 @@ def resolve_registry_aliases(cfg) -> None:
 def validate(cfg, skills) -> None:
     """Everything that can be checked before the first job starts, so no job fails late on it."""
     from selma_core.phases.merge import resolve_weights
-    from selma_core.plan import eval_models
+    from selma_core.plan import METRIC_SETTINGS, eval_models
     from selma_core.prompting.openai_compat import OpenAICompatibleBackend
 
+    search = cfg.merge_search
+    search_model = getattr(cfg.eval, METRIC_SETTINGS[search.metric][0]) if search.enabled else None
     for key, value in (
         ("base_model", cfg.base_model),
         ("generator_model", cfg.generator_model),
         ("images.nsfw_checker", cfg.images.nsfw_checker),
         ("train.vae_model", cfg.train.vae_model),
         *(("eval", spec) for spec, _ in eval_models(cfg)[1:]),
+        (f"merge_search.metric {search.metric}'s eval.{METRIC_SETTINGS[search.metric][0]}", search_model),
     ):
         # On Kubernetes a local path is inside the pod (a mounted volume), not on this machine.
         local = cfg.executor.kind == "local"
@@ -208,13 +212,6 @@ def validate(cfg, skills) -> None:
     if local and benchmark_file and "://" not in benchmark_file and not Path(benchmark_file).is_file():
         what = "dsg_annotations" if ev.benchmark == "dsg1k" else "tifa_questions"
         raise ConfigError(f"{cfg.source_path}: eval.{what}: file {benchmark_file} not found")
-    url = (ev.tifa_questions or "").startswith(("http://", "https://"))
-    if ev.benchmark == "tifa" and url and not ev.tifa_questions_sha256:
-        raise ConfigError(
-            f"{cfg.source_path}: eval.tifa_questions is a URL ({ev.tifa_questions}): give "
-            "eval.tifa_questions_sha256 too, so that what is downloaded is checked (and a changed file "
-            "is not scored under the same settings)"
-        )
     if ev.benchmark == "tifa" and not ev.tifa_questions and not ev.tifa_questions_sha256:
         raise ConfigError(
             f"{cfg.source_path}: eval.benchmark tifa needs eval.tifa_questions (a path to "

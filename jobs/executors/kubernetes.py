@@ -37,6 +37,7 @@ from jobs.executors.kubernetes_manifests import (
     render_config_map,
     render_job,
 )
+from jobs.signals import interrupts_ignored
 from selma_core.config import PipelineConfig
 from selma_core.errors import ConfigError, EndpointError
 from selma_core.plan import JobSpec
@@ -52,6 +53,9 @@ WATCH_TIMEOUT_S = 60
 LOG_TAIL_LINES = 20000
 REQUEST_TIMEOUT_S = 60
 API_RETRIES = 6  # about a minute and a half of backoff
+# Cancelling (with interrupts ignored) tries each Job's delete until this deadline, then leaves what
+# is left to python -m jobs.cancel: a controller that cannot be stopped would be worse.
+CANCEL_DEADLINE_S = 30.0
 # A Job not running after this long is looked at: why are its pods not running?
 STALL_S = 120.0
 # With --follow-logs, how often a job whose pod is not running yet is looked at again.
@@ -526,12 +530,13 @@ class KubernetesExecutor(Executor):
                 self._create_service(service, uid)
         except BaseException:
             # The Job's handle never reaches the DAG, so nothing would cancel it: a multi-node
-            # training Job holding GPUs, unwatched, until its deadline. One we started goes now.
+            # training Job holding GPUs, unwatched, until its deadline. One we started goes now,
+            # a second Ctrl-C notwithstanding.
             if not adopted:
-                try:
-                    self._delete(name)
-                except Exception as e:
-                    self.echo(f"could not delete Job {name}: {e}; run python -m jobs.cancel to retry")
+                with interrupts_ignored():
+                    error = self._delete_until(name, time.monotonic() + CANCEL_DEADLINE_S)
+                if error is not None:
+                    self.echo(f"could not delete Job {name}: {error}")
             raise
         hint = f"kubectl -n {self.namespace} logs job/{name}"
         indexed = len(jobs) > 1
@@ -768,12 +773,52 @@ class KubernetesExecutor(Executor):
         threading.Thread(target=stream, name=f"log-{pod_name}", daemon=True).start()
 
     def cancel(self, handle: JobHandle) -> None:
-        if self._batch is None or "final" in handle.extra:
-            return
-        try:
-            self._delete(handle.ref)
-        except Exception as e:  # cancelling goes on for the other jobs; jobs.cancel can finish it
-            self.echo(f"could not delete Job {handle.ref}: {e}; run python -m jobs.cancel to retry")
+        for job_id, error in self.cancel_all([handle]).items():
+            self.echo(f"could not cancel {job_id}: {error}")
+
+    def cancel_all(self, handles: list[JobHandle]) -> dict[str, Exception]:
+        """Delete each running Job once (the shards of an Indexed Job share one), each tried until
+        ``CANCEL_DEADLINE_S`` in all, not through every API retry: the DAG cancels with interrupts
+        ignored, and an unreachable API server must not hold the controller for half an hour."""
+        if self._batch is None:
+            return {}
+        jobs: dict[str, list[str]] = {}  # Job name -> the DAG's job ids in it
+        for handle in handles:
+            if "final" not in handle.extra:
+                jobs.setdefault(handle.ref, []).append(handle.job.id)
+        deadline = time.monotonic() + CANCEL_DEADLINE_S
+        errors: dict[str, Exception] = {}
+        for name, job_ids in jobs.items():
+            error = self._delete_until(name, deadline)
+            if error is not None:
+                errors.update(dict.fromkeys(job_ids, error))
+        return errors
+
+    def _delete_until(self, name: str, deadline: float) -> Exception | None:
+        """Delete Job ``name``, retrying an outage until ``deadline``; the error if it was not."""
+        from kubernetes.client.exceptions import ApiException
+
+        while True:
+            try:
+                self._batch.delete_namespaced_job(
+                    name,
+                    self.namespace,
+                    propagation_policy="Background",
+                    _request_timeout=max(1.0, min(REQUEST_TIMEOUT_S, deadline - time.monotonic())),
+                    _preload_content=False,
+                )
+                return None
+            except ApiException as e:
+                if e.status == 404:
+                    return None  # gone already
+                error = _api_error(f"delete Job {name}", self._batch, e)
+                if e.status not in (429, 500, 502, 503, 504):
+                    return error
+            except UNREACHABLE as e:
+                error = _api_error(f"delete Job {name}", self._batch, e)
+            if time.monotonic() + 1.0 > deadline:
+                return EndpointError(f"{error}; run python -m jobs.cancel to delete Job {name}")
+            time.sleep(1.0)
 
     def close(self) -> None:
         if self._watcher is not None:

@@ -173,6 +173,15 @@ def job_labels(pipeline: str, job: JobSpec) -> dict[str, str]:
 LLM_IN_POD = {"cpu": "8", "memory": "48Gi"}
 
 
+def larger(quantity: str | int | None, floor: str) -> str:
+    """The larger of two Kubernetes quantities ("8", "48Gi"); ``floor`` when the first is unset."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    if quantity is None or parse_quantity(floor) > parse_quantity(quantity):
+        return floor
+    return str(quantity)
+
+
 def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[dict, int]:
     """The container's resources and its GPU count: the template's, then the config's overrides
     (cpu, memory, ephemeral storage set requests and limits alike; GPUs go in limits)."""
@@ -183,8 +192,9 @@ def phase_resources(cfg: PipelineConfig, phase: str, template: dict) -> tuple[di
     gpus = int(limits.get(GPU, 0))
     if phase == "prompts" and cfg.prompts.needs_gpu:
         gpus = max(gpus, 1)
-        requests.update(LLM_IN_POD)
-        limits.update(LLM_IN_POD)
+        for sizes in (requests, limits):  # at least that; a custom template's larger size stays
+            for key, floor in LLM_IN_POD.items():
+                sizes[key] = larger(sizes.get(key), floor)
     if phase == "train":
         gpus = max(gpus, cfg.executor.kubernetes.train_gpus) if gpus else gpus
     if override.gpus is not None:
@@ -215,12 +225,17 @@ def size_the_cache(pod_spec: dict, ephemeral_storage: str | None, phase: str) ->
     cache, tmp = volumes.get("cache", {}).get("emptyDir"), volumes.get("tmp", {}).get("emptyDir")
     if cache is None:  # a cache volume claim: not on the pod's disk
         return
-    total = parse_quantity(ephemeral_storage)
-    reserved = parse_quantity(tmp.get("sizeLimit", "0")) if tmp else 0
+    where = f"executor.kubernetes.resources.{phase}.ephemeral_storage {ephemeral_storage}"
+    try:
+        total = parse_quantity(ephemeral_storage)
+    except ValueError as e:
+        raise ConfigError(f"{where}: not a Kubernetes quantity (e.g. 200Gi): {e}") from e
+    # /tmp's emptyDir, and room for the container's logs and writable layer (4Gi, as the templates keep).
+    reserved = (parse_quantity(tmp.get("sizeLimit", "0")) if tmp else 0) + 4 * 2**30
     if total - reserved < 2**30:
         raise ConfigError(
-            f"executor.kubernetes.resources.{phase}.ephemeral_storage {ephemeral_storage}: expected more "
-            f"than /tmp's {tmp.get('sizeLimit') if tmp else 0} plus 1Gi for the model cache"
+            f"{where}: expected at least 1Gi for the model cache beyond /tmp's "
+            f"{tmp.get('sizeLimit') if tmp else 0} and 4Gi for logs"
         )
     cache["sizeLimit"] = str(int(total - reserved))
 

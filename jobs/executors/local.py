@@ -398,9 +398,17 @@ class LocalExecutor(Executor):
         (``CANCEL_GRACE_S``) to clean up, then SIGKILL for those still running."""
         processes = {handle.job.id: _processes(handle) for handle in handles}
         running = [process for group in processes.values() for process in group if process.poll() is None]
-        for process in running:
-            with contextlib.suppress(ProcessLookupError):  # ended in between
-                os.killpg(process.pid, signal.SIGTERM)
+        errors: dict[str, Exception] = {}
+        for job_id, group in processes.items():
+            for process in group:
+                if process not in running:
+                    continue
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # ended in between
+                except OSError as e:  # one job that cannot be signalled must not spare the others
+                    errors[job_id] = e
         deadline = time.monotonic() + CANCEL_GRACE_S
         for process in running:
             try:
@@ -409,7 +417,7 @@ class LocalExecutor(Executor):
                 _kill(process)
         for handle in handles:
             self._give_back_ended(handle, [process.poll() for process in processes[handle.job.id]])
-        return {}
+        return errors
 
     def close(self) -> None:
         with self._server_lock:

@@ -127,6 +127,13 @@ class EvalConfig(SamplingConfig):
             raise ValueError(f"bootstrap_resamples: expected >= 100, got {self.bootstrap_resamples}")
         if self.report_samples_per_skill < 0:
             raise ValueError(f"report_samples_per_skill: expected >= 0, got {self.report_samples_per_skill}")
+        if (self.tifa_questions or "").startswith(("http://", "https://")) and not self.tifa_questions_sha256:
+            # Checked wherever the config is read (the controller, and a job run by hand).
+            raise ValueError(
+                f"tifa_questions is a URL ({self.tifa_questions}): give tifa_questions_sha256 too, so "
+                "that what is downloaded is checked (and a changed file is not scored under the same "
+                "settings)"
+            )
 
 
 def eval_variants(cfg: EvalConfig, skills: list[str]) -> list[str]:

@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from selma_core.typed_yaml import hashed_unless_default
+
 
 @dataclass
 class MergeSearchConfig:
@@ -37,7 +39,8 @@ class MergeSearchConfig:
     max_prompts_per_skill: int | None = None
     # What candidates are scored with: one of eval.metrics' names (clip_score, pickscore,
     # image_reward, hps, vqascore), its model the eval section's (eval.pickscore_model, ...).
-    metric: str = "clip_score"
+    # Hashed only when not the default: searches made before the setting keep their keys.
+    metric: str = hashed_unless_default("clip_score")
 
     def __post_init__(self) -> None:
         if self.grid_points < 2:
@@ -52,6 +55,11 @@ class MergeSearchConfig:
 
         if self.metric not in IMAGE_TEXT_METRICS:
             raise ValueError(f"metric: unknown {self.metric!r}; known: {', '.join(IMAGE_TEXT_METRICS)}")
+        if self.strategy == "random" and self.samples + 1 > self.max_candidates:
+            raise ValueError(
+                f"samples: {self.samples} random candidates and SELMA's 1/N make {self.samples + 1}, more "
+                f"than max_candidates {self.max_candidates}; lower samples or raise max_candidates"
+            )
 
 
 def too_large_a_grid(cfg: MergeSearchConfig, n_experts: int, size: int):
@@ -87,7 +95,7 @@ def candidate_weights(cfg: MergeSearchConfig, n_experts: int) -> list[list[float
     for weights in pool:
         if weights not in found:
             found.append(weights)
-    return found[: cfg.max_candidates]
+    return found  # within max_candidates: a grid is checked above, random samples by the config
 
 
 def score_candidate(ctx, index: int) -> dict:

@@ -44,11 +44,15 @@ from selma_core.typed_yaml import execution_only
 RECORD_FIELDS = ("id", "skill", "text", "source", "request_id", "model", "split")
 
 # A line that is the model talking about the task, not a prompt: a lead-in ("Sure, here are 20 new
-# prompts:"), a refusal, or words about the request. Whole words only, and lead-ins only at the
-# start: "there is a lamp", "a double exposure, ..." and "as an airplane" are prompts.
+# prompts:", "Great question! Here is ..."), a refusal, or words about the request. Lead-ins count
+# only at the start of a line (after at most a short interjection) and with their punctuation,
+# other markers only as whole words: "there is a lamp", "a double exposure, ...", "sure-footed",
+# "Of course the cat ..." and '"I can't wait" in icing' are prompts.
 _ECHO = re.compile(
-    r"^\W*(here (is|are)|sure\b|certainly\b|of course\b|i (cannot|can't|can not|am unable)\b)"
-    r"|\b(as an ai|new prompts|numbered list|rules every prompt|example prompts|prompts for)\b",
+    r"^\s*(?:[\w' ]{1,30}[!,.]\s+)?"
+    r"(?:here (?:is|are)\b|(?:sure|certainly|of course|absolutely)[!,.:]"
+    r"|i (?:cannot|can't|can not|am unable)\b)"
+    r"|\b(?:as an ai|new prompts|numbered list|rules every prompt|example prompts|prompts for)\b",
     re.IGNORECASE,
 )
 

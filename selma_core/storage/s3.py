@@ -124,13 +124,15 @@ class S3ArtifactStore(ArtifactStore):
             self.reached = True
             return result
 
-    def _no_credentials(self, e: Exception) -> ConfigError | None:
-        """No (or half) AWS credentials: a configuration error, not an unreachable endpoint."""
+    def _no_credentials(self, e: Exception) -> EndpointError | None:
+        """No (or half) AWS credentials: said as such, not as an unreachable endpoint. Still exit 1
+        (worth a retry): in a pod, an instance role's credentials that did not arrive in time look
+        the same as none at all."""
         from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
         if not isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             return None
-        return ConfigError(
+        return EndpointError(
             f"{self._where()}: {e}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run "
             "where an instance or pod role provides them)"
         )

@@ -332,6 +332,39 @@ def test_a_multi_node_train_jobs_service_replaces_a_stale_one_and_a_refused_one_
         executor.close()
 
 
+def test_cancelling_while_the_api_is_down_gives_up_at_a_deadline_deleting_each_job_once(
+    cluster, k8s_config, tmp_path, monkeypatch
+):
+    """The DAG cancels with interrupts ignored: an unreachable API server must not hold the controller
+    through every retry of every handle (an Indexed Job's shards share one Job)."""
+    import urllib3
+
+    from jobs.executors import kubernetes as k8s_executor
+    from jobs.executors.base import JobHandle
+
+    executor, plan = executor_and_plan(k8s_config(), tmp_path)
+    try:
+        executor._connect()
+        asked: list[str] = []
+
+        def unreachable(name, namespace, **kwargs):
+            asked.append(name)
+            raise urllib3.exceptions.MaxRetryError(None, "/apis/batch/v1", "connection refused")
+
+        monkeypatch.setattr(executor._batch, "delete_namespaced_job", unreachable)
+        monkeypatch.setattr(k8s_executor, "CANCEL_DEADLINE_S", 2.5)
+        shards = [
+            JobHandle(job=plan.job("images", s), ref="images-batch", extra={})
+            for s in ("counting", "spatial")
+        ]
+        errors = executor.cancel_all(shards)
+        assert set(errors) == {"images:counting", "images:spatial"}
+        assert all("run python -m jobs.cancel to delete Job images-batch" in str(e) for e in errors.values())
+        assert set(asked) == {"images-batch"} and len(asked) <= 4  # tried until the deadline, not 2 x 7 times
+    finally:
+        executor.close()
+
+
 def test_local_store_is_refused_before_anything_is_submitted(cluster, tmp_path, model_cache):
     kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
     config = write_config(

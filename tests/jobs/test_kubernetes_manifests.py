@@ -224,15 +224,19 @@ def test_ephemeral_storage_sizes_the_cache_volume_too(tmp_path):
         volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
         if job["metadata"]["labels"]["selma.io/phase"] == "train":
             assert container(job)["resources"]["limits"]["ephemeral-storage"] == "200Gi"
-            assert volumes["cache"]["emptyDir"]["sizeLimit"] == str(190 * 2**30)  # /tmp keeps its 10Gi
+            assert volumes["cache"]["emptyDir"]["sizeLimit"] == str(186 * 2**30)  # /tmp's 10Gi, 4Gi for logs
         else:
             assert volumes["cache"]["emptyDir"]["sizeLimit"] == "50Gi"
-    with pytest.raises(ConfigError, match=r"ephemeral_storage 10Gi: expected more than /tmp's 10Gi plus 1Gi"):
-        render(
-            REPO / "configs" / "sdxl.yaml",
-            tmp_path=tmp_path,
-            executor={"kubernetes": {"resources": {"train": {"ephemeral_storage": "10Gi"}}}},
-        )
+    for size, message in (
+        ("14Gi", "expected at least 1Gi for the model cache"),
+        ("200gb", "not a Kubernetes quantity"),
+    ):
+        with pytest.raises(ConfigError, match=rf"ephemeral_storage {size}: {message}"):
+            render(
+                REPO / "configs" / "sdxl.yaml",
+                tmp_path=tmp_path,
+                executor={"kubernetes": {"resources": {"train": {"ephemeral_storage": size}}}},
+            )
 
 
 def test_resources_override_the_template(tmp_path):

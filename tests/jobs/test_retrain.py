@@ -97,9 +97,10 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     )
 
 
-def test_sigterm_stops_the_pipeline_and_its_running_job(tiny_config, tmp_path):
-    """SIGTERM to jobs.retrain (a CI runner cancelling): its pipeline's controller is told, cancels
-    its running job, and nothing is left running."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_an_interrupt_stops_the_pipeline_and_its_running_job(tiny_config, tmp_path, signum):
+    """SIGTERM to jobs.retrain (a CI runner cancelling), or SIGINT to it alone (kill -INT): its
+    pipeline's controller is told, cancels its running job, and nothing is left running."""
     import os
     import signal
     import socket
@@ -125,7 +126,7 @@ def test_sigterm_stops_the_pipeline_and_its_running_job(tiny_config, tmp_path):
         cwd=REPO,
     )
     connection, _ = llm.accept()  # the prompts job waits for the LLM
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signum))
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, out[-3000:] + err[-3000:]
     assert '"error": "interrupted"' in out and "interrupted: retraining stopped" in err

@@ -68,13 +68,19 @@ def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
     assert running["train:counting"]["state"] == "pending"
     assert running["train:spatial"]["state"] == "pending"
 
+    # train:counting: one process finished, its output not committed (the other's pod still pending).
+    job_run(tracker, cfg, parent, name["train:counting"], "FINISHED", "0/2")
+    assert {row["job"]: row["state"] for row in pipeline_status(str(config))["jobs"]}[
+        "train:counting"
+    ] == "running"
+
     tracker.end_pipeline_run(parent, False, {"jobs": []})
     commit(store, plan.jobs["train:spatial"].key, tmp_path)  # an old output of a job forced to rerun
     ended = {row["job"]: row["state"] for row in pipeline_status(str(config))["jobs"]}
     assert ended == {
         "images:counting": "failed",  # the pipeline ended with process 0's run open: killed
         "images:spatial": "failed",
-        "train:counting": "not run",
+        "train:counting": "failed",  # its run finished, but nothing committed the output
         "train:spatial": "not run",  # forced, blocked: its old output is not this pipeline's doing
         "merge": "not run",
     }

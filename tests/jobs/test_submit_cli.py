@@ -194,10 +194,17 @@ def test_a_tifa_question_file_by_url_needs_its_checksum(tiny_config, capsys):
     url = "https://example.com/tifa_v1.0_question_answers.json"
     config = tiny_config(eval={"benchmark": "tifa", "tifa_questions": url})
     assert controller.main(["--phase", "eval", "--config", str(config)]) == 2
-    assert (
-        f"eval.tifa_questions is a URL ({url}): give eval.tifa_questions_sha256 too"
-        in capsys.readouterr().err
-    )
+    assert f"eval: tifa_questions is a URL ({url}): give tifa_questions_sha256 too" in capsys.readouterr().err
+    # The same for a job run by hand: the config is checked wherever it is read.
+    import signal
+
+    from jobs import run as job_run
+
+    previous = signal.getsignal(signal.SIGTERM)  # jobs.run.main installs its SIGTERM handler
+    try:
+        assert job_run.main(["--phase", "eval", "--config", str(config)]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.parametrize(("section", "key"), [("images", "nsfw_checker"), ("train", "vae_model")])
@@ -210,6 +217,24 @@ def test_a_missing_local_model_folder_of_a_phase_is_named_before_any_job(tiny_co
     with contextlib.redirect_stderr(out):
         assert controller.main(["--phase", "all", "--dry-run", "--config", str(config)]) == 2
     assert f"{section}.{key}: local model folder {missing} not found" in out.getvalue()
+
+
+def test_the_merge_searchs_metric_model_is_checked_before_any_job(tiny_config, tmp_path):
+    from jobs.submit import validate
+    from selma_core.config import load_config
+    from selma_core.errors import ConfigError
+    from selma_core.skills import load_skills
+
+    missing = str(tmp_path / "no-such-pickscore")
+    config = tiny_config(
+        merge_search={"enabled": True, "metric": "pickscore"}, eval={"pickscore_model": missing}
+    )
+    cfg = load_config(config)
+    with pytest.raises(
+        ConfigError,
+        match=f"merge_search.metric pickscore's eval.pickscore_model: local model folder {missing} not found",
+    ):
+        validate(cfg, load_skills(cfg.skills_path, cfg.skills))
 
 
 def test_the_llm_key_is_checked_where_the_jobs_run_locally_only(tiny_config, monkeypatch):

@@ -34,6 +34,8 @@ def test_random_candidates_are_reproducible_and_in_range():
     first, second = candidate_weights(cfg, 3), candidate_weights(cfg, 3)
     assert first == second and len(first) == 6
     assert all(0.2 <= w <= 0.8 for vector in first[1:] for w in vector)
+    with pytest.raises(ValueError, match=r"samples: 32 random candidates and SELMA's 1/N make 33, more than"):
+        MergeSearchConfig(strategy="random", samples=32, max_candidates=32)
 
 
 def test_the_plan_runs_candidates_in_parallel_before_the_merge(tiny_config):

@@ -588,6 +588,11 @@ def test_every_shipped_seed_prompt_is_a_prompt(path):
         ("A double exposure, a forest inside a woman's silhouette", False),
         ("A toy shaped as an airplane on a wooden desk", False),
         ('A street sign that reads "I cannot stop"', False),
+        ("Absolutely! Here are some fresh ideas.", True),
+        ("Great question! Here is a set of twenty scenes", True),
+        ('"I can\'t wait" written in icing on a birthday cake', False),
+        ("A sure-footed goat on a cliff above the sea", False),
+        ("Of course the cat sleeps on the warm laptop", False),
     ],
 )
 def test_lead_ins_and_refusals_are_echo_and_prompts_that_contain_the_words_are_not(line, echo):
