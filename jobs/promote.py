@@ -15,7 +15,6 @@ promoted (or nothing new to judge), 3 refused, 2 invalid input, 1 a service fail
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 
@@ -65,8 +64,11 @@ def unchanged(name: str, candidate: str | None, champion: str | None, reason: st
 
 def judgement_digest(candidate: dict, champion: dict | None, champion_version: str | None, gate: dict) -> str:
     """What a verdict rests on, as a short digest."""
-    basis = {"candidate": candidate, "champion": champion, "champion_version": champion_version, "gate": gate}
-    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+    from selma_core.config import stable_hash
+
+    return stable_hash(
+        {"candidate": candidate, "champion": champion, "champion_version": champion_version, "gate": gate}
+    )
 
 
 def promote(args: argparse.Namespace) -> dict:

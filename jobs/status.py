@@ -7,7 +7,7 @@ executor and from any machine that reaches them. Without ``--pipeline``, the new
 the config's experiment. States: pending, running, done, skipped (its output was already
 committed), failed, not run (a dependency failed, or the pipeline stopped first). An images job of
 several processes (``images.num_jobs``) is running while any of them is, failed if any failed, done
-when all are. The last line printed is one JSON object.
+when its output is committed. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
     from selma_core.tracking import open_tracker
-    from selma_core.tracking.base import TAG_FORCED, TAG_JOBS, TAG_WORKER
+    from selma_core.tracking.base import TAG_FORCED, TAG_JOBS, TAG_WORKER, RunRecord
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
@@ -93,7 +93,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     forced = set(parent.tags.get(TAG_FORCED, "").split(","))
     # Per job, per process (an images job's are tagged "I/N"): its newest run, a retry's over the
     # failed attempt before it.
-    newest: dict[str, dict[str, object]] = {}
+    newest: dict[str, dict[str, RunRecord]] = {}
     for run in reversed(tracker.child_runs(cfg.name, parent.run_id)):  # oldest first
         newest.setdefault(run.name, {})[run.tags.get(TAG_WORKER, "")] = run
     finished = parent.status != "RUNNING"

@@ -175,8 +175,12 @@ def _lora_layers(file: Path, tensors: dict) -> dict[str, LoraLayer]:
         if spelling is None:
             raise InputError(f"LoRA adapter {file}: unexpected tensor {key!r} (not diffusers' LoRA format)")
         down_suffix, up_suffix = spelling
-        if not key.endswith(down_suffix):
-            continue  # an up factor: read with its down factor
+        if key.endswith(up_suffix):  # read with its down factor, which must be there
+            if key[: -len(up_suffix)] + down_suffix not in tensors:
+                raise InputError(
+                    f"LoRA adapter {file}: {key} has no matching {key[: -len(up_suffix)] + down_suffix}"
+                )
+            continue
         module = key[: -len(down_suffix)]
         up = tensors.get(module + up_suffix)
         if up is None:
@@ -194,12 +198,6 @@ def _lora_layers(file: Path, tensors: dict) -> dict[str, LoraLayer]:
         if module in layers:
             raise InputError(f"LoRA adapter {file}: {module} has LoRA factors under two spellings")
         layers[module] = LoraLayer(down=tensor, up=up)
-    for key in tensors:  # an up factor without its down factor
-        down_suffix, up_suffix = next((d, u) for d, u in _SPELLINGS if key.endswith(d) or key.endswith(u))
-        if key.endswith(up_suffix) and key[: -len(up_suffix)] not in layers:
-            raise InputError(
-                f"LoRA adapter {file}: {key} has no matching {key[: -len(up_suffix)] + down_suffix}"
-            )
     if not layers:
         raise InputError(f"LoRA adapter {file}: no LoRA layers in it")
     return layers

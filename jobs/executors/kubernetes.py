@@ -53,6 +53,8 @@ WATCH_TIMEOUT_S = 60
 LOG_TAIL_LINES = 20000
 REQUEST_TIMEOUT_S = 60
 API_RETRIES = 6  # about a minute and a half of backoff
+# Answers that say the server is busy or failing now, not that the request is wrong: worth a retry.
+RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 # Cancelling (with interrupts ignored) tries each Job's delete until this deadline, then leaves what
 # is left to python -m jobs.cancel: a controller that cannot be stopped would be worse.
 CANCEL_DEADLINE_S = 30.0
@@ -381,7 +383,7 @@ class KubernetesExecutor(Executor):
             try:
                 return fn(*args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
             except ApiException as e:
-                if e.status not in (429, 500, 502, 503, 504) or attempt == API_RETRIES:
+                if e.status not in RETRYABLE_STATUS or attempt == API_RETRIES:
                     raise
                 error: Exception = e
             except UNREACHABLE as e:
@@ -514,7 +516,6 @@ class KubernetesExecutor(Executor):
     def submit_batch(
         self, jobs: list[JobSpec], commands: list[list[str]], env: dict[str, str]
     ) -> list[JobHandle]:
-
         self._connect()
         self._ensure_config_map()
         documents = self.manifests(jobs, commands[0], env)
@@ -812,7 +813,7 @@ class KubernetesExecutor(Executor):
                 if e.status == 404:
                     return None  # gone already
                 error = _api_error(f"delete Job {name}", self._batch, e)
-                if e.status not in (429, 500, 502, 503, 504):
+                if e.status not in RETRYABLE_STATUS:
                     return error
             except UNREACHABLE as e:
                 error = _api_error(f"delete Job {name}", self._batch, e)

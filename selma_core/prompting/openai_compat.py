@@ -151,15 +151,14 @@ class OpenAICompatibleBackend:
                 if response.status_code == 200:
                     try:
                         return self._text(response.json(), url)
-                    except ValueError:
-                        # A 200 that is not JSON (a proxy's error page, a truncated body): transient.
-                        last = f"HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
-                        if attempt < self.cfg.max_retries:
-                            self.sleep(wait)
-                        continue
-                    except EndpointError as e:
-                        # JSON without a reply (a gateway's {"error": ...} sent with 200): transient too.
-                        last = str(e)
+                    except (ValueError, EndpointError) as e:
+                        # A 200 that is not JSON (a proxy's error page, a truncated body), or JSON without
+                        # a reply (a gateway's {"error": ...}): transient.
+                        last = (
+                            str(e)
+                            if isinstance(e, EndpointError)
+                            else f"HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
+                        )
                         if attempt < self.cfg.max_retries:
                             self.sleep(wait)
                         continue
