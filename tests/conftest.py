@@ -157,6 +157,38 @@ def mlflow_server(tmp_path_factory, moto_s3):
         stop(process)
 
 
+_EMPTY_MLFLOW_DB: list[Path] = []  # made once per worker process, on first use
+
+
+def empty_mlflow_db(path: Path) -> None:
+    """Put an empty MLflow database (its tables made, no experiment but MLflow's default) at ``path``.
+
+    MLflow makes a new database by running its 60-odd schema migrations, about 3 s of CPU; pipeline
+    tests each had a new one, so a worker makes one once and copies it. Opening an existing database
+    is what every run after a user's first does; making one is still tested (tests/tracking, and
+    every test that opens a tracker on a path of its own)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _EMPTY_MLFLOW_DB:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="selma-test-empty-mlflow-"))
+        atexit.register(shutil.rmtree, folder, True)
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri())
+        store.engine.dispose()  # closed: the copies are of a file nobody writes
+        _EMPTY_MLFLOW_DB.append(folder / "mlflow.db")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_MLFLOW_DB[0], path)
+
+
+def untouched_mlflow_db(path: Path) -> bool:
+    """Whether nothing was written to an MLflow database at ``path``: none is there, or the empty one
+    ``write_config`` put there is unchanged."""
+    return not path.exists() or path.read_bytes() == _EMPTY_MLFLOW_DB[0].read_bytes()
+
+
 def write_config(tmp_path: Path, model_cache: Path, **overrides) -> Path:
     """A copy of configs/demo.yaml with every output under ``tmp_path``; ``overrides`` merge in."""
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -173,6 +205,9 @@ def write_config(tmp_path: Path, model_cache: Path, **overrides) -> Path:
             data[key] = {**data[key], **value}
         else:
             data[key] = value
+    database = Path(data["tracking"]["uri"].removeprefix("sqlite:///"))
+    if data["tracking"]["uri"].startswith("sqlite:///") and not database.exists():
+        empty_mlflow_db(database)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

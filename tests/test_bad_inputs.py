@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, untouched_mlflow_db
 
 from selma_core.errors import EXIT_INVALID, ConfigError, InputError
 
@@ -414,7 +414,7 @@ def test_bad_input_is_refused_with_exit_code_2(case: Case, world: Env, capsys, m
         last = json.loads(out.strip().splitlines()[-1])
         assert last.get("error"), out
         assert store_listing(world.tmp / "store") == before, "the store changed"
-        assert not (world.tmp / "mlflow.db").exists(), "an MLflow run was started"
+        assert untouched_mlflow_db(world.tmp / "mlflow.db"), "an MLflow run was started"
     assert code == EXIT_INVALID, message
     config = str(world.tmp / "pipeline.yaml")
     for name in case.names:

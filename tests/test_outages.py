@@ -9,7 +9,8 @@ a request (the PUT of an images shard, of the adapter's weights; the first ``tra
 MLflow), so it hits the job exactly where the case says, whatever the machine's speed.
 
 The upstream outputs are made once per module on a local store and copied into each test's S3
-prefix, so each case runs only the job it is about. Cases (the issue's numbering):
+prefix, so each case runs only the job it is about, forked by the local executor's fork server (as
+that executor starts jobs). Cases (the issue's numbering):
 
 1. S3 unreachable for 30 s while the images job uploads its shard: the job retries with backoff,
    finishes, and commits the output an uninterrupted run commits (same checksums), verified.
@@ -28,6 +29,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -40,6 +42,8 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import BIN, MLFLOW_SERVER_ENV, REPO, S3_BUCKET, free_port, stop, wait_for_http, write_config
+
+from jobs.executors.fork_server import ForkServer
 
 pytestmark = pytest.mark.slow  # two 30 s outages, real servers
 
@@ -247,6 +251,7 @@ class Upstream(SimpleNamespace):
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=REPO,
+                    env=job_environment(),
                     start_new_session=True,
                 )
 
@@ -270,8 +275,15 @@ def upstream(tmp_path_factory, model_cache, servers):
 
     root = tmp_path_factory.mktemp("outage-upstream")
     config = write_config(root, model_cache, **TINY)
-    for phase in ("prompts", "images"):
-        assert run_job(phase, SKILL, str(config))["status"] == "ran"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the cases' jobs run (job_environment): the same sums, the same bytes
+    try:
+        for phase in ("prompts", "images"):
+            assert run_job(phase, SKILL, str(config))["status"] == "ran"
+    finally:
+        torch.set_num_threads(threads)
     cfg = load_config(config)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
     keys = {phase: plan.job(phase, SKILL).key for phase in ("prompts", "images", "train")}
@@ -312,29 +324,50 @@ def seed(moto: str, prefix: str, upstream, phases: tuple[str, ...]) -> None:
             client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/{rel}", Body=path.read_bytes())
 
 
-def run_job(config: Path, phase: str) -> SimpleNamespace:
-    """``python -m jobs.run`` as the executors start it; its exit code, result line, stderr, end."""
-    env = {
+def job_environment() -> dict[str, str]:
+    return {
         **os.environ,
         # MLflow's own HTTP retries (3, up to ~15 s a call) would hide a 10 s outage from the
         # buffering under test and slow every call made while the server is down.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
+
+
+@pytest.fixture(scope="module")
+def job_server(tmp_path_factory):
+    """The local executor's fork server (its default way to start jobs), for the cases' jobs: a
+    fresh process would spend about 13 s of CPU importing before each."""
+    logs = tmp_path_factory.mktemp("outage-jobs")
+    server = ForkServer(job_environment(), str(REPO), logs / "fork-server.log")
+    try:
+        yield SimpleNamespace(server=server, logs=logs, count=0)
+    finally:
+        server.close()
+
+
+def run_job(job_server, config: Path, phase: str) -> SimpleNamespace:
+    """``python -m jobs.run`` as the local executor starts it: its exit code, result line, log
+    (stdout and stderr, in one file as the executor keeps it), end."""
+    job_server.count += 1
+    log = job_server.logs / f"{job_server.count}-{phase}.log"
+    argv = ["-m", "jobs.run", "--phase", phase, "--skill", SKILL, "--config", str(config)]
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.run", "--phase", phase, "--skill", SKILL, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
-    )
+    process = job_server.server.start(argv, job_environment(), str(REPO), str(log))
+    try:
+        code = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"{phase} did not end in 300 s; see {log}") from None
     ended = time.monotonic()
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("{")]
     return SimpleNamespace(
-        code=result.returncode,
+        code=code,
         result=json.loads(lines[-1]) if lines else {},
-        stderr=result.stderr,
+        stderr=text,
         started=started,
         ended=ended,
         wall=ended - started,
@@ -389,7 +422,7 @@ def tracking_settings(endpoints, tmp_path: Path, **overrides) -> dict:
 
 
 def test_images_job_s3_outage_past_budget_then_30s_outage_and_mlflow_gone(
-    endpoints, upstream, tiny_config, tmp_path
+    endpoints, upstream, job_server, tiny_config, tmp_path
 ):
     """Cases 3, 1 and 4 (tracking never returns), on the images job."""
     from mlflow.tracking import MlflowClient
@@ -410,7 +443,7 @@ def test_images_job_s3_outage_past_budget_then_30s_outage_and_mlflow_gone(
         tracking=tracking_settings(endpoints, tmp_path),
     )
     endpoints.s3.arm(shard_put, duration=None)
-    job = run_job(config, "images")
+    job = run_job(job_server, config, "images")
     assert endpoints.s3.cut_at is not None, f"the shard upload was never seen:\n{job.stderr[-3000:]}"
     assert job.code == 1, job.stderr[-3000:]
     assert job.result["exit_code"] == 1 and job.result["status"] == "failed"
@@ -434,7 +467,7 @@ def test_images_job_s3_outage_past_budget_then_30s_outage_and_mlflow_gone(
     endpoints.s3.arm(
         shard_put, duration=OUTAGE_S, also=lambda: (endpoints.mlflow.cut(), upstream.start_train())
     )
-    job = run_job(config, "images")
+    job = run_job(job_server, config, "images")
     assert job.code == 0, job.stderr[-3000:]
     assert endpoints.s3.restored_at is not None and endpoints.s3.restored_at - endpoints.s3.cut_at >= OUTAGE_S
     assert "retrying in" in job.stderr and endpoints.s3.url in job.stderr
@@ -465,7 +498,7 @@ def test_images_job_s3_outage_past_budget_then_30s_outage_and_mlflow_gone(
 
 
 def test_train_job_s3_outage_at_checkpoint_upload_and_mlflow_outage_in_training(
-    endpoints, upstream, tiny_config, tmp_path
+    endpoints, upstream, job_server, tiny_config, tmp_path
 ):
     """Cases 2 and 4 (the server returns), on the train job."""
     from mlflow.tracking import MlflowClient
@@ -486,7 +519,7 @@ def test_train_job_s3_outage_at_checkpoint_upload_and_mlflow_outage_in_training(
     # The adapter's weights are the train job's checkpoint upload (the last file before the manifest).
     endpoints.s3.arm(rb"PUT /[^ ]*/pytorch_lora_weights\.safetensors", duration=OUTAGE_S)
     endpoints.mlflow.arm(rb"train\.loss", duration=MLFLOW_OUTAGE_S)
-    job = run_job(config, "train")
+    job = run_job(job_server, config, "train")
     assert job.code == 0, job.stderr[-3000:]
 
     # Case 2: the upload waited the outage out; the output is whole and as an uninterrupted run's.

@@ -2,13 +2,15 @@
 
 (a) local folder store + embedded MLflow (SQLite); (b) a real moto S3 endpoint + a real
 ``mlflow server`` process whose artifacts go to that S3. Each runs the real pipeline twice: the
-second run must report every job skipped.
+second run must report every job skipped. (a) then goes on incrementally: a skill edited, one added,
+a job forced.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -192,7 +194,9 @@ FAKE_SECRETS = {
 def test_pipeline_on_local_store_and_sqlite_tracking(tiny_config, model_cache, tmp_path, monkeypatch):
     for name, value in FAKE_SECRETS.items():
         monkeypatch.setenv(name, value)
-    config = tiny_config()
+    skills = tmp_path / "skills"  # a copy, edited at the end
+    shutil.copytree(REPO / "skills", skills)
+    config = tiny_config(skills_dir=str(skills))
     check_pipeline(config, model_cache, tmp_path)
 
     # No credential in the store, the MLflow database and artifacts, the logs, or the manifests a
@@ -211,6 +215,45 @@ def test_pipeline_on_local_store_and_sqlite_tracking(tiny_config, model_cache, t
     for name, value in FAKE_SECRETS.items():
         leaks = [where for where, data in outputs if value.encode() in data]
         assert not leaks, f"{name} leaked into {leaks}"
+
+    check_incremental(config, skills, tiny_config)
+
+
+def statuses(config, *extra: str) -> dict[str, str]:
+    return {j["job"]: j["status"] for j in submit_all(config, *extra)[0]["jobs"]}
+
+
+def check_incremental(config, skills: Path, tiny_config) -> None:
+    """On a finished pipeline: a change redoes exactly its downstream, --force reruns on purpose, and
+    the status table tells what happened."""
+    # Editing one skill's seeds and adding another (in one submission, which spares a second merge
+    # and eval) redoes the edited skill's chain, runs the new one's, then merge and eval; nothing else.
+    path = skills / "spatial.yaml"
+    path.write_text(
+        path.read_text().replace("a red ball to the left of a blue box", "a red ball left of a box")
+    )
+    added = tiny_config(skills_dir=str(skills), skills=["counting", "spatial", "everyday"])
+    after = statuses(added)
+    redone = {
+        f"{phase}:{skill}" for phase in ("prompts", "images", "train") for skill in ("spatial", "everyday")
+    }
+    redone |= {"merge", "eval"}
+    assert {j for j, s in after.items() if s == "ran"} == redone
+    assert {j for j, s in after.items() if s == "skipped"} == set(after) - redone
+    status = subprocess.run(
+        [sys.executable, "-m", "jobs.status", "--config", str(added)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert status.returncode == 0, status.stderr[-3000:]
+    table = {row["job"]: row["state"] for row in json.loads(status.stdout.strip().splitlines()[-1])["jobs"]}
+    assert table["train:spatial"] == "done" and table["train:counting"] == "skipped"
+
+    # --force reruns a finished job and everything downstream of it, on purpose.
+    forced = statuses(added, "--force", "train:counting")
+    assert {j for j, s in forced.items() if s == "ran"} == {"train:counting", "merge", "eval"}
 
 
 def test_pipeline_on_s3_and_an_mlflow_server(tiny_config, model_cache, tmp_path, moto_s3, mlflow_server):
