@@ -31,6 +31,13 @@ pytestmark = pytest.mark.slow
 SKILLS = ["counting", "spatial"]
 
 
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the project root, as a user runs it; its output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+
+
 def check_pipeline(config_path, model_cache, tmp_path) -> None:
     summary, stderr = submit_all(config_path)
     jobs = summary["jobs"]
@@ -129,13 +136,7 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
         for layer, delta in fused_deltas(model_cache, path).items():
             torch.testing.assert_close(delta, deltas[name][layer], rtol=1e-4, atol=1e-6)
 
-    promoted = subprocess.run(
-        [sys.executable, "-m", "jobs.promote", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    promoted = run_module("jobs.promote", "--config", str(config_path))
     assert promoted.returncode == 0 and "is the champion" in promoted.stdout, promoted.stderr[-3000:]
 
     second, _ = submit_all(config_path)
@@ -240,13 +241,7 @@ def check_incremental(config, skills: Path, tiny_config) -> None:
     redone |= {"merge", "eval"}
     assert {j for j, s in after.items() if s == "ran"} == redone
     assert {j for j, s in after.items() if s == "skipped"} == set(after) - redone
-    status = subprocess.run(
-        [sys.executable, "-m", "jobs.status", "--config", str(added)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    status = run_module("jobs.status", "--config", str(added))
     assert status.returncode == 0, status.stderr[-3000:]
     table = {row["job"]: row["state"] for row in json.loads(status.stdout.strip().splitlines()[-1])["jobs"]}
     assert table["train:spatial"] == "done" and table["train:counting"] == "skipped"
