@@ -37,16 +37,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import REPO, write_config
+from job_helpers import ForkedJobs
 
-from jobs.executors.fork_server import ForkServer
 from selma_core.storage import LocalArtifactStore
 from selma_core.storage.base import MANIFEST
 
@@ -91,41 +89,26 @@ class Job:
         return json.loads(lines[-1])
 
 
-class Zygote:
+class Zygote(ForkedJobs):
     """Runs each job in a process forked by the fork server, one at a time, its log read back."""
 
     def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.count = 0
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        self.env = {
+        env = {
             **{name: value for name, value in os.environ.items() if name != "SELMA_FAULT"},
             # One thread per job: 2 shared cores, and the same reductions in every run.
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "PYTHONPATH": pythonpath,
         }
-        self.server = ForkServer(self.env, str(REPO), logs / "fork-server.log")
+        super().__init__(env, logs)
 
-    def run(self, config: Path, phase: str, skill: str | None, fault: str | None = None) -> Job:
-        self.count += 1
-        log = self.logs / f"{self.count:03d}-{phase}.log"
-        log.write_text("")
+    def run_phase(self, config: Path, phase: str, skill: str | None, fault: str | None = None) -> Job:
         flags = PHASE_ARGV.get(phase, ["--phase", phase])
         argv = ["-m", "jobs.run", *flags, "--config", str(config), *(["--skill", skill] if skill else [])]
         env = {**self.env, **({"SELMA_FAULT": fault} if fault else {})}
-        process = self.server.start(argv, env, str(REPO), str(log))
-        try:
-            code = process.wait(timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise AssertionError(f"{phase} did not end in {JOB_TIMEOUT_S}s; see {log}") from None
-        text = log.read_text()  # stdout and stderr, one log as the local executor keeps it
-        return Job(code, text, text)
-
-    def close(self) -> None:
-        self.server.close()
+        code, text = self.run(argv, phase, env, JOB_TIMEOUT_S)
+        return Job(code, text, text)  # stdout and stderr, one log as the local executor keeps it
 
 
 @dataclass
@@ -143,7 +126,7 @@ class Reference:
         return LocalArtifactStore(self.work / "store")
 
     def run(self, phase: str, fault: str | None = None) -> Job:
-        return self.zygote.run(self.config, phase, dict(PHASES)[phase], fault)
+        return self.zygote.run_phase(self.config, phase, dict(PHASES)[phase], fault)
 
 
 def phase_index(phase: str) -> int:
@@ -161,10 +144,10 @@ def reference(tmp_path_factory, model_cache):
     snapshots, keys, jobs = [], {}, {}
     try:
         # A job killed at its start creates the MLflow database: no case pays for creating it.
-        assert zygote.run(config, "prompts", SKILL, "job.start").returncode == -9
+        assert zygote.run_phase(config, "prompts", SKILL, "job.start").returncode == -9
         for i, (phase, skill) in enumerate(PHASES):
             snapshots.append(shutil.copytree(work, base / f"before-{i}-{phase}"))
-            job = zygote.run(config, phase, skill)
+            job = zygote.run_phase(config, phase, skill)
             assert job.returncode == 0, job.stderr[-5000:]
             jobs[phase] = job
             keys[phase] = job.result["output"].split("/store/", 1)[1]

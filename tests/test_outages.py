@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -42,8 +41,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import BIN, MLFLOW_SERVER_ENV, REPO, S3_BUCKET, free_port, stop, wait_for_http, write_config
-
-from jobs.executors.fork_server import ForkServer
+from job_helpers import ForkedJobs
 
 pytestmark = pytest.mark.slow  # two 30 s outages, real servers
 
@@ -337,32 +335,21 @@ def job_environment() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def job_server(tmp_path_factory):
-    """The local executor's fork server (its default way to start jobs), for the cases' jobs: a
-    fresh process would spend about 13 s of CPU importing before each."""
-    logs = tmp_path_factory.mktemp("outage-jobs")
-    server = ForkServer(job_environment(), str(REPO), logs / "fork-server.log")
+    """The local executor's fork server (its default way to start jobs), for the cases' jobs."""
+    jobs = ForkedJobs(job_environment(), tmp_path_factory.mktemp("outage-jobs"))
     try:
-        yield SimpleNamespace(server=server, logs=logs, count=0)
+        yield jobs
     finally:
-        server.close()
+        jobs.close()
 
 
 def run_job(job_server, config: Path, phase: str) -> SimpleNamespace:
     """``python -m jobs.run`` as the local executor starts it: its exit code, result line, log
     (stdout and stderr, in one file as the executor keeps it), end."""
-    job_server.count += 1
-    log = job_server.logs / f"{job_server.count}-{phase}.log"
     argv = ["-m", "jobs.run", "--phase", phase, "--skill", SKILL, "--config", str(config)]
     started = time.monotonic()
-    process = job_server.server.start(argv, job_environment(), str(REPO), str(log))
-    try:
-        code = process.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise AssertionError(f"{phase} did not end in 300 s; see {log}") from None
+    code, text = job_server.run(argv, phase, job_environment())
     ended = time.monotonic()
-    text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("{")]
     return SimpleNamespace(
         code=code,
