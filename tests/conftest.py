@@ -186,7 +186,9 @@ def empty_mlflow_db(path: Path) -> None:
 def untouched_mlflow_db(path: Path) -> bool:
     """Whether nothing was written to an MLflow database at ``path``: none is there, or the empty one
     ``write_config`` put there is unchanged."""
-    return not path.exists() or path.read_bytes() == _EMPTY_MLFLOW_DB[0].read_bytes()
+    if not path.exists():
+        return True
+    return bool(_EMPTY_MLFLOW_DB) and path.read_bytes() == _EMPTY_MLFLOW_DB[0].read_bytes()
 
 
 def write_config(tmp_path: Path, model_cache: Path, **overrides) -> Path:
