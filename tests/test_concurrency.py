@@ -177,6 +177,49 @@ def test_heartbeat_keeps_a_lease_alive_and_a_taken_over_holder_knows_it_lost(sto
     assert json.loads(store.read_bytes(f"{key}/{LEASE}"))["host"] == "thief"
 
 
+def test_a_release_that_read_its_lease_before_a_takeover_leaves_the_new_holder_s3(moto_s3):
+    """The holder reads its lease, a waiter takes it over, the holder deletes: S3's conditional
+    delete refuses, so the new holder keeps its lease (a plain delete would remove it)."""
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}/t-{uuid.uuid4().hex}/root", endpoint_url=moto_s3))
+    key = f"out/release/{LEASE}"
+    marker = marker_for(store, key)
+    mine = _encode({"host": "holder", "pid": 1, "token": "h"})
+    version = marker.create(mine)
+    assert version is not None
+    assert marker.replace(_encode({"host": "thief", "pid": 7, "token": "t"}), version) is not None
+    read = marker.read
+    marker.read = lambda: (mine, version)  # the holder's read, made before the takeover
+    assert marker.delete(version) is False
+    marker.read = read
+    assert json.loads(store.read_bytes(key))["host"] == "thief"
+    # Without the race the holder's own lease goes.
+    assert marker.delete(marker.read()[1]) is True and marker.read() is None
+
+
+def test_an_endpoint_without_conditional_deletes_gets_a_plain_one_at_once(moto_s3):
+    """501 NotImplemented for ``If-Match`` on DELETE: not an outage to wait out, and the release
+    still happens, unconditionally (as it did before S3 had conditional deletes)."""
+    from botocore.stub import Stubber
+
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}/t-{uuid.uuid4().hex}/root", endpoint_url=moto_s3))
+    key = f"out/old-endpoint/{LEASE}"
+    marker = marker_for(store, key)
+    marker.read = lambda: (b"mine", '"etag"')
+    where = {"Bucket": BUCKET, "Key": store._key(key)}
+    with Stubber(store.client) as stub:
+        stub.add_client_error(
+            "delete_object",
+            "NotImplemented",
+            http_status_code=501,
+            expected_params={**where, "IfMatch": '"etag"'},
+        )
+        stub.add_response("delete_object", {}, expected_params=where)
+        started = time.monotonic()
+        assert marker.delete('"etag"') is True
+        stub.assert_no_pending_responses()
+    assert time.monotonic() - started < 5  # no retries with backoff
+
+
 # -- two controllers, one pipeline ------------------------------------------------------------
 
 

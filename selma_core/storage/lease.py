@@ -17,10 +17,11 @@ Every change of the marker is a compare-and-swap, so two claimers never both win
   file system without ``flock`` on folders (NFS) the exclusive create still holds; the compare and
   replace is then not atomic (documented in ``docs/reliability.md``).
 - ``s3://`` stores: a conditional PUT, ``If-None-Match: *`` to create and ``If-Match: <ETag>`` to
-  renew or take over (AWS S3 since 2024, moto 5, MinIO and Ceph RGW recent releases). An endpoint
-  that ignores these headers would let a second PUT win silently: every create and renewal reads the
-  marker back and gives up when it holds another holder's token, which narrows the window but cannot
-  close it there.
+  renew or take over (AWS S3 since 2024, moto 5, MinIO and Ceph RGW recent releases), and a
+  conditional DELETE (``If-Match``) to release (AWS S3 since 2025; a plain DELETE where refused).
+  An endpoint that ignores these headers would let a second PUT win silently: every create and
+  renewal reads the marker back and gives up when it holds another holder's token, which narrows
+  the window but cannot close it there.
 
 A lease is stale (its holder is taken to be dead) when: its holder is on this host and its process is
 gone; or its ``expires_at`` is more than one TTL in the past by this machine's clock (a tolerance for
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selma_core.errors import EndpointError, SelmaError
+from selma_core.errors import ConfigError, EndpointError, SelmaError
 
 LEASE = "_inflight.json"
 ENV_TTL = "SELMA_LEASE_TTL_S"
@@ -192,6 +193,8 @@ class _LocalMarker(_Marker):
 class _S3Marker(_Marker):
     # Conditional writes refused: 412 (the condition failed), 409 (a concurrent conditional write won).
     REFUSED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
+    # An If-Match on DELETE that the endpoint does not implement, rather than one that failed.
+    NO_CONDITIONAL_DELETE = ("NotImplemented", "501", "InvalidArgument", "InvalidRequest", "400")
 
     def __init__(self, store: Any, key: str) -> None:
         self.store = store
@@ -245,17 +248,31 @@ class _S3Marker(_Marker):
     def replace(self, data: bytes, version: str) -> str | None:
         return self._put(data, IfMatch=version)
 
+    def _delete(self, **condition: str) -> None:
+        bucket, key = self.store.bucket, self.store._key(self.key)
+        self.store._call(
+            "delete", self.key, self.store.client.delete_object, Bucket=bucket, Key=key, **condition
+        )
+
     def delete(self, version: str) -> bool:
+        from botocore.exceptions import ClientError
+
         current = self.read()
         if current is None or current[1] != version:
             return False
-        self.store._call(
-            "delete",
-            self.key,
-            self.store.client.delete_object,
-            Bucket=self.store.bucket,
-            Key=self.store._key(self.key),
-        )
+        try:
+            # Conditional: a waiter that took the lease over since that read keeps it.
+            self._delete(IfMatch=version)
+        except (EndpointError, ConfigError, FileNotFoundError) as e:
+            cause = e.__cause__
+            code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+            if isinstance(e, FileNotFoundError) or code in self.REFUSED:
+                return False  # taken over, or gone (a retried delete that landed the first time)
+            if code not in self.NO_CONDITIONAL_DELETE:
+                raise
+            # The endpoint rejects the header (AWS has had conditional deletes since 2025 only):
+            # deleted unconditionally, the window since the read open as it was before.
+            self._delete()
         return True
 
 

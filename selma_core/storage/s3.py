@@ -180,6 +180,8 @@ class S3ArtifactStore(ArtifactStore):
         if isinstance(e, ClientError):
             error = e.response.get("Error", {})
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status == 501 or error.get("Code") == "NotImplemented":
+                return False  # a feature this endpoint lacks: asking again cannot help
             return error.get("Code", "") in TRANSIENT_ERRORS or status >= 500
         if isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
             return True  # EndpointConnectionError, ConnectionClosedError, timeouts, resets
