@@ -16,6 +16,7 @@ Resubmitting is safe: Job names are hashes of the work, so a second submission o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -53,6 +54,7 @@ WATCH_TIMEOUT_S = 60
 LOG_TAIL_LINES = 20000
 REQUEST_TIMEOUT_S = 60
 API_RETRIES = 6  # about a minute and a half of backoff
+FIRST_RETRY_DELAY_S = 0.5  # doubled after each try, up to 30 s
 # Answers that say the server is busy or failing now, not that the request is wrong: worth a retry.
 RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 # Cancelling (with interrupts ignored) tries each Job's delete until this deadline, then leaves what
@@ -374,26 +376,38 @@ class KubernetesExecutor(Executor):
                 raise _api_error("create ConfigMap", self._core, e) from e
         self._config_map_ready = True
 
-    def _call(self, action: str, api, fn, *args, **kwargs):
+    def _call(self, action: str, api, fn, *args, deadline: float | None = None, **kwargs):
         """One API call, retried with backoff while the server is unreachable or answers 5xx/429:
-        a short outage must not abort a pipeline that has run for hours."""
+        a short outage must not abort a pipeline that has run for hours. With ``deadline`` (a
+        ``time.monotonic()``), retried until then instead, each request's timeout and each wait cut
+        to the time left: for callers that must not wait through every retry."""
         from kubernetes.client.exceptions import ApiException
 
-        for attempt in range(API_RETRIES + 1):
+        for attempt in itertools.count():
+            timeout = REQUEST_TIMEOUT_S
+            if deadline is not None:
+                timeout = max(1.0, min(REQUEST_TIMEOUT_S, deadline - time.monotonic()))
             try:
-                return fn(*args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
+                return fn(*args, _request_timeout=timeout, **kwargs)
             except ApiException as e:
-                if e.status not in RETRYABLE_STATUS or attempt == API_RETRIES:
+                if e.status not in RETRYABLE_STATUS:
                     raise
                 error: Exception = e
             except UNREACHABLE as e:
-                if attempt == API_RETRIES:
-                    raise _api_error(action, api, e) from e
                 error = e
-            delay = min(30.0, 0.5 * 2**attempt)
-            self.echo(f"Kubernetes API: {action}: {type(error).__name__}; retrying in {delay:.0f}s")
+            delay = min(30.0, FIRST_RETRY_DELAY_S * 2**attempt)
+            if deadline is None:
+                gave_up = attempt == API_RETRIES
+            else:  # the wait cut to the time left, but none shorter than the first
+                delay = min(delay, deadline - time.monotonic())
+                gave_up = delay < FIRST_RETRY_DELAY_S
+            if gave_up:
+                if isinstance(error, ApiException):
+                    raise error
+                raise _api_error(action, api, error) from error
+            self.echo(f"Kubernetes API: {action}: {type(error).__name__}; retrying in {delay:.1f}s")
             time.sleep(delay)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # itertools.count() does not end
 
     def _create(self, manifest: dict) -> tuple[str, bool]:
         """Create the Job; on 409 adopt a running one, or replace a finished one. Its uid, and
@@ -494,7 +508,9 @@ class KubernetesExecutor(Executor):
             time.sleep(0.5)
         raise EndpointError(f"Kubernetes API: Service {name} still belongs to another Job after 60 tries")
 
-    def _delete(self, name: str) -> None:
+    def _delete(self, name: str, deadline: float | None = None) -> None:
+        """Delete Job ``name`` (its pods in the background); gone already is fine. ``deadline``: as
+        for ``_call``."""
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -505,6 +521,8 @@ class KubernetesExecutor(Executor):
                 name,
                 self.namespace,
                 propagation_policy="Background",
+                _preload_content=False,  # the API answers with the Job or a Status: unread
+                deadline=deadline,
             )
         except ApiException as e:
             if e.status != 404:
@@ -797,29 +815,13 @@ class KubernetesExecutor(Executor):
 
     def _delete_until(self, name: str, deadline: float) -> Exception | None:
         """Delete Job ``name``, retrying an outage until ``deadline``; the error if it was not."""
-        from kubernetes.client.exceptions import ApiException
-
-        while True:
-            try:
-                self._batch.delete_namespaced_job(
-                    name,
-                    self.namespace,
-                    propagation_policy="Background",
-                    _request_timeout=max(1.0, min(REQUEST_TIMEOUT_S, deadline - time.monotonic())),
-                    _preload_content=False,
-                )
-                return None
-            except ApiException as e:
-                if e.status == 404:
-                    return None  # gone already
-                error = _api_error(f"delete Job {name}", self._batch, e)
-                if e.status not in RETRYABLE_STATUS:
-                    return error
-            except UNREACHABLE as e:
-                error = _api_error(f"delete Job {name}", self._batch, e)
-            if time.monotonic() + 1.0 > deadline:
-                return EndpointError(f"{error}; run python -m jobs.cancel to delete Job {name}")
-            time.sleep(1.0)
+        try:
+            self._delete(name, deadline)
+        except ConfigError as e:  # refused (no permission): jobs.cancel would be refused too
+            return e
+        except EndpointError as e:
+            return EndpointError(f"{e}; run python -m jobs.cancel to delete Job {name}")
+        return None
 
     def close(self) -> None:
         if self._watcher is not None:

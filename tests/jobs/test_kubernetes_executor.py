@@ -365,6 +365,67 @@ def test_cancelling_while_the_api_is_down_gives_up_at_a_deadline_deleting_each_j
         executor.close()
 
 
+class FakeClock:
+    """``time`` for the executor's module: sleeping moves the clock, and takes no time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_an_api_call_retries_an_outage_through_its_retries_or_until_its_deadline(monkeypatch):
+    """One retry loop for every call: ``API_RETRIES`` with backoff, or, for cancelling, until a
+    deadline, each request's timeout and each wait cut to the time left."""
+    from types import SimpleNamespace
+
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    from jobs.executors import kubernetes as k8s_executor
+    from selma_core.errors import EndpointError
+
+    clock = FakeClock()
+    monkeypatch.setattr(k8s_executor, "time", clock)
+    said: list[str] = []
+    executor = SimpleNamespace(echo=said.append)
+    api = SimpleNamespace(api_client=SimpleNamespace(configuration=SimpleNamespace(host="https://k8s:6443")))
+    timeouts: list[float] = []
+
+    def failing(error: Exception):
+        def call(*args, _request_timeout: float, **kwargs):
+            timeouts.append(_request_timeout)
+            raise error
+
+        return call
+
+    busy = ApiException(status=503, reason="Service Unavailable")
+    with pytest.raises(ApiException) as raised:
+        KubernetesExecutor._call(executor, "read Job x", api, failing(busy))
+    assert raised.value is busy and len(timeouts) == k8s_executor.API_RETRIES + 1
+    assert clock.slept == [0.5, 1, 2, 4, 8, 16] and len(said) == 6 and "retrying in 0.5s" in said[0]
+
+    timeouts.clear()
+    clock.slept.clear()
+    down = urllib3.exceptions.MaxRetryError(None, "/apis/batch/v1", "connection refused")
+    with pytest.raises(EndpointError, match="Kubernetes API https://k8s:6443 unreachable: delete Job x"):
+        KubernetesExecutor._call(executor, "delete Job x", api, failing(down), deadline=clock.now + 10)
+    assert clock.slept == [0.5, 1, 2, 4, 2.5]  # the last wait cut to the deadline
+    assert timeouts == [10, 9.5, 8.5, 6.5, 2.5, 1.0]  # the last request still gets a second
+
+    timeouts.clear()
+    refused = ApiException(status=403, reason="Forbidden")
+    with pytest.raises(ApiException):
+        KubernetesExecutor._call(executor, "delete Job x", api, failing(refused), deadline=clock.now + 10)
+    assert len(timeouts) == 1  # a refusal is not retried
+
+
 def test_local_store_is_refused_before_anything_is_submitted(cluster, tmp_path, model_cache):
     kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
     config = write_config(
