@@ -163,13 +163,16 @@ def _run_in_child(request: dict, reply_fd: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        # A fresh process sizes torch's thread pool from $OMP_NUM_THREADS as it loads; the server
-        # loaded torch with one thread, so the job sets its own. (NumPy's BLAS, sized at load,
-        # stays at one thread: jobs do their heavy work in torch.)
+        # A fresh process sizes torch's thread pool from $OMP_NUM_THREADS as it loads, else one
+        # thread per CPU it may run on; the server loaded torch with one thread, so the job sets
+        # its own. (NumPy's BLAS, sized at load, stays at one thread: jobs do their heavy work in
+        # torch.)
         torch = sys.modules.get("torch")
         threads = os.environ.get("OMP_NUM_THREADS", "")
-        if torch is not None and threads.isdigit() and int(threads) > 0:
-            torch.set_num_threads(int(threads))
+        if torch is not None:
+            torch.set_num_threads(
+                int(threads) if threads.isdigit() and int(threads) > 0 else len(os.sched_getaffinity(0))
+            )
         # NumPy's global generator was seeded from the OS as the server imported it: each job draws
         # its own seed, as a fresh process would (Python's random module reseeds itself at fork).
         numpy = sys.modules.get("numpy")
