@@ -73,7 +73,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         parent = tracker.pipeline_run(cfg.name, pipeline) or next(
             (
                 r
-                for r in tracker.pipeline_runs(cfg.name, 1000)
+                for r in tracker.pipeline_runs(cfg.name, max_results=None)
                 if Path(r.tags.get("selma.log_dir", "")).name == pipeline
             ),
             None,

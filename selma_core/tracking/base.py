@@ -123,8 +123,8 @@ class Tracker(ABC):
     def end_job_run(self, run: JobRun, ok: bool) -> None: ...
 
     @abstractmethod
-    def pipeline_runs(self, experiment: str, max_results: int = 20) -> list[RunRecord]:
-        """The experiment's pipeline (parent) runs, newest first."""
+    def pipeline_runs(self, experiment: str, max_results: int | None = 20) -> list[RunRecord]:
+        """The experiment's pipeline (parent) runs, newest first (all of them for None)."""
 
     @abstractmethod
     def pipeline_run(self, experiment: str, run_id: str) -> RunRecord | None:

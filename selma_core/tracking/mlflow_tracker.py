@@ -20,6 +20,7 @@ Errors a retry cannot fix (an invalid parameter, a deleted run) are raised as be
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -56,6 +57,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # MLflow errors of a server that is down, restarting or overloaded; anything else is a refusal.
+# Runs fetched per search request (MLflow's default page; its server allows up to 50,000).
+SEARCH_PAGE = 1000
 TRANSIENT_MLFLOW_ERRORS = (
     "INTERNAL_ERROR",
     "TEMPORARILY_UNAVAILABLE",
@@ -559,20 +562,32 @@ class MlflowTracker(Tracker):
         """Whether tracking answers now (a cheap probe before a buffered flush)."""
         return True
 
-    def _records(self, experiment: str, filter_string: str, max_results: int) -> list[RunRecord]:
+    def _records(self, experiment: str, filter_string: str) -> Iterator[RunRecord]:
+        """The experiment's runs that match, newest first, a page at a time: a pipeline of many
+        shards has thousands of job runs, and one page would cut them off."""
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            return []
-        runs = self.client.search_runs(
-            [found.experiment_id],
-            filter_string,
-            max_results=max_results,
-            order_by=["attributes.start_time DESC"],
-        )
-        return [_record(r) for r in runs]
+            return
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [found.experiment_id],
+                filter_string,
+                max_results=SEARCH_PAGE,
+                order_by=["attributes.start_time DESC"],
+                page_token=token,
+            )
+            yield from (_record(r) for r in page)
+            token = page.token
+            if not token:
+                return
 
-    def pipeline_runs(self, experiment: str, max_results: int = 20) -> list[RunRecord]:
-        return [r for r in self._records(experiment, "", 1000) if _is_pipeline(r)][:max_results]
+    def pipeline_runs(self, experiment: str, max_results: int | None = 20) -> list[RunRecord]:
+        # Selected by name in the query, not among the newest runs: those may all be job runs.
+        pipelines = (
+            r for r in self._records(experiment, "attributes.run_name LIKE 'pipeline%'") if _is_pipeline(r)
+        )
+        return list(itertools.islice(pipelines, max_results))
 
     def pipeline_run(self, experiment: str, run_id: str) -> RunRecord | None:
         from mlflow.exceptions import MlflowException
@@ -589,7 +604,7 @@ class MlflowTracker(Tracker):
         return record if in_experiment and _is_pipeline(record) else None
 
     def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]:
-        return self._records(experiment, f"tags.mlflow.parentRunId = '{parent_run_id}'", 1000)
+        return list(self._records(experiment, f"tags.mlflow.parentRunId = '{parent_run_id}'"))
 
     def model_version(
         self, name: str, version: str | None = None, alias: str | None = None

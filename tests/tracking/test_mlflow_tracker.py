@@ -212,6 +212,32 @@ def test_server_parent_child_round_trip(server_tracker):
     assert json.loads(downloaded.read_text()) == {"ok": True}
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "server"])
+def test_pipeline_and_job_runs_are_found_past_the_first_page_of_runs(kind, request, monkeypatch):
+    """``jobs.status`` looks pipelines up among thousands of job runs (an images phase of many
+    shards): pipelines are selected in the query, and job runs are read page by page."""
+    from selma_core.tracking import mlflow_tracker
+
+    tracker = request.getfixturevalue(f"{kind}_tracker")
+    monkeypatch.setattr(mlflow_tracker, "SEARCH_PAGE", 2)
+    experiment = unique("paging")
+    pipelines, jobs = [], []
+    for _ in range(3):
+        pipelines.append(
+            tracker.start_pipeline_run(experiment, {TAG_PIPELINE: experiment}, {}, "pipeline-all")
+        )
+        time.sleep(0.01)  # runs are ordered by start time, in milliseconds
+        for i in range(3):
+            jobs.append(tracker.start_job_run(experiment, pipelines[-1], f"images-{i}", {}).run_id)
+            time.sleep(0.01)
+    # The newest pipeline has three job runs after it, more than one page of runs.
+    assert [r.run_id for r in tracker.pipeline_runs(experiment, 1)] == pipelines[-1:]
+    assert [r.run_id for r in tracker.pipeline_runs(experiment, None)] == pipelines[::-1]
+    assert [r.run_id for r in tracker.pipeline_runs(experiment, 2)] == pipelines[:0:-1]
+    assert [r.run_id for r in tracker.child_runs(experiment, pipelines[0])] == jobs[2::-1]
+    assert tracker.pipeline_runs(unique("no-such-experiment"), None) == []
+
+
 def test_unreachable_server_fails_naming_the_url():
     url = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
