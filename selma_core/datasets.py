@@ -59,6 +59,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 Layout = Literal["auto", "imagefolder", "webdataset"]
 Pair = tuple[dict, bytes]
+# A tar file ends with zero-filled 512-byte blocks (POSIX: two); a shard cut short has none.
+TAR_BLOCK = 512
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 # Bound on one brace pattern's expansion: a typo must not list a billion shards.
@@ -90,7 +92,10 @@ def expand_braces(pattern: str) -> list[str]:
     numbers = _RANGE.match(body)
     if numbers:
         first, last = int(numbers.group(1)), int(numbers.group(2))
-        width = len(numbers.group(1)) if numbers.group(1).startswith("0") else 0
+        # Zero-padded, as bash and braceexpand pad, to the wider bound when either has a leading zero.
+        bounds = [b.lstrip("-") for b in numbers.groups()]
+        padded = any(len(b) > 1 and b.startswith("0") for b in bounds)
+        width = max(len(b) for b in bounds) if padded else 0
         step = 1 if last >= first else -1
         if abs(last - first) >= MAX_SHARDS:
             raise InputError(f"{pattern}: {{{body}}} names more than {MAX_SHARDS:,} shards")
@@ -192,6 +197,8 @@ def _split_pattern(path: str) -> tuple[str, str]:
     brace's folder."""
     brace = path.find("{")
     cut = path.rfind("/", 0, brace if brace >= 0 else len(path))
+    if cut < 0:  # shards at the top of an S3 bucket
+        return "", path
     return path[:cut], path[cut + 1 :]
 
 
@@ -501,7 +508,10 @@ def _read_imagefolder(
         raise InputError(f"{where_meta}: expected UTF-8 text: {e}") from e
     pairs: list[Pair] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (as JSON Lines and Hugging Face read them): str.splitlines() would also
+    # split at U+2028, U+2029 and U+0085, which JSON allows raw inside a caption.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if max_samples is not None and len(pairs) >= max_samples:
             break
         if not line.strip():
@@ -517,6 +527,8 @@ def _read_imagefolder(
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{where}: no 'file_name' (the image's path inside {files.listing.root})")
         name = name.strip().replace("\\", "/")
+        while name.startswith("./"):  # Hugging Face's imagefolder reads "./a.png" as "a.png"
+            name = name[2:]
         if not _safe_rel(name):
             raise InputError(f"{where}: file_name {name!r}: expected a path inside the dataset's folder")
         where = f"{where} ({name})"
@@ -553,8 +565,9 @@ def _read_webdataset(
             break
         shard = files.listing.where(entry.path)
         samples: dict[str, dict[str, bytes]] = {}
+        raw = files.read(entry.path)
         try:
-            with tarfile.open(fileobj=io.BytesIO(files.read(entry.path))) as tar:
+            with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -565,8 +578,16 @@ def _read_webdataset(
                         samples.setdefault(key, {})[ext] = b""
                         continue
                     samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                end = tar.offset
         except (tarfile.TarError, EOFError) as e:
             raise InputError(f"{shard}: expected a tar file (WebDataset shard), cannot read it: {e}") from e
+        if raw[end : end + TAR_BLOCK] != bytes(TAR_BLOCK):
+            # tarfile takes a missing or cut header for the end of the archive: a shard cut short (a
+            # writer that died, a copy interrupted) would read as fewer samples, silently.
+            raise InputError(
+                f"{shard}: the tar file ends without its end-of-archive blocks after {len(samples)} "
+                f"sample(s) ({len(raw):,} bytes): cut short? Write or copy the shard again"
+            )
         for key, members in samples.items():
             if max_samples is not None and len(pairs) >= max_samples:
                 break
@@ -606,9 +627,14 @@ def _webdataset_caption(members: dict[str, bytes], column: str | None, where: st
             raise InputError(f"{where}: .txt: the caption is empty")
         return caption
     if "json" not in members:
+        if column is None:
+            wanted = f"a .txt or a .json with {', '.join(repr(c) for c in CAPTION_COLUMNS)}"
+        else:
+            wanted = f"a .{column} member or a .json with {column!r} (caption_column)"
+            if "txt" in members:
+                wanted += "; its .txt is not read while caption_column is set: unset it to caption with .txt"
         raise InputError(
-            f"{where}: no caption: expected a .txt or a .json with "
-            f"{repr(column) if column else ', '.join(repr(c) for c in CAPTION_COLUMNS)}"
+            f"{where}: no caption: expected {wanted}; the sample has {', '.join(sorted(members))}"
         )
     try:
         row = json.loads(text_of("json"))

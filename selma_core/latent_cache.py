@@ -59,7 +59,8 @@ from typing import Any
 from selma_core.errors import InputError
 
 # 2: the digest hashes every sample, undecodable ones too; the entry lists the skipped ones and the crops.
-FORMAT_VERSION = 2
+# 3: images are decoded upright (EXIF orientation), 16-bit greyscale scaled to 8 bits (not clipped).
+FORMAT_VERSION = 3
 CACHE_PREFIX = "cache/latents"
 LATENT_FILES = {False: "latents.safetensors", True: "latents-flipped.safetensors"}
 TEXT_FILE = "text.safetensors"

@@ -144,6 +144,10 @@ def test_webdataset_brace_pattern_and_single_shard(tmp_path):
     assert expand_braces("a-{00..02}-{x,y}.tar") == [
         f"a-{n}-{c}.tar" for n in ("00", "01", "02") for c in ("x", "y")
     ]
+    # Padded as bash and braceexpand pad: to the wider bound when either has a leading zero.
+    assert expand_braces("t-{1..010}.tar")[::9] == ["t-001.tar", "t-010.tar"]
+    assert expand_braces("t-{0..0012}.tar")[::12] == ["t-0000.tar", "t-0012.tar"]
+    assert expand_braces("t-{0..10}.tar")[::10] == ["t-0.tar", "t-10.tar"]
 
 
 def test_webdataset_json_caption_column_and_webp(tmp_path):
@@ -196,6 +200,22 @@ def test_bad_imagefolder_rows_are_named(tmp_path, rows, message):
     assert message in str(info.value) and str(tmp_path / "d") in str(info.value)
 
 
+def test_imagefolder_lines_end_at_newlines_only_and_dot_slash_names_are_inside(tmp_path):
+    """JSON Lines: a caption may hold U+2028, U+2029 or U+0085 raw (str.splitlines would split it);
+    CRLF line ends; and "./images/00.png" names images/00.png, as Hugging Face reads them."""
+    root = make_imagefolder(tmp_path / "if", count=2)
+    rows = [
+        {"file_name": "./images/00.png", "text": "two apples\u2028on a table\u0085"},
+        {"file_name": "images/01.png", "text": "a cat\u2029"},
+    ]
+    (root / "metadata.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8"
+    )
+    pairs = read_external_dataset(str(root), tmp_path / "s")
+    assert [m["prompt"] for m, _ in pairs] == ["two apples\u2028on a table", "a cat"]
+    assert pairs[0][1] == (root / "images" / "00.png").read_bytes()
+
+
 def test_bad_json_line_and_caption_column_are_named(tmp_path):
     (tmp_path / "a.png").write_bytes(image_bytes((1, 1, 1)))
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{oops\n')
@@ -240,6 +260,17 @@ def test_bad_webdataset_shards_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="neither a metadata.jsonl"):
         list_dataset(str(tmp_path / "empty"))
+    # A shard cut short (a writer that died, a copy interrupted): tarfile alone would read the
+    # samples before the cut as the whole shard.
+    whole = make_shard(tmp_path / "cut" / "a.tar", [(f"k{i}", sample) for i in range(4)]).read_bytes()
+    for cut in (4 * 512, 4 * 512 + 100):  # at a sample's end, inside the next header
+        (tmp_path / "cut" / "a.tar").write_bytes(whole[:cut])
+        with pytest.raises(InputError, match=r"a.tar: the tar file ends without its end-of-archive"):
+            read_external_dataset(str(tmp_path / "cut"), tmp_path / "s")
+    # caption_column names a field: a .txt beside the image is not read, and the error says so.
+    make_shard(tmp_path / "txt" / "a.tar", [("k", sample)])
+    with pytest.raises(InputError, match=r"expected a .text member or a .json with 'text'.*its .txt is not"):
+        read_external_dataset(str(tmp_path / "txt"), tmp_path / "s", caption_column="text")
 
 
 # -- fingerprint and digest ------------------------------------------------------------------------
@@ -362,6 +393,15 @@ def test_s3_datasets(moto_s3, tmp_path):
         list_dataset(f"s3://{S3_BUCKET}/{prefix}/nothing", storage)
     with pytest.raises(InputError, match=r"shard s3://.*/wds/train-0003.tar not found \(and 6 more"):
         list_dataset(f"s3://{S3_BUCKET}/{prefix}/wds/train-{{0000..0009}}.tar", storage)
+    # Shards at the top of a bucket: no folder before the pattern.
+    top = f"top-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=top)
+    for shard in ("train-0000.tar", "train-0001.tar"):
+        client.upload_file(str(local_wds / shard), top, shard)
+    both = read_external_dataset(f"s3://{top}/train-{{0000..0001}}.tar", scratch, storage)
+    assert [m["prompt"] for m, _ in both] == CAPTIONS[:8]
+    one = read_external_dataset(f"s3://{top}/train-0000.tar", scratch, storage)
+    assert [m["prompt"] for m, _ in one] == CAPTIONS[:4]
 
 
 # -- a dataset skill in a pipeline -----------------------------------------------------------------

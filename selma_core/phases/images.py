@@ -49,6 +49,7 @@ from selma_core.typed_yaml import execution_only, hashed_unless_default
 # shards.json) has only this one.
 SHARD_NAME = "shard-00000.tar"
 SHARDS_FILE = "shards.json"  # the dataset manifest: every shard, in order, with its sample count
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a stored image is turned
 SAVED_SHARDS = "_shards"  # <key>/_shards/: shards saved as they complete, before the commit
 # Why a filter drops an image (images.filter_uniform, images.nsfw_checker), in the order checked.
 FILTER_REASONS = ("uniform", "nsfw")
@@ -1039,6 +1040,32 @@ def open_image(data: bytes, key: str, max_side: int = MAX_IMAGE_SIDE, min_side: 
             f"{max_side} px per side"
         )
     try:
-        return image.convert("RGB")
+        return _as_rgb(_upright(image))
     except Exception as e:  # a truncated or corrupt body behind a valid header
         raise InputError(f"image {key!r} cannot be decoded: {e}") from e
+
+
+def _upright(image):
+    """The image as shown: a camera's photo is often stored sideways, with an EXIF tag that says how
+    to turn it (Hugging Face's datasets turn it too). Broken EXIF data: the image as stored."""
+    from PIL import ImageOps
+
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+            return image
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
+
+
+def _as_rgb(image):
+    """8-bit RGB. 16-bit greyscale is scaled to 8 bits: PIL's convert would clip it at 255 (white)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or values.max(initial=0) > 255:  # mode I holds 8- or 16-bit values
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")

@@ -803,3 +803,28 @@ def test_images_are_the_very_pixels_of_diffusers_pil_output(model_cache, spec):
     )
     assert [image.mode for image in drawn] == ["RGB", "RGB"]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(drawn, pil.images, strict=True))
+
+
+def test_open_image_turns_photos_upright_and_scales_16_bit_greyscale():
+    """A dataset's images as they are shown: EXIF orientation applied (as Hugging Face's datasets
+    do), 16-bit greyscale scaled to 8 bits, not clipped to white by PIL's convert."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def encoded(image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    sideways = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = sideways.getexif()
+    exif[images_phase.EXIF_ORIENTATION] = 6  # shown turned 90 degrees clockwise
+    assert images_phase.open_image(encoded(sideways, "JPEG", exif=exif.tobytes()), "photo").size == (20, 40)
+    assert images_phase.open_image(encoded(sideways, "JPEG"), "plain").size == (40, 20)
+
+    grey = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257  # 0 .. 65535 in 256 steps
+    decoded = images_phase.open_image(encoded(Image.fromarray(grey), "PNG"), "grey16")
+    assert decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded)[..., 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
