@@ -203,7 +203,13 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
             heldout_data[name] = data
             experts.append(add("train", name, {**base, "dataset": data}, []))
             continue
-        prompts = add("prompts", name, {"skill": skill.to_dict(), "benchmarks": benchmarks}, [])
+        prompts = add(
+            "prompts",
+            name,
+            {"skill": skill.to_dict(), "benchmarks": benchmarks},
+            [],
+            config=output_dict(cfg.prompts.keyed()),
+        )
         images = add("images", name, _models((cfg.generator, cfg.generator_revision)), [prompts])
         experts.append(add("train", name, base, [images]))
         prompt_jobs.append(prompts)

@@ -65,6 +65,33 @@ def test_execution_only_settings_redo_nothing(tiny_config, override):
     assert changed(keys(tiny_config()), keys(tiny_config(**override))) == set()
 
 
+def test_only_the_prompt_backend_in_use_is_part_of_the_key(tiny_config):
+    """Settings of a backend the prompts job does not use redo nothing; the one in use does. Keys of
+    configs that leave the unused backends alone stay what they were before this rule."""
+    from selma_core.typed_yaml import output_dict
+
+    other_backends = {
+        "openai": {"model": "gpt-x", "base_url": "http://llm:8000/v1"},
+        "transformers": {"model": "x/lm"},
+    }
+    offline = keys(tiny_config())
+    assert changed(offline, keys(tiny_config(prompts=other_backends))) == set()
+    on_openai = keys(tiny_config(prompts={"backend": "openai"}))
+    assert changed(offline, on_openai) == ALL
+    assert (
+        changed(
+            on_openai, keys(tiny_config(prompts={"backend": "openai", "transformers": {"model": "x/lm"}}))
+        )
+        == set()
+    )
+    assert (
+        changed(on_openai, keys(tiny_config(prompts={"backend": "openai", "openai": {"model": "gpt-x"}})))
+        == ALL
+    )
+    cfg = load_config(tiny_config(prompts={"backend": "openai", "openai": {"model": "gpt-x"}}))
+    assert output_dict(cfg.prompts.keyed()) == output_dict(cfg.prompts)  # what keys hashed until now
+
+
 def test_a_skill_edit_invalidates_only_that_skill(tiny_config, tmp_path):
     import shutil
 

@@ -24,6 +24,7 @@ distinct-1/2, mean pairwise ROUGE-L, requests, tokens, wall time, prompts per se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -99,6 +100,13 @@ class PromptsConfig:
         """Whether the prompts job wants a GPU: an LLM in the job itself does, an API or a server
         elsewhere does not."""
         return self.backend == "transformers"
+
+    def keyed(self) -> PromptsConfig:
+        """This config as the output's key hashes it: the backends not in use at their defaults.
+        Editing one (``openai.model`` while ``backend`` is ``transformers``) redoes nothing, and
+        the keys of configs that leave them as they are stay what they were."""
+        unused = {b: getattr(PromptsConfig(), b) for b in ("openai", "transformers") if b != self.backend}
+        return dataclasses.replace(self, **unused)
 
     def __post_init__(self) -> None:
         if self.num_prompts is not None and self.num_prompts < 2:
