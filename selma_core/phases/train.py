@@ -219,6 +219,15 @@ class TrainConfig:
             raise ValueError(f"alpha: expected > 0, got {self.alpha}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        # Below zero the clip reverses every gradient (training ascends the loss), at zero it
+        # zeroes them; AdamW divides by eps, and torch refuses a negative decay only once the
+        # models are loaded.
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: expected > 0 (SELMA: 1.0), got {self.max_grad_norm}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps: expected > 0 (SELMA: 1e-8), got {self.adam_eps}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay: expected >= 0 (SELMA: 1e-2), got {self.weight_decay}")
         if not self.target_modules:
             raise ValueError("target_modules: expected at least one module name")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -1199,9 +1208,11 @@ class ExpertTrainer:
                     else "no checkpoint was saved before it"
                 )
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
+                # Float32 already: mixed_precision: no would change nothing.
+                precision = " or use mixed_precision: no" if self.dtype != torch.float32 else ""
                 raise ConfigError(
                     f"{what} at step {at}; training stopped, {kept}. Lower "
-                    f"train.learning_rate ({self.cfg.learning_rate}) or use mixed_precision: no (a new "
+                    f"train.learning_rate ({self.cfg.learning_rate}){precision} (a new "
                     "expert, trained from step 0)"
                 )
             settled[at] = (loss, norm)

@@ -305,6 +305,16 @@ def test_train_config_validates():
         TrainConfig(resolution=30)
     with pytest.raises(ValueError, match="cuda_graph and gradient_checkpointing"):
         TrainConfig(cuda_graph=True, gradient_checkpointing=True)
+    # Caught as the config loads (exit 2), not as a run that ascends the loss (a negative clip),
+    # learns nothing (zero), turns NaN (eps 0) or fails in torch once the models are loaded.
+    for name, value in (
+        ("max_grad_norm", -1.0),
+        ("max_grad_norm", 0.0),
+        ("adam_eps", 0.0),
+        ("weight_decay", -0.01),
+    ):
+        with pytest.raises(ValueError, match=f"{name}: expected"):
+            TrainConfig(**{name: value})
 
 
 @pytest.mark.parametrize("spec", ["random:tiny-sd", "random:tiny-sdxl"])
