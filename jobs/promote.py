@@ -4,7 +4,8 @@
 
 Compares the candidate (``--version``, else the version with alias ``candidate``) with the current
 ``champion`` on the evaluation scores tagged on each version: promoted only if its mean score is
-not worse and no skill regresses by more than ``promote.max_skill_regression``. Promotion moves
+not worse and no skill regresses by more than ``promote.max_skill_regression`` (nor is missing:
+``selma_core.promotion``). Promotion moves
 ``champion`` to the candidate and ``previous`` to the old champion. Every verdict is tagged on the
 candidate (``selma.promotion.verdict``, and ``selma.promotion.judged``: what it was judged on), so
 that ``--unless-judged`` (what ``jobs.retrain`` runs) judges a version only once for the same scores,
@@ -76,6 +77,9 @@ def promote(args: argparse.Namespace) -> dict:
     from selma_core.promotion import decide, scores_from_tags
     from selma_core.tracking import open_tracker
 
+    if args.max_skill_regression is not None and not args.max_skill_regression >= 0:
+        # As the config's own check: a negative margin would call an improvement a drop.
+        raise ConfigError(f"--max-skill-regression: expected >= 0, got {args.max_skill_regression}")
     cfg = load_config(args.config)
     name = cfg.registered_model_name
     if cfg.merge.method == "adapters":
@@ -90,8 +94,15 @@ def promote(args: argparse.Namespace) -> dict:
         else tracker.model_version(name, alias=cfg.merge.alias)
     )
     if candidate is None:
-        which = f"version {args.version}" if args.version else f"a version with alias {cfg.merge.alias!r}"
-        raise ConfigError(f"registered model {name!r} at {cfg.tracking.uri} has no {which}")
+        if args.version:
+            raise ConfigError(
+                f"registered model {name!r} at {cfg.tracking.uri} has no version {args.version}"
+            )
+        raise ConfigError(
+            f"registered model {name!r} at {cfg.tracking.uri} has no version with alias "
+            f"{cfg.merge.alias!r}: the merge phase registers one (python -m jobs.submit --phase all "
+            f"--config {args.config})"
+        )
     champion = tracker.model_version(name, alias="champion")
     if champion is not None and champion.version == candidate.version:
         # Nothing new was trained (a rerun that skipped everything): not a failure, nothing to do.

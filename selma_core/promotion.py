@@ -1,7 +1,9 @@
 """Deciding whether a candidate model replaces the champion: pure comparison, no I/O.
 
 A candidate is promoted when its mean score is not worse than the champion's and no skill's score
-drops by more than ``max_skill_regression``. Scores are the tags the eval phase sets on each
+drops by more than ``max_skill_regression``. A candidate that lacks a skill the champion was scored
+on is refused (it may have lost it); with other skills than the champion's, the two means are
+taken over the skills both have. Scores are the tags the eval phase sets on each
 registered version (``selma.eval.<metric>.<skill>`` and ``.mean``). Compare versions evaluated on the
 same held-out prompts: their eval settings are part of each version's ``selma.eval.key``.
 """
@@ -31,7 +33,8 @@ class Decision:
             champion = "-" if row["champion"] is None else f"{row['champion']:.3f}"
             change = "-" if row["change"] is None else f"{row['change']:+.3f}"
             verdict = "ok" if row["ok"] else "REGRESSION"
-            lines.append(f"| {row['skill']} | {champion} | {row['candidate']:.3f} | {change} | {verdict} |")
+            candidate = "-" if row["candidate"] is None else f"{row['candidate']:.3f}"
+            lines.append(f"| {row['skill']} | {champion} | {candidate} | {change} | {verdict} |")
         return "\n".join(lines)
 
 
@@ -47,14 +50,23 @@ def decide(
         ]
         return Decision(True, ["no champion yet"], rows)
     decision = Decision(True)
+    skills, champion_skills = set(candidate) - {"mean"}, set(champion) - {"mean"}
+    dropped = sorted(champion_skills - skills)
+    other_skills = skills != champion_skills
+    if other_skills and "mean" in champion:
+        # Means over different skills are not comparable: both are taken over the shared ones.
+        shared = sorted(skills & champion_skills)
+        candidate = {**candidate, "mean": _mean([candidate[s] for s in shared])}
+        champion = {**champion, "mean": _mean([champion[s] for s in shared])}
     for skill in sorted(candidate, key=lambda s: (s == "mean", s)):
         before = champion.get(skill)
-        change = None if before is None else candidate[skill] - before
+        change = None if before is None or candidate[skill] is None else candidate[skill] - before
         if skill == "mean":
             ok = change is None or change >= 0
             if not ok:
                 decision.reasons.append(
                     f"mean score {candidate[skill]:.3f} is below the champion's {before:.3f}"
+                    + (" (both over the skills they share)" if other_skills else "")
                 )
         else:
             ok = change is None or change >= -max_skill_regression
@@ -66,5 +78,18 @@ def decide(
         decision.rows.append(
             {"skill": skill, "champion": before, "candidate": candidate[skill], "change": change, "ok": ok}
         )
+    for skill in dropped:  # the champion was scored on it, the candidate was not: it may have lost it
+        decision.reasons.append(
+            f"skill {skill}: the champion was scored on it, the candidate was not (a merged model "
+            "without a skill the champion has is not promoted by the gate; move the alias by hand if "
+            "that is intended)"
+        )
+        decision.rows.insert(
+            -1, {"skill": skill, "champion": champion[skill], "candidate": None, "change": None, "ok": False}
+        )
     decision.promote = not decision.reasons
     return decision
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

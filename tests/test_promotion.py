@@ -34,6 +34,29 @@ def test_mean_must_not_drop_and_no_skill_may_regress_beyond_the_margin():
     assert not decide({}, champion, 0.5).promote  # never evaluated
 
 
+def test_a_candidate_without_a_skill_the_champion_has_is_refused_and_means_compare_shared_skills():
+    champion = {"mean": 10.0, "a": 10.0, "b": 10.0}
+    lost_b = decide({"mean": 12.0, "a": 12.0, "c": 12.0}, champion, 0.5)  # b replaced by a new skill c
+    assert not lost_b.promote and lost_b.reasons == [
+        "skill b: the champion was scored on it, the candidate was not (a merged model without a "
+        "skill the champion has is not promoted by the gate; move the alias by hand if that is intended)"
+    ]
+    assert [r["skill"] for r in lost_b.rows] == ["a", "c", "b", "mean"]
+    assert "| b | 10.000 | - | - | REGRESSION |" in lost_b.table()
+    assert lost_b.rows[-1] == {
+        "skill": "mean",
+        "champion": 10.0,
+        "candidate": 12.0,
+        "change": 2.0,
+        "ok": True,
+    }
+    # A new skill is welcome, but the means compare over the skills both have (a only here).
+    new_skill = decide({"mean": 10.5, "a": 9.8, "b": 10.0, "c": 11.7}, champion, 0.5)
+    assert not new_skill.promote and new_skill.reasons == [
+        "mean score 9.900 is below the champion's 10.000 (both over the skills they share)"
+    ]
+
+
 def test_scores_come_from_version_tags():
     tags = {"selma.eval.clip_score.a": "1.5", "selma.eval.clip_score.mean": "2", "other": "x"}
     assert scores_from_tags(tags, "clip_score") == {"a": 1.5, "mean": 2.0}
@@ -130,3 +153,13 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     )
     image = pipe("two cats on a sofa", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
+
+
+def test_a_negative_regression_margin_is_refused_before_anything_is_read(tiny_config, capsys):
+    """As promote.max_skill_regression is: a negative margin would call an improvement a drop."""
+    from jobs.promote import main
+
+    assert main(["--config", str(tiny_config()), "--max-skill-regression", "-1"]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["error"] == (
+        "--max-skill-regression: expected >= 0, got -1.0"
+    )
