@@ -150,6 +150,20 @@ def test_invalid_yaml(tmp_path):
     assert "invalid YAML" in message
 
 
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two keys silently: a second train section would reset the first's
+    settings to their defaults."""
+    message = config_error(write(tmp_path, BASE + "train:\n  rank: 4\n  alpha: 4\ntrain:\n  steps: 9\n"))
+    assert "found the key 'train' a second time (first on line 4)" in message and "line 7" in message
+    nested = config_error(write(tmp_path, BASE + "prompts:\n  num_prompts: 8\n  num_prompts: 9\n"))
+    assert "found the key 'num_prompts' a second time (first on line 5)" in nested
+    # A merge's keys may be overridden: that is what merges are for.
+    merged = BASE + "x-train: &t {rank: 4, alpha: 4}\ntrain:\n  <<: *t\n  rank: 8\n"
+    with pytest.raises(ConfigError, match="unknown key x-train"):  # parsed: only the key is unknown
+        load_config(write(tmp_path, merged))
+    assert typed_yaml.read_yaml(write(tmp_path, merged))["train"] == {"rank": 8, "alpha": 4}
+
+
 def test_not_utf8(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("name: caf\xe9\n".encode("latin-1"))
