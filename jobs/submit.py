@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -206,6 +207,13 @@ def validate(cfg, skills) -> None:
         local = cfg.executor.kind == "local"
         if local and value and value.startswith("/") and not Path(value).is_dir():
             raise ConfigError(f"{cfg.source_path}: {key}: local model folder {value} not found")
+    folders = [("executor.log_dir", cfg.executor.log_dir)]  # the controller's own
+    if cfg.executor.kind == "local":  # on Kubernetes, the cache is in the pods
+        folders.append(("cache_dir", cfg.cache_dir))
+    for key, folder in folders:
+        problem = _unwritable(Path(folder))
+        if problem:
+            raise ConfigError(f"{cfg.source_path}: {key}: {problem}")
     ev = cfg.eval
     benchmark_file = {"dsg1k": ev.dsg_annotations, "tifa": ev.tifa_questions}.get(ev.benchmark)
     local = cfg.executor.kind == "local"
@@ -242,6 +250,23 @@ def validate(cfg, skills) -> None:
                     f"skill {skill.name!r} has no offline.templates, which prompts.backend: offline needs"
                 )
     resolve_weights(cfg.merge, cfg.skills)
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why jobs could not write in ``folder`` (made when first needed), or None. Tried for real (a
+    permission check says yes to root, where a read-only mount still refuses), with a folder made
+    and removed at once: nothing is left, so a dry run leaves no trace."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot make folder {folder}: {existing} is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".selma-check-", dir=existing))
+    except OSError as e:
+        made = "" if existing == folder else f" (where {folder} would be made)"
+        return f"cannot write in {existing}{made}: {e.strerror or e}"
+    return None
 
 
 def _print_results(store, plan) -> None:

@@ -219,6 +219,33 @@ def test_a_missing_local_model_folder_of_a_phase_is_named_before_any_job(tiny_co
     assert f"{section}.{key}: local model folder {missing} not found" in out.getvalue()
 
 
+def test_folders_jobs_cannot_write_in_are_named_before_any_job(tiny_config, tmp_path, capsys):
+    """The log folder (a traceback until now) and the model cache (a job failing with exit 1, as
+    if a retry could help): found before anything starts, nothing created by the check."""
+    from jobs import submit as controller
+
+    (tmp_path / "a-file").write_text("")
+    logs = tmp_path / "a-file" / "logs"
+    config = tiny_config(executor={"log_dir": str(logs)})
+    assert controller.main(["--phase", "all", "--dry-run", "--config", str(config)]) == 2
+    assert (
+        f"executor.log_dir: cannot make folder {logs}: {tmp_path / 'a-file'} is a file"
+        in capsys.readouterr().err
+    )
+    # /proc takes no new folder, even from root (whom permission bits do not stop).
+    config = tiny_config(cache_dir="/proc/selma-cache")
+    assert controller.main(["--phase", "all", "--config", str(config)]) == 2
+    assert (
+        "cache_dir: cannot write in /proc (where /proc/selma-cache would be made)" in capsys.readouterr().err
+    )
+    # A folder still to be made is fine, and the write check leaves nothing behind.
+    config = tiny_config(
+        executor={"log_dir": str(tmp_path / "new" / "logs")}, cache_dir=str(tmp_path / "cache")
+    )
+    assert controller.main(["--phase", "all", "--dry-run", "--config", str(config)]) == 0
+    assert list(tmp_path.rglob(".selma-check-*")) == []
+
+
 def test_the_merge_searchs_metric_model_is_checked_before_any_job(tiny_config, tmp_path):
     from jobs.submit import validate
     from selma_core.config import load_config
