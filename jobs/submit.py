@@ -189,6 +189,7 @@ def resolve_registry_aliases(cfg) -> None:
 
 def validate(cfg, skills) -> None:
     """Everything that can be checked before the first job starts, so no job fails late on it."""
+    from selma_core.models.random_models import is_random_model, random_model_problem
     from selma_core.phases.merge import resolve_weights
     from selma_core.plan import METRIC_SETTINGS, eval_models
     from selma_core.prompting.openai_compat import OpenAICompatibleBackend
@@ -200,9 +201,17 @@ def validate(cfg, skills) -> None:
         ("generator_model", cfg.generator_model),
         ("images.nsfw_checker", cfg.images.nsfw_checker),
         ("train.vae_model", cfg.train.vae_model),
+        (
+            "prompts.transformers.model",
+            cfg.prompts.transformers.model if cfg.prompts.backend == "transformers" else None,
+        ),
         *(("eval", spec) for spec, _ in eval_models(cfg)[1:]),
         (f"merge_search.metric {search.metric}'s eval.{METRIC_SETTINGS[search.metric][0]}", search_model),
     ):
+        if value and is_random_model(value):
+            problem = random_model_problem(value, text_to_image=key in ("base_model", "generator_model"))
+            if problem:
+                raise ConfigError(f"{cfg.source_path}: {key}: {problem}")
         # On Kubernetes a local path is inside the pod (a mounted volume), not on this machine.
         local = cfg.executor.kind == "local"
         if local and value and value.startswith("/") and not Path(value).is_dir():

@@ -561,8 +561,27 @@ RANDOM_MODELS: dict[str, Callable[[], object]] = {
 }
 
 
+# The text-to-image ones (what base_model and generator_model may name).
+RANDOM_DIFFUSION_MODELS = ("tiny-sd", "tiny-sd-v", "tiny-sdxl")
+
+
 def is_random_model(spec: str) -> bool:
     return spec.startswith(RANDOM_PREFIX)
+
+
+def random_model_problem(spec: str, text_to_image: bool = False) -> str | None:
+    """Why ``spec`` (a ``random:`` name) cannot be built, or serve as a text-to-image model; None if
+    it can."""
+    name = spec[len(RANDOM_PREFIX) :]
+    if name not in RANDOM_MODELS:
+        known = ", ".join(RANDOM_PREFIX + n for n in RANDOM_MODELS)
+        return f"unknown random test model {spec!r}; known: {known}"
+    if text_to_image and name not in RANDOM_DIFFUSION_MODELS:
+        return (
+            f"{spec} is not a text-to-image model; the random ones: "
+            f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_DIFFUSION_MODELS)}"
+        )
+    return None
 
 
 def materialize_random_model(spec: str, cache_dir: str | Path) -> Path:
@@ -574,13 +593,11 @@ def materialize_random_model(spec: str, cache_dir: str | Path) -> Path:
     import torch
 
     name = spec[len(RANDOM_PREFIX) :]
-    if name not in RANDOM_MODELS:
+    problem = random_model_problem(spec)
+    if problem:
         from selma_core.errors import ConfigError
 
-        raise ConfigError(
-            f"unknown random test model {spec!r}; "
-            f"known: {', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}"
-        )
+        raise ConfigError(problem)
     # The version in the name: a changed architecture never reuses an old cached copy.
     target = Path(cache_dir) / "models" / f"random-{name}-v{RANDOM_MODELS_VERSION}"
     if (target / ".complete").is_file():

@@ -246,6 +246,28 @@ def test_folders_jobs_cannot_write_in_are_named_before_any_job(tiny_config, tmp_
     assert list(tmp_path.rglob(".selma-check-*")) == []
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            {"base_model": "random:tiny-sdx"},
+            "base_model: unknown random test model 'random:tiny-sdx'; known: ",
+        ),
+        ({"base_model": "random:tiny-clip"}, "base_model: random:tiny-clip is not a text-to-image model"),
+        (
+            {"generator_model": "random:tiny-lm"},
+            "generator_model: random:tiny-lm is not a text-to-image model",
+        ),
+        ({"eval": {"clip_model": "random:tiny-clp"}}, "eval: unknown random test model 'random:tiny-clp'"),
+    ],
+)
+def test_an_unknown_random_test_model_is_named_before_any_job(tiny_config, capsys, override, message):
+    from jobs import submit as controller
+
+    assert controller.main(["--phase", "all", "--dry-run", "--config", str(tiny_config(**override))]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_the_merge_searchs_metric_model_is_checked_before_any_job(tiny_config, tmp_path):
     from jobs.submit import validate
     from selma_core.config import load_config
