@@ -9,7 +9,8 @@ then eval. Work whose output is already in the store is skipped. The last line p
 object: ``{"jobs": [{"phase", "skill", "status", ...}]}`` with status ``ran``, ``skipped``,
 ``failed``, ``blocked`` (a dependency failed, so it never started) or, with ``--dry-run``,
 ``planned``; on an error before any job ran, ``{"jobs": [], "error": ...}``.
-Exit code: 0 when every job ran or was skipped, 2 for invalid configuration or input, 1 otherwise.
+Exit code: 0 when every job ran or was skipped, 2 for invalid configuration or input (found before
+any job, or the reason every failed job gave), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
 from jobs.run import ENV_PARENT_RUN
 from jobs.signals import terminate_as_interrupt
-from selma_core.errors import ConfigError, EndpointError, InputError, SelmaError
+from selma_core.errors import EXIT_INVALID, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
 from selma_core.tracking.base import TAG_FORCED, TAG_JOBS
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Example: python -m jobs.submit --phase all --config configs/demo.yaml. Exit code: 0 every "
         "job ran or was skipped, 1 a job failed (or a service, worth a retry), 2 invalid configuration or "
-        "input, 130 interrupted (Ctrl-C, SIGTERM). The last line printed is one JSON object.",
+        "input (found before any job, or every failed job exited 2), 130 interrupted (Ctrl-C, SIGTERM). "
+        "The last line printed is one JSON object.",
     )
     parser.add_argument(
         "--phase",
@@ -425,7 +427,16 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     if cfg.tracking.uri.startswith("sqlite:"):
         _echo(f"  browse it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
     _echo(f"Logs: {log_dir}")
-    return (0 if ok else 1), outcomes
+    return _exit_code(ok, outcomes), outcomes
+
+
+def _exit_code(ok: bool, outcomes: list[JobOutcome]) -> int:
+    """0 all done; 2 when every failed job failed on invalid configuration or input (a retry of the
+    pipeline cannot help: CI can tell it from an outage); else 1."""
+    if ok:
+        return 0
+    failed = [o for o in outcomes if o.status == "failed"]
+    return EXIT_INVALID if failed and all(o.exit_code == EXIT_INVALID for o in failed) else 1
 
 
 def _ended(error: BaseException) -> list[dict]:

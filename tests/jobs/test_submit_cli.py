@@ -105,7 +105,7 @@ def test_a_failed_job_is_named_with_its_log_and_other_skills_go_on(tiny_config, 
         prompts={"max_requests": 3, "max_useless_requests": 2},
     )
     result = submit("--phase", "prompts", "--config", str(config))
-    assert result.returncode == 1
+    assert result.returncode == 2  # the only failed job failed on its input: a retry cannot help
     jobs = {j["job"]: j for j in last_json(result.stdout)["jobs"]}
     assert jobs["prompts:counting"]["status"] == "ran"
     failed = jobs["prompts:tiny"]
@@ -113,6 +113,20 @@ def test_a_failed_job_is_named_with_its_log_and_other_skills_go_on(tiny_config, 
     assert "FAILED prompts:tiny" in result.stderr and failed["log"] in result.stderr
     log = Path(failed["log"]).read_text()
     assert "prompts for skill 'tiny'" in log and "samples of what came back" in log
+
+
+def test_the_pipelines_exit_code_is_2_only_when_every_failed_job_exited_2():
+    from jobs.dag import JobOutcome
+    from jobs.submit import _exit_code
+
+    def outcome(status: str, code: int | None = None) -> JobOutcome:
+        return JobOutcome("prompts", "a", status, exit_code=code)
+
+    assert _exit_code(True, [outcome("ran", 0)]) == 0
+    assert _exit_code(False, [outcome("ran", 0), outcome("failed", 2)]) == 2
+    assert _exit_code(False, [outcome("failed", 2), outcome("failed", 1)]) == 1  # one worth a retry
+    assert _exit_code(False, [outcome("failed", -9)]) == 1  # killed
+    assert _exit_code(False, [outcome("ran", 0)]) == 1  # not every job ended (nothing failed)
 
 
 def test_several_skills_after_one_flag(tiny_config):
@@ -142,7 +156,7 @@ def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
     config = tiny_config(
         skills=["counting", "tiny"], skills_dir=str(skills), prompts={"max_useless_requests": 2}
     )
-    assert submit("--phase", "prompts", "--config", str(config)).returncode == 1
+    assert submit("--phase", "prompts", "--config", str(config)).returncode == 2
     status = subprocess.run(
         [sys.executable, "-m", "jobs.status", "--config", str(config)],
         capture_output=True,
