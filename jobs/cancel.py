@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from jobs.cli import parse_args
 from selma_core.errors import ConfigError, SelmaError
 
 
@@ -80,7 +81,9 @@ def cancel_pipeline(config_path: str, backend: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, {"deleted": []})
+    if isinstance(args, int):
+        return args
     try:
         deleted = cancel_pipeline(args.config, args.backend)
     except SelmaError as e:

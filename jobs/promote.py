@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 
+from jobs.cli import parse_args
 from selma_core.errors import ConfigError, SelmaError
 
 # Distinct from 1 (a service failed, worth a retry) and 2 (invalid input): the gate said no.
@@ -169,7 +170,9 @@ def promote(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, {"promoted": False})
+    if isinstance(args, int):
+        return args
     try:
         outcome = promote(args)
     except SelmaError as e:

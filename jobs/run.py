@@ -49,6 +49,7 @@ import time
 import traceback
 from pathlib import Path
 
+from jobs.cli import parse_args
 from jobs.signals import terminate_as_interrupt
 from selma_core import distributed
 from selma_core.errors import EXIT_RETRYABLE, ConfigError, InputError, SelmaError
@@ -418,13 +419,9 @@ def _claim(store, job, force: bool, state: dict, worker: int = 0, workers: int =
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already explained)
-        if e.code:
-            error = "invalid command line (see the usage above)"
-            print(json.dumps({"job": None, "status": "failed", "error": error, "exit_code": e.code}))
-        return int(e.code or 0)
+    args = parse_args(build_parser(), argv, {"job": None, "status": "failed", "exit_code": 2})
+    if isinstance(args, int):
+        return args
     terminate_as_interrupt()
     rank, world_size, _ = distributed.world()
     if args.nproc_per_node and world_size == 1:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.cli import parse_args
 from selma_core.errors import ConfigError, SelmaError
 
 
@@ -152,7 +153,9 @@ def format_status(status: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, {})
+    if isinstance(args, int):
+        return args
     try:
         status = pipeline_status(args.config, args.pipeline)
     except SelmaError as e:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.cli import parse_args
 from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
 from jobs.run import ENV_PARENT_RUN
@@ -445,12 +446,9 @@ def _ended(error: BaseException) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already explained)
-        if e.code:
-            print(json.dumps({"jobs": [], "error": "invalid command line (see the usage above)"}))
-        return int(e.code or 0)
+    args = parse_args(build_parser(), argv, {"jobs": []})
+    if isinstance(args, int):
+        return args
     terminate_as_interrupt()
     try:
         code, outcomes = submit(args)
