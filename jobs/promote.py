@@ -88,7 +88,7 @@ def promote(args: argparse.Namespace) -> dict:
         if args.unless_judged:
             return unchanged(name, None, None, why)
         raise ConfigError(why)
-    tracker = open_tracker(cfg.tracking)
+    tracker = open_tracker(cfg.tracking, create=False)
     candidate = (
         tracker.model_version(name, version=args.version)
         if args.version

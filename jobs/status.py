@@ -68,8 +68,8 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
-    store = open_store(cfg.storage)
-    tracker = open_tracker(cfg.tracking)
+    store = open_store(cfg.storage, check=False)  # only reads: a local store's folder is not made
+    tracker = open_tracker(cfg.tracking, create=False)
     if pipeline:
         parent = tracker.pipeline_run(cfg.name, pipeline) or next(
             (

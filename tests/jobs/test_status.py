@@ -89,3 +89,22 @@ def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
     assert pipeline_status(str(config), old)["pipeline"] == old
     assert pipeline_status(str(config), "selma-test-20261127-1-2")["pipeline"] == old
     assert [row["job"] for row in pipeline_status(str(config), old)["jobs"]] == ["prompts:counting"]
+
+
+def test_reading_commands_make_no_database_or_store_at_a_mistyped_path(tiny_config, tmp_path, capsys):
+    """jobs.status and jobs.promote only read: a tracking.uri naming no database is an error (exit
+    2), not an empty database made there, and no store folder is made either."""
+    import json
+    import shutil
+
+    from jobs import promote, status
+
+    db = tmp_path / "typo" / "mlfow.db"
+    store = tmp_path / "typo" / "store"
+    config = str(tiny_config(tracking={"uri": f"sqlite:///{db}"}, storage={"uri": f"file://{store}"}))
+    shutil.rmtree(tmp_path / "typo")  # the test config comes with an empty database: the typo has none
+    for main in (status.main, promote.main):
+        assert main(["--config", config]) == 2
+        error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+        assert f"no MLflow database at {db}: no pipeline has run with this tracking.uri yet" in error
+    assert not (tmp_path / "typo").exists()
