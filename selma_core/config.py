@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from selma_core.errors import ConfigError
 from selma_core.phases.evaluate import EvalConfig
 from selma_core.phases.images import ImagesConfig
 from selma_core.phases.merge import MergeConfig
@@ -371,8 +372,16 @@ def _resolve_paths(cfg: PipelineConfig, config_dir: Path) -> None:
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:
-    """Load and validate a pipeline config file (plus optional top-level overrides)."""
-    path = Path(path)
+    """Load and validate a pipeline config file (plus optional top-level overrides); a path, or a
+    ``file://`` URI as the job contract writes it."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise ConfigError(
+            f"{text}: a config is read from a local path (or file:// URI), not {text.split(':')[0]}://"
+        )
+    path = Path(text)
     data = read_yaml(path)
     if overrides:
         data = {**data, **overrides}

@@ -45,6 +45,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad YAML (a key given twice too) or a non-mapping is a
     ``ConfigError``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder; expected a YAML file (for example {path / 'demo.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:

@@ -145,6 +145,17 @@ def test_missing_file(tmp_path):
     assert info.value.exit_code == EXIT_INVALID
 
 
+def test_a_folder_or_a_uri_as_the_config(tmp_path):
+    with pytest.raises(ConfigError, match="a folder; expected a YAML file"):
+        load_config(tmp_path)
+    path = write(
+        tmp_path, (REPO / "configs" / "demo.yaml").read_text().replace("../skills", str(REPO / "skills"))
+    )
+    assert load_config(f"file://{path}").source_path == str(path)  # as the job contract writes it
+    with pytest.raises(ConfigError, match="read from a local path \\(or file:// URI\\), not s3://"):
+        load_config("s3://bucket/demo.yaml")
+
+
 def test_invalid_yaml(tmp_path):
     message = config_error(write(tmp_path, "name: [unclosed\nskills: x\n"))
     assert "invalid YAML" in message
