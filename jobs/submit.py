@@ -308,7 +308,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     """Run the selected jobs; the exit code and every job's outcome. An interrupt or error while
     jobs run is re-raised with the outcomes of the jobs that had ended as its ``outcomes``."""
     from selma_core.config import load_config
-    from selma_core.plan import build_plan, missing_input_message
+    from selma_core.plan import PER_SKILL_PHASES, build_plan, missing_input_message
     from selma_core.provenance import git_commit
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
@@ -327,6 +327,12 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             raise ConfigError(
                 f"--skill {skill}: not a skill of {args.config} (its skills: {', '.join(cfg.skills)})"
             )
+    if args.skill and args.phase not in (*PER_SKILL_PHASES, "all"):
+        # As jobs.run refuses it: the phase has one job for all skills, which --skill cannot narrow.
+        raise ConfigError(
+            f"--skill applies to the per-skill phases ({', '.join(PER_SKILL_PHASES)}, or all); "
+            f"--phase {args.phase} has one job for every skill of the pipeline"
+        )
     # Check everything before the first job starts: every skill file, models, backend settings.
     skills = load_skills(cfg.skills_path, cfg.skills)
     validate(cfg, skills)

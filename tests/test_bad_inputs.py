@@ -308,6 +308,7 @@ CASES: list[Case] = [
     Case("submit-bad-backend", "submit", submit("--backend", "slurm"), ("--backend", "'slurm'"), "invalid choice"),
     Case("submit-skill-not-in-config", "submit", submit("--skill", "nosuch"), ("--skill nosuch", "{config}"), "its skills: counting, spatial"),
     Case("submit-skill-traversal", "submit", submit("--skill", "../../x"), ("--skill ../../x",), "its skills: counting, spatial"),
+    Case("submit-skill-on-a-global-phase", "submit", lambda env: ["--phase", "merge", "--skill", "counting", "--config", env.config()], ("--skill", "--phase merge"), "one job for every skill"),
     Case("submit-max-parallel-zero", "submit", submit("--max-parallel", "0"), ("--max-parallel",), ">= 1"),
     Case("submit-max-parallel-garbage", "submit", submit("--max-parallel", "two"), ("--max-parallel", "'two'"), "invalid int value"),
     Case("submit-force-unknown-job", "submit", submit("--force", "nosuch:job"), ("--force nosuch:job",), "no such job; jobs: prompts:counting"),
