@@ -198,20 +198,32 @@ def _merged_records(path: Path, offset: int) -> Iterator[tuple[int, int, dict[st
 def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
     """Send a buffer file that a job left behind (the server was down past its flush budget) to
     MLflow, at the URI the file names unless ``tracking_uri`` is given; then delete it. The number
-    of records sent."""
+    of records sent. How far it got is kept beside the file (``<file>.sent``), so a replay cut short
+    (the server failing again) goes on where it stopped and sends no metric twice."""
     from mlflow.tracking import MlflowClient
 
     path = Path(path)
+    progress = path.with_name(path.name + ".sent")
     with open(path, "rb") as f:
         header_line = f.readline()
-    header = json.loads(header_line)
-    uri = tracking_uri or header["tracking_uri"]
+    try:
+        header = json.loads(header_line)
+        uri, run_id = tracking_uri or header["tracking_uri"], header["run_id"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path}: not a tracking buffer a job left (its first line is no buffer header: {e})"
+        ) from e
+    start = int(progress.read_text()) if progress.is_file() else len(header_line)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     sent = 0
-    for _, count, record in _merged_records(path, len(header_line)):
-        _apply(client, header["run_id"], record)
+    for end, count, record in _merged_records(path, start):
+        _apply(client, run_id, record)
         sent += count
+        tmp = progress.with_name(progress.name + ".tmp")
+        tmp.write_text(str(end))
+        os.replace(tmp, progress)
     path.unlink()
+    progress.unlink(missing_ok=True)
     shutil.rmtree(path.with_name(path.stem + "-artifacts"), ignore_errors=True)
     return sent
 
@@ -698,10 +710,22 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("files", nargs="+", type=Path)
     replay.add_argument("--tracking-uri", help="send them there instead of the URI each file names")
     args = parser.parse_args(argv)
+    code = 0
     for path in args.files:
-        sent = replay_buffer(path, args.tracking_uri)
-        print(f"{path}: {sent} records sent")
-    return 0
+        try:
+            sent = replay_buffer(path, args.tracking_uri)
+        except FileNotFoundError:
+            print(f"error: {path}: no such file", file=sys.stderr)
+            code = max(code, 2)
+        except ValueError as e:  # not a buffer file
+            print(f"error: {e}", file=sys.stderr)
+            code = max(code, 2)
+        except Exception as e:  # MLflow unreachable or refusing: worth another try later
+            print(f"error: {path}: {e}; run the replay again: it goes on where it stopped", file=sys.stderr)
+            code = max(code, 1)
+        else:
+            print(f"{path}: {sent} records sent")
+    return code
 
 
 if __name__ == "__main__":

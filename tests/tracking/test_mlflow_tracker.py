@@ -253,3 +253,41 @@ def test_server_returning_errors_is_not_healthy(moto_s3):
     # moto answers /health with an error status: reachable, but not an MLflow server.
     with pytest.raises(EndpointError, match="HTTP"):
         open_tracker(TrackingConfig(uri=moto_s3, connect_retries=0))
+
+
+def test_a_replay_cut_short_goes_on_where_it_stopped_and_bad_files_are_named(
+    sqlite_tracker, tmp_path, monkeypatch, capsys
+):
+    """``python -m selma_core.tracking.mlflow_tracker replay``: a server failing mid-replay leaves the
+    rest for the next replay, which sends no metric twice; a missing or foreign file is named."""
+    from selma_core.tracking import mlflow_tracker
+
+    job = sqlite_tracker.start_job_run(unique("replay"), None, "train-counting", {})
+    buffer = mlflow_tracker.TrackingBuffer(tmp_path / "run.jsonl", sqlite_tracker.uri, job.run_id, 1 << 20)
+    buffer.append({"kind": "metrics", "metrics": [["loss", 1.0, 1000, 1]]})
+    buffer.append({"kind": "tags", "tags": {"selma.output": "file:///x"}})
+    buffer.append({"kind": "metrics", "metrics": [["loss", 0.5, 2000, 2]]})
+    buffer.append({"kind": "terminate", "status": "FINISHED", "end_time": 3000})
+    apply, calls = mlflow_tracker._apply, []
+
+    def server_fails_at_the_tags(client, run_id, record):
+        calls.append(record["kind"])
+        if len(calls) == 2:
+            raise ConnectionError("server went away")
+        apply(client, run_id, record)
+
+    monkeypatch.setattr(mlflow_tracker, "_apply", server_fails_at_the_tags)
+    assert mlflow_tracker.main(["replay", str(buffer.path)]) == 1
+    assert "server went away; run the replay again: it goes on where it stopped" in capsys.readouterr().err
+    assert buffer.path.is_file()
+    assert mlflow_tracker.main(["replay", str(buffer.path)]) == 0
+    assert calls == ["metrics", "tags", "tags", "metrics", "terminate"]  # the first metric sent once
+    history = sqlite_tracker.client.get_metric_history(job.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
+    assert sqlite_tracker.client.get_run(job.run_id).info.status == "FINISHED"
+    assert not buffer.path.exists() and list(tmp_path.iterdir()) == []
+
+    (tmp_path / "notes.txt").write_text("not a buffer\n")
+    assert mlflow_tracker.main(["replay", str(tmp_path / "nope.jsonl"), str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope.jsonl'}: no such file" in err and "notes.txt: not a tracking buffer" in err
