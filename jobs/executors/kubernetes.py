@@ -60,6 +60,8 @@ RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 # Cancelling (with interrupts ignored) tries each Job's delete until this deadline, then leaves what
 # is left to python -m jobs.cancel: a controller that cannot be stopped would be worse.
 CANCEL_DEADLINE_S = 30.0
+# A Job the watch has not reported this long after its creation is read directly.
+UNSEEN_S = 60.0
 # A Job not running after this long is looked at: why are its pods not running?
 STALL_S = 120.0
 # With --follow-logs, how often a job whose pod is not running yet is looked at again.
@@ -577,6 +579,16 @@ class KubernetesExecutor(Executor):
         name: str = handle.ref
         job, gone = self._watcher.get(name, handle.extra.get("uid"))
         if job is None:
+            job, gone = self._read_unseen(handle)
+        if job is None and gone:
+            return self._finish(
+                handle,
+                JobState.FAILED,
+                None,
+                f"Job {name} is gone, and the controller never saw it end (deleted, or removed by its TTL, "
+                "while the watch was down): run the pipeline again (a committed output is skipped)",
+            )
+        if job is None:
             return JobStatus(JobState.PENDING)
         status = job.get("status") or {}
         index = handle.extra.get("index")
@@ -602,6 +614,36 @@ class KubernetesExecutor(Executor):
                 self._follow(handle)
             return JobStatus(JobState.RUNNING)
         return JobStatus(JobState.PENDING)
+
+    def _read_unseen(self, handle: JobHandle) -> tuple[dict | None, bool]:
+        """A Job the watch has no record of ``UNSEEN_S`` after its creation, read directly (every
+        ``UNSEEN_S``): the watch misses a Job created, ended and deleted while it was down, if the
+        server compacted those events away. The Job and whether it is gone; (None, False): not
+        looked at now."""
+        from kubernetes.client.exceptions import ApiException
+
+        now = time.monotonic()
+        if now - max(handle.extra["since"], handle.extra.get("read_unseen", 0.0)) < UNSEEN_S:
+            return None, False
+        handle.extra["read_unseen"] = now
+        name: str = handle.ref
+        try:
+            response = self._call(
+                f"read Job {name}",
+                self._batch,
+                self._batch.read_namespaced_job,
+                name,
+                self.namespace,
+                _preload_content=False,
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None, True
+            raise _api_error(f"read Job {name}", self._batch, e) from e
+        job = json.loads(response.data)
+        if job.get("metadata", {}).get("uid") != handle.extra.get("uid"):
+            return None, True  # another Job of this name now: ours was replaced
+        return job, False
 
     def _diagnose(self, handle: JobHandle, job: dict) -> str | None:
         """Why a Job is not running yet, looked at now and then once it has waited ``STALL_S``: a pod
@@ -644,11 +686,13 @@ class KubernetesExecutor(Executor):
         if index is not None:
             selector += f",{INDEX_LABEL}={index}"
         try:
-            response = self._core.list_namespaced_pod(
+            response = self._call(
+                f"list the pods of Job {name}",
+                self._core,
+                self._core.list_namespaced_pod,
                 self.namespace,
                 label_selector=selector,
                 _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT_S,
             )
         except Exception as e:
             self.echo(f"cannot list the pods of Job {name}: {_api_error('list pods', self._core, e)}")
@@ -720,8 +764,14 @@ class KubernetesExecutor(Executor):
             if container.get("name") == CONTAINER and "exitCode" in terminated:
                 exit_code = terminated["exitCode"]
         try:
-            text = self._core.read_namespaced_pod_log(
-                pod["metadata"]["name"], self.namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
+            text = self._call(
+                f"read the log of pod {pod['metadata']['name']}",
+                self._core,
+                self._core.read_namespaced_pod_log,
+                pod["metadata"]["name"],
+                self.namespace,
+                container=CONTAINER,
+                tail_lines=LOG_TAIL_LINES,
             )
             self.log_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(text if isinstance(text, str) else str(text))
@@ -755,7 +805,16 @@ class KubernetesExecutor(Executor):
         if state == JobState.SUCCEEDED:
             speaker = speaking_process([result for _, result, _ in pods])
             chosen = pods[speaker] if speaker is not None else None
-            if chosen is None:
+            unread = processes - sum(1 for _, result, _ in pods if result)
+            if chosen is None and unread:
+                # The Job completed, but what a pod said is lost (its log unreadable, or the pod
+                # removed with the Job by its TTL): the one that committed may be among them. The
+                # Job's own verdict stands; a dependent finds its input missing if it is not so.
+                self.echo(
+                    f"Job {name} completed; the logs of {unread} of its {processes} pods could not be "
+                    "read, so which one committed is not known: taken as done"
+                )
+            elif chosen is None:
                 state, exit_code = JobState.FAILED, 1
                 error = f"none of the {processes} pods of Job {name} committed the output of {handle.job.id}"
         if chosen is None:

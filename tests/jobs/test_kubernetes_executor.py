@@ -553,3 +553,93 @@ def test_an_images_job_on_several_pods_reports_the_committing_pod(cluster, k8s_c
         assert outcome.status == "failed" and "none of the 3 pods" in outcome.error
     finally:
         executor.close()
+
+
+def completed_images_job(cluster: FakeKubeAPI, executor: KubernetesExecutor, job):
+    """Submit ``job`` on 3 pods, every pod exiting 0 and pod 2 committing; its handle once the watch
+    has seen the Job complete."""
+    for name in [j["metadata"]["name"] for j in cluster.jobs()]:  # a new submission makes it anew
+        cluster.delete_object("jobs", "selma", name)
+    handle = executor.submit(job, job_command(job, executor.job_config_path), {})
+    for i in range(3):
+        result = {"job": job.id, "status": "ran", "run_id": f"run-{i}", "committed": i == 2}
+        cluster.finish_job(handle.ref, 0, log=json.dumps(result) + "\n", index=i)
+    deadline = time.monotonic() + 10
+    while True:
+        seen, _ = executor._watcher.get(handle.ref, handle.extra["uid"])
+        if seen and any(c["type"] == "Complete" for c in (seen.get("status") or {}).get("conditions") or []):
+            return handle
+        assert time.monotonic() < deadline, "the watch did not see the Job complete"
+        time.sleep(0.05)
+
+
+class FailingLogReads:
+    """``read_namespaced_pod_log`` that fails ``times`` times with ``status`` for pod 2."""
+
+    def __init__(self, read_log, status: int, times: int) -> None:
+        self.read_log, self.status, self.left = read_log, status, times
+
+    def __call__(self, pod: str, *args, **kwargs):
+        from kubernetes.client.exceptions import ApiException
+
+        if "-2-" in pod and self.left > 0:
+            self.left -= 1
+            raise ApiException(status=self.status, reason="failing on purpose")
+        return self.read_log(pod, *args, **kwargs)
+
+
+def test_a_completed_images_job_is_done_though_its_committing_pods_log_is_lost(cluster, k8s_config, tmp_path):
+    """The Job completed; a busy API server's 503 on a log read is retried, and a pod whose log is
+    gone (the Job's TTL removed it) leaves the Job's own verdict standing, not a failure."""
+    executor, plan = executor_and_plan(k8s_config(images={"num_jobs": 3}), tmp_path)
+    job = plan.job("images", "counting")
+    said: list[str] = []
+    executor.echo = said.append
+    executor._connect()
+    read_log = executor._core.read_namespaced_pod_log
+    try:
+        busy = completed_images_job(cluster, executor, job)
+        executor._core.read_namespaced_pod_log = FailingLogReads(read_log, 503, times=1)
+        status = executor.poll(busy)
+        assert status.state.value == "succeeded" and status.result["run_id"] == "run-2"  # pod 2 speaks
+        assert any("read the log of pod" in line and "retrying" in line for line in said)
+
+        lost = completed_images_job(cluster, executor, job)
+        executor._core.read_namespaced_pod_log = FailingLogReads(read_log, 404, times=100)
+        status = executor.poll(lost)
+        assert status.state.value == "succeeded" and status.exit_code == 0
+        assert "the logs of 1 of its 3 pods could not be read" in said[-1]
+    finally:
+        executor._core.read_namespaced_pod_log = read_log
+        executor.close()
+
+
+def test_a_job_the_watch_never_saw_end_is_read_directly_not_waited_for_forever(
+    cluster, k8s_config, tmp_path, monkeypatch
+):
+    """The watch is down while a Job is created, ends and is deleted, and the server compacts its
+    history: the relisted watch has no record of it. Polling reads it directly instead of waiting."""
+    from jobs.executors import kubernetes as k8s_executor
+
+    monkeypatch.setattr(k8s_executor, "UNSEEN_S", 0.5)
+    executor, plan = executor_and_plan(k8s_config(), tmp_path)
+    job = plan.job("merge")
+    try:
+        executor._connect()
+        deadline = time.monotonic() + 10
+        while cluster.open_watches < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster.drop_watches()
+        handle = executor.submit(job, job_command(job, executor.job_config_path), {})
+        cluster.finish_job(handle.ref, 0, log=json.dumps({"job": "merge", "status": "ran"}) + "\n")
+        cluster.delete_object("jobs", "selma", handle.ref)
+        cluster.expire_history()
+        deadline = time.monotonic() + 10
+        while (status := executor.poll(handle)).state.value == "pending":
+            assert time.monotonic() < deadline, "still pending"
+            time.sleep(0.1)
+        assert status.state.value == "failed"
+        assert "is gone, and the controller never saw it end" in status.result["error"]
+    finally:
+        executor.close()
