@@ -395,7 +395,8 @@ class LocalExecutor(Executor):
 
     def cancel_all(self, handles: list[JobHandle]) -> dict[str, Exception]:
         """SIGTERM to every process of every job first, then one grace period for all of them
-        (``CANCEL_GRACE_S``) to clean up, then SIGKILL for those still running."""
+        (``CANCEL_GRACE_S``) to clean up, then SIGKILL to each job's process group, so that no
+        process of it is left running."""
         processes = {handle.job.id: _processes(handle) for handle in handles}
         running = [process for group in processes.values() for process in group if process.poll() is None]
         errors: dict[str, Exception] = {}
@@ -411,10 +412,12 @@ class LocalExecutor(Executor):
                     errors[job_id] = e
         deadline = time.monotonic() + CANCEL_GRACE_S
         for process in running:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill(process)
+        for process in running:
+            # The whole group, whether or not its first process has ended: a child that ignored
+            # SIGTERM outlives a parent that obeyed it.
+            _kill(process)
         for handle in handles:
             self._give_back_ended(handle, [process.poll() for process in processes[handle.job.id]])
         return errors

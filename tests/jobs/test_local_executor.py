@@ -69,6 +69,41 @@ def test_cancel_stops_the_job_and_its_children(tmp_path, fork_server):
 
 
 # A job that cleans up on SIGTERM as jobs.run does, but only once every job of the test has been
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (ended, not yet reaped)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_cancel_kills_a_child_that_ignores_sigterm_though_its_parent_obeyed(
+    tmp_path, fork_server, monkeypatch
+):
+    """The job's first process ends on SIGTERM; a child of it that ignores SIGTERM is killed with
+    the rest of the job's process group once the grace period is over."""
+    from jobs.executors import local
+
+    monkeypatch.setattr(local, "CANCEL_GRACE_S", 1.0)
+    executor = LocalExecutor(tmp_path / "logs", **fork_server)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    start_child = f"subprocess.Popen([sys.executable, '-c', {stubborn!r}])"
+    code = f"import subprocess, sys, time; print({start_child}.pid, flush=True); time.sleep(60)"
+    handle = executor.submit(JOB, ["python", "-c", code], {})
+    log = tmp_path / "logs" / "prompts-counting.log"
+    deadline = time.monotonic() + 30
+    while not log.read_text().strip():
+        assert time.monotonic() < deadline, "the job did not start its child"
+        time.sleep(0.05)
+    child = int(log.read_text().split()[0])
+    time.sleep(0.3)  # the child has set its handler
+    executor.cancel(handle)
+    deadline = time.monotonic() + 10
+    while running(child):
+        assert time.monotonic() < deadline, "the child that ignored SIGTERM is still running"
+        time.sleep(0.05)
+
+
 # told to stop: cancelling one job after another (waiting for each) would never finish its cleanup.
 CLEANS_UP_AFTER_ALL_ARE_TOLD = """
 import os, pathlib, signal, sys, time
