@@ -103,8 +103,38 @@ def load_template(phase: str, templates_dir: str | Path | None = None) -> dict:
             raise ConfigError(f"Job template {path}: invalid YAML: {e}") from e
         if not isinstance(document, dict) or document.get("kind") != "Job":
             raise ConfigError(f"Job template {path}: expected a batch/v1 Job document")
+        _check_quantities(document, path)
         documents.append(document)
     return merge_manifest(documents[0], documents[1])
+
+
+def _check_quantities(document: dict, path: Path) -> None:
+    """Every resource quantity and volume size in a template is one Kubernetes parses (the sizing
+    code compares them): a bad one is a ConfigError naming the file and the key, not a bare
+    ValueError from deep in the sizing."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    pod = (((document.get("spec") or {}).get("template") or {}).get("spec")) or {}
+    found = []
+    for container in pod.get("containers") or []:
+        for kind, sizes in ((container.get("resources") or {}) or {}).items():
+            for key, value in (sizes or {}).items():
+                found.append(
+                    (f"containers[{container.get('name')}].resources.{kind}.{key}", value, key == GPU)
+                )
+    for volume in pod.get("volumes") or []:
+        limit = (volume.get("emptyDir") or {}).get("sizeLimit")
+        if limit is not None:
+            found.append((f"volumes[{volume.get('name')}].emptyDir.sizeLimit", limit, False))
+    for where, value, whole in found:
+        try:
+            quantity = parse_quantity(value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"Job template {path}: {where}: {value!r} is not a Kubernetes quantity ({e})"
+            ) from e
+        if whole and quantity != int(quantity):
+            raise ConfigError(f"Job template {path}: {where}: {value!r}: expected a whole number of GPUs")
 
 
 def dns_label(text: str) -> str:

@@ -355,3 +355,26 @@ def test_images_drawn_by_several_pods_is_one_indexed_job_each(tmp_path):
     single, _ = render(REPO / "configs" / "sdxl.yaml", tmp_path=tmp_path)
     for job in jobs_of(single):
         assert "completionMode" not in job["spec"] and "--num-shards" not in container(job)["command"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("cpu", "2x"), "containers[job].resources.limits.cpu: '2x' is not a Kubernetes quantity"),
+        ((GPU, "1.5"), f"containers[job].resources.limits.{GPU}: '1.5': expected a whole number of GPUs"),
+    ],
+)
+def test_a_bad_quantity_in_a_custom_template_names_the_file_and_key(tmp_path, edit, message):
+    """Not a bare ValueError from the sizing code, and exit 2 (a retry cannot help)."""
+    import shutil
+
+    from jobs.executors.kubernetes_manifests import default_templates_dir, load_template
+
+    templates = tmp_path / "templates"
+    shutil.copytree(default_templates_dir(), templates)
+    train = yaml.safe_load((templates / "train.yaml").read_text())
+    (container,) = train["spec"]["template"]["spec"]["containers"]
+    container.setdefault("resources", {}).setdefault("limits", {})[edit[0]] = edit[1]
+    (templates / "train.yaml").write_text(yaml.safe_dump(train))
+    with pytest.raises(ConfigError, match=re.escape(f"Job template {templates / 'train.yaml'}: {message}")):
+        load_template("train", templates)
