@@ -134,21 +134,27 @@ def test_delta_methods_export_exactly_through_diffusers(experts, model_cache, tm
         torch.testing.assert_close(again.delta(module), merged.delta(module))
 
 
-def test_kohya_round_trip_and_fused_pipeline(experts, model_cache, tmp_path):
+@pytest.mark.parametrize("method", ["linear", "ties"])  # ties: each layer at its own rank
+def test_kohya_round_trip_and_fused_pipeline(experts, model_cache, tmp_path, method):
     loaded = {name: load_adapter(path) for name, path in experts.items()}
-    merged, _ = merge_adapters(loaded, MergeConfig(), [0.5, 0.5])
+    merged, _ = merge_adapters(loaded, MergeConfig(method=method), [0.5, 0.5])
+    if method == "ties":
+        assert len({layer.down.shape[0] for layer in merged.layers.values()}) > 1
     save_adapter(merged, tmp_path / "adapter")
     export_kohya(merged, tmp_path / KOHYA_FILE)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / KOHYA_FILE), "pt") as f:
         keys = list(f.keys())  # noqa: SIM118
-    assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    # No alphas: scales are in the up factors (per-layer alphas made diffusers misread mixed ranks).
+    assert all(k.startswith("lora_unet_") for k in keys) and not any(k.endswith(".alpha") for k in keys)
     diffusers_way = fused_deltas(model_cache, tmp_path / "adapter")
     kohya_way = fused_deltas(model_cache, tmp_path / KOHYA_FILE)
     assert diffusers_way.keys() == kohya_way.keys()
     for name in diffusers_way:
         torch.testing.assert_close(kohya_way[name], diffusers_way[name], rtol=1e-4, atol=1e-6)
+    if method == "ties":
+        return  # the fused pipeline does not depend on the method
 
     export_fused("random:tiny-sd", model_cache, None, tmp_path / "adapter", tmp_path / "fused")
     fused = load_diffusion_pipeline(str(tmp_path / "fused"), model_cache)

@@ -135,16 +135,23 @@ def merge_adapters(experts: dict, cfg: MergeConfig, weights: list[float]):
 
 
 def export_kohya(adapter, path) -> None:
-    """The kohya/A1111 key format (``lora_unet_..._to_q.lora_down.weight`` + ``.alpha``)."""
+    """The kohya/A1111 key format (``lora_unet_..._to_q.lora_down.weight``), without ``.alpha``
+    entries: each layer's scale is folded into its up factor, and a file without alphas is read at
+    scale 1 everywhere (kohya, A1111, ComfyUI, diffusers). With per-layer alphas, diffusers reads
+    layers whose rank differs from the most common one at the wrong scale (a ΔW merge exports
+    each layer at its own rank)."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
     peft_state = {}
     for module, layer in adapter.layers.items():
-        # kohya stores alpha = rank (scale 1), so each layer's scale is folded into B.
         peft_state[f"{module}.lora_A.weight"] = layer.down.float().contiguous()
         peft_state[f"{module}.lora_B.weight"] = (adapter.layer_scale(module) * layer.up.float()).contiguous()
-    state = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft_state).items()}
+    state = {
+        k: v.contiguous()
+        for k, v in convert_state_dict_to_kohya(peft_state).items()
+        if not k.endswith(".alpha")
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora", "format": "pt"})
 
