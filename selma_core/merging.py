@@ -9,6 +9,7 @@ Pure tensor maths, no I/O: ``selma_core.phases.merge`` does the reading and writ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ def check_merge_inputs(experts: dict[str, LoraAdapter], weights: Sequence[float]
     if weights is None:
         weights = [1.0 / len(names)] * len(names)
     weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError(f"merge: weights {weights}: expected finite numbers")
     if len(weights) != len(names):
         raise InputError(f"merge: {len(weights)} weights given for {len(names)} experts ({', '.join(names)})")
     first_name, first = names[0], experts[names[0]]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from lora_helpers import TARGETS, fused_deltas, trained_like_expert
 
-from selma_core.errors import ConfigError
+from selma_core.errors import ConfigError, InputError
 from selma_core.lora import load_adapter, save_adapter
-from selma_core.merging import adapter_from_deltas, factorize, merge_layer_deltas
+from selma_core.merging import adapter_from_deltas, check_merge_inputs, factorize, merge_layer_deltas
 from selma_core.models.loading import load_diffusion_pipeline
 from selma_core.phases.merge import (
     KOHYA_FILE,
@@ -18,6 +18,7 @@ from selma_core.phases.merge import (
     merge_adapters,
     resolve_weights,
 )
+from selma_core.phases.merge_search import MergeSearchConfig
 
 T1 = torch.tensor([[3.0, -2.0], [0.5, 1.0]])
 T2 = torch.tensor([[-1.0, -4.0], [0.2, 2.0]])
@@ -85,6 +86,14 @@ def test_weights_are_checked():
     ]
     with pytest.raises(ValueError, match="export_rank"):
         MergeConfig(export="svd")
+    # YAML reads .nan and .inf as numbers: they would merge into an all-NaN adapter.
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"weights: spatial: expected a finite number, got {bad}"):
+            MergeConfig(weights={"counting": 1.0, "spatial": bad})
+        with pytest.raises(ValueError, match="low and high: expected finite numbers"):
+            MergeSearchConfig(high=bad)
+    with pytest.raises(InputError, match=r"merge: weights \[nan, 1.0\]: expected finite numbers"):
+        check_merge_inputs({"a": None, "b": None}, [float("nan"), 1.0])
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ Recipe, one job:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +60,9 @@ class MergeConfig:
     alias: str = execution_only("candidate")
 
     def __post_init__(self) -> None:
+        for skill, weight in (self.weights or {}).items():
+            if not math.isfinite(weight):  # YAML reads .nan and .inf as floats: an all-NaN adapter
+                raise ValueError(f"weights: {skill}: expected a finite number, got {weight}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density: expected a number in (0, 1], got {self.density}")
         if self.export == "svd" and (self.export_rank is None or self.export_rank < 1):

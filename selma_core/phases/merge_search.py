@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -47,6 +48,8 @@ class MergeSearchConfig:
             raise ValueError(f"grid_points: expected >= 2, got {self.grid_points}")
         if self.samples < 1 or self.max_candidates < 1:
             raise ValueError("samples and max_candidates: expected >= 1")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"low and high: expected finite numbers, got {self.low} and {self.high}")
         if self.high <= self.low:
             raise ValueError(f"high: expected more than low ({self.low}), got {self.high}")
         if self.max_prompts_per_skill is not None and self.max_prompts_per_skill < 1:
