@@ -99,6 +99,15 @@ class _Metric:
     convention: str | None
 
     @property
+    def bounds(self) -> str | None:
+        """ "0-1" or "0-100" when the scale ends with that range (the scales are phrases: "P(yes), 0-1",
+        "100·max(cos, 0), torchmetrics' scale, 0-100"), else None."""
+        for bounds in ("0-100", "0-1"):
+            if self.scale and self.scale.rstrip(")").endswith(bounds):
+                return bounds
+        return None
+
+    @property
     def conventions(self) -> str:
         """One line: what the numbers mean (shown under every chart and table of this metric)."""
         parts = [f"convention: {self.convention}"] if self.convention else []
@@ -111,9 +120,9 @@ class _Metric:
         """A value with as many decimals as its scale warrants (0-1: 3; 0-100: 2)."""
         if value is None or not math.isfinite(value):
             return "—"
-        if self.scale == "0-1":
+        if self.bounds == "0-1":
             digits = 3
-        elif self.scale == "0-100":
+        elif self.bounds == "0-100":
             digits = 2
         else:
             magnitude = abs(value)
@@ -385,7 +394,7 @@ def _bar_chart(res: _Results, metric: _Metric, colors: Mapping[str, str]) -> byt
     rotate = len(groups) > 8 or max(len(g) for g in groups) > 12
     with _figure(width, 4.2 if rotate else 3.8, _DPI, layout="constrained") as fig:
         ax = fig.add_subplot()
-        top, whiskers = 0.0, False
+        top, bottom, whiskers = 0.0, 0.0, False
         for i, variant in enumerate(variants):
             offset = (i - (len(variants) - 1) / 2) * slot
             present = [(x, stats[g, variant]) for x, g in enumerate(groups) if stats[g, variant] is not None]
@@ -410,6 +419,7 @@ def _bar_chart(res: _Results, metric: _Metric, colors: Mapping[str, str]) -> byt
                     zorder=3,
                 )
             top = max([top, *(s.high if s.has_interval else s.mean for _, s in present)])
+            bottom = min([bottom, *(s.low if s.has_interval else s.mean for _, s in present)])
         if len(groups) > 1:
             ax.axvline(len(groups) - 1.5, color="#b0b6bc", linestyle=(0, (3, 3)), linewidth=0.8, zorder=1)
         ax.set_xticks(range(len(groups)), groups)
@@ -418,10 +428,11 @@ def _bar_chart(res: _Results, metric: _Metric, colors: Mapping[str, str]) -> byt
             for label in ax.get_xticklabels():
                 label.set(ha="right", rotation_mode="anchor")
         ax.set_xlim(-0.6, len(groups) - 0.4)
-        if metric.scale == "0-1":
+        if metric.bounds == "0-1" and bottom >= 0:
             ax.set_ylim(0, max(1.0, top * 1.02))
         elif top > 0:
-            ax.set_ylim(bottom=0)
+            # From 0, or below the lowest bar or interval (ImageReward's means can be negative).
+            ax.set_ylim(bottom=bottom * 1.05 if bottom < 0 else 0)
         ax.set_ylabel(f"{metric.label}" + (f" ({metric.scale})" if metric.scale else ""))
         ax.set_title(metric.label, loc="left", fontweight="bold", pad=18)
         ax.text(

@@ -260,3 +260,27 @@ def test_unusable_results_are_input_errors(tmp_path):
         write_report({"skills": [], "variants": [], "metrics": {}}, tmp_path, tmp_path / "out")
     with pytest.raises(InputError, match="metrics"):
         write_report({"skills": [], "variants": [], "per_prompt": []}, tmp_path, tmp_path / "out")
+
+
+def test_chart_axes_follow_the_scale_phrases_and_show_negative_means(tmp_path, monkeypatch):
+    """The eval writes scales as phrases ("item score 0-1"): a 0-1 metric gets a 0-1 axis; a
+    negative mean (ImageReward's often are) is drawn, not cut off by an axis from 0."""
+    import selma_core.report as report_module
+
+    results = make_results(tmp_path / "eval")
+    results["metrics"]["dsg"]["scale"] = "item score 0-1"
+    results["metrics"]["clip_score"]["scale"] = "standardised reward (about -2 to 2)"
+    for group in results["summary"]["clip_score"].values():
+        group["base"] = {"mean": -0.8, "low": -1.2, "high": -0.4, "n": 3}
+    limits: dict[str, tuple[float, float]] = {}
+    real_png = report_module._png
+
+    def png_with_limits(fig):
+        limits.update((ax.get_title(loc="left"), ax.get_ylim()) for ax in fig.axes)
+        return real_png(fig)
+
+    monkeypatch.setattr(report_module, "_png", png_with_limits)
+    write_report(results, tmp_path / "eval", tmp_path / "out")
+    dsg_limits, clip_limits = limits["DSG (dsg-official)"], limits["CLIPScore"]
+    assert dsg_limits == (0.0, 1.0)
+    assert clip_limits[0] <= -1.2 < 0 < clip_limits[1]
