@@ -421,17 +421,29 @@ class StoreBackedAnswerCache:
             log.exception("%s: committing the answer cache failed", self.store.url(self.prefix))
 
 
-def _normalise(value: Any, field: Field, index: int) -> CachedValue:
+class NotAResult(ValueError):
+    """A model's result that cannot be cached (not text, not a number, NaN); ``position``: the
+    position of its input in the call, so that the caller can name what it was asked."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+def _normalise(value: Any, field: Field, position: int) -> CachedValue:
+    shown = f"{type(value).__name__} {value!r:.80}"
     if field == "answer":
         if not isinstance(value, str):
-            raise TypeError(f"cached: result {index} is {type(value).__name__} {value!r:.80}, expected text")
+            raise NotAResult(f"the result for input {position} is {shown}, expected text", position)
         return CachedValue(answer=value)
     try:
         score = float(value)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"cached: result {index} is {type(value).__name__} {value!r:.80}, not a score") from e
+        raise NotAResult(f"the result for input {position} is {shown}, not a score", position) from e
     if math.isnan(score):
-        raise ValueError(f"cached: result {index} is NaN, which cannot be cached")
+        raise NotAResult(
+            f"the score for input {position} is NaN (not cached: SQLite keeps NaN as NULL)", position
+        )
     return CachedValue(score=score)
 
 
@@ -476,7 +488,8 @@ def cached(
                     f"cached: {fn!r} returned {len(results)} results for {len(positions)} inputs"
                 )
             computed = {
-                key: _normalise(r, field, i) for i, (key, r) in enumerate(zip(missing, results, strict=True))
+                key: _normalise(r, field, position)
+                for key, r, position in zip(missing, results, positions, strict=True)
             }
             cache.put_many(computed)
         return [(found.get(key) or computed[key]).get(field) for key in keys]

@@ -158,7 +158,10 @@ def variant_slug(variant: str) -> str:
 
 
 def _file_safe(prompt_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", prompt_id)
+    """A file name for a prompt id: the id itself when it is safe, else its safe form and a short
+    hash of it, so that two ids ("tifa160 1", "tifa160_1") never share one image file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", prompt_id)
+    return safe if safe == prompt_id else f"{safe}-{hashlib.sha256(prompt_id.encode()).hexdigest()[:8]}"
 
 
 # -- models: the base pipeline and each variant's adapters ---------------------------------------
@@ -518,7 +521,7 @@ def _difference_cell(diff: dict) -> str:
 
 
 def evaluate(ctx, skill_name: str | None = None) -> dict:
-    from selma_core.metrics.answer_cache import StoreBackedAnswerCache
+    from selma_core.metrics.answer_cache import NotAResult, StoreBackedAnswerCache
     from selma_core.metrics.suite import IMAGE_TEXT_METRICS, CachedMetric, MetricInfo, open_metric
     from selma_core.metrics.summary import summarize
     from selma_core.models.loading import resolve_device
@@ -573,10 +576,17 @@ def evaluate(ctx, skill_name: str | None = None) -> dict:
             )
             for first in range(0, len(rows), SCORE_CHUNK):
                 chunk = rows[first : first + SCORE_CHUNK]
-                scores = metric.score(
-                    [images[r["variant"]][r["prompt_id"]].read_bytes() for r in chunk],
-                    [r["prompt"] for r in chunk],
-                )
+                try:
+                    scores = metric.score(
+                        [images[r["variant"]][r["prompt_id"]].read_bytes() for r in chunk],
+                        [r["prompt"] for r in chunk],
+                    )
+                except NotAResult as e:  # e.g. NaN from a model run in float16
+                    row = chunk[e.position]
+                    raise InputError(
+                        f"eval: {name} ({metric.version.split('|')[0]}) on variant {row['variant']}, skill "
+                        f"{row['skill']}, prompt {row['prompt_id']} ({row['prompt'][:60]!r}): {e}"
+                    ) from e
                 for row, score in zip(chunk, scores, strict=True):
                     row["scores"][name] = score
             metrics_info[name] = {**IMAGE_TEXT_METRICS[name].to_dict(), "model": metric.version.split("|")[0]}

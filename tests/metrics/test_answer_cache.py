@@ -17,6 +17,7 @@ from selma_core.metrics.answer_cache import (
     AnswerCache,
     CachedValue,
     CacheKey,
+    NotAResult,
     StoreBackedAnswerCache,
     cached,
     image_sha256,
@@ -115,6 +116,18 @@ def test_scores_are_cached_as_floats(tmp_path):
         assert cache.get_many([key])[key] == CachedValue(
             answer=FakeVqa.answer(IMAGES[0], "a cat"), score=first[0]
         )
+
+
+def test_a_nan_score_names_the_position_of_its_input_and_nothing_is_cached(tmp_path):
+    """NaN cannot be cached (SQLite keeps it as NULL): the error carries the position of the input
+    it was computed for (not its place among the misses), so the eval can name the prompt."""
+    with AnswerCache(tmp_path / "answers.sqlite") as cache:
+        score = cached(lambda images, texts: [1.0] * len(images), cache, "fake-clip", "1", field="score")
+        score(IMAGES[:1], ["a cat"])  # a hit next time: the misses are inputs 1 and 2
+        broken = cached(lambda images, texts: [2.0, float("nan")], cache, "fake-clip", "1", field="score")
+        with pytest.raises(NotAResult, match="the score for input 2 is NaN") as raised:
+            broken(IMAGES, ["a cat", "a dog", "a cow"])
+        assert raised.value.position == 2 and len(cache) == 1
 
 
 def test_the_first_value_stored_wins(tmp_path):

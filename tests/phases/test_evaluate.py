@@ -5,6 +5,7 @@ summarised with intervals, reported; and a second evaluation that calls no model
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import BENCHMARKS, needs_benchmarks
@@ -58,6 +59,14 @@ def test_default_variants_are_base_each_expert_and_merged():
 def test_bad_eval_settings_are_refused_naming_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**settings)
+
+
+def test_prompt_ids_that_differ_only_in_unsafe_characters_get_their_own_image_files():
+    from selma_core.phases.evaluate import _file_safe
+
+    assert _file_safe("tifa160_1") == "tifa160_1" and _file_safe("counting-00012") == "counting-00012"
+    names = {_file_safe(i) for i in ("tifa160_1", "tifa160 1", "tifa160/1", "tifa160:1")}
+    assert len(names) == 4 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
 
 
 def test_eval_depends_only_on_what_it_compares(tiny_config):
