@@ -44,6 +44,7 @@ def run_dag(
     heartbeat_s: float = 30.0,
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     ended: dict[str, JobOutcome] | None = None,
+    output_exists: Callable[[JobSpec], bool] | None = None,
 ) -> list[JobOutcome]:
     """Run ``jobs`` (dependency order) and return one outcome per job, in the same order.
 
@@ -51,6 +52,8 @@ def run_dag(
     already committed is skipped without starting; a failed job blocks its dependents while
     independent jobs (other skills) go on. Ctrl-C, SIGTERM or any error cancels running jobs and
     re-raises; ``ended``, when given, holds by then the outcome of every job that had ended.
+    ``output_exists``, when given, is asked of every job that succeeded: one whose output is not
+    there failed (exit 1: its dependents would find their input missing, and a rerun redoes it).
     """
     selected = {j.id for j in jobs}
     checked: set[str] = set()  # jobs whose "already committed?" look-up was done (once each)
@@ -111,6 +114,14 @@ def run_dag(
                 result = status.result or {}
                 job = handle.job
                 ok = status.state == JobState.SUCCEEDED
+                exit_code = status.exit_code
+                if ok and output_exists is not None and not output_exists(job):
+                    # Its executor took it for done without its word (a pod log lost with its Job).
+                    ok, exit_code = False, 1
+                    result = {
+                        **result,
+                        "error": f"reported success, but its output {output_url(job)} is not in the store",
+                    }
                 # A job may itself find its output committed (a racing controller): then it skipped.
                 state = ("skipped" if result.get("status") == "skipped" else "ran") if ok else "failed"
                 finish(
@@ -122,10 +133,10 @@ def run_dag(
                         job=job.id,
                         output=output_url(job) if ok else None,
                         log=handle.log,
-                        exit_code=status.exit_code,
+                        exit_code=exit_code,
                         run_id=result.get("run_id"),
                         duration_s=round(time.monotonic() - started, 2),
-                        error=None if ok else (result.get("error") or f"exit code {status.exit_code}"),
+                        error=None if ok else (result.get("error") or f"exit code {exit_code}"),
                     ),
                 )
             if running:

@@ -78,14 +78,10 @@ def report(config: str, pipeline: dict, promotion: dict | None) -> str:
     if promotion is not None:
         lines += ["", "### Promotion", ""]
         if promotion.get("rows"):
-            lines += ["| skill | champion | candidate | change | ok |", "|---|---|---|---|---|"]
-            for row in promotion["rows"]:
-                champion = "-" if row["champion"] is None else f"{row['champion']:.3f}"
-                change = "-" if row["change"] is None else f"{row['change']:+.3f}"
-                lines.append(
-                    f"| {row['skill']} | {champion} | {row['candidate']:.3f} | {change} | {row['ok']} |"
-                )
-            lines.append("")
+            from selma_core.promotion import Decision
+
+            # The gate's own table (a skill the candidate lacks, or a mean over no skills, is "-").
+            lines += [Decision(bool(promotion.get("promoted")), rows=promotion["rows"]).table(), ""]
         if promotion.get("promoted"):
             lines.append(f"**Promoted** v{promotion['candidate']} to champion.")
         elif promotion.get("unchanged"):

@@ -416,6 +416,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             lambda job: store.url(job.key),
             echo=_echo,
             ended=ended,
+            output_exists=lambda job: store.is_committed(job.key),
         )
     except BaseException as e:
         outcomes = list(ended.values())

@@ -60,6 +60,9 @@ RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 # Cancelling (with interrupts ignored) tries each Job's delete until this deadline, then leaves what
 # is left to python -m jobs.cancel: a controller that cannot be stopped would be worse.
 CANCEL_DEADLINE_S = 30.0
+# Pod lists and log reads (best effort: diagnosis, saved logs) retry an outage this long, not
+# through every API retry: a poll waiting on them holds up every other job's.
+POD_READ_DEADLINE_S = 15.0
 # A Job the watch has not reported this long after its creation is read directly.
 UNSEEN_S = 60.0
 # A Job not running after this long is looked at: why are its pods not running?
@@ -68,6 +71,7 @@ STALL_S = 120.0
 FOLLOW_LOOK_S = 3.0
 # Waiting reasons of a container that will not start by waiting (until the Job's deadline).
 POD_CANNOT_START = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
+CONFIGURATION_REASONS = {"InvalidImageName", "CreateContainerConfigError"}
 
 
 def api_client(cfg: PipelineConfig):
@@ -607,8 +611,9 @@ class KubernetesExecutor(Executor):
             return self._finish(handle, JobState.FAILED, None, f"Job {name} was deleted before it finished")
         stuck = self._diagnose(handle, job)
         if stuck:
+            why, exit_code = stuck
             self._delete(name)
-            return self._finish(handle, JobState.FAILED, job, stuck, exit_code=2)
+            return self._finish(handle, JobState.FAILED, job, why, exit_code=exit_code)
         if status.get("ready") or (status.get("active") and not job["spec"].get("suspend")):
             if self.follow_logs:
                 self._follow(handle)
@@ -645,10 +650,11 @@ class KubernetesExecutor(Executor):
             return None, True  # another Job of this name now: ours was replaced
         return job, False
 
-    def _diagnose(self, handle: JobHandle, job: dict) -> str | None:
+    def _diagnose(self, handle: JobHandle, job: dict) -> tuple[str, int] | None:
         """Why a Job is not running yet, looked at now and then once it has waited ``STALL_S``: a pod
         that cannot start (image, missing Secret) fails the job, since waiting would take until its
-        deadline; unschedulable pods and queued Jobs are reported and waited for."""
+        deadline (why, and the exit code to report); unschedulable pods and queued Jobs are
+        reported and waited for."""
         now = time.monotonic()
         if now - handle.extra["since"] < STALL_S or now - handle.extra.get("checked", 0.0) < STALL_S:
             return None
@@ -665,10 +671,13 @@ class KubernetesExecutor(Executor):
         for container in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in POD_CANNOT_START:
-                return (
+                why = (
                     f"Job {name}: pod {pod['metadata']['name']} cannot start: {waiting['reason']}: "
                     f"{waiting.get('message', '')}".strip()
                 )
+                # A bad image name or a missing Secret is the configuration's (exit 2); a pull that
+                # fails may be the registry's (an outage, a rate limit): worth a retry (exit 1).
+                return why, 2 if waiting["reason"] in CONFIGURATION_REASONS else 1
         for condition in (pod.get("status") or {}).get("conditions") or []:
             if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
                 self._say(handle, f"{handle.job.id}: not scheduled yet: {condition.get('message', '')}")
@@ -693,9 +702,10 @@ class KubernetesExecutor(Executor):
                 self.namespace,
                 label_selector=selector,
                 _preload_content=False,
+                deadline=time.monotonic() + POD_READ_DEADLINE_S,
             )
         except Exception as e:
-            self.echo(f"cannot list the pods of Job {name}: {_api_error('list pods', self._core, e)}")
+            self.echo(f"cannot list the pods of Job {name}: {e}")
             return None
         pods = json.loads(response.data).get("items") or []
         pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
@@ -772,6 +782,7 @@ class KubernetesExecutor(Executor):
                 self.namespace,
                 container=CONTAINER,
                 tail_lines=LOG_TAIL_LINES,
+                deadline=time.monotonic() + POD_READ_DEADLINE_S,
             )
             self.log_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(text if isinstance(text, str) else str(text))

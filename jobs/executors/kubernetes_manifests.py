@@ -117,8 +117,9 @@ def _check_quantities(document: dict, path: Path) -> None:
     pod = (((document.get("spec") or {}).get("template") or {}).get("spec")) or {}
     found = []
     for container in pod.get("containers") or []:
-        for kind, sizes in ((container.get("resources") or {}) or {}).items():
-            for key, value in (sizes or {}).items():
+        resources = container.get("resources") or {}
+        for kind in ("limits", "requests"):  # (claims, for dynamic resource allocation, is a list)
+            for key, value in (resources.get(kind) or {}).items():
                 found.append(
                     (f"containers[{container.get('name')}].resources.{kind}.{key}", value, key == GPU)
                 )

@@ -97,6 +97,32 @@ def test_a_failure_blocks_its_dependents_and_nothing_else():
     assert "train:a" not in executor.started
 
 
+def test_a_success_without_its_output_in_the_store_is_a_failure_worth_a_retry():
+    """An executor that takes a job for done without its word (a Kubernetes pod's log lost with its
+    Job): the store says whether its output is there; if not, its dependents do not start."""
+    executor = ScriptedExecutor()
+    outcomes = {
+        o.job: o
+        for o in run_dag(
+            pipeline(skills=("a",)),
+            executor,
+            lambda j: ["run", j.id],
+            {},
+            2,
+            lambda j: False,
+            lambda j: f"store/{j.key}",
+            poll_interval=0,
+            echo=lambda line: None,
+            output_exists=lambda j: j.id != "images:a",
+        )
+    }
+    lost = outcomes["images:a"]
+    assert lost.status == "failed" and lost.exit_code == 1
+    assert lost.error == "reported success, but its output store/i/a is not in the store"
+    assert outcomes["train:a"].status == "blocked" and "train:a" not in executor.started
+    assert outcomes["prompts:a"].status == "ran"
+
+
 def test_interrupt_cancels_running_jobs_and_keeps_the_ended_ones_outcomes():
     class Interrupting(ScriptedExecutor):
         def poll(self, handle):

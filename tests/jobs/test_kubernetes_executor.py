@@ -68,12 +68,24 @@ def result_log(job: dict, index: int | None) -> str:
     )
 
 
-def run_everything(fail: set[str] = frozenset()):
-    """A fake scheduler: every Job runs at once; jobs named in ``fail`` exit 1."""
+def run_everything(config: Path, fail: set[str] = frozenset()):
+    """A fake scheduler: every Job runs at once; jobs named in ``fail`` exit 1, the others commit
+    a stand-in output at their key, as jobs.run would (the controller checks it is there)."""
+    import tempfile
+
+    from selma_core.storage import open_store
+
+    store = open_store(load_config(config).storage)
 
     def policy(job: dict):
         ids = job["metadata"]["annotations"]["selma.io/jobs"].split(",")
+        keys = job["metadata"]["annotations"]["selma.io/outputs"].split(",")
         indexed = job["spec"].get("completionMode") == "Indexed"
+        for job_id, key in zip(ids, keys, strict=True):
+            if job_id not in fail:
+                with tempfile.TemporaryDirectory() as folder:
+                    (Path(folder) / "result.txt").write_text(job_id)
+                    store.commit_dir(Path(folder), key)
         return [
             (i if indexed else None, 1 if job_id in fail else 0, result_log(job, i))
             for i, job_id in enumerate(ids)
@@ -90,7 +102,7 @@ def submit_args(config: Path, *extra: str) -> argparse.Namespace:
 
 def test_pipeline_runs_as_jobs_in_dependency_order(cluster, k8s_config, tmp_path):
     config = k8s_config(merge_search={"enabled": True, "strategy": "random", "samples": 2})
-    cluster.auto_run(run_everything())
+    cluster.auto_run(run_everything(config))
     code, outcomes = submit(submit_args(config))
     assert code == 0, [o.to_dict() for o in outcomes]
     assert {o.status for o in outcomes} == {"ran"}
@@ -128,7 +140,7 @@ def test_pipeline_runs_as_jobs_in_dependency_order(cluster, k8s_config, tmp_path
 
 def test_a_failed_job_stops_its_dependents_and_is_named(cluster, k8s_config, capsys):
     config = k8s_config()
-    cluster.auto_run(run_everything(fail={"train:counting"}))
+    cluster.auto_run(run_everything(config, fail={"train:counting"}))
     code, outcomes = submit(submit_args(config))
     assert code == 1
     by_job = {o.job: o for o in outcomes}
@@ -510,6 +522,7 @@ def test_a_configuration_error_fails_at_once_and_a_pod_that_cannot_start_fails(
         or "bad key" in states["prompts:counting"].result["error"]
     )
     assert "ImagePullBackOff" in states["prompts:spatial"].result["error"]
+    assert states["prompts:spatial"].exit_code == 1  # a pull may fail on the registry's side: retryable
     assert no_image.ref not in [j["metadata"]["name"] for j in cluster.jobs()]  # deleted, not left waiting
 
 

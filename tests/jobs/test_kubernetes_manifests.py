@@ -375,6 +375,7 @@ def test_a_bad_quantity_in_a_custom_template_names_the_file_and_key(tmp_path, ed
     train = yaml.safe_load((templates / "train.yaml").read_text())
     (container,) = train["spec"]["template"]["spec"]["containers"]
     container.setdefault("resources", {}).setdefault("limits", {})[edit[0]] = edit[1]
+    container["resources"]["claims"] = [{"name": "gpu"}]  # a list (dynamic resource allocation): not sized
     (templates / "train.yaml").write_text(yaml.safe_dump(train))
     with pytest.raises(ConfigError, match=re.escape(f"Job template {templates / 'train.yaml'}: {message}")):
         load_template("train", templates)

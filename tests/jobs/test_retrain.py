@@ -141,3 +141,15 @@ def test_an_interrupt_stops_the_pipeline_and_its_running_job(tiny_config, tmp_pa
         except OSError:
             continue  # ended while we looked
     assert left == [] or left == [str(os.getpid())], left
+
+
+def test_the_summary_shows_a_skill_the_candidate_lacks():
+    """The gate's rows may hold no candidate score (a skill the champion has and the candidate
+    lacks): the summary shows '-', as jobs.promote's table does, rather than failing."""
+    from jobs.retrain import report
+    from selma_core.promotion import decide
+
+    decision = decide({"mean": 12.0, "a": 12.0}, {"mean": 10.0, "a": 10.0, "b": 10.0}, 0.5)
+    promotion = {"promoted": False, "candidate": "2", "reasons": decision.reasons, "rows": decision.rows}
+    text = report("pipeline.yaml", {"jobs": []}, promotion)
+    assert "| b | 10.000 | - | - | REGRESSION |" in text and "**Refused** v2: skill b: the champion" in text
