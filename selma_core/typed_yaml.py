@@ -19,26 +19,49 @@ from selma_core.errors import ConfigError
 T = TypeVar("T")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, but a key given twice in one mapping is an error: PyYAML keeps the
-    last silently, so a second ``train:`` section would reset the first one's settings to defaults.
-    Keys a merge (``<<: *anchor``) brings in may still be overridden."""
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, seen_nodes: set[int]) -> None:
+    """Refuse a key given twice in one mapping of the composed document: PyYAML keeps the last
+    silently, so a second ``train:`` section would reset the first one's settings to defaults.
+    Checked before construction, whose merges (``<<: *anchor``) rewrite mappings: keys a merge
+    brings in may be overridden. Keys compare as the values they construct to (``yes`` and
+    ``true`` are one key, ``1`` and ``'1'`` two)."""
+    if id(node) in seen_nodes:  # an anchored node, met again through an alias
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(loader, item, seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, value_node in node.value:
+        _check_unique_keys(loader, value_node, seen_nodes)
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        construct = loader.yaml_constructors.get(key_node.tag)
+        key = (type(value := construct(loader, key_node)), value) if construct else (str, key_node.value)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found the key {key_node.value!r} a second time (first on line {seen[key].line + 1}); "
+                "give each key once",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[str, yaml.Mark] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found the key {key_node.value!r} a second time (first on line "
-                    f"{seen[key_node.value].line + 1}); give each key once",
-                    key_node.start_mark,
-                )
-            seen[key_node.value] = key_node.start_mark
-        return super().construct_mapping(node, deep)
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing a key given twice in one mapping (``_check_unique_keys``)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(loader, node, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -50,7 +73,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
     except yaml.YAMLError as e:

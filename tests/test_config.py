@@ -173,6 +173,13 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
     with pytest.raises(ConfigError, match="unknown key x-train"):  # parsed: only the key is unknown
         load_config(write(tmp_path, merged))
     assert typed_yaml.read_yaml(write(tmp_path, merged))["train"] == {"rank": 8, "alpha": 4}
+    # Merges within merges, as safe_load reads them; keys compare as values: 1 and '1' are two
+    # keys, yes and true (both True) one.
+    nested = "b: &b {rank: 4, alpha: 4}\nx:\n  t: &t {<<: *b, rank: 8}\ny:\n  <<: *t\n  alpha: 2\n"
+    assert typed_yaml.read_yaml(write(tmp_path, nested)) == yaml.safe_load(nested)
+    assert typed_yaml.read_yaml(write(tmp_path, "a:\n  1: x\n  '1': y\n")) == {"a": {1: "x", "1": "y"}}
+    with pytest.raises(ConfigError, match="found the key 'true' a second time"):
+        typed_yaml.read_yaml(write(tmp_path, "a:\n  yes: 1\n  true: 2\n"))
 
 
 def test_not_utf8(tmp_path):
