@@ -20,6 +20,7 @@ Errors a retry cannot fix (an invalid parameter, a deleted run) are raised as be
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -56,9 +57,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# MLflow errors of a server that is down, restarting or overloaded; anything else is a refusal.
 # Runs fetched per search request (MLflow's default page; its server allows up to 50,000).
 SEARCH_PAGE = 1000
+# MLflow errors of a server that is down, restarting or overloaded; anything else is a refusal.
 TRANSIENT_MLFLOW_ERRORS = (
     "INTERNAL_ERROR",
     "TEMPORARILY_UNAVAILABLE",
@@ -198,11 +199,19 @@ def _merged_records(path: Path, offset: int) -> Iterator[tuple[int, int, dict[st
 def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
     """Send a buffer file that a job left behind (the server was down past its flush budget) to
     MLflow, at the URI the file names unless ``tracking_uri`` is given; then delete it. The number
-    of records sent. How far it got is kept beside the file (``<file>.sent``), so a replay cut short
-    (the server failing again) goes on where it stopped and sends no metric twice."""
+    of records sent.
+
+    How far it got is kept beside the file (``<file>.sent``, with the run's id), so a replay cut
+    short by the server failing again goes on where it stopped and sends no metric twice. A record
+    the server refuses (not an outage: a parameter logged before with another value, an artifact
+    copy gone) is skipped with a warning, as a job's own flush does. A run that no longer exists
+    is a ``ValueError``, the file kept."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     progress = path.with_name(path.name + ".sent")
     with open(path, "rb") as f:
         header_line = f.readline()
@@ -213,14 +222,29 @@ def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
         raise ValueError(
             f"{path}: not a tracking buffer a job left (its first line is no buffer header: {e})"
         ) from e
-    start = int(progress.read_text()) if progress.is_file() else len(header_line)
+    start = len(header_line)
+    if progress.is_file():  # a replay cut short: on from there, if it was this run's
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            saved = json.loads(progress.read_text())
+            start = saved["offset"] if saved["run_id"] == run_id else start
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(f"{path}: its run {run_id} is not at {uri} (deleted?); nothing sent") from e
     sent = 0
     for end, count, record in _merged_records(path, start):
-        _apply(client, run_id, record)
-        sent += count
+        try:
+            _apply(client, run_id, record)
+            sent += count
+        except Exception as e:
+            if is_transient(e):
+                raise
+            print(f"{path}: a {record['kind']} record refused, skipped: {e}", file=sys.stderr, flush=True)
         tmp = progress.with_name(progress.name + ".tmp")
-        tmp.write_text(str(end))
+        tmp.write_text(json.dumps({"run_id": run_id, "offset": end}))
         os.replace(tmp, progress)
     path.unlink()
     progress.unlink(missing_ok=True)
@@ -714,10 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             sent = replay_buffer(path, args.tracking_uri)
-        except FileNotFoundError:
-            print(f"error: {path}: no such file", file=sys.stderr)
-            code = max(code, 2)
-        except ValueError as e:  # not a buffer file
+        except (FileNotFoundError, ValueError) as e:  # no such file, not a buffer, its run gone
             print(f"error: {e}", file=sys.stderr)
             code = max(code, 2)
         except Exception as e:  # MLflow unreachable or refusing: worth another try later

@@ -287,6 +287,31 @@ def test_a_replay_cut_short_goes_on_where_it_stopped_and_bad_files_are_named(
     assert sqlite_tracker.client.get_run(job.run_id).info.status == "FINISHED"
     assert not buffer.path.exists() and list(tmp_path.iterdir()) == []
 
+    # A refused record (a parameter logged before with another value) is skipped, not retried
+    # forever; a progress file left by another run's buffer at the same path is not followed.
+    other = sqlite_tracker.start_job_run(unique("replay"), None, "train-spatial", {})
+    other.log_params({"lr": 0.1})
+    buffer = mlflow_tracker.TrackingBuffer(tmp_path / "run.jsonl", sqlite_tracker.uri, other.run_id, 1 << 20)
+    buffer.append({"kind": "params", "params": {"lr": 0.2}})
+    buffer.append({"kind": "metrics", "metrics": [["loss", 3.0, 1000, 1]]})
+    (tmp_path / "run.jsonl.sent").write_text(json.dumps({"run_id": job.run_id, "offset": 10**6}))
+    calls.clear()
+
+    def recorded(client, run_id, record):
+        calls.append(record["kind"])
+        apply(client, run_id, record)
+
+    monkeypatch.setattr(mlflow_tracker, "_apply", recorded)
+    assert mlflow_tracker.main(["replay", str(buffer.path)]) == 0
+    assert "a params record refused, skipped" in capsys.readouterr().err and calls == ["params", "metrics"]
+    assert [m.value for m in sqlite_tracker.client.get_metric_history(other.run_id, "loss")] == [3.0]
+    # A buffer whose run is gone is named and kept.
+    gone = mlflow_tracker.TrackingBuffer(tmp_path / "gone.jsonl", sqlite_tracker.uri, "0" * 32, 1 << 20)
+    gone.append({"kind": "tags", "tags": {"a": "b"}})
+    assert mlflow_tracker.main(["replay", str(gone.path)]) == 2
+    assert f"its run {'0' * 32} is not at" in capsys.readouterr().err and gone.path.is_file()
+    gone.path.unlink()
+
     (tmp_path / "notes.txt").write_text("not a buffer\n")
     assert mlflow_tracker.main(["replay", str(tmp_path / "nope.jsonl"), str(tmp_path / "notes.txt")]) == 2
     err = capsys.readouterr().err
