@@ -218,6 +218,22 @@ def test_an_endpoint_without_conditional_deletes_gets_a_plain_one_at_once(moto_s
         assert marker.delete('"etag"') is True
         stub.assert_no_pending_responses()
     assert time.monotonic() - started < 5  # no retries with backoff
+    # A botocore too old to know IfMatch on DeleteObject refuses the parameter itself.
+    from botocore.exceptions import ParamValidationError
+
+    deletes = []
+
+    def old_client_delete(**params):
+        deletes.append(params)
+        if "IfMatch" in params:
+            raise ParamValidationError(report='Unknown parameter in input: "IfMatch"')
+        return {}
+
+    store.client.delete_object = old_client_delete
+    assert marker.delete('"etag"') is True and [sorted(d) for d in deletes] == [
+        ["Bucket", "IfMatch", "Key"],
+        ["Bucket", "Key"],
+    ]
 
 
 # -- two controllers, one pipeline ------------------------------------------------------------

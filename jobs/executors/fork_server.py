@@ -147,6 +147,23 @@ def fork_unsafe_reason() -> str | None:
     return None
 
 
+def _fresh_torch_threads() -> int:
+    """The size of torch's thread pool in a fresh process with this environment: $OMP_NUM_THREADS,
+    else $MKL_NUM_THREADS, else one thread per physical core of the machine (PyTorch's default:
+    cores, not hyperthreads, and not the CPUs this process may run on)."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        import psutil  # MLflow's dependency: here whenever jobs run
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return cores or os.cpu_count() or 1
+
+
 def _run_in_child(request: dict, reply_fd: int) -> None:
     """In the forked process: become the job's process, run it, and exit as a Python process does."""
     try:
@@ -163,16 +180,12 @@ def _run_in_child(request: dict, reply_fd: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        # A fresh process sizes torch's thread pool from $OMP_NUM_THREADS as it loads, else one
-        # thread per CPU it may run on; the server loaded torch with one thread, so the job sets
-        # its own. (NumPy's BLAS, sized at load, stays at one thread: jobs do their heavy work in
-        # torch.)
+        # A fresh process sizes torch's thread pool as it loads; the server loaded torch with one
+        # thread, so the job sets its own, as a fresh one would have. (NumPy's BLAS, sized at
+        # load, stays at one thread: jobs do their heavy work in torch.)
         torch = sys.modules.get("torch")
-        threads = os.environ.get("OMP_NUM_THREADS", "")
         if torch is not None:
-            torch.set_num_threads(
-                int(threads) if threads.isdigit() and int(threads) > 0 else len(os.sched_getaffinity(0))
-            )
+            torch.set_num_threads(_fresh_torch_threads())
         # NumPy's global generator was seeded from the OS as the server imported it: each job draws
         # its own seed, as a fresh process would (Python's random module reseeds itself at fork).
         numpy = sys.modules.get("numpy")

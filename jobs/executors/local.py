@@ -445,7 +445,9 @@ def _processes(handle: JobHandle) -> list[Process]:
 
 def _kill(process: Process) -> None:
     """Kill a job's process group, and wait for the process."""
-    with contextlib.suppress(ProcessLookupError):  # ended in between
+    # Ended in between; or, once the group's first process was reaped, its id may (rarely) be
+    # another user's group now: not ours to kill, and no reason to stop cancelling the others.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 

@@ -255,7 +255,7 @@ class _S3Marker(_Marker):
         )
 
     def delete(self, version: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, ParamValidationError
 
         current = self.read()
         if current is None or current[1] != version:
@@ -268,9 +268,10 @@ class _S3Marker(_Marker):
             code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
             if isinstance(e, FileNotFoundError) or code in self.REFUSED:
                 return False  # taken over, or gone (a retried delete that landed the first time)
-            if code not in self.NO_CONDITIONAL_DELETE:
+            # A botocore too old to send the header refuses the parameter before any request.
+            if code not in self.NO_CONDITIONAL_DELETE and not isinstance(cause, ParamValidationError):
                 raise
-            # The endpoint rejects the header (AWS has had conditional deletes since 2025 only):
+            # The endpoint (AWS has had conditional deletes since 2025 only) or the client rejects it:
             # deleted unconditionally, the window since the read open as it was before.
             self._delete()
         return True

@@ -131,13 +131,18 @@ def test_the_server_holds_the_jobs_libraries_but_not_selma(preloaded, tmp_path):
 
 def test_a_job_without_omp_num_threads_gets_the_threads_a_fresh_process_would(preloaded, tmp_path):
     """The server holds torch at one thread; a job that does not set $OMP_NUM_THREADS is sized as
-    ``python`` would size it (one thread per CPU it may run on), not left at the server's one."""
+    ``python`` would size it (one thread per physical core, or $MKL_NUM_THREADS), not left at the
+    server's one."""
     code = "import torch; print(torch.get_num_threads())"
-    env = {k: v for k, v in environment().items() if k != "OMP_NUM_THREADS"}
-    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     log = tmp_path / "job.log"
-    assert preloaded.start(["-c", code], env, str(tmp_path), str(log)).wait(timeout=60) == 0
-    assert log.read_text().split()[-1] == fresh.stdout.strip() == str(len(os.sched_getaffinity(0)))
+    unset = {k: v for k, v in environment().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    for env in (unset, {**unset, "MKL_NUM_THREADS": "1"}):
+        fresh = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert preloaded.start(["-c", code], env, str(tmp_path), str(log)).wait(timeout=60) == 0
+        assert log.read_text().split()[-1] == fresh.stdout.strip()
+    assert fresh.stdout.strip() == "1"
 
 
 def test_each_job_draws_its_own_random_seeds(preloaded, tmp_path):

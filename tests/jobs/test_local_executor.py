@@ -68,7 +68,6 @@ def test_cancel_stops_the_job_and_its_children(tmp_path, fork_server):
     assert executor.poll(handle).state == JobState.FAILED
 
 
-# A job that cleans up on SIGTERM as jobs.run does, but only once every job of the test has been
 def running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (ended, not yet reaped)."""
     try:
@@ -104,6 +103,7 @@ def test_cancel_kills_a_child_that_ignores_sigterm_though_its_parent_obeyed(
         time.sleep(0.05)
 
 
+# A job that cleans up on SIGTERM as jobs.run does, but only once every job of the test has been
 # told to stop: cancelling one job after another (waiting for each) would never finish its cleanup.
 CLEANS_UP_AFTER_ALL_ARE_TOLD = """
 import os, pathlib, signal, sys, time
