@@ -435,20 +435,9 @@ class KubernetesExecutor(Executor):
             except ApiException as e:
                 if e.status != 409:
                     raise _api_error(f"create Job {name}", self._batch, e) from e
-            try:
-                existing = self._call(
-                    f"read Job {name}",
-                    self._batch,
-                    self._batch.read_namespaced_job,
-                    name,
-                    self.namespace,
-                    _preload_content=False,
-                )
-            except ApiException as e:
-                if e.status == 404:
-                    continue  # deleted in between: create again
-                raise _api_error(f"read Job {name}", self._batch, e) from e
-            job = json.loads(existing.data)
+            job = self._read_job(name)
+            if job is None:
+                continue  # deleted in between: create again
             finished = _condition(job, "Complete") or _condition(job, "Failed")
             deleting = job.get("metadata", {}).get("deletionTimestamp")
             if not finished and not deleting:
@@ -459,6 +448,25 @@ class KubernetesExecutor(Executor):
                 self._delete(name)
             time.sleep(1)  # wait for the old Job to be gone
         raise EndpointError(f"Kubernetes API: Job {name} still exists after deleting it for 60 s")
+
+    def _read_job(self, name: str) -> dict | None:
+        """Job ``name`` as the API server has it now; None when there is none."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            response = self._call(
+                f"read Job {name}",
+                self._batch,
+                self._batch.read_namespaced_job,
+                name,
+                self.namespace,
+                _preload_content=False,
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _api_error(f"read Job {name}", self._batch, e) from e
+        return json.loads(response.data)
 
     def _create_service(self, service: dict, uid: str) -> None:
         """Create the Service owned by the Job ``uid``. One of the same name owned by another Job (an
@@ -625,29 +633,13 @@ class KubernetesExecutor(Executor):
         ``UNSEEN_S``): the watch misses a Job created, ended and deleted while it was down, if the
         server compacted those events away. The Job and whether it is gone; (None, False): not
         looked at now."""
-        from kubernetes.client.exceptions import ApiException
-
         now = time.monotonic()
         if now - max(handle.extra["since"], handle.extra.get("read_unseen", 0.0)) < UNSEEN_S:
             return None, False
         handle.extra["read_unseen"] = now
-        name: str = handle.ref
-        try:
-            response = self._call(
-                f"read Job {name}",
-                self._batch,
-                self._batch.read_namespaced_job,
-                name,
-                self.namespace,
-                _preload_content=False,
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None, True
-            raise _api_error(f"read Job {name}", self._batch, e) from e
-        job = json.loads(response.data)
-        if job.get("metadata", {}).get("uid") != handle.extra.get("uid"):
-            return None, True  # another Job of this name now: ours was replaced
+        job = self._read_job(handle.ref)
+        if job is None or job.get("metadata", {}).get("uid") != handle.extra.get("uid"):
+            return None, True  # gone, or another Job of this name now: ours was replaced
         return job, False
 
     def _diagnose(self, handle: JobHandle, job: dict) -> tuple[str, int] | None:
