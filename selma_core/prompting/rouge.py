@@ -28,6 +28,11 @@ _VALID = re.compile(r"^[a-z0-9]+$")
 _MARGIN = 1e-9
 
 
+def plain_text(text: str) -> str:
+    """``text`` compared as words: case, spacing and the punctuation around it ignored."""
+    return " ".join(text.casefold().split()).strip(" .,;:!?\"'“”‘’")
+
+
 def rouge_tokens(text: str) -> list[str]:
     """``rouge_score.tokenize.tokenize(text, stemmer=None)``, reproduced."""
     tokens = _SPACES.split(_NON_ALPHANUM.sub(" ", text.lower()))
@@ -77,6 +82,9 @@ class RougeLIndex:
         self._lengths = array("i")
         self._post_docs: dict[int, array] = {}
         self._post_counts: dict[int, array] = {}
+        # Every text as plain words: a copy is a duplicate whatever ROUGE-L says (it scores text
+        # without ASCII letters or digits 0, and at threshold 1.0 nothing exceeds the threshold).
+        self._plain: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -94,6 +102,7 @@ class RougeLIndex:
         return ids
 
     def add(self, text: str) -> None:
+        self._plain.add(plain_text(text))
         ids = self._ids(text, grow=True)
         doc = len(self.texts)
         self.texts.append(text)
@@ -138,4 +147,6 @@ class RougeLIndex:
         return best, best_doc
 
     def is_near_duplicate(self, text: str) -> bool:
+        if plain_text(text) in self._plain:
+            return True
         return self.max_similarity(text, stop_above=self.threshold)[0] > self.threshold

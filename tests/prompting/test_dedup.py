@@ -29,15 +29,26 @@ def test_near_duplicate_dropped_and_distinct_kept():
 
 
 def test_exact_duplicate_is_dropped_even_at_threshold_one():
-    # F = 1.0 is not > 1.0: with threshold 1.0 an exact repeat is kept; below it, dropped.
+    # F = 1.0 is not > 1.0: at threshold 1.0 ROUGE-L drops nothing, but a copy (up to case,
+    # spacing and the punctuation around it) is still a duplicate.
     assert RougeDeduplicator(0.99).add(BASE)
     dedup = RougeDeduplicator(0.99)
     dedup.add(BASE)
     assert dedup.add(BASE) is False
     lenient = RougeDeduplicator(1.0)
     lenient.add(BASE)
-    assert lenient.add(BASE) is True
-    assert lenient.accepted == [BASE, BASE]
+    assert lenient.add(BASE) is False and lenient.add(f"  {BASE.capitalize()}. ") is False
+    assert lenient.add(BASE.replace("red", "red,")) is True  # F = 1.0, not above 1.0: not a copy
+    assert lenient.accepted == [BASE, BASE.replace("red", "red,")]
+
+
+def test_a_copy_of_text_rouge_cannot_tokenize_is_a_duplicate():
+    """rouge_score's tokens are ASCII letters and digits: Cyrillic or Chinese text has none and
+    scores 0 against everything. A copy is still a duplicate; other such text is not."""
+    dedup = RougeDeduplicator(0.8)
+    assert dedup.add("пять красных яблок на столе") is True
+    assert dedup.add("Пять красных яблок на столе.") is False
+    assert dedup.add("桌子上有五个红苹果") is True and dedup.add("桌子上有五个红苹果") is False
 
 
 def test_threshold_boundary_matches_rouge_score():
