@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
-from selma_core.storage.base import ArtifactStore, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, validate_key
 
 # Writes in progress; never listed, so a dead writer's leftovers are invisible to readers.
 TMP_PREFIX = ".selma-tmp-"
@@ -121,4 +121,8 @@ class LocalArtifactStore(ArtifactStore):
         )
 
     def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self._path(prefix), ignore_errors=True)
+        folder = self._path(prefix)
+        # Manifests first: a delete cut short must not leave a manifest listing deleted files.
+        for manifest in sorted(folder.rglob(MANIFEST)) if folder.is_dir() else []:
+            manifest.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)

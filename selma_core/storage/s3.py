@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.storage.base import ArtifactStore, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, validate_key
 
 # Error codes that a retry cannot fix.
 PERMANENT_ERRORS = ("403", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch")
@@ -168,7 +168,7 @@ class S3ArtifactStore(ArtifactStore):
     def _transient(e: BaseException) -> bool:
         """No answer, a dropped connection, a timeout or an overloaded endpoint: worth waiting out.
         Missing credentials, invalid parameters and other refusals are not."""
-        from boto3.exceptions import Boto3Error
+        from boto3.exceptions import Boto3Error, RetriesExceededError
         from botocore.exceptions import (
             ClientError,
             ConnectionError,
@@ -185,6 +185,10 @@ class S3ArtifactStore(ArtifactStore):
             return error.get("Code", "") in TRANSIENT_ERRORS or status >= 500
         if isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
             return True  # EndpointConnectionError, ConnectionClosedError, timeouts, resets
+        if isinstance(e, RetriesExceededError):
+            # A managed download that gave up after its own retries of errors it takes for
+            # transient (a reset or a timeout mid-body): an outage, for the store's budget to wait out.
+            return True
         if isinstance(e, Boto3Error):  # a managed transfer's failure: transient unless it wraps a refusal
             cause = e.__cause__ or e.__context__
             if cause is not None and cause is not e:
@@ -253,13 +257,31 @@ class S3ArtifactStore(ArtifactStore):
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
         for page in pages:
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+            # Not "prefix/" folder markers (the S3 console's "Create folder", rclone, s3fs): empty
+            # objects that are no store key, whatever they sit in.
+            keys.extend(
+                obj["Key"][strip:] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")
+            )
         return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = self.list_keys(prefix)
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-            self._call(
+        full = self._key(prefix).rstrip("/") + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
+        objects = [obj["Key"] for page in pages for obj in page.get("Contents", [])]  # markers too
+        # Manifests first: a delete cut short must not leave a manifest listing deleted files.
+        objects.sort(key=lambda k: (not k.endswith("/" + MANIFEST), k))
+        for start in range(0, len(objects), 1000):
+            batch = [{"Key": k} for k in objects[start : start + 1000]]
+            response = self._call(
                 "delete", prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}
             )
+            # A batch delete answers 200 and lists the keys it could not delete.
+            failed = [
+                f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})" for e in response.get("Errors") or []
+            ]
+            if failed:
+                raise EndpointError(
+                    f"delete {self.url(prefix)}: {len(failed)} object(s) not deleted by {self._where()}: "
+                    + "; ".join(failed[:3])
+                )

@@ -147,6 +147,69 @@ def test_delete_prefix_many_objects(store):
     assert store.list_keys("bulk") == []
 
 
+def test_a_delete_cut_short_leaves_no_manifest_behind(store, monkeypatch):
+    """Manifests go first: an interrupted delete leaves files of no committed output, never a
+    manifest listing files that are gone (checkpoint pruning deletes committed outputs)."""
+    for key in ["ckpt/111111111111/f.bin", "ckpt/222222222222/g.bin", f"ckpt/{MANIFEST}"]:
+        store.write_bytes(key, b"x")
+    assert store.is_committed("ckpt")
+    deleted: list[str] = []
+    if isinstance(store, LocalArtifactStore):
+        real_unlink = Path.unlink
+
+        def unlink_then_stop(path, missing_ok=False):
+            deleted.append(path.name)
+            real_unlink(path, missing_ok=missing_ok)
+            raise OSError("killed")
+
+        monkeypatch.setattr(Path, "unlink", unlink_then_stop)
+    else:
+        real_delete = store.client.delete_objects
+
+        def first_object_then_stop(Bucket, Delete):
+            deleted.append(Delete["Objects"][0]["Key"].rsplit("/", 1)[-1])
+            real_delete(Bucket=Bucket, Delete={"Objects": Delete["Objects"][:1]})
+            raise OSError("killed")
+
+        monkeypatch.setattr(store.client, "delete_objects", first_object_then_stop)
+    with pytest.raises(OSError, match="killed"):
+        store.delete_prefix("ckpt")
+    monkeypatch.undo()
+    assert deleted == [MANIFEST] and not store.is_committed("ckpt")
+
+
+def test_s3_folder_markers_are_no_keys_and_refused_deletes_are_errors(tmp_path, moto_s3):
+    """Empty "prefix/" objects (the S3 console's "Create folder", rclone) are not listed as keys,
+    and are deleted with the rest; a key the batch delete could not delete is an error."""
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}/t-{uuid.uuid4().hex}/root", endpoint_url=moto_s3))
+    store.write_bytes("job/_partial/wave-1.json", b"{}")
+    store.client.put_object(Bucket=BUCKET, Key=store._key("job/_partial") + "/", Body=b"")
+    assert store.list_keys("job/_partial") == ["job/_partial/wave-1.json"]
+    store.delete_prefix("job")
+    listed = store.client.list_objects_v2(Bucket=BUCKET, Prefix=store._key("job") + "/")
+    assert listed.get("KeyCount") == 0
+    store.write_bytes("job/a", b"x")
+    refused = {"Errors": [{"Key": store._key("job/a"), "Code": "AccessDenied", "Message": "Access Denied"}]}
+    store.client.delete_objects = lambda **kwargs: refused
+    with pytest.raises(EndpointError, match=r"1 object\(s\) not deleted .*job/a \(AccessDenied"):
+        store.delete_prefix("job")
+
+
+def test_an_s3_download_that_gives_up_after_its_own_retries_is_an_outage_to_wait_out():
+    """s3transfer retries a download reset or timed out mid-body, then raises RetriesExceededError
+    from inside its handler of the last such error (urllib3's, not an OSError)."""
+    import urllib3
+    from boto3.exceptions import RetriesExceededError
+
+    try:
+        try:
+            raise urllib3.exceptions.ReadTimeoutError(None, "/bucket/key", "Read timed out.")
+        except urllib3.exceptions.HTTPError as last:
+            raise RetriesExceededError(last)  # noqa: B904 (as s3transfer raises it: its context is the error)
+    except RetriesExceededError as gave_up:
+        assert S3ArtifactStore._transient(gave_up)
+
+
 def test_upload_and_download_files(store, tmp_path):
     src = tmp_path / "src.bin"
     data = bytes(range(256)) * 100
