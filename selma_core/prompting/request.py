@@ -8,9 +8,17 @@ from dataclasses import dataclass
 
 from selma_core.skills import Skill
 
-# A list mark is followed by whitespace: "1. x", "2) x", "(3) x", "- x"; never "3-legged" or "2.5 m".
-_LIST_MARK = re.compile(r"^\s*(?:\(\d+\)|\d+\s*[.):\]]|\d+\s+-|[-*•])(?=\s|$)\s*")
+# A list mark is followed by whitespace: "1. x", "2) x", "(3) x", "[4] x", "#5 x", "Prompt 6: x",
+# "- x", "• x"; never "3-legged" or "2.5 m".
+_LIST_MARK = re.compile(
+    r"^\s*(?:\(\d+\)|\[\d+\]|#\d+[.):]?|(?i:prompt)\s*#?\d+\s*[.):]|\d+\s*[.):\]]|\d+\s+-|[-*•‣◦▪–—])(?=\s|$)\s*"
+)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*$")
+_BOLD = re.compile(r"\*\*(.+?)\*\*|__(.+?)__")
+# Quotes that may wrap a whole line: straight, curly, single.
+_WRAPPING_QUOTES = {'"': '"', "“": "”", "'": "'", "‘": "’"}
+# Where a JSON array's entries are objects: the fields that may hold the prompt.
+_PROMPT_FIELDS = ("prompt", "text", "caption")
 
 
 @dataclass(frozen=True)
@@ -50,24 +58,33 @@ def without_cut_line(text: str) -> str:
 
 
 def parse_prompt_list(text: str) -> list[str]:
-    """Prompts from a numbered list, a bulleted list or a JSON array of strings."""
+    """Prompts from a numbered list, a bulleted list or a JSON array (of strings, or of objects
+    with a ``prompt``, ``text`` or ``caption``)."""
     lines = [line for line in text.strip().splitlines() if not _FENCE.match(line.strip())]
-    # A JSON array, possibly after a lead-in line or inside a code fence.
+    # A JSON array, possibly after a lead-in line or inside a code fence, maybe with words after it.
     starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
     if starts:
         try:
-            data = json.loads("\n".join(lines[starts[0] :]))
+            data, _ = json.JSONDecoder().raw_decode("\n".join(lines[starts[0] :]).lstrip())
         except json.JSONDecodeError:
             data = None
-        if isinstance(data, list):
-            return [x.strip() for x in data if isinstance(x, str) and x.strip()]
-    stripped = "\n".join(lines)
+        # Not "[4] a dog" (a list mark read as the array [4]).
+        if isinstance(data, list) and (not data or any(isinstance(x, (str, dict)) for x in data)):
+            return [p for p in (_prompt_of(x) for x in data) if p]
     prompts = []
-    for line in stripped.splitlines():
+    for line in lines:
         line = _LIST_MARK.sub("", line, count=1).strip()
-        if len(line) > 1 and line[0] == line[-1] == '"' and '"' not in line[1:-1]:
+        line = _BOLD.sub(lambda m: m.group(1) or m.group(2), line)
+        close = _WRAPPING_QUOTES.get(line[:1])
+        if len(line) > 1 and close and line.endswith(close) and close not in line[1:-1]:
             line = line[1:-1].strip()  # a wrapped line, not a quotation inside it (text skills)
         # A lead-in such as "Here are 20 new prompts:" is not a prompt.
         if line and not line.endswith(":"):
             prompts.append(line)
     return prompts
+
+
+def _prompt_of(entry: object) -> str:
+    if isinstance(entry, dict):
+        entry = next((entry[f] for f in _PROMPT_FIELDS if isinstance(entry.get(f), str)), "")
+    return entry.strip() if isinstance(entry, str) else ""

@@ -78,6 +78,42 @@ def test_parse_prompt_list_json_that_is_not_a_list_of_prompts_falls_back_to_line
     assert parse_prompt_list("[two cats\n1. four cups") == ["[two cats", "four cups"]
 
 
+def test_parse_prompt_list_reads_what_models_write_around_their_prompts():
+    """Found in real replies: a JSON array with a closing sentence after it, an array of objects,
+    markdown bold, curly or single quotes around a line, and more kinds of list marks."""
+    assert parse_prompt_list(
+        '["four blue kites above a beach", "two owls on a branch"]\nHope these help!'
+    ) == [
+        "four blue kites above a beach",
+        "two owls on a branch",
+    ]
+    assert parse_prompt_list('[{"prompt": "three red apples"}, {"text": "two cats"}, {"x": 1}]') == [
+        "three red apples",
+        "two cats",
+    ]
+    reply = "\n".join(
+        [
+            "1. **Four blue kites** above a beach",
+            "2) “two owls on a branch”",
+            "Prompt 3: a red car",
+            "[4] a dog",
+            "#5 a cat",
+            "• a cow",
+            "- 'a hen'",
+        ]
+    )
+    assert parse_prompt_list(reply) == [
+        "Four blue kites above a beach",
+        "two owls on a branch",
+        "a red car",
+        "a dog",
+        "a cat",
+        "a cow",
+        "a hen",
+    ]
+    assert parse_prompt_list('a sign reading "OPEN" on a door') == ['a sign reading "OPEN" on a door']
+
+
 def test_parse_prompt_list_drops_empty_marks_and_blank_replies():
     assert parse_prompt_list("") == []
     assert parse_prompt_list("   \n\n  ") == []
