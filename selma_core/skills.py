@@ -99,6 +99,14 @@ class PromptChecks:
             raise ValueError(
                 f"checks: contradictory limits: max_words {self.max_words} < min_words {self.min_words}"
             )
+        # A blank word matches every text (a required one is always met, a forbidden one always broken).
+        for i, word in enumerate(self.forbid):
+            if not word.strip():
+                raise ValueError(f"checks.forbid[{i}]: a blank word; give a word or phrase, or remove it")
+        for g, group in enumerate(self.require_any):
+            for i, word in enumerate(group):
+                if not word.strip():
+                    raise ValueError(f"checks.require_any[{g}][{i}]: a blank word; give a word or phrase")
         forbidden = {f.lower() for f in self.forbid}
         for group in self.require_any:
             if not group:

@@ -181,6 +181,8 @@ def test_vocabulary_checks_directly():
         ({"max_words": 3}, "breaks the skill's own checks: too_long"),
         ({"require_any": [["left of"]]}, "breaks the skill's own checks: missing_required"),
         ({"forbid": ["apples"]}, "breaks the skill's own checks: forbidden (apples)"),
+        ({"forbid": ["odd", " "]}, "checks.forbid[1]: a blank word"),
+        ({"require_any": [["two", "three"], ["", "red"]]}, "checks.require_any[1][0]: a blank word"),
     ],
 )
 def test_contradictory_rules_are_rejected(tmp_path, checks, message):
