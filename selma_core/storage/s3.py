@@ -26,8 +26,22 @@ from typing import Any
 from selma_core.errors import ConfigError, EndpointError
 from selma_core.storage.base import MANIFEST, ArtifactStore, validate_key
 
-# Error codes that a retry cannot fix.
-PERMANENT_ERRORS = ("403", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+# Error codes that a retry cannot fix: permissions, a missing or misnamed bucket, the wrong region
+# or endpoint, a key S3 cannot hold. (Names after the first entry are also looked for in the text of
+# a managed transfer's error, which carries no code.)
+PERMANENT_ERRORS = (
+    "403",
+    "AccessDenied",
+    "NoSuchBucket",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "InvalidBucketName",
+    "KeyTooLongError",
+    "AllAccessDisabled",
+    "AccountProblem",
+)
 # Error codes of an endpoint that is up but overloaded or restarting: retried like no answer at all.
 TRANSIENT_ERRORS = (
     "500",
@@ -147,7 +161,7 @@ class S3ArtifactStore(ArtifactStore):
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NotFound"):
                 return FileNotFoundError(f"{self.url(key)}: no such object")
-            if code in PERMANENT_ERRORS:  # retrying cannot help: a missing bucket, no permission
+            if code in PERMANENT_ERRORS or code == "301":  # retrying cannot help (301: another region)
                 return ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}")
             return EndpointError(f"{what} {self.url(key)} failed at {self._where()}: {e}")
         if isinstance(e, (BotoCoreError, Boto3Error)):  # Boto3Error: S3UploadFailedError and the like
@@ -204,7 +218,7 @@ class S3ArtifactStore(ArtifactStore):
             self.reached = True
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchBucket", *PERMANENT_ERRORS):
+            if code in ("404", "301", "NoSuchBucket", *PERMANENT_ERRORS):
                 raise ConfigError(f"{self._where()}: bucket missing or not accessible: {e}") from e
             raise EndpointError(f"{self._where()}: bucket not accessible: {e}") from e
         except BotoCoreError as e:

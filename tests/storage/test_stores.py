@@ -195,6 +195,22 @@ def test_s3_folder_markers_are_no_keys_and_refused_deletes_are_errors(tmp_path, 
         store.delete_prefix("job")
 
 
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("PermanentRedirect", 301), ("301", 301), ("InvalidBucketName", 400), ("KeyTooLongError", 400)],
+)
+def test_s3_refusals_no_retry_can_cure_are_configuration_errors(moto_s3, code, status):
+    """Another region or endpoint, a misnamed bucket, a key too long: exit 2 at once, not
+    retried for the whole budget nor by Kubernetes."""
+    from botocore.stub import Stubber
+
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}/t-{uuid.uuid4().hex}/root", endpoint_url=moto_s3))
+    with Stubber(store.client) as stub:
+        stub.add_client_error("get_object", code, http_status_code=status)
+        with pytest.raises(ConfigError, match=f"refused by S3 endpoint .*{code}"):
+            store.read_bytes("a/key")
+
+
 def test_an_s3_download_that_gives_up_after_its_own_retries_is_an_outage_to_wait_out():
     """s3transfer retries a download reset or timed out mid-body, then raises RetriesExceededError
     from inside its handler of the last such error (urllib3's, not an OSError)."""
