@@ -68,7 +68,9 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
-    store = open_store(cfg.storage, check=False)  # only reads: a local store's folder is not made
+    # Only reads: a local store's folder is not made; an S3 bucket is checked (read-only), or a
+    # misspelt one would show every job as not committed.
+    store = open_store(cfg.storage, check=not cfg.storage.uri.startswith("file://"))
     tracker = open_tracker(cfg.tracking, create=False)
     if pipeline:
         parent = tracker.pipeline_run(cfg.name, pipeline) or next(

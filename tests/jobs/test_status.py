@@ -108,3 +108,13 @@ def test_reading_commands_make_no_database_or_store_at_a_mistyped_path(tiny_conf
         error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
         assert f"no MLflow database at {db}: no pipeline has run with this tracking.uri yet" in error
     assert not (tmp_path / "typo").exists()
+
+
+def test_status_names_a_missing_bucket_rather_than_showing_nothing_committed(tiny_config, moto_s3, capsys):
+    import json
+
+    from jobs import status
+
+    storage = {"uri": "s3://no-such-bucket-for-selma/store", "endpoint_url": moto_s3, "retry_budget_s": 0}
+    assert status.main(["--config", str(tiny_config(storage=storage))]) == 2
+    assert "bucket missing or not accessible" in json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
