@@ -251,6 +251,16 @@ def validate(cfg, skills) -> None:
             )
     # Dataset skills have no prompts jobs: the prompt backend serves the others only.
     generated = [s for s in skills.values() if s.dataset is None]
+    from selma_core.phases.prompts import seed_problems
+
+    for skill in generated:  # a seed the prompts job would drop, silently until now
+        problems = seed_problems(skill, cfg.prompts.rouge_threshold)
+        if problems:
+            raise ConfigError(
+                f"skill {skill.name!r} ({Path(cfg.skills_path) / (skill.name + '.yaml')}): "
+                + "; ".join(problems)
+                + ": fix or remove it"
+            )
     if generated and cfg.prompts.backend == "openai" and cfg.executor.kind == "local":
         # The key variable, where one is required. Jobs on Kubernetes read it from the pods' Secrets
         # (executor.kubernetes.secrets), which the controller need not hold.

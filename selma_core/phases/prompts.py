@@ -171,6 +171,22 @@ def rejection_reason(text: str, skill, examples: tuple[str, ...]) -> str | None:
     return skill.checks.violation(text)
 
 
+def seed_problems(skill, rouge_threshold: float) -> list[str]:
+    """The seeds the prompts job would drop, each with why: what any candidate must pass (text, no
+    echo, the skill's checks) and no seed a near-duplicate of an earlier one."""
+    from selma_core.prompting.dedup import RougeDeduplicator
+
+    dedup = RougeDeduplicator(rouge_threshold)
+    problems = []
+    for i, seed in enumerate(skill.seeds):
+        reason = rejection_reason(seed.strip(), skill, ())
+        if reason is None and not dedup.add(seed.strip()):
+            reason = f"a near-duplicate of an earlier seed (ROUGE-L above {rouge_threshold})"
+        if reason is not None:
+            problems.append(f"seeds[{i}] {seed.strip()[:60]!r}: {reason}")
+    return problems
+
+
 @dataclass
 class _LoopState:
     """Everything the loop has decided so far; saved after every wave, restored on a restart."""
@@ -231,6 +247,8 @@ def generate_prompts(ctx, skill_name: str) -> dict:
         )
         return True
 
+    for problem in seed_problems(skill, cfg.rouge_threshold):  # the controller refuses these first
+        print(f"prompts {skill_name}: dropped {problem}", file=sys.stderr, flush=True)
     for seed_text in skill.seeds:
         if len(state.records) < target:
             consider(seed_text.strip(), "seed", None, (), None)

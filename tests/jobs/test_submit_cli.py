@@ -282,6 +282,31 @@ def test_an_unknown_random_test_model_is_named_before_any_job(tiny_config, capsy
     assert message in capsys.readouterr().err
 
 
+def test_a_seed_the_prompts_job_would_drop_is_named_before_any_job(tiny_config, tmp_path, capsys):
+    """Seeds that are near-duplicates of each other, or are not plain text (markup), were dropped by
+    the prompts job without a word."""
+    import shutil
+
+    import yaml
+
+    skills = tmp_path / "skills"
+    shutil.copytree(REPO / "skills", skills)
+    counting = yaml.safe_load((skills / "counting.yaml").read_text())
+    counting["seeds"] += [counting["seeds"][0].upper(), "two cats on a <b>red</b> sofa"]
+    (skills / "counting.yaml").write_text(yaml.safe_dump(counting))
+    from jobs import submit as controller
+
+    assert (
+        controller.main(["--phase", "all", "--dry-run", "--config", str(tiny_config(skills_dir=str(skills)))])
+        == 2
+    )
+    err = capsys.readouterr().err
+    n = len(counting["seeds"])
+    assert f"skill 'counting' ({skills / 'counting.yaml'}): seeds[{n - 2}]" in err
+    assert "a near-duplicate of an earlier seed" in err
+    assert f"seeds[{n - 1}] 'two cats on a <b>red</b> sofa': not_text" in err
+
+
 def test_the_merge_searchs_metric_model_is_checked_before_any_job(tiny_config, tmp_path):
     from jobs.submit import validate
     from selma_core.config import load_config
