@@ -264,25 +264,21 @@ class S3ArtifactStore(ArtifactStore):
             Config=self.transfer,
         )
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def _objects(self, prefix: str) -> list[str]:
+        """The bucket's object names under ``prefix``, as S3 has them (folder markers included)."""
         full = self._key(prefix).rstrip("/") + "/"
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        for page in pages:
-            # Not "prefix/" folder markers (the S3 console's "Create folder", rclone, s3fs): empty
-            # objects that are no store key, whatever they sit in.
-            keys.extend(
-                obj["Key"][strip:] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")
-            )
-        return sorted(keys)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    def list_keys(self, prefix: str) -> list[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        # Not "prefix/" folder markers (the S3 console's "Create folder", rclone, s3fs): empty
+        # objects that are no store key, whatever they sit in.
+        return sorted(name[strip:] for name in self._objects(prefix) if not name.endswith("/"))
 
     def delete_prefix(self, prefix: str) -> None:
-        full = self._key(prefix).rstrip("/") + "/"
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        objects = [obj["Key"] for page in pages for obj in page.get("Contents", [])]  # markers too
+        objects = self._objects(prefix)  # markers too
         # Manifests first: a delete cut short must not leave a manifest listing deleted files.
         objects.sort(key=lambda k: (not k.endswith("/" + MANIFEST), k))
         for start in range(0, len(objects), 1000):
