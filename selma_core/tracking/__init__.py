@@ -39,18 +39,7 @@ def open_tracker(cfg: TrackingConfig, check: bool = True, create: bool = True) -
     """The tracker a config names; with ``check``, fail early (naming the endpoint) if unreachable.
     Without ``create``, for commands that only read, a SQLite database that does not exist is a
     ``ConfigError`` rather than made (empty) at what may be a mistyped path."""
-    from pathlib import Path
-
-    from selma_core.errors import ConfigError
     from selma_core.tracking.mlflow_tracker import ServerMlflowTracker, SqliteMlflowTracker
-
-    if not create and cfg.uri.startswith("sqlite:///"):
-        path = Path(cfg.uri[len("sqlite:///") :]).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"tracking uri {cfg.uri}: no MLflow database at {path.resolve()}: no pipeline has run with "
-                "this tracking.uri yet (or it has a typo)"
-            )
 
     tracker: Tracker
     buffering = {
@@ -60,7 +49,7 @@ def open_tracker(cfg: TrackingConfig, check: bool = True, create: bool = True) -
         "buffer_max_mb": cfg.buffer_max_mb,
     }
     if cfg.uri.startswith("sqlite:///"):
-        tracker = SqliteMlflowTracker(cfg.uri, cfg.connect_retries, **buffering)
+        tracker = SqliteMlflowTracker(cfg.uri, cfg.connect_retries, create=create, **buffering)
     else:
         tracker = ServerMlflowTracker(cfg.uri, cfg.connect_retries, **buffering)
     if check:

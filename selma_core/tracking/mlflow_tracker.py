@@ -678,8 +678,15 @@ class MlflowTracker(Tracker):
 class SqliteMlflowTracker(MlflowTracker):
     """Embedded MLflow: runs and registry in one SQLite file, artifacts in ``mlartifacts/`` beside it."""
 
-    def __init__(self, uri: str, connect_retries: int = 3, **buffering: Any) -> None:
+    def __init__(self, uri: str, connect_retries: int = 3, create: bool = True, **buffering: Any) -> None:
+        """``create``: make the database when there is none (else a ``ConfigError``: for commands
+        that only read, where a missing database is a mistyped path rather than a first run)."""
         self.db_path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+        if not create and not self.db_path.is_file():
+            raise ConfigError(
+                f"tracking uri {uri}: no MLflow database at {self.db_path}: no pipeline has run with "
+                "this tracking.uri yet (or it has a typo)"
+            )
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
