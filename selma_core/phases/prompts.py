@@ -222,8 +222,10 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     state = _LoopState()
     heldout: set[int] = set()
 
-    def consider(text: str, source: str, request_id: str | None, examples: tuple[str, ...], model) -> bool:
-        """Accept ``text`` or count why not; True when accepted."""
+    def consider(
+        text: str, source: str, request_id: str | None, examples: tuple[str, ...], model
+    ) -> str | None:
+        """Accept ``text`` or count why not; why not (None when accepted)."""
         state.candidates += 1
         reason = rejection_reason(text, skill, examples)
         if reason is None and benchmarks is not None and benchmarks.is_near_duplicate(text):
@@ -232,7 +234,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
             reason = "duplicate"
         if reason is not None:
             state.rejected[reason.split(" ")[0]] += 1
-            return False
+            return reason
         position = len(state.records)
         state.records.append(
             {
@@ -245,13 +247,17 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                 "split": "heldout" if position in heldout else "train",
             }
         )
-        return True
+        return None
 
-    for problem in seed_problems(skill, cfg.rouge_threshold):  # the controller refuses these first
-        print(f"prompts {skill_name}: dropped {problem}", file=sys.stderr, flush=True)
-    for seed_text in skill.seeds:
+    for i, seed_text in enumerate(skill.seeds):
         if len(state.records) < target:
-            consider(seed_text.strip(), "seed", None, (), None)
+            reason = consider(seed_text.strip(), "seed", None, (), None)
+            if reason is not None:  # the controller refuses such a skill first (seed_problems)
+                print(
+                    f"prompts {skill_name}: dropped seeds[{i}] {seed_text.strip()[:60]!r}: {reason}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     n_seeds = len(state.records)
     # Held-out positions among the generated prompts (not our seeds), drawn before generation.
     n_heldout = min(max(1, round(cfg.heldout_fraction * target)), target - 1)
