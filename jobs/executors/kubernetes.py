@@ -696,8 +696,11 @@ class KubernetesExecutor(Executor):
                 _preload_content=False,
                 deadline=time.monotonic() + POD_READ_DEADLINE_S,
             )
-        except Exception as e:
-            self.echo(f"cannot list the pods of Job {name}: {e}")
+        except Exception as e:  # an outage past the deadline comes wrapped already; a refusal does not
+            error = (
+                e if isinstance(e, (EndpointError, ConfigError)) else _api_error("list pods", self._core, e)
+            )
+            self.echo(f"cannot list the pods of Job {name}: {error}")
             return None
         pods = json.loads(response.data).get("items") or []
         pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
@@ -812,7 +815,7 @@ class KubernetesExecutor(Executor):
             if chosen is None and unread:
                 # The Job completed, but what a pod said is lost (its log unreadable, or the pod
                 # removed with the Job by its TTL): the one that committed may be among them. The
-                # Job's own verdict stands; a dependent finds its input missing if it is not so.
+                # Job's own verdict stands; the DAG then checks that the output is in the store.
                 self.echo(
                     f"Job {name} completed; the logs of {unread} of its {processes} pods could not be "
                     "read, so which one committed is not known: taken as done"
