@@ -10,6 +10,7 @@ their files, and the manifest written last wins whole.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +27,25 @@ from selma_core.errors import InputError
 from selma_core.faults import fault_point
 
 MANIFEST = "_manifest.json"
+# A fetch's partial download untouched this long was left by a killed fetch (a running one writes).
+STALE_PARTIAL_S = 3600.0
+
+
+def short_name(name: str, limit: int = 64) -> str:
+    """``name`` cut to ``limit`` bytes of UTF-8 (whole characters), to name a temporary file after it."""
+    return name.encode()[:limit].decode(errors="ignore")
+
+
+def _drop_stale_partials(local: Path) -> None:
+    """Deletes what fetches of ``local`` killed mid-download left behind (``.<name>.*.partial``).
+
+    Only files untouched for ``STALE_PARTIAL_S``: one still growing belongs to a fetch running now.
+    """
+    now = time.time()
+    for partial in local.parent.glob(f".{glob.escape(short_name(local.name))}.*.partial"):
+        with contextlib.suppress(OSError):  # gone already, or taken by another cleaner
+            if now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
 
 
 def validate_key(key: str) -> str:
@@ -183,8 +203,11 @@ class ArtifactStore(ABC):
             ):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
+            _drop_stale_partials(local)
             # A private partial name: two processes may fetch the same output at once.
-            fd, partial_name = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".partial", dir=local.parent)
+            fd, partial_name = tempfile.mkstemp(
+                prefix=f".{short_name(local.name)}.", suffix=".partial", dir=local.parent
+            )
             os.close(fd)
             partial = Path(partial_name)
             obj = f"{key}/{info['object']}"

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
-from selma_core.storage.base import MANIFEST, ArtifactStore, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, short_name, validate_key
 
 # Writes in progress; never listed, so a dead writer's leftovers are invisible to readers.
 TMP_PREFIX = ".selma-tmp-"
@@ -76,7 +76,9 @@ class LocalArtifactStore(ArtifactStore):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+            # The name is cut short in the temporary name: the prefix and the random part must not
+            # push a long (but legal) file name over the file system's 255-byte limit.
+            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{short_name(path.name)}.", dir=path.parent)
         except OSError as e:
             if e.errno in NO_SPACE_ERRNOS:
                 raise no_space_error(path.parent, size, f"writing {self.url(key)}") from e

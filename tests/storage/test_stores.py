@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 import uuid
@@ -15,6 +16,7 @@ import pytest
 from selma_core.config import StorageConfig
 from selma_core.errors import ConfigError, EndpointError, InputError
 from selma_core.storage import MANIFEST, LocalArtifactStore, open_store, validate_key
+from selma_core.storage.base import STALE_PARTIAL_S
 from selma_core.storage.s3 import S3ArtifactStore
 
 BUCKET = "selma-test"
@@ -375,6 +377,33 @@ def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
     store.fetch_dir("out/cached", cache)
     assert downloads == [f"out/cached/{attempt}/stats.json"]
     assert (target / "stats.json").read_bytes() == FILES["stats.json"]
+
+
+def test_long_file_names_are_written_and_fetched(store, tmp_path):
+    # 250 bytes is a legal name on every common file system (limit 255); the temporary names the
+    # stores write through must not push it over.
+    name = "é" * 100 + "x" * 46 + ".png"
+    assert len(name.encode()) == 250
+    with store.staged_output("out/long", tmp_path / "scratch") as folder:
+        (folder / name).write_bytes(b"pixels")
+    target = store.fetch_dir("out/long", tmp_path / "cache")
+    assert (target / name).read_bytes() == b"pixels"
+    assert [p.name for p in target.iterdir()] == [name]
+
+
+def test_fetch_dir_drops_partials_killed_fetches_left(store, tmp_path):
+    with store.staged_output("out/partials", tmp_path / "scratch") as folder:
+        make_tree(folder, FILES)
+    target = tmp_path / "cache" / "fetched" / "out" / "partials"
+    target.mkdir(parents=True)
+    dead = target / ".stats.json.k1ll3d.partial"  # a fetch killed mid-download, long ago
+    dead.write_bytes(b"half")
+    os.utime(dead, (time.time() - 2 * STALE_PARTIAL_S,) * 2)
+    running = target / ".stats.json.runn1n.partial"  # a fetch still writing, in another process
+    running.write_bytes(b"growing")
+    store.fetch_dir("out/partials", tmp_path / "cache")
+    assert not dead.exists()
+    assert running.exists()
 
 
 def test_commit_dir_directly(store, tmp_path):
