@@ -68,10 +68,9 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
-    # Only reads: a local store's folder is not made; an S3 bucket is checked (read-only), or a
-    # misspelt one would show every job as not committed.
-    store = open_store(cfg.storage, check=not cfg.storage.uri.startswith("file://"))
     tracker = open_tracker(cfg.tracking, create=False)
+    # Only reads, and checks the store is there: a mistyped one would show every job as not committed.
+    store = open_store(cfg.storage, create=False)
     if pipeline:
         parent = tracker.pipeline_run(cfg.name, pipeline) or next(
             (

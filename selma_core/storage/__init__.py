@@ -13,8 +13,9 @@ if TYPE_CHECKING:
 __all__ = ["MANIFEST", "ArtifactStore", "LocalArtifactStore", "open_store", "validate_key"]
 
 
-def open_store(cfg: StorageConfig, check: bool = True) -> ArtifactStore:
-    """The store a config names; with ``check``, fail early (naming the endpoint) if unreachable."""
+def open_store(cfg: StorageConfig, check: bool = True, create: bool = True) -> ArtifactStore:
+    """The store a config names; with ``check``, fail early (naming the endpoint) if unreachable or
+    missing. ``create=False`` is for readers: a local store's folder is not made."""
     store: ArtifactStore
     if cfg.uri.startswith("file://"):
         store = LocalArtifactStore(cfg.uri[len("file://") :])
@@ -30,5 +31,5 @@ def open_store(cfg: StorageConfig, check: bool = True) -> ArtifactStore:
             retry_backoff_max_s=cfg.retry_backoff_max_s,
         )
     if check:
-        store.check()
+        store.check(create)
     return store

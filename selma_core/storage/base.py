@@ -94,8 +94,10 @@ class ArtifactStore(ABC):
     def delete_prefix(self, prefix: str) -> None: ...
 
     @abstractmethod
-    def check(self) -> None:
-        """Raise ``EndpointError`` naming the endpoint if the store cannot be reached."""
+    def check(self, create: bool = True) -> None:
+        """Raise ``EndpointError`` naming the endpoint if the store cannot be reached (``ConfigError``
+        if it does not exist). With ``create``, a store that can be made (a local folder) is made;
+        without, a reader (``jobs.status``) leaves no trace of a mistyped URI."""
 
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{validate_key(key)}"

@@ -55,7 +55,11 @@ class LocalArtifactStore(ArtifactStore):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
+        if not create:
+            if not self.root.is_dir():
+                raise ConfigError(f"storage uri {self.uri}: no such folder")
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -210,7 +210,8 @@ class S3ArtifactStore(ArtifactStore):
             return not any(code in str(e) for code in PERMANENT_ERRORS)
         return isinstance(e, OSError)
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
+        # A bucket is never made here (``create`` is for local folders): a missing one is an error.
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

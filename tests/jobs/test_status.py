@@ -110,6 +110,22 @@ def test_reading_commands_make_no_database_or_store_at_a_mistyped_path(tiny_conf
     assert not (tmp_path / "typo").exists()
 
 
+def test_status_names_a_missing_store_folder_rather_than_showing_nothing_committed(
+    tiny_config, tmp_path, capsys
+):
+    import json
+
+    from jobs import status
+
+    store = tmp_path / "typo" / "store"
+    assert status.main(["--config", str(tiny_config(storage={"uri": f"file://{store}"}))]) == 2
+    assert (
+        f"storage uri file://{store}: no such folder"
+        in json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+    )
+    assert not (tmp_path / "typo").exists()
+
+
 def test_status_names_a_missing_bucket_rather_than_showing_nothing_committed(tiny_config, moto_s3, capsys):
     import json
 
