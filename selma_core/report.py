@@ -182,6 +182,16 @@ def _confidence_text(confidence: Any) -> str:
     return f"{value * 100:g}% CI"
 
 
+def _alpha(confidence: Any) -> float:
+    """The significance level that goes with a confidence level (0.95 -> 0.05; unknown: 0.05)."""
+    value = _number(confidence)
+    return 1.0 - value if value is not None and 0.0 < value < 1.0 else 0.05
+
+
+def _alpha_text(confidence: Any) -> str:
+    return f"{_alpha(confidence):g}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reading results.json
 
@@ -661,7 +671,10 @@ def _paired_table(res: _Results, metric: _Metric) -> str:
             diff, low, high = _number(d.get("difference")), _number(d.get("low")), _number(d.get("high"))
             p = _number(d.get("p_value"))
             cls, mark = "", ""
-            if low is not None and high is not None and (low > 0 or high < 0):
+            # Both tests must agree: a zero-width interval (one prompt, or equal differences) excludes
+            # 0 whatever the evidence, and its p-value says how little that is (1.0 for one prompt).
+            significant = p is None or p < _alpha(res.confidence)
+            if low is not None and high is not None and (low > 0 or high < 0) and significant:
                 up = low > 0
                 cls = "good" if up == metric.higher_is_better else "bad"
                 mark = "▲ " if up else "▼ "
@@ -681,7 +694,8 @@ def _paired_table(res: _Results, metric: _Metric) -> str:
         f"{title}"
         f'<p class="note">{_esc(metric.label)} of each variant minus {_esc(baseline)}, on the same prompts '
         f"and seeds; {_esc(_confidence_text(res.confidence))} of the difference and its p-value. "
-        f"Highlighted: the interval excludes 0 (▲ above, ▼ below); green when the variant is better "
+        f"Highlighted: the interval excludes 0 (▲ above, ▼ below) and the p-value is below "
+        f"{_alpha_text(res.confidence)}; green when the variant is better "
         f"({better} 0 for a metric where {'higher' if metric.higher_is_better else 'lower'} is better), "
         f"red when worse.</p>"
         f'<div class="scroll"><table class="paired"><thead><tr><th class="k">skill</th>{head}</tr></thead>'

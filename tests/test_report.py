@@ -284,3 +284,30 @@ def test_chart_axes_follow_the_scale_phrases_and_show_negative_means(tmp_path, m
     dsg_limits, clip_limits = limits["DSG (dsg-official)"], limits["CLIPScore"]
     assert dsg_limits == (0.0, 1.0)
     assert clip_limits[0] <= -1.2 < 0 < clip_limits[1]
+
+
+def test_a_difference_on_one_prompt_is_not_highlighted(tmp_path):
+    """One prompt gives a zero-width interval that excludes 0, and p = 1: no evidence, no highlight."""
+    from selma_core.metrics.summary import summarize
+
+    rows = [
+        {"variant": v, "skill": "counting", "prompt_id": "p1", "prompt": "two cats", "scores": {"dsg": s}}
+        for v, s in (("base", 0.5), ("merged", 0.75))
+    ]
+    summary, paired = summarize(rows, ["dsg"], ["counting"], ["base", "merged"])
+    assert (
+        paired["dsg"]["counting"]["merged"]["low"] == 0.25
+        and paired["dsg"]["counting"]["merged"]["p_value"] == 1.0
+    )
+    results = {
+        "per_prompt": rows,
+        "skills": ["counting"],
+        "variants": ["base", "merged"],
+        "metrics": {"dsg": METRICS["dsg"]},
+        "summary": summary,
+        "paired": paired,
+        "confidence": 0.95,
+    }
+    html = write_report(results, tmp_path, tmp_path / "out")["html"].read_text(encoding="utf-8")
+    assert "+0.250" in html and "p = 1.000" in html
+    assert 'class="good"' not in html and "▲ +0.250" not in html
