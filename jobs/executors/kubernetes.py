@@ -16,9 +16,11 @@ Resubmitting is safe: Job names are hashes of the work, so a second submission o
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -551,6 +553,29 @@ class KubernetesExecutor(Executor):
         self._connect()
         self._ensure_config_map()
         documents = self.manifests(jobs, commands[0], env)
+        # A multi-node group (a Job and its Service) is restarted whole by poll(): kept to create again.
+        group = copy.deepcopy(documents) if len(documents) > 1 else None
+        name, uid = self._start(documents)
+        hint = f"kubectl -n {self.namespace} logs job/{name}"
+        indexed = len(jobs) > 1
+        return [
+            JobHandle(
+                job=job,
+                ref=name,
+                log=hint,
+                extra={
+                    "index": i if indexed else None,
+                    "uid": uid,
+                    "since": time.monotonic(),
+                    "group": group,
+                    "restarts": 0,
+                },
+            )
+            for i, job in enumerate(jobs)
+        ]
+
+    def _start(self, documents: list[dict]) -> tuple[str, str]:
+        """Create the Job (``documents[0]``) and the Services it owns; its name and uid."""
         job_manifest = documents[0]
         name = job_manifest["metadata"]["name"]
         uid, adopted = self._create(job_manifest)
@@ -571,17 +596,7 @@ class KubernetesExecutor(Executor):
                 if error is not None:
                     self.echo(f"could not delete Job {name}: {error}")
             raise
-        hint = f"kubectl -n {self.namespace} logs job/{name}"
-        indexed = len(jobs) > 1
-        return [
-            JobHandle(
-                job=job,
-                ref=name,
-                log=hint,
-                extra={"index": i if indexed else None, "uid": uid, "since": time.monotonic()},
-            )
-            for i, job in enumerate(jobs)
-        ]
+        return name, uid
 
     def poll(self, handle: JobHandle) -> JobStatus:
         if "final" in handle.extra:
@@ -612,6 +627,8 @@ class KubernetesExecutor(Executor):
         elif _condition(job, "Complete"):
             return self._finish(handle, JobState.SUCCEEDED, job, None)
         failed = _condition(job, "Failed")
+        if failed and self._restart_group(handle, job, failed):
+            return JobStatus(JobState.PENDING)
         if failed:
             reason = f"Job {name} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
             return self._finish(handle, JobState.FAILED, job, reason)
@@ -627,6 +644,40 @@ class KubernetesExecutor(Executor):
                 self._follow(handle)
             return JobStatus(JobState.RUNNING)
         return JobStatus(JobState.PENDING)
+
+    def _restart_group(self, handle: JobHandle, job: dict, failed: dict) -> bool:
+        """Start a failed multi-node training Job again, whole, up to ``backoff_limit`` times; whether
+        it was. Its pods cannot be retried one by one (a torchrun group loses its rendezvous with any
+        member: a preempted node ends its peers with exit 1), so the Job fails at the first pod that
+        fails and the controller restarts the group here; training resumes from its latest
+        checkpoint. Not after exit 2 (the configuration's: it would fail again) or a deadline."""
+        group, name = handle.extra.get("group"), handle.ref
+        if group is None or failed.get("reason") not in ("PodFailurePolicy", "BackoffLimitExceeded"):
+            return False
+        nodes = int(job["spec"].get("completions") or 1)
+        codes = {int(c) for c in re.findall(r"failed with exit code (\d+)", failed.get("message") or "")}
+        attempt = handle.extra["restarts"] + 1
+        for index in range(nodes):
+            pod = self._pod(name, index)
+            if pod is not None:
+                # Each attempt's logs are kept: the last one's is the job's log, as for any job.
+                code, _, _ = self._read_pod(
+                    pod, self.log_dir / f"{handle.job.name}.attempt-{attempt}.{index}.log"
+                )
+                codes.add(code)
+        if 2 in codes or attempt > self.k8s.backoff_limit:
+            return False
+        self.echo(
+            f"{handle.job.id}: Job {name} failed ({failed.get('reason')}: {failed.get('message', '')}); "
+            f"starting its {nodes} nodes again from the latest checkpoint "
+            f"(restart {attempt} of {self.k8s.backoff_limit})"
+        )
+        _, uid = self._start(copy.deepcopy(group))
+        handle.extra.update(uid=uid, since=time.monotonic(), restarts=attempt)
+        for stale in ("checked", "said", "read_unseen"):
+            handle.extra.pop(stale, None)
+        self._followed.discard(f"{name}/{handle.extra.get('index')}")  # follow the new pod 0
+        return True
 
     def _read_unseen(self, handle: JobHandle) -> tuple[dict | None, bool]:
         """A Job the watch has no record of ``UNSEEN_S`` after its creation, read directly (every

@@ -421,7 +421,8 @@ def render_job(
     size_the_cache(pod_spec, k8s.resources.get(phase, PodResources()).ephemeral_storage, phase)
     if nodes > 1:
         # The nodes of one torchrun group cannot continue without a peer: any failure ends the Job
-        # (after the disruption rule above, so preemption still doesn't count).
+        # (after the disruption rule above, so preemption still doesn't count), and the controller
+        # starts the group again, whole (KubernetesExecutor._restart_group).
         spec["podFailurePolicy"]["rules"].append(
             {
                 "action": "FailJob",

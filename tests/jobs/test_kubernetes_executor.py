@@ -656,3 +656,67 @@ def test_a_job_the_watch_never_saw_end_is_read_directly_not_waited_for_forever(
         assert "is gone, and the controller never saw it end" in status.result["error"]
     finally:
         executor.close()
+
+
+def test_a_failed_multi_node_train_job_is_restarted_whole_but_not_after_exit_2_or_its_limit(
+    cluster, k8s_config, tmp_path
+):
+    """A preempted node ends its peers (exit 1): the Job fails at once (its pods cannot be retried
+    one by one), and the controller starts the whole group again, up to backoff_limit times. Exit 2
+    (the configuration's) is not retried."""
+    config = multi_node_training(k8s_config())
+    data = yaml.safe_load(config.read_text())
+    data["executor"]["kubernetes"]["backoff_limit"] = 1
+    config.write_text(yaml.safe_dump(data))
+    executor, plan = executor_and_plan(config, tmp_path)
+    job = plan.job("train", "counting")
+    command = job_command(job, executor.job_config_path)
+
+    def settle(handle):
+        deadline = time.monotonic() + 10
+        while (status := executor.poll(handle)).state.value in ("pending", "running"):
+            assert time.monotonic() < deadline, "no verdict"
+            time.sleep(0.05)
+        return status
+
+    def fail_a_node(handle, exit_code):
+        uid = handle.extra["uid"]
+        cluster.start_job(handle.ref, index=0)
+        cluster.finish_job(handle.ref, exit_code, index=1, log="lost my peer\n")
+        deadline = time.monotonic() + 10
+        while (status := executor.poll(handle)).state.value == "running" or (
+            status.state.value == "pending" and handle.extra["uid"] == uid
+        ):
+            assert time.monotonic() < deadline, "the failure was not seen"
+            time.sleep(0.05)
+        return status
+
+    try:
+        handle = executor.submit(job, command, {})
+        first_uid = handle.extra["uid"]
+        # Node 1 is lost: the group starts again (a new Job, with its Service), and then succeeds.
+        assert fail_a_node(handle, 1).state.value == "pending"
+        assert handle.extra["uid"] != first_uid and handle.extra["restarts"] == 1
+        [again] = cluster.jobs()
+        assert again["metadata"]["uid"] == handle.extra["uid"]
+        [service] = cluster.objects("services", "selma")
+        assert service["metadata"]["ownerReferences"][0]["uid"] == handle.extra["uid"]
+        assert (tmp_path / "logs" / f"{job.name}.attempt-1.1.log").read_text() == "lost my peer\n"
+        cluster.finish_job(handle.ref, 0, index=1)
+        cluster.finish_job(handle.ref, 0, index=0, log=result_log(again, None))
+        status = settle(handle)
+        assert status.state.value == "succeeded", status
+
+        # Past backoff_limit (1 restart), a second failure is the job's.
+        handle = executor.submit(job, command, {})
+        assert fail_a_node(handle, 1).state.value == "pending"
+        status = fail_a_node(handle, 1)
+        assert status.state.value == "failed" and status.exit_code == 1
+        assert "PodFailurePolicy" in status.result["error"]
+
+        # Exit 2 on any node: not restarted.
+        handle = executor.submit(job, command, {})
+        status = fail_a_node(handle, 2)
+        assert status.state.value == "failed" and handle.extra["restarts"] == 0
+    finally:
+        executor.close()
