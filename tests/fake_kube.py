@@ -502,9 +502,17 @@ class FakeKubeAPI:
     through :meth:`mutate` (or the HTTP API), not by editing them.
     """
 
-    def __init__(self, bookmark_interval: float = 1.0, auto_run_delay: float = 0.05) -> None:
+    def __init__(
+        self,
+        bookmark_interval: float = 1.0,
+        auto_run_delay: float = 0.05,
+        allowed: dict[str, set[str]] | None = None,
+    ) -> None:
         self.bookmark_interval = bookmark_interval  # BOOKMARK cadence for allowWatchBookmarks watches
         self.auto_run_delay = auto_run_delay
+        # RBAC as the API server enforces it: {"pods/log": {"get"}, ...} (``role_rules``); a request
+        # whose verb the rules do not grant on its resource is refused with 403. None: all allowed.
+        self.allowed = allowed
         self.errors: list[BaseException] = []  # exceptions in the fake's own threads (should stay [])
         self._cond = threading.Condition(threading.RLock())
         self._objects: dict[tuple[str, str, str], dict] = {}
@@ -1310,6 +1318,7 @@ class FakeKubeAPI:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if namespace is None and method != "GET":
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on all namespaces")
+        self._authorize(method, resource, name, sub, query)
 
         if name is None:
             if method == "GET":
@@ -1374,6 +1383,26 @@ class FakeKubeAPI:
             h.send_json(200, status, headers)
         else:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed")
+
+    def _authorize(self, method: str, resource: str, name: str | None, sub: str | None, query: dict) -> None:
+        """Refuse (403) a request that ``allowed`` does not grant, as RBAC would."""
+        if self.allowed is None:
+            return
+        if method == "GET":
+            verb = "get" if name else ("watch" if query.get("watch") in ("true", "1", "True") else "list")
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "delete")
+            if method == "DELETE" and name is None:
+                verb = "deletecollection"
+        target = f"{resource}/{sub}" if sub else resource
+        if verb not in self.allowed.get(target, set()):
+            kind = KINDS[resource]
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"{target}{'.' + kind.group if kind.group else ''} is forbidden: the Role does not grant "
+                f'"{verb}" on resource "{target}"',
+            )
 
     def _list(self, resource: str, namespace: str | None, query: dict[str, str]) -> dict:
         kind = KINDS[resource]
@@ -1709,3 +1738,16 @@ _DISCOVERY: dict[str, dict] = {
     "/api/v1": _resource_list("v1", [k for k in KINDS.values() if not k.group]),
     "/apis/batch/v1": _resource_list("batch/v1", [KINDS["jobs"]]),
 }
+
+
+def role_rules(path: str | Path, role: str) -> dict[str, set[str]]:
+    """The verbs a Role in a manifest file grants, by resource (``pods/log`` for a subresource)."""
+    allowed: dict[str, set[str]] = {}
+    for doc in yaml.safe_load_all(Path(path).read_text()):
+        if doc and doc.get("kind") == "Role" and doc["metadata"]["name"] == role:
+            for rule in doc.get("rules") or []:
+                for resource in rule.get("resources") or []:
+                    allowed.setdefault(resource, set()).update(rule.get("verbs") or [])
+    if not allowed:
+        raise ValueError(f"{path}: no Role {role!r} with rules")
+    return allowed

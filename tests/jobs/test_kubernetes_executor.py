@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_kube import FakeKubeAPI
+from fake_kube import FakeKubeAPI, role_rules
 
 from jobs.dag import run_dag
 from jobs.executors import job_command
@@ -23,12 +23,13 @@ from selma_core.config import load_config
 from selma_core.errors import ConfigError
 from selma_core.plan import build_plan
 from selma_core.skills import load_skills
-from tests.conftest import S3_BUCKET, write_config
+from tests.conftest import REPO, S3_BUCKET, write_config
 
 
 @pytest.fixture
 def cluster():
-    with FakeKubeAPI() as api:
+    # The controller's Role as k8s/rbac.yaml grants it: a call it needs and the Role lacks is a 403.
+    with FakeKubeAPI(allowed=role_rules(REPO / "k8s" / "rbac.yaml", "selma-controller")) as api:
         yield api
         assert not api.errors, api.errors
 

@@ -180,9 +180,9 @@ def test_labels_and_namespace(path, index, doc):
 # What the controller needs, and nothing more (see the comment in k8s/rbac.yaml).
 CONTROLLER_RULES = {
     ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get", "list", "watch"},
-    ("", "configmaps"): {"create", "get", "list", "delete"},
+    ("", "pods"): {"list"},
+    ("", "pods/log"): {"get"},
+    ("", "configmaps"): {"create", "list", "delete"},
     ("", "services"): {"create", "get", "list", "delete"},
 }
 
