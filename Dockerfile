@@ -13,7 +13,9 @@
 # Both stages must use the same CUDA_IMAGE: the venv's python is the base's /usr/bin/python3.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 
-# --- builder: a venv at /opt/venv with torch, the pinned dependencies and selma ------------------
+# --- builder: a venv at /opt/venv with torch and the pinned dependencies ---------------------------
+# selma itself is not installed into it: the runtime runs the code from /app (first on PYTHONPATH),
+# so the venv, gigabytes of CUDA wheels, stays one cached layer that a code change does not touch.
 FROM ${CUDA_IMAGE} AS builder
 
 ARG TORCH_VERSION=2.13.0
@@ -49,23 +51,14 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['kubernetes']))" 
     && cat constraints.txt >> /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt
 
-# selma itself, without dependencies (everything it needs is installed above).
-COPY README.md ./
-COPY selma_core ./selma_core
-COPY jobs ./jobs
-# pip compiles the bytecode here: the runtime's root filesystem may be read-only.
-RUN pip install --no-cache-dir --no-deps .
-
 # --- runtime ---------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}
 
-ARG GIT_COMMIT=unknown
 ARG TORCH_VERSION=2.13.0
 
 LABEL org.opencontainers.image.title="selma-job" \
       org.opencontainers.image.description="SELMA pipeline jobs: python -m jobs.run --phase P --config FILE" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.revision="${GIT_COMMIT}" \
       io.selma.torch-version="${TORCH_VERSION}"
 
 # Same python3 as the builder's (the venv links to it). gcc, libc6-dev and python3-dev: torch.compile
@@ -77,7 +70,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates gcc libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 selma \
-    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /cache --shell /usr/sbin/nologin selma \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin selma \
     && mkdir -p /cache/huggingface \
     && chown -R 10001:10001 /cache
 
@@ -85,18 +78,18 @@ COPY --from=builder /opt/venv /opt/venv
 
 # /cache and /tmp are the only paths written at run time: with readOnlyRootFilesystem the pod mounts
 # an emptyDir (or a cache volume) on each (`docker run --read-only --tmpfs /tmp --tmpfs /cache ...`).
-# HOME points at /cache for libraries that write to ~.
+# HOME is /tmp, as the Job templates set it: what libraries write to ~ is per pod, never put in a
+# cache volume that pods may share.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/cache \
+    HOME=/tmp \
     XDG_CACHE_HOME=/cache \
     HF_HOME=/cache/huggingface \
     TORCH_HOME=/cache/torch \
     TRITON_CACHE_DIR=/cache/triton \
-    MPLCONFIGDIR=/tmp/matplotlib \
-    SELMA_GIT_COMMIT=${GIT_COMMIT}
+    MPLCONFIGDIR=/tmp/matplotlib
 
 # The code again under /app (first on PYTHONPATH, so it is the copy that runs) beside what it reads:
 # configs, skills and k8s/ (the controller reads the Job templates under k8s/jobs/).
@@ -108,6 +101,12 @@ COPY --chown=root:root configs ./configs
 COPY --chown=root:root skills ./skills
 COPY --chown=root:root k8s ./k8s
 RUN python -m compileall -q selma_core jobs
+
+# Last: a build argument invalidates the cache of every RUN after its ARG, so the commit, new at
+# every build, comes after them all.
+ARG GIT_COMMIT=unknown
+LABEL org.opencontainers.image.revision="${GIT_COMMIT}"
+ENV SELMA_GIT_COMMIT=${GIT_COMMIT}
 
 USER 10001:10001
 
