@@ -42,6 +42,27 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+# The longest wait between flush attempts to a server that answers its probe but fails the flush
+# (its database down behind a live /health): each failure doubles the wait from retry_interval_s.
+MAX_FLUSH_INTERVAL_S = 120.0
+
+
+@contextlib.contextmanager
+def _one_attempt() -> Iterator[None]:
+    """MLflow's requests inside make one attempt each, without MLflow's own retries (up to ~15 s of
+    backoff a call): a flush between training steps must cost one request when it fails, not hold
+    the job. MLflow reads the variable at every request."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
 def _short(error: BaseException, limit: int = 300) -> str:
     text = " ".join(f"{type(error).__name__}: {error}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -259,6 +280,7 @@ class MlflowJobRun(JobRun):
         self.run_id = run_id
         self.buffer: TrackingBuffer | None = None
         self._next_try = 0.0
+        self._failed_flushes = 0  # in a row, by a server that answered its probe
 
     # -- buffering -----------------------------------------------------------------------------
 
@@ -309,19 +331,37 @@ class MlflowJobRun(JobRun):
         if not reachable:
             return False
         try:
-            self.buffer.flush(self.client, self.run_id, on_refused=self._refused)
+            with _one_attempt():
+                self.buffer.flush(self.client, self.run_id, on_refused=self._refused)
         except Exception as e:
             if not is_transient(e):
                 raise
+            # It answers its probe but not the flush (a database behind it down): wait longer each
+            # time, so the job trains rather than knocks.
+            self._failed_flushes += 1
+            wait = self.tracker.retry_interval_s * 2**self._failed_flushes
+            self._next_try = time.monotonic() + min(
+                wait, max(MAX_FLUSH_INTERVAL_S, self.tracker.retry_interval_s)
+            )
             return False
+        self._failed_flushes = 0
+        dropped = self.buffer.dropped
+        lost = (
+            f", except {dropped} metric or param records dropped while waiting (the buffer reached "
+            "tracking.buffer_max_mb): the run lacks them"
+            if dropped
+            else ""
+        )
         print(
             f"tracking: MLflow at {self.tracker.uri} answers again; run {self.run_id}'s buffered records "
-            "are sent",
+            f"are sent{lost}",
             file=sys.stderr,
             flush=True,
         )
         self.buffer.remove()
         self.buffer = None
+        if dropped:  # on the run too, where whoever reads its curves will look
+            self._record({"kind": "tags", "tags": {"selma.tracking.dropped_records": str(dropped)}})
         return True
 
     def _refused(self, record: dict[str, Any], error: Exception) -> None:

@@ -316,3 +316,80 @@ def test_a_replay_cut_short_goes_on_where_it_stopped_and_bad_files_are_named(
     assert mlflow_tracker.main(["replay", str(tmp_path / "nope.jsonl"), str(tmp_path / "notes.txt")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nope.jsonl'}: no such file" in err and "notes.txt: not a tracking buffer" in err
+
+
+class HalfDownMlflow:
+    """An MLflow server whose /health answers while its API fails (its database down behind it):
+    ``broken`` answers every API call 500 INTERNAL_ERROR; the API calls are counted and kept."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.broken = True
+        self.calls: list[tuple[str, dict]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/health"):
+                    code, payload = 200, b"OK"
+                else:
+                    outer.calls.append((self.path, json.loads(body or b"{}")))
+                    code, payload = (
+                        (500, b'{"error_code": "INTERNAL_ERROR", "message": "database is down"}')
+                        if outer.broken
+                        else (200, b"{}")
+                    )
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_server_that_answers_its_probe_but_fails_the_flush_costs_one_request_a_try(tmp_path, capsys):
+    """Between training steps a failed flush is one request (not MLflow's retries with backoff), the
+    wait before the next one doubles, and records the full buffer dropped are named when it works."""
+    server = HalfDownMlflow()
+    try:
+        tracker = ServerMlflowTracker(server.url, retry_interval_s=0.5, buffer_dir=tmp_path)
+        run = MlflowJobRun(tracker, "run-1")
+        run._buffer().max_bytes = run._buffer().size + 300  # room for a few records only
+        for step in range(20):
+            run._buffer().append({"kind": "metrics", "metrics": [["train.loss", 0.5, 1000 + step, step]]})
+        assert run._buffer().dropped > 0
+
+        waits = []
+        for attempt in (1, 2):
+            before = len(server.calls)
+            assert run._try_flush() is False
+            waits.append(run._next_try - time.monotonic())
+            assert len(server.calls) - before == 1, f"attempt {attempt}: {server.calls[before:]}"
+        assert 0.5 < waits[0] <= 1.0 < waits[1] <= 2.0  # 0.5 s x 2, then x 4
+
+        server.broken = False
+        dropped = run._buffer().dropped
+        assert run._try_flush() is True
+        err = capsys.readouterr().err
+        assert "answers again" in err and "dropped while waiting" in err
+        path, body = server.calls[-1]
+        assert path.endswith("/runs/log-batch")
+        assert body["tags"] == [{"key": "selma.tracking.dropped_records", "value": str(dropped)}]
+        assert run._failed_flushes == 0
+    finally:
+        server.close()
