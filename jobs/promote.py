@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         "failed (worth a retry). The last line printed is one JSON object.",
     )
     parser.add_argument("--config", required=True, help="pipeline config YAML (its registered model)")
-    parser.add_argument("--version", help="the version to consider (default: the one with the merge.alias alias, 'candidate' unless set)")
+    parser.add_argument(
+        "--version",
+        help="the version to consider (default: the one with the merge.alias alias, 'candidate' unless set)",
+    )
     parser.add_argument("--max-skill-regression", type=float, help="override promote.max_skill_regression")
     parser.add_argument(
         "--unless-judged",

@@ -435,7 +435,10 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     finally:
         executor.close()
         ok = len(outcomes) == len(selected) and all(o.status in ("ran", "skipped") for o in outcomes)
-        tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
+        try:
+            tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
+        except Exception as e:  # the jobs' outcomes stand (their outputs are in the store)
+            _echo(f"warning: could not close the pipeline's MLflow run {parent}: {e}")
     for outcome in outcomes:
         if outcome.status == "failed":
             _echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")

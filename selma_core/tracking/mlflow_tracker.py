@@ -566,6 +566,8 @@ class MlflowTracker(Tracker):
         self.buffer_max_bytes = buffer_max_mb << 20
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiments: dict[str, str] = {}
+        # Pipeline runs this process opened: their records (params) may wait in a buffer until the end.
+        self._pipeline_runs: dict[str, MlflowJobRun] = {}
 
     def _artifact_location(self, experiment: str) -> str | None:
         return None  # the server decides (its --default-artifact-root or proxied artifacts)
@@ -601,16 +603,22 @@ class MlflowTracker(Tracker):
         self, experiment: str, tags: dict[str, str], params: dict[str, Any], name: str = "pipeline"
     ) -> str:
         run = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=name)
-        MlflowJobRun(self, run.info.run_id).log_params(params)
+        # Kept, and buffered like a job's run: an outage while the pipeline runs loses nothing.
+        pipeline_run = self._pipeline_runs[run.info.run_id] = MlflowJobRun(self, run.info.run_id)
+        pipeline_run.log_params(params)
         return run.info.run_id
 
     def end_pipeline_run(
         self, run_id: str, ok: bool, summary: dict[str, Any], logs_dir: Path | None = None
     ) -> None:
-        self.client.log_dict(run_id, summary, "pipeline_summary.json")
+        """As ``end_job_run``: the summary, the logs and the run's end go after anything buffered,
+        and a server that is down does not fail a pipeline whose jobs are done (stderr names the
+        buffer file to replay)."""
+        run = self._pipeline_runs.pop(run_id, None) or MlflowJobRun(self, run_id)
+        run.log_dict(summary, "pipeline_summary.json")
         if logs_dir is not None and Path(logs_dir).is_dir():
-            self.client.log_artifacts(run_id, str(logs_dir), "logs")
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+            run.log_artifact(Path(logs_dir), "logs")
+        self.end_job_run(run, ok)
 
     def start_job_run(
         self, experiment: str, parent_run_id: str | None, name: str, tags: dict[str, str]

@@ -81,6 +81,53 @@ def test_pipeline_run_has_experiment_tags_and_flattened_params(sqlite_tracker, t
     assert client.get_run(second).info.experiment_id == experiment.experiment_id
 
 
+def test_a_tracking_outage_during_a_pipeline_loses_none_of_its_runs_records(tmp_path, monkeypatch, capsys):
+    """The pipeline run's params (an outage as it starts) and its summary and end (an outage at the
+    end) are buffered like a job run's: sent when the server answers, never an error that would
+    make jobs.submit report jobs that ran as failed."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = SqliteMlflowTracker(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", buffer_dir=tmp_path / "buffer", flush_budget_s=0.2
+    )
+    client = tracker.client
+    outage = {"log_batch": 1, "log_artifact": 0, "log_artifacts": 0}  # log_dict calls log_artifact
+
+    def failing(name):
+        real = getattr(client, name)
+
+        def call(*args, **kwargs):
+            if outage[name]:
+                outage[name] -= 1
+                raise MlflowException("the database is restarting", error_code="TEMPORARILY_UNAVAILABLE")
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in outage:
+        monkeypatch.setattr(client, name, failing(name))
+    run_id = tracker.start_pipeline_run("pipe", {}, {"steps": 3})
+    assert client.get_run(run_id).data.params == {}  # buffered
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "train.log").write_text("trained\n")
+    outage["log_artifact"] = outage["log_artifacts"] = 10**6  # down past the end's budget
+    tracker.end_pipeline_run(run_id, True, {"jobs": ["train"]}, logs)  # no error
+    err = capsys.readouterr().err
+    assert "did not answer within tracking.flush_budget_s" in err and "replay" in err
+    run = client.get_run(run_id)
+    assert run.data.params == {"steps": "3"} and run.info.status == "RUNNING"
+
+    outage["log_artifact"] = outage["log_artifacts"] = 0  # back: a replay brings the rest
+    from selma_core.tracking.mlflow_tracker import replay_buffer
+
+    [buffer] = (tmp_path / "buffer").glob("*.jsonl")
+    replay_buffer(buffer)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run_id, "logs")] == ["logs/train.log"]
+
+
 def test_many_params_are_logged_in_batches(sqlite_tracker):
     experiment = unique("batch")
     params = {"group": {f"p{i:03d}": i for i in range(250)}, "long": "x" * 7000}
