@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from jobs.cli import parse_args
 from selma_core.errors import ConfigError, SelmaError
@@ -127,8 +128,8 @@ def promote(args: argparse.Namespace) -> dict:
     limit = (
         cfg.promote.max_skill_regression if args.max_skill_regression is None else args.max_skill_regression
     )
-    candidate_scores = scores_from_tags(candidate.tags, metric)
-    champion_scores = scores_from_tags(champion.tags, metric) if champion else None
+    candidate_scores = scores_from_tags(candidate.tags, metric, candidate.version)
+    champion_scores = scores_from_tags(champion.tags, metric, champion.version) if champion else None
     champion_version = champion.version if champion else None
     digest = judgement_digest(
         candidate_scores, champion_scores, champion_version, {"metric": metric, "max_skill_regression": limit}
@@ -182,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps({"promoted": False, "error": str(e)}))
         return e.exit_code
+    except Exception as e:  # the registry failing mid-way (an outage): worth a retry; still a JSON line
+        traceback.print_exc()
+        print(json.dumps({"promoted": False, "error": repr(e)}))
+        return 1
     print(json.dumps(outcome))
     return 0 if outcome["promoted"] or outcome.get("unchanged") else EXIT_REFUSED
 

@@ -86,6 +86,9 @@ def report(config: str, pipeline: dict, promotion: dict | None) -> str:
             lines.append(f"**Promoted** v{promotion['candidate']} to champion.")
         elif promotion.get("unchanged"):
             lines.append("Nothing new to promote: " + "; ".join(promotion.get("reasons", [])) + ".")
+        elif promotion.get("error") or promotion.get("candidate") is None:
+            # The gate did not judge (a configuration error, the registry failing): no verdict.
+            lines.append(f"**Gate error:** {promotion.get('error') or 'jobs.promote printed no result'}")
         else:
             reasons = "; ".join(promotion.get("reasons", [])) or promotion.get("error", "")
             lines.append(f"**Refused** v{promotion.get('candidate')}: {reasons}")

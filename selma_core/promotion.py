@@ -10,15 +10,27 @@ same held-out prompts: their eval settings are part of each version's ``selma.ev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from selma_core.errors import InputError
 
 PREFIX = "selma.eval."
 
 
-def scores_from_tags(tags: dict[str, str], metric: str) -> dict[str, float]:
-    """{skill or "mean": score} from a version's tags."""
+def scores_from_tags(tags: dict[str, str], metric: str, version: str | None = None) -> dict[str, float]:
+    """{skill or "mean": score} from a version's tags; a tag that is not a number is an ``InputError``
+    naming it (the eval phase writes numbers: someone edited it)."""
     prefix = f"{PREFIX}{metric}."
-    return {key[len(prefix) :]: float(value) for key, value in tags.items() if key.startswith(prefix)}
+    scores = {}
+    for key, value in tags.items():
+        if key.startswith(prefix):
+            try:
+                scores[key[len(prefix) :]] = float(value)
+            except ValueError as e:
+                of = f" of version {version}" if version else ""
+                raise InputError(f"tag {key}{of} is {value!r}, not a number: evaluate it again") from e
+    return scores
 
 
 @dataclass
@@ -43,6 +55,15 @@ def decide(
 ) -> Decision:
     if "mean" not in candidate:
         return Decision(False, ["the candidate has no evaluation scores: run --phase eval first"])
+    broken = sorted(s for s, v in candidate.items() if not math.isfinite(v))
+    if broken:
+        # NaN compares false with everything: it would pass the gate and then block every later one.
+        return Decision(
+            False, [f"the candidate's score is not a number for {', '.join(broken)}: evaluate it again"]
+        )
+    if champion is not None:
+        # A champion's score that is not a number (promoted before this check) is no score at all.
+        champion = {s: v for s, v in champion.items() if math.isfinite(v)}
     if champion is None:
         rows = [
             {"skill": s, "champion": None, "candidate": v, "change": None, "ok": True}

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from lora_helpers import trained_like_expert
 
+from selma_core.errors import InputError
 from selma_core.promotion import decide, scores_from_tags
 
 
@@ -60,6 +61,36 @@ def test_a_candidate_without_a_skill_the_champion_has_is_refused_and_means_compa
 def test_scores_come_from_version_tags():
     tags = {"selma.eval.clip_score.a": "1.5", "selma.eval.clip_score.mean": "2", "other": "x"}
     assert scores_from_tags(tags, "clip_score") == {"a": 1.5, "mean": 2.0}
+
+
+def test_scores_that_are_not_numbers():
+    """NaN compares false with everything: a NaN candidate would pass the gate, become champion and
+    then block every later candidate. It is refused; a NaN champion score counts as none; a tag
+    that is no number at all is an error naming it."""
+    nan = float("nan")
+    refused = decide({"mean": nan, "a": 1.0}, None, 0.5)
+    assert not refused.promote and refused.reasons == [
+        "the candidate's score is not a number for mean: evaluate it again"
+    ]
+    assert refused.rows == []  # nothing non-finite reaches the JSON line
+    after_a_nan_champion = decide({"mean": 0.3, "a": 0.3}, {"mean": nan, "a": nan}, 0.5)
+    assert after_a_nan_champion.promote, after_a_nan_champion.reasons
+    with pytest.raises(InputError, match="tag selma.eval.clip_score.a of version 4 is 'n/a', not a number"):
+        scores_from_tags({"selma.eval.clip_score.a": "n/a"}, "clip_score", "4")
+
+
+def test_promote_ends_with_a_json_line_when_the_registry_fails(tiny_config, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    from jobs import promote as promote_module
+
+    def outage(args):
+        raise MlflowException("the registry's database is restarting", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(promote_module, "promote", outage)
+    assert promote_module.main(["--config", str(tiny_config())]) == 1
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["promoted"] is False and "restarting" in last["error"]
 
 
 def promote(config, *args) -> tuple[int, dict, str]:

@@ -153,3 +153,11 @@ def test_the_summary_shows_a_skill_the_candidate_lacks():
     promotion = {"promoted": False, "candidate": "2", "reasons": decision.reasons, "rows": decision.rows}
     text = report("pipeline.yaml", {"jobs": []}, promotion)
     assert "| b | 10.000 | - | - | REGRESSION |" in text and "**Refused** v2: skill b: the champion" in text
+
+
+def test_the_summary_says_when_the_gate_did_not_judge():
+    from jobs.retrain import report
+
+    text = report("pipeline.yaml", {"jobs": []}, {"promoted": False, "error": "different eval settings"})
+    assert "**Gate error:** different eval settings" in text and "Refused" not in text
+    assert "**Gate error:** jobs.promote printed no result" in report("pipeline.yaml", {"jobs": []}, {})
