@@ -26,7 +26,7 @@ from selma_core.phases.merge import MergeConfig
 from selma_core.phases.merge_search import MergeSearchConfig
 from selma_core.phases.prompts import PromptsConfig
 from selma_core.phases.train import TrainConfig
-from selma_core.skills import SKILL_NAME_PATTERN
+from selma_core.skills import check_skill_name
 from selma_core.typed_yaml import execution_only, from_dict, read_yaml, to_dict
 
 # Names become store keys, MLflow names and Kubernetes names and labels: DNS-1123 labels suit all.
@@ -290,10 +290,10 @@ class PipelineConfig:
         if not self.skills:
             raise ValueError("skills: expected at least one skill name, got an empty list")
         for skill in self.skills:
-            if not SKILL_NAME_PATTERN.fullmatch(skill):
-                raise ValueError(
-                    f"skills: {skill!r} is not a valid skill name (lowercase letters, digits, '-' and '_')"
-                )
+            try:
+                check_skill_name(skill)
+            except ValueError as e:
+                raise ValueError(f"skills: {e}") from None
         if len(set(self.skills)) != len(self.skills):
             raise ValueError(f"skills: duplicate names in {self.skills}")
         if self.merge_search.enabled and self.merge.method not in ("linear", "adapters"):

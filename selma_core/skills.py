@@ -54,11 +54,22 @@ SKILL_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 MAX_PROMPTS = 1_000_000
 
 
+# Names the results already use beside the skills': the mean over skills (eval tags, the promotion
+# gate, the merge search) and every prompt pooled (the summary and report). A skill so named would
+# have its score overwritten by the aggregate, and escape the gate's per-skill check.
+RESERVED_SKILL_NAMES = ("all", "mean")
+
+
 def check_skill_name(name: str) -> str:
     """``name`` if it is a valid skill name, else a ``ValueError`` saying what a name may contain."""
     if not isinstance(name, str) or not SKILL_NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"{name!r} is not a valid skill name (lowercase letters, digits, '-' and '_', at most 63)"
+        )
+    if name in RESERVED_SKILL_NAMES:
+        raise ValueError(
+            f"{name!r} is not a valid skill name: results use it for the aggregate over skills "
+            f"({' and '.join(repr(n) for n in RESERVED_SKILL_NAMES)} are reserved)"
         )
     return name
 

@@ -296,6 +296,26 @@ def test_invalid_skill_name(tmp_path):
     assert "skills" in message and "'../etc'" in message
 
 
+@pytest.mark.parametrize("name", ["mean", "all"])
+def test_skill_names_the_results_use_for_aggregates_are_reserved(tmp_path, name):
+    message = config_error(write(tmp_path, f"name: p\nbase_model: m\nskills: [counting, {name}]\n"))
+    assert f"{name!r} is not a valid skill name" in message and "reserved" in message
+
+
+@pytest.mark.parametrize(
+    ("alias", "why"),
+    [
+        ("latest", "reserved by MLflow"),
+        ("V3", "reserved by MLflow"),
+        ("champion", "jobs.promote's"),
+        ("", "a name"),
+    ],
+)
+def test_merge_aliases_mlflow_or_the_gate_own_are_refused(tmp_path, alias, why):
+    message = config_error(write(tmp_path, BASE + f"merge: {{alias: '{alias}'}}\n"))
+    assert "merge" in message and "alias" in message and why in message
+
+
 def test_bad_storage_uri(tmp_path):
     message = config_error(write(tmp_path, BASE + "storage: {uri: 'ftp://host/x'}\n"))
     assert "storage" in message and "uri" in message and "'ftp://host/x'" in message

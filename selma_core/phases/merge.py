@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,6 +68,16 @@ class MergeConfig:
             raise ValueError(f"density: expected a number in (0, 1], got {self.density}")
         if self.export == "svd" and (self.export_rank is None or self.export_rank < 1):
             raise ValueError("export: svd needs export_rank, a positive rank to truncate each layer to")
+        if not isinstance(self.alias, str) or not self.alias.strip():
+            raise ValueError(f"alias: expected a name, got {self.alias!r}")
+        if self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
+            # MLflow refuses these, and only after the version is registered: the job would fail then.
+            raise ValueError(f"alias: {self.alias!r} is reserved by MLflow's registry (latest, v<N>)")
+        if self.alias in ("champion", "previous"):
+            raise ValueError(
+                f"alias: {self.alias!r} is jobs.promote's: a merge pointing it at each new version would "
+                "skip the promotion gate; use another name (default: candidate)"
+            )
         if self.method == "adapters" and (self.export == "svd" or self.export_fused):
             raise ValueError(
                 "method: adapters keeps the experts apart; export svd/fused need a merged method"
