@@ -5,7 +5,8 @@
 Reads only MLflow (the pipeline's parent run and its job runs) and the store, so it works for any
 executor and from any machine that reaches them. Without ``--pipeline``, the newest pipeline run of
 the config's experiment. States: pending, running, done, skipped (its output was already
-committed), failed, not run (a dependency failed, or the pipeline stopped first). An images job of
+committed), failed, not run (a dependency failed, or the pipeline stopped first), and "done (run
+not closed)" (its output committed, its MLflow run never ended). Times are ISO 8601 with the offset. An images job of
 several processes (``images.num_jobs``) is running while any of them is, failed if any failed, done
 when its output is committed. The last line printed is one JSON object.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 from jobs.cli import parse_args
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _when(ms: int | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+    """ISO 8601 with the UTC offset: the same instant reads the same on a laptop, in a pod and in CI."""
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
 
 
 def job_state(runs: list, finished: bool, committed: bool) -> str:
@@ -51,6 +55,10 @@ def job_state(runs: list, finished: bool, committed: bool) -> str:
     states = {run.status for run in runs}
     if "RUNNING" in states and not finished:
         return "running"
+    if "RUNNING" in states and states <= {"FINISHED", "RUNNING"} and committed:
+        # Its work is in the store; its run's end never reached MLflow (a tracking outage: the end
+        # waits in a buffer file to replay, or the job was killed after committing).
+        return "done (run not closed)"
     if states != {"FINISHED"}:
         return "failed"  # a process failed, or the pipeline ended without it closing its run (killed)
     if committed:
