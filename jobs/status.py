@@ -6,9 +6,9 @@ Reads only MLflow (the pipeline's parent run and its job runs) and the store, so
 executor and from any machine that reaches them. Without ``--pipeline``, the newest pipeline run of
 the config's experiment. States: pending, running, done, skipped (its output was already
 committed), failed, not run (a dependency failed, or the pipeline stopped first), and "done (run
-not closed)" (its output committed, its MLflow run never ended). Times are ISO 8601 with the offset. An images job of
-several processes (``images.num_jobs``) is running while any of them is, failed if any failed, done
-when its output is committed. The last line printed is one JSON object.
+not closed)" (its output committed, its MLflow run never ended). Times are ISO 8601 with the
+offset. An images job of several processes (``images.num_jobs``) is running while any of them is,
+failed if any failed, done when its output is committed. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
