@@ -225,9 +225,13 @@ def _no_space(error: OSError, state: dict):
 
 
 def _interrupt_main() -> None:
-    """Stop the job's main thread as SIGTERM would (``KeyboardInterrupt``): its lease was lost."""
+    """Stop the job's main thread as SIGTERM would (``KeyboardInterrupt``): its lease was lost. Now,
+    not at training's next safe point: another worker owns the output, nothing more may be written."""
     import _thread
 
+    from selma_core import stopping
+
+    stopping.refuse_deferral()
     handled = callable(signal.getsignal(signal.SIGTERM))
     _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
 

@@ -10,9 +10,14 @@ from collections.abc import Iterator
 
 def terminate_as_interrupt() -> None:
     """Raise ``KeyboardInterrupt`` on SIGTERM: ``finally`` blocks close MLflow runs as FAILED and
-    remove staging folders; a controller cancels its running jobs."""
+    remove staging folders; a controller cancels its running jobs. Where a phase marked safe points
+    (``selma_core.stopping``: training saves a checkpoint at the end of its step) the first SIGTERM
+    waits for the next one instead."""
+    from selma_core import stopping
 
     def handler(signum: int, frame: object) -> None:
+        if stopping.defer_stop():
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from selma_core import stopping
 from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.phases.images import MAX_IMAGE_SIDE, open_image
@@ -86,6 +87,10 @@ from selma_core.typed_yaml import execution_only, hashed_unless_default
 MAX_STEPS = 1_000_000
 # Of train checkpoints (selma_core.checkpoints): one of another format is not resumed from.
 CHECKPOINT_FORMAT = 1
+# How long a SIGTERM waits for the end of the training step (then it interrupts mid-step, as without
+# a checkpoint): within Kubernetes' default grace period (30 s) and the local executor's (20 s),
+# leaving time to save the checkpoint.
+STOP_WAIT_S = 10.0
 # SELMA's batches, (images per micro-batch, micro-batches per update) by whether the model is SDXL:
 # 64 images an update for SD 1.x/2.x at 512 px, 32 for SDXL at 1024 px, whose micro-batch of 4
 # holds as many latent pixels as one of 16 at 512.
@@ -1072,70 +1077,85 @@ class ExpertTrainer:
         pending: list[tuple[int, object, object]] = []
         fp16 = self.scaler.is_enabled()
         graphed = self._graph_micro_batches() if cfg.cuda_graph else None
-        for step in tqdm(
-            steps,
-            desc="train",
-            unit="step",
-            disable=rank != 0,
-            initial=self.resumed_from_step,
-            total=cfg.steps,
-        ):
-            local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-            for micro in range(cfg.gradient_accumulation):
-                draws = self._draw(generator, len(dataset), latent_shape)
-                for part in range(parts):
-                    if (micro * parts + part) % world_size == rank:
-                        share = part_of_draws(draws, part, parts)
-                        local_loss += self._micro_batch(share, pixels_u8, texts, resolution, encoded)
-            # The step's global batch: gradients and loss summed over every process's micro-batches.
-            distributed.all_reduce_gradients(self.params)
-            self.scaler.unscale_(self.optimizer)  # clipping and the norm see the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            pending.append((step, local_loss, grad_norm))
-            settled: dict[int, tuple[float, float]] = {}
-            if fp16:  # checked before the update: an overflow skips it, divergence stops the job
-                settled = self._settle(pending, last_checkpoint, checkpoints)
-            self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 gradients overflowed
-            self.scaler.update()
-            # A CUDA graph adds into the gradients where it found them: zeroed in place, never freed.
-            self.optimizer.zero_grad(set_to_none=graphed is None)
-            if not fp16 and self._settle_due(step, first):
-                settled = self._settle(pending, last_checkpoint, checkpoints)
-            if step == first and on_warmup and rank == 0:
-                on_warmup(time.monotonic() - started)
-            fault_point("train.after_step")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                step_loss, norm = settled[step]
-                history.append((step, step_loss))
-                now = time.monotonic()
-                rate = (step - interval[1]) * images_per_step / max(now - interval[0], 1e-9)
-                metrics = {
-                    "train.loss": step_loss,
-                    "train.grad_norm": norm,  # before clipping
-                    "train.lr": self.optimizer.param_groups[0]["lr"],
-                    "train.images_per_s": rate,
-                }
-                if cuda:
-                    metrics["train.gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                if self.scaler.is_enabled():
-                    metrics["train.loss_scale"] = self.scaler.get_scale()
-                    metrics["train.steps_skipped"] = self.steps_skipped
-                interval = (now, step)
-                if on_log:
-                    on_log(step, metrics)
-            every = cfg.checkpoint_every
-            if checkpoints is not None and rank == 0 and every and step % every == 0 and step < cfg.steps:
-                elapsed = self.resumed_elapsed_s + time.monotonic() - started
-                checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
-                last_checkpoint = step
-            if on_validate and rank == 0 and cfg.validation_every and step % cfg.validation_every == 0:
-                unet.eval()
-                self._doing = "validation"
-                on_validate(step)
-                self._doing = "training"
-                unet.train()
-            if on_step and rank == 0:
-                on_step(step)
+        # A SIGTERM (a preempted pod, a cancelled pipeline) waits for the end of the step, which saves a
+        # checkpoint and stops: the rerun resumes there, not at the last periodic checkpoint. One
+        # process only: several would have to agree on the step (a collective every step).
+        stoppable = world_size == 1 and checkpoints is not None and bool(cfg.checkpoint_every)
+        with stopping.safe_points(STOP_WAIT_S) if stoppable else contextlib.nullcontext():
+            for step in tqdm(
+                steps,
+                desc="train",
+                unit="step",
+                disable=rank != 0,
+                initial=self.resumed_from_step,
+                total=cfg.steps,
+            ):
+                local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+                for micro in range(cfg.gradient_accumulation):
+                    draws = self._draw(generator, len(dataset), latent_shape)
+                    for part in range(parts):
+                        if (micro * parts + part) % world_size == rank:
+                            share = part_of_draws(draws, part, parts)
+                            local_loss += self._micro_batch(share, pixels_u8, texts, resolution, encoded)
+                # The step's global batch: gradients and loss summed over every process's micro-batches.
+                distributed.all_reduce_gradients(self.params)
+                self.scaler.unscale_(self.optimizer)  # clipping and the norm see the true gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                pending.append((step, local_loss, grad_norm))
+                settled: dict[int, tuple[float, float]] = {}
+                if fp16:  # checked before the update: an overflow skips it, divergence stops the job
+                    settled = self._settle(pending, last_checkpoint, checkpoints)
+                self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 gradients overflowed
+                self.scaler.update()
+                # A CUDA graph adds into the gradients where it found them: zeroed in place, never freed.
+                self.optimizer.zero_grad(set_to_none=graphed is None)
+                if not fp16 and self._settle_due(step, first):
+                    settled = self._settle(pending, last_checkpoint, checkpoints)
+                if step == first and on_warmup and rank == 0:
+                    on_warmup(time.monotonic() - started)
+                fault_point("train.after_step")
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    step_loss, norm = settled[step]
+                    history.append((step, step_loss))
+                    now = time.monotonic()
+                    rate = (step - interval[1]) * images_per_step / max(now - interval[0], 1e-9)
+                    metrics = {
+                        "train.loss": step_loss,
+                        "train.grad_norm": norm,  # before clipping
+                        "train.lr": self.optimizer.param_groups[0]["lr"],
+                        "train.images_per_s": rate,
+                    }
+                    if cuda:
+                        metrics["train.gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    if self.scaler.is_enabled():
+                        metrics["train.loss_scale"] = self.scaler.get_scale()
+                        metrics["train.steps_skipped"] = self.steps_skipped
+                    interval = (now, step)
+                    if on_log:
+                        on_log(step, metrics)
+                every = cfg.checkpoint_every
+                if checkpoints is not None and rank == 0 and every and step % every == 0 and step < cfg.steps:
+                    elapsed = self.resumed_elapsed_s + time.monotonic() - started
+                    checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+                    last_checkpoint = step
+                if on_validate and rank == 0 and cfg.validation_every and step % cfg.validation_every == 0:
+                    unet.eval()
+                    self._doing = "validation"
+                    on_validate(step)
+                    self._doing = "training"
+                    unet.train()
+                if on_step and rank == 0:
+                    on_step(step)
+                if stopping.stop_requested():  # SIGTERM (a preemption): a checkpoint here, then stop
+                    if pending:
+                        self._settle(pending, last_checkpoint, checkpoints)
+                    if last_checkpoint != step:
+                        elapsed = self.resumed_elapsed_s + time.monotonic() - started
+                        checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+                    stopping.stop_now(
+                        f"stopped after step {step} of {cfg.steps} on SIGTERM; checkpoint "
+                        f"{checkpoints.key(step)} saved: a rerun resumes there"
+                    )
         unet.eval()
         return history
 

@@ -238,3 +238,31 @@ def test_a_killed_train_job_resumes_to_the_uninterrupted_output(
     # The run's curve: the checkpoint's steps (1, 2) first, then on at 3 and 4, each once.
     assert run.series("train.loss") == reference[1]
     assert store.list_keys(f"{KEY}/_checkpoints") == []
+
+
+def test_a_sigterm_saves_a_checkpoint_at_the_end_of_its_step_and_the_rerun_resumes_there(
+    tmp_path, model_cache, dataset, reference
+):
+    """A preempted pod gets SIGTERM: training finishes its step, saves a checkpoint there (not only
+    at checkpoint_every) and stops; the rerun resumes from it, bit for bit the uninterrupted run."""
+    from selma_core import stopping
+
+    store = LocalArtifactStore(tmp_path / "store")
+    checkpoints = CheckpointStore(store, KEY, tmp_path / "scratch", keep=2)
+    cfg = config(checkpoint_every=100)  # no periodic checkpoint in these 4 steps
+
+    def preempted(step: int) -> None:
+        if step == 2:
+            assert stopping.defer_stop()  # what the job's SIGTERM handler asks
+
+    torch.manual_seed(cfg.seed)
+    trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 2 of 4 on SIGTERM"):
+        trainer.train(dataset, checkpoints=checkpoints, on_step=preempted)
+    assert checkpoints.steps() == [2]
+    assert not stopping.defer_stop()  # outside training, a stop is not deferred
+
+    trainer, history = run(model_cache, dataset, cfg, checkpoints)
+    assert trainer.resumed_from_step == 2
+    assert history == reference[1]
+    assert_same_adapter(trainer, reference[0], tmp_path)

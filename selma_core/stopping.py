@@ -1,0 +1,103 @@
+"""A stop asked for from outside (SIGTERM: a preempted pod, a cancelled pipeline) that a phase takes
+at its next safe point instead of wherever the signal lands.
+
+Training loses everything since its last checkpoint when it is interrupted mid-step; at the end of a
+step it can save a checkpoint first, and the rerun resumes there. So the job's SIGTERM handler
+(``jobs.signals``) asks ``defer_stop()`` before it raises: inside ``safe_points(wait_s)`` the first
+stop is deferred (``stop_requested()`` turns true, the phase checks it at each safe point and stops
+there itself, ``stop_now()``); outside, or for a second signal, or once ``wait_s`` has passed
+without a safe point, the handler raises ``KeyboardInterrupt`` at once, as before.
+``refuse_deferral()`` makes the next stop immediate whatever the section (a lost lease: another
+worker owns the output now, and nothing may be written).
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+_lock = threading.Lock()
+_section_wait_s: float | None = None  # inside safe_points(): how long a deferred stop may wait
+_state = "idle"  # "idle", "deferred" (a safe point will stop), "immediate" (no deferral)
+_timer: threading.Timer | None = None
+
+
+def defer_stop() -> bool:
+    """Called by a stop signal's handler: True when a safe point will take the stop (the handler
+    returns), False when it must interrupt now."""
+    global _state, _timer
+    with _lock:
+        if _section_wait_s is None or _state != "idle":
+            return False
+        _state = "deferred"
+        # Bounded: a safe point that does not come in time (a step slower than the wait) gives way
+        # to the interrupt, as the signal would have without deferral.
+        _timer = threading.Timer(_section_wait_s, _interrupt_main)
+        _timer.daemon = True
+        _timer.start()
+    print(
+        f"stop requested: stopping at the next safe point (within {_section_wait_s:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def stop_requested() -> bool:
+    """Whether a deferred stop waits for this safe point."""
+    return _state == "deferred"
+
+
+def stop_now(why: str) -> None:
+    """Take the deferred stop: raise ``KeyboardInterrupt(why)`` (the job's interrupt path: its run
+    closed as failed, exit 130)."""
+    refuse_deferral()
+    raise KeyboardInterrupt(why)
+
+
+def refuse_deferral() -> None:
+    """The next stop interrupts at once, inside a section or not."""
+    global _state
+    with _lock:
+        _state = "immediate"
+        _cancel_timer()
+
+
+@contextlib.contextmanager
+def safe_points(wait_s: float) -> Iterator[None]:
+    """Inside, a first stop signal is deferred (up to ``wait_s``) to the code's next check of
+    ``stop_requested()``. A stop still waiting when the section ends interrupts then."""
+    global _section_wait_s, _state
+    with _lock:
+        _section_wait_s, _state = wait_s, "idle"
+    try:
+        yield
+    finally:
+        with _lock:
+            _section_wait_s = None
+            _cancel_timer()
+            pending = _state == "deferred"
+            if pending:
+                _state = "immediate"
+        if pending:
+            raise KeyboardInterrupt("stop requested")
+
+
+def _cancel_timer() -> None:
+    global _timer
+    if _timer is not None:
+        _timer.cancel()
+        _timer = None
+
+
+def _interrupt_main() -> None:
+    global _state
+    with _lock:
+        _state = "immediate"
+    # The signal's own handler raises now (SIGINT may be ignored in a job started in the background).
+    handled = callable(signal.getsignal(signal.SIGTERM))
+    _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
