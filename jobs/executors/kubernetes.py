@@ -33,6 +33,7 @@ from jobs.executors.base import Executor, JobHandle, JobState, JobStatus, speaki
 from jobs.executors.kubernetes_manifests import (
     ANNOTATION_PROCESSES,
     CONTAINER,
+    LABEL_PIPELINE,
     POD_CONFIG_PATH,
     SubmissionInfo,
     config_map_items,
@@ -71,6 +72,9 @@ UNSEEN_S = 60.0
 STALL_S = 120.0
 # With --follow-logs, how often a job whose pod is not running yet is looked at again.
 FOLLOW_LOOK_S = 3.0
+# A pipeline's ConfigMap that no Job uses is deleted once this old (a younger one may be another
+# controller's, whose Jobs are about to be created).
+CONFIG_MAP_SWEEP_AGE_S = 3600.0
 # Waiting reasons of a container that will not start by waiting (until the Job's deadline).
 POD_CANNOT_START = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 CONFIGURATION_REASONS = {"InvalidImageName", "CreateContainerConfigError"}
@@ -383,6 +387,51 @@ class KubernetesExecutor(Executor):
             if e.status != 409:  # 409: this exact config (the name is its hash) is there already
                 raise _api_error("create ConfigMap", self._core, e) from e
         self._config_map_ready = True
+        self._sweep_config_maps()
+
+    def _sweep_config_maps(self) -> None:
+        """Delete the pipeline's ConfigMaps that no Job uses any more: Jobs go with their TTL, but
+        nothing owns a ConfigMap (it serves every Job of one config), so each config change would
+        leave one in etcd for good. Only ones older than ``CONFIG_MAP_SWEEP_AGE_S``: a younger one
+        may be another controller's, its Jobs about to be created. Housekeeping: never fails a
+        pipeline."""
+        from datetime import UTC, datetime
+
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            selector = f"{LABEL_PIPELINE}={self.cfg.name}"
+            listing = self._core.list_namespaced_config_map(
+                self.namespace, label_selector=selector, _preload_content=False
+            )
+            maps = json.loads(listing.data).get("items") or []
+            used = {self.config_map["metadata"]["name"]}
+            for job in pipeline_jobs(self._batch, self.namespace, self.cfg.name):
+                for volume in (job["spec"]["template"].get("spec") or {}).get("volumes") or []:
+                    used.add((volume.get("configMap") or {}).get("name"))
+            now = datetime.now(UTC)
+            deleted = []
+            for config_map in maps:
+                meta = config_map["metadata"]
+                created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
+                if meta["name"] in used or (now - created).total_seconds() < CONFIG_MAP_SWEEP_AGE_S:
+                    continue
+                try:
+                    self._core.delete_namespaced_config_map(
+                        meta["name"], self.namespace, _preload_content=False
+                    )
+                    deleted.append(meta["name"])
+                except ApiException as e:
+                    if e.status != 404:  # gone already: another controller swept it
+                        raise
+        except Exception as e:
+            self.echo(f"could not clean up the pipeline's unused ConfigMaps: {e}")
+            return
+        if deleted:
+            self.echo(
+                f"deleted {len(deleted)} ConfigMap(s) of earlier configs that no Job uses: "
+                + ", ".join(deleted)
+            )
 
     def _call(self, action: str, api, fn, *args, deadline: float | None = None, **kwargs):
         """One API call, retried with backoff while the server is unreachable or answers 5xx/429:

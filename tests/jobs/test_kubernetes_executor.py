@@ -721,3 +721,41 @@ def test_a_failed_multi_node_train_job_is_restarted_whole_but_not_after_exit_2_o
         assert status.state.value == "failed" and handle.extra["restarts"] == 0
     finally:
         executor.close()
+
+
+def test_configmaps_of_earlier_configs_that_no_job_uses_are_deleted_once_old(cluster, k8s_config, tmp_path):
+    """Nothing owns a pipeline's ConfigMap (it serves all the Jobs of one config), so the controller
+    deletes the ones no Job uses; a young one may be another controller's about to be used: kept."""
+    from datetime import UTC, datetime, timedelta
+
+    from jobs.executors.kubernetes_manifests import pipeline_labels
+
+    executor, plan = executor_and_plan(k8s_config(), tmp_path)
+
+    def config_map(name: str, age_s: float) -> None:
+        cluster.create(
+            "configmaps",
+            {"metadata": {"name": name, "labels": pipeline_labels("selma-k8s")}, "data": {"a": "b"}},
+        )
+        then = (datetime.now(UTC) - timedelta(seconds=age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cluster.mutate("configmaps", "selma", name, lambda cm: cm["metadata"].update(creationTimestamp=then))
+
+    config_map("selma-k8s-config-old", 7200)
+    config_map("selma-k8s-config-young", 60)
+    config_map("selma-k8s-config-in-use", 7200)
+    train = plan.job("train", "counting")
+    [running] = executor.manifests([train], job_command(train, executor.job_config_path), {})[:1]
+    for volume in running["spec"]["template"]["spec"]["volumes"]:
+        if volume["name"] == "config":
+            volume["configMap"]["name"] = "selma-k8s-config-in-use"  # a Job of an earlier config
+    cluster.create("jobs", running)
+    merge = plan.job("merge")
+    try:
+        executor.submit(merge, job_command(merge, executor.job_config_path), {})
+    finally:
+        executor.close()
+    assert {cm["metadata"]["name"] for cm in cluster.objects("configmaps", "selma")} == {
+        "selma-k8s-config-young",
+        "selma-k8s-config-in-use",
+        executor.config_map["metadata"]["name"],
+    }
