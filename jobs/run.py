@@ -469,10 +469,11 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # Under torchrun, most often: another rank failed (its error is in the log) and torchrun
-        # stopped this one.
-        why = "interrupted" + (" (stopped by torchrun: another rank may have failed)" if where else "")
+        # stopped this one. Training stopped by SIGTERM at a step's end says where it saved.
+        said = f": {e}" if str(e) and not str(e).startswith("signal ") else ""
+        why = "interrupted" + said + (" (stopped by torchrun: another rank may have failed)" if where else "")
         print(f"error{where}: {why} (the output was not committed)", file=sys.stderr)
         report({"job": args.phase, "skill": args.skill, "status": "failed", "error": why, "exit_code": 130})
         return 130

@@ -6,9 +6,9 @@ Reads only MLflow (the pipeline's parent run and its job runs) and the store, so
 executor and from any machine that reaches them. Without ``--pipeline``, the newest pipeline run of
 the config's experiment. States: pending, running, done, skipped (its output was already
 committed), failed, not run (a dependency failed, or the pipeline stopped first), and "done (run
-not closed)" (its output committed, its MLflow run never ended). Times are ISO 8601 with the
-offset. An images job of several processes (``images.num_jobs``) is running while any of them is,
-failed if any failed, done when its output is committed. The last line printed is one JSON object.
+not closed)" (its output committed, its MLflow run never ended). Times are ISO 8601, in UTC. An
+images job of several processes (``images.num_jobs``) is running while any of them is, failed if
+any failed, done when its output is committed. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs.cli import parse_args
@@ -41,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _when(ms: int | None) -> str:
-    """ISO 8601 with the UTC offset: the same instant reads the same on a laptop, in a pod and in CI."""
+    """ISO 8601 in UTC: the same instant reads the same on a laptop, in a pod and in CI."""
     if not ms:
         return "-"
-    return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
-def job_state(runs: list, finished: bool, committed: bool) -> str:
+def job_state(runs: list, finished: bool, committed: bool, forced: bool = False) -> str:
     """A job's state from its runs (one per process that got as far as opening one, the newest
     attempt of each), whether its output is ``committed``, in a pipeline that has ``finished`` or not.
     Done only with its output committed: an images process opens its run once it has claimed work,
@@ -55,7 +55,8 @@ def job_state(runs: list, finished: bool, committed: bool) -> str:
     states = {run.status for run in runs}
     if "RUNNING" in states and not finished:
         return "running"
-    if "RUNNING" in states and states <= {"FINISHED", "RUNNING"} and committed:
+    # Not for a forced job: the output committed may be the one it was rerun to replace.
+    if "RUNNING" in states and states <= {"FINISHED", "RUNNING"} and committed and not forced:
         # Its work is in the store; its run's end never reached MLflow (a tracking outage: the end
         # waits in a buffer file to replay, or the job was killed after committing).
         return "done (run not closed)"
@@ -118,7 +119,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         runs = [newest[job.name][worker] for worker in sorted(newest.get(job.name, {}))]
         committed = store.is_committed(job.key)
         if runs:
-            state = job_state(runs, finished, committed)
+            state = job_state(runs, finished, committed, job.id in forced)
         elif committed and job.id not in forced:
             state = "skipped"
         else:  # a forced job never started (blocked) is not skipped, though an old output exists

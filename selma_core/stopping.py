@@ -5,7 +5,7 @@ Training loses everything since its last checkpoint when it is interrupted mid-s
 step it can save a checkpoint first, and the rerun resumes there. So the job's SIGTERM handler
 (``jobs.signals``) asks ``defer_stop()`` before it raises: inside ``safe_points(wait_s)`` the first
 stop is deferred (``stop_requested()`` turns true, the phase checks it at each safe point and stops
-there itself, ``stop_now()``); outside, or for a second signal, or once ``wait_s`` has passed
+there itself, after ``take_stop()``); outside, or for a second signal, or once ``wait_s`` has passed
 without a safe point, the handler raises ``KeyboardInterrupt`` at once, as before.
 ``refuse_deferral()`` makes the next stop immediate whatever the section (a lost lease: another
 worker owns the output now, and nothing may be written).
@@ -30,7 +30,11 @@ def defer_stop() -> bool:
     """Called by a stop signal's handler: True when a safe point will take the stop (the handler
     returns), False when it must interrupt now."""
     global _state, _timer
-    with _lock:
+    # Not blocking: the handler runs in the main thread, which may hold the lock itself (between
+    # two bytecodes of a ``with _lock`` block); then the stop is simply not deferred.
+    if not _lock.acquire(blocking=False):
+        return False
+    try:
         if _section_wait_s is None or _state != "idle":
             return False
         _state = "deferred"
@@ -39,6 +43,8 @@ def defer_stop() -> bool:
         _timer = threading.Timer(_section_wait_s, _interrupt_main)
         _timer.daemon = True
         _timer.start()
+    finally:
+        _lock.release()
     print(
         f"stop requested: stopping at the next safe point (within {_section_wait_s:g} s)",
         file=sys.stderr,
@@ -52,11 +58,12 @@ def stop_requested() -> bool:
     return _state == "deferred"
 
 
-def stop_now(why: str) -> None:
-    """Take the deferred stop: raise ``KeyboardInterrupt(why)`` (the job's interrupt path: its run
-    closed as failed, exit 130)."""
+def take_stop() -> None:
+    """The safe point takes the deferred stop: the wait's timer no longer runs (what the phase does
+    before it stops, a checkpoint's save, is bounded by the signal's sender: a pod's grace period),
+    and a further stop interrupts at once. The phase then raises ``KeyboardInterrupt`` itself (the
+    job's interrupt path: its run closed as failed, exit 130)."""
     refuse_deferral()
-    raise KeyboardInterrupt(why)
 
 
 def refuse_deferral() -> None:
@@ -76,15 +83,23 @@ def safe_points(wait_s: float) -> Iterator[None]:
         _section_wait_s, _state = wait_s, "idle"
     try:
         yield
-    finally:
-        with _lock:
-            _section_wait_s = None
-            _cancel_timer()
-            pending = _state == "deferred"
-            if pending:
-                _state = "immediate"
+    except BaseException:
+        _leave()
+        raise  # the section's own error (a diverged loss, say) stands, not a stop behind it
+    if _leave():
+        raise KeyboardInterrupt("stop requested")
+
+
+def _leave() -> bool:
+    """End the section; whether a deferred stop was still waiting."""
+    global _section_wait_s, _state
+    with _lock:
+        _section_wait_s = None
+        _cancel_timer()
+        pending = _state == "deferred"
         if pending:
-            raise KeyboardInterrupt("stop requested")
+            _state = "immediate"
+    return pending
 
 
 def _cancel_timer() -> None:

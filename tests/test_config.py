@@ -308,7 +308,8 @@ def test_skill_names_the_results_use_for_aggregates_are_reserved(tmp_path, name)
         ("latest", "reserved by MLflow"),
         ("V3", "reserved by MLflow"),
         ("champion", "jobs.promote's"),
-        ("", "a name"),
+        ("", "letters, digits"),
+        ("rc.1", "letters, digits"),
     ],
 )
 def test_merge_aliases_mlflow_or_the_gate_own_are_refused(tmp_path, alias, why):

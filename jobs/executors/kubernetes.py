@@ -676,7 +676,7 @@ class KubernetesExecutor(Executor):
         elif _condition(job, "Complete"):
             return self._finish(handle, JobState.SUCCEEDED, job, None)
         failed = _condition(job, "Failed")
-        if failed and self._restart_group(handle, job, failed):
+        if failed and not gone and self._restart_group(handle, job, failed):
             return JobStatus(JobState.PENDING)
         if failed:
             reason = f"Job {name} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
@@ -721,6 +721,9 @@ class KubernetesExecutor(Executor):
             f"starting its {nodes} nodes again from the latest checkpoint "
             f"(restart {attempt} of {self.k8s.backoff_limit})"
         )
+        # jobs.cancel may have deleted the ConfigMap meanwhile: without it the pods never start.
+        self._config_map_ready = False
+        self._ensure_config_map()
         _, uid = self._start(copy.deepcopy(group))
         handle.extra.update(uid=uid, since=time.monotonic(), restarts=attempt)
         for stale in ("checked", "said", "read_unseen"):

@@ -68,8 +68,11 @@ class MergeConfig:
             raise ValueError(f"density: expected a number in (0, 1], got {self.density}")
         if self.export == "svd" and (self.export_rank is None or self.export_rank < 1):
             raise ValueError("export: svd needs export_rank, a positive rank to truncate each layer to")
-        if not isinstance(self.alias, str) or not self.alias.strip():
-            raise ValueError(f"alias: expected a name, got {self.alias!r}")
+        if not isinstance(self.alias, str) or not re.fullmatch(r"[\w-]{1,255}", self.alias):
+            # MLflow's own rule for alias names, checked only once the version is registered.
+            raise ValueError(
+                f"alias: expected letters, digits, '_' and '-' (at most 255), got {self.alias!r}"
+            )
         if self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
             # MLflow refuses these, and only after the version is registered: the job would fail then.
             raise ValueError(f"alias: {self.alias!r} is reserved by MLflow's registry (latest, v<N>)")

@@ -918,8 +918,10 @@ class ExpertTrainer:
             raise ValueError(
                 f"trained at {trained_at} px, this run trains at {self.training_resolution()} px"
             )
-        if not 0 < state.step < self.cfg.steps:
-            raise ValueError(f"step {state.step} is not within 1..{self.cfg.steps - 1}")
+        # The last step only from a stop there (periodic checkpoints end before it): resuming then
+        # trains no step and commits.
+        if not 0 < state.step <= self.cfg.steps:
+            raise ValueError(f"step {state.step} is not within 1..{self.cfg.steps}")
         missing = {"history", "elapsed_s", "optimizer", "rng"} - set(meta)
         if self.scaler.is_enabled():
             missing |= {"grad_scaler"} - set(meta)
@@ -1081,6 +1083,20 @@ class ExpertTrainer:
         # checkpoint and stops: the rerun resumes there, not at the last periodic checkpoint. One
         # process only: several would have to agree on the step (a collective every step).
         stoppable = world_size == 1 and checkpoints is not None and bool(cfg.checkpoint_every)
+
+        def stop_here(step: int) -> None:
+            """Take a deferred SIGTERM at the end of ``step``: a checkpoint there, then stop."""
+            stopping.take_stop()
+            if pending:
+                self._settle(pending, last_checkpoint, checkpoints)
+            if last_checkpoint != step:
+                elapsed = self.resumed_elapsed_s + time.monotonic() - started
+                checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+            raise KeyboardInterrupt(
+                f"stopped after step {step} of {cfg.steps} on SIGTERM; checkpoint "
+                f"{checkpoints.key(step)} saved: a rerun resumes there"
+            )
+
         with stopping.safe_points(STOP_WAIT_S) if stoppable else contextlib.nullcontext():
             for step in tqdm(
                 steps,
@@ -1138,6 +1154,8 @@ class ExpertTrainer:
                     elapsed = self.resumed_elapsed_s + time.monotonic() - started
                     checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
                     last_checkpoint = step
+                if stopping.stop_requested():
+                    stop_here(step)
                 if on_validate and rank == 0 and cfg.validation_every and step % cfg.validation_every == 0:
                     unet.eval()
                     self._doing = "validation"
@@ -1146,16 +1164,8 @@ class ExpertTrainer:
                     unet.train()
                 if on_step and rank == 0:
                     on_step(step)
-                if stopping.stop_requested():  # SIGTERM (a preemption): a checkpoint here, then stop
-                    if pending:
-                        self._settle(pending, last_checkpoint, checkpoints)
-                    if last_checkpoint != step:
-                        elapsed = self.resumed_elapsed_s + time.monotonic() - started
-                        checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
-                    stopping.stop_now(
-                        f"stopped after step {step} of {cfg.steps} on SIGTERM; checkpoint "
-                        f"{checkpoints.key(step)} saved: a rerun resumes there"
-                    )
+                if stopping.stop_requested():
+                    stop_here(step)
         unet.eval()
         return history
 

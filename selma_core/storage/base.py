@@ -10,7 +10,6 @@ their files, and the manifest written last wins whole.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -36,13 +35,13 @@ def short_name(name: str, limit: int = 64) -> str:
     return name.encode()[:limit].decode(errors="ignore")
 
 
-def _drop_stale_partials(local: Path) -> None:
-    """Deletes what fetches of ``local`` killed mid-download left behind (``.<name>.*.partial``).
+def _drop_stale_partials(folder: Path) -> None:
+    """Deletes what fetches killed mid-download left in ``folder`` (``.<name>.*.partial``).
 
     Only files untouched for ``STALE_PARTIAL_S``: one still growing belongs to a fetch running now.
     """
     now = time.time()
-    for partial in local.parent.glob(f".{glob.escape(short_name(local.name))}.*.partial"):
+    for partial in folder.glob(".*.partial"):
         with contextlib.suppress(OSError):  # gone already, or taken by another cleaner
             if now - partial.stat().st_mtime > STALE_PARTIAL_S:
                 partial.unlink()
@@ -189,6 +188,7 @@ class ArtifactStore(ABC):
         """
         manifest = self.read_manifest(key)
         target = Path(cache_dir) / "fetched" / key
+        swept: set[Path] = set()  # folders cleared of stale partials (once each: a glob reads it all)
         for rel, info in manifest["files"].items():
             try:  # a tampered manifest must not write (or read) outside the output
                 validate_key(rel)
@@ -205,7 +205,9 @@ class ArtifactStore(ABC):
             ):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
-            _drop_stale_partials(local)
+            if local.parent not in swept:
+                _drop_stale_partials(local.parent)
+                swept.add(local.parent)
             # A private partial name: two processes may fetch the same output at once.
             fd, partial_name = tempfile.mkstemp(
                 prefix=f".{short_name(local.name)}.", suffix=".partial", dir=local.parent

@@ -719,6 +719,15 @@ def test_a_failed_multi_node_train_job_is_restarted_whole_but_not_after_exit_2_o
         handle = executor.submit(job, command, {})
         status = fail_a_node(handle, 2)
         assert status.state.value == "failed" and handle.extra["restarts"] == 0
+
+        # Failed, then deleted (jobs.cancel) before the controller looked: not started again.
+        handle = executor.submit(job, command, {})
+        cluster.start_job(handle.ref, index=0)
+        cluster.finish_job(handle.ref, 1, index=1)
+        cluster.delete_object("jobs", "selma", handle.ref)
+        status = settle(handle)
+        assert status.state.value == "failed" and handle.extra["restarts"] == 0
+        assert cluster.jobs() == []
     finally:
         executor.close()
 

@@ -39,13 +39,26 @@ def test_the_first_sigterm_waits_for_a_safe_point_a_second_does_not(sigterm_hand
         pytest.fail("the second SIGTERM did not interrupt")
 
 
-def test_a_safe_point_takes_the_stop(sigterm_handler):
-    with pytest.raises(KeyboardInterrupt, match="saved"), stopping.safe_points(30.0):
+def test_a_safe_point_takes_the_stop_and_its_save_is_not_cut_short(sigterm_handler):
+    with pytest.raises(KeyboardInterrupt, match="saved"), stopping.safe_points(0.2):
         sigterm()
         for _ in range(3):  # steps
             if stopping.stop_requested():
-                stopping.stop_now("checkpoint saved")
+                stopping.take_stop()
+                time.sleep(0.5)  # saving a checkpoint, longer than the wait: not interrupted
+                raise KeyboardInterrupt("checkpoint saved")
     assert not stopping.stop_requested()
+
+
+def test_an_error_in_the_section_is_not_replaced_by_a_waiting_stop(sigterm_handler):
+    with pytest.raises(ValueError, match="loss became nan"), stopping.safe_points(30.0):
+        sigterm()
+        raise ValueError("loss became nan")  # the job's exit 2, not an interrupt's 130
+
+
+def test_a_sigterm_while_the_main_thread_holds_the_lock_interrupts_rather_than_hangs(sigterm_handler):
+    with pytest.raises(KeyboardInterrupt), stopping.safe_points(30.0), stopping._lock:
+        sigterm()
 
 
 def test_a_safe_point_that_does_not_come_in_time_gives_way_to_the_interrupt(sigterm_handler):

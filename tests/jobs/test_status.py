@@ -140,3 +140,13 @@ def test_status_names_a_missing_bucket_rather_than_showing_nothing_committed(tin
     storage = {"uri": "s3://no-such-bucket-for-selma/store", "endpoint_url": moto_s3, "retry_budget_s": 0}
     assert status.main(["--config", str(tiny_config(storage=storage))]) == 2
     assert "bucket missing or not accessible" in json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+
+
+def test_a_forced_job_killed_before_its_commit_is_failed_though_an_old_output_exists():
+    from types import SimpleNamespace
+
+    from jobs.status import job_state
+
+    open_run = [SimpleNamespace(status="RUNNING")]
+    assert job_state(open_run, finished=True, committed=True) == "done (run not closed)"
+    assert job_state(open_run, finished=True, committed=True, forced=True) == "failed"

@@ -266,3 +266,22 @@ def test_a_sigterm_saves_a_checkpoint_at_the_end_of_its_step_and_the_rerun_resum
     assert trainer.resumed_from_step == 2
     assert history == reference[1]
     assert_same_adapter(trainer, reference[0], tmp_path)
+
+
+def test_a_sigterm_at_the_last_step_keeps_the_finished_training(tmp_path, model_cache, dataset, reference):
+    from selma_core import stopping
+
+    store = LocalArtifactStore(tmp_path / "store")
+    checkpoints = CheckpointStore(store, KEY, tmp_path / "scratch", keep=2)
+    cfg = config()  # a checkpoint every step, but none at the last (the adapter's commit follows)
+    torch.manual_seed(cfg.seed)
+    trainer = ExpertTrainer(load_diffusion_pipeline("random:tiny-sd", model_cache), cfg, "cpu")
+    with pytest.raises(KeyboardInterrupt, match=f"stopped after step {STEPS} of {STEPS}"):
+        trainer.train(
+            dataset, checkpoints=checkpoints, on_step=lambda s: s == STEPS and stopping.defer_stop()
+        )
+    assert checkpoints.steps() == [STEPS - 1, STEPS]
+    trainer, history = run(model_cache, dataset, cfg, checkpoints)
+    assert trainer.resumed_from_step == STEPS  # no step trained again
+    assert history == reference[1]
+    assert_same_adapter(trainer, reference[0], tmp_path)
