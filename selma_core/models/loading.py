@@ -22,9 +22,20 @@ def resolve_model_path(spec: str, cache_dir: str | Path) -> str:
     """What ``from_pretrained`` should be given: a local folder (random models are built there), a hub id."""
     if is_random_model(spec):
         return str(materialize_random_model(spec, cache_dir))
-    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
+    local = Path(spec).expanduser()
+    if local.is_file():
+        raise ConfigError(
+            f"model {spec!r}: a single file; give a diffusers/transformers model folder (a single-file "
+            "checkpoint converts with diffusers' from_single_file(...).save_pretrained(folder))"
+        )
+    if spec.startswith(("/", ".", "~")) and not local.is_dir():
         raise ConfigError(f"model {spec!r}: local folder not found")
     return spec
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, true, yes, on; any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 # Hub answers that a retry cannot change: the id, revision or file does not exist, or access is gated.
@@ -34,6 +45,7 @@ _PERMANENT_HUB_ERRORS = (
     "EntryNotFoundError",
     "GatedRepoError",
     "LocalEntryNotFoundError",
+    "HFValidationError",  # not a repo id at all: a URL, a stray space
 )
 
 
@@ -54,20 +66,35 @@ def model_load_error(spec: str, error: Exception) -> Exception:
     """The error to raise when ``from_pretrained(spec)`` failed: ConfigError when retrying cannot help."""
     if Path(spec).is_dir():
         folder = Path(spec)
-        if any(folder.rglob("*.bin")) and "safetensors" in str(error):
-            return ConfigError(f"model {spec!r}: {PICKLE_HINT}: {error}")
+        pickles = sorted(
+            p.relative_to(folder).as_posix()
+            for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")
+            for p in folder.rglob(pattern)
+        )
+        if pickles and "safetensors" in str(error):
+            shown = ", ".join(pickles[:3]) + (f" and {len(pickles) - 3} more" if len(pickles) > 3 else "")
+            return ConfigError(f"model {spec!r} has pickle weights ({shown}): {PICKLE_HINT}: {error}")
         return ConfigError(f"model {spec!r}: the folder is not a diffusers/transformers model: {error}")
     causes = []
     cause: BaseException | None = error
     while cause is not None and len(causes) < 5:
         causes.append(type(cause).__name__)
         cause = cause.__cause__ or cause.__context__
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if "`safetensors` weights" in str(error) or "safetensors weights" in str(error):
+        # The hub repo (or cache) has pickle weights only: a retry finds the same files.
+        return ConfigError(f"model {spec!r}: {PICKLE_HINT}: {error}")
+    if hub_offline():
         return ConfigError(
-            f"model {spec!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; download "
+            f"model {spec!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE="
+            f"{os.environ['HF_HUB_OFFLINE']} is set; download "
             f"it first (huggingface-cli download {spec}) or give a local folder: {error}"
         )
-    if any(name in _PERMANENT_HUB_ERRORS for name in causes) or "not a valid model identifier" in str(error):
+    text = str(error)
+    if (
+        any(name in _PERMANENT_HUB_ERRORS for name in causes)
+        or "not a valid model identifier" in text
+        or "valid repo id" in text
+    ):
         return ConfigError(
             f"model {spec!r}: no such model or revision on the hub, or no access (HF_TOKEN): {error}"
         )
@@ -89,6 +116,11 @@ def load_diffusion_pipeline(
 
     path = resolve_model_path(spec, cache_dir)
     kwargs: dict[str, Any] = weights_kwargs(allow_pickle)
+    if revision and not is_random_model(spec) and Path(path).is_dir():
+        raise ConfigError(
+            f"model {spec!r}: a revision ({revision!r}) pins a hub model; a local folder has none "
+            "(leave base_model_revision unset, or name the model by its hub id)"
+        )
     if revision:
         kwargs["revision"] = revision
     if torch_dtype is not None:

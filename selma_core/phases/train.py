@@ -388,6 +388,13 @@ class ExpertTrainer:
 
         from selma_core.models import speed
 
+        if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+            # An SD3, PixArt or Flux pipeline (a transformer, no UNet): SELMA's recipe targets the
+            # UNet's attention. Refused here, not as an AttributeError a retry would repeat.
+            raise ConfigError(
+                f"base model: a {type(pipe).__name__}, which has no UNet and VAE; training supports "
+                "Stable Diffusion 1.x, 2.x and XL pipelines"
+            )
         self.sdxl = hasattr(pipe, "text_encoder_2")
         # The batch settings resolved for this model: what the trainer, its checkpoints and the
         # job's result go by.
