@@ -440,6 +440,8 @@ _PAGE_TEMPLATE = """<!DOCTYPE html>
       <span class="status" id="status"></span>
       <button id="btn-next">Next &rsaquo;</button>
     </div>
+    <div class="row"><button id="btn-save-progress">Save progress</button>
+      <span class="status" id="progress-msg">(the answers so far, to send or to finish later)</span></div>
   </section>
   <section id="done">
     <h2>All %%N%% pairs answered</h2>
@@ -508,9 +510,8 @@ _PAGE_TEMPLATE = """<!DOCTYPE html>
     if (index >= n || !answers[pairs[index].pair_id]) return;
     leave(); index += 1; render();
   }
-  function save() {
+  function save(msg) {            // msg: where to say what happened
     const rater = $("rater").value.trim();
-    const msg = $("save-msg");
     if (!rater) {
       msg.className = "warn"; msg.textContent = "Please enter your name at the top first.";
       $("rater").focus();
@@ -534,10 +535,15 @@ _PAGE_TEMPLATE = """<!DOCTYPE html>
   $("btn-back").addEventListener("click", back);
   $("btn-next").addEventListener("click", next);
   $("btn-review").addEventListener("click", back);
-  $("btn-save").addEventListener("click", save);
+  $("btn-save").addEventListener("click", () => save($("save-msg")));
+  // A partial file is a valid one (ingest counts the pairs left unrated): a long set need not be
+  // finished in one sitting, nor lost with the tab.
+  $("btn-save-progress").addEventListener("click", () => save($("progress-msg")));
   document.addEventListener("keydown", (e) => {
     const tag = e.target && e.target.tagName;
     if (tag === "INPUT" || tag === "TEXTAREA" || e.altKey || e.ctrlKey || e.metaKey) return;
+    // Space or Enter on a button a keyboard user tabbed to is that button's click, not a tie.
+    if (tag === "BUTTON" && (e.key === " " || e.key === "Enter")) return;
     if (index >= n && e.key !== "Backspace" && e.key !== "ArrowUp") return;  // Enter/space on Save stay
     if (e.repeat) { e.preventDefault(); return; }  // a held key answers once, not for every pair
     const action = {"1": "left", "ArrowLeft": "left", "2": "tie", "ArrowDown": "tie", " ": "tie",
@@ -569,8 +575,12 @@ def _load_key(key_path: Path) -> dict[str, Any]:
             raise InputError(f"{where}: missing {field!r}")
     variants = {key["variant_a"], key["variant_b"]}
     for index, pair in enumerate(key["pairs"]):
-        if not isinstance(pair, dict) or not {"pair_id", "skill", "left", "right"} <= pair.keys():
-            raise InputError(f"{where}: pairs[{index}]: expected pair_id, skill, left, right")
+        if (
+            not isinstance(pair, dict)
+            or not {"pair_id", "skill", "left", "right"} <= pair.keys()
+            or not all(isinstance(pair[f], str) for f in ("pair_id", "skill", "left", "right"))
+        ):
+            raise InputError(f"{where}: pairs[{index}]: expected pair_id, skill, left, right (strings)")
         if {pair["left"], pair["right"]} != variants:
             raise InputError(
                 f"{where}: pair {pair['pair_id']!r}: sides {pair['left']!r}/{pair['right']!r} "
@@ -601,7 +611,7 @@ def _read_ratings(path: Path, key: dict[str, Any], pair_ids: set[str]) -> tuple[
         if not isinstance(entry, dict):
             raise InputError(f"{here}: expected an object with pair_id and choice")
         pair_id, choice = entry.get("pair_id"), entry.get("choice")
-        if pair_id not in pair_ids:
+        if not isinstance(pair_id, str) or pair_id not in pair_ids:
             raise InputError(f"{here}: pair_id {pair_id!r} is not in set {key['set_id']!r}")
         if choice not in CHOICES:
             raise InputError(f"{here} (pair {pair_id!r}): choice {choice!r} is not one of {list(CHOICES)}")
@@ -613,6 +623,16 @@ def _read_ratings(path: Path, key: dict[str, Any], pair_ids: set[str]) -> tuple[
         out.append((pair_id, choice, None if time_s is None else float(time_s)))
     saved_at = data.get("saved_at")
     return rater.strip(), saved_at if isinstance(saved_at, str) else "", out
+
+
+def wilson_interval(rate: float, n: int, confidence: float) -> tuple[float, float]:
+    """The Wilson score interval of a rate seen over ``n`` trials (here pairs, a tie counting half)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _counts(outcomes: list[float]) -> dict[str, Any]:
@@ -641,7 +661,9 @@ def ingest_ratings(
     the argument order breaks ties), entries in file order. Raters are pooled: ``n`` counts
     ratings, ``n_pairs`` distinct pairs. ``low``/``high``: ``bootstrap_ci`` (``seed``,
     ``resamples``, ``confidence``) of the per-pair outcome for B (1 win, 0.5 tie, 0 loss, averaged
-    over the pair's raters), i.e. pairs are resampled. When every rater rated the same pairs, the mean
+    over the pair's raters), i.e. pairs are resampled; when every pair has the same outcome (all
+    won, say) resampling cannot vary, and the Wilson score interval over ``n_pairs`` is given instead
+    (``interval``: which). When every rater rated the same pairs, the mean
     of those per-pair outcomes is ``win_rate_b``; otherwise it may differ a little from the pooled rate
     (in which a pair with more raters weighs more). With ``tracking_uri``, the summary is also logged
     to MLflow (``log_summary``) and the run is named under ``"mlflow"``.
@@ -692,13 +714,16 @@ def ingest_ratings(
     table: dict[str, dict[str, Any]] = {}
     for group, ids in groups.items():
         row = _counts([o for p in ids for o in by_pair[p]])
-        interval = bootstrap_ci(
-            {p: float(np.mean(by_pair[p])) for p in ids},
-            confidence=confidence,
-            resamples=resamples,
-            seed=seed,
-        )
-        row.update(n_pairs=len(ids), low=interval.low, high=interval.high)
+        per_pair = {p: float(np.mean(by_pair[p])) for p in ids}
+        if len(set(per_pair.values())) > 1:
+            interval = bootstrap_ci(per_pair, confidence=confidence, resamples=resamples, seed=seed)
+            low, high, method = interval.low, interval.high, "bootstrap"
+        else:
+            # Every pair went the same way: every resample is the same, a zero-width "interval"
+            # that 5 pairs of 5 would claim as certain. The Wilson score interval does not.
+            low, high = wilson_interval(next(iter(per_pair.values())), len(per_pair), confidence)
+            method = "wilson"
+        row.update(n_pairs=len(ids), low=low, high=high, interval=method)
         table[group] = row
     raters = {}
     for rater in sorted(by_rater):
@@ -708,7 +733,8 @@ def ingest_ratings(
         "set_id": key["set_id"],
         "variant_a": key["variant_a"],
         "variant_b": variant_b,
-        "win_rate": "B's (wins + ties / 2) / n; low/high: bootstrap over pairs",
+        "win_rate": "B's (wins + ties / 2) / n; low/high: bootstrap over pairs (the Wilson score "
+        "interval over pairs when every pair went the same way)",
         "confidence": confidence,
         "resamples": resamples,
         "seed": seed,

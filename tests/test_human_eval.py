@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from selma_core.errors import InputError
-from selma_core.human_eval import export_ab_set, ingest_ratings, main
+from selma_core.human_eval import export_ab_set, ingest_ratings, main, wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -338,6 +338,10 @@ def test_ingest_logs_to_mlflow(ab_set, tmp_path):
     metrics = run.data.metrics
     assert metrics["human.all.win_rate_b"] == 1.0 and metrics["human.all.win_rate_b_n"] == 4
     assert {"human.all.win_rate_b_low", "human.all.win_rate_b_high"} <= metrics.keys()
+    # Every pair won: no resample can vary, so the Wilson interval over 4 pairs, not [1, 1].
+    assert summary["skills"]["all"]["interval"] == "wilson"
+    assert metrics["human.all.win_rate_b_low"] == pytest.approx(wilson_interval(1.0, 4, 0.95)[0])
+    assert 0.4 < metrics["human.all.win_rate_b_low"] < 0.6 and metrics["human.all.win_rate_b_high"] == 1.0
     for skill in {p["skill"] for p in key["pairs"][:4]}:
         assert metrics[f"human.{skill}.win_rate_b"] == summary["skills"][skill]["win_rate_b"]
     assert run.data.params["variant_b"] == "merged" and run.info.status == "FINISHED"
@@ -493,7 +497,9 @@ def test_rating_page_in_a_headless_browser(browser, tmp_path):
     press(Keys.ARROW_LEFT)  # change pair 2 to left; moves on to pair 3
     assert text("progress") == "Pair 3 of 4"
     driver.find_element(By.ID, "btn-next").click()  # keep pair 3's tie
-    driver.find_element(By.ID, "btn-right").click()  # pair 4: right, by click
+    # Pair 4: right, as a keyboard user gives it: Tab to the button, Space (that button, not a tie).
+    driver.execute_script("document.getElementById('btn-right').focus()")
+    driver.switch_to.active_element.send_keys(Keys.SPACE)
     assert driver.find_element(By.ID, "done").is_displayed() and text("answered") == "4 answered"
 
     driver.find_element(By.ID, "btn-save").click()  # no name yet: asked for one, nothing saved
@@ -502,6 +508,9 @@ def test_rating_page_in_a_headless_browser(browser, tmp_path):
     driver.find_element(By.ID, "btn-save").click()
     saved = wait_for_download(downloads)
     assert saved.name == f"ratings-{key['set_id']}-Ann_Rater.json"
+    driver.find_element(By.ID, "btn-review").click()  # progress can be saved while rating, too
+    driver.find_element(By.ID, "btn-save-progress").click()
+    assert text("progress-msg").startswith("Saved 4 ratings as ")
 
     ratings = json.loads(saved.read_text())
     expected = {"p01": "left", "p02": "left", "p03": "tie", "p04": "right"}
