@@ -114,11 +114,13 @@ class LatentCache:
         commit: bool = True,
         vae_model: str | None = None,
         vae_dtype: str | None = None,
+        vae_model_revision: str | None = None,
     ) -> None:
         self.store, self.scratch_dir = store, Path(scratch_dir)
         self.base_model, self.base_model_revision, self.commit = base_model, base_model_revision, commit
         # Another VAE (train.vae_model) or one run in another dtype than the rest gives other latents.
         self.vae_model, self.vae_dtype = vae_model, vae_dtype
+        self.vae_model_revision = vae_model_revision
 
     def spec(self, dataset, resolution: int, dtype: str) -> dict:
         """What determines the cached tensors (the digest hashes exactly this)."""
@@ -131,6 +133,7 @@ class LatentCache:
             "dtype": dtype,
             # Only when set: entries written before these existed keep their keys.
             **({"vae_model": self.vae_model} if self.vae_model else {}),
+            **({"vae_model_revision": self.vae_model_revision} if self.vae_model_revision else {}),
             **({"vae_dtype": self.vae_dtype} if self.vae_dtype else {}),
         }
 

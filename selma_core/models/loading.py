@@ -140,12 +140,19 @@ def is_sdxl(pipe: Any) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
-def load_vae(spec: str, cache_dir: str | Path, allow_pickle: bool = False):
-    """An ``AutoencoderKL`` from a hub id or local folder (a VAE's own, or a pipeline's ``vae/``)."""
+def load_vae(spec: str, cache_dir: str | Path, allow_pickle: bool = False, revision: str | None = None):
+    """An ``AutoencoderKL`` from a hub id (at ``revision``) or local folder (a VAE's own, or a
+    pipeline's ``vae/``)."""
     from diffusers import AutoencoderKL
 
     path = resolve_model_path(spec, cache_dir)
     kwargs: dict[str, Any] = weights_kwargs(allow_pickle)
+    if revision and not is_random_model(spec) and Path(path).is_dir():
+        raise ConfigError(
+            f"model {spec!r}: a revision ({revision!r}) pins a hub model; a local folder has none"
+        )
+    if revision:
+        kwargs["revision"] = revision
     if (Path(path) / "vae" / "config.json").is_file():
         kwargs["subfolder"] = "vae"
     try:

@@ -143,6 +143,9 @@ class TrainConfig:
     # fp16-safe VAE is named here (hub id or local folder, e.g. madebyollin/sdxl-vae-fp16-fix),
     # which then replaces the base model's VAE for training (its latents, so part of the output).
     vae_model: str | None = hashed_unless_default(None)
+    # The hub revision (commit) of vae_model, as base_model_revision pins the base model: an
+    # upstream change to the VAE would otherwise change the latents under the same name.
+    vae_model_revision: str | None = hashed_unless_default(None)
     # Compute dtype of the frozen weights: "auto" is bfloat16 on CUDA, float32 on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
@@ -1372,7 +1375,10 @@ def train_expert(ctx, skill_name: str) -> dict:
     )
     if cfg.vae_model:
         pipe.vae = load_vae(
-            cfg.vae_model, ctx.config.cache_dir, allow_pickle=ctx.config.allow_pickle_checkpoints
+            cfg.vae_model,
+            ctx.config.cache_dir,
+            allow_pickle=ctx.config.allow_pickle_checkpoints,
+            revision=cfg.vae_model_revision,
         )
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=ctx.config.cache_dir)
     cfg = trainer.cfg  # batch_size and gradient_accumulation resolved for the model
@@ -1395,6 +1401,7 @@ def train_expert(ctx, skill_name: str) -> dict:
         ctx.config.base_model_revision,
         ctx.commits,
         vae_model=cfg.vae_model,
+        vae_model_revision=cfg.vae_model_revision,
         vae_dtype=str(trainer.vae_dtype) if trainer.vae_dtype != trainer.dtype else None,
     )
     start = time.monotonic()

@@ -267,8 +267,10 @@ def test_the_cache_key_follows_what_determines_the_tensors(datasets):
 
     dataset = datasets[SD]
 
-    def key(dataset=dataset, base_model=SD, revision=None, resolution=32, dtype="torch.float32") -> str:
-        cache = LatentCache(None, "unused", base_model, revision)
+    def key(
+        dataset=dataset, base_model=SD, revision=None, resolution=32, dtype="torch.float32", **vae
+    ) -> str:
+        cache = LatentCache(None, "unused", base_model, revision, **vae)
         return cache.key(cache.spec(dataset, resolution, dtype))
 
     base = key()
@@ -281,6 +283,8 @@ def test_the_cache_key_follows_what_determines_the_tensors(datasets):
         key(dataset=dataset[:2]),
         key(dataset=[({**dataset[0][0], "prompt": "another"}, dataset[0][1]), *dataset[1:]]),
         key(dataset=[(dataset[0][0], dataset[0][1] + b"\0"), *dataset[1:]]),
+        key(vae_model="org/vae"),
+        key(vae_model="org/vae", vae_model_revision="0123abc"),  # a pinned VAE's latents are its own
     ]
     assert len({base, *others}) == len(others) + 1
     assert dataset_digest(list(dataset)) == dataset_digest(dataset)
