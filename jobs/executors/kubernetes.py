@@ -703,6 +703,12 @@ class KubernetesExecutor(Executor):
         group, name = handle.extra.get("group"), handle.ref
         if group is None or failed.get("reason") not in ("PodFailurePolicy", "BackoffLimitExceeded"):
             return False
+        # The API's word, not the watch's (which may not have delivered a deletion yet): a Job
+        # deleted since it failed (jobs.cancel, its TTL) is not to be started again.
+        current = self._read_job(name)
+        meta = (current or {}).get("metadata") or {}
+        if meta.get("uid") != handle.extra.get("uid") or meta.get("deletionTimestamp"):
+            return False
         nodes = int(job["spec"].get("completions") or 1)
         codes = {int(c) for c in re.findall(r"failed with exit code (\d+)", failed.get("message") or "")}
         attempt = handle.extra["restarts"] + 1
