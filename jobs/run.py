@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     """Run this same job under torchrun and exit as the job would have: rank 0's result line says
-    how it ended (exit 2 stays 2, so a Kubernetes podFailurePolicy still sees a config error)."""
+    how it ended, unless a rank failed on the configuration or input (exit 2): that stays 2, whichever
+    rank it was, so a Kubernetes podFailurePolicy still sees a config error (the other ranks then
+    fail on their collectives, or are stopped by torchrun: 1 or 130)."""
     import signal
     import subprocess
 
@@ -137,14 +139,14 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             continue
         job_args.append(arg)
     process = subprocess.Popen([*command, "-m", "jobs.run", *job_args], stdout=subprocess.PIPE, text=True)
-    last_result: dict | None = None
+    results: list[dict] = []  # every result line, rank 0's and failed helper ranks'
     try:
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError):
-                    last_result = json.loads(line)
+                    results.append(json.loads(line))
         code = process.wait()
     except KeyboardInterrupt:  # SIGTERM (pod deleted) or Ctrl-C: stop the workers, then go
         process.send_signal(signal.SIGTERM)
@@ -152,7 +154,15 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         return 130
     if code == 0:
         return 0
-    return int((last_result or {}).get("exit_code") or code)
+    # Rank 0's own first, when it is one of them.
+    invalid = sorted(
+        (r for r in results if r.get("exit_code") == ConfigError.exit_code), key=lambda r: "rank" in r
+    )
+    own = [r for r in results if "rank" not in r]
+    verdict = (invalid or own or results or [{}])[0 if invalid else -1]
+    if verdict and results and verdict is not results[-1]:
+        print(json.dumps(verdict), flush=True)  # the last line is the job's result
+    return int(verdict.get("exit_code") or code)
 
 
 def run_job(
@@ -448,12 +458,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
             return ConfigError.exit_code
-    # Under torchrun only rank 0 reports; the others' errors go to stderr, marked with their rank.
+    # Under torchrun rank 0 reports the job; the others report only their own failure, marked with
+    # their rank (and say it on stderr), so the launcher can tell a configuration error on one rank
+    # from the collective errors it causes on the rest.
     where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
 
     def report(outcome: dict) -> None:
         if rank == 0:
             print(json.dumps(outcome, default=str))
+        elif outcome.get("status") == "failed":
+            print(json.dumps({**outcome, "rank": rank}, default=str))
 
     try:
         outcome = run_job(args.phase, args.skill, args.config, shard, args.force, args.num_shards)

@@ -903,6 +903,8 @@ class ExpertTrainer:
             "format": CHECKPOINT_FORMAT,
             "config": output_dict(self.cfg),
             "resolution": self.training_resolution(),  # resolution null has meant other sizes
+            # mixed_precision auto means bf16 on a GPU, fp32 on a CPU: the same settings, other numbers.
+            "dtype": str(self.dtype),
             "history": history,
             "elapsed_s": elapsed_s,
             "optimizer": optimizer_meta,
@@ -927,6 +929,12 @@ class ExpertTrainer:
         if trained_at != self.training_resolution():
             raise ValueError(
                 f"trained at {trained_at} px, this run trains at {self.training_resolution()} px"
+            )
+        # Written before checkpoints said: taken as this run's.
+        if meta.get("dtype", str(self.dtype)) != str(self.dtype):
+            raise ValueError(
+                f"trained in {meta['dtype'].removeprefix('torch.')}, this run computes in "
+                f"{str(self.dtype).removeprefix('torch.')} (mixed_precision auto on another device?)"
             )
         # The last step only from a stop there (periodic checkpoints end before it): resuming then
         # trains no step and commits.
@@ -957,7 +965,15 @@ class ExpertTrainer:
             for name, p in zip(self.param_names, self.params, strict=True):
                 p.copy_(state.tensors["lora"][name])
         meta = state.meta
+        # load_state_dict also restores each group's kernel choice (fused, foreach): this run's
+        # settings (fused_optimizer, execution-only) go back over the checkpoint's.
+        kernels = [
+            {k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+            for g in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(join_optimizer_state(state.tensors["optimizer"], meta["optimizer"]))
+        for group, chosen in zip(self.optimizer.param_groups, kernels, strict=True):
+            group.update(chosen)
         restore_rng(generator, self.device, state.tensors["rng"], meta["rng"])
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(meta["grad_scaler"])
@@ -1160,9 +1176,10 @@ class ExpertTrainer:
                     if on_log:
                         on_log(step, metrics)
                 every = cfg.checkpoint_every
-                if checkpoints is not None and rank == 0 and every and step % every == 0 and step < cfg.steps:
-                    elapsed = self.resumed_elapsed_s + time.monotonic() - started
-                    checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+                if checkpoints is not None and every and step % every == 0 and step < cfg.steps:
+                    if rank == 0:  # rank 0 saves; every rank knows it (a divergence names it alike)
+                        elapsed = self.resumed_elapsed_s + time.monotonic() - started
+                        checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
                     last_checkpoint = step
                 if stopping.stop_requested():
                     stop_here(step)

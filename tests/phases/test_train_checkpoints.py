@@ -285,3 +285,26 @@ def test_a_sigterm_at_the_last_step_keeps_the_finished_training(tmp_path, model_
     assert trainer.resumed_from_step == STEPS  # no step trained again
     assert history == reference[1]
     assert_same_adapter(trainer, reference[0], tmp_path)
+
+
+def test_a_checkpoint_of_another_precision_is_refused_and_kernel_choices_stay_this_runs(
+    tmp_path, model_cache, dataset
+):
+    """mixed_precision auto is bf16 on a GPU and fp32 on a CPU: a checkpoint the GPU wrote is not
+    resumed by a rerun that landed on a CPU. And resuming keeps this run's optimizer kernels
+    (fused_optimizer is execution-only), not the checkpoint's."""
+    store = LocalArtifactStore(tmp_path / "store")
+    checkpoints = CheckpointStore(store, KEY, tmp_path / "scratch", keep=2)
+    trainer, _ = run(model_cache, dataset, config(), checkpoints)
+    state = checkpoints.load(STEPS - 1)
+    assert state.meta["dtype"] == "torch.float32"
+    trainer.check_state(state)
+    state.meta["dtype"] = "torch.bfloat16"
+    with pytest.raises(ValueError, match="trained in bfloat16, this run computes in float32"):
+        trainer.check_state(state)
+
+    state = checkpoints.load(STEPS - 1)
+    chosen = trainer.optimizer.param_groups[0]["foreach"]
+    state.meta["optimizer"]["param_groups"][0]["foreach"] = not chosen  # another run's choice
+    trainer.restore_state(state, torch.Generator())
+    assert trainer.optimizer.param_groups[0]["foreach"] == chosen

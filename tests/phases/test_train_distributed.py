@@ -394,3 +394,34 @@ def test_the_launcher_keeps_the_jobs_exit_code(tiny_config):
     launched = run_job("--phase", "merge", "--config", config, "--nproc-per-node=2")
     assert launched.returncode == 2, launched.stderr[-3000:]
     assert json_lines(launched.stdout)[-1]["exit_code"] == 2
+
+
+def test_a_configuration_error_on_one_rank_alone_stays_exit_2(tiny_config, tmp_path):
+    """Rank 1 alone meets a configuration error (its node's config or cache); rank 0 fails on what
+    follows from it (a collective error: exit 1). The job's verdict is rank 1's: exit 2, not a retry."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'RANK' in os.environ:\n"
+        "    import selma_core.config as c\n"
+        "    from selma_core.errors import ConfigError\n"
+        "    def load_config(path):\n"
+        "        if os.environ['RANK'] == '1':\n"
+        "            raise ConfigError('rank 1: this node has no such model folder')\n"
+        "        raise RuntimeError('Connection closed by peer')\n"
+        "    c.load_config = load_config\n"
+    )
+    launched = run_job(
+        "--phase",
+        "train",
+        "--skill",
+        "counting",
+        "--config",
+        str(tiny_config()),
+        "--nproc-per-node=2",
+        env={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])},
+    )
+    assert launched.returncode == 2, launched.stderr[-3000:]
+    verdict = json_lines(launched.stdout)[-1]
+    assert verdict["exit_code"] == 2 and verdict["rank"] == 1 and "no such model folder" in verdict["error"]
