@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +19,14 @@ from selma_core.errors import ConfigError, EndpointError
 from selma_core.prompting.request import PromptRequest, without_cut_line
 from selma_core.typed_yaml import execution_only
 
-RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# 4xx worth a retry; every 5xx is one (a gateway's 520-524, an overloaded 529) except those that
+# say the server never will (501 not implemented, 505 HTTP version).
+RETRYABLE_STATUS = {408, 409, 425, 429}
+PERMANENT_5XX = {501, 505}
+
+
+def retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUS or (500 <= status < 600 and status not in PERMANENT_5XX)
 
 
 @dataclass
@@ -45,6 +52,12 @@ class OpenAIConfig:
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected http(s)://..., got {self.base_url!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: expected > 0, got {self.timeout_s}")
+        if not (self.backoff_s >= 0 and self.max_backoff_s >= 0):
+            raise ValueError(
+                f"backoff_s, max_backoff_s: expected >= 0, got {self.backoff_s}, {self.max_backoff_s}"
+            )
         if self.max_retries < 0:
             raise ValueError(f"max_retries: expected >= 0, got {self.max_retries}")
         if self.requests_per_minute is not None and self.requests_per_minute <= 0:
@@ -86,15 +99,19 @@ class RateLimiter:
 
 
 class OpenAICompatibleBackend:
-    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep) -> None:
+    def __init__(self, cfg: OpenAIConfig, sleep=None) -> None:
         self.cfg = cfg
         self.model_name = cfg.model
         self._local = threading.local()  # one HTTP session per thread: Session is not thread-safe
-        self.sleep = sleep
-        self.limiter = RateLimiter(cfg.requests_per_minute, sleep=sleep)
+        # Set when the wave is abandoned (SIGTERM, another request's permanent error): the other
+        # requests stop retrying (and paying) at once, their waits cut short.
+        self._stop = threading.Event()
+        self.sleep = sleep if sleep is not None else self._stop.wait  # a wait the stop ends
+        self.limiter = RateLimiter(cfg.requests_per_minute, sleep=self.sleep)
         self._lock = threading.Lock()
         self.tokens_used = 0
-        self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        # Stripped: a Secret made from a file ends the key with a line break, which no header may hold.
+        self.api_key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
         if cfg.api_key_env and not self.api_key and "api.openai.com" in cfg.base_url:
             raise ConfigError(
                 f"prompts.openai.api_key_env: environment variable {cfg.api_key_env} is not set "
@@ -129,8 +146,21 @@ class OpenAICompatibleBackend:
         """Replies in request order; all of ``requests`` in flight at once (one wave)."""
         if len(requests) == 1:
             return [self.complete(requests[0])]
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            return list(pool.map(self.complete, requests))
+        self._stop.clear()
+        pool = ThreadPoolExecutor(max_workers=len(requests))
+        try:
+            futures = [pool.submit(self.complete, request) for request in requests]
+            # The first error ends the wave (the others would be thrown away with it): not waited for.
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                if future in done and future.exception() is not None:
+                    raise future.exception()
+            return [future.result() for future in futures]
+        except BaseException:
+            self._stop.set()  # not waited for: a job told to stop must not retry on for a minute
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def complete(self, request: PromptRequest) -> str:
         import requests
@@ -139,12 +169,20 @@ class OpenAICompatibleBackend:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         last = "no attempt"
         for attempt in range(self.cfg.max_retries + 1):
+            if self._stop.is_set():
+                raise EndpointError(f"LLM endpoint {url}: the wave was abandoned; last error: {last}")
             wait = min(self.cfg.backoff_s * 2**attempt, self.cfg.max_backoff_s)
             self.limiter.wait()
             try:
                 response = self.session.post(
                     url, json=self._payload(request), headers=headers, timeout=self.cfg.timeout_s
                 )
+            except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL) as e:
+                # Never sent: a key with a line break (a Secret made from a file), a malformed URL.
+                raise ConfigError(
+                    f"LLM endpoint {url}: the request cannot be made ({type(e).__name__}: {e}); check "
+                    f"prompts.openai.base_url and the key in ${self.cfg.api_key_env}"
+                ) from e
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {e}"
             else:
@@ -173,7 +211,7 @@ class OpenAICompatibleBackend:
                         else f"wants a key, and none was sent ({unset} is not set)"
                     )
                     raise ConfigError(f"LLM endpoint {url} {what} ({last})")
-                if response.status_code not in RETRYABLE_STATUS:
+                if not retryable(response.status_code):
                     # 400/404/422: a wrong model name or URL; the same request would fail again.
                     raise ConfigError(
                         f"LLM endpoint {url} rejected the request (check prompts.openai.base_url and "

@@ -64,10 +64,16 @@ def parse_prompt_list(text: str) -> list[str]:
     # A JSON array, possibly after a lead-in line or inside a code fence, maybe with words after it.
     starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
     if starts:
-        try:
-            data, _ = json.JSONDecoder().raw_decode("\n".join(lines[starts[0] :]).lstrip())
-        except json.JSONDecodeError:
-            data = None
+        text = "\n".join(lines[starts[0] :]).lstrip()
+        # As written; with a trailing comma before its "]"; cut short by the token limit (its last,
+        # unfinished entry already dropped): closed after its last whole entry.
+        data = None
+        for attempt in (text, re.sub(r",\s*\]", "]", text, count=1), text.rstrip().rstrip(",") + "]"):
+            try:
+                data, _ = json.JSONDecoder().raw_decode(attempt)
+                break
+            except json.JSONDecodeError:
+                continue
         # Not "[4] a dog" (a list mark read as the array [4]).
         if isinstance(data, list) and (not data or any(isinstance(x, (str, dict)) for x in data)):
             return [p for p in (_prompt_of(x) for x in data) if p]

@@ -81,9 +81,18 @@ class TransformersBackend:
 
     def _text(self, request: PromptRequest) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                request.messages(), tokenize=False, add_generation_prompt=True
-            )
+            from jinja2.exceptions import TemplateError
+
+            messages = request.messages()
+            try:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except TemplateError:
+                # Some templates (Gemma's) refuse a system role: its text opens the user's message.
+                system, user = messages[0]["content"], messages[1]["content"]
+                merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
+                return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
         return request.as_text()
 
     def complete_batch(self, requests: list[PromptRequest]) -> list[str]:

@@ -269,6 +269,48 @@ def test_connection_refused_is_retried_then_names_the_url(request_):
     assert sleeps == [0.1, 0.2]
 
 
+@pytest.mark.parametrize("status", [520, 522, 524, 529])
+def test_gateway_5xx_answers_are_outages_to_retry(server, request_, status):
+    server.set_script([error_reply(status, "<html>A timeout occurred</html>"), chat_reply("1. ok")])
+    assert backend(server.base_url).complete(request_) == "1. ok"
+
+
+def test_501_is_not_retried(server, request_):
+    server.set_script([error_reply(501)])
+    with pytest.raises(ConfigError, match="HTTP 501"):
+        backend(server.base_url).complete(request_)
+    assert len(server.requests) == 1
+
+
+def test_a_key_read_from_a_file_loses_its_line_break(server, request_, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-abc\n")  # a Secret made with --from-file
+    server.set_script([chat_reply("1. ok")])
+    assert backend(server.base_url).complete(request_) == "1. ok"
+    assert server.requests[0].headers["Authorization"] == "Bearer sk-abc"
+
+
+def test_a_request_that_cannot_be_made_is_a_config_error(request_):
+    with pytest.raises(ConfigError, match="cannot be made .*InvalidURL"):
+        backend("http://llm-host:80oo/v1").complete(request_)
+
+
+def test_a_failed_request_ends_its_wave_without_waiting_for_the_others_retries(server, request_):
+    """One request's permanent error: the others stop retrying (and paying) at once, their
+    Retry-After waits cut short, rather than the job waiting for them (or a SIGTERM for them)."""
+    import time
+
+    server.set_script([error_reply(503, headers={"Retry-After": "5"}), error_reply(400, "bad model")])
+    llm = backend(server.base_url, sleeps=None, max_retries=3)
+    llm.sleep = llm._stop.wait  # the production wait (the tests' Sleeps would not block)
+    llm.limiter.sleep = llm.sleep
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="bad model"):
+        llm.complete_batch([request_, request_])
+    assert time.monotonic() - started < 4
+    time.sleep(0.2)  # the stopped request makes no further attempt
+    assert len(server.requests) == 2
+
+
 def test_retry_after_parsing():
     assert _retry_after(None) is None
     assert _retry_after("") is None
@@ -283,6 +325,8 @@ def test_retry_after_parsing():
     [
         ({"base_url": "127.0.0.1:8000/v1"}, "base_url"),
         ({"max_retries": -1}, "max_retries"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"backoff_s": -1}, "backoff_s"),
     ],
 )
 def test_invalid_config(overrides, key):

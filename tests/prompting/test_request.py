@@ -185,3 +185,12 @@ def test_quotes_inside_a_prompt_are_kept():
         "a cat on a mat",
         '"EXIT" painted on a door',
     ]
+
+
+def test_a_json_array_cut_short_or_with_a_trailing_comma_still_gives_its_prompts():
+    cut = '[\n  "four blue kites above a windy beach",\n  "two owls perched on a snowy branch",'
+    assert parse_prompt_list(cut) == [
+        "four blue kites above a windy beach",
+        "two owls perched on a snowy branch",
+    ]
+    assert parse_prompt_list('["a red cube", "two cats",]') == ["a red cube", "two cats"]

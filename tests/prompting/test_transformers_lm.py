@@ -37,6 +37,19 @@ def test_the_chat_template_is_used(backend):
     assert text.startswith("<|system|>") and text.endswith("<|assistant|>")
 
 
+def test_a_template_that_refuses_a_system_role_gets_it_in_the_users_message(backend, monkeypatch):
+    """Gemma's chat template raises on a system message: its text opens the user's instead."""
+    refusing = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    )
+    monkeypatch.setattr(backend.tokenizer, "chat_template", refusing)
+    request = requests(1)[0]
+    system, user = (m["content"] for m in request.messages())
+    assert backend._text(request) == f"<|user|>{system}\n\n{user}<|assistant|>"
+
+
 def test_a_reply_cut_by_max_new_tokens_loses_its_unfinished_last_line(backend):
     """No end-of-sequence token within max_new_tokens (24 here): the last line is cut off mid-way."""
     from selma_core.prompting.request import without_cut_line
