@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -237,13 +236,9 @@ def _no_space(error: OSError, state: dict):
 def _interrupt_main() -> None:
     """Stop the job's main thread as SIGTERM would (``KeyboardInterrupt``): its lease was lost. Now,
     not at training's next safe point: another worker owns the output, nothing more may be written."""
-    import _thread
-
     from selma_core import stopping
 
-    stopping.refuse_deferral()
-    handled = callable(signal.getsignal(signal.SIGTERM))
-    _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
+    stopping.interrupt_now()
 
 
 def image_workers(shard: int | None, num_shards: int | None, num_jobs: int) -> tuple[int, int]:

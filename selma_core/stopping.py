@@ -7,8 +7,8 @@ step it can save a checkpoint first, and the rerun resumes there. So the job's S
 stop is deferred (``stop_requested()`` turns true, the phase checks it at each safe point and stops
 there itself, after ``take_stop()``); outside, or for a second signal, or once ``wait_s`` has passed
 without a safe point, the handler raises ``KeyboardInterrupt`` at once, as before.
-``refuse_deferral()`` makes the next stop immediate whatever the section (a lost lease: another
-worker owns the output now, and nothing may be written).
+``interrupt_now()`` interrupts at once whatever the section (a lost lease: another worker owns the
+output now, and nothing may be written).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def defer_stop() -> bool:
         _state = "deferred"
         # Bounded: a safe point that does not come in time (a step slower than the wait) gives way
         # to the interrupt, as the signal would have without deferral.
-        _timer = threading.Timer(_section_wait_s, _interrupt_main)
+        _timer = threading.Timer(_section_wait_s, interrupt_now)
         _timer.daemon = True
         _timer.start()
     finally:
@@ -109,10 +109,10 @@ def _cancel_timer() -> None:
         _timer = None
 
 
-def _interrupt_main() -> None:
-    global _state
-    with _lock:
-        _state = "immediate"
-    # The signal's own handler raises now (SIGINT may be ignored in a job started in the background).
+def interrupt_now() -> None:
+    """Interrupt the main thread now, as SIGTERM would, safe points or not (from another thread:
+    the wait's timer, a lost lease's heartbeat)."""
+    refuse_deferral()
+    # The signal's own handler raises (SIGINT may be ignored in a job started in the background).
     handled = callable(signal.getsignal(signal.SIGTERM))
     _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
