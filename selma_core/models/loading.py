@@ -56,6 +56,19 @@ def weights_kwargs(allow_pickle: bool) -> dict[str, Any]:
     return {} if allow_pickle else {"use_safetensors": True}
 
 
+def revision_kwargs(spec: str, path: str, revision: str | None) -> dict[str, Any]:
+    """``from_pretrained``'s ``revision`` for a hub model; a revision given for a local folder is a
+    ``ConfigError`` (diffusers would ignore it: the pin would pin nothing)."""
+    if not revision:
+        return {}
+    if not is_random_model(spec) and Path(path).is_dir():
+        raise ConfigError(
+            f"model {spec!r}: a revision ({revision!r}) pins a hub model; a local folder has none "
+            "(leave its revision unset, or name the model by its hub id)"
+        )
+    return {"revision": revision}
+
+
 PICKLE_HINT = (
     "only safetensors weights are read (a pickle checkpoint, .bin/.pt/.ckpt, can run arbitrary code); "
     "convert the weights to safetensors, or set allow_pickle_checkpoints: true in the pipeline config"
@@ -115,14 +128,7 @@ def load_diffusion_pipeline(
     from diffusers import DiffusionPipeline
 
     path = resolve_model_path(spec, cache_dir)
-    kwargs: dict[str, Any] = weights_kwargs(allow_pickle)
-    if revision and not is_random_model(spec) and Path(path).is_dir():
-        raise ConfigError(
-            f"model {spec!r}: a revision ({revision!r}) pins a hub model; a local folder has none "
-            "(leave base_model_revision unset, or name the model by its hub id)"
-        )
-    if revision:
-        kwargs["revision"] = revision
+    kwargs: dict[str, Any] = {**weights_kwargs(allow_pickle), **revision_kwargs(spec, path, revision)}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype  # diffusers 0.42 deprecates torch_dtype for dtype
     try:
@@ -146,13 +152,7 @@ def load_vae(spec: str, cache_dir: str | Path, allow_pickle: bool = False, revis
     from diffusers import AutoencoderKL
 
     path = resolve_model_path(spec, cache_dir)
-    kwargs: dict[str, Any] = weights_kwargs(allow_pickle)
-    if revision and not is_random_model(spec) and Path(path).is_dir():
-        raise ConfigError(
-            f"model {spec!r}: a revision ({revision!r}) pins a hub model; a local folder has none"
-        )
-    if revision:
-        kwargs["revision"] = revision
+    kwargs: dict[str, Any] = {**weights_kwargs(allow_pickle), **revision_kwargs(spec, path, revision)}
     if (Path(path) / "vae" / "config.json").is_file():
         kwargs["subfolder"] = "vae"
     try:
