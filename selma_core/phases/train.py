@@ -1110,14 +1110,17 @@ class ExpertTrainer:
         # process only: several would have to agree on the step (a collective every step).
         stoppable = world_size == 1 and checkpoints is not None and bool(cfg.checkpoint_every)
 
+        def save_checkpoint(step: int) -> None:
+            elapsed = self.resumed_elapsed_s + time.monotonic() - started
+            checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+
         def stop_here(step: int) -> None:
             """Take a deferred SIGTERM at the end of ``step``: a checkpoint there, then stop."""
             stopping.take_stop()
             if pending:
                 self._settle(pending, last_checkpoint, checkpoints)
             if last_checkpoint != step:
-                elapsed = self.resumed_elapsed_s + time.monotonic() - started
-                checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+                save_checkpoint(step)
             raise KeyboardInterrupt(
                 f"stopped after step {step} of {cfg.steps} on SIGTERM; checkpoint "
                 f"{checkpoints.key(step)} saved: a rerun resumes there"
@@ -1178,8 +1181,7 @@ class ExpertTrainer:
                 every = cfg.checkpoint_every
                 if checkpoints is not None and every and step % every == 0 and step < cfg.steps:
                     if rank == 0:  # rank 0 saves; every rank knows it (a divergence names it alike)
-                        elapsed = self.resumed_elapsed_s + time.monotonic() - started
-                        checkpoints.save(self.checkpoint_state(step, generator, history, elapsed))
+                        save_checkpoint(step)
                     last_checkpoint = step
                 if stopping.stop_requested():
                     stop_here(step)
