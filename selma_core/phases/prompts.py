@@ -286,7 +286,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                     f"prompts for skill {skill_name!r}: only {len(state.records)} of {target} prompts "
                     f"after {state.requests} requests (rejected: {dict(state.rejected)}); raise "
                     "prompts.max_requests, lower num_prompts, or raise rouge_threshold "
-                    f"({cfg.rouge_threshold})"
+                    f"({cfg.rouge_threshold}){_cut_replies(backend, cfg)}"
                 )
             wave = []
             pool = [r["text"] for r in state.records if r["split"] == "train"]
@@ -316,6 +316,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                         f"prompts for skill {skill_name!r}: {state.useless} requests in a row gave no new "
                         f"usable prompt (accepted {len(state.records)} of {target}; rejected: "
                         f"{dict(state.rejected)}); samples of what came back: {state.samples!r}"
+                        f"{_cut_replies(backend, cfg)}"
                     )
             state.tokens += backend.tokens_used - tokens_before
             progress.update(len(state.records) - new_from)
@@ -361,6 +362,17 @@ def generate_prompts(ctx, skill_name: str) -> dict:
         | {f"prompts.rejected.{k}": float(v) for k, v in stats["rejected"].items()}
     )
     return stats
+
+
+def _cut_replies(backend, cfg: PromptsConfig) -> str:
+    """For a too-few-prompts error: how many replies the token limit ended, and what to change (a
+    reply cut before its first whole line is an empty one)."""
+    if not backend.replies_cut:
+        return ""
+    return (
+        f"; {backend.replies_cut} replies of this run stopped at the token limit "
+        f"({backend.token_limit}): raise it, or lower prompts.prompts_per_request ({cfg.prompts_per_request})"
+    )
 
 
 def _save_wave(store, partial: str, state: _LoopState, new_from: int) -> None:

@@ -1000,7 +1000,8 @@ class ExpertTrainer:
         (``images_skipped``).
 
         Callbacks, on rank 0: ``on_log(step, metrics)`` every ``log_every`` steps (``train.loss``,
-        ``train.lr``, ``train.images_per_s`` over the interval, ``train.gpu_memory_gib`` on CUDA);
+        the step's, ``train.loss_mean`` and ``train.images_per_s`` over the interval, ``train.lr``,
+        ``train.gpu_memory_gib`` on CUDA);
         ``on_validate(step)`` every ``validation_every`` steps; ``on_warmup(seconds)`` once the first
         step is done (with ``compile``: how long compiling took); ``on_step(step)`` after every
         step, without waiting for the device (its work may still be queued).
@@ -1103,6 +1104,7 @@ class ExpertTrainer:
         # Each step's loss and gradient norm stay on the device until a step that needs them: see
         # _settle. Under fp16 every step needs them before its update (the loss scale's verdict).
         pending: list[tuple[int, object, object]] = []
+        interval_losses: list[float] = []  # every settled step's loss since the last log
         fp16 = self.scaler.is_enabled()
         graphed = self._graph_micro_batches() if cfg.cuda_graph else None
         # A SIGTERM (a preempted pod, a cancelled pipeline) waits for the end of the step, which saves a
@@ -1156,6 +1158,7 @@ class ExpertTrainer:
                 self.optimizer.zero_grad(set_to_none=graphed is None)
                 if not fp16 and self._settle_due(step, first):
                     settled = self._settle(pending, last_checkpoint, checkpoints)
+                interval_losses.extend(loss for loss, _ in settled.values())
                 if step == first and on_warmup and rank == 0:
                     on_warmup(time.monotonic() - started)
                 fault_point("train.after_step")
@@ -1166,6 +1169,9 @@ class ExpertTrainer:
                     rate = (step - interval[1]) * images_per_step / max(now - interval[0], 1e-9)
                     metrics = {
                         "train.loss": step_loss,
+                        # The step's loss is one batch's, noisy; the mean is every step's since the last
+                        # log (since the resume, after one).
+                        "train.loss_mean": math.fsum(interval_losses) / len(interval_losses),
                         "train.grad_norm": norm,  # before clipping
                         "train.lr": self.optimizer.param_groups[0]["lr"],
                         "train.images_per_s": rate,
@@ -1176,6 +1182,7 @@ class ExpertTrainer:
                         metrics["train.loss_scale"] = self.scaler.get_scale()
                         metrics["train.steps_skipped"] = self.steps_skipped
                     interval = (now, step)
+                    interval_losses.clear()
                     if on_log:
                         on_log(step, metrics)
                 every = cfg.checkpoint_every

@@ -20,6 +20,8 @@ class OfflineTemplateGenerator:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.tokens_used = 0
+        self.replies_cut = 0  # a template reply has no token limit
+        self.token_limit = ""
 
     def complete(self, request: PromptRequest) -> str:
         vocabulary = request.skill.offline

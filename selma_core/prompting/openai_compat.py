@@ -110,6 +110,8 @@ class OpenAICompatibleBackend:
         self.limiter = RateLimiter(cfg.requests_per_minute, sleep=self.sleep)
         self._lock = threading.Lock()
         self.tokens_used = 0
+        self.replies_cut = 0  # replies that max_tokens ended (finish_reason "length")
+        self.token_limit = f"prompts.openai.max_tokens: {cfg.max_tokens}"
         # Stripped: a Secret made from a file ends the key with a line break, which no header may hold.
         self.api_key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
         if cfg.api_key_env and not self.api_key and "api.openai.com" in cfg.base_url:
@@ -240,5 +242,7 @@ class OpenAICompatibleBackend:
             with contextlib.suppress(TypeError, ValueError), self._lock:
                 self.tokens_used += int(usage.get("total_tokens") or 0)
         if choice.get("finish_reason") == "length":
+            with self._lock:
+                self.replies_cut += 1
             return without_cut_line(text or "")
         return text or ""

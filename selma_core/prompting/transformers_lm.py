@@ -60,6 +60,8 @@ class TransformersBackend:
         self.cfg, self.device, self.seed = cfg, device, seed
         self.model_name = cfg.model
         self.tokens_used = 0
+        self.replies_cut = 0  # replies that max_new_tokens ended
+        self.token_limit = f"prompts.transformers.max_new_tokens: {cfg.max_new_tokens}"
         path = resolve_model_path(cfg.model, cache_dir)
         if cfg.dtype == "auto":
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -123,5 +125,6 @@ class TransformersBackend:
             for row, text in zip(new.tolist(), texts, strict=True):
                 # No end-of-sequence: max_new_tokens cut the reply, and its last prompt is unfinished.
                 ended = not self.eos_ids or any(token in self.eos_ids for token in row)
+                self.replies_cut += not ended
                 replies.append(text if ended else without_cut_line(text))
         return replies

@@ -292,6 +292,40 @@ def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample)
     assert f"samples of what came back: {[sample] * 3!r}" in message
     assert len(server.requests) == 3
     assert not ctx.store.is_committed(ctx.job.key)
+    assert "token limit" not in message  # no reply was cut
+
+
+def test_replies_the_token_limit_cut_say_so(tiny_config, tmp_path):
+    """A reply max_tokens ended before its first whole line is empty: the error names the limit."""
+    cut = chat_reply("1. three red apples on a wooden ta", total_tokens=11)
+    cut.body["choices"][0]["finish_reason"] = "length"
+    with FakeOpenAI([cut]) as server:
+        config = tiny_config(
+            prompts={
+                "backend": "openai",
+                "num_prompts": 20,
+                "max_useless_requests": 3,
+                "concurrency": 1,
+                "prompts_per_request": 25,
+                "openai": {
+                    "base_url": server.base_url,
+                    "model": "fake-llm",
+                    "api_key_env": "",
+                    "max_retries": 0,
+                    "max_tokens": 12,
+                },
+            }
+        )
+        ctx = make_context(config, "counting", tmp_path / "store")
+        with pytest.raises(InputError) as info:
+            generate_prompts(ctx, "counting")
+    message = str(info.value)
+    assert "3 requests in a row gave no new usable prompt" in message
+    assert "'empty_reply': 3" in message
+    assert message.endswith(
+        "; 3 replies of this run stopped at the token limit (prompts.openai.max_tokens: 12): raise it, "
+        "or lower prompts.prompts_per_request (25)"
+    )
 
 
 # -- the openai backend, against a local OpenAI-compatible server ------------------------------

@@ -162,11 +162,21 @@ def test_each_log_interval_tracks_loss_learning_rate_and_throughput(model_cache,
         dataset, on_log=lambda step, metrics: logged.append((step, metrics)), on_warmup=warmups.append
     )
     assert [step for step, _ in logged] == [2, 4] and [s for s, _ in history] == [2, 4]
-    for (_, metrics), (_, loss) in zip(logged, history, strict=True):
+    # The same training logged at every step: each step's own loss, for the interval means.
+    every_step = [loss for _, loss in trainer(model_cache, config(log_every=1, steps=4)).train(dataset)]
+    assert len(set(every_step)) == 4
+    for (_, metrics), (_, loss), pair in zip(logged, history, (every_step[:2], every_step[2:]), strict=True):
         # No GPU memory on CPU.
-        assert set(metrics) == {"train.loss", "train.lr", "train.images_per_s", "train.grad_norm"}
+        assert set(metrics) == {
+            "train.loss",
+            "train.loss_mean",
+            "train.lr",
+            "train.images_per_s",
+            "train.grad_norm",
+        }
         assert metrics["train.grad_norm"] > 0
-        assert metrics["train.loss"] == loss and metrics["train.lr"] == 1e-2
+        assert metrics["train.loss"] == loss == pair[1] and metrics["train.lr"] == 1e-2
+        assert metrics["train.loss_mean"] == pytest.approx(sum(pair) / 2, rel=1e-12)
         assert metrics["train.images_per_s"] > 0
     assert len(warmups) == 1 and warmups[0] > 0
 

@@ -55,10 +55,14 @@ def test_a_reply_cut_by_max_new_tokens_loses_its_unfinished_last_line(backend):
     from selma_core.prompting.request import without_cut_line
 
     assert backend.eos_ids  # the model's generation config names its end-of-sequence token
+    counted = backend.replies_cut
     cut = backend.complete_batch(requests(2))
+    assert backend.replies_cut == counted + 2  # counted, for the too-few-prompts error
     eos_ids, backend.eos_ids = backend.eos_ids, set()  # as if every reply had ended
     try:
         whole = backend.complete_batch(requests(2))
     finally:
         backend.eos_ids = eos_ids
+    assert backend.replies_cut == counted + 2
     assert cut == [without_cut_line(text) for text in whole] and cut != whole
+    assert backend.token_limit == "prompts.transformers.max_new_tokens: 24"
