@@ -79,7 +79,7 @@ def judgement_digest(candidate: dict, champion: dict | None, champion_version: s
 
 def promote(args: argparse.Namespace) -> dict:
     from selma_core.config import load_config
-    from selma_core.promotion import decide, scores_from_tags
+    from selma_core.promotion import PREFIX, decide, scores_from_tags
     from selma_core.tracking import open_tracker
 
     if args.max_skill_regression is not None and not args.max_skill_regression >= 0:
@@ -87,6 +87,13 @@ def promote(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--max-skill-regression: expected >= 0, got {args.max_skill_regression}")
     cfg = load_config(args.config)
     name = cfg.registered_model_name
+    if cfg.promote.metric not in cfg.eval.metrics:
+        # The eval phase tags only the metrics it computes: every candidate would lack this one.
+        raise ConfigError(
+            f"{cfg.source_path}: promote.metric {cfg.promote.metric} is not one of eval.metrics "
+            f"({', '.join(cfg.eval.metrics) or 'none'}), so no version is ever scored on it; set "
+            "promote.metric to one of them"
+        )
     if cfg.merge.method == "adapters":
         why = "merge.method adapters registers no merged model, so there is nothing to promote"
         if args.unless_judged:
@@ -131,6 +138,14 @@ def promote(args: argparse.Namespace) -> dict:
     candidate_scores = scores_from_tags(candidate.tags, metric, candidate.version)
     champion_scores = scores_from_tags(champion.tags, metric, champion.version) if champion else None
     champion_version = champion.version if champion else None
+    if champion is not None and not champion_scores:
+        # Without this, every candidate would pass: there is nothing to compare against.
+        raise ConfigError(
+            f"{name}: champion v{champion.version} has no {metric} scores (tags {PREFIX}{metric}.*): "
+            "its alias was moved by hand, or it was evaluated without the merged model on held-out "
+            "prompts. The gate cannot compare; move the champion alias by hand if the candidate "
+            f"v{candidate.version} should replace it"
+        )
     digest = judgement_digest(
         candidate_scores, champion_scores, champion_version, {"metric": metric, "max_skill_regression": limit}
     )

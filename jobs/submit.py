@@ -16,6 +16,7 @@ any job, or the reason every failed job gave), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -170,7 +171,20 @@ def apply_eval_overrides(cfg, args: argparse.Namespace) -> None:
         resolve_registry_aliases(cfg)
     from selma_core.phases.evaluate import eval_variants
 
-    eval_variants(cfg.eval, cfg.skills)  # an expert of no skill is an error now, not in the job
+    with naming_the_file(cfg):
+        eval_variants(cfg.eval, cfg.skills)  # an expert of no skill is an error now, not in the job
+
+
+@contextlib.contextmanager
+def naming_the_file(cfg):
+    """A ``ConfigError`` from a check that knows the setting (``merge.weights: ...``) but not the file
+    it came from gets the config's path in front, as the loader's own errors have."""
+    try:
+        yield
+    except ConfigError as e:
+        if str(e).startswith(cfg.source_path):
+            raise
+        raise ConfigError(f"{cfg.source_path}: {e}") from e
 
 
 def resolve_registry_aliases(cfg) -> None:
@@ -271,7 +285,8 @@ def validate(cfg, skills) -> None:
                 raise ConfigError(
                     f"skill {skill.name!r} has no offline.templates, which prompts.backend: offline needs"
                 )
-    resolve_weights(cfg.merge, cfg.skills)
+    with naming_the_file(cfg):
+        resolve_weights(cfg.merge, cfg.skills)
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -346,7 +361,8 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     # Check everything before the first job starts: every skill file, models, backend settings.
     skills = load_skills(cfg.skills_path, cfg.skills)
     validate(cfg, skills)
-    plan = build_plan(cfg, skills)
+    with naming_the_file(cfg):  # merge_search's grid
+        plan = build_plan(cfg, skills)
     for name, dataset in plan.datasets.items():
         _echo(
             f"skill {name}: external dataset {dataset.root} ({dataset.layout}, {dataset.files} files, "

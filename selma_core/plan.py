@@ -22,6 +22,7 @@ from selma_core.errors import InputError
 from selma_core.models.random_models import RANDOM_MODELS_VERSION, is_random_model
 from selma_core.phases.images import SamplingConfig
 from selma_core.skills import Skill
+from selma_core.storage.base import sha256_file
 from selma_core.typed_yaml import output_dict
 
 PHASES = ("prompts", "images", "train", "merge-search", "merge", "eval")
@@ -128,6 +129,13 @@ def missing_input_message(job_id: str, dep_id: str, plan: Plan | None = None, co
     )
 
 
+def keyed_config(cfg: PipelineConfig, phase: str):
+    """A phase's settings as its output key hashes them: with its own ``keyed()`` where it has one
+    (settings nothing reads in this configuration put back to their defaults)."""
+    section = cfg.phase_config(phase)
+    return section.keyed() if hasattr(section, "keyed") else section
+
+
 def _benchmark_digest(path: str) -> str:
     """The benchmark file's prompts, by content: a file with the same prompts in another format or
     place (e.g. shipped to a pod as JSON lines) gives the same key."""
@@ -161,7 +169,7 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
             {
                 "format": FORMAT_VERSION,
                 "phase": phase,
-                "config": output_dict(cfg.phase_config(phase)) if config is None else config,
+                "config": output_dict(keyed_config(cfg, phase)) if config is None else config,
                 "inputs": inputs,
                 "upstream": {d.id: d.key for d in deps},
             }
@@ -208,7 +216,6 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
             name,
             {"skill": skill.to_dict(), "benchmarks": benchmarks},
             [],
-            config=output_dict(cfg.prompts.keyed()),
         )
         images = add("images", name, _models((cfg.generator, cfg.generator_revision)), [prompts])
         experts.append(add("train", name, base, [images]))
@@ -251,6 +258,11 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
     if any(m.startswith("models:/") for m in cfg.eval.models or []):
         # NAME/VERSION means something only in one registry: staging and prod must not share results.
         evaluated["registry"] = cfg.tracking.uri
+    tifa = cfg.eval.tifa_questions
+    if cfg.eval.benchmark == "tifa" and tifa and "://" not in tifa and not cfg.eval.tifa_questions_sha256:
+        # No hash pins this file (the registry has none for TIFA v1.0): its content does, so a
+        # corrected copy at the same path is scored again, not reported from the old one.
+        evaluated["tifa_questions"] = sha256_file(Path(tifa)) if Path(tifa).is_file() else "missing"
     if cfg.eval.benchmark == "heldout":
         evaluated.update(held_out)  # dataset skills' held-out captions: no prompts job carries them
     add("eval", None, evaluated, eval_dependencies(cfg, merged, experts, prompt_jobs))

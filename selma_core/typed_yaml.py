@@ -102,6 +102,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# The words YAML 1.1 (PyYAML) reads as booleans, lower-cased.
+YAML_BOOL_SPELLINGS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _fail(source: str, key: str, expected: str, value: Any) -> ConfigError:
     shown = repr(value)
     if len(shown) > 80:
@@ -115,9 +119,15 @@ def convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
-        if value in get_args(tp):
+        choices = get_args(tp)
+        if value in choices:
             return value
-        raise _fail(source, key, f"one of {', '.join(repr(a) for a in get_args(tp))}", value)
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted no/off (yes/on) as false (true): `mixed_precision: no` means "no".
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in YAML_BOOL_SPELLINGS[value]]
+            if len(spelled) == 1:
+                return spelled[0]
+        raise _fail(source, key, f"one of {', '.join(repr(a) for a in choices)}", value)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -176,7 +186,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, prefix: str = "")
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and missing keys are errors."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers or booleans
     if unknown:
         raise ConfigError(
             f"{source}: unknown key {prefix}{unknown[0]!s}; expected one of: {', '.join(sorted(fields))}"

@@ -244,6 +244,30 @@ def test_wrong_literal_lists_the_choices(tmp_path):
     assert "'local'" in message and "'kubernetes'" in message and "'docker'" in message
 
 
+@pytest.mark.parametrize(
+    "section, line, key, value",
+    [
+        ("train", "mixed_precision: no", "mixed_precision", "no"),
+        ("train", "compile: off", "compile", "off"),
+        ("images", "compile: Off", "compile", "off"),
+    ],
+)
+def test_a_choice_yaml_reads_as_a_boolean_is_the_choice(tmp_path, section, line, key, value):
+    """YAML 1.1 reads unquoted no/off as false: the docs' `mixed_precision: no` means "no"."""
+    cfg = load_config(write(tmp_path, BASE + f"{section}:\n  {line}\n"))
+    assert getattr(getattr(cfg, section), key) == value
+
+
+def test_a_boolean_that_is_no_choice_is_refused(tmp_path):
+    message = config_error(write(tmp_path, BASE + "train:\n  mixed_precision: yes\n"))
+    assert "train.mixed_precision: expected one of 'auto', 'no', 'bf16', 'fp16', got True" in message
+
+
+def test_keys_that_yaml_reads_as_booleans_or_numbers_are_named_as_unknown(tmp_path):
+    message = config_error(write(tmp_path, BASE + "train:\n  yes: 1\n  foo: 2\n  3: x\n"))
+    assert "unknown key train.3;" in message  # sorted as text: 3, True, foo
+
+
 def test_section_that_is_not_a_mapping(tmp_path):
     message = config_error(write(tmp_path, BASE + "train: 5\n"))
     assert "train" in message and "a mapping" in message

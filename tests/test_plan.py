@@ -92,6 +92,77 @@ def test_only_the_prompt_backend_in_use_is_part_of_the_key(tiny_config):
     assert output_dict(cfg.prompts.keyed()) == output_dict(cfg.prompts)  # what keys hashed until now
 
 
+ON_OPENAI = {"backend": "openai"}
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        # The name of the variable the key is read from: not what the LLM writes.
+        ({"prompts": ON_OPENAI}, {"prompts": {**ON_OPENAI, "openai": {"api_key_env": "MY_KEY"}}}),
+        # The contamination threshold with no benchmark to compare against.
+        ({}, {"prompts": {"contamination": {"rouge_threshold": 0.5}}}),
+        # The uniform-image threshold with the filter off.
+        ({}, {"images": {"uniform_threshold": 5.0}}),
+        # Merge settings that SELMA's linear merge (exact export) never reads.
+        ({}, {"merge": {"density": 0.9, "majority_sign_method": "frequency", "seed": 7, "export_rank": 8}}),
+        # ties is not random, and reads no seed.
+        ({"merge": {"method": "ties"}}, {"merge": {"method": "ties", "seed": 7}}),
+    ],
+    ids=[
+        "api-key-env",
+        "contamination-threshold",
+        "uniform-threshold-filter-off",
+        "linear-merge",
+        "ties-seed",
+    ],
+)
+def test_settings_nothing_reads_in_this_configuration_redo_nothing(tiny_config, before, after):
+    assert changed(keys(tiny_config(**before)), keys(tiny_config(**after))) == set()
+
+
+@pytest.mark.parametrize(
+    "before, after, invalidated",
+    [
+        (
+            {"images": {"filter_uniform": True}},
+            {"images": {"filter_uniform": True, "uniform_threshold": 5.0}},
+            ALL - {"prompts:counting", "prompts:spatial"},
+        ),
+        ({"merge": {"method": "ties"}}, {"merge": {"method": "ties", "density": 0.9}}, {"merge", "eval"}),
+        (
+            {"merge": {"method": "dare_ties"}},
+            {"merge": {"method": "dare_ties", "seed": 7}},
+            {"merge", "eval"},
+        ),
+        (
+            {"merge": {"export": "svd", "export_rank": 4}},
+            {"merge": {"export": "svd", "export_rank": 8}},
+            {"merge", "eval"},
+        ),
+    ],
+    ids=["uniform-threshold-filter-on", "ties-density", "dare-seed", "svd-rank"],
+)
+def test_the_same_settings_where_they_are_read_redo_their_downstream(tiny_config, before, after, invalidated):
+    assert changed(keys(tiny_config(**before)), keys(tiny_config(**after))) == invalidated
+
+
+def test_a_tifa_question_file_without_a_hash_is_keyed_by_its_content(tiny_config, tmp_path):
+    """The registry pins no hash for TIFA v1.0: a corrected copy at the same path is scored again."""
+    questions = tmp_path / "tifa.json"
+    questions.write_text("[]")
+    tifa = {"eval": {"benchmark": "tifa", "tifa_questions": str(questions)}}
+    first = keys(tiny_config(**tifa))
+    assert changed(first, keys(tiny_config(**tifa))) == set()
+    questions.write_text('[{"id": "x"}]')
+    assert changed(first, keys(tiny_config(**tifa))) == {"eval"}
+    # With a hash given, the job checks the file against it: the hash is the key.
+    pinned = {"eval": {**tifa["eval"], "tifa_questions_sha256": "ab" * 32}}
+    first = keys(tiny_config(**pinned))
+    questions.write_text("[]")
+    assert changed(first, keys(tiny_config(**pinned))) == set()
+
+
 def test_a_skill_edit_invalidates_only_that_skill(tiny_config, tmp_path):
     import shutil
 

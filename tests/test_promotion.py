@@ -119,18 +119,16 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     adapter = trained_like_expert(model_cache, 0, 2, 2.0, tmp_path / "adapter")
     base = str(materialize_random_model("random:tiny-sd", model_cache))
 
-    def register(mean: float, a: float, b: float, settings: str = "same-eval") -> str:
+    def register(mean: float | None, a: float = 0, b: float = 0, settings: str = "same-eval") -> str:
         run = tracker.start_job_run(name, None, "merge", {})
         version = run.register_lora_adapter(adapter, base, name, "candidate", {"selma.skills": "a,b"})
+        scores = {
+            "selma.eval.clip_score.mean": str(mean),
+            "selma.eval.clip_score.a": str(a),
+            "selma.eval.clip_score.b": str(b),
+        }
         run.tag_model_version(
-            name,
-            version,
-            {
-                "selma.eval.clip_score.mean": str(mean),
-                "selma.eval.clip_score.a": str(a),
-                "selma.eval.clip_score.b": str(b),
-                "selma.eval.settings": settings,
-            },
+            name, version, {**(scores if mean is not None else {}), "selma.eval.settings": settings}
         )
         tracker.end_job_run(run, True)
         return version
@@ -184,6 +182,27 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     )
     image = pipe("two cats on a sofa", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
+
+    # The champion alias moved by hand to a version with no scores: nothing to compare against, so
+    # no candidate passes by default.
+    unscored = register(None)
+    mlflow.MlflowClient(mlflow_server).set_registered_model_alias(name, "champion", unscored)
+    register(1.0, 1.0, 1.0)
+    code, out, _ = promote(config)
+    assert code == 2 and f"champion v{unscored} has no clip_score scores" in out["error"]
+    assert tracker.model_version(name, alias="champion").version == unscored
+
+
+def test_a_gate_metric_the_eval_phase_does_not_compute_is_refused(tiny_config, capsys):
+    """Every version would lack its scores, and the advice to evaluate again could not help."""
+    from jobs.promote import main
+
+    config = tiny_config(eval={"metrics": ["pickscore"]})
+    assert main(["--config", str(config)]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["error"] == (
+        f"{config}: promote.metric clip_score is not one of eval.metrics (pickscore), so no version is "
+        "ever scored on it; set promote.metric to one of them"
+    )
 
 
 def test_a_negative_regression_margin_is_refused_before_anything_is_read(tiny_config, capsys):

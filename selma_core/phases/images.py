@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -154,6 +154,13 @@ class ImagesConfig(SamplingConfig):
     # The attention kernel (selma_core.models.attention), as train.attention: "auto" measures the
     # candidates on this generator's shapes on CUDA once per GPU type and keeps the fastest.
     attention: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = execution_only("auto")
+
+    def keyed(self) -> ImagesConfig:
+        """This config as the output's key hashes it: ``uniform_threshold`` at its default while
+        ``filter_uniform`` is off (nothing reads it then)."""
+        if self.filter_uniform:
+            return self
+        return replace(self, uniform_threshold=type(self)().uniform_threshold)
 
     def __post_init__(self) -> None:
         super().__post_init__()

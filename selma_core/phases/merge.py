@@ -21,6 +21,7 @@ Recipe, one job:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -85,6 +86,21 @@ class MergeConfig:
             raise ValueError(
                 "method: adapters keeps the experts apart; export svd/fused need a merged method"
             )
+
+    def keyed(self) -> MergeConfig:
+        """This config as the output's key hashes it: the settings ``method`` and ``export`` do not
+        read at their defaults, so editing them redoes no merge (and registers no new version)."""
+        defaults = MergeConfig()
+        unread: dict = {}
+        if self.method not in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+            unread["density"] = defaults.density
+        if self.method not in ("ties", "dare_ties"):
+            unread["majority_sign_method"] = defaults.majority_sign_method
+        if not self.method.startswith("dare_"):  # the only random merges
+            unread["seed"] = defaults.seed
+        if self.export != "svd":
+            unread["export_rank"] = defaults.export_rank
+        return dataclasses.replace(self, **unread)
 
 
 def resolve_weights(cfg: MergeConfig, skills: list[str]) -> list[float]:

@@ -102,11 +102,18 @@ class PromptsConfig:
         return self.backend == "transformers"
 
     def keyed(self) -> PromptsConfig:
-        """This config as the output's key hashes it: the backends not in use at their defaults.
-        Editing one (``openai.model`` while ``backend`` is ``transformers``) redoes nothing, and
-        the keys of configs that leave them as they are stay what they were."""
-        unused = {b: getattr(PromptsConfig(), b) for b in ("openai", "transformers") if b != self.backend}
-        return dataclasses.replace(self, **unused)
+        """This config as the output's key hashes it: what the prompts cannot depend on at its
+        default. The backends not in use (``openai.model`` while ``backend`` is ``transformers``),
+        the name of the variable the API key is read from, and the contamination threshold with no
+        benchmark to compare against. Editing them redoes nothing, and the keys of configs that
+        leave them as they are stay what they were."""
+        defaults = PromptsConfig()
+        unused = {b: getattr(defaults, b) for b in ("openai", "transformers") if b != self.backend}
+        keyed = dataclasses.replace(self, **unused)
+        keyed.openai = dataclasses.replace(keyed.openai, api_key_env=defaults.openai.api_key_env)
+        if not self.contamination.benchmarks:
+            keyed.contamination = defaults.contamination
+        return keyed
 
     def __post_init__(self) -> None:
         if self.num_prompts is not None and self.num_prompts < 2:

@@ -147,7 +147,7 @@ def test_bad_merge_weights_fail_before_any_job_starts(tiny_config, tmp_path):
     config = tiny_config(merge={"weights": {"countng": 0.5, "spatial": 0.5}})
     result = submit("--phase", "all", "--config", str(config))
     assert result.returncode == 2
-    assert "merge.weights: unknown skill 'countng'" in result.stderr
+    assert f"{config}: merge.weights: unknown skill 'countng'" in result.stderr  # which file, too
     assert not (tmp_path / "store").exists()
 
 
