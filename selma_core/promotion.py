@@ -1,6 +1,7 @@
 """Deciding whether a candidate model replaces the champion: pure comparison, no I/O.
 
-A candidate is promoted when its mean score is not worse than the champion's and no skill's score
+A candidate is promoted when its mean score (the mean of its per-skill means: each skill counts once,
+unlike the report's ``all`` row, which pools prompts) is not worse than the champion's and no skill's score
 drops by more than ``max_skill_regression``. A candidate that lacks a skill the champion was scored
 on is refused (it may have lost it); with other skills than the champion's, the two means are
 taken over the skills both have. Scores are the tags the eval phase sets on each
