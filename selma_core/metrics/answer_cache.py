@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 CACHE_FILE = "answers.sqlite"
 #: ``PRAGMA user_version`` of the schema below; a file with another (non-zero) version is refused.
 SCHEMA_VERSION = 1
+DAMAGED = "damaged"  # the committed cache's manifest could not be read: as if there were none
 Field = Literal["answer", "score"]
 
 _COLUMNS = "backend, version, image_sha256, text, template, answer, score, created_at"
@@ -319,9 +320,15 @@ class StoreBackedAnswerCache:
         self._committed_written = 0
 
     def _committed_attempt(self) -> str | None:
+        """The committed version's attempt id; None when there is none, ``DAMAGED`` when its manifest
+        cannot be read (logged: a cache is an optimisation, and the next commit replaces it)."""
         if not self.store.is_committed(self.prefix):
             return None
-        return str(self.store.read_manifest(self.prefix)["attempt"])
+        try:
+            return str(self.store.read_manifest(self.prefix)["attempt"])
+        except (InputError, KeyError, TypeError) as e:
+            log.warning("%s: manifest unreadable (%s); ignored", self.store.url(self.prefix), e)
+            return DAMAGED
 
     def _fetch_private_copy(self, name: str) -> Path | None:
         """The committed cache file, copied into the work folder (the fetched file stays pristine).
@@ -348,7 +355,7 @@ class StoreBackedAnswerCache:
         self._workdir = Path(tempfile.mkdtemp(prefix="answer-cache-", dir=self.scratch_dir))
         working = self._workdir / CACHE_FILE
         self._base_attempt = self._committed_attempt()
-        if self._base_attempt is not None:
+        if self._base_attempt not in (None, DAMAGED):
             copy = self._fetch_private_copy(CACHE_FILE)
             if copy is not None:
                 try:
@@ -368,7 +375,7 @@ class StoreBackedAnswerCache:
         if self.cache.written == self._committed_written:
             return None
         latest = self._committed_attempt()
-        if latest is not None and latest != self._base_attempt:
+        if latest not in (None, DAMAGED, self._base_attempt):
             newer = self._fetch_private_copy("newer.sqlite")
             if newer is not None:
                 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -36,12 +37,13 @@ def short_name(name: str, limit: int = 64) -> str:
 
 
 def _drop_stale_partials(folder: Path) -> None:
-    """Deletes what fetches killed mid-download left in ``folder`` (``.<name>.*.partial``).
+    """Deletes what fetches killed mid-download left in ``folder``: ``.<name>.*.partial``, and
+    ``.<name>.*.partial.<suffix>``, where boto3's download writes before renaming to the first.
 
     Only files untouched for ``STALE_PARTIAL_S``: one still growing belongs to a fetch running now.
     """
     now = time.time()
-    for partial in folder.glob(".*.partial"):
+    for partial in itertools.chain(folder.glob(".*.partial"), folder.glob(".*.partial.*")):
         with contextlib.suppress(OSError):  # gone already, or taken by another cleaner
             if now - partial.stat().st_mtime > STALE_PARTIAL_S:
                 partial.unlink()

@@ -281,6 +281,23 @@ def test_a_failed_block_still_commits_its_answers(tmp_path):
     assert store.read_manifest("cache/answers/fake-vqa")["metadata"]["rows"] == 3
 
 
+def test_a_cache_with_a_damaged_manifest_is_replaced_not_fatal(tmp_path):
+    """A cache is an optimisation: a manifest cut short is ignored and replaced, not an eval failing
+    with exit 2 for good."""
+    store = LocalArtifactStore(tmp_path / "store")
+    prefix = "cache/answers/fake-vqa"
+    with StoreBackedAnswerCache(store, prefix, tmp_path / "job1") as cache:
+        cached(FakeVqa(), cache, "fake-vqa", "1")(IMAGES, ["q"] * 3)
+    manifest = tmp_path / "store" / prefix / "_manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    fake = FakeVqa()
+    with StoreBackedAnswerCache(store, prefix, tmp_path / "job2") as cache:
+        assert len(cache) == 0
+        cached(fake, cache, "fake-vqa", "1")(IMAGES, ["other q"] * 3)
+    assert len(fake.calls) == 1
+    assert store.read_manifest(prefix)["metadata"]["rows"] == 3  # replaced whole
+
+
 def test_an_unreadable_committed_cache_is_replaced_not_fatal(tmp_path):
     store = LocalArtifactStore(tmp_path / "store")
     junk = tmp_path / "junk"

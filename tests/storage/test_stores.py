@@ -397,12 +397,15 @@ def test_fetch_dir_drops_partials_killed_fetches_left(store, tmp_path):
     target = tmp_path / "cache" / "fetched" / "out" / "partials"
     target.mkdir(parents=True)
     dead = target / ".stats.json.k1ll3d.partial"  # a fetch killed mid-download, long ago
-    dead.write_bytes(b"half")
-    os.utime(dead, (time.time() - 2 * STALE_PARTIAL_S,) * 2)
+    # ... and where boto3 wrote that fetch's bytes: it downloads beside the name it is given.
+    dead_boto = target / ".stats.json.k1ll3d.partial.A513Fe12"
+    for path in (dead, dead_boto):
+        path.write_bytes(b"half")
+        os.utime(path, (time.time() - 2 * STALE_PARTIAL_S,) * 2)
     running = target / ".stats.json.runn1n.partial"  # a fetch still writing, in another process
     running.write_bytes(b"growing")
     store.fetch_dir("out/partials", tmp_path / "cache")
-    assert not dead.exists()
+    assert not dead.exists() and not dead_boto.exists()
     assert running.exists()
 
 
