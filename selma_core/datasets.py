@@ -27,7 +27,9 @@ SHA-256 for a local dataset (computed once, then remembered by size, mtime and i
 ``cache_dir``), the object's ETag for S3 (content-derived, and listed at 1,000 objects a request: the
 controller and every job plan the pipeline, so downloading an S3 dataset to hash it would cost each
 of them the whole dataset). Changed, added or removed data gives a new key, hence a new expert;
-where the data lives (the path, the bucket) is not part of it. Every byte a job reads is checked
+where the data lives (the path, the bucket) is not part of it, though the same files in a local
+folder and in S3 have different identities (SHA-256 vs ETag), hence different keys. Every byte a
+job reads is checked
 against that listing (SHA-256 locally, ``If-Match`` on the ETag in S3), and a job whose dataset
 changed after its plan was made stops with an ``InputError`` rather than commit an expert under a
 key that names other data.
@@ -239,8 +241,15 @@ def _list_local(path: str, layout: Layout, scratch_dir: str | Path | None) -> Da
                 "a shard pattern, or s3://bucket/prefix)"
             )
         names = []
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # Subfolders that are links (a mounted volume: images -> /mnt/coco/train2017) are read
+        # too, except a link to a folder the walk is inside: that one would walk for ever.
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            inside = _walked_into(root, folder)
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in inside
+            )
             rel_folder = Path(folder).relative_to(root).as_posix()
             for name in files:
                 rel = name if rel_folder == "." else f"{rel_folder}/{name}"
@@ -252,6 +261,12 @@ def _list_local(path: str, layout: Layout, scratch_dir: str | Path | None) -> Da
     files = tuple(DatasetFile(rel, *hashes.size_and_sha256(Path(root) / rel)) for rel in used)
     hashes.save()
     return DatasetListing(root=root, layout=chosen, files=files)
+
+
+def _walked_into(root: str, folder: str) -> set[str]:
+    """The real paths of ``folder`` and of every folder between it and ``root``."""
+    parts = Path(folder).relative_to(root).parts
+    return {os.path.realpath(Path(root, *parts[:n])) for n in range(len(parts) + 1)}
 
 
 class _HashCache:

@@ -119,6 +119,30 @@ def test_imagefolder_configured_column_and_repeated_images(tmp_path):
     assert [m["id"] for m, _ in pairs] == ["a.png", "a.png#2", "a.png#3"]  # unique ids
 
 
+def test_subfolders_that_are_links_are_read_once(tmp_path):
+    """A mounted volume linked into the dataset (images -> /mnt/...) is read; a link back up the
+    tree is not walked for ever."""
+    made = make_imagefolder(tmp_path / "made")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "images").symlink_to(made / "images", target_is_directory=True)
+    (root / "metadata.jsonl").write_text((made / "metadata.jsonl").read_text())
+    pairs = read_external_dataset(str(root), tmp_path / "scratch")
+    assert [m["prompt"] for m, _ in pairs] == CAPTIONS
+
+    shards = make_webdataset(tmp_path / "wds", shards=1)
+    make_webdataset(tmp_path / "mounted", shards=2)
+    (tmp_path / "mounted" / "train-0000.tar").rename(tmp_path / "mounted" / "more-0000.tar")
+    (shards / "part-b").symlink_to(tmp_path / "mounted", target_is_directory=True)
+    (shards / "part-b" / "loop").symlink_to(shards, target_is_directory=True)  # back to the root
+    listing = list_dataset(str(shards))
+    assert [f.path for f in listing.files] == [
+        "part-b/more-0000.tar",
+        "part-b/train-0001.tar",
+        "train-0000.tar",
+    ]
+
+
 # -- WebDataset -----------------------------------------------------------------------------------
 
 
