@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from jobs.executors.base import Executor, JobHandle, JobState
-from jobs.signals import interrupts_ignored
+from jobs.signals import interrupts_deferred, interrupts_ignored
 from selma_core.plan import JobSpec
 
 
@@ -101,10 +101,14 @@ def run_dag(
             for group in executor.batches(ready):
                 if len({slot for _, _, slot in running.values()}) >= max_parallel:
                     break
-                handles = executor.submit_batch(group, [command_for(j) for j in group], env)
+                # An interrupt waits until every job started is in ``running``: one that came
+                # between a job's start and its handle would leave that job running unwatched.
+                with interrupts_deferred():
+                    handles = executor.submit_batch(group, [command_for(j) for j in group], env)
+                    for handle in handles:
+                        pending.remove(handle.job)
+                        running[handle.job.id] = (handle, time.monotonic(), group[0].id)
                 for handle in handles:
-                    pending.remove(handle.job)
-                    running[handle.job.id] = (handle, time.monotonic(), group[0].id)
                     echo(f"started {handle.job.id} (log: {handle.log})")
             for job_id, (handle, started, _) in list(running.items()):
                 status = executor.poll(handle)

@@ -7,6 +7,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
 
 def terminate_as_interrupt() -> None:
     """Raise ``KeyboardInterrupt`` on SIGTERM: ``finally`` blocks close MLflow runs as FAILED and
@@ -24,6 +26,25 @@ def terminate_as_interrupt() -> None:
 
 
 @contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held until the block ends, then raised as ``KeyboardInterrupt``: for a
+    step that must not be cut in half (a job started must get the handle that lets it be cancelled,
+    or nobody would stop it). Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise KeyboardInterrupt(f"signal {caught[0]}")
+
+
+@contextlib.contextmanager
 def interrupts_ignored() -> Iterator[None]:
     """Ctrl-C and SIGTERM ignored inside: for cleanup that must finish once begun (cancelling every
     running job after the first interrupt), which a second one would otherwise cut short, leaving
@@ -31,7 +52,7 @@ def interrupts_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in INTERRUPTS}
     try:
         yield
     finally:

@@ -31,7 +31,7 @@ from jobs.cli import parse_args
 from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
 from jobs.run import ENV_PARENT_RUN
-from jobs.signals import terminate_as_interrupt
+from jobs.signals import interrupts_ignored, terminate_as_interrupt
 from selma_core.errors import EXIT_INVALID, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
 from selma_core.tracking.base import TAG_FORCED, TAG_JOBS
@@ -449,12 +449,15 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         e.outcomes = outcomes  # type: ignore[attr-defined]  # for the last JSON line
         raise
     finally:
-        executor.close()
-        ok = len(outcomes) == len(selected) and all(o.status in ("ran", "skipped") for o in outcomes)
-        try:
-            tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
-        except Exception as e:  # the jobs' outcomes stand (their outputs are in the store)
-            _echo(f"warning: could not close the pipeline's MLflow run {parent}: {e}")
+        # Once begun, closing finishes: a further Ctrl-C here would leave the pipeline's run RUNNING
+        # for good (jobs.status would call it running) and lose the outcomes from the JSON line.
+        with interrupts_ignored():
+            executor.close()
+            ok = len(outcomes) == len(selected) and all(o.status in ("ran", "skipped") for o in outcomes)
+            try:
+                tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
+            except Exception as e:  # the jobs' outcomes stand (their outputs are in the store)
+                _echo(f"warning: could not close the pipeline's MLflow run {parent}: {e}")
     for outcome in outcomes:
         if outcome.status == "failed":
             _echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")

@@ -357,9 +357,8 @@ class LocalExecutor(Executor):
         self._give_back_ended(handle, [code])
         if code is None:
             return JobStatus(JobState.RUNNING)
-        state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
-        result = _lost_result(handle.job, handle.log) if _lost(process) else last_json_line(handle.log)
-        return JobStatus(state, code, result)
+        code, result = _exit_status(handle.job, process, handle.log)
+        return JobStatus(JobState.SUCCEEDED if code == 0 else JobState.FAILED, code, result)
 
     def _poll_processes(self, handle: JobHandle) -> JobStatus:
         """The processes of an images job: running while any runs (a failed one's siblings finish and
@@ -370,10 +369,9 @@ class LocalExecutor(Executor):
         if any(code is None for code in codes):
             return JobStatus(JobState.RUNNING)
         logs = handle.extra["logs"]
-        results = [
-            (_lost_result(handle.job, log) if _lost(process) else last_json_line(log)) or {}
-            for process, log in zip(handle.ref, logs, strict=True)
-        ]
+        ended = [_exit_status(handle.job, p, log) for p, log in zip(handle.ref, logs, strict=True)]
+        codes = [code for code, _ in ended]
+        results = [result or {} for _, result in ended]
         failed = [i for i, code in enumerate(codes) if code != 0]
         if failed:
             handle.log = logs[failed[0]]
@@ -456,10 +454,14 @@ def _lost(process: Process) -> bool:
     return isinstance(process, ForkedProcess) and process.lost
 
 
-def _lost_result(job: JobSpec, log: str) -> dict:
-    """The result of a job whose exit status was lost with the fork server (its log says more)."""
-    return {
-        "job": job.id,
-        "status": "failed",
-        "error": f"the fork server ended before the job did, so its exit status is unknown; see {log}",
-    }
+def _exit_status(job: JobSpec, process: Process, log: str) -> tuple[int, dict | None]:
+    """An ended process's exit status and result (its log's last JSON line). Where the status was
+    lost with the fork server, the job's own last line decides: one that says it ran (or skipped)
+    succeeded, and the controller still checks its output is in the store; else it failed."""
+    result = last_json_line(log)
+    if not _lost(process):
+        return process.returncode, result
+    if result and result.get("status") in ("ran", "skipped"):
+        return 0, result
+    error = f"the fork server ended before the job did, so its exit status is unknown; see {log}"
+    return process.returncode, {"job": job.id, "status": "failed", "error": error}

@@ -138,6 +138,24 @@ def test_interrupt_cancels_running_jobs_and_keeps_the_ended_ones_outcomes():
     assert {job: outcome.status for job, outcome in ended.items()} == {"prompts:a": "ran", "prompts:b": "ran"}
 
 
+def test_an_interrupt_while_a_job_starts_waits_for_its_handle_and_then_cancels_it():
+    """Ctrl-C between a job's start and its handle would leave it running unwatched."""
+    import os
+    import signal
+
+    class InterruptedWhileStarting(ScriptedExecutor):
+        def submit(self, job, command, env):
+            handle = super().submit(job, command, env)  # the job runs from here on
+            os.kill(os.getpid(), signal.SIGINT)  # and Ctrl-C comes before its handle is returned
+            return handle
+
+    executor = InterruptedWhileStarting()
+    with pytest.raises(KeyboardInterrupt):
+        run_dag(pipeline(("a",)), executor, lambda j: [], {}, 2, lambda j: False, lambda j: "", 0)
+    assert executor.started == ["prompts:a"] and executor.cancelled == ["prompts:a"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
 def test_every_outcome_names_its_skill_even_without_one():
     outcomes = run(pipeline(), ScriptedExecutor())
     assert outcomes[-1].to_dict() == {

@@ -492,17 +492,25 @@ def test_a_server_that_would_fork_unsafely_refuses_and_jobs_start_afresh(tmp_pat
     executor.close()
 
 
-def test_a_job_outlives_a_lost_server_and_is_reported_failed(tmp_path, capsys):
+def test_a_job_outlives_a_lost_server_and_its_last_line_says_how_it_ended(tmp_path, capsys):
     executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
-    handle = executor.submit(JOB, ["python", "-c", "import time; time.sleep(3)"], {})
+    silent = executor.submit(JOB, ["python", "-c", "import time; time.sleep(3)"], {})
+    said = 'import json, time; time.sleep(3); print(json.dumps({"status": "ran", "run_id": "r1"}))'
+    speaking = executor.submit(
+        JobSpec("prompts", "spatial", "prompts/spatial/x", ()), ["python", "-c", said], {}
+    )
     server = executor._server
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait()
-    assert executor.poll(handle).state == JobState.RUNNING  # the job goes on without its server
-    status = wait(executor, handle)
-    # Its exit status went with the server: a failure worth a retry, which says why.
+    assert executor.poll(silent).state == JobState.RUNNING  # the job goes on without its server
+    status = wait(executor, silent)
+    # Its exit status went with the server, and it said nothing: a failure worth a retry, which says why.
     assert status.state == JobState.FAILED and status.exit_code == 1
     assert "the fork server ended before the job did" in status.result["error"]
+    # A job whose last line says it ran did (the controller still checks its output is committed).
+    status = wait(executor, speaking)
+    assert status.state == JobState.SUCCEEDED and status.exit_code == 0
+    assert status.result == {"status": "ran", "run_id": "r1"}
     # Later jobs start as fresh processes.
     code = 'import json, os; print(json.dumps({"status": "ran", "ppid": os.getppid()}))'
     status = wait(executor, executor.submit(JOB, ["python", "-c", code], {}))

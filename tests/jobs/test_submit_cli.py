@@ -151,6 +151,43 @@ def test_bad_merge_weights_fail_before_any_job_starts(tiny_config, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_an_interrupt_while_the_controller_closes_loses_nothing(tiny_config, tmp_path, monkeypatch, capsys):
+    """Ctrl-C pressed again while the controller closes (after cancelling): the pipeline's MLflow
+    run is still ended, and the JSON line still lists the jobs that had ended."""
+    import os
+    import signal
+
+    import mlflow
+
+    from jobs import submit as controller
+    from jobs.dag import JobOutcome
+    from jobs.executors.local import LocalExecutor
+
+    def interrupted_dag(jobs, *args, ended, **kwargs):
+        ended[jobs[0].id] = JobOutcome(jobs[0].phase, jobs[0].skill, "ran", job=jobs[0].id)
+        raise KeyboardInterrupt  # the first Ctrl-C, once prompts:counting had ended
+
+    def close_pressing_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)  # again, while closing
+        time.sleep(0.05)
+
+    monkeypatch.setattr(controller, "run_dag", interrupted_dag)
+    monkeypatch.setattr(LocalExecutor, "close", close_pressing_ctrl_c)
+    config = tiny_config()
+    assert controller.main(["--phase", "prompts", "--config", str(config)]) == 130
+    assert last_json(capsys.readouterr().out) == {
+        "jobs": [{"phase": "prompts", "skill": "counting", "status": "ran", "job": "prompts:counting"}],
+        "error": "interrupted",
+    }
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [
+            e.experiment_id
+            for e in mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+        ]
+    )
+    assert [r.info.status for r in runs if r.info.run_name == "pipeline-prompts"] == ["FAILED"]
+
+
 def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
     skills = skills_with_a_starved_one(tmp_path)
     config = tiny_config(
