@@ -109,6 +109,26 @@ def micro_batch_parts(batch_size: int, accumulation: int, world_size: int) -> in
     return parts if batch_size % parts == 0 else 1
 
 
+def _smaller_batch(batch_size: int, accumulation: int, world_size: int, rows: int) -> int | None:
+    """For out-of-memory advice: the largest ``batch_size`` that divides the images per step and
+    gives each process at most half its ``rows`` images a micro-batch (else fewer at all), shared
+    evenly where one can be; None if there is none. On several processes a smaller batch is not
+    always less per process: SELMA's 16 x 4 on 8 GPUs gives each 8 images, and so does 8 x 8."""
+    per_step = batch_size * accumulation
+    candidates = []
+    for smaller in range(batch_size - 1, 0, -1):
+        if per_step % smaller:
+            continue
+        parts = micro_batch_parts(smaller, per_step // smaller, world_size)
+        candidates.append((smaller, smaller // parts, (per_step // smaller * parts) % world_size == 0))
+    for enough in (lambda r: r <= rows // 2, lambda r: r < rows):
+        for even in (True, False):
+            for smaller, per_process, shared in candidates:
+                if enough(per_process) and (shared or not even):
+                    return smaller
+    return None
+
+
 def part_of_draws(draws: tuple, part: int, parts: int) -> tuple:
     """Part ``part`` of ``parts`` of one micro-batch's random draws (``ExpertTrainer._draw``): its
     rows, in order."""
@@ -462,6 +482,7 @@ class ExpertTrainer:
         self.graph_backend = None
         self._forward_backward_call = self._forward_backward
         self._parts = 1  # parts_per_micro_batch(), set for each training
+        self._world_size = 1  # processes training this expert, set for each training
         # What training is doing ("encoding", "training", "validation"): out-of-memory advice for it.
         self._doing = "training"
 
@@ -1039,6 +1060,7 @@ class ExpertTrainer:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"base model's scheduler predicts {prediction_type!r}; expected epsilon or v")
         rank, world_size = distributed.rank_and_size()
+        self._world_size = world_size
         self._parts = parts = self.parts_per_micro_batch()
         if (cfg.gradient_accumulation * parts) % world_size:
             print(
@@ -1303,17 +1325,19 @@ class ExpertTrainer:
                 f"(no validation images). ({error})"
             )
         per_step = cfg.batch_size * cfg.gradient_accumulation
+        rows = cfg.batch_size // self._parts
         hints = []
-        if cfg.batch_size > 1:
-            smaller = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1
+        smaller = _smaller_batch(cfg.batch_size, cfg.gradient_accumulation, self._world_size, rows)
+        if smaller is not None:
             hints.append(
                 f"lower train.batch_size to {smaller} and raise train.gradient_accumulation to "
                 f"{per_step // smaller} (the same {per_step} images per step)"
             )
         if not cfg.gradient_checkpointing:
-            hints.append("set train.gradient_checkpointing: true (less memory, about a third slower)")
+            # The config refuses the two together.
+            off = "train.cuda_graph: false and " if cfg.cuda_graph else ""
+            hints.append(f"set {off}train.gradient_checkpointing: true (less memory, about a third slower)")
         hints.append(f"train at a lower train.resolution (now {resolution} px)")
-        rows = cfg.batch_size // self._parts
         shared = f", {rows} of them in each process" if rows != cfg.batch_size else ""
         return (
             f"CUDA out of memory at train.batch_size {cfg.batch_size}{shared} ({resolution} px, LoRA "

@@ -319,20 +319,26 @@ def test_out_of_memory_while_encoding_or_drawing_validation_images_says_what_to_
 
 
 def test_the_out_of_memory_advice_keeps_the_images_per_step():
-    expert = SimpleNamespace(dtype=torch.bfloat16, _doing="training", _parts=1)
+    expert = SimpleNamespace(dtype=torch.bfloat16, _doing="training", _parts=1, _world_size=1)
     for batch, accumulation, advice in [
         (16, 4, "lower train.batch_size to 8 and raise train.gradient_accumulation to 8 (the same 64"),
-        (5, 2, "lower train.batch_size to 1 and raise train.gradient_accumulation to 10 (the same 10"),
+        (5, 2, "lower train.batch_size to 2 and raise train.gradient_accumulation to 5 (the same 10"),
     ]:
         expert.cfg = config(batch_size=batch, gradient_accumulation=accumulation)
         assert advice in ExpertTrainer._out_of_memory_message(expert, 512, RuntimeError("oom"))
     expert.cfg = config(batch_size=1, gradient_checkpointing=True)
     message = ExpertTrainer._out_of_memory_message(expert, 1024, RuntimeError("oom"))
     assert "train.batch_size to" not in message and "lower train.resolution (now 1024 px)" in message
-    # SELMA's 16 x 4 on 8 GPUs: each micro-batch is cut in two, 8 images in each process.
-    expert.cfg, expert._parts = config(batch_size=16, gradient_accumulation=4), 2
+    # SELMA's 16 x 4 on 8 GPUs: each micro-batch is cut in two, 8 images in each process. 8 x 8
+    # would give each process 8 images still (whole micro-batches); 4 x 16 gives it 4.
+    expert.cfg, expert._parts, expert._world_size = config(batch_size=16, gradient_accumulation=4), 2, 8
     message = ExpertTrainer._out_of_memory_message(expert, 512, RuntimeError("oom"))
     assert message.startswith("CUDA out of memory at train.batch_size 16, 8 of them in each process (512 px")
+    assert "lower train.batch_size to 4 and raise train.gradient_accumulation to 16 (the same 64" in message
+    # cuda_graph refuses gradient checkpointing: the advice turns it off too.
+    expert.cfg, expert._parts, expert._world_size = config(batch_size=1, cuda_graph=True), 1, 1
+    message = ExpertTrainer._out_of_memory_message(expert, 1024, RuntimeError("oom"))
+    assert "set train.cuda_graph: false and train.gradient_checkpointing: true" in message
 
 
 # -- precision ------------------------------------------------------------------------------------
