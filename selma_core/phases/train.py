@@ -110,23 +110,22 @@ def micro_batch_parts(batch_size: int, accumulation: int, world_size: int) -> in
 
 
 def _smaller_batch(batch_size: int, accumulation: int, world_size: int, rows: int) -> int | None:
-    """For out-of-memory advice: the largest ``batch_size`` that divides the images per step and
-    gives each process at most half its ``rows`` images a micro-batch (else fewer at all), shared
-    evenly where one can be; None if there is none. On several processes a smaller batch is not
-    always less per process: SELMA's 16 x 4 on 8 GPUs gives each 8 images, and so does 8 x 8."""
+    """For out-of-memory advice: a smaller ``batch_size`` that divides the images per step and gives
+    each process fewer than its ``rows`` images a micro-batch; preferably half or fewer, then shared
+    evenly by the processes, then the largest. None if there is none. On several processes a smaller
+    batch is not always less per process: SELMA's 16 x 4 on 8 GPUs gives each 8 images, and so
+    does 8 x 8 (4 x 16 gives each 4)."""
     per_step = batch_size * accumulation
-    candidates = []
-    for smaller in range(batch_size - 1, 0, -1):
-        if per_step % smaller:
-            continue
-        parts = micro_batch_parts(smaller, per_step // smaller, world_size)
-        candidates.append((smaller, smaller // parts, (per_step // smaller * parts) % world_size == 0))
-    for enough in (lambda r: r <= rows // 2, lambda r: r < rows):
-        for even in (True, False):
-            for smaller, per_process, shared in candidates:
-                if enough(per_process) and (shared or not even):
-                    return smaller
-    return None
+
+    def parts(smaller: int) -> int:
+        return micro_batch_parts(smaller, per_step // smaller, world_size)
+
+    fewer = [b for b in range(1, batch_size) if per_step % b == 0 and b // parts(b) < rows]
+    return max(
+        fewer,
+        key=lambda b: (b // parts(b) <= rows // 2, per_step // b * parts(b) % world_size == 0, b),
+        default=None,
+    )
 
 
 def part_of_draws(draws: tuple, part: int, parts: int) -> tuple:
