@@ -259,10 +259,11 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         # NAME/VERSION means something only in one registry: staging and prod must not share results.
         evaluated["registry"] = cfg.tracking.uri
     tifa = cfg.eval.tifa_questions
-    if cfg.eval.benchmark == "tifa" and tifa and "://" not in tifa and not cfg.eval.tifa_questions_sha256:
+    if cfg.eval.benchmark == "tifa" and tifa and not cfg.eval.tifa_questions_sha256 and Path(tifa).is_file():
         # No hash pins this file (the registry has none for TIFA v1.0): its content does, so a
-        # corrected copy at the same path is scored again, not reported from the old one.
-        evaluated["tifa_questions"] = sha256_file(Path(tifa)) if Path(tifa).is_file() else "missing"
+        # corrected copy at the same path is scored again, not reported from the old one. (A path
+        # only the pods see, on Kubernetes, is known by its path, as before.)
+        evaluated["tifa_questions"] = sha256_file(Path(tifa))
     if cfg.eval.benchmark == "heldout":
         evaluated.update(held_out)  # dataset skills' held-out captions: no prompts job carries them
     add("eval", None, evaluated, eval_dependencies(cfg, merged, experts, prompt_jobs))

@@ -102,11 +102,11 @@ class PromptsConfig:
         return self.backend == "transformers"
 
     def keyed(self) -> PromptsConfig:
-        """This config as the output's key hashes it: what the prompts cannot depend on at its
-        default. The backends not in use (``openai.model`` while ``backend`` is ``transformers``),
-        the name of the variable the API key is read from, and the contamination threshold with no
-        benchmark to compare against. Editing them redoes nothing, and the keys of configs that
-        leave them as they are stay what they were."""
+        """This config as the output's key hashes it: the settings the prompts do not depend on
+        put back to their defaults. The backends not in use (``openai.model`` while ``backend``
+        is ``transformers``), the name of the variable the API key is read from, and the
+        contamination threshold with no benchmark to compare against. Editing them redoes
+        nothing, and the keys of configs that leave them as they are stay what they were."""
         defaults = PromptsConfig()
         unused = {b: getattr(defaults, b) for b in ("openai", "transformers") if b != self.backend}
         keyed = dataclasses.replace(self, **unused)
