@@ -373,7 +373,10 @@ def _run_job(
     run = tracker.start_job_run(cfg.name, os.environ.get(ENV_PARENT_RUN), job.name, tags)
     ok = False
     try:
-        run.log_params({phase: to_dict(cfg.phase_config(phase)), "base_model": cfg.base_model})
+        params = {phase: to_dict(cfg.phase_config(phase)), "base_model": cfg.base_model}
+        if phase == "images":  # weak-to-strong: another model draws the images
+            params |= {"generator_model": cfg.generator, "generator_model_revision": cfg.generator_revision}
+        run.log_params(params)
         ctx = JobContext(cfg, skills, plan, job, store, run, commits=True)
         options = {}
         if workers > 1:  # one of an images job's processes

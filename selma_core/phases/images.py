@@ -429,6 +429,8 @@ class _Drawer:
             dtype,
             allow_pickle=config.allow_pickle_checkpoints,
         ).to(self.device)
+        # The guidance drawn with, where the config leaves it to the generator (null: 7.5, SDXL 5.0).
+        self.ctx.run.set_tags({"images.guidance_scale_used": str(guidance_scale(self.cfg, self.pipe))})
         unet = getattr(self.pipe, "unet", None)
         self.compile_mode = speed.resolve_compile(self.cfg.compile, unet, self.device)
         if (

@@ -109,6 +109,20 @@ def micro_batch_parts(batch_size: int, accumulation: int, world_size: int) -> in
     return parts if batch_size % parts == 0 else 1
 
 
+def check_same_latent_space(vae, base_vae, spec: str, base_model: str) -> None:
+    """A ``train.vae_model`` must encode into the base model's latent space: the UNet learns on
+    its latents, and images, eval and users decode with the base model's own VAE. An SD VAE
+    (scaling 0.18215) for SDXL (0.13025) would train on latents scaled wrongly, without an error."""
+    for name in ("latent_channels", "scaling_factor", "shift_factor"):
+        mine, base = vae.config.get(name), base_vae.config.get(name)
+        if mine != base:
+            raise ConfigError(
+                f"train.vae_model {spec}: its {name} is {mine}, the base model {base_model}'s VAE's is "
+                f"{base}: name a VAE made for the base model's latents (for SDXL under fp16: "
+                "madebyollin/sdxl-vae-fp16-fix)"
+            )
+
+
 def _smaller_batch(batch_size: int, accumulation: int, world_size: int, rows: int) -> int | None:
     """For out-of-memory advice: a smaller ``batch_size`` that divides the images per step and gives
     each process fewer than its ``rows`` images a micro-batch; preferably half or fewer, then shared
@@ -1423,12 +1437,14 @@ def train_expert(ctx, skill_name: str) -> dict:
         allow_pickle=ctx.config.allow_pickle_checkpoints,
     )
     if cfg.vae_model:
-        pipe.vae = load_vae(
+        vae = load_vae(
             cfg.vae_model,
             ctx.config.cache_dir,
             allow_pickle=ctx.config.allow_pickle_checkpoints,
             revision=cfg.vae_model_revision,
         )
+        check_same_latent_space(vae, pipe.vae, cfg.vae_model, ctx.config.base_model)
+        pipe.vae = vae
     trainer = ExpertTrainer(pipe, cfg, device, cache_dir=ctx.config.cache_dir)
     cfg = trainer.cfg  # batch_size and gradient_accumulation resolved for the model
     ctx.run.log_params(

@@ -165,6 +165,9 @@ def check_mlflow(cfg, run_ids: dict) -> None:
         range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every)
     )
     assert "prompts.accepted" in runs[run_ids["prompts:spatial"]].data.metrics
+    images_run = runs[run_ids["images:counting"]].data
+    assert images_run.params["generator_model"] == cfg.generator  # the model that drew, not trained
+    assert images_run.tags["images.guidance_scale_used"] == str(cfg.images.guidance_scale or 7.5)
     assert "clip_score.counting.merged" in runs[run_ids["eval"]].data.metrics
     assert "clip_score.all.merged.vs_base" in runs[run_ids["eval"]].data.metrics
     logged = {a.path for a in client.list_artifacts(run_ids["eval"], "eval")}

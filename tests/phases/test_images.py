@@ -524,6 +524,9 @@ def test_the_generator_may_be_another_model_than_the_one_trained(tiny_config, tm
     assert loaded == [("random:tiny-sd-v", "v2")]
     samples = [meta for meta, _ in read_image_dataset(ctx.store.fetch_dir(ctx.job.key, tmp_path / "out"))]
     assert len(samples) == 15 and {m["model"] for m in samples} == {"random:tiny-sd-v"}
+    # The guidance the generator drew with is on the run, where the config left it to the model.
+    assert ctx.config.images.guidance_scale is None
+    assert {"images.guidance_scale_used": "7.5"} in ctx.run.tags  # an SD 2.x-like generator's
 
 
 def test_guidance_left_null_is_the_models_usual_one():

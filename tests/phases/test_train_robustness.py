@@ -279,6 +279,22 @@ def test_a_named_vae_replaces_the_base_models_and_keys_its_latents(
     assert len(entries) == 2  # one latent cache entry per VAE
 
 
+def test_a_vae_of_another_latent_space_is_refused(model_cache):
+    """An SD VAE (0.18215) named for SDXL (0.13025): latents scaled wrongly, trained without a word."""
+    from selma_core.models.loading import load_vae
+    from selma_core.phases.train import check_same_latent_space
+
+    base, other = load_vae("random:tiny-sd", model_cache), load_vae("random:tiny-sd", model_cache)
+    check_same_latent_space(other, base, "org/vae", "random:tiny-sd")  # the same latents: fine
+    other.register_to_config(scaling_factor=0.13025)
+    with pytest.raises(ConfigError) as raised:
+        check_same_latent_space(other, base, "org/vae", "random:tiny-sd")
+    assert str(raised.value).startswith(
+        "train.vae_model org/vae: its scaling_factor is 0.13025, the base model random:tiny-sd's VAE's "
+        "is 0.18215"
+    )
+
+
 def test_sdxl_validation_under_fp16_decodes_with_its_upcast_vae(model_cache):
     """The VAE kept in float32 for encoding goes back to float16 for the pipeline (which upcasts it
     itself to decode) and returns to float32 for training."""
