@@ -52,7 +52,7 @@ from jobs.cli import parse_args
 from jobs.signals import terminate_as_interrupt
 from selma_core import distributed
 from selma_core.errors import EXIT_RETRYABLE, ConfigError, InputError, SelmaError
-from selma_core.plan import PER_SKILL_PHASES, PHASES
+from selma_core.plan import PER_SKILL_PHASES, PHASES, JobSpec
 
 ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
 # Where the in-flight leases of an images job's processes live, under its output key.
@@ -116,7 +116,7 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         if not args.master_addr:
             error = "--nnodes > 1 needs --master-addr (the host of node 0)"
             print(f"error: {error}", file=sys.stderr)
-            print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
+            print(json.dumps(failed_result(args, error, ConfigError.exit_code)))
             return ConfigError.exit_code
         command += [
             f"--nnodes={args.nnodes}",
@@ -429,6 +429,14 @@ def _claim(store, job, force: bool, state: dict, worker: int = 0, workers: int =
     return {}
 
 
+def failed_result(args: argparse.Namespace, error: str, exit_code: int, shard: int | None = None) -> dict:
+    """The last line of a job that failed: its id as ``jobs.submit`` names it (``train:counting``,
+    ``merge-search#003``), as a job that ran or skipped says it."""
+    candidate = shard if args.phase == "merge-search" else None
+    job = JobSpec(args.phase, args.skill, "", (), shard=candidate).id
+    return {"job": job, "skill": args.skill, "status": "failed", "error": error, "exit_code": exit_code}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(build_parser(), argv, {"job": None, "status": "failed", "exit_code": 2})
@@ -442,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards is not None and args.num_shards is not None:
         error = "--shards and --num-shards: give one (--shards picks merge-search candidates)"
         print(f"error: {error}", file=sys.stderr)
-        print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
+        print(json.dumps(failed_result(args, error, ConfigError.exit_code)))
         return ConfigError.exit_code
     if args.shards is not None:
         try:
@@ -454,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"$JOB_COMPLETION_INDEX={os.environ.get('JOB_COMPLETION_INDEX')}"
             )
             print(f"error: {error}", file=sys.stderr)
-            print(json.dumps({"job": args.phase, "status": "failed", "error": error, "exit_code": 2}))
+            print(json.dumps(failed_result(args, error, ConfigError.exit_code)))
             return ConfigError.exit_code
     # Under torchrun rank 0 reports the job; the others report only their own failure, marked with
     # their rank (and say it on stderr), so the launcher can tell a configuration error on one rank
@@ -471,15 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_job(args.phase, args.skill, args.config, shard, args.force, args.num_shards)
     except SelmaError as e:
         print(f"error{where}: {e}", file=sys.stderr)
-        report(
-            {
-                "job": args.phase,
-                "skill": args.skill,
-                "status": "failed",
-                "error": str(e),
-                "exit_code": e.exit_code,
-            }
-        )
+        report(failed_result(args, str(e), e.exit_code, shard))
         return e.exit_code
     except KeyboardInterrupt as e:
         # Under torchrun, most often: another rank failed (its error is in the log) and torchrun
@@ -487,14 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         said = f": {e}" if str(e) and not str(e).startswith("signal ") else ""
         why = "interrupted" + said + (" (stopped by torchrun: another rank may have failed)" if where else "")
         print(f"error{where}: {why} (the output was not committed)", file=sys.stderr)
-        report({"job": args.phase, "skill": args.skill, "status": "failed", "error": why, "exit_code": 130})
+        report(failed_result(args, why, 130, shard))
         return 130
     except Exception as e:  # anything unforeseen: worth a retry, with the traceback in the log
         if where:
             print(f"error{where}:", file=sys.stderr)
         traceback.print_exc()
-        failed = {"job": args.phase, "skill": args.skill, "status": "failed", "error": repr(e)}
-        report({**failed, "exit_code": EXIT_RETRYABLE})
+        report(failed_result(args, repr(e), EXIT_RETRYABLE, shard))
         return EXIT_RETRYABLE
     finally:
         # Under torchrun: leave the process group, after the result is reported (a process that

@@ -135,10 +135,11 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
                 changed = True
     named_outside = sorted(named_all - selected)
     if named_outside:
+        runs = next(j for j in plan.jobs if j in selected)  # a job this command runs, the first
         raise ConfigError(
             f"--force {' '.join(specs)} names {', '.join(named_outside)}, which this command does not "
-            "run (--phase and --skill leave them out); select them too (e.g. --phase all), or force only "
-            f"jobs it runs (e.g. --force {named_outside[0].split(':')[0]}:SKILL)"
+            f"run (its --phase/--skill do not select them); select them too (e.g. --phase all), or force "
+            f"only jobs it runs (e.g. --force {runs})"
         )
     outside = sorted(forced - selected)
     if outside:
@@ -204,7 +205,7 @@ def resolve_registry_aliases(cfg) -> None:
     cfg.eval.models = resolved
 
 
-def validate(cfg, skills) -> None:
+def validate(cfg, skills, dry_run: bool = False) -> None:
     """Everything that can be checked before the first job starts, so no job fails late on it."""
     from selma_core.models.random_models import is_random_model, random_model_problem
     from selma_core.phases.merge import resolve_weights
@@ -277,8 +278,14 @@ def validate(cfg, skills) -> None:
             )
     if generated and cfg.prompts.backend == "openai" and cfg.executor.kind == "local":
         # The key variable, where one is required. Jobs on Kubernetes read it from the pods' Secrets
-        # (executor.kubernetes.secrets), which the controller need not hold.
-        OpenAICompatibleBackend(cfg.prompts.openai)
+        # (executor.kubernetes.secrets), which the controller need not hold. A dry run sends nothing:
+        # it warns, so that the plan can be looked at without the key.
+        try:
+            OpenAICompatibleBackend(cfg.prompts.openai)
+        except ConfigError as e:
+            if not dry_run:
+                raise
+            _echo(f"warning: {e} (the prompts jobs would stop on it)")
     elif generated and cfg.prompts.backend == "offline":
         for skill in generated:
             if not skill.offline.templates:
@@ -360,7 +367,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         )
     # Check everything before the first job starts: every skill file, models, backend settings.
     skills = load_skills(cfg.skills_path, cfg.skills)
-    validate(cfg, skills)
+    validate(cfg, skills, dry_run=args.dry_run)
     with naming_the_file(cfg):  # merge_search's grid
         plan = build_plan(cfg, skills)
     for name, dataset in plan.datasets.items():

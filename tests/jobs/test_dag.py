@@ -211,7 +211,10 @@ def test_force_reaches_everything_downstream():
     assert forced_jobs(plan, ["eval"], {"eval"}) == {"eval"}
     with pytest.raises(Exception, match="would leave eval built from the old outputs"):
         forced_jobs(plan, ["merge"], {"merge"})  # eval, downstream, was not selected
-    with pytest.raises(Exception, match="--force prompts:a names prompts:a, which this command does not run"):
+    with pytest.raises(
+        Exception, match="--force prompts:a names prompts:a, which this command does not run"
+    ) as e:
         forced_jobs(plan, ["prompts:a"], {"train:a", "train:b", "merge", "eval"})
+    assert str(e.value).endswith("or force only jobs it runs (e.g. --force train:a)")  # not prompts:a again
     with pytest.raises(Exception, match="--force colour: no such job"):
         forced_jobs(plan, ["colour"], everything)

@@ -26,6 +26,14 @@ def test_missing_upstream_output_is_invalid_input(tiny_config):
     result = run_job("--phase", "images", "--skill", "counting", "--config", str(tiny_config()))
     assert result.returncode == 2
     assert "images:counting needs the output of prompts:counting" in result.stderr
+    # The failure's last line names the job as a success's does (and as jobs.submit does).
+    last = json.loads(result.stdout.splitlines()[-1])
+    assert (last["job"], last["skill"], last["status"], last["exit_code"]) == (
+        "images:counting",
+        "counting",
+        "failed",
+        2,
+    )
 
 
 def test_a_committed_job_is_skipped(tiny_config):

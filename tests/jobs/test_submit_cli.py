@@ -362,7 +362,7 @@ def test_the_merge_searchs_metric_model_is_checked_before_any_job(tiny_config, t
         validate(cfg, load_skills(cfg.skills_path, cfg.skills))
 
 
-def test_the_llm_key_is_checked_where_the_jobs_run_locally_only(tiny_config, monkeypatch):
+def test_the_llm_key_is_checked_where_the_jobs_run_locally_only(tiny_config, monkeypatch, capsys):
     """On Kubernetes the prompts pods read the key from their Secrets: the controller need not hold it."""
     from jobs.submit import validate
     from selma_core.config import load_config
@@ -375,5 +375,9 @@ def test_the_llm_key_is_checked_where_the_jobs_run_locally_only(tiny_config, mon
     skills = load_skills(cfg.skills_path, cfg.skills)
     with pytest.raises(ConfigError, match="SELMA_TEST_LLM_KEY is not set"):
         validate(cfg, skills)
+    validate(cfg, skills, dry_run=True)  # a dry run sends nothing: a warning
+    assert "warning: prompts.openai.api_key_env: environment variable SELMA_TEST_LLM_KEY is not set" in (
+        capsys.readouterr().err
+    )
     cfg.executor.kind = "kubernetes"
     validate(cfg, skills)
