@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -42,25 +43,32 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+RECORD_TIMEOUT_S = 10.0
 # The longest wait between flush attempts to a server that answers its probe but fails the flush
 # (its database down behind a live /health): each failure doubles the wait from retry_interval_s.
 MAX_FLUSH_INTERVAL_S = 120.0
 
 
 @contextlib.contextmanager
-def _one_attempt() -> Iterator[None]:
+def _one_attempt(timeout_s: float | None = None) -> Iterator[None]:
     """MLflow's requests inside make one attempt each, without MLflow's own retries (up to ~15 s of
-    backoff a call): a flush between training steps must cost one request when it fails, not hold
-    the job. MLflow reads the variable at every request."""
-    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    backoff a call), and wait at most ``timeout_s`` for an answer where given: a record sent between
+    training steps must cost one short request when it fails, not hold the job (a server that
+    accepts connections but never answers held it 4 x 60 s). MLflow reads both variables at every
+    request."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if timeout_s is not None:
+        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = f"{max(1, math.ceil(timeout_s))}"
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
@@ -297,7 +305,8 @@ class MlflowJobRun(JobRun):
                 self._try_flush()
             return
         try:
-            _apply(self.client, self.run_id, record)
+            with _one_attempt(self.tracker.record_timeout_s):
+                _apply(self.client, self.run_id, record)
         except Exception as e:
             if not is_transient(e):
                 raise
@@ -562,6 +571,9 @@ class MlflowTracker(Tracker):
         self.connect_retries = connect_retries
         self.flush_budget_s = flush_budget_s
         self.retry_interval_s = retry_interval_s
+        # How long a metric, param or tag sent at once may wait for its answer before the job goes
+        # on and buffers it (a record is small: a server this slow is as good as down).
+        self.record_timeout_s = RECORD_TIMEOUT_S
         self.buffer_dir = buffer_dir
         self.buffer_max_bytes = buffer_max_mb << 20
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -409,6 +409,34 @@ class HalfDownMlflow:
         self.server.server_close()
 
 
+def test_a_record_the_server_fails_or_never_answers_costs_one_short_request(tmp_path, capsys):
+    """Sent at once (nothing buffered yet), a metric costs one request when the server fails it, not
+    MLflow's retries with backoff; and a server that accepts the connection but never answers holds
+    training for record_timeout_s, not 4 x 60 s. Then the job buffers."""
+    import socket
+
+    server = HalfDownMlflow()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (the kernel does), never answers
+    try:
+        run = MlflowJobRun(ServerMlflowTracker(server.url, buffer_dir=tmp_path / "a"), "run-1")
+        run.log_metrics({"train.loss": 0.5}, step=1)
+        assert [path for path, _ in server.calls] == ["/api/2.0/mlflow/runs/log-batch"]
+        assert run.pending == 1
+
+        hung = ServerMlflowTracker(f"http://127.0.0.1:{silent.getsockname()[1]}", buffer_dir=tmp_path / "b")
+        hung.record_timeout_s = 1.0
+        run = MlflowJobRun(hung, "run-2")
+        started = time.monotonic()
+        run.log_metrics({"train.loss": 0.5}, step=1)
+        assert time.monotonic() - started < 5 and run.pending == 1
+        assert "is not answering" in capsys.readouterr().err
+    finally:
+        server.close()
+        silent.close()
+
+
 def test_a_server_that_answers_its_probe_but_fails_the_flush_costs_one_request_a_try(tmp_path, capsys):
     """Between training steps a failed flush is one request (not MLflow's retries with backoff), the
     wait before the next one doubles, and records the full buffer dropped are named when it works."""
