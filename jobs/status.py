@@ -67,6 +67,15 @@ def job_state(runs: list, finished: bool, committed: bool, forced: bool = False)
     return "failed" if finished else "running"  # the other processes: not (yet) started, or dead
 
 
+def _failed_before_its_run(log_dir: str | None, job) -> bool:
+    """Whether the job's log, where it is on this machine, ends with its failure."""
+    from jobs.executors.local import last_json_line
+
+    log = Path(log_dir or "") / f"{job.name}.log"
+    said = last_json_line(str(log)) if log_dir and log.is_file() else None
+    return bool(said) and said.get("status") == "failed"
+
+
 def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     from selma_core.config import load_config
     from selma_core.plan import build_plan
@@ -122,6 +131,8 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
             state = job_state(runs, finished, committed, job.id in forced)
         elif committed and job.id not in forced:
             state = "skipped"
+        elif _failed_before_its_run(parent.tags.get("selma.log_dir"), job):
+            state = "failed"  # before it opened its run (the store or MLflow unreachable, a lease)
         else:  # a forced job never started (blocked) is not skipped, though an old output exists
             state = "not run" if finished else "pending"
         ends = [run.end_ms for run in runs]

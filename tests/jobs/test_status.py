@@ -97,6 +97,27 @@ def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
     assert [row["job"] for row in pipeline_status(str(config), old)["jobs"]] == ["prompts:counting"]
 
 
+def test_a_job_that_failed_before_opening_its_run_is_failed_not_not_run(tiny_config, tmp_path):
+    """The store or MLflow unreachable as it started: no run, but its log's last line says it failed."""
+    import json
+
+    config = tiny_config(skills=["counting"])
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    open_store(cfg.storage)  # there, and empty
+    tracker = open_tracker(cfg.tracking)
+    logs = tmp_path / "logs" / "selma-test-20261128-1-2"
+    logs.mkdir(parents=True)
+    merge, evaluate = plan.jobs["merge"], plan.jobs["eval"]
+    failure = {"job": "merge", "status": "failed", "error": "cannot reach S3", "exit_code": 1}
+    (logs / f"{merge.name}.log").write_text("error: cannot reach S3\n" + json.dumps(failure) + "\n")
+    tags = {TAG_JOBS: "merge,eval", "selma.log_dir": str(logs)}
+    parent = tracker.start_pipeline_run(cfg.name, tags, {}, name="pipeline-all")
+    tracker.end_pipeline_run(parent, False, {"jobs": []})
+    states = {row["job"]: row["state"] for row in pipeline_status(str(config))["jobs"]}
+    assert states == {"merge": "failed", evaluate.id: "not run"}  # eval: blocked, no log
+
+
 def test_reading_commands_make_no_database_or_store_at_a_mistyped_path(tiny_config, tmp_path, capsys):
     """jobs.status and jobs.promote only read: a tracking.uri naming no database is an error (exit
     2), not an empty database made there, and no store folder is made either."""
