@@ -51,7 +51,7 @@ from pathlib import Path
 from jobs.cli import parse_args
 from jobs.signals import terminate_as_interrupt
 from selma_core import distributed
-from selma_core.errors import EXIT_RETRYABLE, ConfigError, InputError, SelmaError
+from selma_core.errors import EXIT_RETRYABLE, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PER_SKILL_PHASES, PHASES, JobSpec
 
 ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
@@ -331,7 +331,7 @@ def _run_job(
         raise ConfigError(
             f"--phase {phase}{f' --shard-index {shard}' if shard is not None else ''}: {e}"
         ) from e
-    store = open_store(cfg.storage)
+    store = open_patiently(lambda: open_store(cfg.storage), cfg.storage.retry_budget_s, "storage")
     if world_size > 1:  # under torchrun: join the process group
         distributed.init(resolve_device(cfg.device))
     # Rank 0 decides for all, before any process starts work: skip (the output is committed), fail
@@ -360,7 +360,7 @@ def _run_job(
         ctx = JobContext(cfg, skills, plan, job, store, NullJobRun(), commits=False)
         result = run_phase(phase, ctx, skill, shard)
         return {"job": job.id, "status": "helped", "rank": rank, "result": result}
-    tracker = open_tracker(cfg.tracking)
+    tracker = open_patiently(lambda: open_tracker(cfg.tracking), cfg.tracking.flush_budget_s, "tracking")
     tags = {
         TAG_PHASE: phase,
         TAG_SKILL: skill or "",
@@ -427,6 +427,27 @@ def _claim(store, job, force: bool, state: dict, worker: int = 0, workers: int =
     if force:  # a forced rerun starts afresh, resuming nothing (no live holder's _partial: ours now)
         store.delete_prefix(f"{job.key}/_partial")
     return {}
+
+
+def open_patiently(open_service, budget_s: float, what: str, sleep=time.sleep):
+    """``open_service()`` (a store or tracker, which checks it can reach its service). Started by a
+    controller, which reached both services before it began (its pipeline run exists): a service
+    not answering now is an outage, waited out for ``budget_s`` as one in the middle of a job is
+    (the local executor does not retry a job that fails). Run by hand, it fails at once."""
+    if not os.environ.get(ENV_PARENT_RUN):
+        return open_service()
+    deadline = time.monotonic() + budget_s
+    delay = 2.0
+    while True:
+        try:
+            return open_service()
+        except EndpointError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            print(f"{what}: {e}; trying again for up to {left:.0f} s", file=sys.stderr, flush=True)
+            sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
 
 
 def failed_result(args: argparse.Namespace, error: str, exit_code: int, shard: int | None = None) -> dict:

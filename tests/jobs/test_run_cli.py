@@ -167,6 +167,43 @@ def test_images_processes_draw_their_shards_and_the_last_commits(tiny_config, mo
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_job_a_controller_started_waits_out_a_service_that_is_down_at_its_start(monkeypatch, capsys):
+    """The controller reached the store and MLflow before it started the job: an outage now is
+    waited out (for the service's budget), as one in the middle of the job is. Run by hand, a job
+    fails at once."""
+    import pytest
+
+    from jobs.run import ENV_PARENT_RUN, open_patiently
+    from selma_core.errors import EndpointError
+
+    attempts, slept = [], []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise EndpointError("cannot reach S3 endpoint http://s3:9000")
+        return "store"
+
+    monkeypatch.delenv(ENV_PARENT_RUN, raising=False)
+    with pytest.raises(EndpointError):
+        open_patiently(flaky, 300, "storage", sleep=slept.append)
+    assert len(attempts) == 1 and slept == []
+
+    monkeypatch.setenv(ENV_PARENT_RUN, "run-1")
+    attempts.clear()
+    assert open_patiently(flaky, 300, "storage", sleep=slept.append) == "store"
+    assert len(attempts) == 3 and slept == [2.0, 4.0]
+    assert (
+        "storage: cannot reach S3 endpoint http://s3:9000; trying again for up to" in capsys.readouterr().err
+    )
+
+    def down():
+        raise EndpointError("MLflow tracking server http://mlflow:5000 unreachable")
+
+    with pytest.raises(EndpointError):  # past its budget: fails as before
+        open_patiently(down, 0, "tracking", sleep=slept.append)
+
+
 def test_flags_are_whole_names_only():
     """launch_torchrun strips its flags by name; an abbreviation would start torchrun again inside."""
     from jobs.run import build_parser
