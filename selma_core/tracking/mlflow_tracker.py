@@ -41,6 +41,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 # No usage telemetry from batch jobs (and no outbound calls on clusters without egress).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# No "View run ... at: URL" lines on stdout as runs end (a server URI): jobs.submit's stdout is its
+# job lines and the closing JSON line, which scripts read.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 RECORD_TIMEOUT_S = 10.0

@@ -229,7 +229,7 @@ def test_experiment_created_meanwhile_is_reused(sqlite_tracker, tmp_path):
 # -- a real MLflow server ------------------------------------------------------------------------
 
 
-def test_server_parent_child_round_trip(server_tracker):
+def test_server_parent_child_round_trip(server_tracker, capsys):
     experiment = unique("server")
     parent = server_tracker.start_pipeline_run(
         experiment, {TAG_PIPELINE: experiment}, {"train": {"rank": 4}}, name="pipeline"
@@ -240,6 +240,7 @@ def test_server_parent_child_round_trip(server_tracker):
     job.log_dict({"ok": True}, "result.json")
     server_tracker.end_job_run(job, ok=True)
     server_tracker.end_pipeline_run(parent, ok=True, summary={"jobs": ["train-counting"]})
+    assert "View run" not in capsys.readouterr().out  # stdout is jobs.submit's JSON contract
 
     client = server_tracker.client
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
