@@ -103,6 +103,7 @@ def run_dag(
                     break
                 # An interrupt waits until every job started is in ``running``: one that came
                 # between a job's start and its handle would leave that job running unwatched.
+                executor.prepare(group, env)
                 with interrupts_deferred():
                     handles = executor.submit_batch(group, [command_for(j) for j in group], env)
                     for handle in handles:

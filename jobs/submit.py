@@ -118,28 +118,28 @@ def _echo(line: str) -> None:
 
 def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
     """The selected jobs ``--force`` names, and every selected job downstream of them."""
-    forced: set[str] = set()
+    named: set[str] = set()
     for spec in specs:
-        phase, _, skill = spec.partition(":")
-        named = {j.id for j in plan.jobs.values() if j.phase == phase and (not skill or j.skill == skill)}
-        if not named:
+        jobs = _named_by(plan, spec)
+        if not jobs:
             raise ConfigError(f"--force {spec}: no such job; jobs: {', '.join(plan.jobs)}")
-        forced |= named
-    named_all = set(forced)
-    changed = True
-    while changed:  # downstream outputs were made from the old ones: they are redone too
-        changed = False
-        for job in plan.jobs.values():
-            if job.id not in forced and forced.intersection(job.deps):
-                forced.add(job.id)
-                changed = True
-    named_outside = sorted(named_all - selected)
+        named |= jobs
+    forced = _with_downstream(plan, named)
+    named_outside = sorted(named - selected)
     if named_outside:
-        runs = next(j for j in plan.jobs if j in selected)  # a job this command runs, the first
+        # An example that this command accepts: a phase[:skill] it runs, with all downstream of it.
+        example = next(
+            (
+                spec
+                for spec in (_spec(plan.jobs[j]) for j in plan.jobs if j in selected)
+                if _with_downstream(plan, _named_by(plan, spec)) <= selected
+            ),
+            None,
+        )
+        also = f", or force only jobs it runs (e.g. --force {example})" if example else ""
         raise ConfigError(
             f"--force {' '.join(specs)} names {', '.join(named_outside)}, which this command does not "
-            f"run (its --phase/--skill do not select them); select them too (e.g. --phase all), or force "
-            f"only jobs it runs (e.g. --force {runs})"
+            f"run (its --phase/--skill do not select them); select them too (e.g. --phase all){also}"
         )
     outside = sorted(forced - selected)
     if outside:
@@ -148,6 +148,29 @@ def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
             f"--force {' '.join(specs)} would leave {', '.join(outside)} built from the old outputs; "
             "select them too (e.g. --phase all)"
         )
+    return forced
+
+
+def _spec(job) -> str:
+    """How ``--force`` names ``job``: its phase, and its skill where it has one."""
+    return f"{job.phase}:{job.skill}" if job.skill else job.phase
+
+
+def _named_by(plan, spec: str) -> set[str]:
+    phase, _, skill = spec.partition(":")
+    return {j.id for j in plan.jobs.values() if j.phase == phase and (not skill or j.skill == skill)}
+
+
+def _with_downstream(plan, named: set[str]) -> set[str]:
+    """``named`` and every job downstream of them: their outputs were made from the old ones."""
+    forced = set(named)
+    changed = True
+    while changed:
+        changed = False
+        for job in plan.jobs.values():
+            if job.id not in forced and forced.intersection(job.deps):
+                forced.add(job.id)
+                changed = True
     return forced
 
 

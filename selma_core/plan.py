@@ -259,11 +259,13 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
         # NAME/VERSION means something only in one registry: staging and prod must not share results.
         evaluated["registry"] = cfg.tracking.uri
     tifa = cfg.eval.tifa_questions
-    if cfg.eval.benchmark == "tifa" and tifa and not cfg.eval.tifa_questions_sha256 and Path(tifa).is_file():
+    local = cfg.executor.kind == "local"
+    if cfg.eval.benchmark == "tifa" and tifa and not cfg.eval.tifa_questions_sha256 and local:
         # No hash pins this file (the registry has none for TIFA v1.0): its content does, so a
-        # corrected copy at the same path is scored again, not reported from the old one. (A path
-        # only the pods see, on Kubernetes, is known by its path, as before.)
-        evaluated["tifa_questions"] = sha256_file(Path(tifa))
+        # corrected copy at the same path is scored again, not reported from the old one. Only
+        # where the controller and the jobs share the file: on Kubernetes the path may be one
+        # only the pods see, and a key must not depend on who computes it (give the hash there).
+        evaluated["tifa_questions"] = sha256_file(Path(tifa)) if Path(tifa).is_file() else "missing"
     if cfg.eval.benchmark == "heldout":
         evaluated.update(held_out)  # dataset skills' held-out captions: no prompts job carries them
     add("eval", None, evaluated, eval_dependencies(cfg, merged, experts, prompt_jobs))

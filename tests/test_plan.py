@@ -156,6 +156,11 @@ def test_a_tifa_question_file_without_a_hash_is_keyed_by_its_content(tiny_config
     assert changed(first, keys(tiny_config(**tifa))) == set()
     questions.write_text('[{"id": "x"}]')
     assert changed(first, keys(tiny_config(**tifa))) == {"eval"}
+    # On Kubernetes the path may be one only the pods see: keyed by the path, wherever planned.
+    on_kubernetes = {**tifa, "executor": {"kind": "kubernetes"}}
+    seen = keys(tiny_config(**on_kubernetes))
+    questions.unlink()  # as the controller sees it
+    assert changed(seen, keys(tiny_config(**on_kubernetes))) == set()
     # With a hash given, the job checks the file against it: the hash is the key.
     pinned = {"eval": {**tifa["eval"], "tifa_questions_sha256": "ab" * 32}}
     first = keys(tiny_config(**pinned))

@@ -124,6 +124,11 @@ class Executor(ABC):
         """Everything ``--dry-run`` prints: what would be submitted, nothing submitted."""
         return "\n".join(self.describe(job, command_for(job)) for job in jobs)
 
+    def prepare(self, jobs: list[JobSpec], env: dict[str, str]) -> None:
+        """Called before ``submit_batch(jobs, ...)``, with interrupts still live: slow set-up that
+        starts no job (submitting runs with interrupts held until every handle is recorded)."""
+        return None
+
     def begin(self, mlflow_run_id: str, git_commit: str) -> None:
         """Called once the pipeline's MLflow run exists, before the first job is submitted."""
         return None

@@ -235,9 +235,9 @@ class LocalExecutor(Executor):
             return 1
         return max(1, self.images_jobs)
 
-    def _start(self, command: list[str], log_path: Path, env: dict[str, str], threads: str) -> Process:
+    def _environment(self, env: dict[str, str], threads: str) -> dict[str, str]:
         pythonpath = os.pathsep.join(p for p in (str(self.project_root), os.environ.get("PYTHONPATH")) if p)
-        environment = {
+        return {
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
             **os.environ,  # a user's own thread settings win
@@ -245,6 +245,15 @@ class LocalExecutor(Executor):
             "PYTHONPATH": pythonpath,
             "PYTHONUNBUFFERED": "1",
         }
+
+    def prepare(self, jobs: list[JobSpec], env: dict[str, str]) -> None:
+        """The fork server started (its imports take seconds) before the controller holds interrupts
+        to start jobs: a Ctrl-C meanwhile stops the pipeline at once."""
+        if jobs and self.fork_server and self._server is None:
+            self._fork_server(self._environment(env, self.threads_per_job))
+
+    def _start(self, command: list[str], log_path: Path, env: dict[str, str], threads: str) -> Process:
+        environment = self._environment(env, threads)
         command = self._command(command)
         if command[0] == sys.executable and command[1:2] in (["-m"], ["-c"]) and len(command) > 2:
             server = self._fork_server(environment)

@@ -216,5 +216,10 @@ def test_force_reaches_everything_downstream():
     ) as e:
         forced_jobs(plan, ["prompts:a"], {"train:a", "train:b", "merge", "eval"})
     assert str(e.value).endswith("or force only jobs it runs (e.g. --force train:a)")  # not prompts:a again
+    assert forced_jobs(plan, ["train:a"], {"train:a", "train:b", "merge", "eval"})  # which is accepted
+    # --phase train alone: forcing any of its jobs would leave merge and eval stale: no example.
+    with pytest.raises(Exception, match="names prompts:a") as e:
+        forced_jobs(plan, ["prompts:a"], {"train:a", "train:b"})
+    assert str(e.value).endswith("select them too (e.g. --phase all)")
     with pytest.raises(Exception, match="--force colour: no such job"):
         forced_jobs(plan, ["colour"], everything)

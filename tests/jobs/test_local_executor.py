@@ -49,6 +49,22 @@ def test_a_job_writes_its_log_and_its_result_is_read(tmp_path, fork_server):
     assert "working" in (tmp_path / "logs" / "prompts-counting.log").read_text()
 
 
+def test_the_fork_server_starts_before_the_jobs_with_interrupts_live(tmp_path):
+    """prepare() starts it (seconds of imports) before the controller holds interrupts to start jobs;
+    the jobs it then starts are forked by it."""
+    executor = LocalExecutor(tmp_path / "logs", fork_server=True, preload=False)
+    executor.prepare([], {})
+    assert executor._server is None  # nothing to start: no server
+    executor.prepare([JOB], {"X": "1"})
+    server = executor._server
+    assert server is not None
+    code = 'import json; print(json.dumps({"status": "ran"}))'
+    handle = executor.submit(JOB, ["python", "-c", code], {"X": "1"})
+    assert isinstance(handle.ref, ForkedProcess) and executor._server is server
+    assert wait(executor, handle).state == JobState.SUCCEEDED
+    executor.close()
+
+
 def test_exit_codes_are_kept(tmp_path, fork_server):
     executor = LocalExecutor(tmp_path / "logs", **fork_server)
     status = wait(executor, executor.submit(JOB, ["python", "-c", "import sys; sys.exit(2)"], {}))
