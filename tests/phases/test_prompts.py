@@ -262,31 +262,40 @@ def test_vocabulary_that_cannot_reach_num_prompts(tiny_config, tmp_path, limits,
     assert ctx.run.metrics == []
 
 
-@pytest.mark.parametrize(
-    "content, sample",
-    [("", ""), ("   \n\n", ""), ("I'm sorry, " * 40, ("I'm sorry, " * 40).strip()[:160])],
-    ids=["empty", "blank", "too-long"],
-)
-def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample):
-    with FakeOpenAI([chat_reply(content, total_tokens=11)]) as server:
+def llm_job_that_gets_nothing_usable(tiny_config, tmp_path, reply, prompts=None, openai=None):
+    """A prompts job against an LLM that answers every request with ``reply``: (ctx, the job's
+    InputError message, the fake server)."""
+    with FakeOpenAI([reply]) as server:
         config = tiny_config(
             prompts={
                 "backend": "openai",
                 "num_prompts": 20,
                 "max_useless_requests": 3,
                 "concurrency": 1,
+                **(prompts or {}),
                 "openai": {
                     "base_url": server.base_url,
                     "model": "fake-llm",
                     "api_key_env": "",
                     "max_retries": 0,
+                    **(openai or {}),
                 },
             }
         )
         ctx = make_context(config, "counting", tmp_path / "store")
         with pytest.raises(InputError) as info:
             generate_prompts(ctx, "counting")
-    message = str(info.value)
+    return ctx, str(info.value), server
+
+
+@pytest.mark.parametrize(
+    "content, sample",
+    [("", ""), ("   \n\n", ""), ("I'm sorry, " * 40, ("I'm sorry, " * 40).strip()[:160])],
+    ids=["empty", "blank", "too-long"],
+)
+def test_llm_that_answers_nothing_usable(tiny_config, tmp_path, content, sample):
+    reply = chat_reply(content, total_tokens=11)
+    ctx, message, server = llm_job_that_gets_nothing_usable(tiny_config, tmp_path, reply)
     seeds = len(ctx.skills["counting"].seeds)
     assert f"3 requests in a row gave no new usable prompt (accepted {seeds} of 20;" in message
     assert f"samples of what came back: {[sample] * 3!r}" in message
@@ -299,27 +308,9 @@ def test_replies_the_token_limit_cut_say_so(tiny_config, tmp_path):
     """A reply max_tokens ended before its first whole line is empty: the error names the limit."""
     cut = chat_reply("1. three red apples on a wooden ta", total_tokens=11)
     cut.body["choices"][0]["finish_reason"] = "length"
-    with FakeOpenAI([cut]) as server:
-        config = tiny_config(
-            prompts={
-                "backend": "openai",
-                "num_prompts": 20,
-                "max_useless_requests": 3,
-                "concurrency": 1,
-                "prompts_per_request": 25,
-                "openai": {
-                    "base_url": server.base_url,
-                    "model": "fake-llm",
-                    "api_key_env": "",
-                    "max_retries": 0,
-                    "max_tokens": 12,
-                },
-            }
-        )
-        ctx = make_context(config, "counting", tmp_path / "store")
-        with pytest.raises(InputError) as info:
-            generate_prompts(ctx, "counting")
-    message = str(info.value)
+    _, message, _ = llm_job_that_gets_nothing_usable(
+        tiny_config, tmp_path, cut, prompts={"prompts_per_request": 25}, openai={"max_tokens": 12}
+    )
     assert "3 requests in a row gave no new usable prompt" in message
     assert "'empty_reply': 3" in message
     assert message.endswith(
