@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 from jobs.executors.base import Executor, JobHandle, JobState
@@ -104,7 +105,8 @@ def run_dag(
                 # An interrupt waits until every job started is in ``running``: one that came
                 # between a job's start and its handle would leave that job running unwatched.
                 executor.prepare(group, env)
-                with interrupts_deferred():
+                held = interrupts_deferred() if executor.holds_interrupts_while_starting else nullcontext()
+                with held:
                     handles = executor.submit_batch(group, [command_for(j) for j in group], env)
                     for handle in handles:
                         pending.remove(handle.job)
