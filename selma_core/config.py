@@ -78,7 +78,7 @@ class TrackingConfig:
     # that the job ends with its output committed and names the buffer file to replay.
     flush_budget_s: float = 120.0
     retry_interval_s: float = 5.0
-    # None: selma-tracking-buffer/ in the system's temporary folder.
+    # None: selma-tracking-buffer-<uid>/ in the system's temporary folder, this user's alone.
     buffer_dir: str | None = None
     buffer_max_mb: int = 256
 

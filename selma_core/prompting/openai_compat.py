@@ -114,6 +114,12 @@ class OpenAICompatibleBackend:
         self.token_limit = f"prompts.openai.max_tokens: {cfg.max_tokens}"
         # Stripped: a Secret made from a file ends the key with a line break, which no header may hold.
         self.api_key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
+        if any(c in self.api_key for c in "\r\n\0"):
+            # No header may hold it, and requests' error would print the header, key and all.
+            raise ConfigError(
+                f"prompts.openai.api_key_env: the key in ${cfg.api_key_env} has a line break (or NUL) "
+                "inside it: no HTTP header can carry it; store the key on one line"
+            )
         if cfg.api_key_env and not self.api_key and "api.openai.com" in cfg.base_url:
             raise ConfigError(
                 f"prompts.openai.api_key_env: environment variable {cfg.api_key_env} is not set "
@@ -180,11 +186,14 @@ class OpenAICompatibleBackend:
                     url, json=self._payload(request), headers=headers, timeout=self.cfg.timeout_s
                 )
             except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL) as e:
-                # Never sent: a key with a line break (a Secret made from a file), a malformed URL.
+                # Never sent: a key no header can hold, a malformed URL. A header's error quotes the
+                # header, the key with it: only its kind is said.
+                header = isinstance(e, requests.exceptions.InvalidHeader)
+                what = type(e).__name__ if header else f"{type(e).__name__}: {e}"
                 raise ConfigError(
-                    f"LLM endpoint {url}: the request cannot be made ({type(e).__name__}: {e}); check "
+                    f"LLM endpoint {url}: the request cannot be made ({what}); check "
                     f"prompts.openai.base_url and the key in ${self.cfg.api_key_env}"
-                ) from e
+                ) from None
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {e}"
             else:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -141,6 +142,40 @@ def _apply(client, run_id: str, record: dict[str, Any]) -> None:
         raise ValueError(f"unknown tracking record kind {kind!r}")
 
 
+def _apply_buffered(client, run_id: str, record: dict[str, Any], artifacts_dir: Path) -> None:
+    """``_apply`` for a record read back from a buffer file: an artifact record must name a copy
+    in the buffer's own artifacts folder. The file is read again after it was written (a flush, a
+    replay of a file someone handed over): one that names another file would upload it."""
+    if record["kind"] == "artifact":
+        copy = Path(record["path"]).resolve()
+        if not copy.is_relative_to(artifacts_dir.resolve()):
+            raise ValueError(f"artifact {record['path']} is not a copy in {artifacts_dir}: not uploaded")
+    _apply(client, run_id, record)
+
+
+def private_folder(folder: Path) -> Path:
+    """``folder``, made if missing (readable by this user only), when this user owns it and no one
+    else may write in it; else a new private folder beside the system's temporary files. Another
+    user who can write in a buffer folder could swap a buffer file for one that uploads this
+    user's files to MLflow."""
+    with contextlib.suppress(OSError):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        info = folder.lstat()
+    except OSError:
+        info = None
+    mine = info is not None and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+    if mine and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return folder
+    fresh = Path(tempfile.mkdtemp(prefix="selma-tracking-buffer-"))
+    print(
+        f"tracking: {folder} is not a folder of this user's alone: buffering in {fresh} instead",
+        file=sys.stderr,
+        flush=True,
+    )
+    return fresh
+
+
 class TrackingBuffer:
     """Tracking records that the server has not accepted yet, in order, in a JSON Lines file.
 
@@ -155,7 +190,6 @@ class TrackingBuffer:
         self.max_bytes = max_bytes
         self.pending = 0
         self.dropped = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"kind": "run", "tracking_uri": tracking_uri, "run_id": run_id}) + "\n"
         self.path.write_text(header, encoding="utf-8")
         self.offset = len(header.encode())  # where the first record not yet sent starts
@@ -183,7 +217,7 @@ class TrackingBuffer:
         error stops the flush (the rest stays buffered); a refusal skips that one record."""
         for end, count, record in _merged_records(self.path, self.offset):
             try:
-                _apply(client, run_id, record)
+                _apply_buffered(client, run_id, record, self.artifacts_dir)
             except Exception as e:
                 if is_transient(e):
                     raise
@@ -267,9 +301,10 @@ def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
             raise
         raise ValueError(f"{path}: its run {run_id} is not at {uri} (deleted?); nothing sent") from e
     sent = 0
+    artifacts = path.with_name(path.stem + "-artifacts")
     for end, count, record in _merged_records(path, start):
         try:
-            _apply(client, run_id, record)
+            _apply_buffered(client, run_id, record, artifacts)
             sent += count
         except Exception as e:
             if is_transient(e):
@@ -280,7 +315,7 @@ def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
         os.replace(tmp, progress)
     path.unlink()
     progress.unlink(missing_ok=True)
-    shutil.rmtree(path.with_name(path.stem + "-artifacts"), ignore_errors=True)
+    shutil.rmtree(artifacts, ignore_errors=True)
     return sent
 
 
@@ -328,7 +363,11 @@ class MlflowJobRun(JobRun):
 
     def _buffer(self) -> TrackingBuffer:
         if self.buffer is None:
-            folder = Path(self.tracker.buffer_dir or Path(tempfile.gettempdir()) / "selma-tracking-buffer")
+            if self.tracker.buffer_dir:  # the user's choice (a persistent volume, shared by a group)
+                folder = Path(self.tracker.buffer_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+            else:  # this user's own: /tmp is everyone's (a pod's is its own)
+                folder = private_folder(Path(tempfile.gettempdir()) / f"selma-tracking-buffer-{os.getuid()}")
             self.buffer = TrackingBuffer(
                 folder / f"{self.run_id}.jsonl", self.tracker.uri, self.run_id, self.tracker.buffer_max_bytes
             )

@@ -289,6 +289,25 @@ def test_a_key_read_from_a_file_loses_its_line_break(server, request_, monkeypat
     assert server.requests[0].headers["Authorization"] == "Bearer sk-abc"
 
 
+def test_a_key_with_a_line_break_inside_is_refused_without_saying_it(monkeypatch, request_):
+    """No header can carry it, and requests' error quotes the header: the key must not reach the
+    message (it goes to logs, result lines and MLflow)."""
+    monkeypatch.setenv(KEY_ENV, "sk-live-ABCDEF123\nsk-proj-second")
+    with pytest.raises(ConfigError) as raised:
+        backend("http://127.0.0.1:9/v1")
+    assert f"the key in ${KEY_ENV} has a line break" in str(raised.value)
+    assert "ABCDEF" not in str(raised.value) and "second" not in str(raised.value)
+
+
+def test_a_header_that_cannot_be_sent_is_named_without_its_value(monkeypatch, request_):
+    llm = backend("http://127.0.0.1:9/v1")
+    llm.api_key = "sk-secret\nx"  # past the load-time check
+    with pytest.raises(ConfigError) as raised:
+        llm.complete(request_)
+    assert "the request cannot be made (" in str(raised.value) and "sk-secret" not in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
 def test_a_request_that_cannot_be_made_is_a_config_error(request_):
     with pytest.raises(ConfigError, match="cannot be made .*InvalidURL"):
         backend("http://llm-host:80oo/v1").complete(request_)

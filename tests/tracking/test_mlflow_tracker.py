@@ -469,3 +469,40 @@ def test_a_server_that_answers_its_probe_but_fails_the_flush_costs_one_request_a
         assert run._failed_flushes == 0
     finally:
         server.close()
+
+
+def test_the_default_buffer_folder_is_this_users_alone(tmp_path, monkeypatch, capsys):
+    """/tmp is everyone's: a folder another user may write in could have a buffer file swapped for
+    one that uploads this user's files. The default folder is made 0700; one writable by others is
+    not used."""
+    import os
+    import stat
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    tracker = SqliteMlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = MlflowJobRun(tracker, "run-1")
+    folder = run._buffer().path.parent
+    assert folder == tmp_path / f"selma-tracking-buffer-{os.getuid()}"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    folder.chmod(0o777)  # as if another user had made it first, open to all
+    other = MlflowJobRun(tracker, "run-2")._buffer().path.parent
+    assert other != folder and other.parent == tmp_path and stat.S_IMODE(other.stat().st_mode) == 0o700
+    assert f"{folder} is not a folder of this user's alone" in capsys.readouterr().err
+
+
+def test_a_buffered_artifact_record_uploads_only_its_own_copy(tmp_path, capsys):
+    """A buffer file read back (a flush, a replay of a file handed over) that names another file in
+    an artifact record does not upload it."""
+    from selma_core.tracking.mlflow_tracker import replay_buffer
+
+    tracker = SqliteMlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", buffer_dir=tmp_path / "buffer")
+    run = tracker.start_job_run("exp", None, "train", {})
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key=SECRET")
+    run._buffer().append({"kind": "artifact", "path": str(secret), "artifact_path": "x"})
+    run._buffer().append({"kind": "tags", "tags": {"after": "yes"}})
+    replay_buffer(run.buffer.path)
+    assert "is not a copy in" in capsys.readouterr().err
+    assert tracker.client.list_artifacts(run.run_id, "x") == []
+    assert tracker.client.get_run(run.run_id).data.tags["after"] == "yes"  # the rest goes on
