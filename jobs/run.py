@@ -50,6 +50,7 @@ from pathlib import Path
 
 from jobs.cli import parse_args
 from jobs.signals import terminate_as_interrupt
+from jobs.tracking_buffers import keep_unsent_records
 from selma_core import distributed
 from selma_core.errors import EXIT_RETRYABLE, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PER_SKILL_PHASES, PHASES, JobSpec
@@ -390,6 +391,7 @@ def _run_job(
         ok = True
     finally:
         tracker.end_job_run(run, ok)
+        keep_unsent_records(store, run)  # what MLflow did not take: kept where it outlives this machine
     outcome = {
         "job": job.id,
         "status": "ran",

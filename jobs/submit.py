@@ -32,6 +32,7 @@ from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
 from jobs.run import ENV_PARENT_RUN
 from jobs.signals import interrupts_ignored, terminate_as_interrupt
+from jobs.tracking_buffers import replay_kept_records
 from selma_core.errors import EXIT_INVALID, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
 from selma_core.tracking.base import TAG_FORCED, TAG_JOBS
@@ -432,6 +433,10 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
 
     store = open_store(cfg.storage)
     tracker = open_tracker(cfg.tracking)
+    try:  # records earlier jobs could not send (MLflow was down as they ended): MLflow answers now
+        replay_kept_records(store, Path(cfg.cache_dir), echo=_echo)
+    except Exception as e:  # they stay in the store for the next controller
+        _echo(f"warning: could not send the tracking records kept in the store: {e}")
     selected_ids = {j.id for j in selected}
     for job in selected:
         for dep in job.deps:

@@ -414,7 +414,7 @@ def test_images_job_s3_outage_past_budget_then_30s_outage_and_mlflow_gone(
     """Cases 3, 1 and 4 (tracking never returns), on the images job."""
     from mlflow.tracking import MlflowClient
 
-    from selma_core.tracking.mlflow_tracker import replay_buffer
+    from jobs.tracking_buffers import PREFIX, replay_kept_records
 
     prefix = f"outage-{uuid.uuid4().hex[:8]}"
     seed(endpoints.moto, prefix, upstream, ("prompts",))
@@ -470,11 +470,14 @@ def test_images_job_s3_outage_past_budget_then_30s_outage_and_mlflow_gone(
     assert "did not answer within tracking.flush_budget_s" in job.stderr, job.stderr[-3000:]
     assert endpoints.mlflow.url in job.stderr
     run_id = job.result["run_id"]
+    # The buffer outlives the job's disk: kept in the store, where the next controller finds it.
     buffer = tmp_path / "tracking-buffer" / f"{run_id}.jsonl"
-    assert buffer.is_file() and str(buffer) in job.stderr
+    assert str(buffer) in job.stderr and not buffer.exists()
+    kept = f"{PREFIX}/{run_id}"
+    assert store.is_committed(kept) and store.url(kept) in job.stderr
     endpoints.mlflow.restore()
-    assert replay_buffer(buffer) >= 4  # images.count, the output tag, job_result.json, the run's end
-    assert not buffer.exists()
+    assert replay_kept_records(store, tmp_path / "scratch") == 1  # images.count, the tag, the end, ...
+    assert not store.list_keys(PREFIX)
     run = MlflowClient(endpoints.mlflow.url).get_run(run_id)
     assert run.info.status == "FINISHED"
     images = upstream.store / key / upstream.manifest("images")["files"]["images.jsonl"]["object"]

@@ -143,13 +143,16 @@ def _apply(client, run_id: str, record: dict[str, Any]) -> None:
 
 
 def _apply_buffered(client, run_id: str, record: dict[str, Any], artifacts_dir: Path) -> None:
-    """``_apply`` for a record read back from a buffer file: an artifact record must name a copy
-    in the buffer's own artifacts folder. The file is read again after it was written (a flush, a
-    replay of a file someone handed over): one that names another file would upload it."""
+    """``_apply`` for a record read back from a buffer file: an artifact record names a copy in
+    the buffer's own artifacts folder (relative to it, so a buffer moved elsewhere, e.g. kept in
+    the store, still finds its copies; older files name it whole). The file is read again after it
+    was written (a flush, a replay of a file someone handed over): one that names another file
+    would upload it."""
     if record["kind"] == "artifact":
-        copy = Path(record["path"]).resolve()
+        copy = (artifacts_dir / record["path"]).resolve()  # an absolute path stays itself
         if not copy.is_relative_to(artifacts_dir.resolve()):
             raise ValueError(f"artifact {record['path']} is not a copy in {artifacts_dir}: not uploaded")
+        record = {**record, "path": str(copy)}
     _apply(client, run_id, record)
 
 
@@ -480,7 +483,7 @@ class MlflowJobRun(JobRun):
             shutil.copytree(local_path, copy)
         else:
             shutil.copy2(local_path, copy)
-        record["path"] = str(copy)
+        record["path"] = str(copy.relative_to(self.buffer.artifacts_dir))
         if self.pending:
             self._record(record)
         else:
