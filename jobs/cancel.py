@@ -1,6 +1,6 @@
 """Cancel a pipeline on Kubernetes: delete its Jobs (their pods go with them), Services and ConfigMaps.
 
-    python -m jobs.cancel --config configs/sdxl.yaml
+    python -m jobs.cancel --config configs/sdxl.yaml --backend kubernetes
 
 Everything labelled ``selma.io/pipeline=<the config's name>`` in the configured namespace is
 deleted with propagation ``Background``. Committed outputs stay in the store, so a later

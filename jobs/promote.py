@@ -133,7 +133,7 @@ def promote(args: argparse.Namespace) -> dict:
         )
     metric = cfg.promote.metric
     limit = (
-        cfg.promote.max_skill_regression if args.max_skill_regression is None else args.max_skill_regression
+        cfg.promote.skill_regression_limit if args.max_skill_regression is None else args.max_skill_regression
     )
     candidate_scores = scores_from_tags(candidate.tags, metric, candidate.version)
     champion_scores = scores_from_tags(champion.tags, metric, champion.version) if champion else None

@@ -120,7 +120,8 @@ class PodResources:
     cpu: str | None = None
     memory: str | None = None
     gpus: int | None = None
-    # The pod's local disk (requests and limits); the model cache's emptyDir gets it less /tmp's 10Gi.
+    # The pod's local disk (requests and limits); the model cache's emptyDir gets it less /tmp's 10Gi
+    # and 4Gi kept for logs.
     ephemeral_storage: str | None = None
     # The Job fails when it has run this long (all retries together).
     active_deadline_seconds: int | None = None
@@ -188,6 +189,16 @@ class KubernetesConfig:
         unknown = sorted(set(self.resources) - set(PHASES))
         if unknown:
             raise ValueError(f"resources: unknown phase {unknown[0]!r}; phases: {', '.join(PHASES)}")
+        gpus = self.resources["train"].gpus if "train" in self.resources else None
+        cpu_pod = gpus == 0 and self.train_gpus == 1 and self.train_nodes == 1  # one process, no GPU
+        if gpus is not None and gpus != self.train_gpus and not cpu_pod:
+            # The pod's GPUs and torchrun's processes are one number: two that differ would train on
+            # fewer GPUs (or pods) than asked, without a word.
+            raise ValueError(
+                f"resources.train.gpus ({gpus}) disagrees with train_gpus ({self.train_gpus}) and "
+                f"train_nodes ({self.train_nodes}): set train_gpus (the GPUs of each training pod) and "
+                "leave resources.train.gpus out"
+            )
 
 
 @dataclass
@@ -228,18 +239,39 @@ class ExecutorConfig:
             raise ValueError(f"gpus: expected distinct GPU indices (>= 0), got {self.gpus}")
 
 
+# promote.max_skill_regression's default per metric, in its units (typical scores: CLIPScore 25-35,
+# PickScore 19-23, ImageReward -2 to 2, HPS 0.2-0.35, VQAScore 0-1).
+MAX_SKILL_REGRESSION = {
+    "clip_score": 0.5,
+    "pickscore": 0.2,
+    "image_reward": 0.05,
+    "hps": 0.005,
+    "vqascore": 0.01,
+}
+
+
 @dataclass
 class PromoteConfig:
     """When ``python -m jobs.promote`` moves the ``champion`` alias to a candidate."""
 
     # The evaluation score compared (tagged on each version by the eval phase), higher is better.
     metric: Literal["clip_score", "pickscore", "image_reward", "hps", "vqascore"] = "clip_score"
-    # Refuse when any skill's score drops by more than this (in the metric's units).
-    max_skill_regression: float = 0.5
+    # Refuse when any skill's score drops by more than this, in the metric's units; null: about 1-2%
+    # of the metric's usual range (MAX_SKILL_REGRESSION: CLIPScore 0.5, PickScore 0.2, ImageReward
+    # 0.05, HPS 0.005, VQAScore 0.01).
+    max_skill_regression: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_skill_regression < 0:
+        if self.max_skill_regression is not None and self.max_skill_regression < 0:
             raise ValueError(f"max_skill_regression: expected >= 0, got {self.max_skill_regression}")
+
+    @property
+    def skill_regression_limit(self) -> float:
+        """``max_skill_regression``, or the metric's default: one number for every metric would
+        be 1.5% of CLIPScore's range and more than the whole of HPS's."""
+        if self.max_skill_regression is not None:
+            return self.max_skill_regression
+        return MAX_SKILL_REGRESSION[self.metric]
 
 
 @dataclass
@@ -260,7 +292,8 @@ class PipelineConfig:
     skills_dir: str = "../skills"
     # Local scratch: materialized random test models and artifacts fetched from the store.
     cache_dir: str = "selma-data/cache"
-    # "auto" picks CUDA when available, else CPU.
+    # "auto" picks CUDA when available, else CPU; or cpu, cuda, cuda:N, mps. Not part of any output's
+    # key (where the work runs, not what it is): outputs made on the CPU are reused on a GPU.
     device: str = "auto"
     # Weights and adapters are read from safetensors only: a pickle checkpoint (.bin, .pt, .ckpt,
     # .pth) can run arbitrary code when read, so it is refused naming the file. true reads them,
@@ -296,6 +329,14 @@ class PipelineConfig:
                 raise ValueError(f"skills: {e}") from None
         if len(set(self.skills)) != len(self.skills):
             raise ValueError(f"skills: duplicate names in {self.skills}")
+        if self.generator_model_revision is not None and self.generator_model is None:
+            raise ValueError(
+                "generator_model_revision: pins generator_model, which is not set (the base model draws "
+                "the images: pin it with base_model_revision)"
+            )
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            # Else torch refuses it inside the first GPU job, an exit 1 retried as an outage.
+            raise ValueError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.merge_search.enabled and self.merge.method not in ("linear", "adapters"):
             raise ValueError(
                 f"merge_search scores linear combinations of the experts; merge.method {self.merge.method!r} "

@@ -268,6 +268,28 @@ def test_keys_that_yaml_reads_as_booleans_or_numbers_are_named_as_unknown(tmp_pa
     assert "unknown key train.3;" in message  # sorted as text: 3, True, foo
 
 
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            "generator_model_revision: abc\n",
+            "generator_model_revision: pins generator_model, which is not set",
+        ),
+        ("train:\n  vae_model_revision: abc\n", "vae_model_revision: pins vae_model, which is not set"),
+    ],
+)
+def test_a_revision_of_a_model_that_is_not_set_is_refused(tmp_path, lines, message):
+    """It would be ignored without a word (or only change a key)."""
+    assert message in config_error(write(tmp_path, BASE + lines))
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA"])
+def test_a_device_torch_would_refuse_is_refused_at_load(tmp_path, device):
+    """Else torch refuses it inside the first GPU job: an exit 1, retried as an outage."""
+    message = config_error(write(tmp_path, BASE + f"device: {device}\n"))
+    assert f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}" in message
+
+
 def test_section_that_is_not_a_mapping(tmp_path):
     message = config_error(write(tmp_path, BASE + "train: 5\n"))
     assert "train" in message and "a mapping" in message

@@ -205,6 +205,22 @@ def test_a_gate_metric_the_eval_phase_does_not_compute_is_refused(tiny_config, c
     )
 
 
+def test_the_regression_margin_defaults_to_the_metrics_own_scale():
+    """0.5 is 1.5% of CLIPScore's range but more than the whole of HPS's: each metric has its own."""
+    from typing import get_args, get_type_hints
+
+    from selma_core.config import MAX_SKILL_REGRESSION, PromoteConfig
+
+    assert set(MAX_SKILL_REGRESSION) == set(get_args(get_type_hints(PromoteConfig)["metric"]))
+    assert PromoteConfig().skill_regression_limit == 0.5  # clip_score, as before
+    assert PromoteConfig(metric="hps").skill_regression_limit == 0.005
+    assert PromoteConfig(metric="hps", max_skill_regression=0.02).skill_regression_limit == 0.02
+    # HPS's spatial falls from 0.30 to 0.05: refused with its own margin (0.5 let it through).
+    limit = PromoteConfig(metric="hps").skill_regression_limit
+    candidate, champion = {"a": 0.36, "b": 0.05, "mean": 0.205}, {"a": 0.0, "b": 0.30, "mean": 0.15}
+    assert not decide(candidate, champion, limit).promote
+
+
 def test_a_negative_regression_margin_is_refused_before_anything_is_read(tiny_config, capsys):
     """As promote.max_skill_regression is: a negative margin would call an improvement a drop."""
     from jobs.promote import main

@@ -82,7 +82,8 @@ class EvalConfig(SamplingConfig):
     dsg_annotations: str | None = None
     # dsg-official (the DSG authors' rule) or selma (SELMA's code); every figure says which.
     dsg_convention: Literal["dsg-official", "selma"] = "dsg-official"
-    # TIFA v1.0 questions (tifa_v1.0_question_answers.json): a path or URL; None downloads upstream's.
+    # TIFA v1.0 questions (tifa_v1.0_question_answers.json): a path or URL; None downloads upstream's,
+    # which needs tifa_questions_sha256 (selma knows no hash for it).
     tifa_questions: str | None = None
     tifa_questions_sha256: str | None = None
     # How a free-form VQA answer becomes a choice: embedding (TIFA's rule) or exact.

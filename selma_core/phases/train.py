@@ -236,6 +236,10 @@ class TrainConfig:
     validation_inference_steps: int = execution_only(25)
 
     def __post_init__(self) -> None:
+        if self.vae_model_revision is not None and self.vae_model is None:
+            raise ValueError(
+                "vae_model_revision: pins vae_model, which is not set (the base model's VAE is used)"
+            )
         for name in (
             "rank",
             "steps",

@@ -257,6 +257,26 @@ def test_unknown_phase_in_resources_is_a_config_error(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "kubernetes",
+    [
+        {"train_gpus": 4, "resources": {"train": {"gpus": 1}}},  # would train on 1 GPU, not 4
+        {"train_nodes": 2, "resources": {"train": {"gpus": 0}}},  # would train on 1 pod, not 2
+    ],
+)
+def test_train_gpus_set_twice_and_differently_is_a_config_error(kubernetes):
+    with pytest.raises(ConfigError, match=r"resources.train.gpus \(\d\) disagrees with train_gpus"):
+        load_config(REPO / "configs" / "sdxl.yaml", {"executor": {"kubernetes": kubernetes}})
+    # The same number twice, or a CPU pod for one process, is fine.
+    load_config(
+        REPO / "configs" / "sdxl.yaml",
+        {"executor": {"kubernetes": {"train_gpus": 4, "resources": {"train": {"gpus": 4}}}}},
+    )
+    load_config(
+        REPO / "configs" / "sdxl.yaml", {"executor": {"kubernetes": {"resources": {"train": {"gpus": 0}}}}}
+    )
+
+
 def test_pods_compute_the_controllers_keys(tmp_path, model_cache):
     """The pod reads the ConfigMap's files, not this machine's: its plan must give the same keys, or
     it would commit where the controller never looks. Benchmarks travel as their prompts only."""
