@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 from jobs.executors.base import Executor, JobHandle, JobState
@@ -105,8 +104,7 @@ def run_dag(
                 # An interrupt waits until every job started is in ``running``: one that came
                 # between a job's start and its handle would leave that job running unwatched.
                 executor.prepare(group, env)
-                held = interrupts_deferred() if executor.holds_interrupts_while_starting else nullcontext()
-                with held:
+                with interrupts_deferred("the jobs being started are recorded"):
                     handles = executor.submit_batch(group, [command_for(j) for j in group], env)
                     for handle in handles:
                         pending.remove(handle.job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -26,15 +27,26 @@ def terminate_as_interrupt() -> None:
 
 
 @contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred(what: str = "this step") -> Iterator[None]:
     """Ctrl-C and SIGTERM held until the block ends, then raised as ``KeyboardInterrupt``: for a
     step that must not be cut in half (a job started must get the handle that lets it be cancelled,
-    or nobody would stop it). Only the main thread can set handlers; elsewhere nothing changes."""
+    or nobody would stop it). A second one while held is raised at once: the step may be waiting on
+    a service that does not answer, and the user insists. Only the main thread can set handlers;
+    elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    saved = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in INTERRUPTS}
+
+    def hold(signum: int, frame: object) -> None:
+        if caught:
+            raise KeyboardInterrupt(f"signal {signum}, again")
+        caught.append(signum)
+        print(
+            f"interrupted: stopping once {what} is done (again to stop at once)", file=sys.stderr, flush=True
+        )
+
+    saved = {s: signal.signal(s, hold) for s in INTERRUPTS}
     try:
         yield
     finally:

@@ -77,11 +77,6 @@ class Executor(ABC):
     name: str
     # Where jobs read the pipeline's frozen config (None: the snapshot the controller wrote locally).
     job_config_path: str | None = None
-    # Whether the controller holds Ctrl-C and SIGTERM while a batch starts, until every handle is
-    # recorded: for an executor whose start is quick (a fork, a process) and leaves a job running
-    # when cut. The Kubernetes executor deletes a Job it created when interrupted, and its API calls
-    # may retry for minutes in an outage: an interrupt is not held for that long.
-    holds_interrupts_while_starting: bool = True
 
     @abstractmethod
     def submit(self, job: JobSpec, command: list[str], env: dict[str, str]) -> JobHandle: ...

@@ -254,7 +254,6 @@ class JobWatcher:
 class KubernetesExecutor(Executor):
     name = "kubernetes"
     job_config_path = POD_CONFIG_PATH
-    holds_interrupts_while_starting = False  # _start deletes a Job it created, when interrupted
 
     def __init__(
         self,

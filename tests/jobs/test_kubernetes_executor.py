@@ -293,6 +293,39 @@ def test_interrupt_and_jobs_cancel_delete_the_pipelines_jobs(cluster, k8s_config
     assert cluster.jobs() == []
 
 
+def test_ctrl_c_as_the_api_creates_a_job_still_cancels_it(cluster, k8s_config, tmp_path):
+    """The Job exists once the create call returns: a Ctrl-C then waits for its handle, and the
+    cancel that follows deletes it (else it ran, unwatched, until its deadline)."""
+    import signal
+
+    from jobs.dag import run_dag as dag
+
+    executor, plan = executor_and_plan(k8s_config(), tmp_path)
+    executor._connect()
+    real = executor._batch.create_namespaced_job
+
+    def create(*args, **kwargs):
+        created = real(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the API's answer is read
+        return created
+
+    executor._batch.create_namespaced_job = create
+    job = plan.job("prompts", "counting")
+    with pytest.raises(KeyboardInterrupt):
+        dag(
+            [job],
+            executor,
+            lambda j: job_command(j, executor.job_config_path),
+            {},
+            max_parallel=4,
+            is_committed=lambda j: False,
+            output_url=lambda j: j.key,
+            poll_interval=0.05,
+        )
+    executor.close()
+    assert cluster.jobs() == []
+
+
 def multi_node_training(config: Path) -> Path:
     """``config`` with train jobs on two nodes (an Indexed Job and a headless Service each)."""
     data = yaml.safe_load(config.read_text())
