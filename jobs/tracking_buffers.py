@@ -63,8 +63,8 @@ def replay_kept_records(store, scratch: Path, echo=print) -> int:
             continue  # a keep cut short: its attempt is garbage
         with tempfile.TemporaryDirectory(prefix="selma-replay-", dir=scratch) as work:
             folder = Path(work) / run_id
-            shutil.copytree(store.fetch_dir(key, Path(work) / "fetched"), folder)
-            try:
+            try:  # one entry that cannot be read or sent must not hold back the others
+                shutil.copytree(store.fetch_dir(key, Path(work) / "fetched"), folder)
                 replay_buffer(folder / f"{run_id}.jsonl")
             except Exception as e:
                 progress = folder / f"{run_id}.jsonl.sent"

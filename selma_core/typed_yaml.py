@@ -54,7 +54,15 @@ def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, seen_nodes: set
 def _load_yaml(text: str) -> Any:
     """``yaml.safe_load``, refusing a key given twice in one mapping (``_check_unique_keys``)."""
     # libyaml's loader where built (15x faster: every job reads every skill file); the same nodes.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    # Bad YAML is read again by the Python loader, whose messages show the line and a caret.
+    try:
+        return _load_with(getattr(yaml, "CSafeLoader", yaml.SafeLoader), text)
+    except yaml.YAMLError:
+        return _load_with(yaml.SafeLoader, text)
+
+
+def _load_with(loader_class: type, text: str) -> Any:
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -290,6 +290,12 @@ def test_a_device_torch_would_refuse_is_refused_at_load(tmp_path, device):
     assert f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}" in message
 
 
+def test_bad_yaml_is_named_with_the_line_and_what_is_wrong(tmp_path):
+    message = config_error(write(tmp_path, BASE + "train:\n\trank: 4\n"))
+    assert "invalid YAML" in message and "found character '\\t' that cannot start any token" in message
+    assert "line 5" in message
+
+
 def test_section_that_is_not_a_mapping(tmp_path):
     message = config_error(write(tmp_path, BASE + "train: 5\n"))
     assert "train" in message and "a mapping" in message

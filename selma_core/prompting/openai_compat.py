@@ -114,11 +114,12 @@ class OpenAICompatibleBackend:
         self.token_limit = f"prompts.openai.max_tokens: {cfg.max_tokens}"
         # Stripped: a Secret made from a file ends the key with a line break, which no header may hold.
         self.api_key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
-        if any(c in self.api_key for c in "\r\n\0"):
-            # No header may hold it, and requests' error would print the header, key and all.
+        if any(c in self.api_key for c in "\r\n\0") or not self.api_key.isascii():
+            # No header may hold it, and the error sending it would quote the header, key and all.
             raise ConfigError(
-                f"prompts.openai.api_key_env: the key in ${cfg.api_key_env} has a line break (or NUL) "
-                "inside it: no HTTP header can carry it; store the key on one line"
+                f"prompts.openai.api_key_env: the key in ${cfg.api_key_env} has a line break, NUL or "
+                "non-ASCII character (a typographic quote?) inside it: no HTTP header can carry it; "
+                "store the key alone, on one line"
             )
         if cfg.api_key_env and not self.api_key and "api.openai.com" in cfg.base_url:
             raise ConfigError(

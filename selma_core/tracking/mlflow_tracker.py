@@ -150,6 +150,8 @@ def _apply_buffered(client, run_id: str, record: dict[str, Any], artifacts_dir: 
     would upload it."""
     if record["kind"] == "artifact":
         copy = (artifacts_dir / record["path"]).resolve()  # an absolute path stays itself
+        if not copy.exists():  # an older file's path relative to the working directory
+            copy = Path(record["path"]).resolve()
         if not copy.is_relative_to(artifacts_dir.resolve()):
             raise ValueError(f"artifact {record['path']} is not a copy in {artifacts_dir}: not uploaded")
         record = {**record, "path": str(copy)}

@@ -70,6 +70,31 @@ def test_records_mlflow_did_not_take_outlive_the_job_and_the_next_controller_sen
     assert store.list_keys(PREFIX) == []
 
 
+def test_an_entry_that_cannot_be_read_does_not_hold_back_the_others(tmp_path, outage):
+    tracker = SqliteMlflowTracker(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", buffer_dir=tmp_path / "pod-tmp", flush_budget_s=0.1
+    )
+    store = LocalArtifactStore(tmp_path / "store")
+    runs = []
+    for name in ("a", "b"):
+        run = tracker.start_job_run("exp", None, name, {})
+        outage[0] = True
+        run.log_metrics({"train.loss": 0.5}, step=1)
+        tracker.end_job_run(run, True)
+        keep_unsent_records(store, run)
+        outage[0] = False
+        runs.append(run.run_id)
+    damaged = sorted(runs)[0]  # replayed first
+    [kept] = [p for p in (tmp_path / "store" / PREFIX / damaged).rglob("*.jsonl")]
+    kept.write_bytes(kept.read_bytes() + b"x")  # fails its checksum
+    messages: list[str] = []
+    assert replay_kept_records(store, tmp_path / "scratch", echo=messages.append) == 1
+    assert "not sent yet" in messages[0] and damaged in messages[0]
+    other = sorted(runs)[1]
+    assert tracker.client.get_run(other).info.status == "FINISHED"
+    assert store.is_committed(f"{PREFIX}/{damaged}") and not store.is_committed(f"{PREFIX}/{other}")
+
+
 def test_nothing_is_kept_when_mlflow_took_everything(tmp_path):
     tracker = SqliteMlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", buffer_dir=tmp_path / "buffer")
     store = LocalArtifactStore(tmp_path / "store")

@@ -289,13 +289,14 @@ def test_a_key_read_from_a_file_loses_its_line_break(server, request_, monkeypat
     assert server.requests[0].headers["Authorization"] == "Bearer sk-abc"
 
 
-def test_a_key_with_a_line_break_inside_is_refused_without_saying_it(monkeypatch, request_):
-    """No header can carry it, and requests' error quotes the header: the key must not reach the
-    message (it goes to logs, result lines and MLflow)."""
-    monkeypatch.setenv(KEY_ENV, "sk-live-ABCDEF123\nsk-proj-second")
+@pytest.mark.parametrize("key", ["sk-live-ABCDEF123\nsk-proj-second", "sk-live-ABCDEF123\u2019second"])
+def test_a_key_no_header_can_carry_is_refused_without_saying_it(monkeypatch, request_, key):
+    """A line break or a pasted typographic quote: no header can carry it, and the error sending it
+    quotes the header. The key must not reach the message (it goes to logs, result lines, MLflow)."""
+    monkeypatch.setenv(KEY_ENV, key)
     with pytest.raises(ConfigError) as raised:
         backend("http://127.0.0.1:9/v1")
-    assert f"the key in ${KEY_ENV} has a line break" in str(raised.value)
+    assert f"the key in ${KEY_ENV} has a line break, NUL or non-ASCII character" in str(raised.value)
     assert "ABCDEF" not in str(raised.value) and "second" not in str(raised.value)
 
 

@@ -506,3 +506,20 @@ def test_a_buffered_artifact_record_uploads_only_its_own_copy(tmp_path, capsys):
     assert "is not a copy in" in capsys.readouterr().err
     assert tracker.client.list_artifacts(run.run_id, "x") == []
     assert tracker.client.get_run(run.run_id).data.tags["after"] == "yes"  # the rest goes on
+
+
+def test_a_buffer_written_before_relative_artifact_paths_still_replays(tmp_path, monkeypatch):
+    """Older buffers named each artifact copy by its path from the working directory (a relative
+    tracking.buffer_dir gave a relative one): replayed from there, the copy is still found."""
+    from selma_core.tracking.mlflow_tracker import replay_buffer
+
+    monkeypatch.chdir(tmp_path)
+    tracker = SqliteMlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", buffer_dir="rel-buf")
+    run = tracker.start_job_run("exp", None, "train", {})
+    buffer = run._buffer()
+    old_style = Path("rel-buf") / buffer.artifacts_dir.name / "113" / "curve.json"
+    old_style.parent.mkdir(parents=True)
+    old_style.write_text("[0.5]")
+    buffer.append({"kind": "artifact", "path": str(old_style), "artifact_path": "curves"})
+    replay_buffer(buffer.path)
+    assert [a.path for a in tracker.client.list_artifacts(run.run_id, "curves")] == ["curves/curve.json"]
