@@ -298,8 +298,6 @@ def test_ctrl_c_as_the_api_creates_a_job_still_cancels_it(cluster, k8s_config, t
     cancel that follows deletes it (else it ran, unwatched, until its deadline)."""
     import signal
 
-    from jobs.dag import run_dag as dag
-
     executor, plan = executor_and_plan(k8s_config(), tmp_path)
     executor._connect()
     real = executor._batch.create_namespaced_job
@@ -310,18 +308,8 @@ def test_ctrl_c_as_the_api_creates_a_job_still_cancels_it(cluster, k8s_config, t
         return created
 
     executor._batch.create_namespaced_job = create
-    job = plan.job("prompts", "counting")
     with pytest.raises(KeyboardInterrupt):
-        dag(
-            [job],
-            executor,
-            lambda j: job_command(j, executor.job_config_path),
-            {},
-            max_parallel=4,
-            is_committed=lambda j: False,
-            output_url=lambda j: j.key,
-            poll_interval=0.05,
-        )
+        run(executor, [plan.job("prompts", "counting")])
     executor.close()
     assert cluster.jobs() == []
 
