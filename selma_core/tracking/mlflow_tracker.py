@@ -181,6 +181,12 @@ def private_folder(folder: Path) -> Path:
     return fresh
 
 
+def artifacts_dir_of(buffer_file: Path) -> Path:
+    """Where a buffer file's artifact copies are: one rule for the buffer that writes them and the
+    replay that reads them."""
+    return buffer_file.with_name(buffer_file.stem + "-artifacts")
+
+
 class TrackingBuffer:
     """Tracking records that the server has not accepted yet, in order, in a JSON Lines file.
 
@@ -202,7 +208,7 @@ class TrackingBuffer:
 
     @property
     def artifacts_dir(self) -> Path:
-        return self.path.with_name(self.path.stem + "-artifacts")
+        return artifacts_dir_of(self.path)
 
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, allow_nan=True) + "\n").encode()
@@ -306,7 +312,7 @@ def replay_buffer(path: str | Path, tracking_uri: str | None = None) -> int:
             raise
         raise ValueError(f"{path}: its run {run_id} is not at {uri} (deleted?); nothing sent") from e
     sent = 0
-    artifacts = path.with_name(path.stem + "-artifacts")
+    artifacts = artifacts_dir_of(path)
     for end, count, record in _merged_records(path, start):
         try:
             _apply_buffered(client, run_id, record, artifacts)
