@@ -13,7 +13,8 @@ Recipe, one skill per job:
    ``checks`` (length, what it must test, what it must avoid), is within ``contamination``'s
    ROUGE-L of an evaluation benchmark prompt, or within ``rouge_threshold`` of an accepted prompt.
 4. After every wave the accepted prompts are saved (``<key>/_partial/``): a job killed at any point
-   and restarted continues where it was, losing and duplicating nothing.
+   and restarted continues where it was, losing and duplicating nothing. A wave that fails (or is
+   stopped) first saves what its requests before the first failed one brought back.
 5. Stop at ``num_prompts`` (default: the skill's ``target_count``). ``InputError`` when
    ``max_requests`` pass without reaching it (the count reached and the rejection reasons), or when
    ``max_useless_requests`` replies in a row give nothing usable (quoting samples of them).
@@ -286,6 +287,31 @@ def generate_prompts(ctx, skill_name: str) -> dict:
     source = {"offline": "offline"}.get(cfg.backend, "llm")
     start = time.monotonic()
     progress = tqdm(total=target, initial=len(state.records), desc=f"prompts {skill_name}", unit="prompt")
+
+    def use_replies(requests: list, replies: list[str]) -> None:
+        """Each reply's candidates considered, in request order; the useless-replies guard counted."""
+        for request, reply in zip(requests, replies, strict=True):
+            state.requests += 1
+            before = len(state.records)
+            for text in parse_prompt_list(reply):
+                if len(state.records) >= target:
+                    break
+                consider(text, source, request.request_id, request.examples, backend.model_name)
+            if not reply.strip():
+                state.rejected["empty_reply"] += 1
+            if len(state.records) > before or len(state.records) >= target:
+                state.useless = 0
+                continue
+            state.useless += 1
+            state.samples = (state.samples + [reply.strip()[:160]])[-3:]
+            if state.useless >= cfg.max_useless_requests:
+                raise InputError(
+                    f"prompts for skill {skill_name!r}: {state.useless} requests in a row gave no new "
+                    f"usable prompt (accepted {len(state.records)} of {target}; rejected: "
+                    f"{dict(state.rejected)}); samples of what came back: {state.samples!r}"
+                    f"{_cut_replies(backend, cfg)}"
+                )
+
     try:
         while len(state.records) < target:
             if state.requests >= cfg.max_requests:
@@ -302,29 +328,27 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                 examples = tuple(rng.sample(pool, min(cfg.examples_per_request, len(pool))))
                 wave.append(PromptRequest(f"{skill_name}-{i:05d}", skill, examples, cfg.prompts_per_request))
             tokens_before = backend.tokens_used
-            replies = backend.complete_batch(wave)
-            new_from = len(state.records)
-            for request, reply in zip(wave, replies, strict=True):
-                state.requests += 1
-                before = len(state.records)
-                for text in parse_prompt_list(reply):
-                    if len(state.records) >= target:
-                        break
-                    consider(text, source, request.request_id, request.examples, backend.model_name)
-                if not reply.strip():
-                    state.rejected["empty_reply"] += 1
-                if len(state.records) > before or len(state.records) >= target:
-                    state.useless = 0
-                    continue
-                state.useless += 1
-                state.samples = (state.samples + [reply.strip()[:160]])[-3:]
-                if state.useless >= cfg.max_useless_requests:
-                    raise InputError(
-                        f"prompts for skill {skill_name!r}: {state.useless} requests in a row gave no new "
-                        f"usable prompt (accepted {len(state.records)} of {target}; rejected: "
-                        f"{dict(state.rejected)}); samples of what came back: {state.samples!r}"
-                        f"{_cut_replies(backend, cfg)}"
+            try:
+                replies = backend.complete_batch(wave)
+            except BaseException as e:
+                # The wave failed (or the job was told to stop): the replies that came back before
+                # the first missing one are paid for; keep them, so a rerun does not ask again.
+                kept = list(getattr(e, "completed", None) or [])
+                if kept:
+                    new_from = len(state.records)
+                    use_replies(wave[: len(kept)], kept)
+                    state.tokens += backend.tokens_used - tokens_before
+                    _save_wave(ctx.store, partial, state, new_from)
+                    print(
+                        f"prompts {skill_name}: the wave failed; the first {len(kept)} of its {len(wave)} "
+                        f"requests had replied: their {len(state.records) - new_from} prompt(s) are kept "
+                        "for the rerun",
+                        file=sys.stderr,
+                        flush=True,
                     )
+                raise
+            new_from = len(state.records)
+            use_replies(wave, replies)
             state.tokens += backend.tokens_used - tokens_before
             progress.update(len(state.records) - new_from)
             _save_wave(ctx.store, partial, state, new_from)

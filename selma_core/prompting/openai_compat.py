@@ -152,21 +152,26 @@ class OpenAICompatibleBackend:
         return self._local.session
 
     def complete_batch(self, requests: list[PromptRequest]) -> list[str]:
-        """Replies in request order; all of ``requests`` in flight at once (one wave)."""
+        """Replies in request order; all of ``requests`` in flight at once (one wave).
+
+        The first error ends the wave, and is raised with ``completed``: the replies, in request
+        order, of the requests before the first one without a reply (paid for: the caller keeps
+        them). The requests still in flight are not waited for."""
         if len(requests) == 1:
             return [self.complete(requests[0])]
         self._stop.clear()
         pool = ThreadPoolExecutor(max_workers=len(requests))
+        futures = []
         try:
             futures = [pool.submit(self.complete, request) for request in requests]
-            # The first error ends the wave (the others would be thrown away with it): not waited for.
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in futures:
                 if future in done and future.exception() is not None:
                     raise future.exception()
             return [future.result() for future in futures]
-        except BaseException:
+        except BaseException as e:
             self._stop.set()  # not waited for: a job told to stop must not retry on for a minute
+            e.completed = _leading_replies(futures)  # type: ignore[attr-defined]
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -256,3 +261,13 @@ class OpenAICompatibleBackend:
                 self.replies_cut += 1
             return without_cut_line(text or "")
         return text or ""
+
+
+def _leading_replies(futures: list) -> list[str]:
+    """The replies of the futures that ended with one, up to the first that has none (yet)."""
+    replies = []
+    for future in futures:
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            break
+        replies.append(future.result())
+    return replies

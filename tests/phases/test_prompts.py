@@ -520,6 +520,72 @@ def test_a_wave_sends_concurrent_requests_and_keeps_their_order(tiny_config, tmp
     assert [r["request_id"] for r in generated] == [f"counting-0000{i}" for i in range(4)]
 
 
+def test_a_failed_wave_keeps_the_replies_before_the_failure_and_the_rerun_does_not_ask_again(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    """Requests 0 and 1 of a wave of 4 replied; request 2 failed for good (an outage past its
+    retries) while 3 was in flight. The job fails (exit 1: retryable), but 0's and 1's prompts are
+    saved, and the rerun asks from request 2 on."""
+    import time
+
+    from selma_core.errors import EndpointError
+    from selma_core.prompting.openai_compat import OpenAICompatibleBackend
+
+    texts = iter(
+        [
+            "two paper lanterns hanging over a quiet harbor",
+            "three goats standing on a mossy stone wall",
+            "four red umbrellas leaning against a cafe window",
+            "five sailboats drifting past a white lighthouse",
+            "six bicycles parked beside a yellow door",
+            "seven owls perched along a snowy branch",
+        ]
+    )
+
+    class Fresh(FakeOpenAI):
+        def _reply_to(self, body):
+            with self._lock:
+                return chat_reply(f"1. {next(texts)}")
+
+    real = OpenAICompatibleBackend.complete
+
+    def complete(self, request):
+        if request.request_id.endswith("-00002"):
+            time.sleep(0.3)  # after 0 and 1 replied
+            raise EndpointError("LLM endpoint: HTTP 503 after 4 attempts")
+        if request.request_id.endswith("-00003"):
+            self._stop.wait(5)  # in flight until the wave is abandoned
+        return real(self, request)
+
+    with Fresh() as server:
+        openai = {"base_url": server.base_url, "model": "fake-llm", "api_key_env": "", "max_retries": 0}
+        config = tiny_config(
+            prompts={"backend": "openai", "num_prompts": 16, "concurrency": 4, "openai": openai}
+        )
+        ctx = make_context(config, "counting", tmp_path / "store")
+        with monkeypatch.context() as patch:
+            patch.setattr(OpenAICompatibleBackend, "complete", complete)
+            with pytest.raises(EndpointError, match="503"):
+                generate_prompts(ctx, "counting")
+        assert (
+            "the first 2 of its 4 requests had replied: their 2 prompt(s) are kept" in capsys.readouterr().err
+        )
+        [saved] = ctx.store.list_keys(f"{ctx.job.key}/_partial")
+        wave = ctx.store.read_json(saved)
+        assert wave["requests"] == 2
+        assert [r["request_id"] for r in wave["records"]] == ["counting-00000", "counting-00001"]
+        asked = len(server.requests)
+        assert asked == 2
+
+        stats = generate_prompts(ctx, "counting")
+        asked_again = [r.body["messages"][1]["content"] for r in server.requests[asked:]]
+    generated = [r for r in committed_records(ctx, tmp_path) if r["source"] == "llm"]
+    assert [r["request_id"] for r in generated] == [f"counting-0000{i}" for i in range(4)]
+    assert [r["text"] for r in generated[:2]] == [r["text"] for r in wave["records"]]
+    # The rerun's wave is requests 2 to 5 (two prompts were missing); 0 and 1 were not asked again.
+    assert len(asked_again) == 4 and stats["requests"] == 2 + 4
+
+
 def test_an_in_process_lm_writing_garbage_is_rejected_with_samples(tiny_config, tmp_path, model_cache):
     """random:tiny-lm writes noise: the plumbing runs, nothing passes the rules, the error quotes it."""
     config = tiny_config(

@@ -78,6 +78,11 @@ class FakeOpenAI:
         with self._lock:
             return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
+    def _reply_to(self, body: Any) -> Reply:
+        """The reply to a request with this JSON body: the script's next (a subclass may choose by
+        what was asked)."""
+        return self._next()
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     @property
@@ -110,7 +115,7 @@ class FakeOpenAI:
                 if self.path not in fake.PATHS:
                     self._send(error_reply(404, f"no route {self.path}"))
                     return
-                self._send(fake._next())
+                self._send(fake._reply_to(body))
 
             def _send(self, reply: Reply) -> None:
                 if isinstance(reply.body, str):

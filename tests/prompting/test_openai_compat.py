@@ -331,6 +331,31 @@ def test_a_failed_request_ends_its_wave_without_waiting_for_the_others_retries(s
     assert len(server.requests) == 2
 
 
+def test_a_failed_wave_hands_back_the_replies_before_the_first_missing_one(request_):
+    """Requests 0 and 1 answered, 2 refused, 3 still in flight: the error carries 0's and 1's
+    replies, in order (paid for), and nothing of 3's."""
+    import dataclasses
+    import time
+
+    class ByExample(FakeOpenAI):
+        def _reply_to(self, body):
+            asked = body["messages"][1]["content"]
+            if "marker-2" in asked:
+                time.sleep(0.3)  # after 0 and 1 have replied
+                return error_reply(400, "bad request 2")
+            if "marker-3" in asked:
+                time.sleep(3)
+            return chat_reply(f"1. reply to {asked.split('marker-')[1][0]}")
+
+    wave = [dataclasses.replace(request_, examples=(f"marker-{i}",)) for i in range(4)]
+    with ByExample() as server:
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match="bad request 2") as info:
+            backend(server.base_url, max_retries=0).complete_batch(wave)
+        assert time.monotonic() - started < 2.5  # request 3 not waited for
+    assert info.value.completed == ["1. reply to 0", "1. reply to 1"]
+
+
 def test_retry_after_parsing():
     assert _retry_after(None) is None
     assert _retry_after("") is None
