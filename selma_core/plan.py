@@ -133,6 +133,8 @@ def keyed_config(cfg: PipelineConfig, phase: str):
     """A phase's settings as its output key hashes them: with its own ``keyed()`` where it has one
     (settings nothing reads in this configuration put back to their defaults)."""
     section = cfg.phase_config(phase)
+    if phase == "eval":  # which models the defaults compare depends on the skills
+        return section.keyed(list(cfg.skills))
     return section.keyed() if hasattr(section, "keyed") else section
 
 

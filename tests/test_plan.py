@@ -108,6 +108,14 @@ ON_OPENAI = {"backend": "openai"}
         ({}, {"merge": {"density": 0.9, "majority_sign_method": "frequency", "seed": 7, "export_rank": 8}}),
         # ties is not random, and reads no seed.
         ({"merge": {"method": "ties"}}, {"merge": {"method": "ties", "seed": 7}}),
+        # The models eval compares by default, written out: the same evaluation.
+        ({}, {"eval": {"models": ["base", "expert:counting", "expert:spatial", "merged"]}}),
+        ({"eval": {"compare_experts": False}}, {"eval": {"models": ["base", "merged"]}}),
+        # compare_experts only shapes the default list: with models given, nothing reads it.
+        (
+            {"eval": {"models": ["base", "merged", "expert:spatial"]}},
+            {"eval": {"models": ["base", "merged", "expert:spatial"], "compare_experts": False}},
+        ),
     ],
     ids=[
         "api-key-env",
@@ -115,6 +123,9 @@ ON_OPENAI = {"backend": "openai"}
         "uniform-threshold-filter-off",
         "linear-merge",
         "ties-seed",
+        "eval-default-models-written-out",
+        "eval-default-models-without-experts",
+        "eval-compare-experts-with-models",
     ],
 )
 def test_settings_nothing_reads_in_this_configuration_redo_nothing(tiny_config, before, after):
@@ -140,8 +151,18 @@ def test_settings_nothing_reads_in_this_configuration_redo_nothing(tiny_config, 
             {"merge": {"export": "svd", "export_rank": 8}},
             {"merge", "eval"},
         ),
+        ({}, {"eval": {"compare_experts": False}}, {"eval"}),
+        # Another order is another report (and another baseline when base is not first).
+        ({}, {"eval": {"models": ["merged", "base", "expert:counting", "expert:spatial"]}}, {"eval"}),
     ],
-    ids=["uniform-threshold-filter-on", "ties-density", "dare-seed", "svd-rank"],
+    ids=[
+        "uniform-threshold-filter-on",
+        "ties-density",
+        "dare-seed",
+        "svd-rank",
+        "compare-experts",
+        "models-order",
+    ],
 )
 def test_the_same_settings_where_they_are_read_redo_their_downstream(tiny_config, before, after, invalidated):
     assert changed(keys(tiny_config(**before)), keys(tiny_config(**after))) == invalidated

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,6 +135,18 @@ class EvalConfig(SamplingConfig):
                 "that what is downloaded is checked (and a changed file is not scored under the same "
                 "settings)"
             )
+
+    def keyed(self, skills: list[str]) -> EvalConfig:
+        """This config as the output's key hashes it, for a pipeline of ``skills``: ``models`` that
+        spell out the default list are the default (the same evaluation), and ``compare_experts``,
+        which only the default list reads, is at its default when ``models`` is given."""
+        for compare in (True, False):
+            default = replace(self, models=None, compare_experts=compare)
+            if self.models is not None and self.models == eval_variants(default, skills):
+                return default
+        if self.models is not None:
+            return replace(self, compare_experts=EvalConfig.compare_experts)
+        return self
 
 
 def eval_variants(cfg: EvalConfig, skills: list[str]) -> list[str]:
