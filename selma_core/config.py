@@ -51,6 +51,9 @@ class StorageConfig:
     # (exit 1) naming the endpoint. An endpoint never reached (a wrong URL) fails after connect_retries.
     retry_budget_s: float = 300.0
     retry_backoff_max_s: float = 30.0
+    # Files a commit uploads, or a fetch downloads, at once. An output of many small files (eval's
+    # images, thousands of PNGs) is bound by the endpoint's time per request, not its bandwidth.
+    transfer_threads: int = 8
 
     def __post_init__(self) -> None:
         if not self.uri.startswith(("file://", "s3://")):
@@ -61,6 +64,8 @@ class StorageConfig:
             raise ValueError(f"retry_budget_s: expected >= 0, got {self.retry_budget_s}")
         if not self.retry_backoff_max_s > 0:
             raise ValueError(f"retry_backoff_max_s: expected > 0, got {self.retry_backoff_max_s}")
+        if self.transfer_threads < 1:
+            raise ValueError(f"transfer_threads: expected >= 1, got {self.transfer_threads}")
 
 
 @dataclass

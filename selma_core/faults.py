@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 ENV = "SELMA_FAULT"
 
 _reached: dict[str, int] = {}
+_counting = threading.Lock()  # a store's transfer threads reach the same point at once
 
 
 def fault_point(name: str) -> None:
@@ -31,7 +33,9 @@ def fault_point(name: str) -> None:
     point, _, nth = spec.partition("@")
     if point != name:
         return
-    _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] == (int(nth) if nth else 1):
+    with _counting:
+        _reached[name] = _reached.get(name, 0) + 1
+        reached = _reached[name]
+    if reached == (int(nth) if nth else 1):
         print(f"{ENV}: SIGKILL at {spec}", file=sys.stderr, flush=True)  # tells the test where it died
         os.kill(os.getpid(), signal.SIGKILL)

@@ -378,6 +378,8 @@ def test_bad_storage_uri(tmp_path):
 def test_negative_storage_retries(tmp_path):
     message = config_error(write(tmp_path, BASE + "storage: {connect_retries: -1}\n"))
     assert "storage" in message and "connect_retries" in message
+    message = config_error(write(tmp_path, BASE + "storage: {transfer_threads: 0}\n"))
+    assert "storage" in message and "transfer_threads: expected >= 1, got 0" in message
 
 
 def test_bad_tracking_uri(tmp_path):

@@ -37,7 +37,7 @@ from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.phases.images import SamplingConfig
 from selma_core.phases.merge import ADAPTER_DIR, EXPERTS_DIR
-from selma_core.storage.base import sha256_file
+from selma_core.storage.base import at_once, sha256_file
 
 BENCHMARKS = ("heldout", "dsg1k", "tifa")
 # base | merged | expert:SKILL | models:/NAME/VERSION | models:/NAME@ALIAS (resolved by the controller)
@@ -357,21 +357,38 @@ def draw_variant(
 
     cfg: EvalConfig = ctx.config.eval
     folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    missing = []
-    for p in prompts:
-        path = folder / f"{_file_safe(p.prompt_id)}.png"
-        key = cache.key(variant.identity, p.text, prompt_seed(cfg.seed, p.prompt_id))
+    wanted = [
+        (
+            p,
+            cache.key(variant.identity, p.text, prompt_seed(cfg.seed, p.prompt_id)),
+            folder / f"{_file_safe(p.prompt_id)}.png",
+        )
+        for p in prompts
+    ]
+
+    def from_cache(item) -> bool:
+        _, key, path = item
         data = cache.get(key)
-        if data is None:
-            missing.append((p, key, path))
-        else:
+        if data is not None:
             path.write_bytes(data)
-            paths[p.prompt_id] = path
+        return data is not None
+
+    # The store's requests side by side (storage.transfer_threads): a rerun of a large benchmark
+    # reads thousands of cached images, each a round trip to the store.
+    found = at_once(from_cache, wanted, ctx.store.transfer_threads)
+    paths = {p.prompt_id: path for (p, _, path), hit in zip(wanted, found, strict=True) if hit}
+    missing = [item for item, hit in zip(wanted, found, strict=True) if not hit]
     cache.hits += len(paths)
     cache.misses += len(missing)
     if not missing:
         return paths
+
+    def keep(drawn) -> None:  # PNG-encoded, saved and cached beside the other images of the batch
+        (_, key, path), image = drawn
+        data = _png(image)
+        path.write_bytes(data)
+        cache.put(key, data)
+
     pipe = pipeline.get()
     with (
         loaded_adapters(pipe, variant.name, variant.adapters, ctx.config.allow_pickle_checkpoints),
@@ -381,11 +398,8 @@ def draw_variant(
             batch = missing[first : first + cfg.batch_size]
             seeds = [prompt_seed(cfg.seed, p.prompt_id) for p, _, _ in batch]
             images = draw_images(pipe, [p.text for p, _, _ in batch], seeds, cfg, pipeline.device)
-            for (p, key, path), image in zip(batch, images, strict=True):
-                data = _png(image)
-                path.write_bytes(data)
-                cache.put(key, data)
-                paths[p.prompt_id] = path
+            at_once(keep, list(zip(batch, images, strict=True)), ctx.store.transfer_threads)
+            paths.update((p.prompt_id, path) for p, _, path in batch)
             bar.update(len(batch))
     fault_point("eval.after_variant")
     return paths

@@ -18,7 +18,7 @@ def open_store(cfg: StorageConfig, check: bool = True, create: bool = True) -> A
     missing. ``create=False`` is for readers: a local store's folder is not made."""
     store: ArtifactStore
     if cfg.uri.startswith("file://"):
-        store = LocalArtifactStore(cfg.uri[len("file://") :])
+        store = LocalArtifactStore(cfg.uri[len("file://") :], cfg.transfer_threads)
     else:
         from selma_core.storage.s3 import S3ArtifactStore  # boto3 only where S3 is used
 
@@ -29,6 +29,7 @@ def open_store(cfg: StorageConfig, check: bool = True, create: bool = True) -> A
             cfg.connect_retries,
             retry_budget_s=cfg.retry_budget_s,
             retry_backoff_max_s=cfg.retry_backoff_max_s,
+            transfer_threads=cfg.transfer_threads,
         )
     if check:
         store.check(create)

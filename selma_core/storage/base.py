@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from selma_core.errors import InputError
 from selma_core.faults import fault_point
@@ -29,6 +30,58 @@ from selma_core.faults import fault_point
 MANIFEST = "_manifest.json"
 # A fetch's partial download untouched this long was left by a killed fetch (a running one writes).
 STALE_PARTIAL_S = 3600.0
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def at_once(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
+    """``[fn(item) for item in items]``, up to ``threads`` calls at a time, results in order.
+
+    For store requests: an output of thousands of small files (eval's images) is bound by the
+    endpoint's latency per request, not by its bandwidth. The first failure is raised once the calls
+    already running end; no new call starts after it. The workers are daemon threads, so an
+    interrupt (Ctrl-C, SIGTERM) in the caller is raised at once and the process can exit without
+    waiting for a request that hangs (what they leave is what a killed job leaves: files no
+    manifest names, or a cache object written whole).
+    """
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    results: list[Any] = [None] * len(items)
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    todo = iter(range(len(items)))
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = None if failures else next(todo, None)
+            if index is None:
+                return
+            try:
+                results[index] = fn(items[index])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                with lock:
+                    failures.append(e)
+                return
+
+    workers = [
+        threading.Thread(target=work, name=f"store-transfer-{i}", daemon=True)
+        for i in range(min(threads, len(items)))
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    except BaseException:
+        with lock:  # an interrupt: no new call starts; the running ones are left to the exit
+            failures.append(KeyboardInterrupt())
+        raise
+    if failures:
+        raise failures[0]
+    return results
 
 
 def short_name(name: str, limit: int = 64) -> str:
@@ -70,6 +123,8 @@ class ArtifactStore(ABC):
 
     #: The root URI, e.g. ``file:///data/store`` or ``s3://bucket/prefix``.
     uri: str
+    #: Files a commit uploads, or a fetch downloads, at once (``at_once``).
+    transfer_threads: int = 1
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -143,18 +198,21 @@ class ArtifactStore(ABC):
         """Upload every file of ``local_dir`` under ``key/<attempt>/``, then the manifest, last."""
         validate_key(key)
         attempt = uuid.uuid4().hex[:12]
-        files = {}
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        paths = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        paths = [p for p in paths if p.relative_to(local_dir).as_posix() != MANIFEST]
+
+        def upload(path: Path) -> tuple[str, dict]:
             rel = path.relative_to(local_dir).as_posix()
-            if rel == MANIFEST:
-                continue
             self.upload_file(path, f"{key}/{attempt}/{rel}")
             fault_point("store.upload.mid")
-            files[rel] = {
+            return rel, {
                 "size": path.stat().st_size,
                 "sha256": sha256_file(path),
                 "object": f"{attempt}/{rel}",
             }
+
+        # Whatever order the uploads finish in, the manifest is written after the last one.
+        files = dict(at_once(upload, paths, self.transfer_threads))
         manifest = {
             "key": key,
             "attempt": attempt,
@@ -190,7 +248,6 @@ class ArtifactStore(ABC):
         """
         manifest = self.read_manifest(key)
         target = Path(cache_dir) / "fetched" / key
-        swept: set[Path] = set()  # folders cleared of stale partials (once each: a glob reads it all)
         for rel, info in manifest["files"].items():
             try:  # a tampered manifest must not write (or read) outside the output
                 validate_key(rel)
@@ -199,17 +256,21 @@ class ArtifactStore(ABC):
                 raise InputError(
                     f"{self.url(f'{key}/{MANIFEST}')}: file {rel!r}: {e}; the manifest is corrupt"
                 ) from e
+        # Folders cleared of stale partials before any download starts (once each: a glob reads it all).
+        for folder in sorted({(target / rel).parent for rel in manifest["files"]}):
+            if folder.is_dir():
+                _drop_stale_partials(folder)
+
+        def bring(item: tuple[str, dict]) -> None:
+            rel, info = item
             local = target / rel
             if (
                 local.is_file()
                 and local.stat().st_size == info["size"]
                 and sha256_file(local) == info["sha256"]
             ):
-                continue
+                return
             local.parent.mkdir(parents=True, exist_ok=True)
-            if local.parent not in swept:
-                _drop_stale_partials(local.parent)
-                swept.add(local.parent)
             # A private partial name: two processes may fetch the same output at once.
             fd, partial_name = tempfile.mkstemp(
                 prefix=f".{short_name(local.name)}.", suffix=".partial", dir=local.parent
@@ -226,6 +287,8 @@ class ArtifactStore(ABC):
                 partial.replace(local)
             finally:
                 partial.unlink(missing_ok=True)
+
+        at_once(bring, manifest["files"].items(), self.transfer_threads)
         return target
 
     def read_output_file(self, key: str, rel: str) -> bytes:

@@ -48,9 +48,10 @@ def no_space_error(folder: str | Path, needed: int | None = None, doing: str = "
 
 
 class LocalArtifactStore(ArtifactStore):
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, transfer_threads: int = 1) -> None:
         self.root = Path(root)
         self.uri = f"file://{self.root}"
+        self.transfer_threads = transfer_threads
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)

@@ -67,6 +67,7 @@ class S3ArtifactStore(ArtifactStore):
         connect_retries: int = 3,
         retry_budget_s: float = 300.0,
         retry_backoff_max_s: float = 30.0,
+        transfer_threads: int = 1,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -81,12 +82,15 @@ class S3ArtifactStore(ArtifactStore):
         self.endpoint_url = endpoint_url
         self.retry_budget_s = retry_budget_s
         self.retry_backoff_max_s = retry_backoff_max_s
+        self.transfer_threads = transfer_threads
         # Set once the endpoint answered: from then on, no answer is an outage worth waiting out.
         self.reached = False
         config = Config(
             retries={"max_attempts": connect_retries + 1, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
+            # One pooled connection per transfer thread (botocore keeps 10): fewer would reconnect.
+            max_pool_connections=max(10, transfer_threads),
         )
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from selma_core.config import StorageConfig
 from selma_core.errors import ConfigError, EndpointError, InputError
 from selma_core.storage import MANIFEST, LocalArtifactStore, open_store, validate_key
-from selma_core.storage.base import STALE_PARTIAL_S
+from selma_core.storage.base import STALE_PARTIAL_S, at_once
 from selma_core.storage.s3 import S3ArtifactStore
 
 BUCKET = "selma-test"
@@ -239,6 +241,52 @@ def test_upload_and_download_files(store, tmp_path):
     assert dest.read_bytes() == data
 
 
+# -- requests side by side ---------------------------------------------------------------------
+
+
+def test_at_once_runs_calls_side_by_side_and_keeps_their_order():
+    together = threading.Barrier(4, timeout=30)  # broken unless four calls run at the same time
+
+    def call(i: int) -> int:
+        if i < 4:
+            together.wait()
+        return i * i
+
+    assert at_once(call, range(50), threads=4) == [i * i for i in range(50)]
+    assert at_once(call, [5, 6], threads=1) == [25, 36]  # one thread: in the caller, in order
+
+
+def test_at_once_raises_the_first_failure_and_starts_no_call_after_it():
+    started: list[int] = []
+
+    def call(i: int) -> int:
+        started.append(i)
+        if i == 3:
+            raise ValueError("object 3 refused")
+        return i
+
+    with pytest.raises(ValueError, match="object 3 refused"):
+        at_once(call, range(1000), threads=2)
+    assert len(started) < 10
+
+
+def test_an_interrupt_does_not_wait_for_a_hanging_request():
+    """Ctrl-C (or SIGTERM, raised as KeyboardInterrupt) during a commit is raised at once: a request
+    hanging on an unanswering endpoint must not hold the job's exit (the workers are daemons)."""
+    release = threading.Event()
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("alarm")))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt, match="alarm"):
+            at_once(lambda i: release.wait(60), range(8), threads=4)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
+    hanging = [t for t in threading.enumerate() if t.name.startswith("store-transfer-")]
+    assert all(t.daemon for t in hanging)
+
+
 # -- the commit protocol -------------------------------------------------------------------------
 
 
@@ -352,7 +400,7 @@ def test_fetch_dir_detects_corruption_after_commit(store, tmp_path):
     # Neither the corrupt copy nor its partial download is left to be mistaken for a good file.
     fetched = cache / "fetched" / "out" / "corrupt" / "images"
     assert not (fetched / "0001.png").exists()
-    assert list(fetched.iterdir()) == []  # no partial download either
+    assert [p for p in fetched.iterdir() if p.is_file()] == []  # no partial download either
 
 
 def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
@@ -407,6 +455,26 @@ def test_fetch_dir_drops_partials_killed_fetches_left(store, tmp_path):
     store.fetch_dir("out/partials", tmp_path / "cache")
     assert not dead.exists() and not dead_boto.exists()
     assert running.exists()
+
+
+def test_an_upload_failing_mid_commit_commits_nothing(store, tmp_path, monkeypatch):
+    """The commit's uploads run side by side (``storage.transfer_threads``): one that fails stops
+    the commit before its manifest, whatever the others did."""
+    assert store.transfer_threads == StorageConfig().transfer_threads > 1
+    upload = store.upload_file
+
+    def failing(path, key):
+        if key.endswith("stats.json"):
+            raise OSError("disk went away")
+        return upload(path, key)
+
+    monkeypatch.setattr(store, "upload_file", failing)
+    with (
+        pytest.raises(OSError, match="disk went away"),
+        store.staged_output("half", tmp_path / "s") as folder,
+    ):
+        make_tree(folder, {f"images/{i:04d}.png": bytes([i]) * 100 for i in range(40)} | FILES)
+    assert not store.is_committed("half")
 
 
 def test_commit_dir_directly(store, tmp_path):
