@@ -21,6 +21,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,6 +119,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch, as the store records it
+
+
 class ArtifactStore(ABC):
     """Bytes and files under string keys, plus the commit protocol built on them."""
 
@@ -147,7 +155,16 @@ class ArtifactStore(ABC):
         """Every key under ``prefix/`` (recursive), sorted."""
 
     @abstractmethod
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """``list_keys(prefix)`` with each object's size and when it was last written."""
+
+    @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete these objects (missing ones are no error), manifests first: a delete cut short must
+        not leave a manifest naming deleted files."""
 
     @abstractmethod
     def check(self, create: bool = True) -> None:

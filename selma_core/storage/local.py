@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
-from selma_core.storage.base import MANIFEST, ArtifactStore, short_name, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject, short_name, validate_key
 
 # Writes in progress; never listed, so a dead writer's leftovers are invisible to readers.
 TMP_PREFIX = ".selma-tmp-"
@@ -126,6 +126,29 @@ class LocalArtifactStore(ArtifactStore):
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(TMP_PREFIX)
         )
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        objects = []
+        for key in self.list_keys(prefix):
+            try:
+                stat = self._path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            objects.append(StoredObject(key, stat.st_size, stat.st_mtime))
+        return objects
+
+    def delete_keys(self, keys: list[str]) -> None:
+        for key in sorted(keys, key=lambda k: (not k.endswith("/" + MANIFEST), k)):
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            # Folders emptied by it go too, up to the store's root (a store keeps no empty folders).
+            folder = path.parent
+            while folder != self.root:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): the folders above are not empty either
+                    break
+                folder = folder.parent
 
     def delete_prefix(self, prefix: str) -> None:
         folder = self._path(prefix)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.storage.base import MANIFEST, ArtifactStore, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject, validate_key
 
 # Error codes that a retry cannot fix: permissions, a missing or misnamed bucket, the wrong region
 # or endpoint, a key S3 cannot hold. (Names after the first entry are also looked for in the text of
@@ -269,12 +269,27 @@ class S3ArtifactStore(ArtifactStore):
             Config=self.transfer,
         )
 
-    def _objects(self, prefix: str) -> list[str]:
-        """The bucket's object names under ``prefix``, as S3 has them (folder markers included)."""
+    def _listing(self, prefix: str) -> list[dict]:
+        """The bucket's objects under ``prefix`` (folder markers included), as S3 lists them."""
         full = self._key(prefix).rstrip("/") + "/"
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        return [obj for page in pages for obj in page.get("Contents", [])]
+
+    def _objects(self, prefix: str) -> list[str]:
+        """The bucket's object names under ``prefix``, as S3 has them (folder markers included)."""
+        return [obj["Key"] for obj in self._listing(prefix)]
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(
+            (
+                StoredObject(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
+                for obj in self._listing(prefix)
+                if not obj["Key"].endswith("/")
+            ),
+            key=lambda o: o.key,
+        )
 
     def list_keys(self, prefix: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
@@ -283,9 +298,16 @@ class S3ArtifactStore(ArtifactStore):
         return sorted(name[strip:] for name in self._objects(prefix) if not name.endswith("/"))
 
     def delete_prefix(self, prefix: str) -> None:
-        objects = self._objects(prefix)  # markers too
+        self._delete(prefix, self._objects(prefix))  # markers too
+
+    def delete_keys(self, keys: list[str]) -> None:
+        if keys:
+            self._delete(keys[0], [self._key(k) for k in keys])
+
+    def _delete(self, prefix: str, objects: list[str]) -> None:
+        """Delete these object names (as S3 has them) in batches; ``prefix`` names them in errors."""
         # Manifests first: a delete cut short must not leave a manifest listing deleted files.
-        objects.sort(key=lambda k: (not k.endswith("/" + MANIFEST), k))
+        objects = sorted(objects, key=lambda k: (not k.endswith("/" + MANIFEST), k))
         for start in range(0, len(objects), 1000):
             batch = [{"Key": k} for k in objects[start : start + 1000]]
             response = self._call(

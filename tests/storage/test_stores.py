@@ -142,6 +142,18 @@ def test_delete_prefix(store):
     store.delete_prefix("never-written")  # deleting nothing is fine
 
 
+def test_list_objects_gives_sizes_and_times_and_delete_keys_deletes_just_those(store):
+    store.write_bytes("d/a.bin", b"12345")
+    store.write_bytes("d/sub/b.bin", b"")
+    store.write_bytes("d/keep.bin", b"k")
+    objects = store.list_objects("d")
+    assert [(o.key, o.size) for o in objects] == [("d/a.bin", 5), ("d/keep.bin", 1), ("d/sub/b.bin", 0)]
+    assert all(abs(o.modified - time.time()) < 600 for o in objects)
+    store.delete_keys(["d/a.bin", "d/sub/b.bin", "d/never-there.bin"])
+    assert store.list_keys("d") == ["d/keep.bin"]
+    store.delete_keys([])
+
+
 def test_delete_prefix_many_objects(store):
     keys = [f"bulk/{i:04d}" for i in range(25)]
     for key in keys:

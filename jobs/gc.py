@@ -1,0 +1,131 @@
+"""Find, and with --delete remove, what the store holds that nothing reads any more.
+
+    python -m jobs.gc --config configs/demo.yaml              # what would go, and its size
+    python -m jobs.gc --config configs/demo.yaml --delete     # remove it
+
+Garbage is: commit attempts no manifest names (killed commits, outputs committed again), and the
+resume state (saved image shards, prompt waves, training checkpoints) of outputs already committed;
+with --abandoned also the resume state of outputs never committed (a killed job whose settings then
+changed, so that no rerun will resume it). Only what was last written --min-age ago or earlier
+(default 24h) is taken, and nothing under a key a job is working on. Caches are kept. The config only
+names the store (its storage section): one store shared by several pipelines is collected whole.
+``selma_core/storage/garbage.py`` has the rules. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from jobs.cli import parse_args
+from selma_core.errors import SelmaError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``24h`` or ``7d``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 3600, 30m, 24h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.gc",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Without --delete nothing is changed. Exit code: 0 listed (or deleted), 2 invalid "
+        "configuration, 1 the store failed. The last line printed is one JSON object.",
+    )
+    parser.add_argument("--config", required=True, help="pipeline config YAML (its storage section)")
+    parser.add_argument("--delete", action="store_true", help="delete what is found (default: only list it)")
+    parser.add_argument(
+        "--min-age",
+        type=duration,
+        default=duration("24h"),
+        metavar="AGE",
+        help="take only what was last written this long ago or earlier: 3600, 30m, 24h, 7d (default 24h)",
+    )
+    parser.add_argument(
+        "--abandoned",
+        action="store_true",
+        help="also the resume state of outputs never committed (a rerun of their job would resume from it)",
+    )
+    return parser
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool) -> dict:
+    from selma_core.config import load_config
+    from selma_core.storage import open_store
+    from selma_core.storage.garbage import delete_garbage, find_garbage
+
+    cfg = load_config(config_path)
+    store = open_store(cfg.storage, create=False)
+    now = time.time()
+    garbage, warnings = find_garbage(store, min_age_s, abandoned, now)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if garbage:
+        print("| kind | prefix | objects | size | last written |", file=sys.stderr)
+        print("|---|---|---|---|---|", file=sys.stderr)
+    for group in garbage:
+        age_h = (now - group.newest) / 3600
+        print(
+            f"| {group.kind} | {store.url(group.prefix)} | {len(group.objects)} | {_size(group.size)} | "
+            f"{age_h:.1f} h ago |",
+            file=sys.stderr,
+        )
+    totals: dict[str, dict[str, int]] = {}
+    for group in garbage:
+        total = totals.setdefault(group.kind, {"groups": 0, "objects": 0, "bytes": 0})
+        total["groups"] += 1
+        total["objects"] += len(group.objects)
+        total["bytes"] += group.size
+    size = sum(group.size for group in garbage)
+    if delete and garbage:
+        delete_garbage(store, garbage)
+    verb = "deleted" if delete else "found (nothing deleted: add --delete)"
+    print(f"gc {store.uri}: {len(garbage)} folder(s), {_size(size)} of garbage {verb}", file=sys.stderr)
+    return {
+        "store": store.uri,
+        "deleted": delete,
+        "min_age_s": min_age_s,
+        "abandoned": abandoned,
+        "bytes": size,
+        "totals": totals,
+        "garbage": [
+            {"kind": g.kind, "prefix": g.prefix, "objects": len(g.objects), "bytes": g.size} for g in garbage
+        ],
+        "warnings": warnings,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv, {"deleted": False})
+    if isinstance(args, int):
+        return args
+    try:
+        outcome = collect(args.config, args.delete, args.min_age, args.abandoned)
+    except SelmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps({"deleted": False, "error": str(e)}))
+        return e.exit_code
+    print(json.dumps(outcome))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

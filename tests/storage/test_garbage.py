@@ -1,0 +1,201 @@
+"""Store garbage (selma_core.storage.garbage, python -m jobs.gc): found by the commit protocol's own
+records, deleted exactly, and nothing that a reader or a running job may still need."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from selma_core.config import StorageConfig
+from selma_core.storage import MANIFEST, open_store
+from selma_core.storage.base import ArtifactStore
+from selma_core.storage.garbage import delete_garbage, find_garbage
+
+from .test_stores import BUCKET
+
+DAY = 86400.0
+PROMPTS = "prompts/counting/" + "a" * 16
+IMAGES = "images/counting/" + "b" * 16
+EXPERTS = "experts/counting/" + "c" * 16
+EVAL = "eval/" + "d" * 16
+CACHED_IMAGE = "cache/eval-images/ab/" + "e" * 64 + ".png"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> ArtifactStore:
+    if request.param == "local":
+        return open_store(StorageConfig(uri=f"file://{tmp_path / 'store'}"))
+    endpoint = request.getfixturevalue("moto_s3")
+    return open_store(StorageConfig(uri=f"s3://{BUCKET}/gc-{uuid.uuid4().hex}", endpoint_url=endpoint))
+
+
+def commit(store: ArtifactStore, key: str, tmp_path: Path, **files: str) -> str:
+    """Commit ``files`` under ``key``; the attempt."""
+    folder = tmp_path / f"stage-{uuid.uuid4().hex}"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return store.commit_dir(folder, key)["attempt"]
+
+
+def killed_commit(store: ArtifactStore, key: str) -> str:
+    """What a commit killed before its manifest leaves: files in an attempt folder nothing names."""
+    attempt = uuid.uuid4().hex[:12]
+    store.write_bytes(f"{key}/{attempt}/prompts.jsonl", b"{}\n")
+    return attempt
+
+
+def a_store_after_years_of_work(store: ArtifactStore, tmp_path: Path) -> dict[str, str]:
+    replaced = commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "old\n"})
+    current = commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "new\n"})
+    killed = killed_commit(store, PROMPTS)
+    store.write_json(f"{PROMPTS}/_partial/wave-00000008.json", {"records": []})  # killed after the commit
+    store.write_bytes(f"{IMAGES}/_shards/shard-00000.tar", b"tar")  # a job killed mid-way, never rerun
+    orphan = killed_commit(store, IMAGES)
+    store.write_json(f"{EVAL}/notes.json", {"by": "a user"})  # not the protocol's: never judged
+    commit(store, EVAL, tmp_path, **{"results.json": "{}"})
+    store.write_bytes(CACHED_IMAGE, b"png")
+    return {"replaced": replaced, "current": current, "killed": killed, "orphan": orphan}
+
+
+def test_garbage_is_what_no_manifest_names_and_the_resume_state_of_committed_outputs(store, tmp_path):
+    attempts = a_store_after_years_of_work(store, tmp_path)
+    later = time.time() + 2 * DAY  # everything written is now two days old
+    found, warnings = find_garbage(store, min_age_s=DAY, now=later)
+    assert warnings == []
+    assert sorted((g.kind, g.prefix) for g in found) == sorted(
+        [
+            ("attempt", f"{PROMPTS}/{attempts['replaced']}"),
+            ("attempt", f"{PROMPTS}/{attempts['killed']}"),
+            ("resume state of a committed output", f"{PROMPTS}/_partial"),
+            ("attempt", f"{IMAGES}/{attempts['orphan']}"),
+        ]
+    )
+    with_abandoned, _ = find_garbage(store, min_age_s=DAY, abandoned=True, now=later)
+    assert {g.prefix for g in with_abandoned} - {g.prefix for g in found} == {f"{IMAGES}/_shards"}
+    # Nothing is that old yet.
+    assert find_garbage(store, min_age_s=DAY, abandoned=True) == ([], [])
+
+    delete_garbage(store, with_abandoned)
+    assert store.read_output_file(PROMPTS, "prompts.jsonl") == b"new\n"
+    assert store.list_keys(PROMPTS) == [
+        f"{PROMPTS}/{attempts['current']}/prompts.jsonl",
+        f"{PROMPTS}/{MANIFEST}",
+    ]
+    assert store.list_keys(IMAGES) == []
+    assert store.exists(f"{EVAL}/notes.json") and store.exists(CACHED_IMAGE)
+    assert store.read_output_file(EVAL, "results.json") == b"{}"
+    assert find_garbage(store, min_age_s=DAY, abandoned=True, now=later) == ([], [])
+
+
+def test_only_the_objects_found_are_deleted_not_what_was_written_there_since(store, tmp_path):
+    commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "done\n"})
+    store.write_json(f"{PROMPTS}/_partial/wave-00000001.json", {"records": []})
+    found, _ = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
+    assert [g.prefix for g in found] == [f"{PROMPTS}/_partial"]
+    store.write_json(f"{PROMPTS}/_partial/wave-00000002.json", {"records": []})  # a forced rerun began
+    delete_garbage(store, found)
+    assert store.list_keys(f"{PROMPTS}/_partial") == [f"{PROMPTS}/_partial/wave-00000002.json"]
+
+
+def aged(store: ArtifactStore, prefix: str, seconds: float) -> None:
+    """Make every object under ``prefix`` of a local store look written ``seconds`` ago."""
+    then = time.time() - seconds
+    for key in store.list_keys(prefix):
+        os.utime(store.root / key, (then, then))
+
+
+def local_store(tmp_path: Path) -> ArtifactStore:
+    return open_store(StorageConfig(uri=f"file://{tmp_path / 'store'}"))
+
+
+def test_a_replaced_attempt_waits_until_the_manifest_that_replaced_it_is_old_too(tmp_path):
+    """A reader that read the old manifest just before it was replaced may still be fetching the
+    attempt it named: that attempt's age alone does not make it garbage."""
+    store = local_store(tmp_path)
+    replaced = commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "old\n"})
+    aged(store, PROMPTS, 3 * DAY)
+    commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "new\n"})  # a minute ago: the answer cache's way
+    assert find_garbage(store, min_age_s=DAY) == ([], [])
+    aged(store, PROMPTS, 2 * DAY)
+    found, _ = find_garbage(store, min_age_s=DAY)
+    assert [g.prefix for g in found] == [f"{PROMPTS}/{replaced}"]
+
+
+def test_nothing_is_taken_under_a_key_a_job_is_working_on(tmp_path):
+    store = local_store(tmp_path)
+    commit(store, EXPERTS, tmp_path, **{"adapter.safetensors": "weights"})
+    store.write_json(f"{EXPERTS}/_checkpoints/step-00000500/{MANIFEST}", {"files": {}})
+    killed_commit(store, EXPERTS)
+    aged(store, EXPERTS, 3 * DAY)
+    store.write_json(f"{EXPERTS}/_inflight.json", {"holder": "a forced rerun, renewing its lease"})
+    assert find_garbage(store, min_age_s=DAY, abandoned=True) == ([], [])
+    aged(store, f"{EXPERTS}/_inflight.json".rsplit("/", 1)[0], 3 * DAY)  # its holder died long ago
+    found, _ = find_garbage(store, min_age_s=DAY)
+    assert sorted(g.kind for g in found) == ["attempt", "resume state of a committed output"]
+    delete_garbage(store, found)
+    # Manifests inside a deleted folder go first, and emptied folders go with their last file.
+    assert not (store.root / EXPERTS / "_checkpoints").exists()
+    assert store.read_output_file(EXPERTS, "adapter.safetensors") == b"weights"
+
+
+def test_a_key_with_a_damaged_manifest_is_left_alone_with_a_warning(tmp_path):
+    store = local_store(tmp_path)
+    killed_commit(store, PROMPTS)
+    store.write_bytes(f"{PROMPTS}/{MANIFEST}", b"{not json")
+    found, warnings = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
+    assert found == [] and len(warnings) == 1
+    assert warnings[0].startswith(f"{store.url(PROMPTS)}: left alone: ") and "not valid JSON" in warnings[0]
+
+
+# -- python -m jobs.gc ----------------------------------------------------------------------------
+
+
+def gc(capsys, *args: str) -> tuple[int, dict, str]:
+    from jobs.gc import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_jobs_gc_lists_then_deletes(tiny_config, tmp_path, capsys):
+    config = str(tiny_config())
+    store = local_store(tmp_path)
+    commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "done\n"})
+    killed = killed_commit(store, PROMPTS)
+    store.write_bytes(f"{IMAGES}/_shards/shard-00000.tar", b"tar")
+    aged(store, "prompts", 2 * DAY)
+    aged(store, "images", 2 * DAY)
+
+    code, listed, err = gc(capsys, "--config", config)
+    assert code == 0 and listed["deleted"] is False and listed["min_age_s"] == DAY
+    assert [g["prefix"] for g in listed["garbage"]] == [f"{PROMPTS}/{killed}"]
+    assert listed["totals"] == {"attempt": {"groups": 1, "objects": 1, "bytes": 3}}
+    assert f"| attempt | {store.url(f'{PROMPTS}/{killed}')} | 1 | 3 B | 48.0 h ago |" in err
+    assert "garbage found (nothing deleted: add --delete)" in err
+    assert store.exists(f"{PROMPTS}/{killed}/prompts.jsonl")  # a listing changes nothing
+
+    code, deleted, _ = gc(capsys, "--config", config, "--delete", "--abandoned", "--min-age", "36h")
+    assert code == 0 and deleted["deleted"] is True
+    assert sorted(g["prefix"] for g in deleted["garbage"]) == [f"{IMAGES}/_shards", f"{PROMPTS}/{killed}"]
+    assert store.list_keys(IMAGES) == [] and not store.exists(f"{PROMPTS}/{killed}/prompts.jsonl")
+
+    code, again, _ = gc(capsys, "--config", config, "--delete", "--min-age", "3d")
+    assert code == 0 and again["garbage"] == [] and again["min_age_s"] == 3 * DAY
+
+
+def test_jobs_gc_refuses_a_bad_age_and_a_missing_store(tiny_config, tmp_path, capsys):
+    code, said, err = gc(capsys, "--config", str(tiny_config()), "--min-age", "yesterday")
+    assert (
+        code == 2 and said["deleted"] is False and "expected a duration such as 3600, 30m, 24h or 7d" in err
+    )
+    missing = tiny_config(storage={"uri": f"file://{tmp_path / 'no-such-store'}"})
+    code, said, _ = gc(capsys, "--config", str(missing))
+    assert code == 2 and "no such folder" in said["error"]
+    assert not (tmp_path / "no-such-store").exists()
