@@ -94,8 +94,13 @@ def promote(args: argparse.Namespace) -> dict:
             f"({', '.join(cfg.eval.metrics) or 'none'}), so no version is ever scored on it; set "
             "promote.metric to one of them"
         )
-    if cfg.merge.method == "adapters":
-        why = "merge.method adapters registers no merged model, so there is nothing to promote"
+    if cfg.merge.method == "adapters" or (not cfg.merge.register and not args.version):
+        why = (
+            "merge.method adapters registers no merged model, so there is nothing to promote"
+            if cfg.merge.method == "adapters"
+            else "merge.register is false: the merge registers no version, so there is no candidate "
+            "to promote (give --version V to promote one registered otherwise)"
+        )
         if args.unless_judged:
             return unchanged(name, None, None, why)
         raise ConfigError(why)

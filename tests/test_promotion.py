@@ -229,3 +229,17 @@ def test_a_negative_regression_margin_is_refused_before_anything_is_read(tiny_co
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["error"] == (
         "--max-skill-regression: expected >= 0, got -1.0"
     )
+
+
+def test_with_registration_off_there_is_no_candidate_and_promote_says_so(tiny_config, capsys):
+    """merge.register false: no version is ever registered, so the alias advice could not help;
+    under --unless-judged (jobs.retrain) it is nothing to do, not a failure."""
+    from jobs.promote import main
+
+    config = str(tiny_config(merge={"register": False}))
+    assert main(["--config", config]) == 2
+    said = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert said["error"].startswith("merge.register is false: the merge registers no version")
+    assert main(["--config", config, "--unless-judged"]) == 0
+    said = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert said["promoted"] is False and "merge.register is false" in json.dumps(said)

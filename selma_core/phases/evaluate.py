@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -224,7 +225,10 @@ def committed_weights(ctx, key: str, output_dir: Path, adapters: list[tuple[Path
     return f"store-adapter:{digest.hexdigest()}"
 
 
-def resolve_variant(ctx, variant: str) -> Variant:
+def resolve_variant(ctx, variant: str, downloads: Path | None = None) -> Variant:
+    """What a model compared is: its adapters and the identity of their weights. A registry model's
+    adapter is downloaded into a fresh folder under ``downloads`` (default: the cache's
+    ``registry/NAME/VERSION``), which the caller removes when done."""
     if variant == "base":
         return Variant(variant, [], "base")
     if variant.startswith("expert:"):
@@ -245,13 +249,19 @@ def resolve_variant(ctx, variant: str) -> Variant:
         return Variant(variant, adapters, committed_weights(ctx, key, merge_dir, adapters))
     name, _, version = variant[len("models:/") :].partition("/")
     # A fresh folder per job: a download that died half-way is never mistaken for a whole one.
-    parent = Path(ctx.config.cache_dir) / "registry" / name / version
+    parent = downloads or Path(ctx.config.cache_dir) / "registry" / name / version
     parent.mkdir(parents=True, exist_ok=True)
     model = ctx.run.download_registered_adapter(name, version, Path(tempfile.mkdtemp(dir=parent)))
     if model["base_model"] != ctx.config.base_model:
         raise InputError(
             f"eval.models: {variant} is an adapter for {model['base_model']!r}, not this pipeline's "
             f"base_model {ctx.config.base_model!r}"
+        )
+    trained_on, drawn_on = model.get("base_model_revision"), ctx.config.base_model_revision
+    if trained_on and drawn_on and trained_on != drawn_on:
+        raise InputError(
+            f"eval.models: {variant} is an adapter for {model['base_model']!r} at revision {trained_on}, "
+            f"not this pipeline's base_model_revision {drawn_on}"
         )
     adapter = Path(str(model["adapter_path"]))
     # By content: registries elsewhere (staging, a recreated database) reuse names and versions.
@@ -548,16 +558,27 @@ def _difference_cell(diff: dict) -> str:
 
 
 def evaluate(ctx, skill_name: str | None = None) -> dict:
+    cfg: EvalConfig = ctx.config.eval
+    start = time.monotonic()
+    eval_set = load_eval_set(ctx, cfg)
+    # Registry adapters downloaded for this job alone, removed when it ends.
+    registry = Path(ctx.config.cache_dir) / "registry"
+    registry.mkdir(parents=True, exist_ok=True)
+    downloads = Path(tempfile.mkdtemp(prefix="eval-", dir=registry))
+    try:
+        return _evaluate(ctx, cfg, eval_set, downloads, start)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+
+
+def _evaluate(ctx, cfg: EvalConfig, eval_set, downloads: Path, start: float) -> dict:
     from selma_core.metrics.answer_cache import NotAResult, StoreBackedAnswerCache
     from selma_core.metrics.suite import IMAGE_TEXT_METRICS, CachedMetric, MetricInfo, open_metric
     from selma_core.metrics.summary import summarize
     from selma_core.models.loading import resolve_device
     from selma_core.phases.images import torch_dtype
 
-    cfg: EvalConfig = ctx.config.eval
-    start = time.monotonic()
-    eval_set = load_eval_set(ctx, cfg)
-    variants = [resolve_variant(ctx, v) for v in eval_variants(cfg, list(ctx.config.skills))]
+    variants = [resolve_variant(ctx, v, downloads) for v in eval_variants(cfg, list(ctx.config.skills))]
     device = resolve_device(ctx.config.device)
     sampling = {
         "base_model": [ctx.config.base_model, ctx.config.base_model_revision],
@@ -803,6 +824,11 @@ def draw_and_score(pipe, scorer, heldout: dict[str, list[dict]], cfg: EvalConfig
             texts = [r["text"] for r in batch]
             images = draw_images(pipe, texts, [prompt_seed(cfg.seed, r["id"]) for r in batch], cfg, device)
             for record, score in zip(batch, scorer.score(images, texts), strict=True):
+                if not math.isfinite(score):  # a NaN would win (or lose) every comparison silently
+                    raise InputError(
+                        f"{type(scorer).__name__} scored {score} on skill {skill}, prompt {record['id']} "
+                        f"({record['text'][:60]!r}): not a score (e.g. a model run in float16 overflowing)"
+                    )
                 rows.append(
                     {"skill": skill, "prompt_id": record["id"], "prompt": record["text"], "score": score}
                 )

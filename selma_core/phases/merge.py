@@ -208,7 +208,9 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
 
     from selma_core.lora import WEIGHT_NAME, load_adapter, save_adapter
     from selma_core.models.loading import resolve_model_path
+    from selma_core.storage.base import sha256_file
     from selma_core.tracking import TAG_CONFIG_HASH
+    from selma_core.tracking.base import TAG_ADAPTER_SHA256
 
     cfg: MergeConfig = ctx.config.merge
     skills = list(ctx.config.skills)
@@ -278,6 +280,9 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                         "selma.base_model": ctx.config.base_model,
                         "selma.base_model_revision": ctx.config.base_model_revision or "",
                         "selma.merge_method": cfg.method,
+                        # What makes a version the same adapter: a forced rerun commits other
+                        # weights under the same key, and must not reuse the version of the old ones.
+                        TAG_ADAPTER_SHA256: sha256_file(out / ADAPTER_DIR / WEIGHT_NAME),
                     },
                 )
                 summary["registered"] = {

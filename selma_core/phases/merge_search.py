@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from selma_core.errors import InputError
 from selma_core.typed_yaml import hashed_unless_default
 
 
@@ -135,6 +136,12 @@ def select_best(ctx, skill_name: str | None = None) -> dict:
         if job.phase == "merge-search":
             candidates.append(json.loads(ctx.store.read_output_file(job.key, "candidate.json")))
     candidates.sort(key=lambda c: c["index"])
+    unscored = [c["index"] for c in candidates if not math.isfinite(c["mean"])]
+    if unscored:  # NaN compares false with everything: max() would keep or skip it silently
+        raise InputError(
+            f"merge-search: candidate(s) {unscored} have no finite mean score (committed before "
+            "scores were checked); rerun them with --force merge-search"
+        )
     best = max(candidates, key=lambda c: (c["mean"], -c["index"]))
     skills = list(ctx.config.skills)
     header = "| # | " + " | ".join(f"w:{s}" for s in skills) + " | " + " | ".join(skills) + " | mean |"

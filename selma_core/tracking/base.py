@@ -21,6 +21,8 @@ TAG_JOBS = "selma.jobs"
 # A pipeline's jobs that --force reran (a pipeline run's tag), and an images process's "I/N".
 TAG_FORCED = "selma.forced"
 TAG_WORKER = "selma.worker"
+# A registered adapter version's weights (pytorch_lora_weights.safetensors), by their SHA-256.
+TAG_ADAPTER_SHA256 = "selma.adapter_sha256"
 
 
 class JobRun(ABC):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.tracking.base import JobRun, ModelVersion, RunRecord, Tracker
+from selma_core.tracking.base import TAG_ADAPTER_SHA256, JobRun, ModelVersion, RunRecord, Tracker
 
 # Bound MLflow's own HTTP retries (default 7 with exponential backoff: minutes) for job processes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -519,7 +519,9 @@ class MlflowJobRun(JobRun):
 
         mlflow.set_tracking_uri(self.tracker.uri)
         mlflow.set_registry_uri(self.tracker.uri)
-        version = self._registered_version(model_name, tags.get("selma.store_key"))
+        version = self._registered_version(
+            model_name, tags.get("selma.store_key"), tags.get(TAG_ADAPTER_SHA256)
+        )
         if version is None:
             with mlflow.start_run(run_id=self.run_id):
                 info = _log_adapter_model(adapter_dir, base_model, model_name, base_model_revision)
@@ -528,17 +530,19 @@ class MlflowJobRun(JobRun):
         self.tracker.set_model_alias(model_name, alias, version)
         return version
 
-    def _registered_version(self, model_name: str, store_key: str | None) -> str | None:
-        """The version an earlier attempt of this job registered for the same output (a job killed
-        after registering but before committing): reused, not registered twice. The output's key is
-        content-addressed, so the same key is the same adapter."""
+    def _registered_version(self, model_name: str, store_key: str | None, sha256: str | None) -> str | None:
+        """The version an earlier attempt of this job registered for the same adapter (a job killed
+        after registering but before committing): reused, not registered twice. The same output key
+        is not enough: a forced rerun commits other weights under the same key, and must not tag
+        its scores onto the version of the old ones; so the adapter's SHA-256 must match too."""
         from mlflow.exceptions import MlflowException
 
-        if not store_key:
+        if not store_key or not sha256:
             return None
         try:
             found = self.client.search_model_versions(
-                f"name='{model_name}' and tags.`selma.store_key`='{store_key}'"
+                f"name='{model_name}' and tags.`selma.store_key`='{store_key}' "
+                f"and tags.`{TAG_ADAPTER_SHA256}`='{sha256}'"
             )
         except MlflowException:  # no such registered model yet
             return None
@@ -565,7 +569,8 @@ class MlflowJobRun(JobRun):
             # The base model as the pipeline config named it (the flavor records a loadable form of
             # it, e.g. the folder a random test model was built in).
             "base_model": tags.get("selma.base_model", model.base_model),
-            "base_model_revision": model.base_model_revision,
+            # The revision the pipeline pinned (the merge's tag; "" when none), else the flavor's.
+            "base_model_revision": tags.get("selma.base_model_revision", model.base_model_revision) or None,
         }
 
 

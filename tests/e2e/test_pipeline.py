@@ -277,6 +277,7 @@ def test_pipeline_on_s3_and_an_mlflow_server(tiny_config, model_cache, tmp_path,
     for row in results["per_prompt"]:
         scores[row["variant"]][row["prompt_id"]] = row["scores"]["clip_score"]
     assert scores["models:/selma-test/1"] == scores["merged"] and results["cache"]["images_cached"] > 0
+    assert list((model_cache / "registry").glob("eval-*")) == []  # its download removed with the job
     s3 = boto3.client("s3", endpoint_url=moto_s3)
     stored = [o["Key"] for o in s3.list_objects_v2(Bucket=S3_BUCKET, Prefix="e2e/merged/")["Contents"]]
     assert any(k.endswith("pytorch_lora_weights.safetensors") for k in stored)

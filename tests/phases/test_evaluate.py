@@ -262,3 +262,30 @@ def test_cached_eval_images_follow_the_committed_weights_not_the_jobs_key(tiny_c
         store.commit_dir(expert, key)
         identities.append(resolve_variant(ctx, "expert:counting").identity)
     assert identities[0] != identities[1] and identities[0] == identities[2]
+
+
+@pytest.mark.parametrize(
+    "registered, pinned, refused",
+    [("r1", "r2", True), ("r1", "r1", False), (None, "r2", False), ("r1", None, False)],
+)
+def test_a_registry_adapter_for_another_base_model_revision_is_refused(tmp_path, registered, pinned, refused):
+    """Drawn on another revision of the base, a version's scores would not be its own."""
+    from types import SimpleNamespace
+
+    from selma_core.errors import InputError
+    from selma_core.phases.evaluate import resolve_variant
+
+    def download(name, version, dst):
+        (dst / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+        return {"adapter_path": str(dst), "base_model": "org/sd", "base_model_revision": registered}
+
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(base_model="org/sd", base_model_revision=pinned, cache_dir=str(tmp_path)),
+        run=SimpleNamespace(download_registered_adapter=download),
+    )
+    if refused:
+        with pytest.raises(InputError, match="at revision r1, not this pipeline's base_model_revision r2"):
+            resolve_variant(ctx, "models:/selma/3", tmp_path / "downloads")
+    else:
+        variant = resolve_variant(ctx, "models:/selma/3", tmp_path / "downloads")
+        assert variant.identity.startswith("registry-adapter:")

@@ -105,3 +105,45 @@ def test_a_search_picks_the_best_weights_and_the_merge_uses_them(tiny_config, tm
     assert search["best"] == best and "(best)" in search["table"]
     merge = json.loads(store.read_output_file(plan.job("merge").key, "merge.json"))
     assert {s: e["weight"] for s, e in merge["experts"].items()} == best["weights"]
+
+
+def test_a_candidate_without_a_finite_score_is_refused_not_silently_ranked(tmp_path):
+    """NaN compares false with everything: ranked, a NaN first candidate (SELMA's 1/N) would beat
+    every other, and a later one would silently drop out."""
+    from types import SimpleNamespace
+
+    from selma_core.errors import InputError
+    from selma_core.phases.merge_search import select_best
+    from selma_core.storage import LocalArtifactStore
+
+    store = LocalArtifactStore(tmp_path / "store")
+    jobs = {}
+    for index, mean in enumerate([float("nan"), 32.0, 35.0]):
+        key = f"merge-search/candidate-{index:03d}/{index:016x}"
+        folder = tmp_path / f"candidate-{index}"
+        folder.mkdir()
+        scores = {"a": mean, "b": mean}
+        candidate = {"index": index, "weights": {"a": 0.5, "b": 0.5}, "scores": scores, "mean": mean}
+        (folder / "candidate.json").write_text(json.dumps(candidate))
+        store.commit_dir(folder, key)
+        jobs[f"merge-search#{index:03d}"] = SimpleNamespace(phase="merge-search", key=key)
+    ctx = SimpleNamespace(job=SimpleNamespace(deps=tuple(jobs)), plan=SimpleNamespace(jobs=jobs), store=store)
+    with pytest.raises(InputError, match=r"candidate\(s\) \[0\] have no finite mean score"):
+        select_best(ctx)
+
+
+def test_a_score_that_is_not_finite_stops_the_candidate_naming_the_prompt(monkeypatch):
+    import selma_core.phases.images as images
+    from selma_core.errors import InputError
+    from selma_core.phases.evaluate import EvalConfig, draw_and_score
+
+    class HalfPrecisionOverflow:
+        def score(self, images, texts):
+            return [0.3, float("nan")][: len(texts)]
+
+    monkeypatch.setattr(images, "draw_images", lambda pipe, texts, seeds, cfg, device: [None] * len(texts))
+    heldout = {
+        "counting": [{"id": "counting-00001", "text": "two cats"}, {"id": "counting-00002", "text": "3 dogs"}]
+    }
+    with pytest.raises(InputError, match=r"scored nan on skill counting, prompt counting-00002 \('3 dogs'\)"):
+        draw_and_score(None, HalfPrecisionOverflow(), heldout, EvalConfig(batch_size=2), "cpu")

@@ -33,3 +33,30 @@ def test_a_pinned_base_model_revision_is_what_the_registered_model_records(tmp_p
     version = tracker.model_version("reg", alias="candidate")
     assert version.version == unpinned and tracker.model_version("reg", version=pinned).tags["k"] == "v"
     assert tracker.model_version("reg", version="42") is None
+
+
+def test_a_forced_rerun_that_commits_other_weights_under_the_same_key_registers_a_new_version(
+    tmp_path, model_cache
+):
+    """The same output key is not the same adapter: --force commits other weights under it. Only a
+    rerun of the same weights (a merge killed after registering, before committing) reuses the
+    version; else eval would tag the new weights' scores onto the version of the old ones."""
+    from selma_core.storage.base import sha256_file
+    from selma_core.tracking.base import TAG_ADAPTER_SHA256
+
+    tracker = open_tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    base = str(materialize_random_model("random:tiny-sd", model_cache))
+    first = trained_like_expert(model_cache, 0, 2, 2.0, tmp_path / "first")
+    forced = trained_like_expert(model_cache, 1, 2, 2.0, tmp_path / "forced")
+
+    def tags(adapter):
+        sha = sha256_file(adapter / "pytorch_lora_weights.safetensors")
+        return {"selma.store_key": "merged/0123456789abcdef", TAG_ADAPTER_SHA256: sha}
+
+    run = tracker.start_job_run("registry-test", None, "merge", {})
+    registered = run.register_lora_adapter(first, base, "reg", "candidate", tags(first))
+    killed_and_rerun = run.register_lora_adapter(first, base, "reg", "candidate", tags(first))
+    rerun_forced = run.register_lora_adapter(forced, base, "reg", "candidate", tags(forced))
+    tracker.end_job_run(run, True)
+    assert registered == killed_and_rerun == "1" and rerun_forced == "2"
+    assert tracker.model_version("reg", alias="candidate").version == "2"
