@@ -7,7 +7,7 @@ Garbage is: commit attempts no manifest names (killed commits, outputs committed
 resume state (saved image shards, prompt waves, training checkpoints) of outputs already committed;
 with --abandoned also the resume state of outputs never committed (a killed job whose settings then
 changed, so that no rerun will resume it). Only what was last written --min-age ago or earlier
-(default 24h) is taken, and nothing under a key a job is working on. Caches are kept. The config only
+(default 24h) is taken, and nothing under a key whose lease a live job holds. Caches are kept. The config only
 names the store (its storage section): one store shared by several pipelines is collected whole.
 ``selma_core/storage/garbage.py`` has the rules. The last line printed is one JSON object.
 """
@@ -21,9 +21,10 @@ import sys
 import time
 
 from jobs.cli import parse_args
-from selma_core.errors import SelmaError
+from selma_core.errors import ConfigError, SelmaError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_AGE_FLOOR_S = 3600.0
 
 
 def duration(text: str) -> float:
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration,
         default=duration("24h"),
         metavar="AGE",
-        help="take only what was last written this long ago or earlier: 3600, 30m, 24h, 7d (default 24h)",
+        help="take only what was last written this long ago or earlier: 3600, 90m, 24h, 7d (default 24h, "
+        "at least 1h)",
     )
     parser.add_argument(
         "--abandoned",
@@ -67,7 +69,9 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
-def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool) -> dict:
+def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool, outcome: dict) -> None:
+    """Find the garbage, list it, and delete it with ``delete``; what was done goes into ``outcome``
+    as it is done (a failure part-way still reports the folders deleted before it)."""
     from selma_core.config import load_config
     from selma_core.storage import open_store
     from selma_core.storage.garbage import delete_garbage, find_garbage
@@ -95,34 +99,53 @@ def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool) -
         total["objects"] += len(group.objects)
         total["bytes"] += group.size
     size = sum(group.size for group in garbage)
-    if delete and garbage:
-        delete_garbage(store, garbage)
-    verb = "deleted" if delete else "found (nothing deleted: add --delete)"
-    print(f"gc {store.uri}: {len(garbage)} folder(s), {_size(size)} of garbage {verb}", file=sys.stderr)
-    return {
-        "store": store.uri,
-        "deleted": delete,
-        "min_age_s": min_age_s,
-        "abandoned": abandoned,
-        "bytes": size,
-        "totals": totals,
-        "garbage": [
+    outcome.update(
+        store=store.uri,
+        min_age_s=min_age_s,
+        abandoned=abandoned,
+        bytes=size,
+        totals=totals,
+        garbage=[
             {"kind": g.kind, "prefix": g.prefix, "objects": len(g.objects), "bytes": g.size} for g in garbage
         ],
-        "warnings": warnings,
-    }
+        warnings=warnings,
+    )
+    if not delete:
+        print(
+            f"gc {store.uri}: {len(garbage)} folder(s), {_size(size)} of garbage found (nothing deleted: add "
+            "--delete)",
+            file=sys.stderr,
+        )
+        return
+    deleted, spared = outcome.setdefault("deleted_prefixes", []), outcome.setdefault("spared_prefixes", [])
+    for group in garbage:
+        if delete_garbage(store, group):
+            deleted.append(group.prefix)
+        else:  # a job took a lease on its key since the listing
+            print(f"{store.url(group.prefix)}: spared: a job is at work on {group.key} now", file=sys.stderr)
+            spared.append(group.prefix)
+    outcome["deleted"] = True
+    print(
+        f"gc {store.uri}: {len(deleted)} folder(s) of garbage deleted, {len(spared)} spared", file=sys.stderr
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv, {"deleted": False})
     if isinstance(args, int):
         return args
+    outcome: dict = {"deleted": False}
     try:
-        outcome = collect(args.config, args.delete, args.min_age, args.abandoned)
-    except SelmaError as e:
+        if args.min_age < MIN_AGE_FLOOR_S:
+            raise ConfigError(
+                f"--min-age {args.min_age:g} s: at least {MIN_AGE_FLOOR_S:g} s (1h): a reader that read a "
+                "manifest just before it was replaced may still be fetching the attempt it named"
+            )
+        collect(args.config, args.delete, args.min_age, args.abandoned, outcome)
+    except (SelmaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"deleted": False, "error": str(e)}))
-        return e.exit_code
+        print(json.dumps({**outcome, "error": str(e)}))
+        return e.exit_code if isinstance(e, SelmaError) else 1
     print(json.dumps(outcome))
     return 0
 

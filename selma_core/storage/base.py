@@ -124,6 +124,7 @@ class StoredObject:
     key: str
     size: int
     modified: float  # seconds since the epoch, as the store records it
+    etag: str | None = None  # S3's: another one is another write, even within the same second
 
 
 class ArtifactStore(ABC):

@@ -15,38 +15,54 @@ leave objects behind that no reader ever opens:
   settings changed, and with them the key): nothing in the store tells which, so only their age
   does.
 
-Nothing is touched under a key whose in-flight marker (``_inflight.json``) was written within
-``min_age_s`` (a job, or a forced rerun, may be writing there), nor any group with an object that
-recent, nor an attempt that a manifest this recent replaced (a reader may still be fetching it);
-what is deleted is exactly the objects listed, manifests first. Caches (``cache/eval-images``,
-``cache/compile``, ``cache/attention``) are kept: they are reused, not garbage.
+Nothing is touched under a key whose in-flight marker (its own ``_inflight.json``, or an images
+process's under ``_workers/``) is held by a live job, as the lease module judges it (``holder_is_dead``:
+its holder's process gone, or its expiry a TTL past); nor any folder with an object written within
+``min_age_s``; nor an attempt replaced within ``min_age_s`` (a reader that read the manifest before
+may still be fetching it). Deleting, each folder's key is listed again first: a lease taken since
+spares it, and only objects unchanged since the listing (same size and time) are deleted, manifests
+first. Caches (``cache/eval-images``, ``cache/compile``, ``cache/attention``) are kept: they are
+reused, not garbage.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from selma_core.errors import InputError
 from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject
+from selma_core.storage.lease import holder_is_dead
 
 # Keys written with the commit protocol, by who writes them: the plan's outputs
 # (selma_core.plan.build_plan: <phase prefix>/[<skill>/]<16 hex>), the latent cache
-# (selma_core.latent_cache: cache/latents/<32 hex>) and the eval answer cache
-# (selma_core.phases.evaluate.ANSWER_CACHE_KEY).
+# (selma_core.latent_cache: cache/latents/<32 hex>), the eval answer cache
+# (selma_core.phases.evaluate.ANSWER_CACHE_KEY) and kept tracking buffers
+# (jobs.tracking_buffers: _tracking/<MLflow run id>).
 COMMITTED_KEY = re.compile(
     r"(?:(?:prompts|images|experts)/[a-z0-9_-]+/[0-9a-f]{16}"
     r"|(?:merged|eval|merge-search/best|merge-search/candidate-\d{3,})/[0-9a-f]{16}"
     r"|cache/latents/[0-9a-f]{32}"
-    r"|cache/answers/eval)"
+    r"|cache/answers/eval"
+    r"|_tracking/[0-9a-f]{32})"
 )
 # Top-level prefixes holding them: listed one by one, never the whole store (its caches are large).
-SCANNED = ("prompts", "images", "experts", "merged", "merge-search", "eval", "cache/latents", "cache/answers")
+SCANNED = (
+    "prompts",
+    "images",
+    "experts",
+    "merged",
+    "merge-search",
+    "eval",
+    "cache/latents",
+    "cache/answers",
+    "_tracking",
+)
 ATTEMPT = re.compile(r"[0-9a-f]{12}")  # commit_dir's attempt folders: uuid4().hex[:12]
 RESUME_STATE = ("_shards", "_partial", "_checkpoints")
-LEASE = "_inflight.json"
+LEASE = "_inflight.json"  # selma_core.storage.lease.LEASE: a job's, or an images process's
 DEFAULT_MIN_AGE_S = 24 * 3600.0
 
 
@@ -55,6 +71,7 @@ class Garbage:
     """One folder's worth of objects nothing reads."""
 
     kind: str  # "attempt" | "resume state of a committed output" | "abandoned resume state"
+    key: str  # the output's key the folder is under
     prefix: str
     objects: list[StoredObject] = field(default_factory=list)
 
@@ -67,25 +84,33 @@ class Garbage:
         return max(o.modified for o in self.objects)
 
 
-@dataclass
-class _Key:
-    """What one committed-protocol key holds: objects by their first name below the key."""
-
-    key: str
-    children: dict[str, list[StoredObject]] = field(default_factory=dict)
-
-
-def _keys(store: ArtifactStore) -> Iterator[_Key]:
+def _keys(store: ArtifactStore) -> Iterator[tuple[str, dict[str, list[StoredObject]]]]:
+    """Every key the commit protocol writes, with its objects by their first name below the key."""
     for top in SCANNED:
-        found: dict[str, _Key] = {}
+        found: dict[str, dict[str, list[StoredObject]]] = {}
         for obj in store.list_objects(top):
             match = COMMITTED_KEY.match(obj.key)
             if not match or obj.key[match.end() : match.end() + 1] != "/":
                 continue  # not under a key the commit protocol writes: not ours to judge
-            key = match.group(0)
             first = obj.key[match.end() + 1 :].split("/", 1)[0]
-            found.setdefault(key, _Key(key)).children.setdefault(first, []).append(obj)
-        yield from found.values()
+            found.setdefault(match.group(0), {}).setdefault(first, []).append(obj)
+        yield from found.items()
+
+
+def _leased(store: ArtifactStore, objects: Iterable[StoredObject], now: float) -> bool:
+    """Whether a live job holds a lease among ``objects`` (one it cannot read counts as live)."""
+    for obj in objects:
+        if obj.key != LEASE and not obj.key.endswith("/" + LEASE):
+            continue
+        try:
+            holder = store.read_json(obj.key)
+        except FileNotFoundError:
+            continue  # released since the listing
+        except ValueError:
+            return True
+        if not isinstance(holder, dict) or not holder_is_dead(holder, 0.0, now):
+            return True
+    return False
 
 
 def find_garbage(
@@ -100,24 +125,31 @@ def find_garbage(
     recent = now - min_age_s
     found: list[Garbage] = []
     warnings: list[str] = []
-    for entry in _keys(store):
-        lease = entry.children.get(LEASE)
-        if lease and max(o.modified for o in lease) > recent:
-            continue  # a job is (or was lately) at work on this key
+    for key, children in _keys(store):
+        if _leased(store, (o for objects in children.values() for o in objects), now):
+            continue  # a job is at work on this key
         committed_attempt = None
-        if MANIFEST in entry.children:
+        if MANIFEST in children:
             try:
-                committed_attempt = store.read_manifest(entry.key)["attempt"]
+                committed_attempt = store.read_manifest(key)["attempt"]
             except (InputError, KeyError) as e:
-                warnings.append(f"{store.url(entry.key)}: left alone: {e}")
+                warnings.append(f"{store.url(key)}: left alone: {e}")
                 continue
-        # A reader that read the manifest before the current one replaced it may still be
-        # fetching the attempt it named: a replaced attempt waits until the manifest is as old.
-        manifest_written = max((o.modified for o in entry.children.get(MANIFEST, [])), default=0.0)
-        for first, objects in sorted(entry.children.items()):
-            if ATTEMPT.fullmatch(first) and first != committed_attempt:
-                if manifest_written > recent:
-                    continue
+        manifest_written = max((o.modified for o in children.get(MANIFEST, [])), default=0.0)
+        written = {
+            name: max(o.modified for o in objects)
+            for name, objects in children.items()
+            if ATTEMPT.fullmatch(name)
+        }
+        for first, objects in sorted(children.items()):
+            if first in written and first != committed_attempt:
+                if committed_attempt is not None and written[first] <= manifest_written:
+                    # Once named by a manifest, perhaps: a reader that read that manifest may still
+                    # be fetching it, until the commit after it (taken to be the next attempt
+                    # written, else the current manifest) is min_age old.
+                    replaced = min([t for t in written.values() if t > written[first]] + [manifest_written])
+                    if replaced > recent:
+                        continue
                 kind = "attempt"
             elif first in RESUME_STATE and committed_attempt is not None:
                 kind = "resume state of a committed output"
@@ -125,13 +157,21 @@ def find_garbage(
                 kind = "abandoned resume state"
             else:
                 continue
-            group = Garbage(kind, f"{entry.key}/{first}", objects)
+            group = Garbage(kind, key, f"{key}/{first}", objects)
             if group.newest <= recent:
                 found.append(group)
     return found, warnings
 
 
-def delete_garbage(store: ArtifactStore, garbage: list[Garbage]) -> None:
-    """Delete exactly the objects found (never a whole prefix: what was written there since stays)."""
-    for group in garbage:
-        store.delete_keys([o.key for o in group.objects])
+def delete_garbage(store: ArtifactStore, group: Garbage, now: float | None = None) -> bool:
+    """Delete one folder found by ``find_garbage``; False when spared. Its key is listed again
+    first: a job that took a lease on it since spares the folder, and only objects unchanged since
+    they were found (size and time) go, so what a rerun wrote there since, even under the same
+    name, stays (but for the instant between this listing and the delete)."""
+    now = time.time() if now is None else now
+    current = store.list_objects(group.key)
+    if _leased(store, current, now):
+        return False
+    unchanged = set(current) & set(group.objects)
+    store.delete_keys([o.key for o in group.objects if o in unchanged])
+    return True

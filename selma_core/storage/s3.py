@@ -284,7 +284,9 @@ class S3ArtifactStore(ArtifactStore):
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(
             (
-                StoredObject(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
+                StoredObject(
+                    obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp(), obj.get("ETag")
+                )
                 for obj in self._listing(prefix)
                 if not obj["Key"].endswith("/")
             ),

@@ -63,6 +63,10 @@ def a_store_after_years_of_work(store: ArtifactStore, tmp_path: Path) -> dict[st
     return {"replaced": replaced, "current": current, "killed": killed, "orphan": orphan}
 
 
+def delete_all(store: ArtifactStore, found) -> None:
+    assert all(delete_garbage(store, group) for group in found)
+
+
 def test_garbage_is_what_no_manifest_names_and_the_resume_state_of_committed_outputs(store, tmp_path):
     attempts = a_store_after_years_of_work(store, tmp_path)
     later = time.time() + 2 * DAY  # everything written is now two days old
@@ -81,12 +85,11 @@ def test_garbage_is_what_no_manifest_names_and_the_resume_state_of_committed_out
     # Nothing is that old yet.
     assert find_garbage(store, min_age_s=DAY, abandoned=True) == ([], [])
 
-    delete_garbage(store, with_abandoned)
+    delete_all(store, with_abandoned)
     assert store.read_output_file(PROMPTS, "prompts.jsonl") == b"new\n"
-    assert store.list_keys(PROMPTS) == [
-        f"{PROMPTS}/{attempts['current']}/prompts.jsonl",
-        f"{PROMPTS}/{MANIFEST}",
-    ]
+    assert sorted(store.list_keys(PROMPTS)) == sorted(
+        [f"{PROMPTS}/{attempts['current']}/prompts.jsonl", f"{PROMPTS}/{MANIFEST}"]
+    )
     assert store.list_keys(IMAGES) == []
     assert store.exists(f"{EVAL}/notes.json") and store.exists(CACHED_IMAGE)
     assert store.read_output_file(EVAL, "results.json") == b"{}"
@@ -96,11 +99,49 @@ def test_garbage_is_what_no_manifest_names_and_the_resume_state_of_committed_out
 def test_only_the_objects_found_are_deleted_not_what_was_written_there_since(store, tmp_path):
     commit(store, PROMPTS, tmp_path, **{"prompts.jsonl": "done\n"})
     store.write_json(f"{PROMPTS}/_partial/wave-00000001.json", {"records": []})
+    store.write_json(f"{PROMPTS}/_partial/wave-00000002.json", {"records": []})
     found, _ = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
     assert [g.prefix for g in found] == [f"{PROMPTS}/_partial"]
-    store.write_json(f"{PROMPTS}/_partial/wave-00000002.json", {"records": []})  # a forced rerun began
-    delete_garbage(store, found)
-    assert store.list_keys(f"{PROMPTS}/_partial") == [f"{PROMPTS}/_partial/wave-00000002.json"]
+    # A forced rerun began: it wrote its first wave again, under the same name, and a third one.
+    time.sleep(0.01)
+    store.write_json(f"{PROMPTS}/_partial/wave-00000001.json", {"records": [{"text": "rerun"}]})
+    store.write_json(f"{PROMPTS}/_partial/wave-00000003.json", {"records": []})
+    assert delete_garbage(store, found[0])
+    assert store.list_keys(f"{PROMPTS}/_partial") == [
+        f"{PROMPTS}/_partial/wave-00000001.json",
+        f"{PROMPTS}/_partial/wave-00000003.json",
+    ]
+    assert store.read_json(f"{PROMPTS}/_partial/wave-00000001.json") == {"records": [{"text": "rerun"}]}
+
+
+def lease(store: ArtifactStore, key: str, expires_in: float) -> None:
+    """An in-flight marker as selma_core.storage.lease writes it, of a holder on another host."""
+    now = time.time()
+    holder = {
+        "host": "another-node",
+        "pid": 7,
+        "ttl_s": 60.0,
+        "heartbeat_at": now,
+        "expires_at": now + expires_in,
+    }
+    store.write_json(key, holder)
+
+
+@pytest.mark.parametrize("marker", ["_inflight.json", "_workers/1-of-2/_inflight.json"])
+def test_nothing_is_taken_under_a_key_a_live_job_holds_whatever_the_age_asked(store, tmp_path, marker):
+    """A job's lease, or an images process's (images.num_jobs > 1), however old its last renewal
+    looks next to min_age: judged by the lease's own rules, not by age."""
+    commit(store, IMAGES, tmp_path, **{"images.jsonl": "{}"})
+    store.write_bytes(f"{IMAGES}/_shards/shard-00000.tar", b"tar")  # a forced rerun's process saved it
+    lease(store, f"{IMAGES}/{marker}", expires_in=60)
+    later = time.time() + 2 * DAY
+    found, _ = find_garbage(store, min_age_s=DAY, now=time.time() + 60)  # its expiry is not a TTL past
+    assert found == []
+    found, _ = find_garbage(store, min_age_s=DAY, now=later)  # expired 2 days ago: its holder is dead
+    assert [g.prefix for g in found] == [f"{IMAGES}/_shards"]
+    lease(store, f"{IMAGES}/{marker}", expires_in=3 * DAY)  # ... but a job took the key since the listing
+    assert delete_garbage(store, found[0], now=later) is False
+    assert store.exists(f"{IMAGES}/_shards/shard-00000.tar")
 
 
 def aged(store: ArtifactStore, prefix: str, seconds: float) -> None:
@@ -127,21 +168,35 @@ def test_a_replaced_attempt_waits_until_the_manifest_that_replaced_it_is_old_too
     assert [g.prefix for g in found] == [f"{PROMPTS}/{replaced}"]
 
 
-def test_nothing_is_taken_under_a_key_a_job_is_working_on(tmp_path):
+def test_resume_state_with_nested_manifests_goes_manifests_first_and_leaves_no_empty_folders(tmp_path):
     store = local_store(tmp_path)
     commit(store, EXPERTS, tmp_path, **{"adapter.safetensors": "weights"})
     store.write_json(f"{EXPERTS}/_checkpoints/step-00000500/{MANIFEST}", {"files": {}})
-    killed_commit(store, EXPERTS)
-    aged(store, EXPERTS, 3 * DAY)
-    store.write_json(f"{EXPERTS}/_inflight.json", {"holder": "a forced rerun, renewing its lease"})
-    assert find_garbage(store, min_age_s=DAY, abandoned=True) == ([], [])
-    aged(store, f"{EXPERTS}/_inflight.json".rsplit("/", 1)[0], 3 * DAY)  # its holder died long ago
-    found, _ = find_garbage(store, min_age_s=DAY)
-    assert sorted(g.kind for g in found) == ["attempt", "resume state of a committed output"]
-    delete_garbage(store, found)
-    # Manifests inside a deleted folder go first, and emptied folders go with their last file.
+    store.write_bytes(f"{EXPERTS}/_checkpoints/step-00000500/0123456789ab/optimizer.pt", b"state")
+    order: list[list[str]] = []
+    delete_keys = store.delete_keys
+    store.delete_keys = lambda keys: (order.append(list(keys)), delete_keys(keys))
+    found, _ = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
+    assert [g.kind for g in found] == ["resume state of a committed output"]
+    assert delete_garbage(store, found[0])
     assert not (store.root / EXPERTS / "_checkpoints").exists()
     assert store.read_output_file(EXPERTS, "adapter.safetensors") == b"weights"
+    # delete_keys itself puts manifests first, whatever order it is given
+    assert sorted(order[0]) == sorted(o.key for o in found[0].objects)
+
+
+def test_replaced_attempts_go_once_the_commit_after_each_is_old(tmp_path):
+    """The answer cache is committed anew by every evaluation: daily evals must not keep every
+    attempt forever (each waits for the one after it, not for the newest manifest)."""
+    store = local_store(tmp_path)
+    attempts = []
+    for days_ago in (4, 3, 2, 1.5, 0.1):
+        attempts.append(commit(store, "cache/answers/eval", tmp_path, **{"answers.sqlite": f"{days_ago}"}))
+        aged(store, f"cache/answers/eval/{attempts[-1]}", days_ago * DAY)
+        os.utime(store.root / "cache/answers/eval" / MANIFEST, (time.time() - days_ago * DAY,) * 2)
+    found, _ = find_garbage(store, min_age_s=DAY)
+    # Each replaced by the next: at 3, 2 and 1.5 days ago; the one replaced 0.1 days ago waits.
+    assert sorted(g.prefix for g in found) == sorted(f"cache/answers/eval/{a}" for a in attempts[:3])
 
 
 def test_a_key_with_a_damaged_manifest_is_left_alone_with_a_warning(tmp_path):
@@ -175,6 +230,7 @@ def test_jobs_gc_lists_then_deletes(tiny_config, tmp_path, capsys):
 
     code, listed, err = gc(capsys, "--config", config)
     assert code == 0 and listed["deleted"] is False and listed["min_age_s"] == DAY
+    assert "deleted_prefixes" not in listed
     assert [g["prefix"] for g in listed["garbage"]] == [f"{PROMPTS}/{killed}"]
     assert listed["totals"] == {"attempt": {"groups": 1, "objects": 1, "bytes": 3}}
     assert f"| attempt | {store.url(f'{PROMPTS}/{killed}')} | 1 | 3 B | 48.0 h ago |" in err
@@ -182,9 +238,33 @@ def test_jobs_gc_lists_then_deletes(tiny_config, tmp_path, capsys):
     assert store.exists(f"{PROMPTS}/{killed}/prompts.jsonl")  # a listing changes nothing
 
     code, deleted, _ = gc(capsys, "--config", config, "--delete", "--abandoned", "--min-age", "36h")
-    assert code == 0 and deleted["deleted"] is True
+    assert code == 0 and deleted["deleted"] is True and deleted["spared_prefixes"] == []
     assert sorted(g["prefix"] for g in deleted["garbage"]) == [f"{IMAGES}/_shards", f"{PROMPTS}/{killed}"]
+    assert sorted(deleted["deleted_prefixes"]) == [f"{IMAGES}/_shards", f"{PROMPTS}/{killed}"]
     assert store.list_keys(IMAGES) == [] and not store.exists(f"{PROMPTS}/{killed}/prompts.jsonl")
+
+
+def test_jobs_gc_reports_what_it_deleted_before_a_failure(tiny_config, tmp_path, capsys, monkeypatch):
+    config = str(tiny_config())
+    store = local_store(tmp_path)
+    for key in (PROMPTS, IMAGES):
+        killed_commit(store, key)
+    aged(store, "prompts", 2 * DAY)
+    aged(store, "images", 2 * DAY)
+    from selma_core.storage.local import LocalArtifactStore
+
+    delete_keys = LocalArtifactStore.delete_keys
+
+    def refused(self, keys):
+        if keys[0].startswith("images/"):
+            raise PermissionError(13, "Permission denied", keys[0])
+        delete_keys(self, keys)
+
+    monkeypatch.setattr(LocalArtifactStore, "delete_keys", refused)
+    code, said, err = gc(capsys, "--config", config, "--delete")
+    assert code == 1 and said["deleted"] is False and "Permission denied" in said["error"]
+    assert [p.split("/")[0] for p in said["deleted_prefixes"]] == ["prompts"]  # listed before images
+    assert "Traceback" not in err
 
     code, again, _ = gc(capsys, "--config", config, "--delete", "--min-age", "3d")
     assert code == 0 and again["garbage"] == [] and again["min_age_s"] == 3 * DAY
