@@ -38,7 +38,7 @@ from selma_core.errors import ConfigError, InputError
 from selma_core.faults import fault_point
 from selma_core.phases.images import SamplingConfig
 from selma_core.phases.merge import ADAPTER_DIR, EXPERTS_DIR
-from selma_core.storage.base import at_once, sha256_file
+from selma_core.storage.base import sha256_file
 
 BENCHMARKS = ("heldout", "dsg1k", "tifa")
 # base | merged | expert:SKILL | models:/NAME/VERSION | models:/NAME@ALIAS (resolved by the controller)
@@ -385,7 +385,7 @@ def draw_variant(
 
     # The store's requests side by side (storage.transfer_threads): a rerun of a large benchmark
     # reads thousands of cached images, each a round trip to the store.
-    found = at_once(from_cache, wanted, ctx.store.transfer_threads)
+    found = ctx.store.transfer_each(from_cache, wanted)
     paths = {p.prompt_id: path for (p, _, path), hit in zip(wanted, found, strict=True) if hit}
     missing = [item for item, hit in zip(wanted, found, strict=True) if not hit]
     cache.hits += len(paths)
@@ -408,7 +408,7 @@ def draw_variant(
             batch = missing[first : first + cfg.batch_size]
             seeds = [prompt_seed(cfg.seed, p.prompt_id) for p, _, _ in batch]
             images = draw_images(pipe, [p.text for p, _, _ in batch], seeds, cfg, pipeline.device)
-            at_once(keep, list(zip(batch, images, strict=True)), ctx.store.transfer_threads)
+            ctx.store.transfer_each(keep, list(zip(batch, images, strict=True)))
             paths.update((p.prompt_id, path) for p, _, path in batch)
             bar.update(len(batch))
     fault_point("eval.after_variant")

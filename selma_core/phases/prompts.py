@@ -13,8 +13,8 @@ Recipe, one skill per job:
    ``checks`` (length, what it must test, what it must avoid), is within ``contamination``'s
    ROUGE-L of an evaluation benchmark prompt, or within ``rouge_threshold`` of an accepted prompt.
 4. After every wave the accepted prompts are saved (``<key>/_partial/``): a job killed at any point
-   and restarted continues where it was, losing and duplicating nothing. A wave that fails (or is
-   stopped) first saves what its requests before the first failed one brought back.
+   and restarted continues where it was, losing and duplicating nothing. A wave that fails first
+   saves what its requests before the first failed one brought back.
 5. Stop at ``num_prompts`` (default: the skill's ``target_count``). ``InputError`` when
    ``max_requests`` pass without reaching it (the count reached and the rejection reasons), or when
    ``max_useless_requests`` replies in a row give nothing usable (quoting samples of them).
@@ -330,9 +330,11 @@ def generate_prompts(ctx, skill_name: str) -> dict:
             tokens_before = backend.tokens_used
             try:
                 replies = backend.complete_batch(wave)
-            except BaseException as e:
-                # The wave failed (or the job was told to stop): the replies that came back before
-                # the first missing one are paid for; keep them, so a rerun does not ask again.
+            except Exception as e:
+                # The wave failed: the replies that came back before the first missing one are paid
+                # for; keep them, so a rerun does not ask again. Not when the job was stopped
+                # (KeyboardInterrupt): a lost lease stops it too, and then another process owns the
+                # saved waves, so nothing more may be written.
                 kept = list(getattr(e, "completed", None) or [])
                 if kept:
                     new_from = len(state.records)

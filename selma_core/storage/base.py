@@ -36,15 +36,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def at_once(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
+def at_once(
+    fn: Callable[[T], R], items: Iterable[T], threads: int, on_interrupt: Callable[[], None] | None = None
+) -> list[R]:
     """``[fn(item) for item in items]``, up to ``threads`` calls at a time, results in order.
 
     For store requests: an output of thousands of small files (eval's images) is bound by the
     endpoint's latency per request, not by its bandwidth. The first failure is raised once the calls
     already running end; no new call starts after it. The workers are daemon threads, so an
-    interrupt (Ctrl-C, SIGTERM) in the caller is raised at once and the process can exit without
-    waiting for a request that hangs (what they leave is what a killed job leaves: files no
-    manifest names, or a cache object written whole).
+    interrupt (Ctrl-C, SIGTERM) in the caller is raised at once (after ``on_interrupt``), and the
+    process can exit without waiting for a request that hangs, unless that request runs in threads
+    of its own that are not daemons (an S3 multipart transfer's). What they leave is what a killed
+    job leaves: files no manifest names, or a cache object written whole.
     """
     items = list(items)
     if threads <= 1 or len(items) <= 1:
@@ -79,6 +82,8 @@ def at_once(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
     except BaseException:
         with lock:  # an interrupt: no new call starts; the running ones are left to the exit
             failures.append(KeyboardInterrupt())
+        if on_interrupt is not None:
+            on_interrupt()
         raise
     if failures:
         raise failures[0]
@@ -149,7 +154,8 @@ class ArtifactStore(ABC):
     def upload_file(self, local_path: Path, key: str) -> None: ...
 
     @abstractmethod
-    def download_file(self, key: str, local_path: Path) -> None: ...
+    def download_file(self, key: str, local_path: Path, size: int | None = None) -> None:
+        """``size``: the object's, when known (a manifest's), to choose how to fetch it."""
 
     @abstractmethod
     def list_keys(self, prefix: str) -> list[str]:
@@ -172,6 +178,14 @@ class ArtifactStore(ABC):
         """Raise ``EndpointError`` naming the endpoint if the store cannot be reached (``ConfigError``
         if it does not exist). With ``create``, a store that can be made (a local folder) is made;
         without, a reader (``jobs.status``) leaves no trace of a mistyped URI."""
+
+    def transfer_each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``at_once`` with ``transfer_threads``; an interrupt abandons the requests in flight."""
+        return at_once(fn, items, self.transfer_threads, on_interrupt=self.abandon_transfers)
+
+    def abandon_transfers(self) -> None:
+        """The caller was interrupted: requests still in flight should retry no more (S3's do)."""
+        return None  # a local folder's writes are not retried
 
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{validate_key(key)}"
@@ -230,7 +244,7 @@ class ArtifactStore(ABC):
             }
 
         # Whatever order the uploads finish in, the manifest is written after the last one.
-        files = dict(at_once(upload, paths, self.transfer_threads))
+        files = dict(self.transfer_each(upload, paths))
         manifest = {
             "key": key,
             "attempt": attempt,
@@ -298,7 +312,7 @@ class ArtifactStore(ABC):
             obj = f"{key}/{info['object']}"
             try:
                 try:
-                    self.download_file(obj, partial)
+                    self.download_file(obj, partial, info["size"])
                 except FileNotFoundError as e:
                     raise self._missing(key, obj) from e
                 self._check_object(key, obj, info, partial.stat().st_size, sha256_file(partial))
@@ -306,7 +320,7 @@ class ArtifactStore(ABC):
             finally:
                 partial.unlink(missing_ok=True)
 
-        at_once(bring, manifest["files"].items(), self.transfer_threads)
+        self.transfer_each(bring, manifest["files"].items())
         return target
 
     def read_output_file(self, key: str, rel: str) -> bytes:

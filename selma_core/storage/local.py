@@ -110,7 +110,7 @@ class LocalArtifactStore(ArtifactStore):
 
         self._atomic_write(key, copy, Path(local_path).stat().st_size)
 
-    def download_file(self, key: str, local_path: Path) -> None:
+    def download_file(self, key: str, local_path: Path, size: int | None = None) -> None:
         src = self._path(key)
         if not src.is_file():
             raise FileNotFoundError(f"{self.url(key)}: no such object")

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, R, StoredObject, T, validate_key
 
 # Error codes that a retry cannot fix: permissions, a missing or misnamed bucket, the wrong region
 # or endpoint, a key S3 cannot hold. (Names after the first entry are also looked for in the text of
@@ -89,13 +91,22 @@ class S3ArtifactStore(ArtifactStore):
             retries={"max_attempts": connect_retries + 1, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
-            # One pooled connection per transfer thread (botocore keeps 10): fewer would reconnect.
-            max_pool_connections=max(10, transfer_threads),
+            # A pooled connection per request in flight (botocore keeps 10), fewer would reconnect:
+            # each transfer thread's, and with files over the multipart threshold, up to 10 parts each.
+            max_pool_connections=max(10, transfer_threads * 10),
         )
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
         self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+        # A file under the multipart threshold in one request, in the calling thread: with
+        # transfer_threads, that is a daemon worker (base.at_once), which an interrupted job does not
+        # wait for. Larger files keep their parts side by side, in s3transfer's own threads.
+        self.single_request = TransferConfig(
+            multipart_threshold=64 << 20, multipart_chunksize=64 << 20, use_threads=False
+        )
+        # Set when the caller of side-by-side transfers was interrupted: they retry no more.
+        self._abandoned = threading.Event()
 
     def _key(self, key: str) -> str:
         validate_key(key)
@@ -118,6 +129,8 @@ class S3ArtifactStore(ArtifactStore):
                     if error is e:
                         raise
                     raise error from e
+                if self._abandoned.is_set():
+                    raise EndpointError(f"{error} (not retried: the job was interrupted)") from e
                 # The budget counts from the first failure (after botocore's own retries of that
                 # attempt); the operation gives up at most one attempt past it.
                 now = time.monotonic()
@@ -246,6 +259,17 @@ class S3ArtifactStore(ArtifactStore):
         # A single PUT is atomic in S3: readers see the old object or the new one.
         self._call("put", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    def transfer_each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        self._abandoned.clear()  # a new batch: its requests are retried again
+        return super().transfer_each(fn, items)
+
+    def abandon_transfers(self) -> None:
+        self._abandoned.set()
+
+    def _transfer_config(self, size: int | None):
+        small = size is not None and size < self.transfer.multipart_threshold
+        return self.single_request if small and self.transfer_threads > 1 else self.transfer
+
     def upload_file(self, local_path: Path, key: str) -> None:
         self._call(
             "upload",
@@ -254,10 +278,10 @@ class S3ArtifactStore(ArtifactStore):
             str(local_path),
             self.bucket,
             self._key(key),
-            Config=self.transfer,
+            Config=self._transfer_config(Path(local_path).stat().st_size),
         )
 
-    def download_file(self, key: str, local_path: Path) -> None:
+    def download_file(self, key: str, local_path: Path, size: int | None = None) -> None:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         self._call(
             "download",
@@ -266,7 +290,7 @@ class S3ArtifactStore(ArtifactStore):
             self.bucket,
             self._key(key),
             str(local_path),
-            Config=self.transfer,
+            Config=self._transfer_config(size),
         )
 
     def _listing(self, prefix: str) -> list[dict]:

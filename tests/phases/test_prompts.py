@@ -586,6 +586,25 @@ def test_a_failed_wave_keeps_the_replies_before_the_failure_and_the_rerun_does_n
     assert len(asked_again) == 4 and stats["requests"] == 2 + 4
 
 
+def test_a_stopped_wave_saves_nothing(tiny_config, tmp_path, monkeypatch):
+    """Stopped (SIGTERM, Ctrl-C, or a lost lease: then another process owns the saved waves), the
+    job writes nothing more, though replies had come back."""
+    from selma_core.prompting.offline import OfflineTemplateGenerator
+
+    def stopped(self, requests):
+        interrupt = KeyboardInterrupt("lease lost")
+        interrupt.completed = ["1. two paper lanterns hanging over a quiet harbor"]
+        raise interrupt
+
+    monkeypatch.setattr(OfflineTemplateGenerator, "complete_batch", stopped)
+    ctx = make_context(
+        tiny_config(prompts={"num_prompts": 16, "concurrency": 2}), "counting", tmp_path / "store"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        generate_prompts(ctx, "counting")
+    assert ctx.store.list_keys(f"{ctx.job.key}/_partial") == []
+
+
 def test_an_in_process_lm_writing_garbage_is_rejected_with_samples(tiny_config, tmp_path, model_cache):
     """random:tiny-lm writes noise: the plumbing runs, nothing passes the rules, the error quotes it."""
     config = tiny_config(

@@ -299,6 +299,73 @@ def test_an_interrupt_does_not_wait_for_a_hanging_request():
     assert all(t.daemon for t in hanging)
 
 
+HANGING_COMMIT = """
+import os, signal, sys, threading
+from pathlib import Path
+from selma_core.config import StorageConfig
+from selma_core.storage import open_store
+
+store = open_store(StorageConfig(uri="s3://bucket/prefix", endpoint_url=sys.argv[1], connect_retries=0))
+threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    store.commit_dir(Path(sys.argv[2]), "out/hung")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_an_interrupted_s3_commit_exits_without_waiting_for_uploads_that_hang(tmp_path):
+    """An endpoint that takes uploads and never answers: Ctrl-C ends the job at once, not after
+    botocore's read timeouts and retries (minutes) in threads the interpreter waits for."""
+    import subprocess
+    import sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Hanging(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):  # noqa: N802 - head_bucket: the store is there
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_PUT(self):  # noqa: N802 - an upload: never answered
+            release.wait(120)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    make_tree(tmp_path / "out", {f"images/{i}.png": b"x" * 1000 for i in range(4)})
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                HANGING_COMMIT,
+                f"http://127.0.0.1:{server.server_address[1]}",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=45,  # botocore's read timeout alone is 60 s
+            env=env,
+        )
+    finally:
+        release.set()
+        server.shutdown()
+    assert done.returncode == 130 and done.stdout.strip() == "interrupted", done.stderr[-2000:]
+
+
 # -- the commit protocol -------------------------------------------------------------------------
 
 
@@ -421,7 +488,9 @@ def test_fetch_dir_reuses_cached_files(store, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     downloads: list[str] = []
     download = store.download_file
-    monkeypatch.setattr(store, "download_file", lambda k, p: (downloads.append(k), download(k, p)))
+    monkeypatch.setattr(
+        store, "download_file", lambda k, p, *size: (downloads.append(k), download(k, p, *size))
+    )
 
     target = store.fetch_dir("out/cached", cache)
     attempt = store.read_manifest("out/cached")["attempt"]
