@@ -61,19 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool, outcome: dict) -> None:
     """Find the garbage, list it, and delete it with ``delete``; what was done goes into ``outcome``
     as it is done (a failure part-way still reports the folders deleted before it)."""
     from selma_core.config import load_config
     from selma_core.storage import open_store
+    from selma_core.storage.base import human_size
     from selma_core.storage.garbage import delete_garbage, find_garbage
 
     cfg = load_config(config_path)
@@ -88,7 +81,7 @@ def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool, o
     for group in garbage:
         age_h = (now - group.newest) / 3600
         print(
-            f"| {group.kind} | {store.url(group.prefix)} | {len(group.objects)} | {_size(group.size)} | "
+            f"| {group.kind} | {store.url(group.prefix)} | {len(group.objects)} | {human_size(group.size)} | "
             f"{age_h:.1f} h ago |",
             file=sys.stderr,
         )
@@ -112,8 +105,8 @@ def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool, o
     )
     if not delete:
         print(
-            f"gc {store.uri}: {len(garbage)} folder(s), {_size(size)} of garbage found (nothing deleted: add "
-            "--delete)",
+            f"gc {store.uri}: {len(garbage)} folder(s), {human_size(size)} of garbage found (nothing "
+            "deleted: add --delete)",
             file=sys.stderr,
         )
         return

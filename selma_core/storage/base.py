@@ -90,6 +90,15 @@ def at_once(
     return results
 
 
+def human_size(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: sizes as messages and listings show them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def short_name(name: str, limit: int = 64) -> str:
     """``name`` cut to ``limit`` bytes of UTF-8 (whole characters), to name a temporary file after it."""
     return name.encode()[:limit].decode(errors="ignore")

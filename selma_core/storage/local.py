@@ -9,7 +9,14 @@ import tempfile
 from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
-from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject, short_name, validate_key
+from selma_core.storage.base import (
+    MANIFEST,
+    ArtifactStore,
+    StoredObject,
+    human_size,
+    short_name,
+    validate_key,
+)
 
 # Writes in progress; never listed, so a dead writer's leftovers are invisible to readers.
 TMP_PREFIX = ".selma-tmp-"
@@ -21,14 +28,6 @@ class NoSpaceError(SelmaError):
     """A local folder (the store, the scratch/cache folder) ran out of space; retryable (exit 1)."""
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def no_space_error(folder: str | Path, needed: int | None = None, doing: str = "") -> NoSpaceError:
     """A ``NoSpaceError`` naming the folder, its free space and what was needed, if known."""
     folder = Path(folder)
@@ -36,10 +35,10 @@ def no_space_error(folder: str | Path, needed: int | None = None, doing: str = "
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
-        free = f"{_size(shutil.disk_usage(probe).free)} free"
+        free = f"{human_size(shutil.disk_usage(probe).free)} free"
     except OSError:
         free = "free space unknown"
-    need = f", {_size(needed)} needed" if needed is not None else ""
+    need = f", {human_size(needed)} needed" if needed is not None else ""
     what = f" while {doing}" if doing else ""
     return NoSpaceError(
         f"no space left on device in {folder}{what} ({free}{need}); nothing was committed: free space "
