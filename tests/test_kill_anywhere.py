@@ -45,6 +45,7 @@ import pytest
 from conftest import REPO, write_config
 from job_helpers import ForkedJobs
 
+from selma_core.config import StorageConfig
 from selma_core.storage import LocalArtifactStore
 from selma_core.storage.base import MANIFEST
 
@@ -314,8 +315,10 @@ def test_killed_job_reruns_to_the_reference_output(reference, phase, fault):
         if phase == "train":  # @5: mid-way through the first checkpoint's commit (after the cache's 3)
             orphans = attempts(store, f"{key}/_checkpoints/step-00000001")
             n -= 3
-        # (eval also commits its answer cache, one file, before or after its output)
-        assert [len(files) for files in orphans.values()] in ([[n], [n - 1]] if phase == "eval" else [[n]])
+        # At least the n uploads counted (eval's answer cache, one file, may be one of them), and
+        # what the other transfer threads finished before the kill landed.
+        [uploaded] = [len(files) for files in orphans.values()]
+        assert n - (phase == "eval") <= uploaded <= n - 1 + StorageConfig().transfer_threads
     waves = store.list_keys(f"{key}/_partial")
     saved_shards = [k for k in store.list_keys(f"{key}/_shards") if k.endswith(".tar.json")]
     saved = [store.read_json(k) for k in waves]
