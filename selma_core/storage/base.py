@@ -188,9 +188,16 @@ class ArtifactStore(ABC):
         if it does not exist). With ``create``, a store that can be made (a local folder) is made;
         without, a reader (``jobs.status``) leaves no trace of a mistyped URI."""
 
-    def transfer_each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """``at_once`` with ``transfer_threads``; an interrupt abandons the requests in flight."""
-        return at_once(fn, items, self.transfer_threads, on_interrupt=self.abandon_transfers)
+    def transfer_each(self, fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
+        """``at_once`` with ``transfer_threads`` (or ``threads``); an interrupt abandons the
+        requests in flight."""
+        threads = self.transfer_threads if threads is None else threads
+        return at_once(fn, items, threads, on_interrupt=self.abandon_transfers)
+
+    @property
+    def fetch_threads(self) -> int:
+        """Files a fetch downloads side by side."""
+        return self.transfer_threads
 
     def abandon_transfers(self) -> None:
         """The caller was interrupted: requests still in flight should retry no more (S3's do)."""
@@ -329,7 +336,7 @@ class ArtifactStore(ABC):
             finally:
                 partial.unlink(missing_ok=True)
 
-        self.transfer_each(bring, manifest["files"].items())
+        self.transfer_each(bring, manifest["files"].items(), self.fetch_threads)
         return target
 
     def read_output_file(self, key: str, rel: str) -> bytes:

@@ -259,9 +259,9 @@ class S3ArtifactStore(ArtifactStore):
         # A single PUT is atomic in S3: readers see the old object or the new one.
         self._call("put", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def transfer_each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    def transfer_each(self, fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
         self._abandoned.clear()  # a new batch: its requests are retried again
-        return super().transfer_each(fn, items)
+        return super().transfer_each(fn, items, threads)
 
     def abandon_transfers(self) -> None:
         self._abandoned.set()
