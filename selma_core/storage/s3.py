@@ -23,10 +23,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selma_core.errors import ConfigError, EndpointError
 from selma_core.storage.base import MANIFEST, ArtifactStore, R, StoredObject, T, validate_key
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
 
 # Error codes that a retry cannot fix: permissions, a missing or misnamed bucket, the wrong region
 # or endpoint, a key S3 cannot hold. (Names after the first entry are also looked for in the text of
@@ -266,7 +269,8 @@ class S3ArtifactStore(ArtifactStore):
     def abandon_transfers(self) -> None:
         self._abandoned.set()
 
-    def _transfer_config(self, size: int | None):
+    def _transfer_config(self, size: int | None) -> TransferConfig:
+        """How a file of ``size`` bytes (None: unknown) is moved."""
         small = size is not None and size < self.transfer.multipart_threshold
         return self.single_request if small and self.transfer_threads > 1 else self.transfer
 
