@@ -50,6 +50,7 @@ def test_the_expected_files_are_there():
         "secrets.example.yaml",
         "kueue.yaml",
         "llm-server.yaml",
+        "gc-cronjob.yaml",
     }
     assert expected <= names, sorted(expected - names)
 
@@ -351,3 +352,26 @@ def test_llm_server_matches_the_prompts_config_it_documents():
         "key": "HF_TOKEN",
         "optional": True,
     }
+
+
+# --- the nightly garbage collection ----------------------------------------------------------------
+
+
+def test_the_gc_cronjob_runs_jobs_gc_on_the_config_it_mounts():
+    """What the CronJob runs is a command jobs.gc accepts, deleting, on the file the ConfigMap its
+    header tells to create puts where the command reads it; one run at a time, as the jobs' identity."""
+    from jobs.gc import build_parser
+
+    cron = one("CronJob", "selma-gc")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"][:3] == ["python", "-m", "jobs.gc"]
+    args = build_parser().parse_args(container["command"][3:])
+    assert args.delete and not args.abandoned
+    [mount] = [m for m in container["volumeMounts"] if Path(args.config).parent == Path(m["mountPath"])]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    header = (K8S / "gc-cronjob.yaml").read_text()
+    name, file = volume["configMap"]["name"], Path(args.config).name
+    assert f"create configmap {name} --from-file={file}=" in header
+    assert pod["serviceAccountName"] == one("ServiceAccount", "selma-job")["metadata"]["name"]
