@@ -310,6 +310,8 @@ class S3ArtifactStore(ArtifactStore):
 
     def list_objects(self, prefix: str) -> list[StoredObject]:
         strip = len(self.prefix) + 1 if self.prefix else 0
+        # Not "prefix/" folder markers (the S3 console's "Create folder", rclone, s3fs): empty
+        # objects that are no store key, whatever they sit in.
         return sorted(
             (
                 StoredObject(
@@ -322,10 +324,7 @@ class S3ArtifactStore(ArtifactStore):
         )
 
     def list_keys(self, prefix: str) -> list[str]:
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        # Not "prefix/" folder markers (the S3 console's "Create folder", rclone, s3fs): empty
-        # objects that are no store key, whatever they sit in.
-        return sorted(name[strip:] for name in self._objects(prefix) if not name.endswith("/"))
+        return [o.key for o in self.list_objects(prefix)]
 
     def delete_prefix(self, prefix: str) -> None:
         self._delete(prefix, self._objects(prefix))  # markers too
