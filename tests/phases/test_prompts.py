@@ -538,7 +538,7 @@ def test_a_failed_wave_keeps_the_replies_before_the_failure_and_the_rerun_does_n
             "four red umbrellas leaning against a cafe window",
             "five sailboats drifting past a white lighthouse",
             "six bicycles parked beside a yellow door",
-            "seven owls perched along a snowy branch",
+            "two owls perched along a snowy branch",
         ]
     )
 
