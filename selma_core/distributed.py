@@ -18,6 +18,9 @@ import sys
 from datetime import timedelta
 
 ENV_TIMEOUT = "SELMA_DIST_TIMEOUT_S"
+# A gloo group beside NCCL's, for votes on the CPU (any_process); None until the first vote, and
+# under gloo, where the default group is on the CPU already.
+_cpu_group = None
 
 
 def world() -> tuple[int, int, int]:
@@ -137,6 +140,26 @@ def all_true(flag: bool) -> bool:
     return all_reduce_sum([1.0 if flag else 0.0])[0] == dist.get_world_size()
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds in any process: a vote, one small collective on the CPU.
+
+    Cheap enough for every training step: under NCCL it goes through a gloo group of its own, so it
+    neither waits for the GPU's queued work nor reads anything from the device (``all_reduce_sum``
+    on an NCCL group would do both). Every process must call it at the same point.
+    """
+    global _cpu_group
+    if not _initialized():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    if _cpu_group is None and dist.get_backend() != "gloo":
+        _cpu_group = dist.new_group(backend="gloo")  # collective too: every process is here
+    vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(vote.item())
+
+
 def all_gather_object(obj) -> list:
     """Every process's ``obj`` (picklable, small), by rank; ``[obj]`` without a process group."""
     import torch.distributed as dist
@@ -236,5 +259,7 @@ def shutdown() -> None:
     """Leave the process group (on success; after a failure the process just exits)."""
     import torch.distributed as dist
 
+    global _cpu_group
     if _initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the CPU votes' too
+    _cpu_group = None

@@ -22,7 +22,9 @@ from collections.abc import Iterator
 
 _lock = threading.Lock()
 _section_wait_s: float | None = None  # inside safe_points(): how long a deferred stop may wait
-_state = "idle"  # "idle", "deferred" (a safe point will stop), "immediate" (no deferral)
+# "idle", "deferred" (a safe point will stop), "immediate" (no deferral), "taking" (stopping for
+# another process's signal: this one's own is absorbed)
+_state = "idle"
 _timer: threading.Timer | None = None
 
 
@@ -35,16 +37,25 @@ def defer_stop() -> bool:
     if not _lock.acquire(blocking=False):
         return False
     try:
-        if _section_wait_s is None or _state != "idle":
+        absorbed = _state == "taking"
+        if absorbed:
+            # This process already stops for another's signal (take_stop): this is the same stop,
+            # arriving here later, not a second one. A further signal interrupts at once.
+            _state = "immediate"
+        elif _section_wait_s is None or _state != "idle":
             return False
-        _state = "deferred"
-        # Bounded: a safe point that does not come in time (a step slower than the wait) gives way
-        # to the interrupt, as the signal would have without deferral.
-        _timer = threading.Timer(_section_wait_s, interrupt_now)
-        _timer.daemon = True
-        _timer.start()
+        else:
+            _state = "deferred"
+            # Bounded: a safe point that does not come in time (a step slower than the wait) gives
+            # way to the interrupt, as the signal would have without deferral.
+            _timer = threading.Timer(_section_wait_s, interrupt_now)
+            _timer.daemon = True
+            _timer.start()
     finally:
         _lock.release()
+    if absorbed:
+        print("stop requested: this process is stopping already", file=sys.stderr, flush=True)
+        return True
     print(
         f"stop requested: stopping at the next safe point (within {_section_wait_s:g} s)",
         file=sys.stderr,
@@ -62,8 +73,16 @@ def take_stop() -> None:
     """The safe point takes the deferred stop: the wait's timer no longer runs (what the phase does
     before it stops, a checkpoint's save, is bounded by the signal's sender: a pod's grace period),
     and a further stop interrupts at once. The phase then raises ``KeyboardInterrupt`` itself (the
-    job's interrupt path: its run closed as failed, exit 130)."""
-    refuse_deferral()
+    job's interrupt path: its run closed as failed, exit 130).
+
+    A process may take a stop it was not sent (yet): training on several processes stops all of
+    them at the step where any one was asked to (``distributed.any_process``). torchrun signals each
+    process in turn, so this one's own signal may come a moment later, in the middle of the stop's
+    collectives; that one signal is absorbed, not taken for a second stop."""
+    global _state
+    with _lock:
+        _state = "immediate" if _state == "deferred" else "taking"
+        _cancel_timer()
 
 
 def refuse_deferral() -> None:

@@ -1147,9 +1147,16 @@ class ExpertTrainer:
         fp16 = self.scaler.is_enabled()
         graphed = self._graph_micro_batches() if cfg.cuda_graph else None
         # A SIGTERM (a preempted pod, a cancelled pipeline) waits for the end of the step, which saves a
-        # checkpoint and stops: the rerun resumes there, not at the last periodic checkpoint. One
-        # process only: several would have to agree on the step (a collective every step).
-        stoppable = world_size == 1 and checkpoints is not None and bool(cfg.checkpoint_every)
+        # checkpoint and stops: the rerun resumes there, not at the last periodic checkpoint.
+        stoppable = checkpoints is not None and bool(cfg.checkpoint_every)
+
+        def stop_asked() -> bool:
+            """Whether training stops at the end of this step. Several processes stop at the same
+            step (the checkpoint's, and each collective of the stop is every process's): they vote
+            each step, on the CPU, and stop when any one was asked to."""
+            if world_size == 1:
+                return stopping.stop_requested()
+            return stoppable and distributed.any_process(stopping.stop_requested())
 
         def save_checkpoint(step: int) -> None:
             elapsed = self.resumed_elapsed_s + time.monotonic() - started
@@ -1159,9 +1166,12 @@ class ExpertTrainer:
             """Take a deferred SIGTERM at the end of ``step``: a checkpoint there, then stop."""
             stopping.take_stop()
             if pending:
-                self._settle(pending, last_checkpoint, checkpoints)
-            if last_checkpoint != step:
+                self._settle(pending, last_checkpoint, checkpoints)  # a collective: on every process
+            if last_checkpoint != step and rank == 0:
                 save_checkpoint(step)
+            # No process leaves before the checkpoint is saved: torchrun would take a process's
+            # exit for a failure and stop the others, rank 0 in the middle of its save.
+            distributed.any_process(False)
             raise KeyboardInterrupt(
                 f"stopped after step {step} of {cfg.steps} on SIGTERM; checkpoint "
                 f"{checkpoints.key(step)} saved: a rerun resumes there"
@@ -1229,7 +1239,7 @@ class ExpertTrainer:
                     if rank == 0:  # rank 0 saves; every rank knows it (a divergence names it alike)
                         save_checkpoint(step)
                     last_checkpoint = step
-                if stopping.stop_requested():
+                if stop_asked():
                     stop_here(step)
                 if on_validate and rank == 0 and cfg.validation_every and step % cfg.validation_every == 0:
                     unet.eval()
@@ -1239,7 +1249,7 @@ class ExpertTrainer:
                     unet.train()
                 if on_step and rank == 0:
                     on_step(step)
-                if stopping.stop_requested():
+                if world_size == 1 and stopping.stop_requested():  # several processes: the next vote
                     stop_here(step)
         unet.eval()
         return history

@@ -76,6 +76,8 @@ def test_every_manifest_validates_and_carries_the_conventions(config, tmp_path, 
         )
         assert spec["template"]["metadata"]["labels"]["selma.io/phase"] == phase
         assert pod["restartPolicy"] == "Never"
+        # A preempted train pod has time to finish its step and upload a checkpoint.
+        assert pod.get("terminationGracePeriodSeconds", 30) == (90 if phase == "train" else 30)
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
         if spec.get("completionMode") == "Indexed":
             assert spec["backoffLimitPerIndex"] >= 0 and "backoffLimit" not in spec

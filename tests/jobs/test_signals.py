@@ -78,3 +78,28 @@ def test_a_lost_lease_interrupts_at_once_even_inside_safe_points(sigterm_handler
         time.sleep(0.05)
         pytest.fail("not interrupted")
     assert not stopping.stop_requested()
+
+
+def test_a_process_stopping_for_anothers_signal_absorbs_its_own_late_copy_once(sigterm_handler):
+    """Training on several processes stops all of them at the step where any one was signalled;
+    torchrun signals each in turn, so a process's own copy may land during the stop's collectives.
+    That copy is the same stop (absorbed, even after the section, while the job cleans up); a
+    further signal interrupts at once."""
+    with pytest.raises(KeyboardInterrupt, match="checkpoint saved"), stopping.safe_points(30.0):
+        assert not stopping.stop_requested()  # this process was not signalled; another one was
+        stopping.take_stop()
+        sigterm()  # its own copy: absorbed
+        raise KeyboardInterrupt("checkpoint saved")
+    with pytest.raises(KeyboardInterrupt):
+        sigterm()  # a second signal: at once
+        pytest.fail("the second SIGTERM did not interrupt")
+
+
+def test_a_late_copy_absorbed_after_the_section_ends_too(sigterm_handler):
+    with pytest.raises(KeyboardInterrupt, match="stopped"), stopping.safe_points(30.0):
+        stopping.take_stop()
+        raise KeyboardInterrupt("stopped")
+    sigterm()  # the job's cleanup, after the section: still the same stop
+    with pytest.raises(KeyboardInterrupt):
+        sigterm()
+        pytest.fail("the second SIGTERM did not interrupt")

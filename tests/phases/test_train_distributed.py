@@ -424,3 +424,68 @@ def test_a_configuration_error_on_one_rank_alone_stays_exit_2(tiny_config, tmp_p
     assert launched.returncode == 2, launched.stderr[-3000:]
     verdict = json_lines(launched.stdout)[-1]
     assert verdict["exit_code"] == 2 and verdict["rank"] == 1 and "no such model folder" in verdict["error"]
+
+
+# Rank 0, at the end of step 2: SIGTERM to the launcher (the pod's first process, which the kubelet
+# signals), then a pause in which torchrun passes it on to every process.
+PREEMPT_HOOK = """
+import os
+if os.environ.get("RANK") == "0":
+    import signal, time
+    import selma_core.faults as faults
+    point, reached = faults.fault_point, []
+    def fault_point(name):
+        point(name)
+        if name == "train.after_step":
+            reached.append(name)
+            if len(reached) == 2:
+                launcher = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[1])
+                os.kill(launcher, signal.SIGTERM)
+                time.sleep(2.0)
+    faults.fault_point = fault_point
+"""
+
+
+@pytest.mark.slow
+def test_a_preempted_torchrun_job_stops_every_process_at_one_step_and_resumes_there(tmp_path, tiny_config):
+    """The kubelet's SIGTERM reaches the launcher; torchrun passes it on to each process in turn. The
+    processes stop at the same step (they vote at each step's end), rank 0 saves a checkpoint there,
+    and the rerun resumes from it and commits, bit for bit, what an uninterrupted run commits."""
+    from safetensors.torch import load_file
+
+    train = {"steps": 5, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 100}
+    config = str(tiny_config(skills=["counting"], train=train))
+    from jobs.run import run_job as run_in_process
+
+    for phase in ("prompts", "images"):
+        assert run_in_process(phase, "counting", config)["status"] == "ran"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PREEMPT_HOOK)
+    job = ("--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node=2")
+    env = {"SELMA_DIST_TIMEOUT_S": "120"}
+
+    preempted = run_job(*job, env={**env, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])})
+    assert preempted.returncode == 130, preempted.stderr[-5000:]
+    stops = [line for line in preempted.stderr.splitlines() if "stopped after step" in line]
+    assert len(stops) == 2 and all("stopped after step 2 of 5 on SIGTERM" in line for line in stops), stops
+    [key_dir] = tmp_path.glob("store/experts/counting/*")
+    assert not (key_dir / "_manifest.json").exists()
+    assert sorted(p.name for p in (key_dir / "_checkpoints").iterdir()) == ["step-00000002"]
+
+    resumed = run_job(*job, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    result = json_lines(resumed.stdout)[-1]
+    assert result["status"] == "ran" and result["result"]["resumed_from_step"] == 2
+
+    fresh = run_job(*job, "--force", env=env)  # from step 0, uninterrupted
+    assert fresh.returncode == 0, fresh.stderr[-5000:]
+    assert json_lines(fresh.stdout)[-1]["result"]["resumed_from_step"] == 0
+    adapters = [
+        load_file(str(attempt / "pytorch_lora_weights.safetensors"))
+        for attempt in sorted(key_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+        if attempt.is_dir() and not attempt.name.startswith("_")
+    ]
+    assert len(adapters) == 2
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
