@@ -3,8 +3,9 @@
     python -m jobs.gc --config configs/demo.yaml              # what would go, and its size
     python -m jobs.gc --config configs/demo.yaml --delete     # remove it
 
-Garbage is: commit attempts no manifest names (killed commits, outputs committed again), and the
-resume state (saved image shards, prompt waves, training checkpoints) of outputs already committed;
+Garbage is: commit attempts no manifest names (killed commits, outputs committed again), the
+resume state (saved image shards, prompt waves, training checkpoints) of outputs already committed,
+and writes a killed process left unfinished (a local store's temporary files, S3 multipart uploads);
 with --abandoned also the resume state of outputs never committed (a killed job whose settings then
 changed, so that no rerun will resume it). Only what was last written --min-age ago or earlier
 (default 24h) is taken, and nothing under a key whose lease a live job holds. Caches are kept. The config only

@@ -141,6 +141,18 @@ class StoredObject:
     etag: str | None = None  # S3's: another one is another write, even within the same second
 
 
+@dataclass(frozen=True)
+class UnfinishedWrite:
+    """A write its process never finished (killed mid-write): a local store's temporary file, an S3
+    multipart upload never completed. No reader sees it, yet it takes space (S3 bills an upload's
+    parts until it is aborted)."""
+
+    key: str  # the temporary file's key; the key the upload was to write
+    size: int  # bytes it holds
+    modified: float  # when it was last written to (seconds since the epoch)
+    upload_id: str | None = None  # S3's multipart upload
+
+
 class ArtifactStore(ABC):
     """Bytes and files under string keys, plus the commit protocol built on them."""
 
@@ -181,6 +193,16 @@ class ArtifactStore(ABC):
     def delete_keys(self, keys: list[str]) -> None:
         """Delete these objects (missing ones are no error), manifests first: a delete cut short must
         not leave a manifest naming deleted files."""
+
+    @abstractmethod
+    def list_unfinished_writes(self) -> list[UnfinishedWrite]:
+        """Every write under the store begun and not finished, a live writer's too (``jobs.gc``
+        judges by age)."""
+
+    @abstractmethod
+    def discard_unfinished_write(self, write: UnfinishedWrite) -> bool:
+        """Free what ``write`` holds; False when it was written to since it was listed (a writer is
+        at work: nothing is discarded). One already gone is no error."""
 
     @abstractmethod
     def check(self, create: bool = True) -> None:

@@ -10,6 +10,9 @@ leave objects behind that no reader ever opens:
 - **resume state of committed outputs**: ``_shards/`` (images), ``_partial/`` (prompts) and
   ``_checkpoints/`` (train) under a key whose output is committed: a job killed between its commit
   and their deletion leaves them, and its rerun is skipped.
+- **unfinished writes**: a local store's temporary files and S3's multipart uploads never completed,
+  left by a process killed mid-write (S3 bills an upload's parts until it is aborted; a bucket
+  lifecycle rule can abort them too).
 - **abandoned resume state** (only when asked for): the same folders under a key never committed.
   A killed job's rerun resumes from them, so they are only abandoned when no rerun will come (its
   settings changed, and with them the key): nothing in the store tells which, so only their age
@@ -33,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from selma_core.errors import InputError
-from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject
+from selma_core.storage.base import MANIFEST, ArtifactStore, StoredObject, UnfinishedWrite
 from selma_core.storage.lease import holder_is_dead
 
 # Keys written with the commit protocol, by who writes them: the plan's outputs
@@ -70,10 +73,12 @@ DEFAULT_MIN_AGE_S = 24 * 3600.0
 class Garbage:
     """One folder's worth of objects nothing reads."""
 
-    kind: str  # "attempt" | "resume state of a committed output" | "abandoned resume state"
-    key: str  # the output's key the folder is under
+    # "attempt" | "resume state of a committed output" | "abandoned resume state" | "unfinished write"
+    kind: str
+    key: str  # the output's key the folder is under (an unfinished write's own)
     prefix: str
     objects: list[StoredObject] = field(default_factory=list)
+    write: UnfinishedWrite | None = None  # an unfinished write's, which is no object
 
     @property
     def size(self) -> int:
@@ -125,8 +130,10 @@ def find_garbage(
     recent = now - min_age_s
     found: list[Garbage] = []
     warnings: list[str] = []
+    leased: list[str] = []
     for key, children in _keys(store):
         if _leased(store, (o for objects in children.values() for o in objects), now):
+            leased.append(f"{key}/")
             continue  # a job is at work on this key
         committed_attempt = None
         if MANIFEST in children:
@@ -160,6 +167,11 @@ def find_garbage(
             group = Garbage(kind, key, f"{key}/{first}", objects)
             if group.newest <= recent:
                 found.append(group)
+    for write in store.list_unfinished_writes():
+        # A write in progress is written to as it goes: an old one's writer is dead.
+        if write.modified <= recent and not write.key.startswith(tuple(leased)):
+            stored = StoredObject(write.key, write.size, write.modified)
+            found.append(Garbage("unfinished write", write.key, write.key, [stored], write))
     return found, warnings
 
 
@@ -168,6 +180,8 @@ def delete_garbage(store: ArtifactStore, group: Garbage, now: float | None = Non
     first: a job that took a lease on it since spares the folder, and only objects unchanged since
     they were found (size and time) go, so what a rerun wrote there since, even under the same
     name, stays (but for the instant between this listing and the delete)."""
+    if group.write is not None:
+        return store.discard_unfinished_write(group.write)
     now = time.time() if now is None else now
     current = store.list_objects(group.key)
     if _leased(store, current, now):

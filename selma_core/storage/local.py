@@ -9,10 +9,12 @@ import tempfile
 from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
+from selma_core.faults import fault_point
 from selma_core.storage.base import (
     MANIFEST,
     ArtifactStore,
     StoredObject,
+    UnfinishedWrite,
     human_size,
     short_name,
     validate_key,
@@ -92,6 +94,7 @@ class LocalArtifactStore(ArtifactStore):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            fault_point("store.write.before_rename")
             os.replace(tmp, path)
         except BaseException as e:
             Path(tmp).unlink(missing_ok=True)  # frees what the partial write took
@@ -155,6 +158,31 @@ class LocalArtifactStore(ArtifactStore):
                 except OSError:  # not empty (or gone): the folders above are not empty either
                     break
                 folder = folder.parent
+
+    def list_unfinished_writes(self) -> list[UnfinishedWrite]:
+        writes = []
+        for path in sorted(self.root.rglob(f"{TMP_PREFIX}*")) if self.root.is_dir() else []:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # renamed into place (or removed) since
+                continue
+            writes.append(
+                UnfinishedWrite(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
+            )
+        return writes
+
+    def discard_unfinished_write(self, write: UnfinishedWrite) -> bool:
+        path = self._path(write.key)
+        if not path.name.startswith(TMP_PREFIX):
+            raise ValueError(f"{self.url(write.key)}: not a temporary file")
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return True
+        if (stat.st_size, stat.st_mtime) != (write.size, write.modified):
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
     def delete_prefix(self, prefix: str) -> None:
         folder = self._path(prefix)

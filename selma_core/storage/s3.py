@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.storage.base import MANIFEST, ArtifactStore, R, StoredObject, T, validate_key
+from selma_core.storage.base import MANIFEST, ArtifactStore, R, StoredObject, T, UnfinishedWrite, validate_key
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -115,6 +115,10 @@ class S3ArtifactStore(ArtifactStore):
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _name(self, key: str) -> str:
+        """What an error names: the object's URL, or the store's for a request about the whole store."""
+        return self.url(key) if key else self.uri
+
     def _where(self) -> str:
         return f"S3 endpoint {self.endpoint_url or 'AWS default'} (bucket {self.bucket})"
 
@@ -147,7 +151,7 @@ class S3ArtifactStore(ArtifactStore):
                         f"storage.retry_budget_s is {self.retry_budget_s:g} s)"
                     ) from e
                 print(
-                    f"storage: {what} {self.url(key)}: {self._where()} not answering ({type(e).__name__}); "
+                    f"storage: {what} {self._name(key)}: {self._where()} not answering ({type(e).__name__}); "
                     f"attempt {attempts}, retrying in {delay:.1f} s (giving up {self.retry_budget_s:g} s "
                     "after the first failure)",
                     file=sys.stderr,
@@ -180,10 +184,10 @@ class S3ArtifactStore(ArtifactStore):
         if isinstance(e, ClientError):
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NotFound"):
-                return FileNotFoundError(f"{self.url(key)}: no such object")
+                return FileNotFoundError(f"{self._name(key)}: no such object")
             if code in PERMANENT_ERRORS or code == "301":  # retrying cannot help (301: another region)
-                return ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}")
-            return EndpointError(f"{what} {self.url(key)} failed at {self._where()}: {e}")
+                return ConfigError(f"{what} {self._name(key)} refused by {self._where()}: {e}")
+            return EndpointError(f"{what} {self._name(key)} failed at {self._where()}: {e}")
         if isinstance(e, (BotoCoreError, Boto3Error)):  # Boto3Error: S3UploadFailedError and the like
             missing = self._no_credentials(e)
             if missing is not None:
@@ -194,8 +198,8 @@ class S3ArtifactStore(ArtifactStore):
                 if not isinstance(inner, EndpointError):
                     return inner
             if any(code in str(e) for code in PERMANENT_ERRORS[1:]):
-                return ConfigError(f"{what} {self.url(key)} refused by {self._where()}: {e}")
-            return EndpointError(f"{what} {self.url(key)}: cannot reach {self._where()}: {e}")
+                return ConfigError(f"{what} {self._name(key)} refused by {self._where()}: {e}")
+            return EndpointError(f"{what} {self._name(key)}: cannot reach {self._where()}: {e}")
         return e
 
     @staticmethod
@@ -325,6 +329,65 @@ class S3ArtifactStore(ArtifactStore):
 
     def list_keys(self, prefix: str) -> list[str]:
         return [o.key for o in self.list_objects(prefix)]
+
+    def list_unfinished_writes(self) -> list[UnfinishedWrite]:
+        """The store's multipart uploads not completed, each with its parts' total size and the
+        time of its newest part (its start, before the first)."""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        prefix = {"Prefix": f"{self.prefix}/"} if self.prefix else {}
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        pages = self._call("list uploads", "", lambda: list(paginator.paginate(Bucket=self.bucket, **prefix)))
+        writes = []
+        for upload in (u for page in pages for u in page.get("Uploads", [])):
+            write = self._upload_state(
+                upload["Key"][strip:], upload["UploadId"], upload["Initiated"].timestamp()
+            )
+            if write is not None:
+                writes.append(write)
+        return writes
+
+    def _upload_state(self, key: str, upload_id: str, initiated: float) -> UnfinishedWrite | None:
+        """A multipart upload's parts, summed up; None when it is gone (completed or aborted)."""
+        from botocore.exceptions import ClientError
+
+        def parts() -> list[dict] | None:
+            paginator = self.client.get_paginator("list_parts")
+            try:
+                pages = list(paginator.paginate(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return None
+                raise
+            return [part for page in pages for part in page.get("Parts", [])]
+
+        found = self._call("list parts", key, parts)
+        if found is None:
+            return None
+        written = max([initiated, *(p["LastModified"].timestamp() for p in found)])
+        return UnfinishedWrite(key, sum(int(p["Size"]) for p in found), written, upload_id)
+
+    def discard_unfinished_write(self, write: UnfinishedWrite) -> bool:
+        from botocore.exceptions import ClientError
+
+        if write.upload_id is None:
+            raise ValueError(f"{self.url(write.key)}: not a multipart upload")
+        now = self._upload_state(write.key, write.upload_id, write.modified)
+        if now is None:
+            return True  # completed or aborted since: nothing left to free
+        if now.modified > write.modified or now.size != write.size:
+            return False  # a part was uploaded since the listing: a writer is at work
+
+        def abort() -> None:
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(write.key), UploadId=write.upload_id
+                )
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+
+        self._call("abort upload", write.key, abort)
+        return True
 
     def delete_prefix(self, prefix: str) -> None:
         self._delete(prefix, self._objects(prefix))  # markers too

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -279,3 +281,81 @@ def test_jobs_gc_refuses_a_bad_age_and_a_missing_store(tiny_config, tmp_path, ca
     code, said, _ = gc(capsys, "--config", str(missing))
     assert code == 2 and "no such folder" in said["error"]
     assert not (tmp_path / "no-such-store").exists()
+
+
+ADAPTER = f"{EXPERTS}/0123456789ab/pytorch_lora_weights.safetensors"
+
+
+def killed_write(store: ArtifactStore, tmp_path: Path, key: str, size: int) -> None:
+    """A process killed in the middle of writing ``key``: locally, SIGKILL between the temporary
+    file's fsync and its rename (a real kill, in a child process); on S3, a multipart upload begun
+    and never completed (what boto3 leaves when killed between parts)."""
+    if store.uri.startswith("file://"):
+        script = (
+            "import sys; from pathlib import Path; from selma_core.storage.local import LocalArtifactStore; "
+            "LocalArtifactStore(sys.argv[1]).write_bytes(sys.argv[2], b'x' * int(sys.argv[3]))"
+        )
+        env = {**os.environ, "SELMA_FAULT": "store.write.before_rename"}
+        killed = subprocess.run(
+            [sys.executable, "-c", script, str(store.root), key, str(size)], env=env, capture_output=True
+        )
+        assert killed.returncode == -9, killed.stderr
+        return
+    client, full = store.client, store._key(key)
+    upload = client.create_multipart_upload(Bucket=store.bucket, Key=full)["UploadId"]
+    client.upload_part(Bucket=store.bucket, Key=full, UploadId=upload, PartNumber=1, Body=b"x" * size)
+
+
+def test_writes_a_killed_process_left_unfinished_are_found_and_discarded(store, tmp_path):
+    """A local temporary file, an S3 multipart upload: invisible to readers, yet they take space
+    (S3 bills the parts): old ones are garbage, recent ones may be a writer's at work."""
+    killed_write(store, tmp_path, ADAPTER, 3000)
+    assert store.list_keys(EXPERTS) == []  # no reader sees it
+    assert find_garbage(store, min_age_s=DAY) == ([], [])  # written just now: perhaps a live writer
+    later = time.time() + 2 * DAY
+    [found], _ = find_garbage(store, min_age_s=DAY, now=later)
+    assert found.kind == "unfinished write" and found.size == 3000
+    assert found.key.startswith(EXPERTS + "/0123456789ab/")
+    assert delete_garbage(store, found)
+    assert store.list_unfinished_writes() == []
+    assert find_garbage(store, min_age_s=DAY, now=later) == ([], [])
+
+
+def test_an_unfinished_write_written_to_since_it_was_found_is_spared(store, tmp_path):
+    killed_write(store, tmp_path, ADAPTER, 1000)
+    [found], _ = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
+    if store.uri.startswith("file://"):  # the writer was alive after all: it wrote on
+        with open(store.root / found.key, "ab") as f:
+            f.write(b"more")
+    else:
+        store.client.upload_part(
+            Bucket=store.bucket,
+            Key=store._key(ADAPTER),
+            UploadId=found.write.upload_id,
+            PartNumber=2,
+            Body=b"more",
+        )
+    assert delete_garbage(store, found) is False
+    [write] = store.list_unfinished_writes()
+    assert write.size == 1004
+
+
+def test_no_unfinished_write_is_taken_under_a_key_a_live_job_holds(store, tmp_path):
+    killed_write(store, tmp_path, ADAPTER, 1000)
+    lease(store, f"{EXPERTS}/_inflight.json", expires_in=3 * DAY)
+    assert find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY) == ([], [])
+
+
+def test_jobs_gc_lists_and_deletes_an_unfinished_write(tiny_config, tmp_path, capsys):
+    config = str(tiny_config())
+    store = local_store(tmp_path)
+    killed_write(store, tmp_path, ADAPTER, 2048)
+    [write] = store.list_unfinished_writes()
+    then = time.time() - 2 * DAY
+    os.utime(store.root / write.key, (then, then))
+    code, listed, err = gc(capsys, "--config", config)
+    assert code == 0 and listed["totals"] == {"unfinished write": {"groups": 1, "objects": 1, "bytes": 2048}}
+    assert f"| unfinished write | {store.url(write.key)} | 1 | 2.0 KiB | 48.0 h ago |" in err
+    code, deleted, _ = gc(capsys, "--config", config, "--delete")
+    assert code == 0 and deleted["deleted_prefixes"] == [write.key]
+    assert store.list_unfinished_writes() == [] and not (store.root / write.key).exists()
