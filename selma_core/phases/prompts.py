@@ -206,6 +206,9 @@ class _LoopState:
     rejected: Counter = field(default_factory=Counter)
     useless: int = 0
     samples: list[str] = field(default_factory=list)
+    # Seconds spent generating up to the last wave, over every run that contributed (a resumed
+    # job's own time adds to it).
+    wall_s: float = 0.0
 
 
 def generate_prompts(ctx, skill_name: str) -> dict:
@@ -285,7 +288,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
             cfg, ctx.config.cache_dir, resolve_device(ctx.config.device), ctx.config.allow_pickle_checkpoints
         )
     source = {"offline": "offline"}.get(cfg.backend, "llm")
-    start = time.monotonic()
+    start, earlier_s = time.monotonic(), state.wall_s
     progress = tqdm(total=target, initial=len(state.records), desc=f"prompts {skill_name}", unit="prompt")
 
     def use_replies(requests: list, replies: list[str]) -> None:
@@ -340,6 +343,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                     new_from = len(state.records)
                     use_replies(wave[: len(kept)], kept)
                     state.tokens += backend.tokens_used - tokens_before
+                    state.wall_s = earlier_s + time.monotonic() - start
                     _save_wave(ctx.store, partial, state, new_from)
                     print(
                         f"prompts {skill_name}: the wave failed; the first {len(kept)} of its {len(wave)} "
@@ -353,12 +357,13 @@ def generate_prompts(ctx, skill_name: str) -> dict:
             use_replies(wave, replies)
             state.tokens += backend.tokens_used - tokens_before
             progress.update(len(state.records) - new_from)
+            state.wall_s = earlier_s + time.monotonic() - start
             _save_wave(ctx.store, partial, state, new_from)
             fault_point("prompts.after_wave")
     finally:
         progress.close()
 
-    elapsed = time.monotonic() - start
+    elapsed = earlier_s + time.monotonic() - start  # a resumed job's: the saved waves' time too
     texts = [r["text"] for r in state.records]
     generated = len(state.records) - n_seeds
     stats = {
@@ -418,6 +423,7 @@ def _save_wave(store, partial: str, state: _LoopState, new_from: int) -> None:
         "rejected": dict(state.rejected),
         "useless": state.useless,
         "samples": state.samples,
+        "wall_s": state.wall_s,
     }
     store.write_json(f"{partial}/wave-{state.requests:08d}.json", wave)
 
@@ -437,6 +443,7 @@ def _resume(store, partial: str, state: _LoopState, dedup) -> int:
             records = list(wave["records"])
             counters = (wave["requests"], wave["tokens"], wave["candidates"])
             rejected, useless, samples = Counter(wave["rejected"]), wave["useless"], wave["samples"]
+            wall_s = float(wave.get("wall_s", 0.0))  # saved before waves said: not counted
             texts = [record["text"] for record in records]
         except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON / not UTF-8
             print(
@@ -453,6 +460,7 @@ def _resume(store, partial: str, state: _LoopState, dedup) -> int:
             state.records.append(record)
         state.requests, state.tokens, state.candidates = counters
         state.rejected, state.useless, state.samples = rejected, useless, samples
+        state.wall_s = wall_s
     return len(keys)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +414,7 @@ def test_a_killed_job_resumes_without_losing_or_duplicating(tiny_config, tmp_pat
         calls.append([r.request_id for r in requests])
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
+        time.sleep(0.5)  # a slow endpoint: the time the rerun's stats count too
         return complete_batch(self, requests)
 
     monkeypatch.setattr(OfflineTemplateGenerator, "complete_batch", dies_on_third_wave)
@@ -436,6 +438,8 @@ def test_a_killed_job_resumes_without_losing_or_duplicating(tiny_config, tmp_pat
         == json.loads(unbroken.store.read_output_file(unbroken.job.key, "stats.json"))["requests"]
     )
     assert broken.store.list_keys(f"{broken.job.key}/_partial") == []  # cleaned up after the commit
+    # The time and rate are the job's, over both runs: the replayed waves took 1 s of the first.
+    assert stats["wall_s"] >= 1.0 and stats["prompts_per_s"] <= (60 - stats["seeds"]) / 1.0
     # byte for byte: replayed records (saved with sorted keys) are written in the one field order
     read = lambda ctx, rel: ctx.store.read_output_file(ctx.job.key, rel)  # noqa: E731
     assert read(broken, "prompts.jsonl") == read(unbroken, "prompts.jsonl")
