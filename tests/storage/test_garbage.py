@@ -359,3 +359,22 @@ def test_jobs_gc_lists_and_deletes_an_unfinished_write(tiny_config, tmp_path, ca
     code, deleted, _ = gc(capsys, "--config", config, "--delete")
     assert code == 0 and deleted["deleted_prefixes"] == [write.key]
     assert store.list_unfinished_writes() == [] and not (store.root / write.key).exists()
+
+
+def test_a_store_that_will_not_list_uploads_still_has_its_other_garbage_found(tmp_path, monkeypatch):
+    """An S3 role may list and delete objects without s3:ListBucketMultipartUploads: the rest of
+    the garbage is still found, with a warning saying what was not looked for."""
+    from selma_core.errors import ConfigError
+
+    store = local_store(tmp_path)
+    killed = killed_commit(store, PROMPTS)
+
+    def refused() -> list:
+        raise ConfigError("list uploads s3://bucket refused by S3 endpoint: AccessDenied")
+
+    monkeypatch.setattr(store, "list_unfinished_writes", refused)
+    found, warnings = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
+    assert [g.prefix for g in found] == [f"{PROMPTS}/{killed}"]
+    assert warnings == [
+        "unfinished writes not looked for: list uploads s3://bucket refused by S3 endpoint: AccessDenied"
+    ]
