@@ -41,6 +41,9 @@ class OpenAIConfig:
     api: Literal["chat", "completions"] = "chat"
     temperature: float = 1.0
     max_tokens: int = 1024
+    # Seconds to connect, and the longest wait for the reply's next bytes: a reply (not streamed)
+    # usually starts once the whole completion is generated, so this bounds generation too. One that
+    # times out is retried, as other transient failures are.
     timeout_s: float = execution_only(60.0)
     max_retries: int = execution_only(5)
     backoff_s: float = execution_only(1.0)
