@@ -56,6 +56,9 @@ from selma_core.errors import EXIT_RETRYABLE, ConfigError, EndpointError, InputE
 from selma_core.plan import PER_SKILL_PHASES, PHASES, JobSpec
 
 ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
+# Seconds torchrun waits for its processes to stop after it passes a SIGTERM on: within the train
+# pod's termination grace period (k8s/jobs/train.yaml: 90 s), for a checkpoint's save at the stop.
+TORCHRUN_SHUTDOWN_S = 80
 # Where the in-flight leases of an images job's processes live, under its output key.
 WORKERS = "_workers"
 
@@ -138,21 +141,36 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             skip = "=" not in arg
             continue
         job_args.append(arg)
-    process = subprocess.Popen([*command, "-m", "jobs.run", *job_args], stdout=subprocess.PIPE, text=True)
+    # torchrun gives its processes this long after passing a SIGTERM on, then SIGKILLs them (its own
+    # default, 30 s, would cut a preempted train job's checkpoint upload short).
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(TORCHRUN_SHUTDOWN_S), **os.environ}
+    process = subprocess.Popen(
+        [*command, "-m", "jobs.run", *job_args], stdout=subprocess.PIPE, text=True, env=env
+    )
     results: list[dict] = []  # every result line, rank 0's and failed helper ranks'
-    try:
+
+    def relay() -> int:
+        """The processes' output passed on, result lines kept, until every process closed it."""
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError):
                     results.append(json.loads(line))
-        code = process.wait()
-    except KeyboardInterrupt:  # SIGTERM (pod deleted) or Ctrl-C: stop the workers, then go
+        return process.wait()
+
+    interrupted = False
+    try:
+        code = relay()
+    except KeyboardInterrupt:  # SIGTERM (pod deleted) or Ctrl-C: stop the workers, and say how they did
+        interrupted = True
         process.send_signal(signal.SIGTERM)
-        process.wait()
-        return 130
-    if code == 0:
+        try:
+            code = relay()  # training saves a checkpoint first; rank 0's result line says where
+        except KeyboardInterrupt:  # a second one: go now
+            process.send_signal(signal.SIGTERM)
+            return 130
+    if code == 0 and not interrupted:
         return 0
     # Rank 0's own first, when it is one of them.
     invalid = sorted(
@@ -162,7 +180,7 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     verdict = (invalid or own or results or [{}])[0 if invalid else -1]
     if verdict and results and verdict is not results[-1]:
         print(json.dumps(verdict), flush=True)  # the last line is the job's result
-    return int(verdict.get("exit_code") or code)
+    return int(verdict.get("exit_code") or (130 if interrupted else code))
 
 
 def run_job(
@@ -508,7 +526,13 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun, most often: another rank failed (its error is in the log) and torchrun
         # stopped this one. Training stopped by SIGTERM at a step's end says where it saved.
         said = f": {e}" if str(e) and not str(e).startswith("signal ") else ""
-        why = "interrupted" + said + (" (stopped by torchrun: another rank may have failed)" if where else "")
+        # Every process of a training stopped at a step's end says so; any other was stopped.
+        stopped = (
+            " (stopped by torchrun: another rank may have failed)"
+            if where and "stopped after step" not in said
+            else ""
+        )
+        why = "interrupted" + said + stopped
         print(f"error{where}: {why} (the output was not committed)", file=sys.stderr)
         report(failed_result(args, why, 130, shard))
         return 130

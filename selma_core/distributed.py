@@ -79,9 +79,13 @@ def init(device: str) -> str:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     if not _initialized():
-        timeout = timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, "1800")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", timeout=_timeout())
     return device
+
+
+def _timeout() -> timedelta:
+    """How long a collective waits for a process that neither answers nor exits."""
+    return timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, "1800")))
 
 
 def _group_device():
@@ -154,7 +158,8 @@ def any_process(flag: bool) -> bool:
     import torch.distributed as dist
 
     if _cpu_group is None and dist.get_backend() != "gloo":
-        _cpu_group = dist.new_group(backend="gloo")  # collective too: every process is here
+        # A collective too (every process is here), bounded as the default group's are.
+        _cpu_group = dist.new_group(backend="gloo", timeout=_timeout())
     vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_cpu_group)
     return bool(vote.item())

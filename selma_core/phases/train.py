@@ -1153,7 +1153,8 @@ class ExpertTrainer:
         def stop_asked() -> bool:
             """Whether training stops at the end of this step. Several processes stop at the same
             step (the checkpoint's, and each collective of the stop is every process's): they vote
-            each step, on the CPU, and stop when any one was asked to."""
+            twice a step (before and after rank 0's validation), on the CPU, and stop when any one
+            was asked to."""
             if world_size == 1:
                 return stopping.stop_requested()
             return stoppable and distributed.any_process(stopping.stop_requested())
@@ -1249,7 +1250,7 @@ class ExpertTrainer:
                     unet.train()
                 if on_step and rank == 0:
                     on_step(step)
-                if world_size == 1 and stopping.stop_requested():  # several processes: the next vote
+                if stop_asked():  # a signal during rank 0's validation, voted on before the next step
                     stop_here(step)
         unet.eval()
         return history

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,34 +427,45 @@ def test_a_configuration_error_on_one_rank_alone_stays_exit_2(tiny_config, tmp_p
     assert verdict["exit_code"] == 2 and verdict["rank"] == 1 and "no such model folder" in verdict["error"]
 
 
-# Rank 0, at the end of step 2: SIGTERM to the launcher (the pod's first process, which the kubelet
-# signals), then a pause in which torchrun passes it on to every process.
+# Rank 0, at the end of step 2 ($PREEMPT_AT "step") or in its validation at step 2 ("validation"):
+# SIGTERM to the launcher, `python -m jobs.run --nproc-per-node 2` (the pod's first process, which
+# the kubelet signals; torchrun's parent), then a pause in which torchrun passes it on to every process.
 PREEMPT_HOOK = """
 import os
 if os.environ.get("RANK") == "0":
     import signal, time
-    import selma_core.faults as faults
-    point, reached = faults.fault_point, []
-    def fault_point(name):
-        point(name)
-        if name == "train.after_step":
-            reached.append(name)
-            if len(reached) == 2:
-                launcher = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[1])
-                os.kill(launcher, signal.SIGTERM)
-                time.sleep(2.0)
-    faults.fault_point = fault_point
+
+    def preempt():
+        torchrun = os.getppid()
+        launcher = int(open(f"/proc/{torchrun}/stat").read().rsplit(")", 1)[1].split()[1])
+        os.kill(launcher, signal.SIGTERM)
+        time.sleep(2.0)
+
+    if os.environ["PREEMPT_AT"] == "step":
+        import selma_core.faults as faults
+        point, reached = faults.fault_point, []
+        def fault_point(name):
+            point(name)
+            if name == "train.after_step":
+                reached.append(name)
+                if len(reached) == 2:
+                    preempt()
+        faults.fault_point = fault_point
+    else:
+        import selma_core.phases.train as train
+        validate = train._ValidationImages.__call__
+        def call(self, step):
+            if step == 2:
+                preempt()
+            return validate(self, step)
+        train._ValidationImages.__call__ = call
 """
 
 
-@pytest.mark.slow
-def test_a_preempted_torchrun_job_stops_every_process_at_one_step_and_resumes_there(tmp_path, tiny_config):
-    """The kubelet's SIGTERM reaches the launcher; torchrun passes it on to each process in turn. The
-    processes stop at the same step (they vote at each step's end), rank 0 saves a checkpoint there,
-    and the rerun resumes from it and commits, bit for bit, what an uninterrupted run commits."""
-    from safetensors.torch import load_file
-
-    train = {"steps": 5, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 100}
+def preempted_train_job(tmp_path, tiny_config, at: str, **train) -> tuple[tuple, Path]:
+    """A two-process train job preempted (see PREEMPT_HOOK) at ``at``: it saved a checkpoint at step 2
+    and committed nothing; its arguments and output key's folder."""
+    train = {"steps": 5, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 100, **train}
     config = str(tiny_config(skills=["counting"], train=train))
     from jobs.run import run_job as run_in_process
 
@@ -463,16 +475,35 @@ def test_a_preempted_torchrun_job_stops_every_process_at_one_step_and_resumes_th
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(PREEMPT_HOOK)
     job = ("--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node=2")
-    env = {"SELMA_DIST_TIMEOUT_S": "120"}
-
-    preempted = run_job(*job, env={**env, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])})
+    env = {
+        "SELMA_DIST_TIMEOUT_S": "120",
+        "PREEMPT_AT": at,
+        "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]),
+    }
+    preempted = run_job(*job, env=env)
     assert preempted.returncode == 130, preempted.stderr[-5000:]
     stops = [line for line in preempted.stderr.splitlines() if "stopped after step" in line]
     assert len(stops) == 2 and all("stopped after step 2 of 5 on SIGTERM" in line for line in stops), stops
+    assert "another rank may have failed" not in preempted.stderr  # none did
+    # The launcher relays how the job stopped: rank 0's result line, last.
+    last = json.loads(preempted.stdout.strip().splitlines()[-1])
+    assert last["status"] == "failed" and last["exit_code"] == 130 and "rank" not in last
+    assert "stopped after step 2 of 5 on SIGTERM; checkpoint" in last["error"]
     [key_dir] = tmp_path.glob("store/experts/counting/*")
     assert not (key_dir / "_manifest.json").exists()
     assert sorted(p.name for p in (key_dir / "_checkpoints").iterdir()) == ["step-00000002"]
+    return job, key_dir
 
+
+@pytest.mark.slow
+def test_a_preempted_torchrun_job_stops_every_process_at_one_step_and_resumes_there(tmp_path, tiny_config):
+    """The kubelet's SIGTERM reaches the launcher; torchrun passes it on to each process in turn. The
+    processes stop at the same step (they vote at each step's end), rank 0 saves a checkpoint there,
+    and the rerun resumes from it and commits, bit for bit, what an uninterrupted run commits."""
+    from safetensors.torch import load_file
+
+    job, key_dir = preempted_train_job(tmp_path, tiny_config, "step")
+    env = {"SELMA_DIST_TIMEOUT_S": "120"}
     resumed = run_job(*job, env=env)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     result = json_lines(resumed.stdout)[-1]
@@ -489,3 +520,10 @@ def test_a_preempted_torchrun_job_stops_every_process_at_one_step_and_resumes_th
     assert len(adapters) == 2
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_preempted_during_validation_stops_at_that_step(tmp_path, tiny_config):
+    """Rank 0 alone validates, the others wait: a SIGTERM then is voted on once validation ends,
+    not a step later (when the wait for the stop may have run out)."""
+    preempted_train_job(tmp_path, tiny_config, "validation", validation_every=2, validation_prompts=1)
