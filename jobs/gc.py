@@ -113,10 +113,20 @@ def collect(config_path: str, delete: bool, min_age_s: float, abandoned: bool, o
         return
     deleted, spared = outcome.setdefault("deleted_prefixes", []), outcome.setdefault("spared_prefixes", [])
     for group in garbage:
-        if delete_garbage(store, group):
+        try:
+            done = delete_garbage(store, group)
+        except ConfigError as e:
+            if group.write is None:
+                raise
+            # Refused (no s3:AbortMultipartUpload): the rest is still collected.
+            print(f"{store.url(group.prefix)}: spared: {e}", file=sys.stderr)
+            spared.append(group.prefix)
+            continue
+        if done:
             deleted.append(group.prefix)
-        else:  # a job took a lease on its key since the listing
-            print(f"{store.url(group.prefix)}: spared: a job is at work on {group.key} now", file=sys.stderr)
+        else:  # a job took a lease on its key since the listing, or is still writing
+            busy = "is being written" if group.write else f"a job is at work on {group.key} now"
+            print(f"{store.url(group.prefix)}: spared: {busy}", file=sys.stderr)
             spared.append(group.prefix)
     outcome["deleted"] = True
     print(

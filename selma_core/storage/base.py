@@ -195,9 +195,9 @@ class ArtifactStore(ABC):
         not leave a manifest naming deleted files."""
 
     @abstractmethod
-    def list_unfinished_writes(self) -> list[UnfinishedWrite]:
-        """Every write under the store begun and not finished, a live writer's too (``jobs.gc``
-        judges by age)."""
+    def list_unfinished_writes(self, prefixes: Iterable[str]) -> list[UnfinishedWrite]:
+        """Every write under these prefixes begun and not finished, a live writer's too
+        (``jobs.gc`` judges by age). Keys this store cannot have written are left out."""
 
     @abstractmethod
     def discard_unfinished_write(self, write: UnfinishedWrite) -> bool:

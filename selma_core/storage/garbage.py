@@ -25,7 +25,8 @@ its holder's process gone, or its expiry a TTL past); nor any folder with an obj
 may still be fetching it). Deleting, each folder's key is listed again first: a lease taken since
 spares it, and only objects unchanged since the listing (same size and time) are deleted, manifests
 first. Caches (``cache/eval-images``, ``cache/compile``, ``cache/attention``) are kept: they are
-reused, not garbage.
+reused, not garbage (a write left unfinished in them is taken). Unfinished writes are looked for
+under this project's top-level prefixes only (``WRITTEN``): a bucket may be shared with other tools.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ SCANNED = (
     "cache/answers",
     "_tracking",
 )
+# Where this project's writes go: where a write left unfinished is looked for (the caches included:
+# their writes are ours too), never the whole store or bucket, which other tools may share.
+WRITTEN = ("prompts", "images", "experts", "merged", "merge-search", "eval", "cache", "_tracking")
 ATTEMPT = re.compile(r"[0-9a-f]{12}")  # commit_dir's attempt folders: uuid4().hex[:12]
 RESUME_STATE = ("_shards", "_partial", "_checkpoints")
 LEASE = "_inflight.json"  # selma_core.storage.lease.LEASE: a job's, or an images process's
@@ -168,9 +172,12 @@ def find_garbage(
             if group.newest <= recent:
                 found.append(group)
     try:
-        writes = store.list_unfinished_writes()
+        writes = store.list_unfinished_writes(WRITTEN)
     except ConfigError as e:  # a role that may list and delete objects, not list uploads: the rest stands
-        warnings.append(f"unfinished writes not looked for: {e}")
+        warnings.append(
+            f"unfinished writes not looked for: {e} (on S3 that takes s3:ListBucketMultipartUploads, "
+            "s3:ListMultipartUploadParts and s3:AbortMultipartUpload)"
+        )
         writes = []
     for write in writes:
         # A write in progress is written to as it goes: an old one's writer is dead.

@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from selma_core.errors import ConfigError, SelmaError
@@ -159,9 +160,10 @@ class LocalArtifactStore(ArtifactStore):
                     break
                 folder = folder.parent
 
-    def list_unfinished_writes(self) -> list[UnfinishedWrite]:
+    def list_unfinished_writes(self, prefixes: Iterable[str]) -> list[UnfinishedWrite]:
         writes = []
-        for path in sorted(self.root.rglob(f"{TMP_PREFIX}*")) if self.root.is_dir() else []:
+        found = (p for prefix in prefixes for p in self._path(prefix).rglob(f"{TMP_PREFIX}*"))
+        for path in sorted(found):
             try:
                 stat = path.stat()
             except FileNotFoundError:  # renamed into place (or removed) since

@@ -330,20 +330,28 @@ class S3ArtifactStore(ArtifactStore):
     def list_keys(self, prefix: str) -> list[str]:
         return [o.key for o in self.list_objects(prefix)]
 
-    def list_unfinished_writes(self) -> list[UnfinishedWrite]:
-        """The store's multipart uploads not completed, each with its parts' total size and the
-        time of its newest part (its start, before the first)."""
+    def list_unfinished_writes(self, prefixes: Iterable[str]) -> list[UnfinishedWrite]:
+        """The multipart uploads not completed under these prefixes, each with its parts' total size
+        and the time of its newest part (its start, before the first)."""
         strip = len(self.prefix) + 1 if self.prefix else 0
-        prefix = {"Prefix": f"{self.prefix}/"} if self.prefix else {}
         paginator = self.client.get_paginator("list_multipart_uploads")
-        pages = self._call("list uploads", "", lambda: list(paginator.paginate(Bucket=self.bucket, **prefix)))
         writes = []
-        for upload in (u for page in pages for u in page.get("Uploads", [])):
-            write = self._upload_state(
-                upload["Key"][strip:], upload["UploadId"], upload["Initiated"].timestamp()
+        for prefix in prefixes:
+            full = self._key(prefix).rstrip("/") + "/"
+            pages = self._call(
+                "list uploads",
+                prefix,
+                lambda full=full: list(paginator.paginate(Bucket=self.bucket, Prefix=full)),
             )
-            if write is not None:
-                writes.append(write)
+            for upload in (u for page in pages for u in page.get("Uploads", [])):
+                key = upload["Key"][strip:]
+                try:
+                    validate_key(key)
+                except ValueError:
+                    continue  # "a//b": S3 takes it, this store never writes one
+                write = self._upload_state(key, upload["UploadId"], upload["Initiated"].timestamp())
+                if write is not None:
+                    writes.append(write)
         return writes
 
     def _upload_state(self, key: str, upload_id: str, initiated: float) -> UnfinishedWrite | None:

@@ -16,7 +16,7 @@ import pytest
 from selma_core.config import StorageConfig
 from selma_core.storage import MANIFEST, open_store
 from selma_core.storage.base import ArtifactStore
-from selma_core.storage.garbage import delete_garbage, find_garbage
+from selma_core.storage.garbage import WRITTEN, delete_garbage, find_garbage
 
 from .test_stores import BUCKET
 
@@ -317,7 +317,7 @@ def test_writes_a_killed_process_left_unfinished_are_found_and_discarded(store, 
     assert found.kind == "unfinished write" and found.size == 3000
     assert found.key.startswith(EXPERTS + "/0123456789ab/")
     assert delete_garbage(store, found)
-    assert store.list_unfinished_writes() == []
+    assert store.list_unfinished_writes(WRITTEN) == []
     assert find_garbage(store, min_age_s=DAY, now=later) == ([], [])
 
 
@@ -336,7 +336,7 @@ def test_an_unfinished_write_written_to_since_it_was_found_is_spared(store, tmp_
             Body=b"more",
         )
     assert delete_garbage(store, found) is False
-    [write] = store.list_unfinished_writes()
+    [write] = store.list_unfinished_writes(WRITTEN)
     assert write.size == 1004
 
 
@@ -350,7 +350,7 @@ def test_jobs_gc_lists_and_deletes_an_unfinished_write(tiny_config, tmp_path, ca
     config = str(tiny_config())
     store = local_store(tmp_path)
     killed_write(store, tmp_path, ADAPTER, 2048)
-    [write] = store.list_unfinished_writes()
+    [write] = store.list_unfinished_writes(WRITTEN)
     then = time.time() - 2 * DAY
     os.utime(store.root / write.key, (then, then))
     code, listed, err = gc(capsys, "--config", config)
@@ -358,7 +358,7 @@ def test_jobs_gc_lists_and_deletes_an_unfinished_write(tiny_config, tmp_path, ca
     assert f"| unfinished write | {store.url(write.key)} | 1 | 2.0 KiB | 48.0 h ago |" in err
     code, deleted, _ = gc(capsys, "--config", config, "--delete")
     assert code == 0 and deleted["deleted_prefixes"] == [write.key]
-    assert store.list_unfinished_writes() == [] and not (store.root / write.key).exists()
+    assert store.list_unfinished_writes(WRITTEN) == [] and not (store.root / write.key).exists()
 
 
 def test_a_store_that_will_not_list_uploads_still_has_its_other_garbage_found(tmp_path, monkeypatch):
@@ -369,12 +369,53 @@ def test_a_store_that_will_not_list_uploads_still_has_its_other_garbage_found(tm
     store = local_store(tmp_path)
     killed = killed_commit(store, PROMPTS)
 
-    def refused() -> list:
+    def refused(prefixes) -> list:
         raise ConfigError("list uploads s3://bucket refused by S3 endpoint: AccessDenied")
 
     monkeypatch.setattr(store, "list_unfinished_writes", refused)
     found, warnings = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
     assert [g.prefix for g in found] == [f"{PROMPTS}/{killed}"]
-    assert warnings == [
-        "unfinished writes not looked for: list uploads s3://bucket refused by S3 endpoint: AccessDenied"
-    ]
+    [warning] = warnings
+    assert warning.startswith("unfinished writes not looked for: list uploads s3://bucket refused")
+    assert "s3:ListBucketMultipartUploads" in warning
+
+
+def test_only_this_projects_uploads_are_judged_in_a_bucket_shared_with_other_tools(moto_s3):
+    """A store at the bucket's root: another tool's upload (a resumable backup) is not ours to abort,
+    and a key this store cannot have written ("eval//x", which S3 takes) is passed over, not a crash."""
+    store = open_store(StorageConfig(uri=f"s3://{BUCKET}", endpoint_url=moto_s3))
+    client = store.client
+    for key in ("backups/db.tar", "eval//stray.bin", ADAPTER):
+        upload = client.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+        client.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 10)
+    try:
+        found, _ = find_garbage(store, min_age_s=DAY, now=time.time() + 2 * DAY)
+        assert [(g.kind, g.key) for g in found] == [("unfinished write", ADAPTER)]
+    finally:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=BUCKET):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def test_jobs_gc_goes_on_when_an_upload_may_not_be_aborted(tiny_config, tmp_path, capsys, monkeypatch):
+    """No s3:AbortMultipartUpload: that upload is spared, named, and the rest is collected."""
+    from selma_core.errors import ConfigError
+    from selma_core.storage.local import LocalArtifactStore
+
+    config = str(tiny_config())
+    store = local_store(tmp_path)
+    killed_write(store, tmp_path, ADAPTER, 100)
+    [write] = store.list_unfinished_writes(WRITTEN)
+    killed = killed_commit(store, PROMPTS)
+    then = time.time() - 2 * DAY
+    os.utime(store.root / write.key, (then, then))
+    aged(store, "prompts", 2 * DAY)
+
+    def refused(self, write) -> bool:
+        raise ConfigError("abort upload refused by S3 endpoint: AccessDenied")
+
+    monkeypatch.setattr(LocalArtifactStore, "discard_unfinished_write", refused)
+    code, outcome, err = gc(capsys, "--config", config, "--delete")
+    assert code == 0 and outcome["deleted_prefixes"] == [f"{PROMPTS}/{killed}"]
+    assert outcome["spared_prefixes"] == [write.key]
+    assert f"{store.url(write.key)}: spared: abort upload refused by S3 endpoint: AccessDenied" in err
