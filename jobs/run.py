@@ -144,8 +144,16 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     # torchrun gives its processes this long after passing a SIGTERM on, then SIGKILLs them (its own
     # default, 30 s, would cut a preempted train job's checkpoint upload short).
     env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(TORCHRUN_SHUTDOWN_S), **os.environ}
+    # torchrun in a session of its own: a signal to this process's group (the local executor's cancel,
+    # Ctrl-C in a terminal) reaches it once, passed on below; a second SIGTERM would make it signal
+    # its processes again, which they take for "stop now", with no checkpoint.
     process = subprocess.Popen(
-        [*command, "-m", "jobs.run", *job_args], stdout=subprocess.PIPE, text=True, env=env
+        [*command, "-m", "jobs.run", *job_args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_stop_when_parent_dies if sys.platform == "linux" else None,
     )
     results: list[dict] = []  # every result line, rank 0's and failed helper ranks'
 
@@ -180,7 +188,20 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     verdict = (invalid or own or results or [{}])[0 if invalid else -1]
     if verdict and results and verdict is not results[-1]:
         print(json.dumps(verdict), flush=True)  # the last line is the job's result
+    if verdict.get("status") in ("ran", "skipped"):
+        return 0  # committed (or found committed) before the interrupt came
     return int(verdict.get("exit_code") or (130 if interrupted else code))
+
+
+def _stop_when_parent_dies() -> None:
+    """In torchrun's process, before it starts (Linux): SIGTERM when the launcher dies, however it
+    dies (SIGKILL after a cancel's grace period): torchrun then stops its processes, which would
+    otherwise train on, orphaned, in sessions of their own."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def run_job(

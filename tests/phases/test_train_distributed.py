@@ -309,6 +309,7 @@ def run_job(*args: str, env: dict | None = None, torchrun: bool = False) -> subp
         timeout=300,
         cwd=REPO,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group, as the local executor starts a job
     )
 
 
@@ -429,7 +430,8 @@ def test_a_configuration_error_on_one_rank_alone_stays_exit_2(tiny_config, tmp_p
 
 # Rank 0, at the end of step 2 ($PREEMPT_AT "step") or in its validation at step 2 ("validation"):
 # SIGTERM to the launcher, `python -m jobs.run --nproc-per-node 2` (the pod's first process, which
-# the kubelet signals; torchrun's parent), then a pause in which torchrun passes it on to every process.
+# the kubelet signals; torchrun's parent), or in validation to the launcher's process group (as the
+# local executor cancels a job), then a pause in which torchrun passes it on to every process.
 PREEMPT_HOOK = """
 import os
 if os.environ.get("RANK") == "0":
@@ -438,7 +440,12 @@ if os.environ.get("RANK") == "0":
     def preempt():
         torchrun = os.getppid()
         launcher = int(open(f"/proc/{torchrun}/stat").read().rsplit(")", 1)[1].split()[1])
-        os.kill(launcher, signal.SIGTERM)
+        if os.environ["PREEMPT_AT"] == "step":
+            os.kill(launcher, signal.SIGTERM)
+        else:
+            with open(os.environ["PREEMPT_GROUPS"], "w") as f:
+                f.write(f"{os.getpgid(launcher)} {os.getpgid(torchrun)}")
+            os.killpg(os.getpgid(launcher), signal.SIGTERM)
         time.sleep(2.0)
 
     if os.environ["PREEMPT_AT"] == "step":
@@ -478,6 +485,7 @@ def preempted_train_job(tmp_path, tiny_config, at: str, **train) -> tuple[tuple,
     env = {
         "SELMA_DIST_TIMEOUT_S": "120",
         "PREEMPT_AT": at,
+        "PREEMPT_GROUPS": str(tmp_path / "groups"),
         "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]),
     }
     preempted = run_job(*job, env=env)
@@ -523,7 +531,11 @@ def test_a_preempted_torchrun_job_stops_every_process_at_one_step_and_resumes_th
 
 
 @pytest.mark.slow
-def test_a_torchrun_job_preempted_during_validation_stops_at_that_step(tmp_path, tiny_config):
+def test_a_torchrun_job_cancelled_during_validation_stops_at_that_step(tmp_path, tiny_config):
     """Rank 0 alone validates, the others wait: a SIGTERM then is voted on once validation ends,
-    not a step later (when the wait for the stop may have run out)."""
+    not a step later (when the wait for the stop may have run out). The SIGTERM goes to the
+    launcher's process group, as the local executor's cancel sends it: torchrun is not in that group
+    (it would get the signal twice, and pass a second one on: "stop now", no checkpoint)."""
     preempted_train_job(tmp_path, tiny_config, "validation", validation_every=2, validation_prompts=1)
+    launcher_group, torchrun_group = (tmp_path / "groups").read_text().split()
+    assert launcher_group != torchrun_group
