@@ -442,13 +442,15 @@ if os.environ.get("RANK") == "0":
         launcher = int(open(f"/proc/{torchrun}/stat").read().rsplit(")", 1)[1].split()[1])
         if os.environ["PREEMPT_AT"] == "step":
             os.kill(launcher, signal.SIGTERM)
+        elif os.environ["PREEMPT_AT"] == "launcher killed":
+            os.kill(launcher, signal.SIGKILL)
         else:
             with open(os.environ["PREEMPT_GROUPS"], "w") as f:
                 f.write(f"{os.getpgid(launcher)} {os.getpgid(torchrun)}")
             os.killpg(os.getpgid(launcher), signal.SIGTERM)
         time.sleep(2.0)
 
-    if os.environ["PREEMPT_AT"] == "step":
+    if os.environ["PREEMPT_AT"] != "validation":
         import selma_core.faults as faults
         point, reached = faults.fault_point, []
         def fault_point(name):
@@ -539,3 +541,28 @@ def test_a_torchrun_job_cancelled_during_validation_stops_at_that_step(tmp_path,
     preempted_train_job(tmp_path, tiny_config, "validation", validation_every=2, validation_prompts=1)
     launcher_group, torchrun_group = (tmp_path / "groups").read_text().split()
     assert launcher_group != torchrun_group
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_still_stops_torchrun_and_its_processes_with_a_checkpoint(tmp_path, tiny_config):
+    """The launcher SIGKILLed (a cancel's grace period run out, the OOM killer): torchrun, and through
+    it the processes (in sessions of their own, which no group kill reaches), stop as on SIGTERM,
+    rather than train on, orphaned."""
+    train = {"steps": 5, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 100}
+    config = str(tiny_config(skills=["counting"], train=train))
+    from jobs.run import run_job as run_in_process
+
+    for phase in ("prompts", "images"):
+        assert run_in_process(phase, "counting", config)["status"] == "ran"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PREEMPT_HOOK)
+    env = {"PREEMPT_AT": "launcher killed", "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    # Returns once every process has closed the output pipes it inherited: all have exited.
+    killed = run_job(
+        "--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node=2", env=env
+    )
+    assert killed.returncode == -9
+    assert "stopped after step 2 of 5 on SIGTERM" in killed.stderr, killed.stderr[-3000:]
+    [key_dir] = tmp_path.glob("store/experts/counting/*")
+    assert sorted(p.name for p in (key_dir / "_checkpoints").iterdir()) == ["step-00000002"]
