@@ -77,6 +77,28 @@ def judgement_digest(candidate: dict, champion: dict | None, champion_version: s
     )
 
 
+def _how_to_register(cfg, config_path: str) -> str:
+    """What registers the candidate: the merge job, or, where its output is committed already (it
+    registered it at another tracking server, or before registration was on), its forced rerun."""
+    from selma_core.plan import build_plan
+    from selma_core.skills import load_skills
+    from selma_core.storage import open_store
+
+    run = f"python -m jobs.submit --phase all --config {config_path}"
+    try:
+        merge = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).jobs["merge"]
+        committed = open_store(cfg.storage, create=False).is_committed(merge.key)
+    except (SelmaError, OSError, KeyError):  # the store unreachable: the general advice
+        committed = False
+    if not committed:
+        return f"the merge phase registers one ({run})"
+    return (
+        f"the merge output in the store ({merge.key}) was registered elsewhere (another tracking "
+        "server, or before merge.register was on), and a rerun skips the committed merge: "
+        f"rerun it to register it here ({run.replace(' --config', ' --force merge --config')})"
+    )
+
+
 def promote(args: argparse.Namespace) -> dict:
     from selma_core.config import load_config
     from selma_core.promotion import PREFIX, decide, scores_from_tags
@@ -117,8 +139,7 @@ def promote(args: argparse.Namespace) -> dict:
             )
         raise ConfigError(
             f"registered model {name!r} at {cfg.tracking.uri} has no version with alias "
-            f"{cfg.merge.alias!r}: the merge phase registers one (python -m jobs.submit --phase all "
-            f"--config {args.config})"
+            f"{cfg.merge.alias!r}: {_how_to_register(cfg, args.config)}"
         )
     champion = tracker.model_version(name, alias="champion")
     if champion is not None and champion.version == candidate.version:

@@ -1,4 +1,6 @@
-"""SIGTERM (Kubernetes, a scheduler, ``kill``) handled like Ctrl-C, so cleanup code runs."""
+"""SIGTERM (Kubernetes, a scheduler, ``kill``) and SIGHUP (a closed terminal, a dropped SSH session)
+handled like Ctrl-C, so cleanup code runs: a controller cancels its jobs rather than die and leave
+them running unwatched. A SIGHUP ignored on purpose (``nohup``) stays ignored."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ import threading
 from collections.abc import Iterator
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupts() -> tuple[int, ...]:
+    """The signals that interrupt here: SIGHUP too, unless it is ignored (``nohup``)."""
+    return INTERRUPTS if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (*INTERRUPTS, signal.SIGHUP)
 
 
 def terminate_as_interrupt() -> None:
@@ -24,6 +31,8 @@ def terminate_as_interrupt() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 @contextlib.contextmanager
@@ -46,7 +55,7 @@ def interrupts_deferred(what: str = "this step") -> Iterator[None]:
             f"interrupted: stopping once {what} is done (again to stop at once)", file=sys.stderr, flush=True
         )
 
-    saved = {s: signal.signal(s, hold) for s in INTERRUPTS}
+    saved = {s: signal.signal(s, hold) for s in _interrupts()}
     try:
         yield
     finally:
@@ -64,7 +73,7 @@ def interrupts_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in INTERRUPTS}
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in _interrupts()}
     try:
         yield
     finally:

@@ -947,6 +947,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     except SelmaError as e:
         print(f"error: {e}", file=sys.stderr)
+        print(json.dumps({"error": str(e)}))  # the last line is one JSON object, as on success
         return e.exit_code
     print(json.dumps(result))
     return 0

@@ -369,7 +369,9 @@ def test_cli_export_then_ingest_prints_one_json_object(eval_dir, tmp_path, capsy
 
 def test_cli_bad_input_exits_2_naming_it(eval_dir, tmp_path, capsys):
     assert main(["ingest", "--key", str(tmp_path / "nokey.json"), str(tmp_path / "r.json")]) == 2
-    assert "nokey.json: no such file" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "nokey.json: no such file" in said.err
+    assert "nokey.json: no such file" in json.loads(said.out.strip().splitlines()[-1])["error"]
     assert main(["ingest", "--key", "k.json", "r.json", "--experiment", "x"]) == 2
     assert "--experiment needs --tracking-uri" in capsys.readouterr().err
     # The module entry point, as a job would run it: --help, and a bad variant (exit 2, named).

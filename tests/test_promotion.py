@@ -243,3 +243,33 @@ def test_with_registration_off_there_is_no_candidate_and_promote_says_so(tiny_co
     assert main(["--config", config, "--unless-judged"]) == 0
     said = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert said["promoted"] is False and "merge.register is false" in json.dumps(said)
+
+
+def test_a_missing_candidate_is_named_with_the_run_that_registers_it(tiny_config, tmp_path, capsys):
+    """No version with the alias: the merge job registers one; but where its output is committed
+    already (registered at another tracking server, say), a plain rerun skips it: --force merge."""
+    from jobs.promote import main
+    from selma_core.config import load_config
+    from selma_core.plan import build_plan
+    from selma_core.skills import load_skills
+    from selma_core.storage import open_store
+    from selma_core.tracking import open_tracker
+
+    config = str(tiny_config())
+    cfg = load_config(config)
+    open_tracker(cfg.tracking)  # a new, empty registry
+    assert main(["--config", config]) == 2
+    said = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+    assert said.endswith(
+        f"the merge phase registers one (python -m jobs.submit --phase all --config {config})"
+    )
+
+    merge = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).jobs["merge"]
+    output = tmp_path / "merge-output"
+    output.mkdir()
+    (output / "merge.json").write_text("{}")
+    open_store(cfg.storage).commit_dir(output, merge.key)
+    assert main(["--config", config]) == 2
+    said = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+    assert f"the merge output in the store ({merge.key}) was registered elsewhere" in said
+    assert said.endswith(f"(python -m jobs.submit --phase all --force merge --config {config})")

@@ -97,10 +97,11 @@ def test_retrain_promotes_then_skips_then_refuses(tiny_config, tmp_path):
     )
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_an_interrupt_stops_the_pipeline_and_its_running_job(tiny_config, tmp_path, signum):
-    """SIGTERM to jobs.retrain (a CI runner cancelling), or SIGINT to it alone (kill -INT): its
-    pipeline's controller is told, cancels its running job, and nothing is left running."""
+    """SIGTERM to jobs.retrain (a CI runner cancelling), SIGINT to it alone (kill -INT), or SIGHUP
+    (its terminal closed): its pipeline's controller is told, cancels its running job, and nothing is
+    left running."""
     import os
     import signal
     import socket

@@ -103,3 +103,23 @@ def test_a_late_copy_absorbed_after_the_section_ends_too(sigterm_handler):
     with pytest.raises(KeyboardInterrupt):
         sigterm()
         pytest.fail("the second SIGTERM did not interrupt")
+
+
+def test_sighup_interrupts_unless_nohup_ignores_it():
+    """A closed terminal (SIGHUP) stops a job or controller as SIGTERM does, so it cleans up (a
+    controller cancels its jobs); under nohup (SIGHUP ignored) it is still ignored."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        terminate_as_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        terminate_as_interrupt()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)  # nohup: nothing happens
+        time.sleep(0.05)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
