@@ -67,6 +67,17 @@ def job_state(runs: list, finished: bool, committed: bool, forced: bool = False)
     return "failed" if finished else "running"  # the other processes: not (yet) started, or dead
 
 
+def _controller_gone(controller: str | None) -> bool:
+    """Whether a pipeline's controller ("HOST:PID") is known to be gone: a process of this host that
+    no longer runs. One of another host cannot be told from here."""
+    import socket
+
+    from selma_core.storage.lease import pid_alive
+
+    host, _, pid = (controller or "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
 def _failed_before_its_run(log_dir: str | None, job) -> bool:
     """Whether the job's log, where it is on this machine, ends with its failure."""
     from jobs.executors.local import last_json_line
@@ -82,7 +93,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
     from selma_core.tracking import open_tracker
-    from selma_core.tracking.base import TAG_FORCED, TAG_JOBS, TAG_WORKER, RunRecord
+    from selma_core.tracking.base import TAG_CONTROLLER, TAG_FORCED, TAG_JOBS, TAG_WORKER, RunRecord
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
@@ -117,6 +128,8 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     for run in reversed(tracker.child_runs(cfg.name, parent.run_id)):  # oldest first
         newest.setdefault(run.name, {})[run.tags.get(TAG_WORKER, "")] = run
     finished = parent.status != "RUNNING"
+    # Killed (SIGKILL, a crash of its machine): its run never ended, and its pending jobs never start.
+    gone = not finished and _controller_gone(parent.tags.get(TAG_CONTROLLER))
     rows = []
     for job_id in job_ids:
         job = plan.jobs.get(job_id)
@@ -134,7 +147,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         elif _failed_before_its_run(parent.tags.get("selma.log_dir"), job):
             state = "failed"  # before it opened its run (the store or MLflow unreachable, a lease)
         else:  # a forced job never started (blocked) is not skipped, though an old output exists
-            state = "not run" if finished else "pending"
+            state = "not run" if finished or gone else "pending"
         ends = [run.end_ms for run in runs]
         row = {
             "job": job.id,
@@ -151,7 +164,8 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         rows.append(row)
     return {
         "pipeline": parent.run_id,
-        "status": parent.status.lower(),
+        "status": "controller gone" if gone else parent.status.lower(),
+        "controller": parent.tags.get(TAG_CONTROLLER),
         "started": _when(parent.start_ms),
         "logs": parent.tags.get("selma.log_dir"),
         "jobs": rows,
@@ -162,6 +176,13 @@ def format_status(status: dict) -> str:
     lines = [
         f"pipeline {status['pipeline']} ({status['status']}, started {status['started']}); "
         f"logs: {status['logs']}",
+    ]
+    if status["status"] == "controller gone":
+        lines.append(
+            f"its controller ({status['controller']}) is gone, killed before it could end the pipeline: "
+            "jobs it started may still run, pending ones will not start; run jobs.submit again to finish"
+        )
+    lines += [
         "| job | state | start | end | output | MLflow run |",
         "|---|---|---|---|---|---|",
     ]

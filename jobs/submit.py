@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ from jobs.signals import interrupts_ignored, terminate_as_interrupt
 from jobs.tracking_buffers import replay_kept_records
 from selma_core.errors import EXIT_INVALID, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
-from selma_core.tracking.base import TAG_FORCED, TAG_JOBS
+from selma_core.tracking.base import TAG_CONTROLLER, TAG_FORCED, TAG_JOBS
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -457,6 +458,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             TAG_JOBS: ",".join(j.id for j in selected),
             TAG_FORCED: ",".join(sorted(forced)),
             "selma.log_dir": str(log_dir),
+            TAG_CONTROLLER: f"{socket.gethostname()}:{os.getpid()}",
         },
         params={"config": cfg.to_dict()},
         name=f"pipeline-{args.phase}",

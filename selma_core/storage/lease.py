@@ -329,7 +329,8 @@ def marker_for(store: Any, key: str) -> _Marker:
 # -- the lease -----------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -354,7 +355,7 @@ def holder_is_dead(holder: dict, unchanged_for: float, now: float | None = None)
         return True
     pid = holder.get("pid")
     here = holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
-    if here and not _pid_alive(pid):  # a process of this host that is gone
+    if here and not pid_alive(pid):  # a process of this host that is gone
         return True
     expires = holder.get("expires_at")
     return isinstance(expires, (int, float)) and now > expires + ttl

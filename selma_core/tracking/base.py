@@ -21,6 +21,9 @@ TAG_JOBS = "selma.jobs"
 # A pipeline's jobs that --force reran (a pipeline run's tag), and an images process's "I/N".
 TAG_FORCED = "selma.forced"
 TAG_WORKER = "selma.worker"
+# A pipeline run's controller, "HOST:PID": jobs.status tells a controller that was killed (its run
+# never ended) from one at work, on the host it ran on.
+TAG_CONTROLLER = "selma.controller"
 # A registered adapter version's weights (pytorch_lora_weights.safetensors), by their SHA-256.
 TAG_ADAPTER_SHA256 = "selma.adapter_sha256"
 

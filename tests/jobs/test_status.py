@@ -3,6 +3,7 @@ states of jobs of several processes, of forced jobs that never started, and an o
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 
@@ -171,3 +172,43 @@ def test_a_forced_job_killed_before_its_commit_is_failed_though_an_old_output_ex
     open_run = [SimpleNamespace(status="RUNNING")]
     assert job_state(open_run, finished=True, committed=True) == "done (run not closed)"
     assert job_state(open_run, finished=True, committed=True, forced=True) == "failed"
+
+
+def test_a_pipeline_whose_controller_was_killed_says_so_and_its_pending_jobs_will_not_run(
+    tiny_config, tmp_path
+):
+    """A controller killed outright (SIGKILL, the OOM killer) never ends its pipeline run: on the host
+    it ran on, status tells it from one at work, rather than show it running for ever."""
+    import socket
+    import subprocess
+    import sys
+
+    from jobs.status import format_status
+    from selma_core.tracking.base import TAG_CONTROLLER
+
+    config = tiny_config(skills=["counting"])
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    tracker = open_tracker(cfg.tracking)
+    open_store(cfg.storage)  # made, nothing committed
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    jobs = ["prompts:counting", "images:counting"]
+    for controller, expected in [
+        (f"{socket.gethostname()}:{os.getpid()}", "running"),
+        (f"another-host:{dead.stdout.strip()}", "running"),
+        (f"{socket.gethostname()}:{dead.stdout.strip()}", "controller gone"),
+    ]:
+        tags = {TAG_JOBS: ",".join(jobs), TAG_CONTROLLER: controller}
+        parent = tracker.start_pipeline_run(cfg.name, tags, {}, name="pipeline-all")
+        job_run(tracker, cfg, parent, plan.jobs["prompts:counting"].name, "RUNNING")
+        status = pipeline_status(str(config))
+        assert status["status"] == expected, controller
+        states = {row["job"]: row["state"] for row in status["jobs"]}
+        # A job it started may still run (its process outlives the controller); one never started never will.
+        assert states == {
+            "prompts:counting": "running",
+            "images:counting": "not run" if expected == "controller gone" else "pending",
+        }
+    assert f"its controller ({controller}) is gone" in format_status(status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -203,6 +204,7 @@ def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
     assert status.returncode == 0, status.stderr
     report = last_json(status.stdout)
     assert report["status"] == "failed"
+    assert report["controller"].startswith(f"{socket.gethostname()}:")  # who ran it, where
     assert {row["job"]: row["state"] for row in report["jobs"]} == {
         "prompts:counting": "done",
         "prompts:tiny": "failed",
