@@ -471,9 +471,9 @@ if os.environ.get("RANK") == "0":
 """
 
 
-def preempted_train_job(tmp_path, tiny_config, at: str, **train) -> tuple[tuple, Path]:
-    """A two-process train job preempted (see PREEMPT_HOOK) at ``at``: it saved a checkpoint at step 2
-    and committed nothing; its arguments and output key's folder."""
+def train_job_with_its_inputs(tmp_path, tiny_config, **train) -> tuple[str, Path]:
+    """A config whose train job (5 steps, no periodic checkpoint) has its prompts and images, and a
+    folder holding PREEMPT_HOOK as sitecustomize.py."""
     train = {"steps": 5, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 100, **train}
     config = str(tiny_config(skills=["counting"], train=train))
     from jobs.run import run_job as run_in_process
@@ -483,6 +483,13 @@ def preempted_train_job(tmp_path, tiny_config, at: str, **train) -> tuple[tuple,
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(PREEMPT_HOOK)
+    return config, hook
+
+
+def preempted_train_job(tmp_path, tiny_config, at: str, **train) -> tuple[tuple, Path]:
+    """A two-process train job preempted (see PREEMPT_HOOK) at ``at``: it saved a checkpoint at step 2
+    and committed nothing; its arguments and output key's folder."""
+    config, hook = train_job_with_its_inputs(tmp_path, tiny_config, **train)
     job = ("--phase", "train", "--skill", "counting", "--config", config, "--nproc-per-node=2")
     env = {
         "SELMA_DIST_TIMEOUT_S": "120",
@@ -548,15 +555,7 @@ def test_a_killed_launcher_still_stops_torchrun_and_its_processes_with_a_checkpo
     """The launcher SIGKILLed (a cancel's grace period run out, the OOM killer): torchrun, and through
     it the processes (in sessions of their own, which no group kill reaches), stop as on SIGTERM,
     rather than train on, orphaned."""
-    train = {"steps": 5, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 100}
-    config = str(tiny_config(skills=["counting"], train=train))
-    from jobs.run import run_job as run_in_process
-
-    for phase in ("prompts", "images"):
-        assert run_in_process(phase, "counting", config)["status"] == "ran"
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(PREEMPT_HOOK)
+    config, hook = train_job_with_its_inputs(tmp_path, tiny_config)
     env = {"PREEMPT_AT": "launcher killed", "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
     # Returns once every process has closed the output pipes it inherited: all have exited.
     killed = run_job(
