@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _when(ms: int | None) -> str:
+def _when(ms: int | None) -> str | None:
     """ISO 8601 in UTC: the same instant reads the same on a laptop, in a pod and in CI."""
     if not ms:
-        return "-"
+        return None
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
@@ -154,9 +154,10 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
             "phase": job.phase,
             "skill": job.skill,
             "state": state,
-            "start": _when(min(run.start_ms for run in runs)) if runs else "-",
-            "end": _when(max(ends)) if runs and all(ends) else "-",
-            "output": store.url(job.key) if committed else "-",
+            # null in the JSON where there is none yet ("-" in the table), as run_id
+            "start": _when(min(run.start_ms for run in runs)) if runs else None,
+            "end": _when(max(ends)) if runs and all(ends) else None,
+            "output": store.url(job.key) if committed else None,
             "run_id": runs[0].run_id if runs else None,
         }
         if len(runs) > 1:
@@ -188,8 +189,8 @@ def format_status(status: dict) -> str:
     ]
     for row in status["jobs"]:
         lines.append(
-            f"| {row['job']} | {row['state']} | {row.get('start', '-')} | {row.get('end', '-')} | "
-            f"{row.get('output', '-')} | {row.get('run_id') or '-'} |"
+            f"| {row['job']} | {row['state']} | {row.get('start') or '-'} | {row.get('end') or '-'} | "
+            f"{row.get('output') or '-'} | {row.get('run_id') or '-'} |"
         )
     return "\n".join(lines)
 

@@ -65,7 +65,7 @@ def test_states_of_processes_retries_and_forced_jobs(tiny_config, tmp_path):
 
     running = {row["job"]: row for row in pipeline_status(str(config))["jobs"]}
     assert running["images:counting"]["state"] == "running"
-    assert len(running["images:counting"]["run_ids"]) == 2 and running["images:counting"]["end"] == "-"
+    assert len(running["images:counting"]["run_ids"]) == 2 and running["images:counting"]["end"] is None
     assert running["images:spatial"]["state"] == "failed"
     assert running["train:counting"]["state"] == "pending"
     assert running["train:spatial"]["state"] == "pending"
