@@ -4,7 +4,9 @@ errors included, so scripts and CI read one outcome whatever went wrong."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from typing import Any
 
 USAGE_ERROR = "invalid command line (see the usage above)"
@@ -22,3 +24,10 @@ def parse_args(
         if e.code:
             print(json.dumps({**failed, "error": USAGE_ERROR}))
         return int(e.code or 0)
+
+
+def echo(line: str) -> None:
+    """A line for the user on stderr; none where the terminal hung up (SIGHUP, a dropped SSH
+    session): what follows it (a cancel, the JSON line, exit 130) must not fail on its write."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)

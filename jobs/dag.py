@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from jobs.cli import echo as cli_echo
 from jobs.executors.base import Executor, JobHandle, JobState
 from jobs.signals import interrupts_deferred, interrupts_ignored
 from selma_core.plan import JobSpec
@@ -43,7 +43,7 @@ def run_dag(
     output_url: Callable[[JobSpec], str],
     poll_interval: float = 0.5,
     heartbeat_s: float = 30.0,
-    echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    echo: Callable[[str], None] = cli_echo,
     ended: dict[str, JobOutcome] | None = None,
     output_exists: Callable[[JobSpec], bool] | None = None,
 ) -> list[JobOutcome]:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jobs.cli import echo
 from jobs.signals import terminate_as_interrupt
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0:
             code, promotion = _run("jobs.promote", ["--config", args.config, "--unless-judged"])
     except KeyboardInterrupt:
-        print("interrupted: retraining stopped", file=sys.stderr)
+        echo("interrupted: retraining stopped")
         return 130
     summary = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
     text = report(args.config, pipeline, promotion)

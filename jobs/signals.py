@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -51,9 +50,9 @@ def interrupts_deferred(what: str = "this step") -> Iterator[None]:
         if caught:
             raise KeyboardInterrupt(f"signal {signum}, again")
         caught.append(signum)
-        print(
-            f"interrupted: stopping once {what} is done (again to stop at once)", file=sys.stderr, flush=True
-        )
+        from jobs.cli import echo
+
+        echo(f"interrupted: stopping once {what} is done (again to stop at once)")
 
     saved = {s: signal.signal(s, hold) for s in _interrupts()}
     try:

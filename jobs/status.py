@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,15 +68,23 @@ def job_state(runs: list, finished: bool, committed: bool, forced: bool = False)
     return "failed" if finished else "running"  # the other processes: not (yet) started, or dead
 
 
-def _controller_gone(controller: str | None) -> bool:
-    """Whether a pipeline's controller ("HOST:PID") is known to be gone: a process of this host that
-    no longer runs. One of another host cannot be told from here."""
+def _controller_gone(controller: str | None, process: str | None) -> bool:
+    """Whether a pipeline's controller ("HOST:PID", its ``process_identity``) is known to be gone: a
+    process of this machine and PID namespace that no longer runs (or whose PID another process has
+    taken since). One of another machine or container cannot be told from here: not gone."""
     import socket
 
-    from selma_core.storage.lease import pid_alive
+    from selma_core.storage.lease import pid_alive, process_identity
 
     host, _, pid = (controller or "").rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+    if host != socket.gethostname() or not pid.isdigit() or len((process or "").split(" ")) != 3:
+        return False
+    boot, namespace, started = process.split(" ")
+    here = process_identity(os.getpid())
+    if here is None or here.split(" ")[:2] != [boot, namespace]:
+        return False
+    now = process_identity(int(pid))
+    return now is None or now.split(" ")[2] != started or not pid_alive(int(pid))
 
 
 def _failed_before_its_run(log_dir: str | None, job) -> bool:
@@ -93,7 +102,14 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     from selma_core.skills import load_skills
     from selma_core.storage import open_store
     from selma_core.tracking import open_tracker
-    from selma_core.tracking.base import TAG_CONTROLLER, TAG_FORCED, TAG_JOBS, TAG_WORKER, RunRecord
+    from selma_core.tracking.base import (
+        TAG_CONTROLLER,
+        TAG_CONTROLLER_PROCESS,
+        TAG_FORCED,
+        TAG_JOBS,
+        TAG_WORKER,
+        RunRecord,
+    )
 
     cfg = load_config(config_path)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
@@ -129,7 +145,9 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         newest.setdefault(run.name, {})[run.tags.get(TAG_WORKER, "")] = run
     finished = parent.status != "RUNNING"
     # Killed (SIGKILL, a crash of its machine): its run never ended, and its pending jobs never start.
-    gone = not finished and _controller_gone(parent.tags.get(TAG_CONTROLLER))
+    gone = not finished and _controller_gone(
+        parent.tags.get(TAG_CONTROLLER), parent.tags.get(TAG_CONTROLLER_PROCESS)
+    )
     rows = []
     for job_id in job_ids:
         job = plan.jobs.get(job_id)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.cli import parse_args
+from jobs.cli import echo, parse_args
 from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
 from jobs.run import ENV_PARENT_RUN
@@ -36,7 +36,8 @@ from jobs.signals import interrupts_ignored, terminate_as_interrupt
 from jobs.tracking_buffers import replay_kept_records
 from selma_core.errors import EXIT_INVALID, ConfigError, EndpointError, InputError, SelmaError
 from selma_core.plan import PHASES
-from selma_core.tracking.base import TAG_CONTROLLER, TAG_FORCED, TAG_JOBS
+from selma_core.storage.lease import process_identity
+from selma_core.tracking.base import TAG_CONTROLLER, TAG_CONTROLLER_PROCESS, TAG_FORCED, TAG_JOBS
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _echo(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    echo(line)
 
 
 def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
@@ -459,6 +460,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             TAG_FORCED: ",".join(sorted(forced)),
             "selma.log_dir": str(log_dir),
             TAG_CONTROLLER: f"{socket.gethostname()}:{os.getpid()}",
+            TAG_CONTROLLER_PROCESS: process_identity(os.getpid()) or "",
         },
         params={"config": cfg.to_dict()},
         name=f"pipeline-{args.phase}",

@@ -917,7 +917,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"MLflow experiment (with --tracking-uri; default {DEFAULT_EXPERIMENT})",
     )
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error argparse explained on stderr
+        if e.code:
+            print(json.dumps({"error": "invalid command line (see the usage above)"}))
+        return int(e.code or 0)
     try:
         if args.command == "export":
             result = export_ab_set(

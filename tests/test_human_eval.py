@@ -372,6 +372,10 @@ def test_cli_bad_input_exits_2_naming_it(eval_dir, tmp_path, capsys):
     said = capsys.readouterr()
     assert "nokey.json: no such file" in said.err
     assert "nokey.json: no such file" in json.loads(said.out.strip().splitlines()[-1])["error"]
+    assert main(["ingest", "--key", "k.json", "r.json", "--resamples", "x"]) == 2  # a usage error
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"].startswith(
+        "invalid command line"
+    )
     assert main(["ingest", "--key", "k.json", "r.json", "--experiment", "x"]) == 2
     assert "--experiment needs --tracking-uri" in capsys.readouterr().err
     # The module entry point, as a job would run it: --help, and a bad variant (exit 2, named).

@@ -344,6 +344,20 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def process_identity(pid: int) -> str | None:
+    """ "BOOT NAMESPACE START" of process ``pid`` where /proc tells them (None elsewhere, or when it
+    does not run): this machine's boot, the PID namespace PIDs are read in here, and the process's
+    start time, which tell it from a process with the same PID on another machine, in another
+    container or after the PID was reused."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot} {namespace} {start}"
+
+
 def holder_is_dead(holder: dict, unchanged_for: float, now: float | None = None) -> bool:
     """Whether a lease's holder is taken to be dead (see the module docstring)."""
     now = time.time() if now is None else now

@@ -24,6 +24,9 @@ TAG_WORKER = "selma.worker"
 # A pipeline run's controller, "HOST:PID": jobs.status tells a controller that was killed (its run
 # never ended) from one at work, on the host it ran on.
 TAG_CONTROLLER = "selma.controller"
+# ... and its process where /proc tells it (selma_core.storage.lease.process_identity): only a
+# process of this machine and PID namespace can be told dead from here.
+TAG_CONTROLLER_PROCESS = "selma.controller_process"
 # A registered adapter version's weights (pytorch_lora_weights.safetensors), by their SHA-256.
 TAG_ADAPTER_SHA256 = "selma.adapter_sha256"
 

@@ -3,8 +3,10 @@ first one waits for the next safe point, for a bounded time (``selma_core.stoppi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -123,3 +125,48 @@ def test_sighup_interrupts_unless_nohup_ignores_it():
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+class HungUpTerminal:
+    """stderr after SIGHUP: the terminal is gone, every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(5, "Input/output error")
+
+    def flush(self) -> None:
+        raise OSError(5, "Input/output error")
+
+
+def test_a_hung_up_terminal_does_not_cut_a_deferred_step_short(monkeypatch):
+    """The step a controller must not cut in half (starting a job, whose handle lets it be
+    cancelled) finishes though the SIGHUP's message cannot be written."""
+    from jobs.signals import interrupts_deferred
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        terminate_as_interrupt()
+        monkeypatch.setattr(sys, "stderr", HungUpTerminal())
+        finished = []
+        with pytest.raises(KeyboardInterrupt), interrupts_deferred("starting a job"):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            finished.append(True)
+        assert finished == [True]
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_a_controller_interrupted_by_sighup_still_ends_with_its_json_line_and_130(monkeypatch, capsys):
+    import jobs.submit as submit_module
+
+    def hung_up(args):
+        sys.stderr = HungUpTerminal()
+        raise KeyboardInterrupt("signal 1")
+
+    monkeypatch.setattr(submit_module, "submit", hung_up)
+    monkeypatch.setattr(submit_module, "terminate_as_interrupt", lambda: None)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored after the test
+    assert submit_module.main(["--phase", "all", "--config", "configs/demo.yaml"]) == 130
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"] == "interrupted"

@@ -178,37 +178,48 @@ def test_a_pipeline_whose_controller_was_killed_says_so_and_its_pending_jobs_wil
     tiny_config, tmp_path
 ):
     """A controller killed outright (SIGKILL, the OOM killer) never ends its pipeline run: on the host
-    it ran on, status tells it from one at work, rather than show it running for ever."""
+    and in the PID namespace it ran in, status tells it from one at work, rather than show it running
+    for ever. Elsewhere (another machine, a container with the same host name) it cannot tell."""
     import socket
     import subprocess
     import sys
 
     from jobs.status import format_status
-    from selma_core.tracking.base import TAG_CONTROLLER
+    from selma_core.storage.lease import process_identity
+    from selma_core.tracking.base import TAG_CONTROLLER, TAG_CONTROLLER_PROCESS
 
     config = tiny_config(skills=["counting"])
     cfg = load_config(config)
     plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
     tracker = open_tracker(cfg.tracking)
     open_store(cfg.storage)  # made, nothing committed
-    dead = subprocess.run(
+    ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
+    host, dead, me = socket.gethostname(), ended.stdout.strip(), process_identity(os.getpid())
+    boot, namespace, started = me.split(" ")
+    cases = [
+        (f"{host}:{os.getpid()}", me, "running"),  # at work
+        (f"{host}:{os.getpid()}", f"{boot} {namespace} 1", "controller gone"),  # its PID taken since
+        (f"{host}:{dead}", f"{boot} {namespace} {started}", "controller gone"),  # ended
+        (f"{host}:{dead}", f"{boot} pid:[1] {started}", "running"),  # another container's PID
+        (f"another-host:{dead}", me, "running"),  # another machine's
+        (f"{host}:{dead}", None, "running"),  # nothing to tell it by
+    ]
     jobs = ["prompts:counting", "images:counting"]
-    for controller, expected in [
-        (f"{socket.gethostname()}:{os.getpid()}", "running"),
-        (f"another-host:{dead.stdout.strip()}", "running"),
-        (f"{socket.gethostname()}:{dead.stdout.strip()}", "controller gone"),
-    ]:
+    for controller, process, expected in cases:
         tags = {TAG_JOBS: ",".join(jobs), TAG_CONTROLLER: controller}
+        if process is not None:
+            tags[TAG_CONTROLLER_PROCESS] = process
         parent = tracker.start_pipeline_run(cfg.name, tags, {}, name="pipeline-all")
         job_run(tracker, cfg, parent, plan.jobs["prompts:counting"].name, "RUNNING")
         status = pipeline_status(str(config))
-        assert status["status"] == expected, controller
+        assert status["status"] == expected, (controller, process)
         states = {row["job"]: row["state"] for row in status["jobs"]}
         # A job it started may still run (its process outlives the controller); one never started never will.
         assert states == {
             "prompts:counting": "running",
             "images:counting": "not run" if expected == "controller gone" else "pending",
         }
-    assert f"its controller ({controller}) is gone" in format_status(status)
+        if expected == "controller gone":
+            assert f"its controller ({controller}) is gone" in format_status(status)
