@@ -1153,8 +1153,8 @@ class ExpertTrainer:
         def stop_asked() -> bool:
             """Whether training stops at the end of this step. Several processes stop at the same
             step (the checkpoint's, and each collective of the stop is every process's): they vote
-            twice a step (before and after rank 0's validation), on the CPU, and stop when any one
-            was asked to."""
+            at each step's end (and again after rank 0's validation), on the CPU, and stop when any
+            one was asked to."""
             if world_size == 1:
                 return stopping.stop_requested()
             return stoppable and distributed.any_process(stopping.stop_requested())
@@ -1250,7 +1250,10 @@ class ExpertTrainer:
                     unet.train()
                 if on_step and rank == 0:
                     on_step(step)
-                if stop_asked():  # a signal during rank 0's validation, voted on before the next step
+                # A signal during rank 0's validation, voted on before the next step (several
+                # processes: only at a step where rank 0 validates, the others waiting meanwhile).
+                validates = bool(cfg.validation_every and step % cfg.validation_every == 0)
+                if (world_size == 1 or validates) and stop_asked():
                     stop_here(step)
         unet.eval()
         return history
