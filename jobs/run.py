@@ -193,6 +193,14 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     return int(verdict.get("exit_code") or (130 if interrupted else code))
 
 
+def print_json_line(obj: dict) -> None:
+    """``obj`` as one line on stdout, in one write: under torchrun every process writes to the same
+    pipe, and ``print`` writes the text and its newline apart, so two processes failing at once
+    could run their lines into one that is no JSON (the launcher would lose both)."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def _stop_when_parent_dies() -> None:
     """In torchrun's process, before it starts (Linux): SIGTERM when the launcher dies, however it
     dies (SIGKILL after a cancel's grace period): torchrun then stops its processes, which would
@@ -533,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(outcome: dict) -> None:
         if rank == 0:
-            print(json.dumps(outcome, default=str))
+            print_json_line(outcome)
         elif outcome.get("status") == "failed":
-            print(json.dumps({**outcome, "rank": rank}, default=str))
+            print_json_line({**outcome, "rank": rank})
 
     try:
         outcome = run_job(args.phase, args.skill, args.config, shard, args.force, args.num_shards)

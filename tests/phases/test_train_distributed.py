@@ -565,3 +565,17 @@ def test_a_killed_launcher_still_stops_torchrun_and_its_processes_with_a_checkpo
     assert "stopped after step 2 of 5 on SIGTERM" in killed.stderr, killed.stderr[-3000:]
     [key_dir] = tmp_path.glob("store/experts/counting/*")
     assert sorted(p.name for p in (key_dir / "_checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_a_process_writes_its_result_line_whole(tiny_config, capsys, monkeypatch):
+    """Every process under torchrun writes to one pipe: a result line goes out in one write (atomic
+    on a pipe), not as print's text and newline apart, which another process's line could split."""
+    from jobs.run import main
+
+    writes: list[str] = []
+    monkeypatch.setattr(sys.stdout, "write", lambda text: writes.append(text) or len(text))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--phase", "images", "--skill", "counting", "--config", str(tiny_config())]) == 2
+    [line] = [w for w in writes if w.startswith("{")]
+    assert line.endswith("\n") and json.loads(line)["rank"] == 1
