@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -151,15 +150,10 @@ def run_dag(
         # Ctrl-C, SIGTERM or an error of the controller itself: no job is left running unwatched,
         # not even when the interrupt comes again while the jobs clean up.
         if running:
-            # After SIGHUP the terminal is gone, and writing to it fails: the jobs are cancelled all the same.
-            with contextlib.suppress(OSError):
-                echo(
-                    f"cancelling {', '.join(running)} (further interrupts are ignored until they have ended)"
-                )
+            echo(f"cancelling {', '.join(running)} (further interrupts are ignored until they have ended)")
             with interrupts_ignored():
                 errors = executor.cancel_all([handle for handle, _, _ in running.values()])
-            with contextlib.suppress(OSError):
-                for job_id, error in errors.items():
-                    echo(f"could not cancel {job_id}: {error}")
+            for job_id, error in errors.items():
+                echo(f"could not cancel {job_id}: {error}")
         raise
     return [outcomes[j.id] for j in jobs]

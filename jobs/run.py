@@ -120,7 +120,7 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         if not args.master_addr:
             error = "--nnodes > 1 needs --master-addr (the host of node 0)"
             print(f"error: {error}", file=sys.stderr)
-            print(json.dumps(failed_result(args, error, ConfigError.exit_code)))
+            print_json_line(failed_result(args, error, ConfigError.exit_code))
             return ConfigError.exit_code
         command += [
             f"--nnodes={args.nnodes}",
@@ -187,7 +187,7 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     own = [r for r in results if "rank" not in r]
     verdict = (invalid or own or results or [{}])[0 if invalid else -1]
     if verdict and results and verdict is not results[-1]:
-        print(json.dumps(verdict), flush=True)  # the last line is the job's result
+        print_json_line(verdict)  # the last line is the job's result
     if verdict.get("status") in ("ran", "skipped"):
         return 0  # committed (or found committed) before the interrupt came
     return int(verdict.get("exit_code") or (130 if interrupted else code))
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards is not None and args.num_shards is not None:
         error = "--shards and --num-shards: give one (--shards picks merge-search candidates)"
         print(f"error: {error}", file=sys.stderr)
-        print(json.dumps(failed_result(args, error, ConfigError.exit_code)))
+        print_json_line(failed_result(args, error, ConfigError.exit_code))
         return ConfigError.exit_code
     if args.shards is not None:
         try:
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"$JOB_COMPLETION_INDEX={os.environ.get('JOB_COMPLETION_INDEX')}"
             )
             print(f"error: {error}", file=sys.stderr)
-            print(json.dumps(failed_result(args, error, ConfigError.exit_code)))
+            print_json_line(failed_result(args, error, ConfigError.exit_code))
             return ConfigError.exit_code
     # Under torchrun rank 0 reports the job; the others report only their own failure, marked with
     # their rank (and say it on stderr), so the launcher can tell a configuration error on one rank

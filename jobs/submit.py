@@ -115,10 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _echo(line: str) -> None:
-    echo(line)
-
-
 def forced_jobs(plan, specs: list[str], selected: set[str]) -> set[str]:
     """The selected jobs ``--force`` names, and every selected job downstream of them."""
     named: set[str] = set()
@@ -226,7 +222,7 @@ def resolve_registry_aliases(cfg) -> None:
             if version is None:
                 raise ConfigError(f"eval model {model}: no alias {alias!r} of {name!r} in {cfg.tracking.uri}")
             model = f"models:/{name}/{version.version}"
-            _echo(f"eval: {name}@{alias} is version {version.version}")
+            echo(f"eval: {name}@{alias} is version {version.version}")
         resolved.append(model)
     cfg.eval.models = resolved
 
@@ -311,7 +307,7 @@ def validate(cfg, skills, dry_run: bool = False) -> None:
         except ConfigError as e:
             if not dry_run:
                 raise
-            _echo(f"warning: {e} (the prompts jobs would stop on it)")
+            echo(f"warning: {e} (the prompts jobs would stop on it)")
     elif generated and cfg.prompts.backend == "offline":
         for skill in generated:
             if not skill.offline.templates:
@@ -349,11 +345,11 @@ def _print_results(store, plan) -> None:
     except (FileNotFoundError, EndpointError):
         return
     except InputError as e:  # a damaged table (size or checksum): say so, never print it; the jobs are done
-        _echo(f"\nEvaluation table not shown: {e}")
+        echo(f"\nEvaluation table not shown: {e}")
         return
-    _echo("\nEvaluation (mean [95% interval] per skill; differences vs base on the same prompts):\n" + table)
+    echo("\nEvaluation (mean [95% interval] per skill; differences vs base on the same prompts):\n" + table)
     attempt = store.read_manifest(job.key)["attempt"]
-    _echo(f"Report: {store.url(job.key)}/{attempt}/report.html (figures/ beside it)")
+    echo(f"Report: {store.url(job.key)}/{attempt}/report.html (figures/ beside it)")
 
 
 def write_config_snapshot(cfg, path: Path) -> None:
@@ -397,7 +393,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     with naming_the_file(cfg):  # merge_search's grid
         plan = build_plan(cfg, skills)
     for name, dataset in plan.datasets.items():
-        _echo(
+        echo(
             f"skill {name}: external dataset {dataset.root} ({dataset.layout}, {dataset.files} files, "
             f"fingerprint {dataset.fingerprint[:12]}): no prompts or images jobs"
         )
@@ -410,12 +406,12 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     if not selected:
         raise ConfigError(f"--phase {args.phase}: no such jobs in this pipeline (is merge_search.enabled?)")
     for name in without:
-        _echo(f"note: {plan.dataset_note(name, args.phase)}")
+        echo(f"note: {plan.dataset_note(name, args.phase)}")
     forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # The pid too: two controllers started in the same second must not share (and overwrite) logs.
     log_dir = Path(cfg.executor.log_dir) / f"{cfg.name}-{stamp}-{os.getpid()}"
-    executor = make_executor(cfg, cfg.executor.kind, str(log_dir), args.follow_logs, _echo)
+    executor = make_executor(cfg, cfg.executor.kind, str(log_dir), args.follow_logs, echo)
     config_snapshot = log_dir / "config.yaml"
     job_config = executor.job_config_path or str(config_snapshot)
 
@@ -426,7 +422,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         try:
             executor.check_reachable()
         except ConfigError as e:
-            _echo(f"warning: {e}")
+            echo(f"warning: {e}")
         if executor.job_config_path is None:  # the printed commands read it: they run as shown
             write_config_snapshot(cfg, config_snapshot)
         print(executor.dry_run(selected, command_for))
@@ -436,9 +432,9 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     store = open_store(cfg.storage)
     tracker = open_tracker(cfg.tracking)
     try:  # records earlier jobs could not send (MLflow was down as they ended): MLflow answers now
-        replay_kept_records(store, Path(cfg.cache_dir), echo=_echo)
+        replay_kept_records(store, Path(cfg.cache_dir), echo=echo)
     except Exception as e:  # they stay in the store for the next controller
-        _echo(f"warning: could not send the tracking records kept in the store: {e}")
+        echo(f"warning: could not send the tracking records kept in the store: {e}")
     selected_ids = {j.id for j in selected}
     for job in selected:
         for dep in job.deps:
@@ -467,7 +463,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     )
     env = {ENV_PARENT_RUN: parent, "SELMA_GIT_COMMIT": commit}
     executor.begin(parent, commit)
-    _echo(f"pipeline {cfg.name}: {len(selected)} jobs on the {executor.name} executor; logs in {log_dir}")
+    echo(f"pipeline {cfg.name}: {len(selected)} jobs on the {executor.name} executor; logs in {log_dir}")
     outcomes: list[JobOutcome] = []
     ended: dict[str, JobOutcome] = {}
     try:
@@ -479,7 +475,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             cfg.executor.max_parallel,
             lambda job: job.id not in forced and store.is_committed(job.key),
             lambda job: store.url(job.key),
-            echo=_echo,
+            echo=echo,
             ended=ended,
             output_exists=lambda job: store.is_committed(job.key),
         )
@@ -496,16 +492,16 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             try:
                 tracker.end_pipeline_run(parent, ok, {"jobs": [o.to_dict() for o in outcomes]}, log_dir)
             except Exception as e:  # the jobs' outcomes stand (their outputs are in the store)
-                _echo(f"warning: could not close the pipeline's MLflow run {parent}: {e}")
+                echo(f"warning: could not close the pipeline's MLflow run {parent}: {e}")
     for outcome in outcomes:
         if outcome.status == "failed":
-            _echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")
+            echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")
     if args.phase in ("all", "eval"):
         _print_results(store, plan)
-    _echo(f"\nStore: {cfg.storage.uri}\nMLflow: {cfg.tracking.uri} (experiment {cfg.name!r}, run {parent})")
+    echo(f"\nStore: {cfg.storage.uri}\nMLflow: {cfg.tracking.uri} (experiment {cfg.name!r}, run {parent})")
     if cfg.tracking.uri.startswith("sqlite:"):
-        _echo(f"  browse it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    _echo(f"Logs: {log_dir}")
+        echo(f"  browse it with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    echo(f"Logs: {log_dir}")
     return _exit_code(ok, outcomes), outcomes
 
 
@@ -531,11 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code, outcomes = submit(args)
     except SelmaError as e:
-        _echo(f"error: {e}")
+        echo(f"error: {e}")
         print(json.dumps({"jobs": _ended(e), "error": str(e)}))
         return e.exit_code
     except KeyboardInterrupt as e:
-        _echo("interrupted: running jobs were cancelled")
+        echo("interrupted: running jobs were cancelled")
         print(json.dumps({"jobs": _ended(e), "error": "interrupted"}))
         return 130
     except Exception as e:  # a bug or an unforeseen failure: the traceback, and still the JSON line

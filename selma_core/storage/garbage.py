@@ -66,7 +66,7 @@ SCANNED = (
 )
 # Where this project's writes go: where a write left unfinished is looked for (the caches included:
 # their writes are ours too), never the whole store or bucket, which other tools may share.
-WRITTEN = ("prompts", "images", "experts", "merged", "merge-search", "eval", "cache", "_tracking")
+WRITTEN = tuple(dict.fromkeys(prefix.split("/")[0] for prefix in SCANNED))
 ATTEMPT = re.compile(r"[0-9a-f]{12}")  # commit_dir's attempt folders: uuid4().hex[:12]
 RESUME_STATE = ("_shards", "_partial", "_checkpoints")
 LEASE = "_inflight.json"  # selma_core.storage.lease.LEASE: a job's, or an images process's
