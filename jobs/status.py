@@ -8,7 +8,10 @@ the config's experiment. States: pending, running, done, skipped (its output was
 committed), failed, not run (a dependency failed, or the pipeline stopped first), and "done (run
 not closed)" (its output committed, its MLflow run never ended). Times are ISO 8601, in UTC. An
 images job of several processes (``images.num_jobs``) is running while any of them is, failed if
-any failed, done when its output is committed. The last line printed is one JSON object.
+any failed, done when its output is committed. The pipeline itself is running, finished or
+failed, or, when its run never ended: "controller gone" (its controller's process ended: told on
+its own machine only) or "controller silent" (no heartbeat for 10 minutes: told from anywhere).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs.cli import parse_args
+from jobs.heartbeat import SILENT_AFTER_S
 from selma_core.errors import ConfigError, SelmaError
 
 
@@ -87,6 +92,14 @@ def _controller_gone(controller: str | None, process: str | None) -> bool:
     return now is None or now.split(" ")[2] != started or not pid_alive(int(pid))
 
 
+def _epoch_s(value: str | None) -> float | None:
+    """A heartbeat tag's time, in epoch seconds; None for none (a pipeline of an older selma)."""
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
 def _failed_before_its_run(log_dir: str | None, job) -> bool:
     """Whether the job's log, where it is on this machine, ends with its failure."""
     from jobs.executors.local import last_json_line
@@ -104,6 +117,7 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     from selma_core.tracking import open_tracker
     from selma_core.tracking.base import (
         TAG_CONTROLLER,
+        TAG_CONTROLLER_HEARTBEAT,
         TAG_CONTROLLER_PROCESS,
         TAG_FORCED,
         TAG_JOBS,
@@ -148,6 +162,9 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
     gone = not finished and _controller_gone(
         parent.tags.get(TAG_CONTROLLER), parent.tags.get(TAG_CONTROLLER_PROCESS)
     )
+    # From anywhere: no heartbeat for long. Killed, or cut off from MLflow: it cannot be told which.
+    heartbeat = _epoch_s(parent.tags.get(TAG_CONTROLLER_HEARTBEAT))
+    silent = not finished and not gone and heartbeat is not None and time.time() - heartbeat > SILENT_AFTER_S
     rows = []
     for job_id in job_ids:
         job = plan.jobs.get(job_id)
@@ -183,8 +200,9 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
         rows.append(row)
     return {
         "pipeline": parent.run_id,
-        "status": "controller gone" if gone else parent.status.lower(),
+        "status": "controller gone" if gone else "controller silent" if silent else parent.status.lower(),
         "controller": parent.tags.get(TAG_CONTROLLER),
+        "heartbeat": _when(int(heartbeat * 1000)) if heartbeat is not None else None,
         "started": _when(parent.start_ms),
         "logs": parent.tags.get("selma.log_dir"),
         "jobs": rows,
@@ -200,6 +218,12 @@ def format_status(status: dict) -> str:
         lines.append(
             f"its controller ({status['controller']}) is gone, killed before it could end the pipeline: "
             "jobs it started may still run, pending ones will not start; run jobs.submit again to finish"
+        )
+    elif status["status"] == "controller silent":
+        lines.append(
+            f"its controller ({status['controller']}) has not renewed its heartbeat since "
+            f"{status['heartbeat']}: it was killed, or it cannot reach MLflow. Pending jobs start only "
+            "while it runs: if it is gone, run jobs.submit again to finish"
         )
     lines += [
         "| job | state | start | end | output | MLflow run |",

@@ -31,6 +31,7 @@ import yaml
 from jobs.cli import echo, parse_args
 from jobs.dag import JobOutcome, run_dag
 from jobs.executors import job_command, make_executor
+from jobs.heartbeat import ControllerHeartbeat, beat_tag
 from jobs.run import ENV_PARENT_RUN
 from jobs.signals import interrupts_ignored, terminate_as_interrupt
 from jobs.tracking_buffers import replay_kept_records
@@ -457,6 +458,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
             "selma.log_dir": str(log_dir),
             TAG_CONTROLLER: f"{socket.gethostname()}:{os.getpid()}",
             TAG_CONTROLLER_PROCESS: process_identity(os.getpid()) or "",
+            **beat_tag(),
         },
         params={"config": cfg.to_dict()},
         name=f"pipeline-{args.phase}",
@@ -467,18 +469,19 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     outcomes: list[JobOutcome] = []
     ended: dict[str, JobOutcome] = {}
     try:
-        outcomes = run_dag(
-            selected,
-            executor,
-            command_for,
-            env,
-            cfg.executor.max_parallel,
-            lambda job: job.id not in forced and store.is_committed(job.key),
-            lambda job: store.url(job.key),
-            echo=echo,
-            ended=ended,
-            output_exists=lambda job: store.is_committed(job.key),
-        )
+        with ControllerHeartbeat(tracker, parent):  # status tells a killed controller from anywhere
+            outcomes = run_dag(
+                selected,
+                executor,
+                command_for,
+                env,
+                cfg.executor.max_parallel,
+                lambda job: job.id not in forced and store.is_committed(job.key),
+                lambda job: store.url(job.key),
+                echo=echo,
+                ended=ended,
+                output_exists=lambda job: store.is_committed(job.key),
+            )
     except BaseException as e:
         outcomes = list(ended.values())
         e.outcomes = outcomes  # type: ignore[attr-defined]  # for the last JSON line

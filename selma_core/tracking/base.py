@@ -27,6 +27,9 @@ TAG_CONTROLLER = "selma.controller"
 # ... and its process where /proc tells it (selma_core.storage.lease.process_identity): only a
 # process of this machine and PID namespace can be told dead from here.
 TAG_CONTROLLER_PROCESS = "selma.controller_process"
+# ... and, from anywhere, when it last said it was alive: the controller's clock, in epoch seconds,
+# renewed every minute while the pipeline runs (jobs/heartbeat.py).
+TAG_CONTROLLER_HEARTBEAT = "selma.controller_heartbeat"
 # A registered adapter version's weights (pytorch_lora_weights.safetensors), by their SHA-256.
 TAG_ADAPTER_SHA256 = "selma.adapter_sha256"
 
@@ -140,6 +143,10 @@ class Tracker(ABC):
 
     @abstractmethod
     def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]: ...
+
+    @abstractmethod
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set tags on a run now, unbuffered: for the controller's heartbeat, worthless when late."""
 
     # -- the model registry -------------------------------------------------------------------
 

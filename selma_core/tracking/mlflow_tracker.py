@@ -760,6 +760,11 @@ class MlflowTracker(Tracker):
     def child_runs(self, experiment: str, parent_run_id: str) -> list[RunRecord]:
         return list(self._records(experiment, f"tags.mlflow.parentRunId = '{parent_run_id}'"))
 
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
     def model_version(
         self, name: str, version: str | None = None, alias: str | None = None
     ) -> ModelVersion | None:

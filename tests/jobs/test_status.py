@@ -7,6 +7,8 @@ import os
 import time
 from datetime import datetime
 
+import pytest
+
 from jobs.status import pipeline_status
 from selma_core.config import load_config
 from selma_core.plan import build_plan
@@ -223,3 +225,49 @@ def test_a_pipeline_whose_controller_was_killed_says_so_and_its_pending_jobs_wil
         }
         if expected == "controller gone":
             assert f"its controller ({controller}) is gone" in format_status(status)
+
+
+def test_a_pipeline_whose_controller_stopped_beating_is_controller_silent_from_any_machine(
+    tiny_config, tmp_path
+):
+    """A controller on another machine (a CI runner, a pod) cannot be told dead by its PID; its
+    heartbeat, renewed every minute in MLflow, tells from anywhere that it stopped: "controller
+    silent" after 10 minutes without one. A pipeline of an older selma, without the tag, is running."""
+    from jobs.heartbeat import SILENT_AFTER_S
+    from jobs.status import format_status
+    from selma_core.tracking.base import TAG_CONTROLLER, TAG_CONTROLLER_HEARTBEAT
+
+    config = tiny_config(skills=["counting"])
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    tracker = open_tracker(cfg.tracking)
+    open_store(cfg.storage)
+    jobs = ["prompts:counting", "images:counting"]
+    now = time.time()
+    for heartbeat, expected in [
+        (now - 30, "running"),
+        (now - SILENT_AFTER_S - 60, "controller silent"),
+        (None, "running"),
+    ]:
+        tags = {TAG_JOBS: ",".join(jobs), TAG_CONTROLLER: "ci-runner-7:4242"}
+        if heartbeat is not None:
+            tags[TAG_CONTROLLER_HEARTBEAT] = f"{heartbeat:.3f}"
+        parent = tracker.start_pipeline_run(cfg.name, tags, {}, name="pipeline-all")
+        job_run(tracker, cfg, parent, plan.jobs["prompts:counting"].name, "RUNNING")
+        status = pipeline_status(str(config))
+        assert status["status"] == expected, heartbeat
+        # It may be cut off from MLflow only: its jobs are not called dead.
+        assert {row["job"]: row["state"] for row in status["jobs"]} == {
+            "prompts:counting": "running",
+            "images:counting": "pending",
+        }
+        if heartbeat is not None:
+            assert datetime.fromisoformat(status["heartbeat"]).timestamp() == pytest.approx(heartbeat, abs=1)
+        if expected == "controller silent":
+            text = format_status(status)
+            assert "its controller (ci-runner-7:4242) has not renewed its heartbeat since" in text
+            assert "run jobs.submit again" in text
+    # An ended pipeline is what its run says, however old its last heartbeat.
+    tracker.client.set_terminated(parent, "FINISHED")
+    tracker.set_run_tags(parent, {TAG_CONTROLLER_HEARTBEAT: f"{now - 86400:.3f}"})
+    assert pipeline_status(str(config), parent)["status"] == "finished"

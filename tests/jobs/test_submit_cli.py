@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,13 +16,16 @@ import pytest
 from conftest import REPO, free_port, skills_with_a_starved_one, untouched_mlflow_db
 
 
-def submit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def submit(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jobs.submit", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -194,7 +198,9 @@ def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
     config = tiny_config(
         skills=["counting", "tiny"], skills_dir=str(skills), prompts={"max_useless_requests": 2}
     )
-    assert submit("--phase", "prompts", "--config", str(config)).returncode == 2
+    # Beats every 0.2 s: the pipeline (two jobs, each a Python process) runs for seconds.
+    ran = submit("--phase", "prompts", "--config", str(config), env={"SELMA_CONTROLLER_HEARTBEAT_S": "0.2"})
+    assert ran.returncode == 2
     status = subprocess.run(
         [sys.executable, "-m", "jobs.status", "--config", str(config)],
         capture_output=True,
@@ -205,6 +211,14 @@ def test_status_of_a_failed_pipeline(tiny_config, tmp_path):
     report = last_json(status.stdout)
     assert report["status"] == "failed"
     assert report["controller"].startswith(f"{socket.gethostname()}:")  # who ran it, where
+    # Its heartbeat was renewed while the jobs ran, not only set as the run opened.
+    from selma_core.config import load_config
+    from selma_core.tracking import open_tracker
+    from selma_core.tracking.base import TAG_CONTROLLER_HEARTBEAT
+
+    cfg = load_config(config)
+    run = open_tracker(cfg.tracking, create=False).pipeline_run(cfg.name, report["pipeline"])
+    assert float(run.tags[TAG_CONTROLLER_HEARTBEAT]) - run.start_ms / 1000 >= 1
     assert {row["job"]: row["state"] for row in report["jobs"]} == {
         "prompts:counting": "done",
         "prompts:tiny": "failed",
