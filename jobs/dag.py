@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from jobs.cli import echo as cli_echo
 from jobs.executors.base import Executor, JobHandle, JobState
 from jobs.signals import interrupts_deferred, interrupts_ignored
+from selma_core.errors import EXIT_INVALID
 from selma_core.plan import JobSpec
 
 
@@ -121,12 +122,23 @@ def run_dag(
                 ok = status.state == JobState.SUCCEEDED
                 exit_code = status.exit_code
                 if ok and output_exists is not None and not output_exists(job):
-                    # Its executor took it for done without its word (a pod log lost with its Job).
-                    ok, exit_code = False, 1
-                    result = {
-                        **result,
-                        "error": f"reported success, but its output {output_url(job)} is not in the store",
-                    }
+                    planned, reported = output_url(job), result.get("output")
+                    if reported and reported != planned:
+                        # It planned its own key, from inputs that changed since this plan (a dataset
+                        # skill's data edited since submit; another selma in the job's image). Its
+                        # retry would do the same: not worth one. A new plan finds its output.
+                        ok, exit_code = False, EXIT_INVALID
+                        error = (
+                            f"committed its output at {reported}, not at {planned} as this pipeline "
+                            "planned: its inputs changed between planning and the job's start (a "
+                            "dataset skill's data edited since submit, or a job image that runs other "
+                            "selma code than the controller); submit the pipeline again: it plans "
+                            "with the inputs as they are now, and finds that output"
+                        )
+                    else:  # its executor took it for done without its word (a pod log lost with its Job)
+                        ok, exit_code = False, 1
+                        error = f"reported success, but its output {planned} is not in the store"
+                    result = {**result, "error": error}
                 # A job may itself find its output committed (a racing controller): then it skipped.
                 state = ("skipped" if result.get("status") == "skipped" else "ran") if ok else "failed"
                 finish(

@@ -319,6 +319,29 @@ def validate(cfg, skills, dry_run: bool = False) -> None:
         resolve_weights(cfg.merge, cfg.skills)
 
 
+def _check_heldout_captions(cfg, skills, selected) -> None:
+    """A dataset skill that holds no caption out (``dataset.heldout: 0``) has nothing for the
+    selected eval (heldout benchmark) or merge-weight search to score it on: refused now, not after
+    its expert is trained and merged."""
+    readers = [
+        what
+        for phase, what in (
+            ("eval", "eval.benchmark: heldout" if cfg.eval.benchmark == "heldout" else None),
+            ("merge-search", "merge_search.enabled"),
+        )
+        if what and any(job.phase == phase for job in selected)
+    ]
+    for skill in skills.values():
+        if readers and skill.dataset is not None and skill.dataset.heldout == 0:
+            where = Path(cfg.skills_path) / f"{skill.name}.yaml"
+            raise ConfigError(
+                f"skill {skill.name!r} ({where}): dataset.heldout: 0 "
+                f"holds out no caption, and {' and '.join(readers)} score every skill on its held-out "
+                "captions: hold some out (e.g. heldout: 0.1), or evaluate on a benchmark "
+                "(eval.benchmark: dsg1k or tifa)"
+            )
+
+
 def _unwritable(folder: Path) -> str | None:
     """Why jobs could not write in ``folder`` (made when first needed), or None. Tried for real (a
     permission check says yes to root, where a read-only mount still refuses), with a folder made
@@ -408,6 +431,7 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
         raise ConfigError(f"--phase {args.phase}: no such jobs in this pipeline (is merge_search.enabled?)")
     for name in without:
         echo(f"note: {plan.dataset_note(name, args.phase)}")
+    _check_heldout_captions(cfg, skills, selected)
     forced = forced_jobs(plan, args.force, {j.id for j in selected})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # The pid too: two controllers started in the same second must not share (and overwrite) logs.

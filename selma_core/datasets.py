@@ -190,6 +190,34 @@ def _pick_layout(
     return "webdataset", shards
 
 
+def file_name_of(name: str) -> str:
+    """A metadata row's ``file_name`` as a path inside the dataset, as Hugging Face's imagefolder
+    reads it: ``\\`` taken for ``/``, a leading ``./`` dropped."""
+    name = name.strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def _named_in(metadata: bytes, used: list[str]) -> list[str]:
+    """Of an imagefolder's files, ``metadata.jsonl`` and the images its rows name: the images under
+    the folder that no row names (a full COCO folder beside a subset's metadata) are neither hashed
+    nor part of the fingerprint. Rows the reader refuses are left to it: it names them by line."""
+    named: set[str] = set()
+    try:
+        text = metadata.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = ""
+    for line in text.split("\n"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+            named.add(file_name_of(row["file_name"]))
+    return [n for n in used if n == METADATA_FILE or n in named]
+
+
 def _more(missing: list[str]) -> str:
     return f" (and {len(missing) - 1} more of the pattern's shards)" if len(missing) > 1 else ""
 
@@ -221,7 +249,7 @@ def list_dataset(
     """
     resolved = resolve_uri(uri, base_dir)
     if resolved.startswith("s3://"):
-        return _list_s3(resolved, storage, layout, endpoint_url)
+        return _list_s3(resolved, storage, layout, endpoint_url, scratch_dir)
     return _list_local(resolved, layout, scratch_dir)
 
 
@@ -257,6 +285,13 @@ def _list_local(path: str, layout: Layout, scratch_dir: str | Path | None) -> Da
                     names.append(rel)
         names.sort()
     chosen, used = _pick_layout(path, names, layout, shards_only)
+    if chosen == "imagefolder":
+        where = Path(root) / METADATA_FILE
+        try:
+            metadata = where.read_bytes()
+        except OSError as e:
+            raise InputError(f"{where}: cannot read it: {e}") from e
+        used = _named_in(metadata, used)
     hashes = _HashCache(root, scratch_dir)
     files = tuple(DatasetFile(rel, *hashes.size_and_sha256(Path(root) / rel)) for rel in used)
     hashes.save()
@@ -372,7 +407,11 @@ def _shown(key: str) -> str:
 
 
 def _list_s3(
-    root: str, storage: StorageConfig | None, layout: Layout, endpoint_url: str | None
+    root: str,
+    storage: StorageConfig | None,
+    layout: Layout,
+    endpoint_url: str | None,
+    scratch_dir: str | Path | None = None,
 ) -> DatasetListing:
     store = _s3_store(root, storage, endpoint_url)
     bucket, _, path = root[len("s3://") :].partition("/")
@@ -406,6 +445,9 @@ def _list_s3(
             raise InputError(f"dataset {root}: no objects under it (expected {METADATA_FILE} or .tar shards)")
         names = sorted(found)
     chosen, used = _pick_layout(root, names, layout, shards_only)
+    if chosen == "imagefolder":  # read as the reader will: If-Match its ETag, kept in scratch
+        only_metadata = DatasetListing(base, chosen, (found[METADATA_FILE],), store.endpoint_url)
+        used = _named_in(_Files(only_metadata, scratch_dir, storage).read(METADATA_FILE), used)
     return DatasetListing(
         root=base, layout=chosen, files=tuple(found[n] for n in used), endpoint_url=store.endpoint_url
     )
@@ -419,11 +461,12 @@ class _Files:
     S3 object downloaded to scratch (``If-Match`` its listed ETag) and reused while the ETag holds."""
 
     def __init__(
-        self, listing: DatasetListing, scratch_dir: str | Path, storage: StorageConfig | None
+        self, listing: DatasetListing, scratch_dir: str | Path | None, storage: StorageConfig | None
     ) -> None:
         self.listing = listing
         self.s3 = listing.root.startswith("s3://")
-        self.scratch = Path(scratch_dir) / "datasets"
+        # None: S3 objects are downloaded for each read, kept nowhere
+        self.scratch = Path(scratch_dir) / "datasets" if scratch_dir is not None else None
         self.store = _s3_store(listing.root, storage, listing.endpoint_url) if self.s3 else None
         self.hashes = None if self.s3 else _HashCache(listing.root, scratch_dir)
 
@@ -460,10 +503,9 @@ class _Files:
         bucket, _, folder = self.listing.root[len("s3://") :].partition("/")
         key = f"{folder}/{entry.path}" if folder else entry.path
         name = hashlib.sha256(f"{bucket}/{key}@{entry.version}".encode()).hexdigest()[:32]
-        local = self.scratch / "s3" / f"{name}.{_extension(entry.path) or 'bin'}"
-        if local.is_file() and local.stat().st_size == entry.size:
+        local = self.scratch / "s3" / f"{name}.{_extension(entry.path) or 'bin'}" if self.scratch else None
+        if local is not None and local.is_file() and local.stat().st_size == entry.size:
             return local.read_bytes()  # downloaded before, for this very ETag (renamed in whole)
-        local.parent.mkdir(parents=True, exist_ok=True)
         client = self.store.client
 
         def get() -> bytes:  # the whole body inside the retried call: a reset mid-read is retried too
@@ -483,7 +525,9 @@ class _Files:
             raise self._changed(entry) from e
         if len(data) != entry.size:
             raise self._changed(entry)
-        _write_atomically(local, data, prefix=f".{local.name}.")
+        if local is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(local, data, prefix=f".{local.name}.")
         return data
 
 
@@ -541,9 +585,7 @@ def _read_imagefolder(
         name = row.get("file_name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{where}: no 'file_name' (the image's path inside {files.listing.root})")
-        name = name.strip().replace("\\", "/")
-        while name.startswith("./"):  # Hugging Face's imagefolder reads "./a.png" as "a.png"
-            name = name[2:]
+        name = file_name_of(name)
         if not _safe_rel(name):
             raise InputError(f"{where}: file_name {name!r}: expected a path inside the dataset's folder")
         where = f"{where} ({name})"
@@ -553,6 +595,11 @@ def _read_imagefolder(
                 f"{where}: expected an image file ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
             )
         if not files.exists(name):
+            if _is_hidden(name):  # the listing skips them: "not found" would contradict `ls`
+                raise InputError(
+                    f"{where}: image {files.listing.where(name)}: a hidden path (a part starts with "
+                    "'.'), which the dataset's listing skips: move or rename it"
+                )
             raise InputError(f"{where}: image {files.listing.where(name)} not found")
         seen[name] = seen.get(name, 0) + 1  # several captions of one image: one sample each
         sample_id = name if seen[name] == 1 else f"{name}#{seen[name]}"
@@ -589,9 +636,6 @@ def _read_webdataset(
                     key, ext = _sample_key(member.name)
                     if not ext or key.rsplit("/", 1)[-1].startswith((".", "_")):
                         continue  # no extension, hidden or metadata members (e.g. __key__): not sample data
-                    if ext in IMAGE_EXTENSIONS and not images:
-                        samples.setdefault(key, {})[ext] = b""
-                        continue
                     samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
                 end = tar.offset
         except (tarfile.TarError, EOFError) as e:
@@ -617,8 +661,17 @@ def _read_webdataset(
             if key in seen:
                 raise InputError(f"{where}: the key is also in {seen[key]}; sample keys must be unique")
             seen[key] = shard
-            meta = {"id": key, "prompt": caption, "shard": entry.path, "source": "dataset"}
-            pairs.append((meta, members[image_ext]))
+            image = members[image_ext]
+            # The split's identity of the image (``_image_of``): read with the captions alone too.
+            digest = hashlib.sha256(image).hexdigest()
+            meta = {
+                "id": key,
+                "prompt": caption,
+                "shard": entry.path,
+                "source": "dataset",
+                "image_sha256": digest,
+            }
+            pairs.append((meta, image if images else b""))
     if not pairs:
         raise InputError(f"dataset {files.listing.root}: no samples in its shards: the dataset is empty")
     return pairs
@@ -677,7 +730,8 @@ def read_external_dataset(
     the shards by name, then each shard's samples), at most ``max_samples`` of them.
 
     Metadata: ``id`` (imagefolder: the file name, ``#2``... for further captions of one image;
-    webdataset: the sample's key), ``prompt`` (the caption), ``file`` or ``shard``, ``source``.
+    webdataset: the sample's key), ``prompt`` (the caption), ``file`` or ``shard`` (webdataset also
+    ``image_sha256``: what tells its image from another's for the split), ``source``.
     ``uri``: a local path (relative to ``base_dir``), a shard pattern, or ``s3://bucket/prefix``
     (downloaded to ``scratch_dir``; ``storage``'s endpoint, region and retries). ``images`` False:
     captions only, the image bytes empty and (imagefolder) not read. ``listing``: the files as
@@ -720,18 +774,60 @@ def heldout_count(distinct: int, heldout: int | float) -> int:
     return count
 
 
+def _image_of(meta: dict) -> str:
+    """What tells one image from another for the split: its file (imagefolder), the SHA-256 of its
+    bytes (webdataset: a captioned dataset often repeats an image in one sample per caption), else
+    the sample."""
+    return str(meta.get("file") or meta.get("image_sha256") or meta.get("id"))
+
+
 def split_dataset(pairs: list[Pair], heldout: int | float) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, held-out pairs), each in the dataset's order.
 
-    The unit is the distinct caption (lower case, whitespace collapsed), so a held-out caption is
-    never trained on, whichever images carry it. The held-out captions are those whose SHA-256 is
-    smallest: the split depends on the set of captions only (not on their order, the images, the
-    layout or where the data is), so the train and eval jobs, each reading the dataset, agree.
+    The unit is a group of distinct captions (lower case, whitespace collapsed) joined by the images
+    they share: COCO's five captions of one image are one group. A held-out caption is never trained
+    on, whichever images carry it, and neither is an image of one: otherwise its other captions,
+    paraphrases of the held-out one, would teach the expert the answer. Groups are taken by their
+    captions' smallest SHA-256 until ``heldout`` captions are held out (a group is never split; one
+    that would leave nothing to train on is passed over). The split depends on the pairs of caption
+    and image only (not on their order, the layout or where the data is), so the train and eval
+    jobs, each reading the dataset, agree.
     """
-    distinct = sorted({normalize_caption(meta["prompt"]) for meta, _ in pairs}, key=_caption_rank)
-    held = set(distinct[: heldout_count(len(distinct), heldout)])
-    train = [p for p in pairs if normalize_caption(p[0]["prompt"]) not in held]
-    kept = [p for p in pairs if normalize_caption(p[0]["prompt"]) in held]
+    captions = [normalize_caption(meta["prompt"]) for meta, _ in pairs]
+    distinct = sorted(set(captions), key=_caption_rank)
+    count = heldout_count(len(distinct), heldout)
+    if not count:
+        return list(pairs), []
+    group = {caption: caption for caption in distinct}  # union-find: caption -> a caption of its group
+
+    def root(caption: str) -> str:
+        while group[caption] != caption:
+            group[caption] = group[group[caption]]
+            caption = group[caption]
+        return caption
+
+    first_caption: dict[str, str] = {}
+    for (meta, _), caption in zip(pairs, captions, strict=True):
+        a, b = root(caption), root(first_caption.setdefault(_image_of(meta), caption))
+        if a != b:
+            group[max(a, b, key=_caption_rank)] = min(a, b, key=_caption_rank)
+    groups: dict[str, list[str]] = {}
+    for caption in distinct:  # rank order: each group comes at its smallest caption's place
+        groups.setdefault(root(caption), []).append(caption)
+    held: set[str] = set()
+    for members in groups.values():
+        if len(held) >= count:
+            break
+        if len(held) + len(members) < len(distinct):
+            held.update(members)
+    if not held:
+        raise InputError(
+            f"the dataset's {len(distinct)} distinct caption(s) are one group, joined by the images "
+            "they share: holding any out would hold out every image (set dataset.heldout: 0 and "
+            "evaluate on a benchmark: eval.benchmark dsg1k or tifa)"
+        )
+    train = [p for p, caption in zip(pairs, captions, strict=True) if caption not in held]
+    kept = [p for p, caption in zip(pairs, captions, strict=True) if caption in held]
     return train, kept
 
 

@@ -209,7 +209,9 @@ def build_plan(cfg: PipelineConfig, skills: dict[str, Skill]) -> Plan:
             datasets[name] = ExternalDataset(
                 skill.dataset.uri, listing.root, listing.layout, listing.fingerprint, len(listing.files)
             )
-            data = {**skill.dataset.output_dict(), "files": listing.fingerprint}
+            # "split": held-out groups of captions and the images they share (selma_core.datasets.
+            # split_dataset); experts trained under the split by caption alone are trained again.
+            data = {**skill.dataset.output_dict(), "files": listing.fingerprint, "split": "image-groups"}
             heldout_data[name] = data
             experts.append(add("train", name, {**base, "dataset": data}, []))
             continue

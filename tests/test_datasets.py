@@ -209,13 +209,16 @@ def test_auto_layout_and_explicit_layouts(tmp_path):
         ([{"file_name": "missing.png", "text": "x"}], "line 2 (missing.png): image"),
         ([{"file_name": "../a.png", "text": "x"}], "expected a path inside the dataset's folder"),
         ([{"file_name": "a.gif", "text": "x"}], "expected an image file"),
+        # The listing skips hidden paths: the file exists, and the message must not say otherwise.
+        ([{"file_name": ".thumbs/b.png", "text": "x"}], "a hidden path (a part starts with '.')"),
         ([], "no rows: the dataset is empty"),
     ],
 )
 def test_bad_imagefolder_rows_are_named(tmp_path, rows, message):
     """Line 1 is good; the bad row after it is named by its line."""
-    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".thumbs").mkdir(parents=True)
     (tmp_path / "d" / "a.png").write_bytes(image_bytes((1, 1, 1)))
+    (tmp_path / "d" / ".thumbs" / "b.png").write_bytes(image_bytes((2, 2, 2)))
     make_imagefolder(tmp_path / "d", [{"file_name": "a.png", "text": "ok"}, *rows])
     if not rows:  # an empty metadata.jsonl
         (tmp_path / "d" / "metadata.jsonl").write_text("\n")
@@ -314,6 +317,29 @@ def test_fingerprint_follows_the_contents_not_the_place(tmp_path):
     assert len({first, changed_image, changed_caption}) == 3
 
 
+def test_images_no_row_names_are_not_part_of_the_dataset(tmp_path, monkeypatch):
+    """A subset's metadata.jsonl beside a whole folder of images (COCO's 118k): only the images its
+    rows name are listed, hashed and keyed; adding another image to the folder changes nothing."""
+    import selma_core.storage.base as base
+
+    root = make_imagefolder(tmp_path / "a")
+    listing = list_dataset(str(root), scratch_dir=tmp_path / "scratch")
+    assert len(listing.files) == 13  # metadata.jsonl and its 12 images
+    (root / "images" / "unused.png").write_bytes(image_bytes((5, 5, 5)))
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "more.jpg").write_bytes(image_bytes((6, 6, 6), "JPEG"))
+    hashed = []
+    real = base.sha256_file
+    monkeypatch.setattr(base, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    assert list_dataset(str(root), scratch_dir=tmp_path / "scratch") == listing
+    assert hashed == []  # nothing new hashed: the unnamed images are not read at all
+    # Named by a row ("./" and "\\" spelled as Hugging Face reads them), it is part of it.
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    make_imagefolder(root, [*rows, {"file_name": ".\\images\\unused.png", "text": "one more"}])
+    named = list_dataset(str(root), scratch_dir=tmp_path / "scratch")
+    assert "images/unused.png" in {f.path for f in named.files} and len(named.files) == 14
+
+
 def test_hashes_are_remembered_but_a_change_after_listing_is_caught(tmp_path, monkeypatch):
     import selma_core.storage.base as base
 
@@ -371,6 +397,58 @@ def test_a_heldout_caption_is_never_trained_on():
     assert all(r["id"].startswith("mine-") and r["split"] == "heldout" for r in records)
 
 
+def test_an_image_with_several_captions_is_held_out_whole():
+    """COCO-style data, five paraphrases per image: holding out one caption holds out its image and
+    so every caption of that image; otherwise the paraphrases trained on would leak the answer."""
+    pairs = [
+        ({"id": f"img{i}.png#{j}", "prompt": f"image {i} caption {j}", "file": f"img{i}.png"}, b"")
+        for i in range(8)
+        for j in range(5)
+    ]
+    train, held = split_dataset(pairs, 0.1)  # 4 of 40 captions: one whole image, 5 captions
+    held_images = {m["file"] for m, _ in held}
+    assert len(held_images) == 1 and len(held) == 5
+    assert held_images.isdisjoint(m["file"] for m, _ in train)
+    assert len(train) == 35
+    # The same data as one WebDataset sample per caption: the image repeats, told by its bytes.
+    wds = [
+        ({"id": f"s{i}{j}", "prompt": f"image {i} caption {j}", "image_sha256": f"sha-of-{i}"}, b"")
+        for i in range(8)
+        for j in range(5)
+    ]
+    wds_train, wds_held = split_dataset(wds, 0.1)
+    assert {m["prompt"] for m, _ in wds_held} == {m["prompt"] for m, _ in held}
+    # A caption shared by two images joins their groups: neither image is trained on.
+    shared = [*pairs, ({"id": "img9.png", "prompt": "image 0 caption 0", "file": "img9.png"}, b"")]
+    _, held = split_dataset(shared, 5)
+    held_files = {m["file"] for m, _ in held}
+    assert "img9.png" in held_files or "img0.png" not in held_files
+    # Every caption linked into one group: nothing can be held out but all of it.
+    one = [({"id": f"x{j}", "prompt": f"caption {j}", "file": "same.png"}, b"") for j in range(5)]
+    with pytest.raises(InputError, match="are one group, joined by the images they share"):
+        split_dataset(one, 1)
+
+
+def test_a_webdataset_read_for_its_captions_tells_its_images_apart_as_when_read_whole(tmp_path):
+    """The eval job reads a dataset's captions alone (images=False), the train job reads it whole:
+    both must see the same images, or their splits would differ."""
+    same = image_bytes((3, 3, 3), "JPEG")
+    samples = [(f"k{j}", {"jpg": same, "txt": f"the one image, caption {j}".encode()}) for j in range(3)]
+    samples += [
+        (f"o{i}", {"png": image_bytes((i * 40, 9, 9)), "txt": f"other {i}".encode()}) for i in range(6)
+    ]
+    make_shard(tmp_path / "wds" / "train-0000.tar", samples)
+    whole = read_external_dataset(str(tmp_path / "wds"), tmp_path / "s")
+    captions_only = read_external_dataset(str(tmp_path / "wds"), tmp_path / "s", images=False)
+    assert [m for m, _ in whole] == [m for m, _ in captions_only]
+    assert all(image == b"" for _, image in captions_only)
+    assert len({m["image_sha256"] for m, _ in whole}) == 7
+    for heldout in (1, 3, 4):
+        held = [m for m, _ in split_dataset(whole, heldout)[1]]
+        assert held == [m for m, _ in split_dataset(captions_only, heldout)[1]]
+        assert len({m["id"] for m in held} & {"k0", "k1", "k2"}) in (0, 3)  # the one image: whole
+
+
 def test_split_that_leaves_nothing_to_train_on():
     with pytest.raises(InputError, match="2 distinct caption"):
         split_dataset(pairs_of(["a", "a", "b"]), 2)
@@ -405,8 +483,11 @@ def test_s3_datasets(moto_s3, tmp_path):
     assert [m["id"] for m, _ in wds] == [f"s{i:04d}" for i in range(8)]
     assert [m["prompt"] for m, _ in wds] == CAPTIONS[:8]
 
+    # An image no row names is not part of the dataset (listed without a scratch folder: nothing kept).
+    client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/if/images/unused.png", Body=image_bytes((8, 8, 8)))
     listing = list_dataset(f"s3://{S3_BUCKET}/{prefix}/if", storage)
     assert listing.layout == "imagefolder" and len(listing.files) == 13
+    assert "images/unused.png" not in {f.path for f in listing.files}
     assert all(f.version and f.size for f in listing.files)  # ETags and sizes
     # An object replaced after the listing: the read refuses it (If-Match), naming it.
     client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/if/images/07.png", Body=image_bytes((7, 7, 7)))
@@ -522,6 +603,24 @@ def test_the_controller_says_a_dataset_skill_has_no_images_job(tmp_path, model_c
     planned = {(j["phase"], j.get("skill")) for j in json.loads(out.out.strip().splitlines()[-1])["jobs"]}
     assert ("train", "mine") in planned and ("prompts", "mine") not in planned
     assert "skill mine: external dataset" in out.err and "imagefolder, 13 files" in out.err
+
+
+def test_a_dataset_skill_holding_out_nothing_is_refused_before_any_job_when_eval_scores_held_out_captions(
+    tmp_path, model_cache, capsys
+):
+    """``heldout: 0`` and the default ``eval.benchmark: heldout``: the eval job would fail after the
+    expert is trained and merged (hours, with real models). Refused first, naming both settings;
+    training alone, or another benchmark, goes ahead."""
+    from jobs import submit as controller
+
+    config = str(dataset_pipeline(tmp_path, model_cache, heldout=0))
+    assert controller.main(["--phase", "all", "--dry-run", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "skill 'mine'" in err and "dataset.heldout: 0 holds out no caption" in err
+    assert "eval.benchmark: heldout" in err and "eval.benchmark: dsg1k or tifa" in err
+    assert controller.main(["--phase", "train", "--dry-run", "--config", config]) == 0
+    capsys.readouterr()
+    assert controller.main(["--phase", "all", "--benchmark", "dsg1k", "--dry-run", "--config", config]) == 0
 
 
 def test_the_controller_refuses_a_relative_dataset_on_kubernetes(tmp_path, model_cache, capsys):

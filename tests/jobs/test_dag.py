@@ -123,6 +123,42 @@ def test_a_success_without_its_output_in_the_store_is_a_failure_worth_a_retry():
     assert outcomes["prompts:a"].status == "ran"
 
 
+def test_a_job_that_committed_under_another_key_than_planned_fails_with_exit_2_and_says_why():
+    """A job plans its own key: when its inputs changed after the controller planned (a dataset
+    skill's data edited since submit), it commits elsewhere. Retrying it would skip and report the
+    same; a new submit plans from the data as it is now and finds that output."""
+
+    class Elsewhere(ScriptedExecutor):
+        def poll(self, handle):
+            status = super().poll(handle)
+            if handle.job.id == "train:a":
+                status.result["output"] = "store/t/a-edited"
+            return status
+
+    outcomes = {
+        o.job: o
+        for o in run_dag(
+            pipeline(skills=("a",)),
+            Elsewhere(),
+            lambda j: ["run", j.id],
+            {},
+            2,
+            lambda j: False,
+            lambda j: f"store/{j.key}",
+            poll_interval=0,
+            echo=lambda line: None,
+            output_exists=lambda j: j.id != "train:a",
+        )
+    }
+    moved = outcomes["train:a"]
+    assert moved.status == "failed" and moved.exit_code == 2
+    assert moved.error.startswith(
+        "committed its output at store/t/a-edited, not at store/t/a as this pipeline planned"
+    )
+    assert "submit the pipeline again" in moved.error
+    assert outcomes["merge"].status == "blocked"
+
+
 def test_interrupt_cancels_running_jobs_and_keeps_the_ended_ones_outcomes():
     class Interrupting(ScriptedExecutor):
         def poll(self, handle):
