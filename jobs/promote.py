@@ -2,7 +2,8 @@
 
     python -m jobs.promote --config configs/sd15.yaml [--version 7]
 
-Compares the candidate (``--version``, else the version with alias ``candidate``) with the current
+Compares the candidate (``--version``, else the version with alias ``candidate``, unless a merge of
+another configuration of the same name registered it: then this configuration's own) with the current
 ``champion`` on the evaluation scores tagged on each version: promoted only if its mean score is
 not worse and no skill regresses by more than ``promote.max_skill_regression`` (nor is missing:
 ``selma_core.promotion``). Promotion moves
@@ -77,25 +78,67 @@ def judgement_digest(candidate: dict, champion: dict | None, champion_version: s
     )
 
 
-def _how_to_register(cfg, config_path: str) -> str:
-    """What registers the candidate: the merge job, or, where its output is committed already (it
-    registered it at another tracking server, or before registration was on), its forced rerun."""
+def _merge_key(cfg) -> str | None:
+    """The store key of this configuration's merge output; None when the plan cannot be built here
+    (a dataset skill's data out of reach)."""
     from selma_core.plan import build_plan
     from selma_core.skills import load_skills
+
+    try:
+        return build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).jobs["merge"].key
+    except (SelmaError, OSError, KeyError):
+        return None
+
+
+def _how_to_register(cfg, config_path: str, key: str | None) -> str:
+    """What registers the candidate: the merge job, or, where its output is committed already (it
+    registered it at another tracking server, or before registration was on), its forced rerun."""
     from selma_core.storage import open_store
 
     run = f"python -m jobs.submit --phase all --config {config_path}"
     try:
-        merge = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).jobs["merge"]
-        committed = open_store(cfg.storage, create=False).is_committed(merge.key)
-    except (SelmaError, OSError, KeyError):  # the store unreachable: the general advice
+        committed = key is not None and open_store(cfg.storage, create=False).is_committed(key)
+    except (SelmaError, OSError):  # the store unreachable: the general advice
         committed = False
     if not committed:
         return f"the merge phase registers one ({run})"
     return (
-        f"the merge output in the store ({merge.key}) was registered elsewhere (another tracking "
+        f"the merge output in the store ({key}) was registered elsewhere (another tracking "
         "server, or before merge.register was on), and a rerun skips the committed merge: "
         f"rerun it to register it here ({run.replace(' --config', ' --force merge --config')})"
+    )
+
+
+def _candidate(tracker, cfg, config_path: str, name: str):
+    """This configuration's candidate: the version holding ``merge.alias``, unless a merge of another
+    configuration registered it (its ``selma.store_key`` is not this configuration's merge output:
+    the pipeline's name is shared, and a rerun that skips its committed merge moves no alias).
+    Then the newest version of this configuration's merge output; a ``ConfigError`` when there is
+    none. A version registered by hand (no store key) is judged as the alias says."""
+    from selma_core.tracking.base import TAG_STORE_KEY
+
+    alias = cfg.merge.alias
+    holder = tracker.model_version(name, alias=alias)
+    key = _merge_key(cfg)
+    held = holder.tags.get(TAG_STORE_KEY) if holder is not None else None
+    if holder is not None and (key is None or held in (None, key)):
+        return holder
+    mine = tracker.newest_model_version_with_tag(name, TAG_STORE_KEY, key) if key else None
+    where = f"registered model {name!r} at {cfg.tracking.uri}"
+    if mine is not None:
+        print(
+            f"note: alias {alias!r} is on v{holder.version}, the merged model of another configuration "
+            f"({held}); judging v{mine.version}, this configuration's ({key})",
+            file=sys.stderr,
+        )
+        return mine
+    if holder is None:
+        raise ConfigError(
+            f"{where} has no version with alias {alias!r}: {_how_to_register(cfg, config_path, key)}"
+        )
+    raise ConfigError(
+        f"{where}: alias {alias!r} is on v{holder.version}, the merged model of another configuration "
+        f"({held}), and no version is this configuration's ({key}): {_how_to_register(cfg, config_path, key)}"
     )
 
 
@@ -127,20 +170,14 @@ def promote(args: argparse.Namespace) -> dict:
             return unchanged(name, None, None, why)
         raise ConfigError(why)
     tracker = open_tracker(cfg.tracking, create=False)
-    candidate = (
-        tracker.model_version(name, version=args.version)
-        if args.version
-        else tracker.model_version(name, alias=cfg.merge.alias)
-    )
-    if candidate is None:
-        if args.version:
+    if args.version:
+        candidate = tracker.model_version(name, version=args.version)
+        if candidate is None:
             raise ConfigError(
                 f"registered model {name!r} at {cfg.tracking.uri} has no version {args.version}"
             )
-        raise ConfigError(
-            f"registered model {name!r} at {cfg.tracking.uri} has no version with alias "
-            f"{cfg.merge.alias!r}: {_how_to_register(cfg, args.config)}"
-        )
+    else:
+        candidate = _candidate(tracker, cfg, args.config, name)
     champion = tracker.model_version(name, alias="champion")
     if champion is not None and champion.version == candidate.version:
         # Nothing new was trained (a rerun that skipped everything): not a failure, nothing to do.

@@ -183,7 +183,8 @@ def pipeline_status(config_path: str, pipeline: str | None = None) -> dict:
             state = "failed"  # before it opened its run (the store or MLflow unreachable, a lease)
         else:  # a forced job never started (blocked) is not skipped, though an old output exists
             state = "not run" if finished or gone else "pending"
-        ends = [run.end_ms for run in runs]
+        # A run still running has no end (MLflow keeps an end time on a run resumed to log into it).
+        ends = [run.end_ms if run.status != "RUNNING" else None for run in runs]
         row = {
             "job": job.id,
             "phase": job.phase,

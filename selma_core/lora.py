@@ -248,4 +248,29 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, pipeline_class: Any = N
     pipeline_class.save_lora_weights(
         str(path), unet_lora_layers=unet_layers, unet_lora_adapter_metadata=config, safe_serialization=True
     )
+    canonical_safetensors(Path(path) / WEIGHT_NAME)
     return Path(path)
+
+
+def canonical_safetensors(path: str | Path) -> None:
+    """Put a safetensors file's metadata in key order, in place, so the same tensors and metadata
+    are the same bytes. safetensors writes ``__metadata__`` from a Rust HashMap, whose order
+    changes from one process to the next; an adapter's SHA-256 is what tells a registered version's
+    weights from another's (a merge retried after registering must find its version).
+
+    The header is rewritten at its length (padded with spaces, as safetensors pads it): the
+    tensors' offsets, counted from its end, stay where they are."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > length:  # not written as safetensors writes: left as it is
+            return
+        f.seek(8)
+        f.write(canonical.ljust(length, b" "))

@@ -106,3 +106,60 @@ def test_load_adapter_refuses_non_safetensors_and_missing(tmp_path):
         load_adapter(tmp_path / "x.bin")
     with pytest.raises(InputError, match="no pytorch_lora_weights.safetensors"):
         load_adapter(tmp_path)
+
+
+def test_an_adapter_saved_in_separate_processes_is_the_same_bytes(tmp_path):
+    """safetensors writes its metadata from a Rust HashMap, in an order that changes between
+    processes: the same adapter gave other bytes, so another SHA-256, and a merge retried after
+    registering registered a second version of the same weights. Saved here in four processes."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "import sys, torch\n"
+        "from selma_core.lora import LoraAdapter, LoraLayer, save_adapter\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "layer = LoraLayer(down=torch.randn(2, 5, generator=g), up=torch.randn(6, 2, generator=g))\n"
+        "adapter = LoraAdapter({'unet.a.to_q': layer}, rank=2, alpha=4.0, config={'r': 2, 'lora_alpha': 4})\n"
+        "save_adapter(adapter, sys.argv[1])\n"
+    )
+    files = []
+    for i in range(4):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, cwd=REPO)
+        files.append((tmp_path / str(i) / WEIGHT_NAME).read_bytes())
+    assert len(set(files)) == 1
+    with safe_open(str(tmp_path / "0" / WEIGHT_NAME), "pt") as f:
+        assert set(f.metadata()) == {"format", "lora_adapter_metadata"}
+
+
+def test_canonical_safetensors_orders_the_metadata_and_moves_no_tensor(tmp_path):
+    import json
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from selma_core.lora import canonical_safetensors
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    metadata = {"z": "last", "format": "pt", "m": '{"nested": "json"}'}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    # The same file with its metadata in the reverse order, as another process may write it.
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    other = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode().ljust(length, b" ")
+    reversed_path = tmp_path / "r.safetensors"
+    reversed_path.write_bytes(raw[:8] + other + raw[8 + length :])
+    for p in (path, reversed_path):
+        canonical_safetensors(p)
+    assert path.read_bytes() == reversed_path.read_bytes()
+    assert len(path.read_bytes()) == len(raw)
+    assert list(json.loads(path.read_bytes()[8 : 8 + length])["__metadata__"]) == ["format", "m", "z"]
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == metadata

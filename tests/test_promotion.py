@@ -273,3 +273,49 @@ def test_a_missing_candidate_is_named_with_the_run_that_registers_it(tiny_config
     said = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
     assert f"the merge output in the store ({merge.key}) was registered elsewhere" in said
     assert said.endswith(f"(python -m jobs.submit --phase all --force merge --config {config})")
+
+
+def test_the_candidate_is_this_configurations_merged_model_not_whatever_holds_the_alias(tiny_config, capsys):
+    """Two configurations share the pipeline's name (train.steps edited, then put back): the other's
+    merge registered last and holds 'candidate'; this one's rerun skipped its committed merge, so
+    moved no alias. promote judges this configuration's version, found by its merge output's key,
+    and says so; with none registered here, it refuses, naming both, rather than judge another's."""
+    import mlflow
+
+    from jobs.promote import main
+    from selma_core.config import load_config
+    from selma_core.plan import build_plan
+    from selma_core.skills import load_skills
+    from selma_core.tracking import open_tracker
+    from selma_core.tracking.base import TAG_STORE_KEY
+
+    config = str(tiny_config())
+    cfg = load_config(config)
+    name = cfg.registered_model_name
+    mine = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills)).jobs["merge"].key
+    tracker = open_tracker(cfg.tracking)
+    client = mlflow.MlflowClient(cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    client.create_registered_model(name)
+
+    def version(key: str, mean: float) -> str:
+        scores = {f"selma.eval.clip_score.{s}": str(mean) for s in ("a", "mean")}
+        made = client.create_model_version(
+            name, source=f"{cfg.cache_dir}/nowhere", tags={TAG_STORE_KEY: key, **scores}
+        )
+        client.set_registered_model_alias(name, "candidate", made.version)
+        return str(made.version)
+
+    others = "merged/00000000000000ff"
+    version(others, 1.0)
+    assert main(["--config", config]) == 2
+    error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+    assert f"alias 'candidate' is on v1, the merged model of another configuration ({others})" in error
+    assert f"no version is this configuration's ({mine})" in error
+
+    v2 = version(mine, 5.0)
+    version(others, 9.0)  # v3, the other configuration's again: it holds the alias
+    assert main(["--config", config]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.splitlines()[-1])["candidate"] == v2
+    assert f"judging v{v2}, this configuration's ({mine})" in out.err
+    assert tracker.model_version(name, alias="champion").version == v2

@@ -177,6 +177,8 @@ def export_kohya(adapter, path) -> None:
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
+    from selma_core.lora import canonical_safetensors
+
     peft_state = {}
     for module, layer in adapter.layers.items():
         peft_state[f"{module}.lora_A.weight"] = layer.down.float().contiguous()
@@ -188,6 +190,7 @@ def export_kohya(adapter, path) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora", "format": "pt"})
+    canonical_safetensors(path)
 
 
 def export_fused(
@@ -210,7 +213,7 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
     from selma_core.models.loading import resolve_model_path
     from selma_core.storage.base import sha256_file
     from selma_core.tracking import TAG_CONFIG_HASH
-    from selma_core.tracking.base import TAG_ADAPTER_SHA256
+    from selma_core.tracking.base import TAG_ADAPTER_SHA256, TAG_STORE_KEY
 
     cfg: MergeConfig = ctx.config.merge
     skills = list(ctx.config.skills)
@@ -274,7 +277,7 @@ def merge_skill_experts(ctx, skill_name: str | None = None) -> dict:
                     alias=cfg.alias,
                     base_model_revision=ctx.config.base_model_revision,
                     tags={
-                        "selma.store_key": ctx.job.key,
+                        TAG_STORE_KEY: ctx.job.key,
                         TAG_CONFIG_HASH: ctx.config.config_hash(),
                         "selma.skills": ",".join(skills),
                         "selma.base_model": ctx.config.base_model,

@@ -1398,7 +1398,7 @@ class ExpertTrainer:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        from selma_core.lora import lora_config_dict
+        from selma_core.lora import WEIGHT_NAME, canonical_safetensors, lora_config_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet))
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
@@ -1406,6 +1406,7 @@ class ExpertTrainer:
         type(self.pipe).save_lora_weights(
             str(path), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
         )
+        canonical_safetensors(Path(path) / WEIGHT_NAME)
 
 
 def refuse_non_linear_targets(unet, target_modules: list[str]) -> None:

@@ -32,6 +32,9 @@ TAG_CONTROLLER_PROCESS = "selma.controller_process"
 TAG_CONTROLLER_HEARTBEAT = "selma.controller_heartbeat"
 # A registered adapter version's weights (pytorch_lora_weights.safetensors), by their SHA-256.
 TAG_ADAPTER_SHA256 = "selma.adapter_sha256"
+# ... and the merge output it is (its store key): what tells this configuration's version from
+# another's under one registered model name (jobs.promote).
+TAG_STORE_KEY = "selma.store_key"
 
 
 class JobRun(ABC):
@@ -155,6 +158,10 @@ class Tracker(ABC):
         self, name: str, version: str | None = None, alias: str | None = None
     ) -> ModelVersion | None:
         """A registered model's version by number or alias; None when there is no such version."""
+
+    @abstractmethod
+    def newest_model_version_with_tag(self, name: str, tag: str, value: str) -> ModelVersion | None:
+        """The registered model's newest version tagged ``tag`` = ``value``; None when none is."""
 
     @abstractmethod
     def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from selma_core.errors import ConfigError, EndpointError
-from selma_core.tracking.base import TAG_ADAPTER_SHA256, JobRun, ModelVersion, RunRecord, Tracker
+from selma_core.tracking.base import (
+    TAG_ADAPTER_SHA256,
+    TAG_STORE_KEY,
+    JobRun,
+    ModelVersion,
+    RunRecord,
+    Tracker,
+)
 
 # Bound MLflow's own HTTP retries (default 7 with exponential backoff: minutes) for job processes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -519,12 +526,16 @@ class MlflowJobRun(JobRun):
 
         mlflow.set_tracking_uri(self.tracker.uri)
         mlflow.set_registry_uri(self.tracker.uri)
-        version = self._registered_version(
-            model_name, tags.get("selma.store_key"), tags.get(TAG_ADAPTER_SHA256)
-        )
+        version = self._registered_version(model_name, tags.get(TAG_STORE_KEY), tags.get(TAG_ADAPTER_SHA256))
         if version is None:
-            with mlflow.start_run(run_id=self.run_id):
+            # The flavor logs into the active run. Not `with mlflow.start_run(...)`: leaving that
+            # block ends the run FINISHED, and a job killed before its commit would look done. The
+            # run is left RUNNING as it was; only end_job_run ends it.
+            mlflow.start_run(run_id=self.run_id)
+            try:
                 info = _log_adapter_model(adapter_dir, base_model, model_name, base_model_revision)
+            finally:
+                mlflow.end_run(status="RUNNING")
             version = str(info.registered_model_version)
         self.tracker.set_model_version_tags(model_name, version, tags)
         self.tracker.set_model_alias(model_name, alias, version)
@@ -783,6 +794,20 @@ class MlflowTracker(Tracker):
         return ModelVersion(
             name, str(found.version), dict(found.tags), list(getattr(found, "aliases", []) or [])
         )
+
+    def newest_model_version_with_tag(self, name: str, tag: str, value: str) -> ModelVersion | None:
+        from mlflow.exceptions import MlflowException
+
+        quoted = value.replace("'", "\\'")
+        try:
+            found = self.client.search_model_versions(f"name='{name}' and tags.`{tag}`='{quoted}'")
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        if not found:
+            return None
+        return self.model_version(name, version=str(max(int(v.version) for v in found)))
 
     def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():

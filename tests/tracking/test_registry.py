@@ -20,7 +20,11 @@ def test_a_pinned_base_model_revision_is_what_the_registered_model_records(tmp_p
         adapter, base, "reg", "candidate", {"k": "v"}, base_model_revision="0123abc"
     )
     unpinned = run.register_lora_adapter(adapter, base, "reg", "candidate", {})
+    # Registering leaves the job's run as it was: running, and not the process's active run. A job
+    # killed before its commit must not look done (only end_job_run ends the run).
+    assert tracker.client.get_run(run.run_id).info.status == "RUNNING" and mlflow.active_run() is None
     tracker.end_job_run(run, True)
+    assert tracker.client.get_run(run.run_id).info.status == "FINISHED"
 
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_registry_uri(tracker.uri)  # another test in this process may have set another
