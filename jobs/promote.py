@@ -126,11 +126,14 @@ def _candidate(tracker, cfg, config_path: str, name: str):
     mine = tracker.newest_model_version_with_tag(name, TAG_STORE_KEY, key) if key else None
     where = f"registered model {name!r} at {cfg.tracking.uri}"
     if mine is not None:
-        print(
-            f"note: alias {alias!r} is on v{holder.version}, the merged model of another configuration "
-            f"({held}); judging v{mine.version}, this configuration's ({key})",
-            file=sys.stderr,
+        # No holder: the alias was renamed (merge.alias is not part of the merge's key, so the
+        # committed merge was skipped and set none) or removed by hand.
+        where_alias = (
+            f"alias {alias!r} is on v{holder.version}, the merged model of another configuration ({held})"
+            if holder is not None
+            else f"no version holds alias {alias!r}"
         )
+        print(f"note: {where_alias}; judging v{mine.version}, this configuration's ({key})", file=sys.stderr)
         return mine
     if holder is None:
         raise ConfigError(

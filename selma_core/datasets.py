@@ -37,11 +37,13 @@ key that names other data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -526,8 +528,11 @@ class _Files:
         if len(data) != entry.size:
             raise self._changed(entry)
         if local is not None:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(local, data, prefix=f".{local.name}.")
+            # The kept copy saves a download next time, no more: a scratch folder that cannot be
+            # written (a controller's on Kubernetes, where the cache is the pods') fails nothing.
+            with contextlib.suppress(OSError):
+                local.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomically(local, data, prefix=f".{local.name}.")
         return data
 
 
@@ -788,10 +793,11 @@ def split_dataset(pairs: list[Pair], heldout: int | float) -> tuple[list[Pair], 
     they share: COCO's five captions of one image are one group. A held-out caption is never trained
     on, whichever images carry it, and neither is an image of one: otherwise its other captions,
     paraphrases of the held-out one, would teach the expert the answer. Groups are taken by their
-    captions' smallest SHA-256 until ``heldout`` captions are held out (a group is never split; one
-    that would leave nothing to train on is passed over). The split depends on the pairs of caption
-    and image only (not on their order, the layout or where the data is), so the train and eval
-    jobs, each reading the dataset, agree.
+    captions' smallest SHA-256 while they fit in the ``heldout`` captions wanted, then the one group
+    that comes nearest it if it comes nearer (a group is never split, nor one taken that would leave
+    nothing to train on): a large group is not held out whole for its rank. The split depends on
+    the pairs of caption and image only (not on their order, the layout or where the data is), so
+    the train and eval jobs, each reading the dataset, agree.
     """
     captions = [normalize_caption(meta["prompt"]) for meta, _ in pairs]
     distinct = sorted(set(captions), key=_caption_rank)
@@ -815,11 +821,20 @@ def split_dataset(pairs: list[Pair], heldout: int | float) -> tuple[list[Pair], 
     for caption in distinct:  # rank order: each group comes at its smallest caption's place
         groups.setdefault(root(caption), []).append(caption)
     held: set[str] = set()
-    for members in groups.values():
-        if len(held) >= count:
-            break
-        if len(held) + len(members) < len(distinct):
+    left = []
+    for members in groups.values():  # the groups that fit in what is still wanted
+        if len(held) + len(members) <= count:
             held.update(members)
+        else:
+            left.append(members)
+    # Then the one group that comes nearest the count, where it comes nearer than none (or none is
+    # held yet) and leaves captions to train on: a large group (one caption on many images) is not
+    # taken past the count for its rank.
+    fits = [m for m in left if len(held) + len(m) < len(distinct)]
+    if len(held) < count and fits:
+        nearest = min(fits, key=lambda m: abs(len(held) + len(m) - count))
+        if not held or abs(len(held) + len(nearest) - count) < count - len(held):
+            held.update(nearest)
     if not held:
         raise InputError(
             f"the dataset's {len(distinct)} distinct caption(s) are one group, joined by the images "
@@ -911,7 +926,14 @@ def load_training_pairs(ctx, skill_name: str) -> list[Pair]:
         from selma_core.phases.images import read_image_dataset
 
         return read_image_dataset(ctx.fetch("images", skill_name))
-    train, _ = split_dataset(read_skill_dataset(ctx, skill_name), ctx.skills[skill_name].dataset.heldout)
+    pairs = read_skill_dataset(ctx, skill_name)
+    train, held = split_dataset(pairs, ctx.skills[skill_name].dataset.heldout)
+    captions = len({normalize_caption(meta["prompt"]) for meta, _ in held})
+    print(
+        f"skill {skill_name}: training on {len(train)} of the dataset's {len(pairs)} pairs; {len(held)} "
+        f"held out ({captions} caption(s) and every image that carries one)",
+        file=sys.stderr,
+    )
     return train
 
 

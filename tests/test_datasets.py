@@ -423,6 +423,16 @@ def test_an_image_with_several_captions_is_held_out_whole():
     _, held = split_dataset(shared, 5)
     held_files = {m["file"] for m, _ in held}
     assert "img9.png" in held_files or "img0.png" not in held_files
+    # A templated caption on nine of ten images joins them into one group of 10 captions: it is not
+    # held out whole for its rank (that trained on one image); the lone image's captions are.
+    templated = [
+        ({"id": f"t{i}", "prompt": f"dog photo {i}", "file": f"t{i}.png"}, b"") for i in range(10)
+    ] + [({"id": f"t{i}#2", "prompt": "two dogs on the grass", "file": f"t{i}.png"}, b"") for i in range(9)]
+    for heldout in (0.1, 1):
+        train, held = split_dataset(templated, heldout)
+        assert [m["id"] for m, _ in held] == ["t9"] and len(train) == 18
+    # Only groups of 5: as near the count as whole groups come, and never none.
+    assert [len(split_dataset(pairs, n)[1]) for n in (1, 2, 3, 7, 8)] == [5, 5, 5, 5, 10]
     # Every caption linked into one group: nothing can be held out but all of it.
     one = [({"id": f"x{j}", "prompt": f"caption {j}", "file": "same.png"}, b"") for j in range(5)]
     with pytest.raises(InputError, match="are one group, joined by the images they share"):
@@ -488,6 +498,10 @@ def test_s3_datasets(moto_s3, tmp_path):
     listing = list_dataset(f"s3://{S3_BUCKET}/{prefix}/if", storage)
     assert listing.layout == "imagefolder" and len(listing.files) == 13
     assert "images/unused.png" not in {f.path for f in listing.files}
+    # Listing reads metadata.jsonl; a scratch folder it cannot write (a Kubernetes controller's
+    # cache_dir) only means no copy is kept.
+    (tmp_path / "a-file").write_text("not a folder")
+    assert list_dataset(listing.root, storage, scratch_dir=tmp_path / "a-file" / "cache") == listing
     assert all(f.version and f.size for f in listing.files)  # ETags and sizes
     # An object replaced after the listing: the read refuses it (If-Match), naming it.
     client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/if/images/07.png", Body=image_bytes((7, 7, 7)))

@@ -319,3 +319,9 @@ def test_the_candidate_is_this_configurations_merged_model_not_whatever_holds_th
     assert json.loads(out.out.splitlines()[-1])["candidate"] == v2
     assert f"judging v{v2}, this configuration's ({mine})" in out.err
     assert tracker.model_version(name, alias="champion").version == v2
+    # merge.alias renamed (not part of the merge's key: the committed merge set none): this
+    # configuration's version is judged, not a crash.
+    renamed = str(tiny_config(merge={"alias": "staging"}))
+    assert main(["--config", renamed, "--unless-judged"]) == 0
+    out = capsys.readouterr()
+    assert f"no version holds alias 'staging'; judging v{v2}" in out.err
