@@ -59,6 +59,10 @@ ENV_PARENT_RUN = "SELMA_PARENT_RUN_ID"
 # Seconds torchrun waits for its processes to stop after it passes a SIGTERM on: within the train
 # pod's termination grace period (k8s/jobs/train.yaml: 90 s), for a checkpoint's save at the stop.
 TORCHRUN_SHUTDOWN_S = 80
+# How long a multi-node group's torchrun waits for all its nodes (torch's default: 600 s). Without
+# gang admission (Kueue) a Job's pods are scheduled one by one, and the cluster may first have to
+# add a GPU node for the last one (an autoscaler: minutes), while the first one's GPUs wait.
+RENDEZVOUS_TIMEOUT_S = 1800
 # Where the in-flight leases of an images job's processes live, under its output key.
 WORKERS = "_workers"
 
@@ -107,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def rendezvous_timeout_s() -> int:
+    """How long the nodes of a multi-node group wait for each other: ``RENDEZVOUS_TIMEOUT_S``, or
+    ``$SELMA_RENDEZVOUS_TIMEOUT_S`` (whole seconds)."""
+    value = os.environ.get("SELMA_RENDEZVOUS_TIMEOUT_S", "")
+    return int(value) if value.isdigit() and int(value) > 0 else RENDEZVOUS_TIMEOUT_S
+
+
 def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     """Run this same job under torchrun and exit as the job would have: rank 0's result line says
     how it ended, unless a rank failed on the configuration or input (exit 2): that stays 2, whichever
@@ -127,6 +138,7 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             f"--node-rank={args.node_rank}",
             f"--master-addr={args.master_addr}",
             f"--master-port={args.master_port}",
+            f"--rdzv-conf=timeout={rendezvous_timeout_s()}",
         ]
     else:
         command.append("--standalone")
@@ -180,6 +192,15 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             return 130
     if code == 0 and not interrupted:
         return 0
+    if not results:  # torchrun failed before any process said a word (a rendezvous that timed out)
+        exit_code = 130 if interrupted else (code if code > 0 else 1)
+        error = (
+            "interrupted"
+            if interrupted
+            else f"torchrun exited {code} before any process ran the job: see above"
+        )
+        print_json_line(failed_result(args, error, exit_code))
+        return exit_code
     # Rank 0's own first, when it is one of them.
     invalid = sorted(
         (r for r in results if r.get("exit_code") == ConfigError.exit_code), key=lambda r: "rank" in r

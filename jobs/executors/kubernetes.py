@@ -754,34 +754,61 @@ class KubernetesExecutor(Executor):
     def _diagnose(self, handle: JobHandle, job: dict) -> tuple[str, int] | None:
         """Why a Job is not running yet, looked at now and then once it has waited ``STALL_S``: a pod
         that cannot start (image, missing Secret) fails the job, since waiting would take until its
-        deadline (why, and the exit code to report); unschedulable pods and queued Jobs are
-        reported and waited for."""
+        deadline (why, and the exit code to report); unschedulable pods, pods that cannot be created
+        and queued Jobs are reported and waited for. Every pod the Job should be running counts: a
+        multi-node group with one node scheduled waits for the other (its torchrun does too)."""
         now = time.monotonic()
         if now - handle.extra["since"] < STALL_S or now - handle.extra.get("checked", 0.0) < STALL_S:
             return None
         handle.extra["checked"] = now
-        if (job.get("status") or {}).get("ready"):
+        status, spec = job.get("status") or {}, job["spec"]
+        index = handle.extra.get("index")
+        wanted = (
+            1
+            if index is not None
+            else min(
+                spec.get("parallelism") or 1, (spec.get("completions") or 1) - (status.get("succeeded") or 0)
+            )
+        )
+        if (status.get("ready") or 0) >= max(wanted, 1):
             return None
         name = job["metadata"]["name"]
-        if job["spec"].get("suspend"):
+        if spec.get("suspend"):
             self._say(handle, f"{handle.job.id}: Job {name} is suspended, waiting for Kueue to admit it")
             return None
-        pod = self._pod(name, handle.extra.get("index"))
-        if pod is None:
+        pods = self._pods(name, index)
+        if pods is None:
             return None
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            waiting = (container.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in POD_CANNOT_START:
-                why = (
-                    f"Job {name}: pod {pod['metadata']['name']} cannot start: {waiting['reason']}: "
-                    f"{waiting.get('message', '')}".strip()
-                )
-                # A bad image name or a missing Secret is the configuration's (exit 2); a pull that
-                # fails may be the registry's (an outage, a rate limit): worth a retry (exit 1).
-                return why, 2 if waiting["reason"] in CONFIGURATION_REASONS else 1
-        for condition in (pod.get("status") or {}).get("conditions") or []:
-            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-                self._say(handle, f"{handle.job.id}: not scheduled yet: {condition.get('message', '')}")
+        if not pods:
+            # No pod at all: the Job controller's creations are refused (its events say FailedCreate).
+            self._say(
+                handle,
+                f"{handle.job.id}: Job {name} has no pod after {now - handle.extra['since']:.0f} s: "
+                "the cluster refuses to create it (a ServiceAccount that does not exist, a ResourceQuota "
+                "or LimitRange, a Pod Security admission): see "
+                f"kubectl -n {self.namespace} describe job {name}",
+            )
+            return None
+        for pod in pods:
+            for container in (pod.get("status") or {}).get("containerStatuses") or []:
+                waiting = (container.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") in POD_CANNOT_START:
+                    why = (
+                        f"Job {name}: pod {pod['metadata']['name']} cannot start: {waiting['reason']}: "
+                        f"{waiting.get('message', '')}".strip()
+                    )
+                    # A bad image name or a missing Secret is the configuration's (exit 2); a pull
+                    # that fails may be the registry's (an outage, a rate limit): worth a retry (1).
+                    return why, 2 if waiting["reason"] in CONFIGURATION_REASONS else 1
+        for pod in pods:
+            for condition in (pod.get("status") or {}).get("conditions") or []:
+                if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                    self._say(
+                        handle,
+                        f"{handle.job.id}: pod {pod['metadata']['name']} not scheduled yet: "
+                        f"{condition.get('message', '')}",
+                    )
+                    return None
         return None
 
     def _say(self, handle: JobHandle, line: str) -> None:
@@ -792,6 +819,23 @@ class KubernetesExecutor(Executor):
 
     def _pod(self, name: str, index: int | None) -> dict | None:
         """The Job's newest pod (for one completion index, when given)."""
+        pods = self._list_pods(name, index)
+        return pods[-1] if pods else None
+
+    def _pods(self, name: str, index: int | None) -> list[dict] | None:
+        """The Job's newest pod of each completion index (or of the one given); None when the pods
+        cannot be listed now."""
+        pods = self._list_pods(name, index)
+        if pods is None:
+            return None
+        newest = {
+            ((p["metadata"].get("labels") or {}).get(INDEX_LABEL)): p for p in pods
+        }  # sorted: last wins
+        return list(newest.values())
+
+    def _list_pods(self, name: str, index: int | None) -> list[dict] | None:
+        """The Job's pods (for one completion index, when given), oldest first; None when they
+        cannot be listed now (said on stderr)."""
         selector = f"{JOB_NAME_LABEL}={name}"
         if index is not None:
             selector += f",{INDEX_LABEL}={index}"
@@ -813,7 +857,7 @@ class KubernetesExecutor(Executor):
             return None
         pods = json.loads(response.data).get("items") or []
         pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
-        return pods[-1] if pods else None
+        return pods
 
     def _finish(
         self,

@@ -548,6 +548,51 @@ def test_a_configuration_error_fails_at_once_and_a_pod_that_cannot_start_fails(
     assert no_image.ref not in [j["metadata"]["name"] for j in cluster.jobs()]  # deleted, not left waiting
 
 
+def test_a_job_without_pods_and_a_group_with_one_node_unscheduled_are_reported(
+    cluster, k8s_config, tmp_path, monkeypatch
+):
+    """Waiting, not failing: a Job whose pods the cluster refuses to create (a missing
+    ServiceAccount, a quota: only its events say FailedCreate), and a two-node train Job whose second
+    pod cannot be scheduled while the first runs (its torchrun waits for it: before, one ready pod
+    passed for the whole group, and nothing was said)."""
+    import jobs.executors.kubernetes as kubernetes_executor
+
+    monkeypatch.setattr(kubernetes_executor, "STALL_S", 0.0)
+    config = multi_node_training(k8s_config())
+    lines: list[str] = []
+    cfg = load_config(config)
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    executor = KubernetesExecutor(cfg, tmp_path / "logs", echo=lines.append)
+    prompts, train = plan.job("prompts", "counting"), plan.job("train", "counting")
+    try:
+        no_pods = executor.submit(prompts, job_command(prompts, executor.job_config_path), {})
+        group = executor.submit(train, job_command(train, executor.job_config_path), {})
+        cluster.start_job(group.ref, index=0)
+        waiting = cluster.start_job(group.ref, index=1)
+
+        def unschedulable(pod: dict) -> None:
+            pod["status"]["phase"] = "Pending"
+            pod["status"]["containerStatuses"] = []
+            pod["status"]["conditions"] = [
+                {"type": "PodScheduled", "status": "False", "message": "0/3 nodes have 4 free nvidia.com/gpu"}
+            ]
+
+        cluster.mutate("pods", "selma", waiting, unschedulable)
+        cluster.mutate("jobs", "selma", group.ref, lambda job: job["status"].update(ready=1, active=2))
+        deadline = time.monotonic() + 10
+        said = ("has no pod after", f"pod {waiting} not scheduled yet: 0/3 nodes have 4 free nvidia.com/gpu")
+        while not all(any(part in line for line in lines) for part in said):
+            assert time.monotonic() < deadline, lines
+            for handle in (no_pods, group):
+                assert executor.poll(handle).state.value in ("pending", "running")
+            time.sleep(0.05)
+    finally:
+        executor.close()
+    [refused] = [line for line in lines if "has no pod after" in line]
+    assert refused.startswith(f"prompts:counting: Job {no_pods.ref} has no pod after")
+    assert f"kubectl -n selma describe job {no_pods.ref}" in refused and "ServiceAccount" in refused
+
+
 def test_an_images_job_on_several_pods_reports_the_committing_pod(cluster, k8s_config, tmp_path):
     executor, plan = executor_and_plan(k8s_config(images={"num_jobs": 3}), tmp_path)
     job = plan.job("images", "counting")

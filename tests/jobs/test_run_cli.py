@@ -210,3 +210,48 @@ def test_flags_are_whole_names_only():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--phase", "train", "--skill", "a", "--config", "c.yaml", "--nproc", "2"])
+
+
+def test_a_multi_node_group_waits_for_its_nodes_as_long_as_it_is_told(tiny_config):
+    """Node 0 of two, the other never coming (its pod unscheduled): torchrun waits the rendezvous
+    timeout the launcher gives it (RENDEZVOUS_TIMEOUT_S, 30 minutes, for a node the cluster must
+    first add), here shortened to 3 s, then the job fails as worth a retry, with its JSON line."""
+    import os
+    import time
+
+    from conftest import free_port
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.run",
+            "--phase",
+            "train",
+            "--skill",
+            "counting",
+            "--nproc-per-node",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "--config",
+            str(tiny_config()),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "SELMA_RENDEZVOUS_TIMEOUT_S": "3"},
+    )
+    assert time.monotonic() - started < 60  # torch's own default would be 600 s
+    assert result.returncode not in (0, 2), result.stderr[-2000:]
+    assert "1/2 clients joined" in result.stderr or "Timed out" in result.stderr, result.stderr[-2000:]
+    last = json.loads(result.stdout.splitlines()[-1])
+    assert last["status"] == "failed" and last["job"] == "train:counting"
