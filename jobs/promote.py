@@ -187,17 +187,24 @@ def promote(args: argparse.Namespace) -> dict:
         return unchanged(
             name, candidate.version, champion.version, f"v{candidate.version} is already the champion"
         )
-    from selma_core.phases.evaluate import SETTINGS_TAG
+    from selma_core.phases.evaluate import METRIC_SETTINGS_PREFIX, SETTINGS_TAG
 
-    settings = (candidate.tags.get(SETTINGS_TAG), champion.tags.get(SETTINGS_TAG) if champion else None)
-    if champion is not None and all(settings) and settings[0] != settings[1]:
-        # Scores from other prompts, sampling or scorers are not comparable: refuse, say why.
-        raise ConfigError(
-            f"{name}: candidate v{candidate.version} and champion v{champion.version} were evaluated "
-            f"with different eval settings ({SETTINGS_TAG} {settings[0]} vs {settings[1]}); evaluate "
-            "both with the same eval section (python -m jobs.submit --phase eval) before promoting"
-        )
     metric = cfg.promote.metric
+    # What makes the two versions' scores of the metric comparable: the prompts, the sampling and
+    # the metric's own settings (versions tagged before selma told them apart: the eval section).
+    tag = METRIC_SETTINGS_PREFIX + metric
+    if champion is None or not (tag in candidate.tags and tag in champion.tags):
+        tag = SETTINGS_TAG
+    settings = (candidate.tags.get(tag), champion.tags.get(tag) if champion else None)
+    if champion is not None and all(settings) and settings[0] != settings[1]:
+        # Scores of other prompts, sampling or scorers are not comparable: refuse, say why.
+        raise ConfigError(
+            f"{name}: candidate v{candidate.version} and champion v{champion.version} have {metric} "
+            f"scores from different prompts, sampling or {metric} settings ({tag} {settings[0]} vs "
+            f"{settings[1]}): not comparable. Evaluate both on this configuration's prompts (python -m "
+            f"jobs.submit --phase eval --model base merged models:/{name}/{champion.version} --config "
+            f"{args.config}: its report compares them), then move the alias by hand if the candidate wins"
+        )
     limit = (
         cfg.promote.skill_regression_limit if args.max_skill_regression is None else args.max_skill_regression
     )

@@ -371,7 +371,7 @@ def _print_results(store, plan) -> None:
     except InputError as e:  # a damaged table (size or checksum): say so, never print it; the jobs are done
         echo(f"\nEvaluation table not shown: {e}")
         return
-    echo("\nEvaluation (mean [95% interval] per skill; differences vs base on the same prompts):\n" + table)
+    echo("\nEvaluation:\n" + table)
     attempt = store.read_manifest(job.key)["attempt"]
     echo(f"Report: {store.url(job.key)}/{attempt}/report.html (figures/ beside it)")
 
@@ -523,6 +523,15 @@ def submit(args: argparse.Namespace) -> tuple[int, list[JobOutcome]]:
     for outcome in outcomes:
         if outcome.status == "failed":
             echo(f"FAILED {outcome.job}: {outcome.error}; see its log: {outcome.log}")
+    if any(o.job == "eval" and o.status == "skipped" for o in outcomes):
+        from selma_core.phases.evaluate import retag_registered_model
+
+        try:  # the committed evaluation's scores back on the merged model, for jobs.promote
+            said = retag_registered_model(store, plan, cfg.eval, tracker)
+        except Exception as e:  # the jobs' outcomes stand; promote then says what the tags lack
+            said = f"warning: could not tag the merged model with the skipped evaluation's scores: {e}"
+        if said:
+            echo(said)
     if args.phase in ("all", "eval"):
         _print_results(store, plan)
     echo(f"\nStore: {cfg.storage.uri}\nMLflow: {cfg.tracking.uri} (experiment {cfg.name!r}, run {parent})")

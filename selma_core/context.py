@@ -37,7 +37,9 @@ class NullJobRun(JobRun):
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
-    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+    def tag_model_version(
+        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
+    ) -> None:
         pass
 
     def register_lora_adapter(

@@ -151,7 +151,7 @@ def test_promote_refuse_and_load_the_champion(tiny_config, tmp_path, model_cache
     # Scores from another eval (other prompts, sampling or scorers) are not compared at all.
     register(50.0, 50.0, 50.0, settings="a-quick-eval")
     code, out, text = promote(config)
-    assert code == 2 and "different eval settings" in out["error"]
+    assert code == 2 and "not comparable" in out["error"]
     assert tracker.model_version(name, alias="champion").version == v1
 
     register(11.0, 13.0, 9.0)
@@ -319,9 +319,61 @@ def test_the_candidate_is_this_configurations_merged_model_not_whatever_holds_th
     assert json.loads(out.out.splitlines()[-1])["candidate"] == v2
     assert f"judging v{v2}, this configuration's ({mine})" in out.err
     assert tracker.model_version(name, alias="champion").version == v2
+    # The same CLIPScore settings under another eval section (PickScore added): compared, not
+    # refused; other CLIPScore prompts: refused as not comparable, naming the metric's tag.
+    v4 = version(mine, 6.0)
+    tag = "selma.eval_settings.clip_score"
+    client.set_model_version_tag(name, v2, tag, "same-prompts")
+    client.set_model_version_tag(name, v2, "selma.eval.settings", "section-1")
+    client.set_model_version_tag(name, v4, tag, "same-prompts")
+    client.set_model_version_tag(name, v4, "selma.eval.settings", "section-2")
+    assert main(["--config", config]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["candidate"] == v4
+    v5 = version(mine, 7.0)
+    client.set_model_version_tag(name, v5, tag, "other-prompts")
+    assert main(["--config", config]) == 2
+    error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+    assert f"candidate v{v5} and champion v{v4} have clip_score scores from different prompts" in error
+    assert f"({tag} other-prompts vs same-prompts): not comparable" in error
+    client.set_model_version_tag(name, v5, tag, "same-prompts")
     # merge.alias renamed (not part of the merge's key: the committed merge set none): this
     # configuration's version is judged, not a crash.
     renamed = str(tiny_config(merge={"alias": "staging"}))
     assert main(["--config", renamed, "--unless-judged"]) == 0
     out = capsys.readouterr()
-    assert f"no version holds alias 'staging'; judging v{v2}" in out.err
+    assert f"no version holds alias 'staging'; judging v{v5}" in out.err
+
+
+def test_a_metrics_scores_are_comparable_by_their_prompts_sampling_and_own_settings_only():
+    """What promote compares is per metric: another prompts job (other held-out prompts, other
+    scores for the same model) makes scores incomparable; adding PickScore to eval, or another
+    PickScore model, leaves CLIPScore's comparable."""
+    from dataclasses import replace
+
+    from selma_core.phases.evaluate import METRIC_SETTINGS_PREFIX, EvalConfig, registered_model_tags
+
+    def results(prompts: list[str]) -> dict:
+        rows = [{"skill": "a", "prompt_id": f"a-{i}", "prompt": p} for i, p in enumerate(prompts)]
+        means = {"a": {"merged": {"mean": 1.0}, "base": {"mean": 0.5}}, "all": {"merged": {"mean": 1.0}}}
+        return {"per_prompt": rows, "summary": {"clip_score": means, "pickscore": means}}
+
+    cfg = EvalConfig(metrics=["clip_score", "pickscore"])
+    clip, pick = METRIC_SETTINGS_PREFIX + "clip_score", METRIC_SETTINGS_PREFIX + "pickscore"
+    first = registered_model_tags(results(["two cats", "three dogs"]), cfg, "eval/1")
+    assert (
+        first["selma.eval.clip_score.a"] == "1.000000"
+        and first["selma.eval.base.clip_score.mean"] == "0.500000"
+    )
+    other_prompts = registered_model_tags(results(["two cats", "four dogs"]), cfg, "eval/2")
+    assert other_prompts[clip] != first[clip] and other_prompts[pick] != first[pick]
+    other_pickscore = registered_model_tags(
+        results(["two cats", "three dogs"]), replace(cfg, pickscore_model="my/pickscore"), "eval/3"
+    )
+    assert other_pickscore[clip] == first[clip] and other_pickscore[pick] != first[pick]
+    assert other_pickscore["selma.eval.settings"] != first["selma.eval.settings"]  # the whole section's
+    fewer_steps = registered_model_tags(
+        results(["two cats", "three dogs"]), replace(cfg, num_inference_steps=20), "e"
+    )
+    assert fewer_steps[clip] != first[clip]
+    batch = registered_model_tags(results(["two cats", "three dogs"]), replace(cfg, batch_size=1), "e")
+    assert batch[clip] == first[clip]  # how many at once changes no image

@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -531,7 +531,12 @@ def format_tables(results: dict) -> str:
     """Markdown: per metric, the means with intervals (skill rows, variant columns) and the paired
     differences against base."""
     variants = results["variants"]
-    lines: list[str] = []
+    level = f"{100 * results.get('confidence', 0.95):g}%"
+    lines: list[str] = [
+        f"Mean [{level} bootstrap interval over prompts] per skill and model; differences are paired "
+        "by prompt (same prompt, same seed).",
+        "",
+    ]
     for metric, info in results["metrics"].items():
         lines += [f"### {info['label']} ({info['scale']})", ""]
         lines += ["| skill | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 1)]
@@ -543,7 +548,7 @@ def format_tables(results: dict) -> str:
             lines.append(f"| {skill} | " + " | ".join(cells) + " |")
         others = [v for v in variants if any(v in row for row in results["paired"][metric].values())]
         if others:
-            lines += ["", f"{metric}: difference vs base, [interval], p", ""]
+            lines += ["", f"{metric}: difference vs base, [{level} interval], p", ""]
             lines += ["| skill | " + " | ".join(others) + " |", "|" + "---|" * (len(others) + 1)]
             for skill, row in results["paired"][metric].items():
                 cells = [_difference_cell(row[v]) if v in row else "-" for v in others]
@@ -731,16 +736,24 @@ def eval_settings_hash(cfg: EvalConfig) -> str:
     return stable_hash({k: v for k, v in output_dict(cfg).items() if k not in _NOT_SETTINGS})[:16]
 
 
-def _tag_registered_model(ctx, results: dict) -> None:
-    """The merged model's scores on its registry version: what ``jobs.promote`` compares. Tagged
-    before the commit, so never lost."""
-    if "merged" not in results["variants"] or results["benchmark"] != "heldout":
-        return
-    merge_info = json.loads((ctx.fetch("merge") / "merge.json").read_text())
-    registered = merge_info.get("registered")
-    if not registered:
-        return
-    tags = {"selma.eval.key": ctx.job.key, SETTINGS_TAG: eval_settings_hash(ctx.config.eval)}
+# Per metric: what makes two versions' scores of it comparable (selma.eval_settings.<metric>).
+METRIC_SETTINGS_PREFIX = "selma.eval_settings."
+# The tags an evaluation owns on a registered version: replaced whole by the next one.
+EVAL_TAG_PREFIXES = ("selma.eval.", METRIC_SETTINGS_PREFIX)
+
+
+def registered_model_tags(results: dict, cfg: EvalConfig, eval_key: str) -> dict[str, str]:
+    """The merged model's scores as tags on its registry version (what ``jobs.promote`` compares),
+    from a heldout evaluation's results: per metric and skill the merged model's mean, their mean,
+    the base model's, and per metric what makes its scores comparable: the prompts evaluated (their
+    ids and texts: another prompts job gives other prompts, and other scores for the same model),
+    the sampling settings and the metric's own model and settings, nothing else of eval's."""
+    from selma_core.config import stable_hash
+    from selma_core.plan import METRIC_SETTINGS
+
+    prompts = sorted({(r["skill"], r["prompt_id"], r["prompt"]) for r in results["per_prompt"]})
+    sampling = {f.name: getattr(cfg, f.name) for f in fields(SamplingConfig) if f.name != "batch_size"}
+    tags = {"selma.eval.key": eval_key, SETTINGS_TAG: eval_settings_hash(cfg)}
     for metric, by_skill in results["summary"].items():
         merged = {s: row["merged"]["mean"] for s, row in by_skill.items() if s != "all" and "merged" in row}
         tags.update({f"selma.eval.{metric}.{s}": f"{v:.6f}" for s, v in merged.items()})
@@ -749,7 +762,50 @@ def _tag_registered_model(ctx, results: dict) -> None:
         base = {s: row["base"]["mean"] for s, row in by_skill.items() if s != "all" and "base" in row}
         if base:
             tags[f"selma.eval.base.{metric}.mean"] = f"{sum(base.values()) / len(base):.6f}"
-    ctx.run.tag_model_version(registered["name"], registered["version"], tags)
+        if metric in METRIC_SETTINGS:
+            own = {name: getattr(cfg, name) for name in METRIC_SETTINGS[metric]}
+            tags[METRIC_SETTINGS_PREFIX + metric] = stable_hash(
+                {"metric": metric, "prompts": prompts, "sampling": sampling, "settings": own}
+            )
+    return tags
+
+
+def _tag_registered_model(ctx, results: dict) -> None:
+    """The merged model's scores on its registry version: what ``jobs.promote`` compares. Tagged
+    before the commit, so never lost; an earlier evaluation's tags are replaced whole."""
+    if "merged" not in results["variants"] or results["benchmark"] != "heldout":
+        return
+    merge_info = json.loads((ctx.fetch("merge") / "merge.json").read_text())
+    registered = merge_info.get("registered")
+    if not registered:
+        return
+    tags = registered_model_tags(results, ctx.config.eval, ctx.job.key)
+    ctx.run.tag_model_version(registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES)
+
+
+def retag_registered_model(store, plan, cfg: EvalConfig, tracker) -> str | None:
+    """After a skipped eval job: its committed results' tags back on the merged model's version,
+    when another evaluation tagged it since (its tags are what promote compares, and they must be
+    this evaluation's). What was done, to say; None when nothing was."""
+    eval_key, merge_key = plan.job("eval").key, plan.job("merge").key
+    if cfg.benchmark != "heldout" or not store.is_committed(eval_key) or not store.is_committed(merge_key):
+        return None
+    registered = json.loads(store.read_output_file(merge_key, "merge.json")).get("registered")
+    if not registered:
+        return None
+    version = tracker.model_version(registered["name"], version=registered["version"])
+    if version is None or version.tags.get("selma.eval.key") == eval_key:
+        return None
+    results = json.loads(store.read_output_file(eval_key, "results.json"))
+    if "merged" not in results["variants"]:
+        return None
+    tags = registered_model_tags(results, cfg, eval_key)
+    tracker.set_model_version_tags(registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES)
+    return (
+        f"{registered['name']} v{registered['version']}: its scores tagged again from this pipeline's "
+        f"evaluation ({eval_key}, skipped: committed), replacing those of "
+        f"{version.tags.get('selma.eval.key') or 'none'}"
+    )
 
 
 def _track(ctx, results: dict, report_files: list[Path]) -> None:

@@ -58,8 +58,11 @@ class JobRun(ABC):
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
     @abstractmethod
-    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
-        """Tags on a registered model version (evaluation scores, for promotion)."""
+    def tag_model_version(
+        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
+    ) -> None:
+        """Tags on a registered model version (evaluation scores, for promotion); its tags that start
+        with one of ``replace_prefixes`` and are not in ``tags`` are deleted (an earlier evaluation's)."""
 
     @abstractmethod
     def register_lora_adapter(
@@ -164,7 +167,10 @@ class Tracker(ABC):
         """The registered model's newest version tagged ``tag`` = ``value``; None when none is."""
 
     @abstractmethod
-    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+    def set_model_version_tags(
+        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
+    ) -> None:
+        """As ``JobRun.tag_model_version``."""
 
     @abstractmethod
     def set_model_alias(self, name: str, alias: str, version: str) -> None: ...

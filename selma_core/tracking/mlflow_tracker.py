@@ -510,8 +510,10 @@ class MlflowJobRun(JobRun):
     def set_tags(self, tags: dict[str, str]) -> None:
         self._record({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def tag_model_version(self, name: str, version: str, tags: dict[str, str]) -> None:
-        self.tracker.set_model_version_tags(name, version, tags)
+    def tag_model_version(
+        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
+    ) -> None:
+        self.tracker.set_model_version_tags(name, version, tags, replace_prefixes)
 
     def register_lora_adapter(
         self,
@@ -809,7 +811,14 @@ class MlflowTracker(Tracker):
             return None
         return self.model_version(name, version=str(max(int(v.version) for v in found)))
 
-    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+    def set_model_version_tags(
+        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
+    ) -> None:
+        if replace_prefixes:
+            current = self.client.get_model_version(name, str(version)).tags or {}
+            for key in current:
+                if key.startswith(replace_prefixes) and key not in tags:
+                    self.client.delete_model_version_tag(name, str(version), key)
         for key, value in tags.items():
             self.client.set_model_version_tag(name, str(version), key, str(value))
 

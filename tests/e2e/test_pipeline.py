@@ -139,8 +139,28 @@ def check_pipeline(config_path, model_cache, tmp_path) -> None:
     promoted = run_module("jobs.promote", "--config", str(config_path))
     assert promoted.returncode == 0 and "is the champion" in promoted.stdout, promoted.stderr[-3000:]
 
-    second, _ = submit_all(config_path)
+    # Another evaluation tagged the merged version since (other scores, and a metric this one does
+    # not compute): the rerun skips eval and puts this evaluation's tags back, whole.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    version = client.get_model_version_by_alias(cfg.name, "candidate").version
+
+    def eval_tags() -> dict:
+        tags = client.get_model_version(cfg.name, version).tags
+        return {k: v for k, v in tags.items() if k.startswith(("selma.eval.", "selma.eval_settings."))}
+
+    mine = eval_tags()
+    assert mine["selma.eval.key"] == plan.job("eval").key and "selma.eval_settings.clip_score" in mine
+    for key, value in {
+        "selma.eval.key": "eval/00000000000000ff",
+        "selma.eval.clip_score.mean": "1.0",
+        "selma.eval.pickscore.mean": "0.5",
+    }.items():
+        client.set_model_version_tag(cfg.name, version, key, value)
+    second, stderr = submit_all(config_path)
     assert {j["status"] for j in second["jobs"]} == {"skipped"}
+    assert eval_tags() == mine and "its scores tagged again from this pipeline's evaluation" in stderr
 
 
 def check_mlflow(cfg, run_ids: dict) -> None:
