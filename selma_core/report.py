@@ -444,14 +444,17 @@ def _bar_chart(res: _Results, metric: _Metric, colors: Mapping[str, str]) -> byt
             # From 0, or below the lowest bar or interval (ImageReward's means can be negative).
             ax.set_ylim(bottom=bottom * 1.05 if bottom < 0 else 0)
         ax.set_ylabel(f"{metric.label}" + (f" ({metric.scale})" if metric.scale else ""))
-        ax.set_title(metric.label, loc="left", fontweight="bold", pad=18)
+        subtitle = f"{metric.conventions} · bars: mean, " + (
+            f"whiskers: {_confidence_text(res.confidence)}" if whiskers else "no intervals in the results"
+        )
+        # Wrapped to the axes' width (the figure's, less the y label and the legend beside it, about
+        # 2.6 in; 8 pt text is about 15 characters an inch): one long line ran under the legend.
+        subtitle = _wrap(subtitle, int((width - 2.6) * 15), 3)
+        ax.set_title(metric.label, loc="left", fontweight="bold", pad=8 + 11 * (subtitle.count("\n") + 1))
         ax.text(
             0,
             1.015,
-            f"{metric.conventions} · bars: mean, "
-            + (
-                f"whiskers: {_confidence_text(res.confidence)}" if whiskers else "no intervals in the results"
-            ),
+            subtitle,
             transform=ax.transAxes,
             fontsize=8,
             color="#5f6b76",
