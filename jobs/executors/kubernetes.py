@@ -763,14 +763,12 @@ class KubernetesExecutor(Executor):
         handle.extra["checked"] = now
         status, spec = job.get("status") or {}, job["spec"]
         index = handle.extra.get("index")
-        wanted = (
-            1
-            if index is not None
-            else min(
-                spec.get("parallelism") or 1, (spec.get("completions") or 1) - (status.get("succeeded") or 0)
-            )
+        # A whole Job's handle: as many ready pods as it should run now. One completion index's (a
+        # merge-search candidate): its own pod, looked at below (the Job's counts are every index's).
+        wanted = min(
+            spec.get("parallelism") or 1, (spec.get("completions") or 1) - (status.get("succeeded") or 0)
         )
-        if (status.get("ready") or 0) >= max(wanted, 1):
+        if index is None and (status.get("ready") or 0) >= max(wanted, 1):
             return None
         name = job["metadata"]["name"]
         if spec.get("suspend"):
@@ -780,14 +778,15 @@ class KubernetesExecutor(Executor):
         if pods is None:
             return None
         if not pods:
-            # No pod at all: the Job controller's creations are refused (its events say FailedCreate).
-            self._say(
-                handle,
-                f"{handle.job.id}: Job {name} has no pod after {now - handle.extra['since']:.0f} s: "
-                "the cluster refuses to create it (a ServiceAccount that does not exist, a ResourceQuota "
-                "or LimitRange, a Pod Security admission): see "
-                f"kubectl -n {self.namespace} describe job {name}",
-            )
+            # Not one pod ever (an index waiting its turn behind the Job's parallelism, or a pod
+            # being replaced, has had some): the cluster refuses to create them (FailedCreate events).
+            if not any(status.get(count) for count in ("active", "ready", "succeeded", "failed")):
+                self._say(
+                    handle,
+                    f"{handle.job.id}: Job {name} has no pod yet: the cluster refuses to create it (a "
+                    "ServiceAccount that does not exist, a ResourceQuota or LimitRange, a Pod Security "
+                    f"admission): see kubectl -n {self.namespace} describe job {name}",
+                )
             return None
         for pod in pods:
             for container in (pod.get("status") or {}).get("containerStatuses") or []:

@@ -580,7 +580,7 @@ def test_a_job_without_pods_and_a_group_with_one_node_unscheduled_are_reported(
         cluster.mutate("pods", "selma", waiting, unschedulable)
         cluster.mutate("jobs", "selma", group.ref, lambda job: job["status"].update(ready=1, active=2))
         deadline = time.monotonic() + 10
-        said = ("has no pod after", f"pod {waiting} not scheduled yet: 0/3 nodes have 4 free nvidia.com/gpu")
+        said = ("has no pod yet", f"pod {waiting} not scheduled yet: 0/3 nodes have 4 free nvidia.com/gpu")
         while not all(any(part in line for line in lines) for part in said):
             assert time.monotonic() < deadline, lines
             for handle in (no_pods, group):
@@ -588,9 +588,43 @@ def test_a_job_without_pods_and_a_group_with_one_node_unscheduled_are_reported(
             time.sleep(0.05)
     finally:
         executor.close()
-    [refused] = [line for line in lines if "has no pod after" in line]
-    assert refused.startswith(f"prompts:counting: Job {no_pods.ref} has no pod after")
+    [refused] = [line for line in lines if "has no pod yet" in line]
+    assert refused.startswith(f"prompts:counting: Job {no_pods.ref} has no pod yet")
     assert f"kubectl -n selma describe job {no_pods.ref}" in refused and "ServiceAccount" in refused
+
+
+def test_candidates_waiting_their_turn_in_an_indexed_job_are_not_called_refused(
+    cluster, k8s_config, tmp_path, monkeypatch
+):
+    """Merge-weight candidates run as one Indexed Job of parallelism 2: while the first two pods are
+    being created, the others have no pod yet because it is not their turn, not because the cluster
+    refuses them; nothing is said for them, and nothing is said twice."""
+    import jobs.executors.kubernetes as kubernetes_executor
+
+    monkeypatch.setattr(kubernetes_executor, "STALL_S", 0.0)
+    config = k8s_config(merge_search={"enabled": True, "strategy": "random", "samples": 3})
+    lines: list[str] = []
+    cfg = load_config(config)
+    cfg.executor.max_parallel = 2
+    plan = build_plan(cfg, load_skills(cfg.skills_path, cfg.skills))
+    executor = KubernetesExecutor(cfg, tmp_path / "logs", echo=lines.append)
+    candidates = [j for j in plan.jobs.values() if j.phase == "merge-search" and j.shard is not None]
+    try:
+        handles = executor.submit_batch(
+            candidates, [job_command(j, executor.job_config_path) for j in candidates], {}
+        )
+        name = handles[0].ref
+        assert cluster.get("jobs", "selma", name)["spec"]["parallelism"] == 2
+        for index in (0, 1):
+            pod = cluster.start_job(name, index=index)
+            cluster.mutate("pods", "selma", pod, lambda p: p["status"].update(phase="Pending"))
+        cluster.mutate("jobs", "selma", name, lambda job: job["status"].update(ready=0, active=2))
+        for _ in range(5):
+            for handle in handles:
+                assert executor.poll(handle).state.value in ("pending", "running")
+    finally:
+        executor.close()
+    assert not [line for line in lines if "has no pod" in line], lines
 
 
 def test_an_images_job_on_several_pods_reports_the_committing_pod(cluster, k8s_config, tmp_path):
