@@ -145,6 +145,37 @@ def _candidate(tracker, cfg, config_path: str, name: str):
     )
 
 
+def _check_comparable(name: str, metric: str, candidate, champion, config_path: str) -> None:
+    """A ``ConfigError`` unless the two versions' scores of ``metric`` are comparable: drawn with the
+    same sampling, scored with the same metric settings, and, on each skill both were scored on,
+    on the same prompts (another prompts job gives other prompts: other scores for the same model).
+    Versions tagged before selma told these apart: the same eval section, as then."""
+    from selma_core.phases.evaluate import METRIC_SETTINGS_PREFIX, PROMPTS_PREFIX, SETTINGS_TAG
+
+    tag = METRIC_SETTINGS_PREFIX + metric
+    if tag not in candidate.tags or tag not in champion.tags:
+        tag = SETTINGS_TAG
+    differ = []
+    pair = (candidate.tags.get(tag), champion.tags.get(tag))
+    if all(pair) and pair[0] != pair[1]:
+        differ.append(f"sampling or {metric} settings ({tag} {pair[0]} vs {pair[1]})")
+    prompts = sorted(
+        key.removeprefix(PROMPTS_PREFIX)
+        for key, value in candidate.tags.items()
+        if key.startswith(PROMPTS_PREFIX) and champion.tags.get(key, value) != value
+    )
+    if prompts:
+        differ.append(f"prompts of skill(s) {', '.join(prompts)} ({PROMPTS_PREFIX}<skill>)")
+    if differ:
+        raise ConfigError(
+            f"{name}: candidate v{candidate.version} and champion v{champion.version} have {metric} scores "
+            f"from different {' and '.join(differ)}: not comparable. Evaluate both on this configuration's "
+            f"prompts (python -m jobs.submit --phase eval --model base merged models:/{name}/"
+            f"{champion.version} --config {config_path}: its report compares them), then move the alias "
+            "by hand if the candidate wins"
+        )
+
+
 def promote(args: argparse.Namespace) -> dict:
     from selma_core.config import load_config
     from selma_core.promotion import PREFIX, decide, scores_from_tags
@@ -187,24 +218,9 @@ def promote(args: argparse.Namespace) -> dict:
         return unchanged(
             name, candidate.version, champion.version, f"v{candidate.version} is already the champion"
         )
-    from selma_core.phases.evaluate import METRIC_SETTINGS_PREFIX, SETTINGS_TAG
-
+    if champion is not None:
+        _check_comparable(name, cfg.promote.metric, candidate, champion, args.config)
     metric = cfg.promote.metric
-    # What makes the two versions' scores of the metric comparable: the prompts, the sampling and
-    # the metric's own settings (versions tagged before selma told them apart: the eval section).
-    tag = METRIC_SETTINGS_PREFIX + metric
-    if champion is None or not (tag in candidate.tags and tag in champion.tags):
-        tag = SETTINGS_TAG
-    settings = (candidate.tags.get(tag), champion.tags.get(tag) if champion else None)
-    if champion is not None and all(settings) and settings[0] != settings[1]:
-        # Scores of other prompts, sampling or scorers are not comparable: refuse, say why.
-        raise ConfigError(
-            f"{name}: candidate v{candidate.version} and champion v{champion.version} have {metric} "
-            f"scores from different prompts, sampling or {metric} settings ({tag} {settings[0]} vs "
-            f"{settings[1]}): not comparable. Evaluate both on this configuration's prompts (python -m "
-            f"jobs.submit --phase eval --model base merged models:/{name}/{champion.version} --config "
-            f"{args.config}: its report compares them), then move the alias by hand if the candidate wins"
-        )
     limit = (
         cfg.promote.skill_regression_limit if args.max_skill_regression is None else args.max_skill_regression
     )

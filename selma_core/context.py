@@ -38,9 +38,14 @@ class NullJobRun(JobRun):
         pass
 
     def tag_model_version(
-        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
-    ) -> None:
-        pass
+        self,
+        name: str,
+        version: str,
+        tags: dict[str, str],
+        replace_prefixes: tuple[str, ...] = (),
+        expect: dict[str, str] | None = None,
+    ) -> bool:
+        return False
 
     def register_lora_adapter(
         self,

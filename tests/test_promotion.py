@@ -333,7 +333,7 @@ def test_the_candidate_is_this_configurations_merged_model_not_whatever_holds_th
     client.set_model_version_tag(name, v5, tag, "other-prompts")
     assert main(["--config", config]) == 2
     error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
-    assert f"candidate v{v5} and champion v{v4} have clip_score scores from different prompts" in error
+    assert f"candidate v{v5} and champion v{v4} have clip_score scores from different sampling or" in error
     assert f"({tag} other-prompts vs same-prompts): not comparable" in error
     client.set_model_version_tag(name, v5, tag, "same-prompts")
     # merge.alias renamed (not part of the merge's key: the committed merge set none): this
@@ -365,7 +365,8 @@ def test_a_metrics_scores_are_comparable_by_their_prompts_sampling_and_own_setti
         and first["selma.eval.base.clip_score.mean"] == "0.500000"
     )
     other_prompts = registered_model_tags(results(["two cats", "four dogs"]), cfg, "eval/2")
-    assert other_prompts[clip] != first[clip] and other_prompts[pick] != first[pick]
+    assert other_prompts[clip] == first[clip] and other_prompts[pick] == first[pick]
+    assert other_prompts["selma.eval_prompts.a"] != first["selma.eval_prompts.a"]
     other_pickscore = registered_model_tags(
         results(["two cats", "three dogs"]), replace(cfg, pickscore_model="my/pickscore"), "eval/3"
     )
@@ -377,3 +378,42 @@ def test_a_metrics_scores_are_comparable_by_their_prompts_sampling_and_own_setti
     assert fewer_steps[clip] != first[clip]
     batch = registered_model_tags(results(["two cats", "three dogs"]), replace(cfg, batch_size=1), "e")
     assert batch[clip] == first[clip]  # how many at once changes no image
+
+
+def test_a_candidate_with_a_new_skill_compares_on_the_prompts_of_the_skills_both_have():
+    """Adding a skill is SELMA's main workflow: the new skill's prompts are not the champion's, the
+    shared skills' are, and the gate goes on (a refusal, if any, is the gate's, exit 3). Other
+    prompts on a shared skill (another prompts job) are refused as not comparable, naming it."""
+    from jobs.promote import _check_comparable
+    from selma_core.errors import ConfigError
+    from selma_core.tracking.base import ModelVersion
+
+    settings = {"selma.eval_settings.clip_score": "s1"}
+    champion = ModelVersion(
+        "m", "1", {**settings, "selma.eval_prompts.a": "pa", "selma.eval_prompts.b": "pb"}, []
+    )
+    new_skill = ModelVersion(
+        "m",
+        "2",
+        {
+            **settings,
+            "selma.eval_prompts.a": "pa",
+            "selma.eval_prompts.b": "pb",
+            "selma.eval_prompts.c": "pc",
+        },
+        [],
+    )
+    _check_comparable("m", "clip_score", new_skill, champion, "c.yaml")  # no error
+    other_b = ModelVersion(
+        "m", "3", {**settings, "selma.eval_prompts.a": "pa", "selma.eval_prompts.b": "pb2"}, []
+    )
+    with pytest.raises(
+        ConfigError, match=r"from different prompts of skill\(s\) b \(selma.eval_prompts.<skill>\)"
+    ):
+        _check_comparable("m", "clip_score", other_b, champion, "c.yaml")
+    # Versions tagged before: the eval section's hash, as then.
+    old = ModelVersion("m", "4", {"selma.eval.settings": "x"}, [])
+    with pytest.raises(ConfigError, match=r"selma.eval.settings y vs x"):
+        _check_comparable(
+            "m", "clip_score", ModelVersion("m", "5", {"selma.eval.settings": "y", **settings}, []), old, "c"
+        )

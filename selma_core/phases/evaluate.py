@@ -28,6 +28,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -736,24 +737,30 @@ def eval_settings_hash(cfg: EvalConfig) -> str:
     return stable_hash({k: v for k, v in output_dict(cfg).items() if k not in _NOT_SETTINGS})[:16]
 
 
-# Per metric: what makes two versions' scores of it comparable (selma.eval_settings.<metric>).
+# What makes two versions' scores comparable: per metric, the sampling and the metric's settings
+# (selma.eval_settings.<metric>); per skill, the prompts scored (selma.eval_prompts.<skill>).
 METRIC_SETTINGS_PREFIX = "selma.eval_settings."
+PROMPTS_PREFIX = "selma.eval_prompts."
 # The tags an evaluation owns on a registered version: replaced whole by the next one.
-EVAL_TAG_PREFIXES = ("selma.eval.", METRIC_SETTINGS_PREFIX)
+EVAL_TAG_PREFIXES = ("selma.eval.", METRIC_SETTINGS_PREFIX, PROMPTS_PREFIX)
 
 
 def registered_model_tags(results: dict, cfg: EvalConfig, eval_key: str) -> dict[str, str]:
     """The merged model's scores as tags on its registry version (what ``jobs.promote`` compares),
     from a heldout evaluation's results: per metric and skill the merged model's mean, their mean,
-    the base model's, and per metric what makes its scores comparable: the prompts evaluated (their
-    ids and texts: another prompts job gives other prompts, and other scores for the same model),
-    the sampling settings and the metric's own model and settings, nothing else of eval's."""
+    the base model's; and what makes scores comparable: per metric the sampling settings and the
+    metric's own model and settings (nothing else of eval's), per skill the prompts scored (their
+    ids and texts: another prompts job gives other prompts, and other scores for the same model).
+    Per skill, so that a candidate with a new skill still compares on the skills it shares."""
     from selma_core.config import stable_hash
     from selma_core.plan import METRIC_SETTINGS
 
-    prompts = sorted({(r["skill"], r["prompt_id"], r["prompt"]) for r in results["per_prompt"]})
-    sampling = {f.name: getattr(cfg, f.name) for f in fields(SamplingConfig) if f.name != "batch_size"}
+    prompts: dict[str, set] = {}
+    for row in results["per_prompt"]:
+        prompts.setdefault(row["skill"], set()).add((row["prompt_id"], row["prompt"]))
     tags = {"selma.eval.key": eval_key, SETTINGS_TAG: eval_settings_hash(cfg)}
+    tags.update({PROMPTS_PREFIX + skill: stable_hash(sorted(rows)) for skill, rows in prompts.items()})
+    sampling = {f.name: getattr(cfg, f.name) for f in fields(SamplingConfig) if f.name != "batch_size"}
     for metric, by_skill in results["summary"].items():
         merged = {s: row["merged"]["mean"] for s, row in by_skill.items() if s != "all" and "merged" in row}
         tags.update({f"selma.eval.{metric}.{s}": f"{v:.6f}" for s, v in merged.items()})
@@ -765,14 +772,18 @@ def registered_model_tags(results: dict, cfg: EvalConfig, eval_key: str) -> dict
         if metric in METRIC_SETTINGS:
             own = {name: getattr(cfg, name) for name in METRIC_SETTINGS[metric]}
             tags[METRIC_SETTINGS_PREFIX + metric] = stable_hash(
-                {"metric": metric, "prompts": prompts, "sampling": sampling, "settings": own}
+                {"metric": metric, "sampling": sampling, "settings": own}
             )
     return tags
 
 
 def _tag_registered_model(ctx, results: dict) -> None:
     """The merged model's scores on its registry version: what ``jobs.promote`` compares. Tagged
-    before the commit, so never lost; an earlier evaluation's tags are replaced whole."""
+    before the commit, so never lost; an earlier evaluation's tags are replaced whole. Only a
+    version that is this pipeline's merged model (by its store key): after a registry reset, the
+    version number merge.json names may be another model's."""
+    from selma_core.tracking.base import TAG_STORE_KEY
+
     if "merged" not in results["variants"] or results["benchmark"] != "heldout":
         return
     merge_info = json.loads((ctx.fetch("merge") / "merge.json").read_text())
@@ -780,13 +791,25 @@ def _tag_registered_model(ctx, results: dict) -> None:
     if not registered:
         return
     tags = registered_model_tags(results, ctx.config.eval, ctx.job.key)
-    ctx.run.tag_model_version(registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES)
+    merge_key = ctx.plan.job("merge").key
+    if not ctx.run.tag_model_version(
+        registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES, expect={TAG_STORE_KEY: merge_key}
+    ):
+        print(
+            f"eval: warning: {registered['name']} v{registered['version']} in this registry is not this "
+            f"pipeline's merged model ({merge_key}); its scores are not tagged (the merge registered it "
+            "at another tracking server: jobs.submit --force merge registers it here)",
+            file=sys.stderr,
+        )
 
 
 def retag_registered_model(store, plan, cfg: EvalConfig, tracker) -> str | None:
     """After a skipped eval job: its committed results' tags back on the merged model's version,
     when another evaluation tagged it since (its tags are what promote compares, and they must be
-    this evaluation's). What was done, to say; None when nothing was."""
+    this evaluation's). Only that version is tagged: after a registry reset the number merge.json
+    names may be another model's. What was done, to say; None when nothing was."""
+    from selma_core.tracking.base import TAG_STORE_KEY
+
     eval_key, merge_key = plan.job("eval").key, plan.job("merge").key
     if cfg.benchmark != "heldout" or not store.is_committed(eval_key) or not store.is_committed(merge_key):
         return None
@@ -796,11 +819,19 @@ def retag_registered_model(store, plan, cfg: EvalConfig, tracker) -> str | None:
     version = tracker.model_version(registered["name"], version=registered["version"])
     if version is None or version.tags.get("selma.eval.key") == eval_key:
         return None
+    if version.tags.get(TAG_STORE_KEY) != merge_key:
+        return (
+            f"warning: {registered['name']} v{registered['version']} in {tracker.uri} is not this "
+            f"pipeline's merged model ({merge_key}): not tagged with its scores (the merge registered "
+            "it at another tracking server: jobs.submit --force merge registers it here)"
+        )
     results = json.loads(store.read_output_file(eval_key, "results.json"))
     if "merged" not in results["variants"]:
         return None
     tags = registered_model_tags(results, cfg, eval_key)
-    tracker.set_model_version_tags(registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES)
+    tracker.set_model_version_tags(
+        registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES, expect={TAG_STORE_KEY: merge_key}
+    )
     return (
         f"{registered['name']} v{registered['version']}: its scores tagged again from this pipeline's "
         f"evaluation ({eval_key}, skipped: committed), replacing those of "

@@ -59,10 +59,16 @@ class JobRun(ABC):
 
     @abstractmethod
     def tag_model_version(
-        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
-    ) -> None:
+        self,
+        name: str,
+        version: str,
+        tags: dict[str, str],
+        replace_prefixes: tuple[str, ...] = (),
+        expect: dict[str, str] | None = None,
+    ) -> bool:
         """Tags on a registered model version (evaluation scores, for promotion); its tags that start
-        with one of ``replace_prefixes`` and are not in ``tags`` are deleted (an earlier evaluation's)."""
+        with one of ``replace_prefixes`` and are not in ``tags`` are deleted (an earlier evaluation's).
+        ``expect``: tags the version must have, else it is left as it is; whether it was tagged."""
 
     @abstractmethod
     def register_lora_adapter(
@@ -168,8 +174,13 @@ class Tracker(ABC):
 
     @abstractmethod
     def set_model_version_tags(
-        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
-    ) -> None:
+        self,
+        name: str,
+        version: str,
+        tags: dict[str, str],
+        replace_prefixes: tuple[str, ...] = (),
+        expect: dict[str, str] | None = None,
+    ) -> bool:
         """As ``JobRun.tag_model_version``."""
 
     @abstractmethod

@@ -511,9 +511,14 @@ class MlflowJobRun(JobRun):
         self._record({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def tag_model_version(
-        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
-    ) -> None:
-        self.tracker.set_model_version_tags(name, version, tags, replace_prefixes)
+        self,
+        name: str,
+        version: str,
+        tags: dict[str, str],
+        replace_prefixes: tuple[str, ...] = (),
+        expect: dict[str, str] | None = None,
+    ) -> bool:
+        return self.tracker.set_model_version_tags(name, version, tags, replace_prefixes, expect)
 
     def register_lora_adapter(
         self,
@@ -812,15 +817,23 @@ class MlflowTracker(Tracker):
         return self.model_version(name, version=str(max(int(v.version) for v in found)))
 
     def set_model_version_tags(
-        self, name: str, version: str, tags: dict[str, str], replace_prefixes: tuple[str, ...] = ()
-    ) -> None:
-        if replace_prefixes:
+        self,
+        name: str,
+        version: str,
+        tags: dict[str, str],
+        replace_prefixes: tuple[str, ...] = (),
+        expect: dict[str, str] | None = None,
+    ) -> bool:
+        if replace_prefixes or expect:
             current = self.client.get_model_version(name, str(version)).tags or {}
+            if any(current.get(key) != value for key, value in (expect or {}).items()):
+                return False
             for key in current:
                 if key.startswith(replace_prefixes) and key not in tags:
                     self.client.delete_model_version_tag(name, str(version), key)
         for key, value in tags.items():
             self.client.set_model_version_tag(name, str(version), key, str(value))
+        return True
 
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))

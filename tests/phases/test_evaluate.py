@@ -289,3 +289,46 @@ def test_a_registry_adapter_for_another_base_model_revision_is_refused(tmp_path,
     else:
         variant = resolve_variant(ctx, "models:/selma/3", tmp_path / "downloads")
         assert variant.identity.startswith("registry-adapter:")
+
+
+def test_a_skipped_evaluation_tags_only_this_pipelines_merged_model(tiny_config, tmp_path):
+    """After a rerun whose eval is skipped, the controller puts the committed evaluation's scores
+    back on the version merge.json names, but only if that version is this pipeline's merged model
+    (its store key): after a registry reset, the same number may be another configuration's."""
+    import mlflow
+
+    from selma_core.phases.evaluate import retag_registered_model
+    from selma_core.tracking import open_tracker
+    from selma_core.tracking.base import TAG_STORE_KEY
+
+    cfg, plan = plan_of(tiny_config())
+    store, tracker = open_store(cfg.storage), open_tracker(cfg.tracking)
+    name, merge_key, eval_key = cfg.registered_model_name, plan.job("merge").key, plan.job("eval").key
+    for key, file, content in (
+        (merge_key, "merge.json", {"registered": {"name": name, "version": "1", "alias": "candidate"}}),
+        (eval_key, "results.json", {
+            "variants": ["base", "merged"],
+            "per_prompt": [{"skill": "counting", "prompt_id": "c-1", "prompt": "two cats"}],
+            "summary": {"clip_score": {"counting": {"base": {"mean": 1.0}, "merged": {"mean": 2.0}}}},
+        }),
+    ):  # fmt: skip
+        folder = tmp_path / key.replace("/", "_")
+        folder.mkdir()
+        (folder / file).write_text(json.dumps(content))
+        store.commit_dir(folder, key)
+    client = mlflow.MlflowClient(cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    client.create_registered_model(name)
+    others = {TAG_STORE_KEY: "merged/00000000000000ff", "selma.eval.clip_score.mean": "20.0"}
+    client.create_model_version(name, source=str(tmp_path), tags=others)
+    said = retag_registered_model(store, plan, cfg.eval, tracker)
+    assert said.startswith(f"warning: {name} v1 in {cfg.tracking.uri} is not this pipeline's merged model")
+    assert client.get_model_version(name, "1").tags == others  # another model's scores, untouched
+
+    client.set_model_version_tag(
+        name, "1", TAG_STORE_KEY, merge_key
+    )  # this pipeline's, tagged by another eval
+    said = retag_registered_model(store, plan, cfg.eval, tracker)
+    assert said.startswith(f"{name} v1: its scores tagged again from this pipeline's evaluation ({eval_key}")
+    tags = client.get_model_version(name, "1").tags
+    assert tags["selma.eval.clip_score.mean"] == "2.000000" and tags["selma.eval.key"] == eval_key
+    assert retag_registered_model(store, plan, cfg.eval, tracker) is None  # tagged already: nothing to do
