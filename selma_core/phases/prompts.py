@@ -54,7 +54,9 @@ _ECHO = re.compile(
     r"^\s*(?:[\w' ]{1,30}[!,.]\s+)?"
     r"(?:here (?:is|are)\b|(?:sure|certainly|of course|absolutely)[!,.:]"
     r"|i (?:cannot|can't|can not|am unable)\b)"
-    r"|\b(?:as an ai|new prompts|numbered list|rules every prompt|example prompts|prompts for)\b",
+    r"|\b(?:as an ai|new prompts|numbered list|rules every prompt|example prompts|prompts for)\b"
+    # ... and its closing words: "I hope these prompts are useful!", "Let me know if ...".
+    r"|^\s*(?:i hope\b|let me know\b|feel free\b|hope (?:this|these|that)\b)|\bthese prompts\b",
     re.IGNORECASE,
 )
 
@@ -341,10 +343,12 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                 kept = list(getattr(e, "completed", None) or [])
                 if kept:
                     new_from = len(state.records)
-                    use_replies(wave[: len(kept)], kept)
-                    state.tokens += backend.tokens_used - tokens_before
-                    state.wall_s = earlier_s + time.monotonic() - start
-                    _save_wave(ctx.store, partial, state, new_from)
+                    try:
+                        use_replies(wave[: len(kept)], kept)
+                    finally:  # also when they end in the useless-replies stop: what they gave is kept
+                        state.tokens += backend.tokens_used - tokens_before
+                        state.wall_s = earlier_s + time.monotonic() - start
+                        _save_wave(ctx.store, partial, state, new_from)
                     print(
                         f"prompts {skill_name}: the wave failed; the first {len(kept)} of its {len(wave)} "
                         f"requests had replied: their {len(state.records) - new_from} prompt(s) are kept "
@@ -354,7 +358,15 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                     )
                 raise
             new_from = len(state.records)
-            use_replies(wave, replies)
+            try:
+                use_replies(wave, replies)
+            except InputError:
+                # Stopped on replies that gave nothing new: the prompts this wave did accept were
+                # paid for; kept, so a rerun (with a higher max_useless_requests) does not ask again.
+                state.tokens += backend.tokens_used - tokens_before
+                state.wall_s = earlier_s + time.monotonic() - start
+                _save_wave(ctx.store, partial, state, new_from)
+                raise
             state.tokens += backend.tokens_used - tokens_before
             progress.update(len(state.records) - new_from)
             state.wall_s = earlier_s + time.monotonic() - start

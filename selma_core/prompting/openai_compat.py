@@ -238,7 +238,7 @@ class OpenAICompatibleBackend:
                         f"model {self.cfg.model!r}): {last}"
                     )
                 asked = _retry_after(response.headers.get("Retry-After"))
-                if asked is not None:
+                if asked:  # 0 (or a date past) asks for no wait: the backoff stands, as openai-python does
                     wait = min(asked, self.cfg.max_backoff_s)
             if attempt < self.cfg.max_retries:
                 self.sleep(wait)

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import ast
+import io
 import json
 import re
+import tokenize
 from dataclasses import dataclass
 
 from selma_core.skills import Skill
 
-# A list mark is followed by whitespace: "1. x", "2) x", "(3) x", "[4] x", "#5 x", "Prompt 6: x",
+# A list mark is followed by whitespace: "1. x", "2) x", "(3) x", "[4] x", "#5 x", "Prompt 6: x" (or -),
 # "- x", "• x"; never "3-legged" or "2.5 m".
 _LIST_MARK = re.compile(
-    r"^\s*(?:\(\d+\)|\[\d+\]|#\d+[.):]?|(?i:prompt)\s*#?\d+\s*[.):]|\d+\s*[.):\]]|\d+\s+-|[-*•‣◦▪–—])(?=\s|$)\s*"
+    r"^\s*(?:\(\d+\)|\[\d+\]|#\d+[.):]?|(?i:prompt)\s*#?\d+\s*[.):\-–—]|\d+\s*[.):\]]|\d+\s+-|[-*•‣◦▪–—])(?=\s|$)\s*"
 )
+# "1.two red cups": a number and its dot or parenthesis before a letter, without the space.
+_TIGHT_MARK = re.compile(r"^\s*\d+[.)](?=[^\W\d_])")
+# A label the model put before the prompt itself: "Prompt: x", "Prompt 2 - x" (after any bold).
+_LABEL = re.compile(r"^(?i:prompt)\s*#?\d*\s*[:.)\-–—]\s+")
+# A reasoning model's thinking, when the server leaves it in the reply (no reasoning parser).
+_THINKING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|$)", re.IGNORECASE | re.DOTALL)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*$")
 _BOLD = re.compile(r"\*\*(.+?)\*\*|__(.+?)__")
 # Quotes that may wrap a whole line: straight, curly, single.
@@ -51,15 +60,23 @@ class PromptRequest:
 
 def without_cut_line(text: str) -> str:
     """A reply the token limit cut off, without its last line, whose prompt is unfinished (a reply
-    that ends with a line break ended between lines and is whole)."""
+    that ends with a line break ended between lines and is whole). A JSON array written on one line
+    is cut after its last whole entry instead (``parse_prompt_list`` closes it): its last line is
+    all of it."""
     if text.endswith("\n"):
         return text
-    return text.rpartition("\n")[0]
+    head, _, last = text.rpartition("\n")
+    start = last.find("[")
+    if start >= 0 and last[:start].strip(" `") == "" and "]" not in last:
+        whole = max(last.rfind('",'), last.rfind("},"))
+        return head + "\n" + last[: whole + 1] if whole > start else head
+    return head
 
 
 def parse_prompt_list(text: str) -> list[str]:
     """Prompts from a numbered list, a bulleted list or a JSON array (of strings, or of objects
     with a ``prompt``, ``text`` or ``caption``)."""
+    text = _THINKING.sub("", text)
     lines = [line for line in text.strip().splitlines() if not _FENCE.match(line.strip())]
     # A JSON array, possibly after a lead-in line or inside a code fence, maybe with words after it.
     starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
@@ -74,20 +91,41 @@ def parse_prompt_list(text: str) -> list[str]:
                 break
             except json.JSONDecodeError:
                 continue
+        if data is None:  # a Python list (single quotes): ['a cat', 'a dog']
+            data = _python_list(text[: text.rfind("]") + 1])
         # Not "[4] a dog" (a list mark read as the array [4]).
         if isinstance(data, list) and (not data or any(isinstance(x, (str, dict)) for x in data)):
             return [p for p in (_prompt_of(x) for x in data) if p]
+    # A list with words around it ("Sure! Here are ...", "I hope these help!"): its marked lines only.
+    marked = [line for line in lines if _LIST_MARK.match(line) or _TIGHT_MARK.match(line)]
+    if len(marked) >= 2:
+        lines = marked
     prompts = []
     for line in lines:
-        line = _LIST_MARK.sub("", line, count=1).strip()
+        line = _LIST_MARK.sub("", line, count=1)
+        line = _TIGHT_MARK.sub("", line, count=1).strip()
         line = _BOLD.sub(lambda m: m.group(1) or m.group(2), line)
+        line = _LABEL.sub("", line, count=1)
         close = _WRAPPING_QUOTES.get(line[:1])
         if len(line) > 1 and close and line.endswith(close) and close not in line[1:-1]:
             line = line[1:-1].strip()  # a wrapped line, not a quotation inside it (text skills)
-        # A lead-in such as "Here are 20 new prompts:" is not a prompt.
-        if line and not line.endswith(":"):
+        # A lead-in such as "Here are 20 new prompts:" is not a prompt, nor an array's remains.
+        if line and not line.endswith(":") and not line.startswith("[") and not line.endswith("]"):
             prompts.append(line)
     return prompts
+
+
+def _python_list(text: str) -> list | None:
+    """A Python list literal of strings; None for anything else, or for one whose strings Python
+    would join (``["a" "b"]``, a JSON array missing a comma, is ``["ab"]``: one prompt of two)."""
+    try:
+        data = ast.literal_eval(text)
+        strings = [
+            t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.STRING
+        ]
+    except (ValueError, SyntaxError, MemoryError, RecursionError, tokenize.TokenError):
+        return None
+    return data if isinstance(data, list) and len(strings) == len(data) else None
 
 
 def _prompt_of(entry: object) -> str:

@@ -590,6 +590,22 @@ def test_a_failed_wave_keeps_the_replies_before_the_failure_and_the_rerun_does_n
     assert len(asked_again) == 4 and stats["requests"] == 2 + 4
 
 
+def test_a_wave_that_ends_in_the_useless_replies_stop_keeps_what_it_accepted(tiny_config, tmp_path):
+    """A wave of 4 replies, every one the same prompt: the first is accepted, the next three are
+    duplicates, and the third useless reply stops the job (exit 2). The accepted prompt was paid
+    for: it is saved, so a rerun with a higher max_useless_requests does not ask for it again."""
+    reply = chat_reply("1. five sailboats drifting past a white lighthouse")
+    ctx, message, server = llm_job_that_gets_nothing_usable(
+        tiny_config, tmp_path, reply, prompts={"concurrency": 4}
+    )
+    seeds = len(ctx.skills["counting"].seeds)
+    assert f"3 requests in a row gave no new usable prompt (accepted {seeds + 1} of 20;" in message
+    [saved] = ctx.store.list_keys(f"{ctx.job.key}/_partial")
+    wave = ctx.store.read_json(saved)
+    assert [r["text"] for r in wave["records"]] == ["five sailboats drifting past a white lighthouse"]
+    assert wave["requests"] == 4 and len(server.requests) == 4
+
+
 def test_a_stopped_wave_saves_nothing(tiny_config, tmp_path, monkeypatch):
     """Stopped (SIGTERM, Ctrl-C, or a lost lease: then another process owns the saved waves), the
     job writes nothing more, though replies had come back."""
@@ -707,6 +723,13 @@ def test_every_shipped_seed_prompt_is_a_prompt(path):
         ('"I can\'t wait" written in icing on a birthday cake', False),
         ("A sure-footed goat on a cliff above the sea", False),
         ("Of course the cat sleeps on the warm laptop", False),
+        # Closing words after a list (instruct models write them routinely).
+        ("I hope these prompts are useful for training your model!", True),
+        ("Let me know if you would like me to generate more variations.", True),
+        ("Feel free to adjust the settings.", True),
+        ("These prompts cover a wide range of daily activities and settings.", True),
+        ("A child who let me know the way, drawn in crayon", False),
+        ('A card that says "I hope you feel better" on a bedside table', False),
     ],
 )
 def test_lead_ins_and_refusals_are_echo_and_prompts_that_contain_the_words_are_not(line, echo):

@@ -161,6 +161,15 @@ def test_retry_after_is_capped_by_max_backoff(server, request_):
     assert sleeps == [7.0]
 
 
+def test_retry_after_zero_keeps_the_backoff(server, request_):
+    """A rate limiter answering "Retry-After: 0" on every 429 would have every retry fire at once,
+    and the job fail in a fraction of a second; the backoff stands (as openai-python does)."""
+    server.set_script([error_reply(429, headers={"Retry-After": "0"}), error_reply(429), chat_reply("1. ok")])
+    sleeps = Sleeps()
+    assert backend(server.base_url, sleeps, backoff_s=0.5).complete(request_) == "1. ok"
+    assert sleeps == [0.5, 1.0]
+
+
 def test_500_then_200_after_exponential_backoff(server, request_):
     server.set_script([error_reply(500), error_reply(502), error_reply(500), chat_reply("1. ok")])
     sleeps = Sleeps()

@@ -74,8 +74,9 @@ def test_parse_prompt_list_json_array_skips_non_strings_and_blanks():
 
 
 def test_parse_prompt_list_json_that_is_not_a_list_of_prompts_falls_back_to_lines():
-    # Not valid JSON: read line by line like any other reply.
-    assert parse_prompt_list("[two cats\n1. four cups") == ["[two cats", "four cups"]
+    # Not valid JSON: read line by line like any other reply; a line that is an array's remains
+    # (it opens or closes one) is not a prompt.
+    assert parse_prompt_list("[two cats\n1. four cups") == ["four cups"]
 
 
 def test_parse_prompt_list_reads_what_models_write_around_their_prompts():
@@ -194,3 +195,49 @@ def test_a_json_array_cut_short_or_with_a_trailing_comma_still_gives_its_prompts
         "two owls perched on a snowy branch",
     ]
     assert parse_prompt_list('["a red cube", "two cats",]') == ["a red cube", "two cats"]
+
+
+def test_parse_prompt_list_drops_what_models_write_that_is_no_prompt():
+    """Found as a user: closing remarks after a list, a reasoning model's thinking left in the reply,
+    a Python-style list, labels, and a list mark without its space."""
+    reply = (
+        "Sure! Here are 3 new prompts:\n1. two red cups on a table\n2. three blue mugs on a desk\n"
+        "3. four green lamps on a shelf\nI hope these prompts are useful for training your model!"
+    )
+    assert parse_prompt_list(reply) == [
+        "two red cups on a table",
+        "three blue mugs on a desk",
+        "four green lamps on a shelf",
+    ]
+    thinking = (
+        "<think>\nI should vary the settings.\nLet me write a diverse list now.\n</think>\n1. a cat\n2. a dog"
+    )
+    assert parse_prompt_list(thinking) == ["a cat", "a dog"]
+    assert parse_prompt_list("<think>\nStill thinking when the token limit came") == []
+    assert parse_prompt_list("['two red cups on a table', 'three blue mugs on a desk']") == [
+        "two red cups on a table",
+        "three blue mugs on a desk",
+    ]
+    assert parse_prompt_list('["two red cups" "three blue mugs"]') == []  # broken JSON: no prompt
+    assert parse_prompt_list("1. **Prompt:** two red cups\nPrompt 2 - three blue mugs\n3.four lamps") == [
+        "two red cups",
+        "three blue mugs",
+        "four lamps",
+    ]
+    assert parse_prompt_list("1. 2.5 m tall giraffe\n2. a cat") == ["2.5 m tall giraffe", "a cat"]
+
+
+def test_a_one_line_json_array_cut_by_the_token_limit_keeps_its_whole_entries():
+    """The token limit cut a one-line array mid-entry: its last line is all of the reply, which the
+    line rule would drop whole; cut after the last whole entry instead, and closed by the parser."""
+    from selma_core.prompting.request import without_cut_line
+
+    cut = '["two red cups on a table", "three blue mugs on a desk", "four gre'
+    assert parse_prompt_list(without_cut_line(cut)) == [
+        "two red cups on a table",
+        "three blue mugs on a desk",
+    ]
+    fenced = 'Here they are:\n```json\n[{"prompt": "a cat"}, {"prompt": "a dog"}, {"prompt": "a co'
+    assert parse_prompt_list(without_cut_line(fenced)) == ["a cat", "a dog"]
+    assert parse_prompt_list(without_cut_line('["four gre')) == []
+    assert without_cut_line("1. a cat\n2. a do") == "1. a cat"  # a list: the cut line goes
