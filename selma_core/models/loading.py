@@ -135,11 +135,34 @@ def load_diffusion_pipeline(
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise model_load_error(path, e) from e
+    except (AttributeError, ImportError) as e:  # a pipeline class this diffusers does not have
+        import diffusers
+
+        raise ConfigError(
+            f"model {spec!r}: its model_index.json names a pipeline that diffusers {diffusers.__version__} "
+            f"cannot load ({type(e).__name__}: {e}); selma draws and trains Stable Diffusion 1.x/2.x "
+            "(StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+        ) from e
+    _check_text_to_image(spec, pipe)
     if getattr(pipe, "safety_checker", None) is not None:
         # Synthetic training data is judged by the evaluation phase, not blanked by the checker.
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_text_to_image(spec: str, pipe: Any) -> None:
+    """A ``ConfigError`` unless ``pipe`` draws from text alone, as SD 1.x/2.x or SDXL: an img2img,
+    inpainting or refiner pipeline (``stable-diffusion-xl-refiner-1.0`` as a generator) loads, then
+    fails at its first batch for want of an input image, which would read as worth a retry."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ConfigError(
+            f"model {spec!r} is a {type(pipe).__name__}, not a text-to-image pipeline selma can draw "
+            "and train with: Stable Diffusion 1.x/2.x (StableDiffusionPipeline) or SDXL "
+            "(StableDiffusionXLPipeline); an img2img, inpainting or refiner model needs an input image"
+        )
 
 
 def is_sdxl(pipe: Any) -> bool:

@@ -629,7 +629,7 @@ def generate_images(
                 f"images {skill_name}: {reused} image(s) from saved shards, {drawer.drawn} drawn",
                 file=sys.stderr,
             )
-        kept, filtered = _write_output(out, cfg, shards, shard_records, skill_name)
+        kept, filtered = _write_or_forget(ctx, saved, out, cfg, shards, shard_records, skill_name)
     if ctx.commits:
         ctx.store.delete_prefix(saved)  # the committed output supersedes the saved shards
     return _finished(ctx, skill_name, shards, drawer, reused, kept, filtered, start)
@@ -689,6 +689,22 @@ def _saved_or_drawn(ctx, drawer: _Drawer, saved: str, saved_keys: set, shard, pa
     return drawer.draw_and_save(shard, path, save_to), False
 
 
+class EveryImageFiltered(InputError):
+    """Every image drawn was dropped by the filters."""
+
+
+def _write_or_forget(ctx, saved: str, out: Path, cfg: ImagesConfig, shards, shard_records, skill_name: str):
+    """``_write_output``; when every image was filtered out, the saved shards are deleted first: they
+    hold no image, and a rerun after the generator or the checker is mended in place (the same key)
+    would reuse their verdicts and fail the same way, --force or not."""
+    try:
+        return _write_output(out, cfg, shards, shard_records, skill_name)
+    except EveryImageFiltered as e:
+        if ctx.commits:
+            ctx.store.delete_prefix(saved)
+        raise EveryImageFiltered(f"{e}; its saved shards are deleted: a rerun draws them again") from None
+
+
 def _write_output(out: Path, cfg: ImagesConfig, shards, shard_records, skill_name: str):
     """``shards.json`` and ``images.jsonl`` of the kept images; their number and the filters' counts.
 
@@ -710,7 +726,7 @@ def _write_output(out: Path, cfg: ImagesConfig, shards, shard_records, skill_nam
         rows += [{**meta, "image": f"{shard_name(i)}/{meta['id']}.jpg"} for meta in kept]
     if not rows:
         counts = ", ".join(f"{reason}: {count}" for reason, count in totals.items())
-        raise InputError(
+        raise EveryImageFiltered(
             f"images for skill {skill_name!r}: every one of the {sum(map(len, shards))} images was "
             f"filtered out ({counts}); check the generator, images.uniform_threshold or images.nsfw_checker"
         )
@@ -828,7 +844,7 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
                     shard_records, reused_others = _assemble(ctx, drawer, shards, saved, out, local)
                 finally:
                     everything.close()
-                kept, filtered = _write_output(out, cfg, shards, shard_records, skill_name)
+                kept, filtered = _write_or_forget(ctx, saved, out, cfg, shards, shard_records, skill_name)
             store.delete_prefix(saved)  # the committed output supersedes the saved shards
         finally:
             claim.lease.release()

@@ -110,3 +110,29 @@ def test_training_refuses_a_pipeline_without_a_unet():
 
     with pytest.raises(ConfigError, match="has no UNet and VAE; training supports Stable Diffusion"):
         ExpertTrainer(SimpleNamespace(transformer=object(), vae=object()), TrainConfig(), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("class_name", "message"),
+    [
+        (
+            "StableDiffusionImg2ImgPipeline",
+            "is a StableDiffusionImg2ImgPipeline, not a text-to-image pipeline",
+        ),
+        ("NoSuchPipeline", "names a pipeline that diffusers"),
+    ],
+)
+def test_a_folder_of_another_kind_of_pipeline_is_a_config_error(tmp_path, model_cache, class_name, message):
+    """An img2img or refiner model as the generator loads, then fails at its first batch for want
+    of an input image; a pipeline class this diffusers lacks fails in loading. Neither is worth a
+    retry (exit 2), and the message says what selma draws with."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(materialize_random_model("random:tiny-sd", model_cache), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    with pytest.raises(ConfigError, match=message) as info:
+        load_diffusion_pipeline(str(folder), model_cache)
+    assert "StableDiffusionXLPipeline" in str(info.value)

@@ -475,10 +475,16 @@ def test_filters_drop_blank_and_flagged_images_and_count_them(tiny_config, tmp_p
 
 
 def test_every_image_filtered_out_is_an_input_error(tiny_config, tmp_path, drawn):
+    """Exit 2, and its saved shards go: they hold no image, and a rerun after the filter or the
+    generator is mended in place (the same key) would reuse their verdicts, --force or not."""
     ctx = images_job(tiny_config, tmp_path / "store", filter_uniform=True, uniform_threshold=255)
-    with pytest.raises(InputError, match=r"every one of the 15 images was filtered out \(uniform: 15\)"):
+    with pytest.raises(
+        InputError, match=r"every one of the 15 images was filtered out \(uniform: 15\)"
+    ) as info:
         generate_images(ctx, SKILL)
+    assert "its saved shards are deleted: a rerun draws them again" in str(info.value)
     assert not ctx.store.is_committed(ctx.job.key)
+    assert ctx.store.list_keys(f"{ctx.job.key}/_shards") == []
 
 
 def test_selmas_sampling_is_the_default(model_cache):
