@@ -834,6 +834,18 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
         if claim.lease is None:
             print(f"{where}: the output was committed by another process", file=sys.stderr)
             return not_committed(drawer, reused, committed_by="another process")
+        saved_keys = set(store.list_keys(saved))
+        gone = [i for i in range(len(shards)) if f"{saved}/{shard_name(i)}.json" not in saved_keys]
+        if gone:
+            # The process that held the lease before forgot the saved shards (every image filtered
+            # out: it failed with exit 2): assembling would redraw the others' shards to fail alike.
+            claim.lease.release()
+            print(
+                f"{where}: {len(gone)} saved shard(s) are gone since they were counted: the process "
+                "that committed before forgot them (see its error); not committing",
+                file=sys.stderr,
+            )
+            return not_committed(drawer, reused, missing_shards=[shard_name(i) for i in gone])
         claim.lease.start_heartbeat()
         try:
             everything = tqdm(total=sum(map(len, shards)), desc=f"images {skill_name} (commit)", unit="image")

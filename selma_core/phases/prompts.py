@@ -56,7 +56,8 @@ _ECHO = re.compile(
     r"|i (?:cannot|can't|can not|am unable)\b)"
     r"|\b(?:as an ai|new prompts|numbered list|rules every prompt|example prompts|prompts for)\b"
     # ... and its closing words: "I hope these prompts are useful!", "Let me know if ...".
-    r"|^\s*(?:i hope\b|let me know\b|feel free\b|hope (?:this|these|that)\b)|\bthese prompts\b",
+    r"|^\s*(?:i hope\b|let me know\b|feel free\b|hope (?:this|these|that)\b|(?:each|all) of these\b)"
+    r"|\bthese prompts\b",
     re.IGNORECASE,
 )
 

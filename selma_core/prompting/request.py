@@ -20,8 +20,12 @@ _LIST_MARK = re.compile(
 _TIGHT_MARK = re.compile(r"^\s*\d+[.)](?=[^\W\d_])")
 # A label the model put before the prompt itself: "Prompt: x", "Prompt 2 - x" (after any bold).
 _LABEL = re.compile(r"^(?i:prompt)\s*#?\d*\s*[:.)\-–—]\s+")
-# A reasoning model's thinking, when the server leaves it in the reply (no reasoning parser).
+# A reasoning model's thinking, when the server leaves it in the reply (no reasoning parser): a
+# block, or (a chat template that opens it, as DeepSeek-R1's) everything up to its closing tag.
 _THINKING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|$)", re.IGNORECASE | re.DOTALL)
+_THINKING_END = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
+# What is left of a JSON array broken up into lines: '["a cat",', '"a dog"]', "[", "]".
+_ARRAY_REMAINS = re.compile(r"""^\[\s*["'{]|["'}]\s*\]\s*,?$|^[\[\]]$""")
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*$")
 _BOLD = re.compile(r"\*\*(.+?)\*\*|__(.+?)__")
 # Quotes that may wrap a whole line: straight, curly, single.
@@ -67,15 +71,47 @@ def without_cut_line(text: str) -> str:
         return text
     head, _, last = text.rpartition("\n")
     start = last.find("[")
-    if start >= 0 and last[:start].strip(" `") == "" and "]" not in last:
-        whole = max(last.rfind('",'), last.rfind("},"))
-        return head + "\n" + last[: whole + 1] if whole > start else head
+    if start >= 0 and last[:start].strip(" `") == "":
+        depth, cut = _array_scan(last, start)
+        if depth == 0:
+            return text  # the array closed on this line: the words after it are the parser's
+        return head + "\n" + last[:cut] if cut is not None else head
     return head
+
+
+def _array_scan(line: str, start: int) -> tuple[int, int | None]:
+    """The bracket depth at the end of ``line`` (its array opening at ``start``), and where the
+    array's last whole entry ends (the position of the comma after it), strings and their escapes
+    read as JSON and Python write them."""
+    depth, quote, escaped, cut = 0, None, False, None
+    for i in range(start, len(line)):
+        c = line[i]
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return 0, None
+        elif c == "," and depth == 1:
+            cut = i
+    return depth, cut
 
 
 def parse_prompt_list(text: str) -> list[str]:
     """Prompts from a numbered list, a bulleted list or a JSON array (of strings, or of objects
     with a ``prompt``, ``text`` or ``caption``)."""
+    ends = list(_THINKING_END.finditer(text))
+    if ends:
+        text = text[ends[-1].end() :]
     text = _THINKING.sub("", text)
     lines = [line for line in text.strip().splitlines() if not _FENCE.match(line.strip())]
     # A JSON array, possibly after a lead-in line or inside a code fence, maybe with words after it.
@@ -89,17 +125,13 @@ def parse_prompt_list(text: str) -> list[str]:
             try:
                 data, _ = json.JSONDecoder().raw_decode(attempt)
                 break
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON; or "[[[[...": no prompts either
                 continue
-        if data is None:  # a Python list (single quotes): ['a cat', 'a dog']
-            data = _python_list(text[: text.rfind("]") + 1])
+        if data is None:  # a Python list (single quotes): ['a cat', 'a dog'], or one cut short
+            data = _python_list(text[: text.rfind("]") + 1]) or _python_list(text.rstrip().rstrip(",") + "]")
         # Not "[4] a dog" (a list mark read as the array [4]).
         if isinstance(data, list) and (not data or any(isinstance(x, (str, dict)) for x in data)):
             return [p for p in (_prompt_of(x) for x in data) if p]
-    # A list with words around it ("Sure! Here are ...", "I hope these help!"): its marked lines only.
-    marked = [line for line in lines if _LIST_MARK.match(line) or _TIGHT_MARK.match(line)]
-    if len(marked) >= 2:
-        lines = marked
     prompts = []
     for line in lines:
         line = _LIST_MARK.sub("", line, count=1)
@@ -109,8 +141,9 @@ def parse_prompt_list(text: str) -> list[str]:
         close = _WRAPPING_QUOTES.get(line[:1])
         if len(line) > 1 and close and line.endswith(close) and close not in line[1:-1]:
             line = line[1:-1].strip()  # a wrapped line, not a quotation inside it (text skills)
-        # A lead-in such as "Here are 20 new prompts:" is not a prompt, nor an array's remains.
-        if line and not line.endswith(":") and not line.startswith("[") and not line.endswith("]"):
+        # A lead-in such as "Here are 20 new prompts:" is not a prompt, nor an array's remains
+        # ('["a cat", "a dog"' of one broken JSON); "[trending on artstation]" keywords are.
+        if line and not line.endswith(":") and not _ARRAY_REMAINS.search(line):
             prompts.append(line)
     return prompts
 

@@ -349,6 +349,52 @@ def test_processes_that_finish_together_commit_once(tiny_config, tmp_path, monke
     assert saved_names(contexts[0]) == []
 
 
+def test_a_process_waiting_on_a_commit_that_forgot_the_shards_draws_nothing(
+    tiny_config, tmp_path, monkeypatch, drawn
+):
+    """Every image filtered out, two processes finishing together: the one holding the lease fails
+    (exit 2) and deletes the saved shards; the one waiting on the lease then finds them gone and
+    commits nothing, rather than redraw the other's shards to fail the same way."""
+    import threading
+
+    from selma_core.storage.base import ArtifactStore
+
+    monkeypatch.setenv("SELMA_LEASE_POLL_S", "0.02")
+    contexts = [
+        images_job(tiny_config, tmp_path / "two", num_jobs=2, filter_uniform=True, uniform_threshold=255)
+        for _ in range(2)
+    ]
+    killed_after_shard(monkeypatch, contexts[0], 4)  # every shard saved (all filtered), nothing committed
+    delete = ArtifactStore.delete_prefix
+
+    def slow_delete(store, prefix):  # the other process waits on the lease meanwhile
+        time.sleep(0.5)
+        return delete(store, prefix)
+
+    monkeypatch.setattr(ArtifactStore, "delete_prefix", slow_delete)
+    drawn.clear()
+    results: dict[int, object] = {}
+    start = threading.Barrier(2)
+
+    def process(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = generate_images(contexts[index], SKILL, index, 2)
+        except InputError as e:
+            results[index] = e
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    [failed] = [r for r in results.values() if isinstance(r, InputError)]
+    assert "every one of the 15 images was filtered out" in str(failed)
+    [waiter] = [r for r in results.values() if isinstance(r, dict)]
+    assert waiter["committed"] is False and waiter["drawn"] == 0 and not drawn
+    assert saved_names(contexts[0]) == []
+
+
 def test_a_process_index_out_of_range_is_a_config_error(tiny_config, tmp_path):
     from selma_core.errors import ConfigError
 

@@ -728,6 +728,7 @@ def test_every_shipped_seed_prompt_is_a_prompt(path):
         ("Let me know if you would like me to generate more variations.", True),
         ("Feel free to adjust the settings.", True),
         ("These prompts cover a wide range of daily activities and settings.", True),
+        ("Each of these describes a simple everyday scene.", True),
         ("A child who let me know the way, drawn in crayon", False),
         ('A card that says "I hope you feel better" on a bedside table', False),
     ],

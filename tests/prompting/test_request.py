@@ -74,9 +74,8 @@ def test_parse_prompt_list_json_array_skips_non_strings_and_blanks():
 
 
 def test_parse_prompt_list_json_that_is_not_a_list_of_prompts_falls_back_to_lines():
-    # Not valid JSON: read line by line like any other reply; a line that is an array's remains
-    # (it opens or closes one) is not a prompt.
-    assert parse_prompt_list("[two cats\n1. four cups") == ["four cups"]
+    # Not valid JSON: read line by line like any other reply.
+    assert parse_prompt_list("[two cats\n1. four cups") == ["[two cats", "four cups"]
 
 
 def test_parse_prompt_list_reads_what_models_write_around_their_prompts():
@@ -198,21 +197,18 @@ def test_a_json_array_cut_short_or_with_a_trailing_comma_still_gives_its_prompts
 
 
 def test_parse_prompt_list_drops_what_models_write_that_is_no_prompt():
-    """Found as a user: closing remarks after a list, a reasoning model's thinking left in the reply,
-    a Python-style list, labels, and a list mark without its space."""
-    reply = (
-        "Sure! Here are 3 new prompts:\n1. two red cups on a table\n2. three blue mugs on a desk\n"
-        "3. four green lamps on a shelf\nI hope these prompts are useful for training your model!"
-    )
-    assert parse_prompt_list(reply) == [
-        "two red cups on a table",
-        "three blue mugs on a desk",
-        "four green lamps on a shelf",
-    ]
+    """Found as a user: a reasoning model's thinking left in the reply (a block, or everything up to
+    its closing tag when the chat template opened it), a Python-style list, labels, a list mark
+    without its space, and the remains of a broken JSON array; closing remarks are rejected later
+    as echoes (selma_core.phases.prompts). What is a prompt stays one."""
     thinking = (
         "<think>\nI should vary the settings.\nLet me write a diverse list now.\n</think>\n1. a cat\n2. a dog"
     )
     assert parse_prompt_list(thinking) == ["a cat", "a dog"]
+    opened_by_the_template = (
+        "Okay. Let me draft:\n1. Two dogs - too close.\n</think>\n\n1. three kites\n2. four bottles"
+    )
+    assert parse_prompt_list(opened_by_the_template) == ["three kites", "four bottles"]
     assert parse_prompt_list("<think>\nStill thinking when the token limit came") == []
     assert parse_prompt_list("['two red cups on a table', 'three blue mugs on a desk']") == [
         "two red cups on a table",
@@ -225,11 +221,30 @@ def test_parse_prompt_list_drops_what_models_write_that_is_no_prompt():
         "four lamps",
     ]
     assert parse_prompt_list("1. 2.5 m tall giraffe\n2. a cat") == ["2.5 m tall giraffe", "a cat"]
+    # A completion continues "1." (its first line has no mark); long descriptions under headings.
+    assert parse_prompt_list(" two lemons on a shelf\n2. three kettles") == [
+        "two lemons on a shelf",
+        "three kettles",
+    ]
+    paragraphs = "Prompt 1:\nA busy market at dusk, lanterns.\n\nPrompt 2:\nA quiet harbor at dawn, boats."
+    assert parse_prompt_list(paragraphs) == [
+        "A busy market at dusk, lanterns.",
+        "A quiet harbor at dawn, boats.",
+    ]
+    # Bracketed keywords, as real users write them, are kept.
+    assert parse_prompt_list(
+        "cyberpunk city, neon [trending on artstation]\n[cinematic] portrait of a sailor"
+    ) == [
+        "cyberpunk city, neon [trending on artstation]",
+        "[cinematic] portrait of a sailor",
+    ]
+    assert parse_prompt_list("[" * 1000) == ["[" * 1000]  # no RecursionError: a line, rejected later
 
 
 def test_a_one_line_json_array_cut_by_the_token_limit_keeps_its_whole_entries():
     """The token limit cut a one-line array mid-entry: its last line is all of the reply, which the
-    line rule would drop whole; cut after the last whole entry instead, and closed by the parser."""
+    line rule would drop whole; cut after the last whole entry instead (strings and escapes read as
+    JSON writes them), and closed by the parser."""
     from selma_core.prompting.request import without_cut_line
 
     cut = '["two red cups on a table", "three blue mugs on a desk", "four gre'
@@ -239,5 +254,15 @@ def test_a_one_line_json_array_cut_by_the_token_limit_keeps_its_whole_entries():
     ]
     fenced = 'Here they are:\n```json\n[{"prompt": "a cat"}, {"prompt": "a dog"}, {"prompt": "a co'
     assert parse_prompt_list(without_cut_line(fenced)) == ["a cat", "a dog"]
+    quoted = (
+        '["two apples", "a mug that says \\"HELLO\\", on a desk", "a sign reading \\"[SOLD]\\" here", "a wo'
+    )
+    assert parse_prompt_list(without_cut_line(quoted)) == [
+        "two apples",
+        'a mug that says "HELLO", on a desk',
+        'a sign reading "[SOLD]" here',
+    ]
+    python = "['two apples on a plate', 'three cats on a sofa', 'four bi"
+    assert parse_prompt_list(without_cut_line(python)) == ["two apples on a plate", "three cats on a sofa"]
     assert parse_prompt_list(without_cut_line('["four gre')) == []
     assert without_cut_line("1. a cat\n2. a do") == "1. a cat"  # a list: the cut line goes
