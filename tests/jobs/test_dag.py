@@ -97,11 +97,10 @@ def test_a_failure_blocks_its_dependents_and_nothing_else():
     assert "train:a" not in executor.started
 
 
-def test_a_success_without_its_output_in_the_store_is_a_failure_worth_a_retry():
-    """An executor that takes a job for done without its word (a Kubernetes pod's log lost with its
-    Job): the store says whether its output is there; if not, its dependents do not start."""
-    executor = ScriptedExecutor()
-    outcomes = {
+def run_checking_outputs(executor, missing: str) -> dict:
+    """One skill's pipeline, nothing committed before, where the store has every job's output but
+    ``missing``'s; the outcomes by job id."""
+    return {
         o.job: o
         for o in run_dag(
             pipeline(skills=("a",)),
@@ -113,9 +112,16 @@ def test_a_success_without_its_output_in_the_store_is_a_failure_worth_a_retry():
             lambda j: f"store/{j.key}",
             poll_interval=0,
             echo=lambda line: None,
-            output_exists=lambda j: j.id != "images:a",
+            output_exists=lambda j: j.id != missing,
         )
     }
+
+
+def test_a_success_without_its_output_in_the_store_is_a_failure_worth_a_retry():
+    """An executor that takes a job for done without its word (a Kubernetes pod's log lost with its
+    Job): the store says whether its output is there; if not, its dependents do not start."""
+    executor = ScriptedExecutor()
+    outcomes = run_checking_outputs(executor, missing="images:a")
     lost = outcomes["images:a"]
     assert lost.status == "failed" and lost.exit_code == 1
     assert lost.error == "reported success, but its output store/i/a is not in the store"
@@ -135,21 +141,7 @@ def test_a_job_that_committed_under_another_key_than_planned_fails_with_exit_2_a
                 status.result["output"] = "store/t/a-edited"
             return status
 
-    outcomes = {
-        o.job: o
-        for o in run_dag(
-            pipeline(skills=("a",)),
-            Elsewhere(),
-            lambda j: ["run", j.id],
-            {},
-            2,
-            lambda j: False,
-            lambda j: f"store/{j.key}",
-            poll_interval=0,
-            echo=lambda line: None,
-            output_exists=lambda j: j.id != "train:a",
-        )
-    }
+    outcomes = run_checking_outputs(Elsewhere(), missing="train:a")
     moved = outcomes["train:a"]
     assert moved.status == "failed" and moved.exit_code == 2
     assert moved.error.startswith(
