@@ -318,6 +318,27 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                     f"{_cut_replies(backend, cfg)}"
                 )
 
+    def use_and_save(requests, replies, tokens_before: int) -> int:
+        """``use_replies``, then the wave saved with its tokens and time; also when its replies end
+        in the useless-replies stop: the prompts it did accept were paid for, and a rerun (with a
+        higher max_useless_requests) does not ask again. Not after a stop (KeyboardInterrupt: a lost
+        lease stops the job too, and then another process owns the saved waves). The number of
+        records before it."""
+        new_from = len(state.records)
+
+        def save() -> None:
+            state.tokens += backend.tokens_used - tokens_before
+            state.wall_s = earlier_s + time.monotonic() - start
+            _save_wave(ctx.store, partial, state, new_from)
+
+        try:
+            use_replies(requests, replies)
+        except InputError:
+            save()
+            raise
+        save()
+        return new_from
+
     try:
         while len(state.records) < target:
             if state.requests >= cfg.max_requests:
@@ -343,13 +364,7 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                 # saved waves, so nothing more may be written.
                 kept = list(getattr(e, "completed", None) or [])
                 if kept:
-                    new_from = len(state.records)
-                    try:
-                        use_replies(wave[: len(kept)], kept)
-                    finally:  # also when they end in the useless-replies stop: what they gave is kept
-                        state.tokens += backend.tokens_used - tokens_before
-                        state.wall_s = earlier_s + time.monotonic() - start
-                        _save_wave(ctx.store, partial, state, new_from)
+                    new_from = use_and_save(wave[: len(kept)], kept, tokens_before)
                     print(
                         f"prompts {skill_name}: the wave failed; the first {len(kept)} of its {len(wave)} "
                         f"requests had replied: their {len(state.records) - new_from} prompt(s) are kept "
@@ -358,20 +373,8 @@ def generate_prompts(ctx, skill_name: str) -> dict:
                         flush=True,
                     )
                 raise
-            new_from = len(state.records)
-            try:
-                use_replies(wave, replies)
-            except InputError:
-                # Stopped on replies that gave nothing new: the prompts this wave did accept were
-                # paid for; kept, so a rerun (with a higher max_useless_requests) does not ask again.
-                state.tokens += backend.tokens_used - tokens_before
-                state.wall_s = earlier_s + time.monotonic() - start
-                _save_wave(ctx.store, partial, state, new_from)
-                raise
-            state.tokens += backend.tokens_used - tokens_before
+            new_from = use_and_save(wave, replies, tokens_before)
             progress.update(len(state.records) - new_from)
-            state.wall_s = earlier_s + time.monotonic() - start
-            _save_wave(ctx.store, partial, state, new_from)
             fault_point("prompts.after_wave")
     finally:
         progress.close()
