@@ -796,11 +796,17 @@ def _tag_registered_model(ctx, results: dict) -> None:
         registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES, expect={TAG_STORE_KEY: merge_key}
     ):
         print(
-            f"eval: warning: {registered['name']} v{registered['version']} in this registry is not this "
-            f"pipeline's merged model ({merge_key}); its scores are not tagged (the merge registered it "
-            "at another tracking server: jobs.submit --force merge registers it here)",
-            file=sys.stderr,
+            f"eval: {_not_this_merged_model(registered, merge_key, ctx.config.tracking.uri)}", file=sys.stderr
         )
+
+
+def _not_this_merged_model(registered: dict, merge_key: str, registry: str) -> str:
+    """The warning for a version merge.json names that, in ``registry``, is another model."""
+    return (
+        f"warning: {registered['name']} v{registered['version']} in {registry} is not this "
+        f"pipeline's merged model ({merge_key}): not tagged with its scores (the merge registered it "
+        "at another tracking server: jobs.submit --force merge registers it here)"
+    )
 
 
 def retag_registered_model(store, plan, cfg: EvalConfig, tracker) -> str | None:
@@ -819,19 +825,14 @@ def retag_registered_model(store, plan, cfg: EvalConfig, tracker) -> str | None:
     version = tracker.model_version(registered["name"], version=registered["version"])
     if version is None or version.tags.get("selma.eval.key") == eval_key:
         return None
-    if version.tags.get(TAG_STORE_KEY) != merge_key:
-        return (
-            f"warning: {registered['name']} v{registered['version']} in {tracker.uri} is not this "
-            f"pipeline's merged model ({merge_key}): not tagged with its scores (the merge registered "
-            "it at another tracking server: jobs.submit --force merge registers it here)"
-        )
     results = json.loads(store.read_output_file(eval_key, "results.json"))
     if "merged" not in results["variants"]:
         return None
     tags = registered_model_tags(results, cfg, eval_key)
-    tracker.set_model_version_tags(
+    if not tracker.set_model_version_tags(
         registered["name"], registered["version"], tags, EVAL_TAG_PREFIXES, expect={TAG_STORE_KEY: merge_key}
-    )
+    ):
+        return _not_this_merged_model(registered, merge_key, tracker.uri)
     return (
         f"{registered['name']} v{registered['version']}: its scores tagged again from this pipeline's "
         f"evaluation ({eval_key}, skipped: committed), replacing those of "
