@@ -796,6 +796,15 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
             **why,
         }
 
+    def unsaved() -> list[str]:
+        """The shards not saved (tar and record) in the store now."""
+        saved_keys = set(store.list_keys(saved))
+        return [
+            shard_name(i)
+            for i in range(len(shards))
+            if not {f"{saved}/{shard_name(i)}", f"{saved}/{shard_name(i)}.json"} <= saved_keys
+        ]
+
     scratch = Path(ctx.scratch_dir)
     scratch.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="images-", dir=scratch))
@@ -816,12 +825,7 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
         if committed_by_another():
             print(f"{where}: the output was committed by another process", file=sys.stderr)
             return not_committed(drawer, reused, committed_by="another process")
-        saved_keys = set(store.list_keys(saved))
-        missing = [
-            shard_name(i)
-            for i in range(len(shards))
-            if not {f"{saved}/{shard_name(i)}", f"{saved}/{shard_name(i)}.json"} <= saved_keys
-        ]
+        missing = unsaved()
         if missing:
             print(
                 f"{where}: its {len(mine)} shard(s) saved ({drawer.drawn} image(s) drawn, {reused} reused); "
@@ -834,8 +838,7 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
         if claim.lease is None:
             print(f"{where}: the output was committed by another process", file=sys.stderr)
             return not_committed(drawer, reused, committed_by="another process")
-        saved_keys = set(store.list_keys(saved))
-        gone = [i for i in range(len(shards)) if f"{saved}/{shard_name(i)}.json" not in saved_keys]
+        gone = unsaved()
         if gone:
             # The process that held the lease before forgot the saved shards (every image filtered
             # out: it failed with exit 2): assembling would redraw the others' shards to fail alike.
@@ -845,7 +848,7 @@ def _draw_share(ctx, skill_name, shards, saved, shard_index, num_shards, replace
                 "that committed before forgot them (see its error); not committing",
                 file=sys.stderr,
             )
-            return not_committed(drawer, reused, missing_shards=[shard_name(i) for i in gone])
+            return not_committed(drawer, reused, missing_shards=gone)
         claim.lease.start_heartbeat()
         try:
             everything = tqdm(total=sum(map(len, shards)), desc=f"images {skill_name} (commit)", unit="image")
