@@ -763,13 +763,14 @@ class KubernetesExecutor(Executor):
         handle.extra["checked"] = now
         status, spec = job.get("status") or {}, job["spec"]
         index = handle.extra.get("index")
-        # A whole Job's handle: as many ready pods as it should run now. One completion index's (a
-        # merge-search candidate): its own pod, looked at below (the Job's counts are every index's).
-        wanted = min(
-            spec.get("parallelism") or 1, (spec.get("completions") or 1) - (status.get("succeeded") or 0)
-        )
-        if index is None and (status.get("ready") or 0) >= max(wanted, 1):
-            return None
+        if index is None:
+            # A whole Job's handle: as many ready pods as it should run now. One completion index's
+            # (a merge-search candidate): its own pod, looked at below (the Job's counts are every
+            # index's).
+            completions = spec.get("completions") or 1
+            wanted = min(spec.get("parallelism") or 1, completions - (status.get("succeeded") or 0))
+            if (status.get("ready") or 0) >= max(wanted, 1):
+                return None
         name = job["metadata"]["name"]
         if spec.get("suspend"):
             self._say(handle, f"{handle.job.id}: Job {name} is suspended, waiting for Kueue to admit it")
@@ -827,9 +828,8 @@ class KubernetesExecutor(Executor):
         pods = self._list_pods(name, index)
         if pods is None:
             return None
-        newest = {
-            ((p["metadata"].get("labels") or {}).get(INDEX_LABEL)): p for p in pods
-        }  # sorted: last wins
+        # Oldest first: the newest of each index wins.
+        newest = {(p["metadata"].get("labels") or {}).get(INDEX_LABEL): p for p in pods}
         return list(newest.values())
 
     def _list_pods(self, name: str, index: int | None) -> list[dict] | None:
